@@ -1,0 +1,163 @@
+"""The pipeline spec: YAML (or a dict from a deployment parameter) validated by pydantic.
+
+Example::
+
+    name: translate-nightly
+    source: {path: "data/*.jsonl"}
+    batch_size: 2000
+    store: {url: "file://./.nightshift"}     # or {block: prod} (a StepStore block)
+    steps:
+      - filter:   {where: "length(text) > 20"}
+      - template: {output: prompt, template: "Translate to French:\\n{{ text }}"}
+      - dedup:    {on: [prompt]}
+
+Nothing in a spec is evaluated as Python: expressions are SQL parsed by polars, templates
+render in Jinja's sandbox, operators are looked up by name (an ``module:Class`` import path
+only when the run allows imports). Every error names the key path at fault, in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from blocks.step_store import StepStore
+from tasks.errors import SpecError, StoreError, one_line
+from tasks.operators import Operator, resolve_operator
+from tasks.sources import SourceSpec
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false; ``on``, ``yes``, ``no`` stay strings."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+class StoreSpec(BaseModel):
+    """``{url: ...}`` or ``{block: NAME}`` (a saved Nightshift Step Store block)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    block: str | None = None
+    endpoint_url: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StoreSpec:
+        if (self.url is None) == (self.block is None):
+            raise ValueError("give exactly one of 'url' or 'block'")
+        return self
+
+    def resolve(self) -> StepStore:
+        if self.url is not None:
+            return StepStore(
+                url=self.url, endpoint_url=self.endpoint_url, storage_options=self.storage_options
+            )
+        try:
+            return StepStore.load(self.block)
+        except ValueError as exc:
+            raise StoreError(
+                f"store.block {self.block!r}: no such Nightshift Step Store block "
+                f"({one_line(exc)}); create it first (see README, 'Blocks')"
+            ) from None
+
+
+class PipelineSpec(BaseModel):
+    """A whole pipeline: source, batching, store and the ordered operator steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    source: SourceSpec
+    batch_size: PositiveInt = 10_000
+    store: StoreSpec = Field(default_factory=lambda: StoreSpec(url="file://./.nightshift"))
+    steps: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
+    #: Consecutive cheap row-local operators share one task (one persisted output).
+    fuse: bool = True
+    #: Batches with a task running or queued at once (pipelining depth).
+    max_in_flight: PositiveInt = 8
+    #: Threads running step tasks.
+    workers: PositiveInt = 4
+    #: Prefect task retries for a failing batch.
+    retries: int = Field(default=0, ge=0)
+    retry_delay_seconds: float = Field(default=2.0, ge=0)
+
+    def operators(self, allow_imports: bool = False) -> list[Operator]:
+        """Instantiate every step's operator; errors name ``steps[i].name.key``."""
+        built: list[Operator] = []
+        for i, entry in enumerate(self.steps):
+            if len(entry) != 1:
+                raise SpecError(
+                    f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
+                )
+            (name, config), = entry.items()
+            try:
+                cls = resolve_operator(name, allow_imports)
+            except SpecError as exc:
+                raise SpecError(f"steps[{i}]: {exc}") from None
+            try:
+                built.append(cls(**(config or {})))
+            except ValidationError as exc:
+                raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
+            except TypeError as exc:
+                raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
+        return built
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """One line from a pydantic error: ``key.path: message (and N more problems)``."""
+    first = exc.errors()[0]
+    parts = [prefix] if prefix else []
+    for loc in first["loc"]:
+        if isinstance(loc, str) and ("[" in loc or "-" in loc and loc.endswith("]")):
+            continue  # pydantic's union/validator tags, not a key the user wrote
+        if isinstance(loc, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
+        else:
+            parts.append(str(loc))
+    where = ".".join(parts) or "spec"
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {first['msg']}{tail}"
+
+
+def load_spec(source: str | Path | dict[str, Any] | PipelineSpec) -> PipelineSpec:
+    """A validated spec from a YAML file path, a dict or a spec; errors are one line."""
+    if isinstance(source, PipelineSpec):
+        return source
+    origin = "spec"
+    if isinstance(source, (str, Path)):
+        origin = str(source)
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
+        try:
+            data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+            problem = getattr(exc, "problem", None) or one_line(exc)
+            raise SpecError(f"{where}: invalid YAML: {problem}") from None
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a spec must be a mapping with name, source and steps")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{origin}: {validation_message(exc)}") from None

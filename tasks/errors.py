@@ -1,0 +1,34 @@
+"""Errors a user can act on: one line that names the file, row, column, step or key at fault.
+
+Every error Nightshift raises on purpose is a :class:`NightshiftError`; the CLI prints its
+message alone (no traceback) and exits with status 2, and a flow run fails with it as the
+state message.
+"""
+
+from __future__ import annotations
+
+
+class NightshiftError(Exception):
+    """Base class: ``str(err)`` is the whole, single-line explanation."""
+
+
+class SpecError(NightshiftError):
+    """The pipeline spec is invalid (bad YAML, unknown operator, bad config, bad key)."""
+
+
+class SourceError(NightshiftError):
+    """The input data cannot be read (missing file, bad JSONL line, bad CSV, bad schema)."""
+
+
+class StoreError(NightshiftError):
+    """The step store cannot be used (unwritable, unreachable, incomplete step)."""
+
+
+class StepFailed(NightshiftError):
+    """One or more batches failed in a step; completed batches stay in the store."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception message, shortened, for error messages."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

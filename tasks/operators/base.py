@@ -1,0 +1,148 @@
+"""The operator contract and the registry that YAML specs look operators up in.
+
+Write your own operator in a few lines::
+
+    import polars as pl
+    from nightshift import Operator, register_operator
+
+    @register_operator
+    class Shout(Operator):
+        name = "shout"
+        column: str
+
+        def reads(self) -> list[str]:
+            return [self.column]
+
+        def process(self, df: pl.DataFrame) -> pl.DataFrame:
+            return df.with_columns(pl.col(self.column).str.to_uppercase())
+
+Its pydantic fields are its config (validated, part of the step fingerprint); ``process``
+gets one batch and returns it. Every row carries ``_row_id``; columns the operator does not
+return are re-attached to their rows by ``_row_id``, so an operator may return only the
+columns it writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import SpecError
+from tasks.fingerprints import code_version, digest
+
+ROW_ID = "_row_id"
+
+
+class Operator(BaseModel):
+    """A row-local operator: its output rows depend only on its input batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    #: Cheap CPU operators may share one Prefect task with their neighbours (fusion).
+    fusable: ClassVar[bool] = True
+    #: Operators that may drop columns (``select``) opt out of column pass-through.
+    keeps_untouched_columns: ClassVar[bool] = True
+
+    def reads(self) -> list[str]:
+        """Columns the operator needs (checked against the schema before any work)."""
+        return []
+
+    def writes(self) -> list[str]:
+        """Columns the operator creates or replaces."""
+        return []
+
+    def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Transform one batch."""
+        raise NotImplementedError
+
+    # -- identity -------------------------------------------------------------------
+    def import_path(self) -> str:
+        cls = type(self)
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    def fingerprint(self, upstream: str) -> str:
+        """Import path, code version, config and the upstream step's fingerprint."""
+        return digest(
+            self.import_path(), code_version(type(self)), self.model_dump(mode="json"), upstream
+        )
+
+    def spec_entry(self) -> dict[str, Any]:
+        """The YAML form of this operator: ``{name: config}``."""
+        return {self.name or self.import_path(): self.model_dump(mode="json")}
+
+
+class BarrierOperator(Operator):
+    """An operator that needs every batch before it can emit any (global dedup).
+
+    ``index`` sees the upstream rows of the whole data set in source order (lazily) and
+    returns a small state; ``apply`` then filters or changes one batch with that state.
+    """
+
+    fusable: ClassVar[bool] = False
+
+    def index(self, data: pl.LazyFrame) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        return self.apply(df, self.index(df.lazy()))
+
+
+_REGISTRY: dict[str, type[Operator]] = {}
+
+
+def register_operator(cls: type[Operator]) -> type[Operator]:
+    """Class decorator: make ``cls`` usable from YAML specs by its ``name``."""
+    if not cls.name:
+        raise SpecError(f"operator {cls.__qualname__} needs a class attribute 'name'")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_operators() -> dict[str, type[Operator]]:
+    return dict(_REGISTRY)
+
+
+def resolve_operator(key: str, allow_imports: bool) -> type[Operator]:
+    """Find an operator class by registry name, or by ``module:Class`` when allowed."""
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if ":" in key:
+        if not allow_imports:
+            raise SpecError(
+                f"operator '{key}' is an import path; custom operators by import path are "
+                "off for this run (pass --allow-imports / allow_imports=True to allow them)"
+            )
+        module_name, _, attr = key.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SpecError(f"operator '{key}' cannot be imported: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise SpecError(f"operator '{key}' is not a nightshift Operator subclass")
+        return cls
+    known = ", ".join(sorted(_REGISTRY))
+    raise SpecError(f"unknown operator '{key}' (known: {known})")
+
+
+def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``."""
+    out = op.apply(df, state) if isinstance(op, BarrierOperator) and state is not None else op.process(df)
+    if ROW_ID not in out.columns:
+        raise SpecError(f"operator {op.name or op.import_path()} dropped the {ROW_ID} column")
+    if op.keeps_untouched_columns:
+        missing = [c for c in df.columns if c not in out.columns]
+        if missing:
+            joined = out.join(
+                df.select([ROW_ID, *missing]), on=ROW_ID, how="left", maintain_order="left"
+            )
+            new = [c for c in out.columns if c not in df.columns]
+            out = joined.select([*df.columns, *new])
+    return out

@@ -1,0 +1,148 @@
+"""The step task: one Prefect task run per (stage, batch), returning a small reference.
+
+The task's cache key is the batch's content address at that stage (see ``flows/plan.py``),
+wired into Prefect's own caching through :class:`StepOutputPolicy`: a re-run or a UI Retry
+shows reused batches as ``Cached``. Prefect's result records (the references) live in the
+step store under ``_prefect/``; the data never passes through Prefect.
+
+Runs that share a store take a lock per key (Prefect transactions with SERIALIZABLE
+isolation and a file lock manager), so two flow runs never compute the same (step, batch)
+at once; the second one finds the first one's record and is Cached.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from blocks.step_store import StepStore
+from tasks.batches import Batch, read_batch
+from tasks.errors import NightshiftError, StepFailed, one_line
+from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from tasks.sources import filesystem
+
+
+class BatchRef(BaseModel):
+    """What a step task returns: where the batch's output is, never the data."""
+
+    path: str
+    rows: int
+    rows_in: int = 0
+    key: str
+    seconds: float = 0.0
+    reused: bool = False
+
+
+class StepOutputPolicy(CachePolicy):
+    """Cache key = the output's content address, valid only while the output file is.
+
+    If the Parquet file behind a cached record is missing or unreadable, the stale record
+    is dropped so the batch is recomputed instead of trusted.
+    """
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        store: StepStore = inputs["store"]
+        if store.frame_rows(inputs["out_path"]) is None:
+            store.delete(store.result_record_path(inputs["key"]))
+        return inputs["key"]
+
+
+def configure_for(store: StepStore, retries: int, retry_delay_seconds: float) -> dict[str, Any]:
+    """``with_options`` arguments binding the step tasks to one store."""
+    policy = StepOutputPolicy().configure(
+        lock_manager=store.lock_manager(), isolation_level="SERIALIZABLE"
+    )
+    return dict(
+        cache_policy=policy,
+        result_storage=store.as_result_storage(),
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+    )
+
+
+def _existing(store: StepStore, out_path: str, key: str, label: str) -> BatchRef | None:
+    rows = store.frame_rows(out_path)
+    if rows is None:
+        return None
+    get_run_logger().info("%s: output already in the store (%d rows), reused", label, rows)
+    return BatchRef(path=out_path, rows=rows, key=key, reused=True)
+
+
+@task(name="step", persist_result=True, result_serializer="json", task_run_name="{label}")
+def run_stage_batch(
+    label: str,
+    key: str,
+    out_path: str,
+    operators: list[Operator],
+    first_step: int,
+    store: StepStore,
+    batch: Batch,
+    source_options: dict[str, Any],
+    upstream: BatchRef | None = None,
+    barrier_state: str | None = None,
+    force: bool = False,
+    fail: bool = False,
+) -> BatchRef:
+    """Compute one batch of one stage and write it to the store atomically."""
+    if not force and (ref := _existing(store, out_path, key, label)):
+        return ref
+    if fail:
+        raise StepFailed(f"{label}: failure injected by the run's fail_at parameter")
+    started = time.perf_counter()
+    if upstream is None:
+        fs, path = (store.fs, batch.read_uri) if batch.in_store else filesystem(
+            batch.read_uri, source_options
+        )
+        df = read_batch(batch, fs, path)
+    else:
+        df = store.read_frame(upstream.path)
+    rows_in = df.height
+    state = store.read_frame(barrier_state) if barrier_state else None
+    for offset, op in enumerate(operators):
+        try:
+            df = apply_operator(op, df, state)
+        except NightshiftError as exc:
+            raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
+        except Exception as exc:
+            raise StepFailed(
+                f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from exc
+    store.write_frame(out_path, df)
+    return BatchRef(
+        path=out_path, rows=df.height, rows_in=rows_in, key=key,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@task(name="barrier-index", persist_result=True, result_serializer="json", task_run_name="{label}")
+def build_barrier_index(
+    label: str,
+    key: str,
+    out_path: str,
+    operator: BarrierOperator,
+    store: StepStore,
+    upstream_paths: list[str],
+    force: bool = False,
+) -> BatchRef:
+    """The state a barrier operator needs, from every upstream batch in source order."""
+    if not force and (ref := _existing(store, out_path, key, label)):
+        return ref
+    started = time.perf_counter()
+    data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
+    state: pl.DataFrame = operator.index(data)
+    store.write_frame(out_path, state)
+    return BatchRef(path=out_path, rows=state.height, key=key, seconds=time.perf_counter() - started)
