@@ -31,12 +31,12 @@ import fsspec
 import polars as pl
 from fsspec import AbstractFileSystem
 from prefect.filesystems import WritableFileSystem
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
 from tasks import parquet_io
 from tasks.errors import StoreError, one_line
+from tasks.locks import ProcessAwareLockManager
 from tasks.fingerprints import digest
 
 
@@ -178,8 +178,8 @@ class StepStore(WritableFileSystem):
     def result_record_path(self, key: str) -> str:
         return self.path("_prefect", key)
 
-    def lock_manager(self) -> FileSystemLockManager:
-        """File locks for Prefect's SERIALIZABLE transactions.
+    def lock_manager(self) -> ProcessAwareLockManager:
+        """File locks for Prefect's SERIALIZABLE transactions (stale ones are broken).
 
         Local stores keep locks beside the data, so every process on the machine shares
         them. S3 stores lock on the local machine only (under PREFECT_HOME); runs on
@@ -187,6 +187,6 @@ class StepStore(WritableFileSystem):
         and deterministic, but may compute the same batch twice.
         """
         if self.is_local:
-            return FileSystemLockManager(Path(self.path("_locks")))
+            return ProcessAwareLockManager(Path(self.path("_locks")))
         name = self.url.replace("://", "_").replace("/", "_")
-        return FileSystemLockManager(PREFECT_HOME.value() / "nightshift-locks" / name)
+        return ProcessAwareLockManager(PREFECT_HOME.value() / "nightshift-locks" / name)

@@ -57,6 +57,7 @@ def execute_plan(
         for stage in execution.complete_stages():
             _write_manifest(plan, execution, stage)
     return {
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "pipeline": plan.spec.name,
         "batches": len(plan.batches),
         "steps": [s.as_row() for s in execution.stats],

@@ -1,0 +1,131 @@
+"""The ``nightshift`` command: run, status, export and validate a YAML pipeline spec.
+
+Errors in the spec, the data or the store print one line (``error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.outputs import export as export_output
+from flows.outputs import step_status
+from flows.plan import build_plan
+from flows.spec import PipelineSpec, load_spec
+from tasks.errors import NightshiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="pipeline spec (YAML)")]
+AllowImports = Annotated[
+    bool, typer.Option("--allow-imports", help="allow operators given as module:Class")
+]
+
+
+def _spec(path: Path, batch_size: int | None = None) -> PipelineSpec:
+    spec = load_spec(path)
+    if batch_size is not None:
+        spec = PipelineSpec.model_validate({**spec.model_dump(), "batch_size": batch_size})
+    return spec
+
+
+@app.command()
+def run(
+    spec: SpecArg,
+    batch_size: Annotated[Optional[int], typer.Option(help="override batch_size")] = None,
+    resume_step: Annotated[
+        Optional[int], typer.Option(help="recompute from this step index on")
+    ] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
+    allow_imports: AllowImports = False,
+) -> None:
+    """Run the pipeline, resuming from the batches already in the store."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.run_pipeline import run_pipeline
+
+    parsed = _spec(spec, batch_size)
+    build_plan(parsed, allow_imports=allow_imports)  # every check, before any work
+    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parsed.workers))
+    state = flow(
+        spec=parsed.model_dump(mode="json"),
+        resume_from_last=False if (fresh or resume_step is not None) else None,
+        resume_step=resume_step,
+        allow_imports=allow_imports,
+        return_state=True,
+    )
+    if not state.is_completed():
+        raise NightshiftError(state.message or f"flow run ended {state.name}")
+    summary = state.result()
+    _print_steps(summary["steps"])
+
+
+def _print_steps(rows: list[dict]) -> None:
+    table = Table("step", "batches", "cached", "reused", "computed", "failed", "rows in", "rows out")
+    for r in rows:
+        table.add_row(
+            r["name"], str(r["batches"]), str(r["cached"]), str(r["reused"]), str(r["computed"]),
+            str(r["failed"]), str(r["rows_in"]), str(r["rows_out"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(spec: SpecArg, allow_imports: AllowImports = False) -> None:
+    """Per step: batches done / total and rows, read from the store."""
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    table = Table("step", "steps", "batches done", "rows")
+    for s in step_status(plan):
+        table.add_row(s.stage, ",".join(map(str, s.steps)), f"{s.done}/{s.total}", str(s.rows))
+    console.print(table)
+
+
+@app.command()
+def export(
+    spec: SpecArg,
+    to: Annotated[Path, typer.Option("--to", help="out.parquet or out.jsonl")],
+    allow_imports: AllowImports = False,
+) -> None:
+    """Write the final step's rows, in source order, to one file."""
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    rows = export_output(plan, to)
+    console.print(f"wrote {rows} rows to {to}")
+
+
+@app.command()
+def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
+    """Check the spec, the sources, the schema and the store; run nothing."""
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    console.print(
+        f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), "
+        f"{len(plan.stages)} stage(s)"
+    )
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except NightshiftError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        raise SystemExit(130) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
