@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Prefect API (the test harness's server, one per session),
+source data files, and a helper to run the ``nightshift`` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api() -> str:
+    """A real Prefect API server (subprocess, SQLite) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def test_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the ``count`` test operator logs its invocations (see nightshift_testops)."""
+    path = tmp_path / "invocations.jsonl"
+    monkeypatch.setenv("NIGHTSHIFT_TEST_LOG", str(path))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def make_rows(n: int, prefix: str = "r", dup_every: int = 0) -> list[dict]:
+    """``n`` rows with an id, a text of varying length and a number."""
+    rows = []
+    for i in range(n):
+        text = f"{prefix} text number {i} " + "x" * (i % 17)
+        if dup_every and i % dup_every == 0:
+            text = "a duplicated text"
+        rows.append({"id": f"{prefix}{i}", "text": text, "n": i})
+    return rows
+
+
+def cli_env(api_url: str, log: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = api_url
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
+    if log is not None:
+        env["NIGHTSHIFT_TEST_LOG"] = str(log)
+    return env
+
+
+def run_cli(args: list[str], api_url: str, log: Path | None = None, timeout: float = 300):
+    """Run ``nightshift ARGS`` in a subprocess against the test Prefect API."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=cli_env(api_url, log),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
