@@ -2,16 +2,18 @@
 
 Prefect's ``FileSystemLockManager`` keeps a lock until its holder releases it; a flow
 process killed with SIGKILL never does, and the next run would wait forever on that
-batch. Prefect names a holder ``hostname:pid:thread...``, so a lock whose holder is a
-process of this machine that no longer exists is stale: it is removed and the waiter
-proceeds (the batch's output is then recomputed or found complete).
+batch. This subclass also records the host and process id of the holder in the lock
+file; a lock held by a process of this machine that no longer exists is stale: it is
+removed and the waiter proceeds (the batch's output is then recomputed or found whole).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 
@@ -29,6 +31,23 @@ def _alive(pid: int) -> bool:
 class ProcessAwareLockManager(FileSystemLockManager):
     """``FileSystemLockManager`` that breaks locks held by dead local processes."""
 
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: Optional[float] = None,
+        hold_timeout: Optional[float] = None,
+    ) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            path = self._lock_path_for_key(key)
+            info = json.loads(path.read_bytes())
+            info.update(host=socket.gethostname(), pid=os.getpid())
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)
+        return acquired
+
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         try:
             locked = super().is_locked(key, use_cache=use_cache)
@@ -36,12 +55,14 @@ class ProcessAwareLockManager(FileSystemLockManager):
             return True
         if not locked:
             return False
-        info = self._get_lock_info(key, use_cache=True)
-        holder = str(info.get("holder", "")) if info else ""
-        host, _, rest = holder.partition(":")
-        pid_text = rest.split(":", 1)[0]
-        if host == socket.gethostname() and pid_text.isdigit() and not _alive(int(pid_text)):
-            Path(info["path"]).unlink(missing_ok=True)  # type: ignore[index]
+        path = self._lock_path_for_key(key)
+        try:
+            info = json.loads(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return True
+        pid = info.get("pid")
+        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            Path(path).unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
         return True
