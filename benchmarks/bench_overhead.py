@@ -1,0 +1,133 @@
+"""Orchestration overhead: a 3-operator CPU pipeline vs a plain polars script.
+
+Both do the same work on the same synthetic Parquet input — ``map`` (a length column),
+``filter`` (on it), ``template`` (a prompt column) — and write zstd Parquet. The pipeline
+runs as a Prefect flow against a real Prefect API (the test harness's server), one task
+per batch, outputs in the step store. Also measured: a fully cached re-run, per batch.
+
+    python benchmarks/bench_overhead.py                      # 1M and 10M rows
+    python benchmarks/bench_overhead.py --rows 200000 --batch-size 20000   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import polars as pl  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+TEMPLATE = "Summarize in one line: {{ text }}"
+
+
+def make_input(path: Path, rows: int) -> None:
+    words = pl.Series(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"])
+    df = pl.DataFrame({"id": pl.int_range(0, rows, eager=True)}).with_columns(
+        pl.concat_str(
+            [pl.lit("row "), pl.col("id").cast(pl.String), pl.lit(" "),
+             pl.lit("lorem ipsum dolor sit amet ").repeat_by(pl.col("id") % 5).list.join("")],
+        ).alias("text"),
+        (pl.col("id") % 97).cast(pl.Float64).alias("score"),
+    )
+    df.write_parquet(path, compression="zstd", row_group_size=100_000)
+    del words
+
+
+def plain_script(src: Path, out: Path) -> float:
+    """What a user would write by hand: read, three transforms, one Parquet file."""
+    started = time.perf_counter()
+    df = pl.read_parquet(src)
+    df = df.with_columns(pl.col("text").str.len_chars().alias("n_chars"))
+    df = df.filter(pl.col("n_chars") > 20)
+    df = df.with_columns(pl.concat_str([pl.lit("Summarize in one line: "), pl.col("text")]).alias("prompt"))
+    df.write_parquet(out, compression="zstd", statistics=False)
+    return time.perf_counter() - started
+
+
+def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.run_pipeline import run_pipeline
+
+    spec = {
+        "name": "bench",
+        "source": {"path": str(src)},
+        "batch_size": batch_size,
+        "store": {"url": f"file://{store}"},
+        "workers": 2,
+        "max_in_flight": 4,
+        "steps": [
+            {"map": {"columns": {"n_chars": "length(text)"}}},
+            {"filter": {"where": "n_chars > 20"}},
+            {"template": {"output": "prompt", "template": TEMPLATE}},
+        ],
+    }
+    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    started = time.perf_counter()
+    summary = flow(spec=spec)
+    return time.perf_counter() - started, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--batch-size", type=int, default=500_000)
+    parser.add_argument("--cached-batch-size", type=int, default=10_000,
+                        help="batch size for the cached re-run measurement (many batches)")
+    args = parser.parse_args()
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    work = Path(tempfile.mkdtemp(prefix="nightshift-bench-"))
+    table = Table("rows", "batches", "plain script s", "pipeline s", "ratio", "rows/s pipeline")
+    cached = Table("rows", "batches", "cached re-run s", "ms per cached batch")
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            pipeline_run(*_small_warmup(work))  # first flow start pays migrations
+            for rows in args.rows:
+                src = work / f"in-{rows}.parquet"
+                make_input(src, rows)
+                plain = min(plain_script(src, work / "plain.parquet") for _ in range(2))
+                store = work / f"store-{rows}"
+                pipe, summary = pipeline_run(src, store, args.batch_size)
+                shutil.rmtree(store)
+                expected = pl.scan_parquet(work / "plain.parquet").select(pl.len()).collect().item()
+                assert summary["steps"][-1]["rows_out"] == expected, "pipeline and script disagree"
+                table.add_row(f"{rows:,}", str(summary["batches"]), f"{plain:.2f}", f"{pipe:.2f}",
+                              f"{pipe / plain:.2f}x", f"{rows / pipe:,.0f}")
+            rows = args.rows[0]
+            src = work / f"in-{rows}.parquet"
+            store = work / "store-cached"
+            _, first = pipeline_run(src, store, args.cached_batch_size)
+            again, summary = pipeline_run(src, store, args.cached_batch_size)
+            assert summary["steps"][0]["cached"] == summary["batches"]
+            cached.add_row(f"{rows:,}", str(summary["batches"]), f"{again:.2f}",
+                           f"{1000 * again / summary['batches']:.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    console = Console(width=120)
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+                  f"polars {pl.__version__}")
+    console.print(table)
+    console.print(cached)
+
+
+def _small_warmup(work: Path) -> tuple[Path, Path, int]:
+    src = work / "warmup.parquet"
+    make_input(src, 1000)
+    return src, work / "store-warmup", 500
+
+
+if __name__ == "__main__":
+    main()
