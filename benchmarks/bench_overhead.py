@@ -56,8 +56,6 @@ def plain_script(src: Path, out: Path) -> float:
 
 
 def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.run_pipeline import run_pipeline
 
     spec = {
@@ -73,9 +71,8 @@ def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
             {"template": {"output": "prompt", "template": TEMPLATE}},
         ],
     }
-    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     started = time.perf_counter()
-    summary = flow(spec=spec)
+    summary = run_pipeline(spec=spec)
     return time.perf_counter() - started, summary
 
 

@@ -46,14 +46,11 @@ def run(
     allow_imports: AllowImports = False,
 ) -> None:
     """Run the pipeline, resuming from the batches already in the store."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.run_pipeline import run_pipeline
 
     parsed = _spec(spec, batch_size)
     build_plan(parsed, allow_imports=allow_imports)  # every check, before any work
-    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parsed.workers))
-    state = flow(
+    state = run_pipeline(
         spec=parsed.model_dump(mode="json"),
         resume_from_last=False if (fresh or resume_step is not None) else None,
         resume_step=resume_step,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.outputs import export, read_output, step_status, StepStatus
 from flows.plan import Plan, build_plan
@@ -78,8 +77,7 @@ class Pipeline:
         """Run (or resume) the pipeline; returns the per-step summary."""
         spec = self.spec(batch_size)
         self.plan(batch_size)  # fail before any work, with one line
-        flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=spec.workers))
-        state = flow(
+        state = run_pipeline(
             spec=spec.model_dump(mode="json"),
             resume_from_last=resume_from_last,
             resume_step=resume_step,

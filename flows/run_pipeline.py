@@ -13,10 +13,11 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.plan import Plan, build_plan
+from flows.reporting import Progress, publish_sample, publish_summary
 from flows.scheduler import Execution
+from flows.task_runners import make_task_runner
 from tasks.errors import SpecError
 
 
@@ -50,18 +51,24 @@ def execute_plan(
         len(plan.spec.steps), len(plan.stages),
         f"; recomputing from stage {force_from}" if force_from is not None else "",
     )
-    execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at)
-    try:
-        execution.run()
-    finally:
-        for stage in execution.complete_stages():
-            _write_manifest(plan, execution, stage)
+    spec = plan.spec
+    with make_task_runner(spec.task_runner, spec.workers, spec.dask) as runner:
+        execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,
+                              progress=Progress(plan))
+        try:
+            execution.run()
+        finally:
+            for stage in execution.complete_stages():
+                _write_manifest(plan, execution, stage)
+            publish_summary(plan, [s.as_row() for s in execution.stats])
+    output = [ref.path for ref in execution.refs[-1] if ref is not None]
+    publish_sample(plan, output)
     return {
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "pipeline": plan.spec.name,
         "batches": len(plan.batches),
         "steps": [s.as_row() for s in execution.stats],
-        "output": [ref.path for ref in execution.refs[-1] if ref is not None],
+        "output": output,
     }
 
 
@@ -93,11 +100,7 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
     )
 
 
-@flow(
-    name="run-pipeline",
-    task_runner=ThreadPoolTaskRunner(max_workers=4),
-    validate_parameters=True,
-)
+@flow(name="run-pipeline", validate_parameters=True)
 def run_pipeline(
     spec: dict[str, Any] | str,
     resume_from_last: bool | None = None,

@@ -55,6 +55,9 @@ class Execution:
     stats: list[StageStats] = field(init=False)
     failures: list[str] = field(default_factory=list)
 
+    runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
+    progress: Any = None  # flows.reporting.Progress, or None
+
     def __post_init__(self) -> None:
         n, stages = len(self.plan.batches), self.plan.stages
         self.refs = [[None] * n for _ in stages]
@@ -126,7 +129,8 @@ class Execution:
 
     def _submit(self, batch: int, stage: int) -> None:
         plan, s = self.plan, self.plan.stages[stage]
-        future = self._step_task.with_options(refresh_cache=self._forced(stage) or None).submit(
+        task = self._step_task.with_options(refresh_cache=self._forced(stage) or None)
+        future = self._submit_task(task, dict(
             label=self._label(stage, batch),
             key=plan.keys[stage][batch],
             out_path=plan.out_path(stage, batch),
@@ -139,13 +143,14 @@ class Execution:
             barrier_state=self._index_refs[stage].path if s.barrier else None,
             force=self._forced(stage),
             fail=self.fail_at == (stage, batch),
-        )
+        ))
         self._watch(batch, stage, future)
 
     def _submit_index(self, stage: int) -> None:
         plan, s = self.plan, self.plan.stages[stage]
         upstream = [ref.path for ref in self.refs[stage - 1] if ref is not None] if stage else []
-        future = self._index_task.with_options(refresh_cache=self._forced(stage) or None).submit(
+        task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
+        future = self._submit_task(task, dict(
             label=f"{s.operators[0].name}[{s.first_step}] index",
             key=plan.barrier_keys[stage],
             out_path=plan.barrier_path(stage),
@@ -153,8 +158,13 @@ class Execution:
             store=plan.store,
             upstream_paths=upstream,
             force=self._forced(stage),
-        )
+        ))
         self._watch(INDEX, stage, future)
+
+    def _submit_task(self, task: Any, parameters: dict[str, Any]) -> Any:
+        if self.runner is None:
+            return task.submit(**parameters)
+        return self.runner.submit(task, parameters)
 
     def _watch(self, batch: int, stage: int, future: Any) -> None:
         self._running += 1
@@ -178,6 +188,8 @@ class Execution:
                 self._ready.append((waiting, stage))
             return
         self.refs[stage][batch] = ref
+        if self.progress is not None:
+            self.progress.batch_done(stage)
         if state.name == "Cached":
             stats.cached += 1
         elif ref.reused:

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from blocks.step_store import StepStore
+from flows.task_runners import DaskOptions, RunnerKind
 from tasks.errors import SpecError, StoreError, one_line
 from tasks.operators import Operator, resolve_operator
 from tasks.sources import SourceSpec
@@ -90,8 +91,11 @@ class PipelineSpec(BaseModel):
     fuse: bool = True
     #: Batches with a task running or queued at once (pipelining depth).
     max_in_flight: PositiveInt = 8
-    #: Threads running step tasks.
+    #: Threads running step tasks (task_runner: thread).
     workers: PositiveInt = 4
+    #: Where step tasks run: threads in the flow process, or a Dask cluster.
+    task_runner: RunnerKind = "thread"
+    dask: DaskOptions | None = None
     #: Prefect task retries for a failing batch.
     retries: int = Field(default=0, ge=0)
     retry_delay_seconds: float = Field(default=2.0, ge=0)

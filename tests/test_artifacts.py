@@ -1,0 +1,44 @@
+"""What a run leaves in the Prefect UI, read back through the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterFlowRunId
+
+from conftest import make_rows, write_jsonl
+from flows.pipeline import Pipeline
+from tasks.operators import Filter, Template
+
+
+def artifacts(flow_run_id: str) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def test_summary_progress_and_sample_artifacts(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(90, "a"))
+    pipe = Pipeline(
+        "Arti_Facts", source=str(tmp_path / "data" / "a.jsonl"),
+        steps=[Filter(where="n >= 30"), Template(output="prompt", template="P: {{ text }}")],
+        store=f"file://{tmp_path}/store", batch_size=30, fuse=False,
+    )
+    first = pipe.run()
+    second = pipe.run()
+    found = artifacts(second["flow_run_id"])
+    assert {"arti-facts-summary", "arti-facts-sample", "arti-facts-progress-00-filter",
+            "arti-facts-progress-01-template"} <= set(found)
+    table = found["arti-facts-summary"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["name"] for r in rows] == ["00-filter", "01-template"]
+    assert [r["cached"] for r in rows] == [3, 3] and [r["computed"] for r in rows] == [0, 0]
+    assert rows[0]["rows_in"] == 90 and rows[0]["rows_out"] == 60
+    assert float(found["arti-facts-progress-01-template"].data) == 100.0
+    assert "P: a text number 30" in found["arti-facts-sample"].data
+    first_rows = json.loads(artifacts(first["flow_run_id"])["arti-facts-summary"].data)
+    assert [r["computed"] for r in first_rows] == [3, 3]
