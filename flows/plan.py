@@ -15,11 +15,13 @@ expressions fail here, naming the step), and computes the content address of eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
 from blocks.step_store import StepStore
-from flows.spec import PipelineSpec, load_spec
+from flows.spec import PipelineSpec, load_spec, resolve_serving
+from blocks.serving_config import ServingConfig
 from tasks.batches import Batch, cut
 from tasks.errors import NightshiftError, SourceError, SpecError, one_line
 from tasks.fingerprints import digest
@@ -58,20 +60,22 @@ class Plan:
     files: list[SourceFile]
     batches: list[Batch]
     stages: list[Stage]
+    serving: dict[str, ServingConfig] = field(default_factory=dict)
     keys: list[list[str]] = field(default_factory=list)
     barrier_keys: dict[int, str] = field(default_factory=dict)
 
     def out_path(self, stage: int, batch: int) -> str:
         b = self.batches[batch]
         name = f"{b.file_label}-{self.keys[stage][batch][:16]}.parquet"
-        return self.store.path(self.spec.name, "steps", self.stages[stage].dirname, name)
+        return self.store.path(*prefix_of(self.spec), "steps", self.stages[stage].dirname, name)
 
     def barrier_path(self, stage: int) -> str:
         name = f"{self.stages[stage].dirname}-{self.barrier_keys[stage][:16]}.parquet"
-        return self.store.path(self.spec.name, "barriers", name)
+        return self.store.path(*prefix_of(self.spec), "barriers", name)
 
     def manifest_path(self, stage: int) -> str:
-        return self.store.path(self.spec.name, "steps", self.stages[stage].dirname, "manifest.json")
+        dirname = self.stages[stage].dirname
+        return self.store.path(*prefix_of(self.spec), "steps", dirname, "manifest.json")
 
     def stage_of_step(self, step: int) -> int:
         for stage in self.stages:
@@ -80,7 +84,14 @@ class Plan:
         raise SpecError(f"resume_step {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
 
 
-def build_stages(operators: list[Operator], fuse: bool) -> list[Stage]:
+def prefix_of(spec: PipelineSpec) -> list[str]:
+    """``<pipeline>`` or ``<pipeline>/<partition>``: where a pipeline's files live."""
+    return [spec.name, spec.partition] if spec.partition else [spec.name]
+
+
+def build_stages(
+    operators: list[Operator], fuse: bool, context: dict[str, Any] | None = None
+) -> list[Stage]:
     groups: list[list[Operator]] = []
     for op in operators:
         if fuse and groups and op.fusable and groups[-1][-1].fusable:
@@ -90,7 +101,7 @@ def build_stages(operators: list[Operator], fuse: bool) -> list[Stage]:
     stages, upstream, first = [], "source", 0
     for index, ops in enumerate(groups):
         for op in ops:
-            upstream = op.fingerprint(upstream)
+            upstream = op.fingerprint(upstream, context)
         stages.append(Stage(index, first, ops, upstream))
         first += len(ops)
     return stages
@@ -115,8 +126,12 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         schemas[file.uri] = schema
         in_store = file.format != "parquet"
         batches.extend(cut(file, read_uri, in_store, rows, spec.batch_size, len(batches)))
+    serving = resolve_serving(spec, operators)
+    if serving and spec.task_runner != "thread":
+        raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)
-    plan = Plan(spec, store, files, batches, build_stages(operators, spec.fuse))
+    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    plan = Plan(spec, store, files, batches, build_stages(operators, spec.fuse, context), serving)
     _compute_keys(plan)
     return plan
 
@@ -129,7 +144,7 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
         if rows is None:
             raise SourceError(f"source file {file.uri}: not a readable Parquet file")
         return file.uri, rows, parquet_io.schema(fs, path)
-    staged = store.path(spec.name, "sources", f"{file.stem}-{file.identity[:24]}.parquet")
+    staged = store.path(*prefix_of(spec), "sources", f"{file.stem}-{file.identity[:24]}.parquet")
     rows = store.frame_rows(staged)
     if rows is None:
         df = load_text_file(file, spec.source.storage_options)
@@ -170,6 +185,8 @@ def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
 
 def _compute_keys(plan: Plan) -> None:
     inputs = [b.fingerprint for b in plan.batches]
+    if plan.spec.partition:  # a partition's outputs (and Prefect cache records) are its own
+        inputs = [digest(plan.spec.partition, key) for key in inputs]
     for stage in plan.stages:
         if stage.barrier is not None:
             prefix, keys = "", []

@@ -51,7 +51,7 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
         key=artifact_key(plan.spec.name, "summary"),
         table=[
             {k: r[k] for k in ("name", "batches", "cached", "reused", "computed", "failed",
-                               "rows_in", "rows_out", "seconds")}
+                               "rows_in", "rows_out", "prompt_tokens", "completion_tokens", "seconds")}
             for r in rows
         ],
         description=f"pipeline {plan.spec.name}: per step, what this run reused and computed",

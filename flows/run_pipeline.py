@@ -52,7 +52,7 @@ def execute_plan(
         f"; recomputing from stage {force_from}" if force_from is not None else "",
     )
     spec = plan.spec
-    with make_task_runner(spec.task_runner, spec.workers, spec.dask) as runner:
+    with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,
                               progress=Progress(plan))
         try:

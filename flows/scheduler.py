@@ -41,6 +41,8 @@ class StageStats:
     rows_in: int = 0
     rows_out: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -197,6 +199,8 @@ class Execution:
         else:
             stats.computed += 1
             stats.seconds += ref.seconds
+            stats.prompt_tokens += ref.tokens.get("prompt", 0)
+            stats.completion_tokens += ref.tokens.get("completion", 0)
         upstream = self.refs[stage - 1][batch] if stage else None
         stats.rows_in += upstream.rows if upstream else self.plan.batches[batch].rows
         stats.rows_out += ref.rows

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from blocks.serving_config import ServingConfig
 from blocks.step_store import StepStore
 from flows.task_runners import DaskOptions, RunnerKind
 from tasks.errors import SpecError, StoreError, one_line
@@ -96,9 +97,16 @@ class PipelineSpec(BaseModel):
     #: Where step tasks run: threads in the flow process, or a Dask cluster.
     task_runner: RunnerKind = "thread"
     dask: DaskOptions | None = None
+    #: LLM backends by name (``default`` is the embedded SmolLM2 on vLLM when absent):
+    #: a ServingConfig as a mapping, or ``{block: NAME}`` for a saved serving block.
+    serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Prefect task retries for a failing batch.
     retries: int = Field(default=0, ge=0)
     retry_delay_seconds: float = Field(default=2.0, ge=0)
+    #: A path segment after the pipeline name in every store path (e.g. ``date=2026-11-22``).
+    partition: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", max_length=100
+    )
 
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """Instantiate every step's operator; errors name ``steps[i].name.key``."""
@@ -120,6 +128,35 @@ class PipelineSpec(BaseModel):
             except TypeError as exc:
                 raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
         return built
+
+
+def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, ServingConfig]:
+    """The serving configs that the spec's LLM steps use, by name."""
+    used: dict[str, int] = {}
+    for i, op in enumerate(operators):
+        if getattr(op, "uses_serving", False):
+            used.setdefault(getattr(op, "serving"), i)
+    configs: dict[str, ServingConfig] = {}
+    for name, step in used.items():
+        entry = spec.serving.get(name)
+        if entry is None:
+            if name != "default":
+                raise SpecError(
+                    f"steps[{step}]: serving {name!r} is not defined under 'serving:' "
+                    f"(defined: {', '.join(sorted(spec.serving)) or 'none'})"
+                )
+            configs[name] = ServingConfig()
+        elif "block" in entry:
+            try:
+                configs[name] = ServingConfig.load(entry["block"])
+            except ValueError as exc:
+                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
+        else:
+            try:
+                configs[name] = ServingConfig(**entry)
+            except ValidationError as exc:
+                raise SpecError(validation_message(exc, f"serving.{name}")) from None
+    return configs
 
 
 def validation_message(exc: ValidationError, prefix: str = "") -> str:

@@ -29,7 +29,17 @@ class DaskOptions(BaseModel):
 RunnerKind = Literal["thread", "dask"]
 
 
-def make_task_runner(kind: RunnerKind, workers: int, dask: DaskOptions | None) -> TaskRunner[Any]:
+def make_task_runner(
+    kind: RunnerKind,
+    workers: int,
+    dask: DaskOptions | None,
+    serving: dict[str, Any] | None = None,
+) -> TaskRunner[Any]:
+    """Threads (with the LLM engines of ``serving`` when there are LLM steps) or Dask."""
+    if serving:
+        from serving.task_runner import VLLMTaskRunner
+
+        return VLLMTaskRunner(serving, max_workers=workers)
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner

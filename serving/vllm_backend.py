@@ -32,8 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -122,9 +122,16 @@ class VLLMBackend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(engine_kwargs or {})
 
-        self._llm: Any = vllm.LLM(**kwargs)
+        # The engine lives on one dedicated thread: vLLM's CPU backend binds the OpenMP
+        # threads of the thread that creates the engine, and a call from another thread
+        # aborts in the attention kernel ("thread_num == thread_num (2 vs. 1)").
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightshift-vllm")
+        try:
+            self._llm: Any = self._thread.submit(vllm.LLM, **kwargs).result()
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            raise
         type(self).engine_loads += 1
-        self._lock = threading.Lock()
         self._tokenizer: Any = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._identity = {
@@ -145,9 +152,13 @@ class VLLMBackend:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Serve ``requests`` in one engine call; see the module docstring for the
-        per-row error rules. Thread-safe (calls are serialised)."""
+        per-row error rules. Thread-safe: calls from any thread are run one at a time
+        on the engine's own thread."""
         if self._llm is None:
             raise RuntimeError("VLLMBackend is closed")
+        return self._thread.submit(self._generate, list(requests)).result()
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         prompts: list[Any] = []
         params: list[Any] = []
@@ -182,8 +193,7 @@ class VLLMBackend:
             prompt_lens.append(len(ids))
 
         if prompts:
-            with self._lock:
-                outputs = self._run(prompts, params)
+            outputs = self._run(prompts, params)
             for slot, n_prompt, output, request in zip(
                 slots, prompt_lens, outputs, (requests[s] for s in slots)
             ):
@@ -200,10 +210,15 @@ class VLLMBackend:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
+
+        def shutdown() -> None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+
+        self._thread.submit(shutdown).result()
+        self._thread.shutdown(wait=True)
         del llm
         import gc
 
@@ -224,7 +239,7 @@ class VLLMBackend:
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens ``request`` would use (after the chat template)."""
-        return len(self._tokenize(request))
+        return self._thread.submit(lambda: len(self._tokenize(request))).result()
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer

@@ -38,6 +38,8 @@ class BatchRef(BaseModel):
     key: str
     seconds: float = 0.0
     reused: bool = False
+    #: LLM token counts of this batch: {"prompt": n, "completion": n}.
+    tokens: dict[str, int] = {}
 
 
 class StepOutputPolicy(CachePolicy):
@@ -124,8 +126,19 @@ def run_stage_batch(
     store.write_frame(out_path, df)
     return BatchRef(
         path=out_path, rows=df.height, rows_in=rows_in, key=key,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
     )
+
+
+def _token_counts(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
+    counts = {"prompt": 0, "completion": 0}
+    for op in operators:
+        if getattr(op, "uses_serving", False):
+            for kind in counts:
+                column = f"{getattr(op, 'output')}_{kind}_tokens"
+                if column in df.columns:
+                    counts[kind] += int(df[column].sum() or 0)
+    return counts if any(counts.values()) else {}
 
 
 @task(name="barrier-index", persist_result=True, result_serializer="json", task_run_name="{label}")

@@ -65,8 +65,12 @@ class Operator(BaseModel):
         cls = type(self)
         return f"{cls.__module__}:{cls.__qualname__}"
 
-    def fingerprint(self, upstream: str) -> str:
-        """Import path, code version, config and the upstream step's fingerprint."""
+    def fingerprint(self, upstream: str, context: dict[str, Any] | None = None) -> str:
+        """Import path, code version, config and the upstream step's fingerprint.
+
+        ``context`` carries run-level facts an operator's output depends on (the serving
+        identities for LLM operators); plain operators ignore it.
+        """
         return digest(
             self.import_path(), code_version(type(self)), self.model_dump(mode="json"), upstream
         )

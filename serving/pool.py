@@ -1,0 +1,139 @@
+"""The serving pool: one long-lived backend per serving name, shared by every task.
+
+Backends start lazily on first use and stay up until the pool closes (the end of the
+flow run). Each is wrapped so that concurrent generation tasks feed one engine without a
+per-batch barrier (:class:`~serving.batching.AutoBatcher`) and a dead engine is rebuilt
+and its in-flight requests replayed (:class:`~serving.resilience.RestartingBackend`).
+With ``devices`` there is one replica per device, each in its own process, used in turn.
+
+Tasks find the pool of the task runner that runs them with :func:`current_pool`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from blocks.serving_config import ServingConfig
+from serving.batching import AutoBatcher
+from serving.interface import Backend, GenerationRequest, GenerationResult
+from serving.resilience import ProcessReplica, RestartingBackend
+
+_CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
+    "nightshift_serving_pool", default=None
+)
+_ACTIVE: list[ServingPool] = []  # for threads that did not inherit the context
+
+
+def current_pool() -> ServingPool:
+    """The serving pool of the running ``VLLMTaskRunner``."""
+    pool = _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
+    if pool is None:
+        raise RuntimeError(
+            "no serving pool: generation steps must run under a VLLMTaskRunner "
+            "(run_pipeline sets one up when a spec has LLM steps)"
+        )
+    return pool
+
+
+def build_local_backend(config: dict[str, Any]) -> Backend:
+    """A backend in this process from a serving config (a plain dict: picklable)."""
+    cfg = ServingConfig(**config)
+    if cfg.backend == "fake":
+        import os
+
+        from serving.fake_backend import FakeBackend
+
+        return FakeBackend(delay_s=cfg.fake_delay_s, model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+    from serving.vllm_backend import VLLMBackend
+
+    return VLLMBackend(cfg.model, **cfg.engine_options())
+
+
+def _build_replica(config: dict[str, Any], device: str) -> Backend:
+    return ProcessReplica(functools.partial(build_local_backend, config), device)
+
+
+class _Served:
+    """The batchers of one serving name (one per replica), used in turn."""
+
+    def __init__(self, name: str, config: ServingConfig) -> None:
+        plain = config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+        devices = config.device_list()
+        if devices:
+            factories = [functools.partial(_build_replica, plain, d) for d in devices]
+        else:
+            factories = [functools.partial(build_local_backend, plain)]
+        self.backends = [
+            RestartingBackend(f, max_restarts=config.max_restarts, name=f"{name}[{i}]")
+            for i, f in enumerate(factories)
+        ]
+        self.batchers = [
+            AutoBatcher(b, max_batch=config.max_batch, batch_timeout_s=config.batch_timeout_s)
+            for b in self.backends
+        ]
+        self._turn = itertools.cycle(range(len(self.batchers)))
+        self._lock = threading.Lock()
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        with self._lock:
+            batcher = self.batchers[next(self._turn)]
+        return batcher.submit(requests)
+
+    def close(self) -> None:
+        for batcher in self.batchers:
+            batcher.close()
+        for backend in self.backends:
+            backend.close()
+
+
+class ServingPool:
+    """Backends by serving name, started on first use, closed together."""
+
+    def __init__(self, configs: dict[str, ServingConfig]) -> None:
+        self.configs = dict(configs)
+        self.starts: Counter[str] = Counter()
+        self._served: dict[str, _Served] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def served(self, name: str) -> _Served:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the serving pool is closed")
+            if name not in self._served:
+                if name not in self.configs:
+                    raise KeyError(f"serving '{name}' is not configured")
+                self._served[name] = _Served(name, self.configs[name])
+                self.starts[name] += 1
+            return self._served[name]
+
+    def submit(self, name: str, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Serve ``requests`` on backend ``name``; blocks until they are answered."""
+        if not requests:
+            return []
+        return self.served(name).submit(requests)
+
+    def restarts(self) -> int:
+        return sum(b.restarts for s in self._served.values() for b in s.backends)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            served, self._served = list(self._served.values()), {}
+        for s in served:
+            s.close()
+
+    def activate(self) -> contextvars.Token:
+        _ACTIVE.append(self)
+        return _CURRENT.set(self)
+
+    def deactivate(self, token: contextvars.Token) -> None:
+        _CURRENT.reset(token)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
