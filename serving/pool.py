@@ -95,6 +95,9 @@ class _Served:
 class ServingPool:
     """Backends by serving name, started on first use, closed together."""
 
+    #: Backends started by every pool of this process, by serving name (for tests/logs).
+    total_starts: Counter[str] = Counter()
+
     def __init__(self, configs: dict[str, ServingConfig]) -> None:
         self.configs = dict(configs)
         self.starts: Counter[str] = Counter()
@@ -111,6 +114,7 @@ class ServingPool:
                     raise KeyError(f"serving '{name}' is not configured")
                 self._served[name] = _Served(name, self.configs[name])
                 self.starts[name] += 1
+                ServingPool.total_starts[name] += 1
             return self._served[name]
 
     def submit(self, name: str, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

@@ -1,0 +1,297 @@
+"""Deployments end to end, the way a user runs them.
+
+A real ``prefect server start`` (own PREFECT_HOME, SQLite, a free port), ``prefect
+work-pool create``, ``prefect deploy --all`` from the repository's ``prefect.yaml``, a
+real ``prefect worker start`` running the flows in subprocesses; runs started with
+``prefect deployment run`` and retried with ``prefect flow-run retry``; everything
+checked through the API and in the (temporary) step store.
+
+Select it with ``-m e2e``; it also runs in the default suite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import polars as pl
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Scheduled
+
+from conftest import ROOT
+from flows.nightly import nightly_spec
+from flows.outputs import read_output
+from flows.plan import build_plan
+
+BIN = Path(sys.executable).parent
+SPEC = "examples/nightly.yaml"
+DEPLOYMENT = "nightly-pipeline/nightly"
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGINT (Prefect's workers may ignore SIGTERM), then SIGKILL the process group."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+        proc.wait(10)
+
+
+class Prefect:
+    """A real Prefect server and process worker, and the CLI pointed at them."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = dict(os.environ)
+        self.env.update(
+            PREFECT_HOME=str(home / "prefect-home"),
+            PREFECT_API_URL=self.url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED="false",
+            PREFECT_CLI_PROMPT="false",
+            PREFECT_LOGGING_LEVEL="INFO",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+        )
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "w")
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, timeout: float = 120) -> None:
+        proc = self.spawn("server", "server", "start", "--host", "127.0.0.1",
+                          "--port", str(self.port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, self.log("server")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"server not healthy in {timeout}s\n{self.log('server')}")
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
+            text=True, timeout=timeout,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def log(self, name: str) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text()[-6000:] if path.exists() else ""
+
+    def client(self):
+        return get_client(sync_client=True)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):  # the worker first, while the API is still up
+            stop(proc, grace=30)
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
+    home = tmp_path_factory.mktemp("e2e")
+    p = Prefect(home)
+    try:
+        p.start_server()
+        with temporary_settings({PREFECT_API_URL: p.url}):
+            yield p
+    finally:
+        p.close()
+
+
+def wait_final(p: Prefect, run_id: str, timeout: float = 180) -> Any:
+    deadline = time.monotonic() + timeout
+    with p.client() as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(UUID(run_id))
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {run_id} not final in {timeout}s: {run.state}\n"
+                         f"{p.log('worker')}")
+
+
+def task_states(p: Prefect, run_id: str) -> list[tuple[str, str]]:
+    with p.client() as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)]))
+        )
+    return [(r.name, r.state.name) for r in runs if r.state is not None]
+
+
+def summaries(p: Prefect, run_id: str) -> list[list[dict]]:
+    """The run's summary tables, newest first (a retried run has one per attempt)."""
+    with p.client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
+                key=ArtifactFilterKey(any_=["reviews-nightly-summary"]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    return [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found]
+
+
+def artifact_keys(p: Prefect, run_id: str) -> set[str]:
+    with p.client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
+        )
+    return {a.key for a in found}
+
+
+def output(date: str, overrides: dict) -> pl.DataFrame:
+    return read_output(build_plan(nightly_spec(SPEC, date, overrides)))
+
+
+def test_nightly_spec_date_partition_and_overrides(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: p\nsource: {path: 'raw/{date}/*.jsonl'}\nbatch_size: 10\n"
+                    "steps: [{select: {columns: [a]}}]\n")
+    got = nightly_spec(spec, "2026-11-22", {"batch_size": 50, "store": {"url": "file:///x"}})
+    assert got.source.path == "raw/2026-11-22/*.jsonl"
+    assert got.partition == "date=2026-11-22" and got.batch_size == 50
+    assert got.store.url == "file:///x"
+    with pytest.raises(Exception, match="YYYY-MM-DD"):
+        nightly_spec(spec, "22/11/2026")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_deploy_schedule_run_fail_retry(
+    prefect: Prefect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = prefect
+    monkeypatch.chdir(ROOT)  # the spec's source path is relative to the repo, as for the worker
+    store = tmp_path / "store"
+    overrides = {"store": {"url": f"file://{store}"}, "batch_size": 50}
+
+    # -- what `make deploy` does, then `make worker`
+    p.cli("work-pool", "create", "nightshift-process", "--type", "process")
+    p.cli("block", "register", "-m", "blocks.step_store")
+    p.cli("--no-prompt", "deploy", "--all")
+    with p.client() as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        assert client.read_deployment_by_name("run-pipeline/run-pipeline").paused is False
+    assert deployment.work_pool_name == "nightshift-process"
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": str(ROOT)}}]
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Paris")
+    p.spawn("worker", "worker", "start", "--pool", "nightshift-process")
+
+    # -- the cron schedule really creates runs: 02:00 in Paris, on consecutive days
+    deadline, scheduled = time.monotonic() + 90, []
+    while time.monotonic() < deadline and not scheduled:
+        with p.client() as client:
+            scheduled = [
+                r for r in client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                if r.state_name == "Scheduled"
+            ]
+        time.sleep(1)
+    assert scheduled, "the scheduler created no runs for the cron deployment"
+    starts = sorted(r.expected_start_time.astimezone(PARIS) for r in scheduled)
+    assert all((s.hour, s.minute) == (2, 0) for s in starts), starts
+    assert len({s.date() for s in starts}) == len(starts)
+    assert starts[0] > dt.datetime.now(PARIS)
+
+    # -- a clean night, started from the CLI
+    out = p.cli("deployment", "run", DEPLOYMENT, "--param", "date=2026-11-21",
+                "--param", f"overrides={json.dumps(overrides)}")
+    clean_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    clean = wait_final(p, clean_id)
+    assert clean.state.is_completed(), f"{clean.state}\n{p.log('worker')}"
+    part = store / "reviews-nightly" / "date=2026-11-21"
+    assert len(list((part / "steps" / "02-select").glob("*.parquet"))) == 6
+    assert (part / "steps" / "02-select" / "manifest.json").exists()
+    assert not (store / "reviews-nightly" / "steps").exists()
+    want = output("2026-11-21", overrides)
+    assert want.height == 78 and "prompt" in want.columns
+    assert Counter(s for _, s in task_states(p, clean_id)) == Counter(Completed=6 + 1 + 6 + 6)
+    assert {"reviews-nightly-summary", "reviews-nightly-sample",
+            "reviews-nightly-progress-00-filter-map-template"} <= artifact_keys(p, clean_id)
+    (rows,) = summaries(p, clean_id)
+    assert [r["name"] for r in rows] == ["00-filter+map+template", "01-dedup", "02-select"]
+    assert [r["computed"] for r in rows] == [6, 6, 6] and rows[-1]["rows_out"] == 78
+
+    # -- a failed night: a run due at 23:30 UTC on the 21st, i.e. 00:30 on the 22nd in
+    # Paris (no `date`: it comes from the schedule's timezone); batch 4 fails once
+    with p.client() as client:
+        failing = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={"overrides": overrides, "fail_at_batch": 3},
+            state=Scheduled(scheduled_time=dt.datetime(2026, 11, 21, 23, 30, tzinfo=dt.timezone.utc)),
+        )
+    fail_id = str(failing.id)
+    failed = wait_final(p, fail_id)
+    assert failed.state.is_failed(), f"{failed.state}\n{p.log('worker')}"
+    assert "failure injected" in (failed.state.message or ""), failed.state.message
+    first = Counter(s for _, s in task_states(p, fail_id))
+    assert first == Counter(Completed=5, Failed=1)
+    assert (store / "reviews-nightly" / "date=2026-11-22").is_dir()
+
+    # -- Retry (what the UI's Retry button does): the five batches done are Cached
+    p.cli("flow-run", "retry", fail_id)
+    retried = wait_final(p, fail_id)
+    assert retried.state.is_completed(), f"{retried.state}\n{p.log('worker')}"
+    assert retried.run_count == 2
+    states = task_states(p, fail_id)
+    cached = sorted(name for name, state in states if state == "Cached")
+    assert cached == [f"filter+map+template[0] batch {b}/6" for b in (1, 2, 3, 5, 6)]
+    assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6, Cached=5, Failed=1)
+    latest, attempt1 = summaries(p, fail_id)
+    assert [(r["cached"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
+    assert [(r["cached"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6)]
+    got = output("2026-11-22", overrides)
+    assert got.equals(want)  # same sources: the retried night equals the clean one
