@@ -35,7 +35,9 @@ from tasks.errors import SpecError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nightly_spec(spec: str | Path, date: str, overrides: dict[str, Any] | None = None) -> PipelineSpec:
+def nightly_spec(
+    spec: str | Path, date: str, overrides: dict[str, Any] | None = None
+) -> PipelineSpec:
     """The spec of one night: ``spec`` (relative to the repo root) + overrides + date."""
     try:
         dt.date.fromisoformat(date)

@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -159,12 +158,21 @@ def wait_final(p: Prefect, run_id: str, timeout: float = 180) -> Any:
                          f"{p.log('worker')}")
 
 
-def task_states(p: Prefect, run_id: str) -> list[tuple[str, str]]:
+def task_states(
+    p: Prefect, run_id: str, expected: int, timeout: float = 60
+) -> list[tuple[str, str]]:
+    """(name, state) of the run's task runs, once ``expected`` of them are final (task run
+    states reach the API as events, processed after the flow run may have finished)."""
+    deadline = time.monotonic() + timeout
     with p.client() as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)]))
-        )
-    return [(r.name, r.state.name) for r in runs if r.state is not None]
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)]))
+            )
+            final = [(r.name, r.state.name) for r in runs if r.state and r.state.is_final()]
+            if len(final) >= expected or time.monotonic() > deadline:
+                return final
+            time.sleep(0.5)
 
 
 def summaries(p: Prefect, run_id: str) -> list[list[dict]]:
@@ -258,7 +266,7 @@ def test_deploy_schedule_run_fail_retry(
     assert not (store / "reviews-nightly" / "steps").exists()
     want = output("2026-11-21", overrides)
     assert want.height == 78 and "prompt" in want.columns
-    assert Counter(s for _, s in task_states(p, clean_id)) == Counter(Completed=6 + 1 + 6 + 6)
+    assert Counter(s for _, s in task_states(p, clean_id, 19)) == Counter(Completed=6 + 1 + 6 + 6)
     assert {"reviews-nightly-summary", "reviews-nightly-sample",
             "reviews-nightly-progress-00-filter-map-template"} <= artifact_keys(p, clean_id)
     (rows,) = summaries(p, clean_id)
@@ -267,17 +275,18 @@ def test_deploy_schedule_run_fail_retry(
 
     # -- a failed night: a run due at 23:30 UTC on the 21st, i.e. 00:30 on the 22nd in
     # Paris (no `date`: it comes from the schedule's timezone); batch 4 fails once
+    due = dt.datetime(2026, 11, 21, 23, 30, tzinfo=dt.timezone.utc)
     with p.client() as client:
         failing = client.create_flow_run_from_deployment(
             deployment.id,
             parameters={"overrides": overrides, "fail_at_batch": 3},
-            state=Scheduled(scheduled_time=dt.datetime(2026, 11, 21, 23, 30, tzinfo=dt.timezone.utc)),
+            state=Scheduled(scheduled_time=due),
         )
     fail_id = str(failing.id)
     failed = wait_final(p, fail_id)
     assert failed.state.is_failed(), f"{failed.state}\n{p.log('worker')}"
     assert "failure injected" in (failed.state.message or ""), failed.state.message
-    first = Counter(s for _, s in task_states(p, fail_id))
+    first = Counter(s for _, s in task_states(p, fail_id, 6))
     assert first == Counter(Completed=5, Failed=1)
     assert (store / "reviews-nightly" / "date=2026-11-22").is_dir()
 
@@ -286,7 +295,7 @@ def test_deploy_schedule_run_fail_retry(
     retried = wait_final(p, fail_id)
     assert retried.state.is_completed(), f"{retried.state}\n{p.log('worker')}"
     assert retried.run_count == 2
-    states = task_states(p, fail_id)
+    states = task_states(p, fail_id, 25)
     cached = sorted(name for name, state in states if state == "Cached")
     assert cached == [f"filter+map+template[0] batch {b}/6" for b in (1, 2, 3, 5, 6)]
     assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6, Cached=5, Failed=1)
