@@ -53,10 +53,11 @@ server: venv   # API + UI on 127.0.0.1, SQLite database under PREFECT_HOME (~/.p
 worker: venv   # runs the deployments' flow runs as subprocesses of this checkout
 	$(PREFECT_CLI) worker start --pool nightshift-process
 
-deploy: venv   # work pool (if missing), the step store block type, every deployment in prefect.yaml
+deploy: venv   # work pool (if missing), the block types (step store, LLM serving), every deployment
 	$(PREFECT_CLI) work-pool inspect nightshift-process >/dev/null 2>&1 || \
 		$(PREFECT_CLI) work-pool create nightshift-process --type process
 	$(PREFECT_CLI) block register -m blocks.step_store
+	$(PREFECT_CLI) block register -m blocks.serving_config
 	$(PREFECT_CLI) --no-prompt deploy --all
 
 clean:

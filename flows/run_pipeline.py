@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
+from flows.explain import explain
 from flows.plan import Plan, build_plan
 from flows.reporting import Progress, publish_sample, publish_summary
 from flows.scheduler import Execution
@@ -51,6 +52,8 @@ def execute_plan(
         len(plan.spec.steps), len(plan.stages),
         f"; recomputing from stage {force_from}" if force_from is not None else "",
     )
+    for line in explain(plan, force_from):
+        logger.info(line)
     spec = plan.spec
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,

@@ -225,8 +225,11 @@ def test_deploy_schedule_run_fail_retry(
     # -- what `make deploy` does, then `make worker`
     p.cli("work-pool", "create", "nightshift-process", "--type", "process")
     p.cli("block", "register", "-m", "blocks.step_store")
+    p.cli("block", "register", "-m", "blocks.serving_config")
     p.cli("--no-prompt", "deploy", "--all")
     with p.client() as client:
+        slugs = {t.slug for t in client.read_block_types()}
+        assert {"nightshift-step-store", "nightshift-llm-serving"} <= slugs
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         assert client.read_deployment_by_name("run-pipeline/run-pipeline").paused is False
     assert deployment.work_pool_name == "nightshift-process"

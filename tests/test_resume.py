@@ -161,3 +161,26 @@ def test_failed_batch_fails_the_run_and_keeps_the_others(
     summary = pipe.run()
     assert calls(test_log, n) == Counter(b=1)
     assert [s["cached"] for s in summary["steps"]] == [4, 3]
+
+
+def test_explains_what_is_reused_and_why_the_rest_recomputes(tmp_path: Path) -> None:
+    from flows.explain import explain
+
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(200, "a"))
+    pipe = build(tmp_path)
+    first = explain(pipe.plan(), None)
+    assert all("0 of 4 batch(es) reused, 4 to compute (no earlier completed run" in line
+               for line in first), first
+    pipe.run()
+    assert all("all 4 batch(es) already in the store, reused" in line
+               for line in explain(pipe.plan(), None))
+
+    # a config change names the step; the later steps changed through their upstream
+    write_jsonl(tmp_path / "data" / "b.jsonl", make_rows(60, "b"))
+    changed = explain(build(tmp_path, map_expr="n * 3").plan(), None)
+    assert "step 00-count: 4 of 6 batch(es) reused, 2 to compute (step unchanged" in changed[0]
+    assert "changed since its last completed run: steps[1] (map) config" in changed[1]
+    assert "changed since its last completed run: operator code, model or an upstream step" \
+        in changed[2]
+    assert explain(pipe.plan(), 3)[3].endswith("recomputing all 6 batch(es), as asked "
+                                               "(resume_step / --fresh)")
