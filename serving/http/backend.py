@@ -1,0 +1,356 @@
+"""``OpenAIBackend``: the serving interface over any OpenAI-compatible HTTP server.
+
+``vllm serve``, SGLang, llama.cpp's server, OpenAI or another provider: chat requests go to
+``/chat/completions``, raw prompts to ``/completions``. One backend serves every
+generation task of a flow run: its own asyncio loop (in a thread) runs ``max_concurrency``
+*lanes*, each sending one request at a time, over one ``httpx.AsyncClient``. Around every
+attempt:
+
+* client-side rate limits (requests and tokens per minute, tightened by the server's
+  ``x-ratelimit-*`` headers; :mod:`serving.http.limits`);
+* an optional Prefect global concurrency limit shared with other flow runs
+  (:mod:`serving.http.shared_limit`);
+* retries with full-jitter exponential backoff on 408/409/429/5xx, timeouts, dropped
+  connections and malformed bodies, honouring ``Retry-After`` (tenacity;
+  :mod:`serving.http.retry`), and a per-attempt timeout;
+* an outage breaker: after ``outage_after_s`` of nothing but failures, rows fail at once
+  instead of retrying for minutes (:mod:`serving.http.breaker`).
+
+A row whose attempts are exhausted gets a one-line ``error``; ``generate`` never raises for
+a row. ``on_result(index, result)`` is called as each row finishes (the LLM operator uses it
+to persist answers before the batch completes). The API key is sent in a header and never
+appears in errors, logs or :meth:`identity`.
+
+Example::
+
+    from serving.http import OpenAIBackend
+    from serving.interface import GenerationRequest
+
+    backend = OpenAIBackend(base_url="http://127.0.0.1:8000/v1", model="smollm2",
+                            max_concurrency=32, requests_per_minute=3000)
+    [r] = backend.generate([GenerationRequest(prompt="The capital of France is")])
+    backend.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from serving.http.breaker import EndpointDown, OutageBreaker
+from serving.http.limits import RateLimiter
+from serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
+from serving.http.shared_limit import Mode, SharedLimit
+from serving.http.usage import TokenPrice, Usage
+from serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
+from serving.interface import GenerationRequest, GenerationResult
+
+__all__ = ["OpenAIBackend", "ResultCallback"]
+
+logger = logging.getLogger("nightshift.serving.http")
+
+ResultCallback = Callable[[int, GenerationResult], None]
+
+
+@dataclass
+class _Job:
+    index: int
+    request: GenerationRequest
+    future: asyncio.Future[GenerationResult]
+    usage: Usage | None
+    on_result: ResultCallback | None
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible endpoint as a :class:`~serving.interface.Backend`.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` or
+            ``https://api.openai.com/v1``.
+        model: the model name the server serves.
+        api_key: sent as ``Authorization: Bearer …`` (or in ``api_key_header`` as is).
+        headers: extra request headers (not secret: they may be shown).
+        endpoint: ``auto`` (chat for messages, completions for raw prompts), ``chat`` or
+            ``completions``.
+        max_concurrency: requests in flight at once (lanes).
+        requests_per_minute, tokens_per_minute: client-side limits (None: none, unless the
+            server's headers give one).
+        timeout_s: per attempt (connect, read, write, pool).
+        max_attempts: per row, first try included.
+        backoff_initial_s, backoff_max_s: full-jitter exponential backoff bounds (also the
+            cap on a server's Retry-After).
+        outage_after_s: fail rows at once after this long with only failures.
+        global_limit, global_limit_mode, slot_hold_s: a Prefect global concurrency limit
+            shared by every flow run (see :mod:`serving.http.shared_limit`).
+        price: per-million-token prices for cost estimates.
+        extra_body: fields merged into every request body (``top_k``, ``min_p``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        api_key_header: str = "Authorization",
+        headers: dict[str, str] | None = None,
+        endpoint: Endpoint = "auto",
+        max_concurrency: int = 16,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        timeout_s: float = 120.0,
+        max_attempts: int = 8,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 60.0,
+        outage_after_s: float = 120.0,
+        global_limit: str | None = None,
+        global_limit_mode: Mode = "concurrency",
+        slot_hold_s: float = 10.0,
+        price: TokenPrice | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.where = _without_userinfo(self.base_url)
+        self.model = model
+        self.endpoint: Endpoint = endpoint
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.price = price
+        self.extra_body = dict(extra_body or {})
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self.breaker = OutageBreaker(self.where, after_s=outage_after_s)
+        self.shared = SharedLimit(global_limit, global_limit_mode, slot_hold_s)
+        self.total = Usage()
+        """Everything this backend sent and received (failed batches included)."""
+        self._wait = wait_for_server(backoff_initial_s, backoff_max_s)
+        self._secrets = [api_key] if api_key else []
+        self._headers = dict(headers or {})
+        if api_key:
+            self._headers[api_key_header] = (
+                f"Bearer {api_key}" if api_key_header.lower() == "authorization" else api_key
+            )
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"nightshift-http-{model}", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._call(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the serving interface ----------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
+        """Serve ``requests`` (from any thread); results in input order, failures as row
+        errors. ``on_result`` is called (on the backend's loop) as each row finishes;
+        ``usage`` accumulates this call's counters."""
+        if self._closed:
+            raise RuntimeError("OpenAIBackend is closed")
+        if not requests:
+            return []
+        return self._call(self._generate(list(requests), on_result, usage))
+
+    def identity(self) -> dict[str, Any]:
+        """What changes outputs: model name, endpoint kind and extra body fields (not the
+        URL: the same model behind another host gives the same answers)."""
+        return {"backend": "openai_compatible", "model": self.model, "endpoint": self.endpoint,
+                "extra_body": self.extra_body}
+
+    def usage(self) -> dict[str, float | int]:
+        """The backend's totals with the estimated cost."""
+        return self.total.as_dict(self.price)
+
+    def close(self) -> None:
+        """Stop the lanes, close the HTTP client and the loop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop.is_running():
+            try:
+                self._call(self._stop(), timeout=30)
+            except Exception:  # pragma: no cover - best effort on shutdown
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> OpenAIBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- loop side ---------------------------------------------------------------------------
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> None:
+        await self.shared.check()
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0)),
+            limits=httpx.Limits(max_connections=self.max_concurrency,
+                                max_keepalive_connections=self.max_concurrency),
+        )
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._lanes = [asyncio.create_task(self._lane()) for _ in range(self.max_concurrency)]
+
+    async def _stop(self) -> None:
+        for _ in self._lanes:
+            self._queue.put_nowait(None)
+        await asyncio.wait(self._lanes, timeout=20)
+        await self._client.aclose()
+
+    async def _generate(self, requests: list[GenerationRequest], on_result: ResultCallback | None,
+                        usage: Usage | None) -> list[GenerationResult]:
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(i, r, loop.create_future(), usage, on_result) for i, r in enumerate(requests)]
+        for job in jobs:
+            self._queue.put_nowait(job)
+        return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    async def _lane(self) -> None:
+        """Send queued rows one at a time; hold a shared slot (if any) while busy."""
+        while (job := await self._queue.get()) is not None:
+            try:
+                async with self.shared.lane_slot():
+                    deadline = self.shared.hold_deadline()
+                    while job is not None:
+                        await self._serve(job)
+                        job = None
+                        if time.monotonic() < deadline and not self._queue.empty():
+                            job = self._queue.get_nowait()
+                            if job is None:  # closing
+                                return
+            except Exception as exc:  # the shared limit could not be taken
+                if job is not None and not job.future.done():
+                    self._finish(job, GenerationResult.failed(self._redact(f"{type(exc).__name__}: {exc}")))
+
+    async def _serve(self, job: _Job) -> None:
+        try:
+            result = await self._with_retries(job)
+        except Exception as exc:  # a bug must not lose the row: it becomes its error
+            logger.exception("serving %s: unexpected error", self.where)
+            result = GenerationResult.failed(self._redact(f"{type(exc).__name__}: {exc}"))
+        self._finish(job, result)
+
+    def _finish(self, job: _Job, result: GenerationResult) -> None:
+        for usage in filter(None, (self.total, job.usage)):
+            if result.ok:
+                usage.add_answer(result.prompt_tokens, result.completion_tokens)
+            else:
+                usage.failed += 1
+        if job.on_result is not None:
+            try:
+                job.on_result(job.index, result)
+            except Exception:
+                logger.exception("serving %s: on_result callback failed", self.where)
+        job.future.set_result(result)
+
+    async def _with_retries(self, job: _Job) -> GenerationResult:
+        path, body = request_body(job.request, self.model, self.endpoint, self.extra_body)
+        tokens = estimate_tokens(job.request)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Transient), stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait, reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self._count(job, "retries")
+                    result = await self._attempt(job, path, body, tokens)
+            return result
+        except Transient as exc:
+            return GenerationResult.failed(
+                self._redact(f"gave up after {self.max_attempts} attempts: {exc}"))
+        except (Permanent, EndpointDown) as exc:
+            return GenerationResult.failed(self._redact(str(exc)))
+
+    async def _attempt(self, job: _Job, path: str, body: dict[str, Any], tokens: int) -> GenerationResult:
+        self.breaker.check()
+        await self.limiter.acquire(tokens)
+        await self.shared.before_request()
+        self.breaker.check()  # the wait may have been long
+        self._count(job, "requests")
+        try:
+            response = await self._client.post(path, json=body)
+        except httpx.TimeoutException as exc:
+            raise self._transient(job, "timeout", f"no reply within {self.timeout_s:g}s "
+                                  f"({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise self._transient(job, "connection", f"connection error: {type(exc).__name__}: "
+                                  f"{str(exc)[:120]}") from None
+        self.limiter.observe(response.headers)
+        kind = classify_status(response.status_code)
+        if kind is not None:
+            detail = f"{response.status_code} {response.reason_phrase}: {_error_detail(response)}"
+            if kind is Permanent:
+                self.breaker.success()  # it answered: it is up
+                raise Permanent(detail)
+            raise self._transient(job, str(response.status_code), detail,
+                                  retry_after_s(response.headers), response.status_code)
+        try:
+            result = parse_reply(path, response.content)
+        except MalformedReply as exc:
+            raise self._transient(job, "malformed", str(exc)) from None
+        self.breaker.success()
+        return result
+
+    def _transient(self, job: _Job, kind: str, detail: str, retry_after: float | None = None,
+                   status: int | None = None) -> Transient:
+        error = Transient(self._redact(detail), retry_after, status)
+        if error.counts_as_outage:
+            self.breaker.failure(error.args[0])
+        for usage in filter(None, (self.total, job.usage)):
+            usage.add_status(kind)
+        return error
+
+    def _count(self, job: _Job, name: str) -> None:
+        for usage in filter(None, (self.total, job.usage)):
+            setattr(usage, name, getattr(usage, name) + 1)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return " ".join(text.split())
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The server's own message (``{"error": {"message": …}}`` or ``{"message": …}``)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        message = err.get("message") if isinstance(err, dict) else err
+        if message:
+            return str(message)[:300]
+    return str(data)[:200]
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
