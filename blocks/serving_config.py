@@ -10,15 +10,35 @@ serving:
 it with ``CUDA_VISIBLE_DEVICES``, requests spread round-robin; ``tensor_parallel_size``
 splits one model over several devices. ``backend: fake`` echoes prompts (orchestration
 tests only).
+
+``backend: openai_compatible`` serves through an HTTP endpoint (``vllm serve``, SGLang,
+llama.cpp's server, OpenAI, ...); see ``docs/api-serving.md``::
+
+    serving:
+      default:
+        backend: openai_compatible
+        base_url: http://gpu-1:8000/v1
+        model: smollm2
+        api_key_env: VLLM_API_KEY            # or api_key_secret: NAME (a Prefect Secret
+                                             # block), or a saved block with api_key set
+        max_concurrency: 64
+        requests_per_minute: 3000
+        global_limit: gpu-fleet              # a Prefect global concurrency limit
+        price: {input_per_1m: 0.15, output_per_1m: 0.60}
+
+Never write the key itself in a spec: a spec is a flow-run parameter, shown in the UI.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from serving.http.usage import TokenPrice
+from tasks.errors import SpecError
 from tasks.fingerprints import digest
 
 
@@ -27,9 +47,12 @@ class ServingConfig(Block):
 
     _block_type_name = "Nightshift LLM Serving"
     _block_type_slug = "nightshift-llm-serving"
-    _description = "An LLM backend for Nightshift generation steps (vLLM engine options)."
+    _description = (
+        "An LLM backend for Nightshift generation steps: an in-process vLLM engine or an "
+        "OpenAI-compatible HTTP endpoint."
+    )
 
-    backend: Literal["vllm", "fake"] = "vllm"
+    backend: Literal["vllm", "fake", "openai_compatible"] = "vllm"
     model: str = Field(default="smollm2", description="HF folder, hub id, or smollm2 (embedded)")
     devices: str | None = Field(default=None, description='"0,1": one replica per device')
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -48,6 +71,77 @@ class ServingConfig(Block):
     max_restarts: int = Field(default=2, ge=0)
     #: fake backend only: seconds each call takes.
     fake_delay_s: float = Field(default=0.0, ge=0)
+
+    # -- openai_compatible: an HTTP endpoint ------------------------------------------
+    base_url: str | None = Field(default=None, description="API root, e.g. http://host:8000/v1")
+    api_key: SecretStr | None = Field(default=None, description="kept secret; or use the next two")
+    api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block")
+    api_key_env: str | None = Field(default=None, description="environment variable with the key")
+    api_key_header: str = Field(default="Authorization", description='"api-key" for Azure')
+    headers: dict[str, str] = Field(default_factory=dict, description="extra, non-secret headers")
+    endpoint: Literal["auto", "chat", "completions"] = "auto"
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=60.0, ge=0)
+    outage_after_s: float = Field(default=120.0, gt=0)
+    #: A Prefect global concurrency limit shared by every flow run using this endpoint.
+    global_limit: str | None = None
+    global_limit_mode: Literal["concurrency", "rate_limit"] = "concurrency"
+    slot_hold_s: float = Field(default=10.0, gt=0)
+    price: TokenPrice | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="e.g. {top_k: 20}")
+    #: Persist each answer as it arrives so a retried batch pays only for missing rows
+    #: (None: on for openai_compatible, off for in-process engines).
+    cache_answers: bool | None = None
+    #: Bump to recompute when the server's weights change under the same model name.
+    model_revision: str | None = None
+
+    @property
+    def is_http(self) -> bool:
+        return self.backend == "openai_compatible"
+
+    @property
+    def answers_cached(self) -> bool:
+        return self.cache_answers if self.cache_answers is not None else self.is_http
+
+    def resolve_api_key(self) -> str | None:
+        """The key from the SecretStr field, a Prefect Secret block or the environment."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_secret:
+            from prefect.blocks.system import Secret
+
+            try:
+                return str(Secret.load(self.api_key_secret).get())
+            except ValueError:
+                raise SpecError(
+                    f"api_key_secret {self.api_key_secret!r}: no such Prefect Secret block"
+                ) from None
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise SpecError(f"api_key_env {self.api_key_env}: the environment variable is not set")
+            return value
+        return None
+
+    def http_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serving.http.OpenAIBackend`` (the key excluded)."""
+        if not self.base_url:
+            raise SpecError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
+        return dict(
+            base_url=self.base_url, model=self.model, api_key_header=self.api_key_header,
+            headers=self.headers, endpoint=self.endpoint, max_concurrency=self.max_concurrency,
+            requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
+            timeout_s=self.timeout_s, max_attempts=self.max_attempts,
+            backoff_initial_s=self.backoff_initial_s, backoff_max_s=self.backoff_max_s,
+            outage_after_s=self.outage_after_s, global_limit=self.global_limit,
+            global_limit_mode=self.global_limit_mode, slot_hold_s=self.slot_hold_s,
+            price=self.price, extra_body=self.extra_body,
+        )
 
     def device_list(self) -> list[str]:
         return [d.strip() for d in self.devices.split(",") if d.strip()] if self.devices else []
@@ -74,6 +168,9 @@ class ServingConfig(Block):
         """
         if self.backend == "fake":
             return {"backend": "fake", "model": self.model}
+        if self.is_http:  # not the URL, key or limits: they do not change answers
+            return {"backend": self.backend, "model": self.model, "endpoint": self.endpoint,
+                    "extra_body": self.extra_body, "model_revision": self.model_revision}
         from serving.model_identity import model_identity
 
         return {
@@ -87,4 +184,4 @@ class ServingConfig(Block):
 
     def key(self) -> str:
         """A stable name for this configuration (for logs and caches)."""
-        return digest(self.model_dump(mode="json", exclude={"block_type_slug"}))[:12]
+        return digest(self.model_dump(mode="json", exclude={"block_type_slug", "api_key"}))[:12]

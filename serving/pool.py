@@ -5,6 +5,8 @@ flow run). Each is wrapped so that concurrent generation tasks feed one engine w
 per-batch barrier (:class:`~serving.batching.AutoBatcher`) and a dead engine is rebuilt
 and its in-flight requests replayed (:class:`~serving.resilience.RestartingBackend`).
 With ``devices`` there is one replica per device, each in its own process, used in turn.
+An ``openai_compatible`` backend is called directly from every task (it bounds its own
+concurrency, retries per row and reports each answer as it arrives through ``on_result``).
 
 Tasks find the pool of the task runner that runs them with :func:`current_pool`.
 """
@@ -21,6 +23,8 @@ from typing import Any
 
 from blocks.serving_config import ServingConfig
 from serving.batching import AutoBatcher
+from serving.http.backend import ResultCallback
+from serving.http.usage import Usage
 from serving.interface import Backend, GenerationRequest, GenerationResult
 from serving.resilience import ProcessReplica, RestartingBackend
 
@@ -41,6 +45,11 @@ def current_pool() -> ServingPool:
     return pool
 
 
+def active_pool() -> ServingPool | None:
+    """The serving pool of the running task runner, or None (reporting uses this)."""
+    return _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
+
+
 def build_local_backend(config: dict[str, Any]) -> Backend:
     """A backend in this process from a serving config (a plain dict: picklable)."""
     cfg = ServingConfig(**config)
@@ -57,6 +66,32 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
 
 def _build_replica(config: dict[str, Any], device: str) -> Backend:
     return ProcessReplica(functools.partial(build_local_backend, config), device)
+
+
+def build_http_backend(config: ServingConfig) -> Backend:
+    """An ``OpenAIBackend`` from a serving config; the key is resolved here, in the flow
+    process, and never leaves it."""
+    from serving.http import OpenAIBackend
+
+    return OpenAIBackend(api_key=config.resolve_api_key(), **config.http_options())
+
+
+class _ServedHTTP:
+    """One HTTP backend, called from every task thread at once."""
+
+    def __init__(self, name: str, config: ServingConfig) -> None:
+        self.backend = build_http_backend(config)
+        self.backends: list[Any] = []  # nothing to restart
+
+    def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+               usage: Usage | None = None) -> list[GenerationResult]:
+        return self.backend.generate(requests, on_result=on_result, usage=usage)  # type: ignore[call-arg]
+
+    def usage(self) -> dict[str, float | int]:
+        return self.backend.usage()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 class _Served:
@@ -80,10 +115,24 @@ class _Served:
         self._turn = itertools.cycle(range(len(self.batchers)))
         self._lock = threading.Lock()
 
-    def submit(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+               usage: Usage | None = None) -> list[GenerationResult]:
         with self._lock:
             batcher = self.batchers[next(self._turn)]
-        return batcher.submit(requests)
+        results = batcher.submit(requests)
+        for index, result in enumerate(results):
+            if usage is not None:
+                usage.requests += 1
+                if result.ok:
+                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
+                else:
+                    usage.failed += 1
+            if on_result is not None:
+                on_result(index, result)
+        return results
+
+    def usage(self) -> dict[str, float | int]:
+        return {}
 
     def close(self) -> None:
         for batcher in self.batchers:
@@ -101,33 +150,56 @@ class ServingPool:
     def __init__(self, configs: dict[str, ServingConfig]) -> None:
         self.configs = dict(configs)
         self.starts: Counter[str] = Counter()
-        self._served: dict[str, _Served] = {}
+        self._served: dict[str, _Served | _ServedHTTP] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._final_usage: dict[str, dict[str, float | int]] = {}
 
-    def served(self, name: str) -> _Served:
+    def served(self, name: str) -> _Served | _ServedHTTP:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the serving pool is closed")
             if name not in self._served:
                 if name not in self.configs:
                     raise KeyError(f"serving '{name}' is not configured")
-                self._served[name] = _Served(name, self.configs[name])
+                config = self.configs[name]
+                kind = _ServedHTTP if config.is_http else _Served
+                self._served[name] = kind(name, config)
                 self.starts[name] += 1
                 ServingPool.total_starts[name] += 1
             return self._served[name]
 
-    def submit(self, name: str, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve ``requests`` on backend ``name``; blocks until they are answered."""
+    def submit(
+        self,
+        name: str,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
+        """Serve ``requests`` on backend ``name``; blocks until they are answered.
+
+        ``on_result(index, result)`` is called for each row as it finishes (HTTP backends)
+        or once the call returns (engines); ``usage`` accumulates this call's counters.
+        """
         if not requests:
             return []
-        return self.served(name).submit(requests)
+        return self.served(name).submit(requests, on_result, usage)
+
+    def usage(self) -> dict[str, dict[str, float | int]]:
+        """Per serving name started in this pool: requests, retries, tokens, cost (HTTP)."""
+        with self._lock:
+            if self._closed:
+                return dict(self._final_usage)
+            served = dict(self._served)
+        return {name: u for name, s in served.items() if (u := s.usage())}
 
     def restarts(self) -> int:
         return sum(b.restarts for s in self._served.values() for b in s.backends)
 
     def close(self) -> None:
         with self._lock:
+            if not self._closed:
+                self._final_usage = {n: u for n, s in self._served.items() if (u := s.usage())}
             self._closed = True
             served, self._served = list(self._served.values()), {}
         for s in served:

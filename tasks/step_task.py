@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from blocks.step_store import StepStore
+from tasks.answer_cache import batch_scope
 from tasks.batches import Batch, read_batch
 from tasks.errors import NightshiftError, StepFailed, one_line
 from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
@@ -40,6 +41,9 @@ class BatchRef(BaseModel):
     reused: bool = False
     #: LLM token counts of this batch: {"prompt": n, "completion": n}.
     tokens: dict[str, int] = {}
+    #: Serving usage of this computation (HTTP backends): requests, retries, tokens paid,
+    #: answers reused from the answer cache, estimated cost_usd (tasks/answer_cache.py).
+    usage: dict[str, float] = {}
 
 
 class StepOutputPolicy(CachePolicy):
@@ -113,20 +117,23 @@ def run_stage_batch(
         df = store.read_frame(upstream.path)
     rows_in = df.height
     state = store.read_frame(barrier_state) if barrier_state else None
-    for offset, op in enumerate(operators):
-        try:
-            df = apply_operator(op, df, state)
-        except NightshiftError as exc:
-            raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
-        except Exception as exc:
-            raise StepFailed(
-                f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
-                f"{one_line(exc)}"
-            ) from exc
-    store.write_frame(out_path, df)
+    with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
+        for offset, op in enumerate(operators):
+            try:
+                df = apply_operator(op, df, state)
+            except NightshiftError as exc:
+                raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
+            except Exception as exc:
+                raise StepFailed(
+                    f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
+                    f"{one_line(exc)}"
+                ) from exc
+        store.write_frame(out_path, df)
+        scope.completed()
     return BatchRef(
         path=out_path, rows=df.height, rows_in=rows_in, key=key,
         seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
+        usage=scope.as_dict(),
     )
 
 

@@ -12,6 +12,12 @@ writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
   ``max_error_rate``.
 * The model identity (weights, chat template), sampling parameters and seed are in the
   step fingerprint: change any and the step recomputes.
+* ``chat: false`` sends the rendered prompt as a raw completion (no chat template,
+  no system message).
+* With an answer cache (on for ``openai_compatible`` serving), each answer is persisted
+  in the step store as it arrives and a retried batch requests only the rows it is missing
+  (``tasks/answer_cache.py``); the batch's requests, retries, tokens paid and estimated
+  cost go to its ``BatchRef.usage``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class LLMOperator(Operator):
     stop: list[str] | None = None
     skip_if: str | None = None
     max_error_rate: float = Field(default=0.1, ge=0, le=1)
+    chat: bool = True
 
     # -- what subclasses define -------------------------------------------------------
     def user_template(self) -> str:
@@ -103,9 +110,11 @@ class LLMOperator(Operator):
                 ],
                 sampling=sampling,
             )
+            if self.chat
+            else GenerationRequest(prompt=p or "", sampling=sampling)
             for p in prompts
         ]
-        results = current_pool().submit(self.serving, requests) if requests else []
+        results = self._serve(current_pool(), requests) if requests else []
         n = df.height
         values: list[Any] = [None] * n
         texts: list[str | None] = [None] * n
@@ -128,6 +137,36 @@ class LLMOperator(Operator):
                 f"max_error_rate {100 * self.max_error_rate:.0f}%); first: {errors[failed[0]]}"
             )
         return self._attach(df, values, errors, finish, p_tok, c_tok, texts)
+
+    def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
+        """Answers for ``requests``: from the batch's answer cache where there is one,
+        the rest from the backend (each persisted as it arrives)."""
+        from serving.http.usage import Usage
+        from tasks.answer_cache import current_scope, request_fingerprints
+
+        config = pool.configs.get(self.serving)
+        scope = current_scope()
+        usage = Usage()
+        if scope is None or config is None or not config.answers_cached:
+            results = pool.submit(self.serving, requests, usage=usage)
+            if scope is not None:
+                scope.record(usage, getattr(config, "price", None))
+            return results
+        log = scope.answer_log()
+        keys = request_fingerprints(requests, config.identity())
+        cached = log.load()
+        results: list[Any] = [cached.get(k) for k in keys]
+        missing = [i for i, r in enumerate(results) if r is None]
+        usage.cached = len(requests) - len(missing)
+
+        def persist(index: int, result: Any) -> None:
+            log.add(keys[missing[index]], result)
+
+        fresh = pool.submit(self.serving, [requests[i] for i in missing], persist, usage)
+        for i, result in zip(missing, fresh):
+            results[i] = result
+        scope.record(usage, config.price)
+        return results
 
     def _attach(self, df, values, errors, finish, p_tok, c_tok, texts) -> pl.DataFrame:  # type: ignore[no-untyped-def]
         o = self.output
@@ -152,6 +191,8 @@ class PromptedLLM(LLMOperator):
     def _one_source(self) -> "PromptedLLM":
         if (self.prompt is None) == (self.input is None):
             raise ValueError("give exactly one of 'prompt' (a template) or 'input' (a column)")
+        if not self.chat and self.system:
+            raise ValueError("'system' needs chat: true (a raw completion prompt has no roles)")
         return self
 
     def user_template(self) -> str:

@@ -1,0 +1,240 @@
+"""The answer cache: every LLM answer of a batch is persisted as it arrives, so a batch
+retried after a crash (SIGKILL, a failed task, an outage) pays only for the rows it is
+missing.
+
+Layout, in the step store next to the batch outputs::
+
+    <root>/<pipeline>/answers/<NN>-<ops>/<file>-<start>-<key16>/<writer>.jsonl        local
+    <root>/<pipeline>/answers/<NN>-<ops>/<file>-<start>-<key16>/<writer>-<seq>.jsonl  S3 ...
+
+One directory per (stage, batch) output key: the same key as the batch's Parquet file,
+so a changed prompt or model starts an empty cache. One JSON line per answered row:
+``{"fp": ..., "text": ..., "finish_reason": ..., "prompt_tokens": n,
+"completion_tokens": n}``; ``fp`` is the row's request fingerprint (messages or prompt,
+sampling parameters, the serving identity (model, endpoint, extra body) and the request's
+occurrence number among identical requests in the batch). Only answers are kept, never
+errors (a failed row is asked again) and never keys or headers.
+
+* Local stores: each writer (process) appends to its own file, one ``write`` per answer,
+  so an answer is on disk (in the page cache) before the next row is even sent; a SIGKILL
+  loses nothing answered. A torn last line is ignored when reading.
+* Object stores (S3): appends do not exist, so answers are buffered and written as small
+  objects every ``flush_rows`` answers or ``flush_s`` seconds (one PUT each, off the
+  caller's thread); a SIGKILL loses at most that window.
+
+When the batch's output Parquet is written, its answer directory is deleted: the output
+is the durable record from then on.
+
+Example::
+
+    with batch_scope(store, out_path) as scope:     # the step task does this
+        log = scope.answer_log()                    # the LLM operator does this
+        cached = log.load()                         # {fingerprint: GenerationResult}
+        log.add(fp, result)                         # as each answer arrives
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from blocks.step_store import StepStore
+from serving.http.usage import TokenPrice, Usage
+from serving.interface import GenerationRequest, GenerationResult
+from tasks import parquet_io
+from tasks.fingerprints import digest
+
+__all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
+           "request_fingerprints"]
+
+_SCOPE: contextvars.ContextVar[BatchScope | None] = contextvars.ContextVar(
+    "nightshift_batch_scope", default=None
+)
+
+
+def answers_dir(out_path: str) -> str:
+    """``…/steps/NN-ops/file-start-key.parquet`` -> ``…/answers/NN-ops/file-start-key``."""
+    head, sep, tail = out_path.rpartition("/steps/")
+    if not sep:
+        raise ValueError(f"not a step output path: {out_path}")
+    return f"{head}/answers/{tail.removesuffix('.parquet')}"
+
+
+def request_fingerprints(requests: Sequence[GenerationRequest], identity: Any) -> list[str]:
+    """One key per request: its content, sampling, the serving identity, and its
+    occurrence number among identical requests (so duplicates stay distinct samples)."""
+    seen: Counter[str] = Counter()
+    keys = []
+    for request in requests:
+        content = digest(identity, request.model_dump(mode="json"))
+        keys.append(digest(content, seen[content]))
+        seen[content] += 1
+    return keys
+
+
+class AnswerLog:
+    """The persisted answers of one (stage, batch); see the module docstring."""
+
+    def __init__(self, store: StepStore, directory: str, flush_rows: int = 64,
+                 flush_s: float = 2.0) -> None:
+        self.store = store
+        self.directory = directory
+        self.flush_rows = flush_rows
+        self.flush_s = flush_s
+        self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.written = 0
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._buffer: list[bytes] = []
+        self._last_flush = time.monotonic()
+        self._seq = 0
+        self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    # -- reading --------------------------------------------------------------------------
+    def load(self) -> dict[str, GenerationResult]:
+        """Every answer persisted so far (by any earlier writer), by fingerprint."""
+        fs = self.store.fs
+        try:
+            files = sorted(fs.glob(f"{self.directory}/*.jsonl"))
+        except FileNotFoundError:
+            return {}
+        answers: dict[str, GenerationResult] = {}
+        for path in files:
+            try:
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                continue
+            for line in data.splitlines():
+                try:
+                    entry = json.loads(line)
+                    fp = entry.pop("fp")
+                    answers[fp] = GenerationResult(**entry)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a crash
+        return answers
+
+    # -- writing --------------------------------------------------------------------------
+    def add(self, fingerprint: str, result: GenerationResult) -> None:
+        """Persist one answer (errors are not cached). Thread-safe."""
+        if not result.ok:
+            return
+        line = json.dumps({"fp": fingerprint, "text": result.text,
+                           "finish_reason": result.finish_reason,
+                           "prompt_tokens": result.prompt_tokens,
+                           "completion_tokens": result.completion_tokens},
+                          separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            self.written += 1
+            if self.store.is_local:
+                self._append_local(line)
+                return
+            self._buffer.append(line)
+            if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_s:
+                self._flush_remote()
+
+    def _append_local(self, line: bytes) -> None:
+        if self._fd is None:
+            os.makedirs(self.directory, exist_ok=True)
+            self._fd = os.open(f"{self.directory}/{self.writer}.jsonl",
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self._fd, line)
+
+    def _flush_remote(self) -> None:
+        if not self._buffer:
+            return
+        data, self._buffer = b"".join(self._buffer), []
+        self._seq += 1
+        path = f"{self.directory}/{self.writer}-{self._seq:06d}.jsonl"
+        if self._uploads is None:
+            self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="answers")
+        self._pending.append(self._uploads.submit(parquet_io.write_bytes_atomic, self.store.fs, path, data))
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush what is buffered and wait for uploads. Idempotent."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._flush_remote()
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+            self._uploads = None
+
+    def discard(self) -> None:
+        """Delete the batch's answers (its output is written: they are no longer needed)."""
+        self.close()
+        try:
+            self.store.fs.rm(self.directory, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+class BatchScope:
+    """What one step task run shares with its operators: the answer log of its output
+    key and the serving usage of this computation."""
+
+    def __init__(self, store: StepStore, out_path: str) -> None:
+        self.store = store
+        self.out_path = out_path
+        self.usage = Usage()
+        self.cost_usd = 0.0
+        self._log: AnswerLog | None = None
+
+    def answer_log(self) -> AnswerLog:
+        if self._log is None:
+            self._log = AnswerLog(self.store, answers_dir(self.out_path))
+        return self._log
+
+    def record(self, usage: Usage, price: TokenPrice | None) -> None:
+        """Add one LLM call's usage (and its cost at ``price``) to the batch's."""
+        self.usage.merge(usage)
+        self.cost_usd += usage.cost_usd(price)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Requests, retries, tokens paid, cached rows and cost; empty without LLM calls."""
+        if not (self.usage.requests or self.usage.cached or self.usage.failed):
+            return {}
+        out = self.usage.as_dict()
+        out["cost_usd"] = round(self.cost_usd, 6)
+        return out
+
+    def completed(self) -> None:
+        """The batch's output is written: drop its answer log."""
+        if self._log is not None:  # only LLM operators open it
+            self._log.discard()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+@contextmanager
+def batch_scope(store: StepStore, out_path: str) -> Iterator[BatchScope]:
+    """Make a :class:`BatchScope` current for the operators of one step task run."""
+    scope = BatchScope(store, out_path)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+        scope.close()
+
+
+def current_scope() -> BatchScope | None:
+    """The running step task's scope (None outside a step task, e.g. in dry runs)."""
+    return _SCOPE.get()
