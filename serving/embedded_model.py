@@ -7,8 +7,9 @@ and reused afterwards (~2 s to load instead of ~17 s to convert).
 Cache location: ``$NIGHTSHIFT_MODEL_CACHE`` if set, else ``~/.cache/nightshift/models``.
 The folder is named after the package version and GGUF file, e.g.
 ``smollm2-0.1.2-SmolLM2-135M-Instruct.Q4_1``. Conversion writes into a temporary
-sibling folder and renames it into place, under a file lock, so concurrent processes
-never see a half-written model and never convert twice.
+sibling folder and renames it into place, under an exclusive ``flock`` on
+``<folder>.lock`` (stdlib ``fcntl``: the kernel releases it when its holder dies, even by
+SIGKILL), so concurrent processes never see a half-written model and never convert twice.
 
 Example::
 
@@ -20,11 +21,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -93,9 +97,7 @@ def embedded_model_path() -> Path:
         return target
 
     cache.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock  # a transformers dependency, needed to convert anyway
-
-    with FileLock(str(target) + ".lock"):
+    with _exclusive(Path(str(target) + ".lock")):
         if _is_complete(target):  # another process converted while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
@@ -120,6 +122,18 @@ def resolve_model(model: str) -> str:
 
 
 _COMPLETE_MARKER = ".nightshift-complete"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` across processes and threads (each call
+    opens its own file description, so threads of one process exclude each other too)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_complete(folder: Path) -> bool:
