@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -141,8 +142,10 @@ class OpenAIBackend:
             )
         self._closed = False
         self._loop = asyncio.new_event_loop()
+        # the loop sees the creator's context (Prefect settings, e.g. the API URL)
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"nightshift-http-{model}", daemon=True
+            target=contextvars.copy_context().run, args=(self._loop.run_forever,),
+            name=f"nightshift-http-{model}", daemon=True,
         )
         self._thread.start()
         try:
