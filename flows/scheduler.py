@@ -43,9 +43,25 @@ class StageStats:
     seconds: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: HTTP serving, batches computed in this run: attempts sent, retries, rows answered
+    #: from the answer cache (paid by an earlier run), estimated cost; and per batch.
+    requests: int = 0
+    retries: int = 0
+    cached_answers: int = 0
+    cost_usd: float = 0.0
+    batch_usage: list[dict[str, Any]] = field(default_factory=list)
 
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def add_usage(self, batch: int, ref: BatchRef) -> None:
+        if not ref.usage:
+            return
+        self.requests += int(ref.usage.get("requests", 0))
+        self.retries += int(ref.usage.get("retries", 0))
+        self.cached_answers += int(ref.usage.get("cached", 0))
+        self.cost_usd += float(ref.usage.get("cost_usd", 0.0))
+        self.batch_usage.append({"batch": batch, "rows": ref.rows, **ref.usage})
 
 
 @dataclass
@@ -201,6 +217,7 @@ class Execution:
             stats.seconds += ref.seconds
             stats.prompt_tokens += ref.tokens.get("prompt", 0)
             stats.completion_tokens += ref.tokens.get("completion", 0)
+            stats.add_usage(batch, ref)
         upstream = self.refs[stage - 1][batch] if stage else None
         stats.rows_in += upstream.rows if upstream else self.plan.batches[batch].rows
         stats.rows_out += ref.rows
