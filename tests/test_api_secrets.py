@@ -1,0 +1,82 @@
+"""API keys from a serving block (SecretStr), a Prefect Secret block or the environment:
+sent to the server, never in logs, artifacts, run parameters or the step store."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
+from blocks.serving_config import ServingConfig
+from conftest import make_rows, write_jsonl
+from flows.pipeline import Pipeline
+from tasks.errors import NightshiftError
+from tasks.operators import Generate
+
+pytest_plugins = ["api_fixtures"]
+
+
+def test_api_keys_are_used_and_never_shown(tmp_path: Path, fault_proxy, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.DEBUG)  # every log record of this process, httpx's included
+    key = f"sk-nightshift-{uuid.uuid4().hex}"
+    fault_proxy.configure(require_key=key)
+    http = {"backend": "openai_compatible", "base_url": fault_proxy.base_url, "model": "smollm2",
+            "max_concurrency": 4}
+    tag = uuid.uuid4().hex[:8]
+    ServingConfig(**http, api_key=key).save(f"api-{tag}", overwrite=True)
+    Secret(value=key).save(f"key-{tag}", overwrite=True)
+    monkeypatch.setenv("NIGHTSHIFT_TEST_KEY", key)
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(12, "s"))
+    steps = [Generate(prompt="{{ text }} is", output=f"from_{name}", serving=name, chat=False,
+                      max_tokens=3) for name in ("block", "secret", "env")]
+    pipe = Pipeline("api-secrets", source=str(tmp_path / "data" / "*.jsonl"), steps=steps,
+                    store=f"file://{tmp_path}/store", batch_size=6,
+                    serving={"block": {"block": f"api-{tag}"},
+                             "secret": {**http, "api_key_secret": f"key-{tag}"},
+                             "env": {**http, "api_key_env": "NIGHTSHIFT_TEST_KEY"}})
+    summary = pipe.run()
+    out = pipe.read()
+    for name in ("block", "secret", "env"):
+        assert out[f"from_{name}_error"].null_count() == 12 and out[f"from_{name}"].null_count() == 0
+    assert fault_proxy.stats()["unauthorized"] == 0
+
+    flow_run_id = summary["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    shown = [repr(flow_run.parameters), *(repr(t.task_inputs) + repr(t.name) for t in task_runs),
+             *(log.message for log in logs), *(repr(a.data) + repr(a.description) for a in found)]
+    shown += [record.getMessage() for record in caplog.records]
+    assert len(task_runs) == 6 and found and len(caplog.records) > 100
+    assert not [text for text in shown if key in text]
+    stored = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in stored)
+    assert not [p for p in stored if key.encode() in p.read_bytes()]
+
+
+def test_a_missing_key_source_is_one_clear_line(tmp_path: Path, fault_proxy) -> None:
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(3, "m"))
+    pipe = Pipeline("api-nokey", source=str(tmp_path / "data" / "*.jsonl"),
+                    steps=[Generate(prompt="{{ text }}", output="a", max_tokens=2)],
+                    store=f"file://{tmp_path}/store", batch_size=3,
+                    serving={"default": {"backend": "openai_compatible", "base_url": fault_proxy.base_url,
+                                         "model": "smollm2", "api_key_env": "NIGHTSHIFT_NO_SUCH_VAR"}})
+    with pytest.raises(NightshiftError, match=r"api_key_env NIGHTSHIFT_NO_SUCH_VAR: the environment "
+                       r"variable is not set"):
+        pipe.run()
+    assert fault_proxy.stats()["received"] == 0
