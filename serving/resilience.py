@@ -3,7 +3,8 @@
 * :class:`RestartingBackend` builds its backend with a factory and, when a call raises
   (engine crashed, ran out of memory, its process died), closes it, builds a new one and
   replays the same requests, up to ``max_restarts`` times per call. Per-row errors are
-  results, not exceptions, and are never retried here.
+  results, not exceptions, and are never retried here. Calls in flight together when
+  the engine dies share one rebuild, and each replays its own requests.
 * :class:`ProcessReplica` runs a backend in its own process bound to one device
   (``CUDA_VISIBLE_DEVICES``), talking over a pipe; a dead process raises in the parent,
   which a ``RestartingBackend`` turns into a restart.
@@ -35,12 +36,19 @@ class RestartingBackend:
         self.restarts = 0
         self._lock = threading.Lock()
         self._backend: Backend | None = factory()
+        #: Overlapping calls the wrapped backend accepts (see AutoBatcher).
+        self.max_concurrent_calls: int = int(getattr(self._backend, "max_concurrent_calls", 1) or 1)
 
     def _current(self) -> Backend:
         with self._lock:
             if self._backend is None:
                 self._backend = self._factory()
             return self._backend
+
+    @property
+    def backend(self) -> Backend:
+        """The backend serving now (built if the last one was dropped)."""
+        return self._current()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         attempt = 0
@@ -52,19 +60,23 @@ class RestartingBackend:
                 if attempt >= self.max_restarts:
                     raise
                 attempt += 1
-                self.restarts += 1
-                logger.warning(
-                    "serving %s: engine call failed (%s: %s); restarting it and replaying "
-                    "%d request(s), attempt %d/%d",
-                    self.name, type(exc).__name__, exc, len(requests), attempt, self.max_restarts,
-                )
                 with self._lock:
-                    if self._backend is backend:
+                    dropped = self._backend is backend  # first of the calls that saw it die
+                    if dropped:
                         self._backend = None
-                try:
-                    backend.close()
-                except Exception:  # a dead engine may not close cleanly
-                    pass
+                        self.restarts += 1
+                logger.warning(
+                    "serving %s: engine call failed (%s: %s); %s and replaying "
+                    "%d request(s), attempt %d/%d",
+                    self.name, type(exc).__name__, exc,
+                    "restarting it" if dropped else "already restarted",
+                    len(requests), attempt, self.max_restarts,
+                )
+                if dropped:
+                    try:
+                        backend.close()
+                    except Exception:  # a dead engine may not close cleanly
+                        pass
 
     def identity(self) -> dict[str, Any]:
         return self._current().identity()

@@ -14,10 +14,22 @@ the runner exits, also when the flow fails::
     def my_flow(): ...
 
 ``run_pipeline`` builds one from the spec's ``serving:`` section when it has LLM steps.
+
+To keep engines up *across* flow runs of one process (a notebook, a benchmark, a test
+session), enter :func:`shared_serving`: every ``VLLMTaskRunner`` entered inside it whose
+serving configs equal the shared ones uses the shared engines instead of starting its
+own, and leaves them running at its exit::
+
+    with shared_serving({"default": {"model": "smollm2", "max_model_len": 1024}}):
+        pipe_a.run()      # starts the engine on first use
+        pipe_b.run()      # same configs: same engine, no second load
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -45,6 +57,7 @@ class VLLMTaskRunner(ThreadPoolTaskRunner):
             for name, cfg in serving.items()
         }
         self.pool: ServingPool | None = None
+        self._owns_pool = True
         self._token: Any = None
 
     def duplicate(self) -> Self:
@@ -52,7 +65,9 @@ class VLLMTaskRunner(ThreadPoolTaskRunner):
 
     def __enter__(self) -> Self:
         super().__enter__()
-        self.pool = ServingPool(self.serving)
+        shared = shared_pool_for(self.serving)
+        self._owns_pool = shared is None
+        self.pool = shared if shared is not None else ServingPool(self.serving)
         self._token = self.pool.activate()
         return self
 
@@ -61,5 +76,55 @@ class VLLMTaskRunner(ThreadPoolTaskRunner):
             super().__exit__(exc_type, exc_value, traceback)
         finally:
             if self.pool is not None:
-                self.pool.close()
+                if self._owns_pool:
+                    self.pool.close()
                 self.pool.deactivate(self._token)
+
+
+ServingSpec = dict[str, ServingConfig | dict[str, Any]]
+
+_SHARED: list[ServingPool] = []
+_SHARED_LOCK = threading.Lock()
+
+
+def _plain(config: ServingConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude={"block_type_slug"})
+
+
+def _as_configs(serving: ServingSpec) -> dict[str, ServingConfig]:
+    return {
+        name: cfg if isinstance(cfg, ServingConfig) else ServingConfig(**cfg)
+        for name, cfg in serving.items()
+    }
+
+
+@contextlib.contextmanager
+def shared_serving(serving: ServingSpec | ServingPool) -> Iterator[ServingPool]:
+    """Engines that outlive flow runs: see the module docstring.
+
+    ``serving`` is serving configs by name (the pool is created here and closed at the
+    end of the ``with`` block) or an existing :class:`ServingPool` (left open).
+    """
+    owned = not isinstance(serving, ServingPool)
+    pool = ServingPool(_as_configs(serving)) if owned else serving  # type: ignore[arg-type]
+    with _SHARED_LOCK:
+        _SHARED.append(pool)
+    try:
+        yield pool
+    finally:
+        with _SHARED_LOCK:
+            _SHARED.remove(pool)
+        if owned:
+            pool.close()
+
+
+def shared_pool_for(serving: dict[str, ServingConfig]) -> ServingPool | None:
+    """The innermost shared pool that has every one of these configs, unchanged."""
+    with _SHARED_LOCK:
+        for pool in reversed(_SHARED):
+            if all(
+                name in pool.configs and _plain(pool.configs[name]) == _plain(cfg)
+                for name, cfg in serving.items()
+            ):
+                return pool
+    return None

