@@ -105,6 +105,18 @@ def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     )
 
 
+@app.command()
+def preview(
+    spec: SpecArg,
+    rows: Annotated[int, typer.Option("--rows", help="rows to run through the pipeline")] = 3,
+    allow_imports: AllowImports = False,
+) -> None:
+    """Run the pipeline on a few rows, streaming LLM replies; the store is not touched."""
+    from flows.preview import preview as run_preview
+
+    run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,0 +1,256 @@
+"""``nightshift preview SPEC --rows 3``: a pipeline on a few rows, tokens streamed live.
+
+Preview runs the spec's operators in this process on the first rows of the source, with
+no Prefect flow run and **without touching the step store**: no staging of JSONL/CSV
+inputs, no probe write, no batch outputs, no manifests (the store is not even resolved).
+It is for trying a prompt before a night's run.
+
+* Rows: the first ``rows`` source rows that reach the first LLM step (rows dropped by an
+  earlier ``filter``/``dedup`` are replaced by the next ones, reading at most
+  ``max_scan`` source rows); then every step runs on those rows. A barrier (``dedup``)
+  sees only the rows read.
+* LLM steps run on one engine per serving config, started for the preview (or the
+  engines of an enclosing :func:`serving.task_runner.shared_serving`). Each row's reply
+  streams to the terminal token by token as the engine produces it, one row after the
+  other, after a dimmed line showing the row's prompt. A backend that cannot stream
+  prints each reply whole.
+* ``devices`` is ignored (one local engine); other engine options apply as in a run.
+* At the end, the rows are printed, one ``column: value`` line each (long texts cut).
+
+Greedy replies in a preview equal those of a run: the vLLM backend's outputs do not
+depend on how requests are batched (asserted in the test suite).
+
+Example::
+
+    from flows.preview import preview
+
+    df = preview("examples/nightly.yaml", rows=3)     # prints as it goes, returns the rows
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from rich.console import Console
+
+from blocks.serving_config import ServingConfig
+from flows.plan import _dry_run
+from flows.spec import PipelineSpec, load_spec, resolve_serving
+from serving.interface import GenerationRequest, GenerationResult
+from serving.pool import ServingPool, build_http_backend, build_local_backend
+from serving.streaming import stream
+from serving.task_runner import shared_pool_for
+from tasks import parquet_io
+from tasks.errors import NightshiftError, SpecError
+from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from tasks.sources import SourceFile, discover, filesystem, load_text_file
+
+__all__ = ["preview", "read_head"]
+
+Writer = Callable[[str], None]
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def preview(
+    spec: str | Path | dict[str, Any] | PipelineSpec,
+    rows: int = 3,
+    *,
+    allow_imports: bool = False,
+    write: Writer = _stdout,
+    console: Console | None = None,
+    max_scan: int = 10_000,
+) -> pl.DataFrame:
+    """Run ``spec`` on its first ``rows`` rows, streaming LLM replies through ``write``.
+
+    Returns the rows after the last step. Raises a one-line
+    :class:`~tasks.errors.NightshiftError` for a bad spec, source or column.
+    """
+    if rows < 1:
+        raise SpecError(f"--rows {rows}: preview needs at least 1 row")
+    parsed = load_spec(spec)
+    operators = parsed.operators(allow_imports)
+    if isinstance(operators[0], BarrierOperator):
+        raise SpecError(f"steps[0] ({operators[0].name}): a barrier step cannot be the first step")
+    serving = resolve_serving(parsed, operators)
+    files = discover(parsed.source)
+    console = console or Console(soft_wrap=True)
+
+    first_llm = next(
+        (i for i, op in enumerate(operators) if getattr(op, "uses_serving", False)), len(operators)
+    )
+    head, scanned = _rows_reaching(parsed, files, operators, first_llm, rows, max_scan)
+    write(
+        f"preview of {parsed.name}: {head.height} row(s) from the first {scanned} source row(s); "
+        "nothing is written to the store\n"
+    )
+    pool = _StreamingPool(serving, write)
+    token = pool.activate()
+    df = head
+    try:
+        for i, op in enumerate(operators[first_llm:], start=first_llm):
+            if getattr(op, "uses_serving", False):
+                pool.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
+            try:
+                df = _apply(op, df)
+            except NightshiftError as exc:
+                raise NightshiftError(f"steps[{i}] ({op.name}): {exc}") from None
+    finally:
+        pool.deactivate(token)
+        pool.close()
+    _print_rows(console, df.drop(ROW_ID))
+    return df
+
+
+def read_head(
+    spec: PipelineSpec, files: Sequence[SourceFile], n: int
+) -> pl.DataFrame:
+    """The first ``n`` source rows (in batch order), with their ``_row_id``; reads
+    sources directly, never the store."""
+    frames: list[pl.DataFrame] = []
+    left = n
+    for file in files:
+        if left <= 0:
+            break
+        if file.format == "parquet":
+            fs, path = filesystem(file.uri, spec.source.storage_options)
+            df = parquet_io.read_slice(fs, path, 0, left)
+        else:
+            df = load_text_file(file, spec.source.storage_options).head(left)
+        base = file.row_key << 32
+        ids = pl.int_range(base, base + df.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
+        frames.append(df.select(pl.lit(ids), pl.all().exclude(ROW_ID)))
+        left -= df.height
+    if not frames:
+        return pl.DataFrame(schema={ROW_ID: pl.UInt64})
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _rows_reaching(
+    spec: PipelineSpec,
+    files: Sequence[SourceFile],
+    operators: list[Operator],
+    first_llm: int,
+    rows: int,
+    max_scan: int,
+) -> tuple[pl.DataFrame, int]:
+    """Source rows through the steps before the first LLM step until ``rows`` survive
+    (reading more if needed); every step is dry-run on the source schema first."""
+    want = rows
+    checked = False
+    while True:
+        source = read_head(spec, files, want)
+        if not checked:
+            _dry_run(operators, {"source": source.drop(ROW_ID).clear().schema})
+            checked = True
+        df = source
+        for i, op in enumerate(operators[:first_llm]):
+            try:
+                df = _apply(op, df)
+            except NightshiftError as exc:
+                raise NightshiftError(f"steps[{i}] ({op.name}): {exc}") from None
+        exhausted = source.height < want
+        if df.height >= rows or exhausted or want >= max_scan:
+            return df.head(rows), source.height
+        want = min(max_scan, want * 4)
+
+
+def _apply(op: Operator, df: pl.DataFrame) -> pl.DataFrame:
+    state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
+    return apply_operator(op, df, state)
+
+
+class _StreamingPool(ServingPool):
+    """A serving pool whose ``submit`` streams each reply to ``write``, row after row."""
+
+    def __init__(self, configs: dict[str, ServingConfig], write: Writer) -> None:
+        super().__init__(configs)
+        self.write = write
+        self.label = ""
+        self._backends: dict[str, Any] = {}
+        self._owned: list[Any] = []
+
+    def _backend(self, name: str) -> Any:
+        if name not in self._backends:
+            config = self.configs[name]
+            shared = shared_pool_for({name: config})
+            if shared is not None:  # an engine kept up by the caller (tests, notebooks)
+                served = shared.served(name)
+                backends = getattr(served, "backends", None)
+                self._backends[name] = backends[0] if backends else served.backend
+            else:
+                self.write(f"starting {config.backend} backend for serving {name!r} ({config.model})...\n")
+                if getattr(config, "is_http", False):
+                    backend = build_http_backend(config)
+                else:
+                    plain = config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+                    backend = build_local_backend(plain)
+                self._owned.append(backend)
+                self._backends[name] = backend
+            self.starts[name] += 1
+        return self._backends[name]
+
+    def submit(
+        self,
+        name: str,
+        requests: Sequence[GenerationRequest],
+        on_result: Callable[[int, GenerationResult], None] | None = None,
+        usage: Any = None,
+    ) -> list[GenerationResult]:
+        if not requests:
+            return []
+        backend = self._backend(name)
+        results: list[GenerationResult] = []
+        for number, request in enumerate(requests, start=1):
+            prompt = " ".join(request.last_text().split())
+            self.write(f"\n[{self.label}] row {number}/{len(requests)}\n")
+            self.write(f"\x1b[2m> {prompt[:200]}\x1b[0m\n" if _color() else f"> {prompt[:200]}\n")
+            result: GenerationResult | None = None
+            for event in stream(backend, [request]):
+                if event.result is not None:
+                    result = event.result
+                elif event.delta:
+                    self.write(event.delta)
+            assert result is not None
+            if result.error is not None:
+                self.write(f"error: {result.error}\n")
+            else:
+                self.write(f"\n  ({result.completion_tokens} tokens, {result.finish_reason})\n")
+            if usage is not None:
+                usage.requests += 1
+                if result.ok:
+                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
+                else:
+                    usage.failed += 1
+            if on_result is not None:
+                on_result(number - 1, result)
+            results.append(result)
+        return results
+
+    def close(self) -> None:
+        super().close()
+        for backend in self._owned:
+            backend.close()
+        self._owned.clear()
+
+
+def _color() -> bool:
+    return sys.stdout.isatty()
+
+
+def _print_rows(console: Console, df: pl.DataFrame, width: int = 160) -> None:
+    """Each row as ``column: value`` lines (long values cut), one block per row."""
+    console.print(f"\n{df.height} row(s) after the last step:", markup=False, highlight=False)
+    for number, row in enumerate(df.iter_rows(named=True), start=1):
+        console.print(f"-- row {number}", markup=False, highlight=False)
+        for column, value in row.items():
+            text = "" if value is None else " ".join(str(value).split())
+            text = text if len(text) <= width else text[: width - 1] + "…"
+            console.print(f"  {column}: {text}", markup=False, highlight=False)
