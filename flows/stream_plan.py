@@ -1,0 +1,184 @@
+"""Planning a stream: everything checked before any message is fetched.
+
+For each stream of a stream spec: the operators (a barrier such as ``dedup`` needs the
+whole data set and a stream has no end, so it is refused), the stages (fused like a batch
+pipeline), a dry run of every operator on an empty frame of the decoded schema (missing
+columns, wrong types, bad expressions fail here, naming the step), the output schema the
+sinks receive, the sinks' own checks, and the serving configs of LLM steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from blocks.serving_config import ServingConfig
+from blocks.step_store import StepStore
+from flows.plan import Stage, build_stages
+from flows.spec import resolve_serving
+from flows.stream_spec import (
+    NatsSinkSpec,
+    PostgresSinkSpec,
+    SinkSpec,
+    StoreSinkSpec,
+    StreamPipelineSpec,
+    StreamSpec,
+)
+from tasks.errors import NightshiftError, SpecError, StoreError, one_line
+from tasks.fingerprints import digest
+from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from tasks.streams.decode import Decoder
+from tasks.streams.windows import WindowPolicy
+
+
+@dataclass
+class StreamPlan:
+    """One stream's pipeline, validated."""
+
+    index: int
+    spec: StreamPipelineSpec
+    store: StepStore
+    decoder: Decoder
+    operators: list[Operator]
+    stages: list[Stage]
+    output_schema: pl.Schema
+    sinks: list[SinkSpec]
+    serving: dict[str, ServingConfig] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"streams[{self.index}]"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def policy(self) -> WindowPolicy:
+        return WindowPolicy(self.spec.window.count, self.spec.window.seconds)
+
+    @property
+    def max_held(self) -> int:
+        """Messages held at most: the open window plus the windows in flight."""
+        return self.policy.max_count * (self.spec.max_windows_in_flight + 1)
+
+    @property
+    def max_ack_pending(self) -> int:
+        return self.spec.source.max_ack_pending or self.policy.max_count * (
+            self.spec.max_windows_in_flight + 2)
+
+    def step_path(self, stage: int, window_id: str, key: str) -> str:
+        dirname = self.stages[stage].dirname
+        return self.store.path(self.name, "steps", dirname, f"w-{window_id}-{key[:16]}.parquet")
+
+    def input_identity(self, stream_created: str) -> str:
+        """What a window's rows depend on besides its sequences: the JetStream stream
+        (a re-created stream restarts its sequences) and the decode config."""
+        source = self.spec.source
+        return digest("nightshift-stream", source.stream, stream_created, source.subject,
+                      self.spec.decode.model_dump(mode="json", by_alias=True))
+
+
+def build_stream_plans(spec: StreamSpec, allow_imports: bool = False) -> list[StreamPlan]:
+    """Every stream's plan; a problem raises one line naming ``streams[i].key``."""
+    store = resolve_store(spec)
+    store.check_writable()
+    return [_plan(spec, i, s, store, allow_imports) for i, s in enumerate(spec.streams)]
+
+
+def build_stream_plan(spec: StreamSpec, index: int, allow_imports: bool = False) -> StreamPlan:
+    """The plan of ``streams[index]`` alone."""
+    return _plan(spec, index, spec.streams[index], resolve_store(spec), allow_imports)
+
+
+# Stream flows are async: Prefect's block calls there return coroutines unless told
+# ``_sync=True``, so blocks named by a stream spec are loaded here that way.
+def resolve_store(spec: StreamSpec) -> StepStore:
+    if spec.store.block is None:
+        return spec.store.resolve()
+    try:
+        return StepStore.load(spec.store.block, _sync=True)
+    except ValueError as exc:
+        raise StoreError(f"store.block {spec.store.block!r}: no such Nightshift Step Store "
+                         f"block ({one_line(exc)})") from None
+
+
+@dataclass
+class _Serving:
+    serving: dict[str, dict[str, Any]]
+
+
+def resolve_serving_blocks(spec: StreamSpec) -> _Serving:
+    """``spec.serving`` with ``{block: NAME}`` entries replaced by the saved config."""
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, entry in spec.serving.items():
+        if "block" in entry:
+            try:
+                config = ServingConfig.load(entry["block"], _sync=True)
+            except ValueError as exc:
+                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
+            entry = config.model_dump(mode="json", exclude={"block_type_slug"})
+        resolved[name] = entry
+    return _Serving(resolved)
+
+
+def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepStore,
+          allow_imports: bool) -> StreamPlan:
+    label = f"streams[{index}]"
+    try:
+        decoder = Decoder(stream.decode)
+        operators = stream.operators(allow_imports)
+        for i, op in enumerate(operators):
+            if isinstance(op, BarrierOperator):
+                raise SpecError(
+                    f"steps[{i}] ({op.name}): a barrier step needs the whole data set and a "
+                    "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
+                )
+        serving = resolve_serving(resolve_serving_blocks(spec), operators)  # type: ignore[arg-type]
+        output = _dry_run(operators, decoder.schema)
+        sinks = stream.sink_specs()
+        _check_sinks(sinks, stream, output)
+    except NightshiftError as exc:
+        raise type(exc)(f"{label}.{exc}") from None
+    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    stages = build_stages(operators, stream.fuse, context)
+    return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)
+
+
+def _dry_run(operators: list[Operator], schema: pl.Schema) -> pl.Schema:
+    """Run every operator on an empty frame of the decoded schema; the output schema."""
+    df = pl.DataFrame(schema=schema)
+    for i, op in enumerate(operators):
+        where = f"steps[{i}] ({op.name or op.import_path()})"
+        missing = [c for c in op.reads() if c not in df.columns]
+        if missing:
+            raise SpecError(f"{where}: missing column {', '.join(missing)} "
+                            f"(columns: {', '.join(c for c in df.columns if c != ROW_ID)})")
+        try:
+            df = apply_operator(op, df)
+        except NightshiftError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        except Exception as exc:  # polars type/column errors
+            raise SpecError(f"{where}: {one_line(exc)}") from None
+    return df.schema
+
+
+def _check_sinks(sinks: list[SinkSpec], stream: StreamPipelineSpec, output: pl.Schema) -> None:
+    nullable = {c for c in stream.decode.columns if c not in stream.decode.required}
+    for i, sink in enumerate(sinks):
+        kind = {StoreSinkSpec: "store", NatsSinkSpec: "nats", PostgresSinkSpec: "postgres"}[type(sink)]
+        columns = getattr(sink, "columns", None) or []
+        keys = getattr(sink, "key", [])
+        missing = [c for c in [*columns, *keys] if c not in output]
+        if missing:
+            raise SpecError(f"sinks[{i}].{kind}: column {', '.join(missing)} is not in the output "
+                            f"(columns: {', '.join(output.names())})")
+        loose = [k for k in keys if k in nullable]
+        if loose:
+            raise SpecError(f"sinks[{i}].{kind}.key: column {', '.join(loose)} may be null; "
+                            "add it to decode.required")
+        if isinstance(sink, NatsSinkSpec) and sink.subject == stream.source.subject:
+            raise SpecError(f"sinks[{i}].nats.subject: {sink.subject!r} is the source subject "
+                            "(the stream would read its own output)")

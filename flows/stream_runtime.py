@@ -1,0 +1,487 @@
+"""The loop of one stream pipeline: pull, decode, window, process, sink, ack.
+
+Runs in the flow's event loop. It pulls messages only while the held messages (open
+window + closed windows + windows in flight) stay under ``count × (max_windows_in_flight
++ 1)`` — that is the whole buffer; when the steps are slower than the stream, pulling
+stops and the messages wait in JetStream (backpressure). Windows are processed in worker
+threads (:mod:`flows.stream_window`); when one is committed its messages are acked.
+
+Stop (SIGINT/SIGTERM, or ``until_idle_s`` of quiet): pulling stops, the open window is
+closed and finished with the windows in flight, within ``stop_timeout_s``; past that, or
+on a second signal, the rest is abandoned and its messages are nak'ed, so the next start
+gets them at once. Nothing unacked is ever lost: JetStream keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from prefect.artifacts import acreate_table_artifact
+from prefect.logging import get_run_logger
+
+from blocks.step_store import StepStore
+from flows.reporting import artifact_key
+from flows.stream_plan import StreamPlan
+from flows.stream_spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
+from flows.stream_window import Abandoned, WindowProcessor, WindowResult
+from flows.task_runners import make_task_runner
+from tasks.errors import SpecError, one_line
+from tasks.fingerprints import digest
+from tasks.operators import ROW_ID
+from tasks.streams import source as nats_source
+from tasks.streams.journal import Journal, JournalEntry, JournalIndex
+from tasks.streams.metrics import StreamMetrics, WindowMetrics, percentile
+from tasks.streams.seqs import window_id
+from tasks.streams.sinks import Sink
+from tasks.streams.sinks.nats_sink import NatsSink
+from tasks.streams.sinks.postgres_sink import PostgresSink
+from tasks.streams.sinks.store_sink import StoreSink
+from tasks.streams.windows import Window
+
+POLL_S = 0.25  # longest a pull request waits for messages
+
+
+class StopControl:
+    """Stop requests shared by every stream of a process: first graceful, then abandon."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.abandon = threading.Event()
+        self.reason = ""
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop.is_set():
+            self.abandon.set()
+            self.reason = f"{self.reason}, then {reason}: abandoning open windows"
+        else:
+            self.reason = reason
+            self.stop.set()
+
+
+def make_sinks(plan: StreamPlan, loop: asyncio.AbstractEventLoop, nc: Any) -> list[Sink]:
+    sinks: list[Sink] = []
+    for i, spec in enumerate(plan.sinks):
+        if isinstance(spec, StoreSinkSpec):
+            sinks.append(StoreSink(f"{plan.label}.sinks[{i}].store", plan.store, plan.name, spec.path))
+        elif isinstance(spec, NatsSinkSpec):
+            sinks.append(NatsSink(f"{plan.label}.sinks[{i}].nats", plan.name, spec.subject,
+                                  spec.jetstream, spec.columns, loop, nc))
+        elif isinstance(spec, PostgresSinkSpec):
+            sinks.append(_postgres_sink(plan, i, spec))
+    return sinks
+
+
+def _postgres_sink(plan: StreamPlan, i: int, spec: PostgresSinkSpec) -> PostgresSink:
+    from blocks.postgres import PostgresConnection
+
+    label = f"{plan.label}.sinks[{i}].postgres"
+    if spec.connection.block is not None:
+        try:
+            block = PostgresConnection.load(spec.connection.block, _sync=True)
+        except ValueError as exc:
+            raise SpecError(f"{label}.connection.block {spec.connection.block!r}: no such "
+                            f"Nightshift PostgreSQL Connection block ({one_line(exc)})") from None
+        kwargs, display = block.connect_kwargs(), block.display()
+    else:
+        kwargs = {"conninfo": spec.connection.url, "application_name": "nightshift-stream"}
+        display = spec.connection.url or ""
+    return PostgresSink(label, kwargs, display, spec.table, spec.mode, spec.key, spec.columns,
+                        spec.create_table, plan.output_schema)
+
+
+def save_result_storage(store: StepStore) -> None:
+    """Save a URL store as the block Prefect keeps step results in, as
+    ``StepStore.as_result_storage`` would; done here with ``_sync=True`` because this
+    flow is async (Prefect would otherwise hand back an unawaited coroutine)."""
+    if getattr(store, "_block_document_id", None) is None:
+        store.save(name="auto-" + digest(store.url, store.endpoint_url or "")[:16],
+                   overwrite=True, _sync=True)
+
+
+class StreamRuntime:
+    """One stream pipeline, from its consumer to its sinks, until stopped."""
+
+    def __init__(self, plan: StreamPlan, control: StopControl, artifact_every_s: float = 30.0,
+                 until_idle_s: float | None = None) -> None:
+        self.plan = plan
+        self.control = control
+        self.artifact_every_s = artifact_every_s
+        self.until_idle_s = until_idle_s
+        self.policy = plan.policy
+        self.metrics = StreamMetrics()
+        self.current: Window | None = None
+        self.closed: deque[Window] = deque()
+        self.inflight: dict[asyncio.Future[WindowResult], tuple[Window, JournalEntry]] = {}
+        self.replays: dict[str, Window] = {}
+        self.held: dict[int, Window] = {}
+        self.dead_since_window = 0
+        self.stopped_by = ""
+        self.idle = False
+        self.abandon = threading.Event()  # this stream only (a failure); the control's: all
+
+    def abandoned(self) -> bool:
+        return self.abandon.is_set() or self.control.abandon.is_set()
+
+    # -- setup and teardown ------------------------------------------------------------------
+    async def check(self) -> None:
+        """Connect to every server and check everything; process nothing."""
+        self.logger = get_run_logger()
+        nc = await nats_source.connect(self.plan.spec.source, self.plan.label, self.plan.name, self.logger)
+        sinks: list[Sink] = []
+        try:
+            js = nc.jetstream()
+            await nats_source.consumer(js, self.plan.spec.source, self.plan.label, self.plan.max_ack_pending)
+            await nats_source.DeadLetters(self.plan.spec.dead_letter, self.plan.label, self.plan.name,
+                                          self.plan.spec.source.stream, nc).check()
+            sinks = await asyncio.to_thread(make_sinks, self.plan, asyncio.get_running_loop(), nc)
+            for sink in sinks:
+                await asyncio.to_thread(sink.open)
+        finally:
+            for sink in sinks:
+                await asyncio.to_thread(sink.close)
+            await nc.close()
+
+    async def run(self) -> dict[str, Any]:
+        self.logger = get_run_logger()
+        spec = self.plan.spec
+        self.nc = await nats_source.connect(spec.source, self.plan.label, self.plan.name, self.logger)
+        self.sinks: list[Sink] = []
+        runner: Any = None
+        try:
+            js = self.nc.jetstream()
+            stream, consumer = await nats_source.consumer(js, spec.source, self.plan.label,
+                                                          self.plan.max_ack_pending)
+            self.identity = self.plan.input_identity(str(stream.created))
+            self.dead = nats_source.DeadLetters(spec.dead_letter, self.plan.label, self.plan.name,
+                                                spec.source.stream, self.nc)
+            await self.dead.check()
+            self.sinks = await asyncio.to_thread(make_sinks, self.plan, asyncio.get_running_loop(),
+                                                 self.nc)
+            for sink in self.sinks:
+                await asyncio.to_thread(sink.open)
+                if isinstance(sink, NatsSink) and sink.duplicate_window_s is not None:
+                    self.logger.info("%s: JetStream drops repeats within %.0f s: a crashed run must "
+                                     "restart within that for no duplicate on %s",
+                                     sink.label, sink.duplicate_window_s, sink.subject)
+            self.journal = Journal(self.plan.store, self.plan.name)
+            self.index = JournalIndex(await asyncio.to_thread(self.journal.load))
+            await self._collect(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
+            self.replay_deadline = time.monotonic() + 2 * spec.source.ack_wait_s + 5
+            for entry in self.index.entries.values():
+                if entry.state == "open":
+                    self.replays[entry.id] = Window(replay_of=entry)
+            self.psub = await js.pull_subscribe_bind(durable=spec.source.durable, stream=spec.source.stream)
+            await asyncio.to_thread(save_result_storage, self.plan.store)
+            runner = make_task_runner("thread", spec.workers, None, self.plan.serving)
+            runner.__enter__()
+            self.processor = WindowProcessor(self.plan, runner, self.journal, self.sinks,
+                                             self.abandoned)
+            self.logger.info(
+                "stream %s: %s stream %s%s, consumer %s; windows of %s%s%s; %d open window(s) "
+                "to replay; %d step stage(s); sinks: %s", self.plan.name, spec.source.server,
+                spec.source.stream, f" ({spec.source.subject})" if spec.source.subject else "",
+                spec.source.durable, f"{spec.window.count} messages" if spec.window.count else "",
+                " or " if spec.window.count and spec.window.seconds else "",
+                f"{spec.window.seconds} s" if spec.window.seconds else "", len(self.replays),
+                len(self.plan.stages), ", ".join(s.kind for s in self.sinks),
+            )
+            await self._loop()
+            await self._drain()
+        except BaseException:
+            await self._settle(abandon=True)
+            raise
+        finally:
+            if runner is not None:
+                await asyncio.to_thread(runner.__exit__, None, None, None)
+            for sink in self.sinks:
+                await asyncio.to_thread(sink.close)
+            await self._publish_metrics(final=True)
+            await self.nc.close()
+        return {"stream": self.plan.name, "stopped_by": self.stopped_by, **self.metrics.summary()}
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        spec = self.plan.spec
+        fetch: asyncio.Task[list[Any]] | None = None
+        stop = asyncio.ensure_future(self.control.stop.wait())
+        self.last_arrival = time.monotonic()
+        self.next_heartbeat = time.monotonic() + spec.source.ack_wait_s / 3
+        self.next_gc = time.monotonic() + max(10.0, spec.source.ack_wait_s)
+        self.next_artifact = time.monotonic() + self.artifact_every_s
+        self.next_idle_check = 0.0
+        try:
+            while not self.control.stop.is_set() and not self.idle:
+                self._dispatch()
+                room = self.plan.max_held - len(self.held)
+                if fetch is None and room > 0 and not self.closed:
+                    fetch = asyncio.ensure_future(self._fetch(min(room, spec.source.fetch_batch)))
+                waitables: set[asyncio.Future[Any]] = {stop, *self.inflight}
+                if fetch is not None:
+                    waitables.add(fetch)
+                timeout = max(0.005, min(self._next_deadline() - time.monotonic(), 1.0))
+                done, _ = await asyncio.wait(waitables, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if fetch is not None and fetch in done:
+                    messages, fetch = fetch.result(), None
+                    if messages:
+                        self.last_arrival = time.monotonic()
+                        await self._receive(messages)
+                await self._finish_done()
+                self._close_due(time.monotonic())
+                await self._housekeeping(time.monotonic())
+        finally:
+            stop.cancel()
+            if fetch is not None:  # let the last pull end: its messages join the open window
+                try:
+                    messages = await fetch
+                    if messages:
+                        await self._receive(messages)
+                except Exception:
+                    pass
+
+    async def _fetch(self, n: int) -> list[Any]:
+        import nats.errors
+        import nats.js.errors
+
+        try:
+            return await self.psub.fetch(n, timeout=POLL_S)
+        except (nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError, asyncio.TimeoutError):
+            return []
+
+    def _next_deadline(self) -> float:
+        now = time.monotonic()
+        candidates = [now + POLL_S * 4, self.next_heartbeat]
+        if self.current is not None:
+            deadline = self.policy.deadline(self.current)
+            if deadline is not None:
+                candidates.append(deadline)
+        if any(w.size for w in self.replays.values()):
+            candidates.append(self.replay_deadline)
+        return min(candidates)
+
+    async def _receive(self, messages: list[Any]) -> None:
+        """Route pulled messages: acked again, into a replay window, dead letter, or current."""
+        todo: list[tuple[Any, Any, JournalEntry | None]] = []
+        for message in messages:
+            seq = message.metadata.sequence.stream
+            if seq in self.held:  # redelivered while we hold it: ack with the newest handle
+                self.held[seq].messages[seq] = message
+                continue
+            entry = self.index.find(seq)
+            if entry is not None and entry.state == "committed":
+                await message.ack()  # its window is in every sink: an ack was lost
+                self.metrics.acked_again += 1
+                continue
+            todo.append((message, nats_source.raw(message), entry))
+        if not todo:
+            return
+        rows, bad = self.plan.decoder.decode([raw for _, raw, _ in todo])
+        by_seq = {row[ROW_ID]: row for row in rows}
+        reasons = {raw.seq: reason for raw, reason in bad}
+        dead: list[tuple[Any, Any, str]] = []
+        for message, raw, entry in todo:
+            row = by_seq.get(raw.seq)
+            if row is None:
+                dead.append((message, raw, reasons[raw.seq]))
+                continue
+            window = self._window_for(entry)
+            window.add(raw.seq, message, row, raw.published.timestamp(), message.metadata.num_pending)
+            self.held[raw.seq] = window
+            if window.replay_of is not None:
+                if window.complete():
+                    self._close(window, "replay")
+            elif window.size >= self.policy.max_count:
+                self._close(window, "count")
+        if dead:
+            await self.dead.send(dead)
+            self.metrics.dead_letters += len(dead)
+            self.dead_since_window += len(dead)
+            for _, raw, reason in dead:
+                self.logger.warning("%s: message seq %d -> dead letter %s: %s", self.plan.name,
+                                    raw.seq, self.plan.spec.dead_letter.subject, reason)
+
+    def _window_for(self, entry: JournalEntry | None) -> Window:
+        if entry is not None and entry.id in self.replays:
+            return self.replays[entry.id]
+        if self.current is None:
+            self.current = Window()
+        return self.current
+
+    def _close(self, window: Window, reason: str) -> None:
+        window.closed_by = reason
+        if window is self.current:
+            self.current = None
+            self.closed.append(window)
+        else:
+            self.replays.pop(window.replay_of.id if window.replay_of else "", None)
+            self.closed.appendleft(window)  # replays first: they hold the oldest messages
+
+    def _close_due(self, now: float) -> None:
+        if self.current is not None:
+            reason = self.policy.due(self.current, now)
+            if reason:
+                self._close(self.current, reason)
+        if now >= self.replay_deadline:
+            for window in [w for w in self.replays.values() if w.size]:
+                self.logger.warning(
+                    "%s: window %s: %d of its %d messages came back within %.0f s; processing "
+                    "those (the others were acked or left the stream)", self.plan.name,
+                    window.replay_of.id if window.replay_of else "?", window.size,
+                    window.replay_of.size if window.replay_of else 0, now - self.replay_deadline)
+                self._close(window, "replay-timeout")
+
+    def _dispatch(self) -> None:
+        while self.closed and len(self.inflight) < self.plan.spec.max_windows_in_flight:
+            window = self.closed.popleft()
+            ranges = window.ranges()
+            key = digest(self.identity, ranges)
+            if window.replay_of is not None:  # same window, same name; same key unless changed
+                entry = window.replay_of
+                entry.ranges, entry.key, entry.state = ranges, key, "open"
+            else:
+                entry = JournalEntry(id=window_id(ranges), ranges=ranges, key=key)
+            rows = [window.rows[s] for s in sorted(window.rows)]
+            future = asyncio.ensure_future(asyncio.to_thread(self.processor.process, entry, rows))
+            self.inflight[future] = (window, entry)
+
+    async def _finish_done(self) -> None:
+        for future in [f for f in self.inflight if f.done()]:
+            window, entry = self.inflight.pop(future)
+            try:
+                result = future.result()
+            except Abandoned:
+                continue  # its messages stay held: nak'ed at the end
+            await self._ack(window, entry, result)
+
+    async def _ack(self, window: Window, entry: JournalEntry, result: WindowResult) -> None:
+        for seq, message in window.messages.items():
+            await message.ack()
+            self.held.pop(seq, None)
+        await self.nc.flush()
+        self.index.add(entry)
+        latencies = [max(0.0, (result.sunk_at - window.published[s]) * 1000) for s in window.rows]
+        metrics = WindowMetrics(
+            window=entry.id, closed_by=window.closed_by, messages=window.size,
+            rows_out=result.rows_out, replay=window.replay_of is not None,
+            cached_steps=result.cached_steps, steps_s=round(result.steps_s, 4),
+            sinks_s=round(result.sinks_s, 4), latency_p50_ms=round(percentile(latencies, 0.5) or 0, 1),
+            latency_max_ms=round(max(latencies, default=0), 1), lag=window.lag,
+            dead_letters=self.dead_since_window,
+        )
+        self.dead_since_window = 0
+        self.metrics.record(metrics, latencies)
+        self.logger.info("%s: %s", self.plan.name, metrics.line())
+
+    # -- housekeeping ------------------------------------------------------------------------
+    async def _housekeeping(self, now: float) -> None:
+        if now >= self.next_heartbeat:  # in-progress acks: held messages are not redelivered
+            self.next_heartbeat = now + self.plan.spec.source.ack_wait_s / 3
+            for window in {id(w): w for w in self.held.values()}.values():
+                for message in window.messages.values():
+                    await message.in_progress()
+        if now >= self.next_gc:
+            self.next_gc = now + max(10.0, self.plan.spec.source.ack_wait_s)
+            info = await self.psub.consumer_info()
+            await self._collect(info.ack_floor.stream_seq if info.ack_floor else 0)
+        if now >= self.next_artifact and self.artifact_every_s:
+            self.next_artifact = now + self.artifact_every_s
+            await self._publish_metrics()
+        if self.until_idle_s is not None and now >= self.next_idle_check:
+            quiet = now - self.last_arrival >= self.until_idle_s
+            if quiet and not self.held and not self.inflight and not self.closed:
+                self.next_idle_check = now + 0.5
+                info = await self.psub.consumer_info()
+                if not info.num_pending and not info.num_ack_pending:
+                    self.replays.clear()  # nothing can come back for them
+                    self.stopped_by = f"idle for {self.until_idle_s:g} s"
+                    self.idle = True
+
+    async def _collect(self, floor: int) -> None:
+        """Forget windows whose messages can never be redelivered (at or below the ack floor)."""
+        for entry in self.index.at_or_below(floor):
+            if any(s in self.held for s in range(entry.first, entry.last + 1)) or entry.id in {
+                    e.id for _, e in self.inflight.values()}:
+                continue
+            if entry.state == "open":
+                self.logger.warning("%s: window %s was never committed but its messages are "
+                                    "acked (consumer reset?); forgetting it", self.plan.name, entry.id)
+            paths = [self.plan.step_path(i, entry.id, k) for i, k in enumerate(entry.stage_keys)
+                     if i < len(self.plan.stages)]
+            await asyncio.to_thread(self.journal.collect, entry, paths, self.plan.spec.keep_steps)
+            self.index.remove(entry)
+            self.replays.pop(entry.id, None)
+
+    async def _publish_metrics(self, final: bool = False) -> None:
+        if not self.metrics.recent:
+            return
+        try:
+            await acreate_table_artifact(
+                key=artifact_key(self.plan.name, "windows"), table=self.metrics.table(),
+                description=f"stream {self.plan.name}: the last {len(self.metrics.recent)} windows "
+                            f"(size, publish-to-sink latency, consumer lag)",
+            )
+            if final:
+                await acreate_table_artifact(
+                    key=artifact_key(self.plan.name, "stream-summary"),
+                    table=[{"stream": self.plan.name, "stopped_by": self.stopped_by,
+                            **self.metrics.summary()}],
+                    description=f"stream {self.plan.name}: totals of this run",
+                )
+        except Exception as exc:  # metrics must never stop a stream
+            self.logger.warning("%s: cannot publish metrics artifact: %s", self.plan.name, one_line(exc))
+
+    # -- stopping ----------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        """Graceful stop: finish the open window and those in flight, within stop_timeout_s."""
+        if not self.stopped_by:
+            self.stopped_by = self.control.reason or "stop"
+        if self.current is not None and self.current.size and not self.abandoned():
+            self._close(self.current, "stop")
+        deadline = time.monotonic() + self.plan.spec.stop_timeout_s
+        while (self.closed or self.inflight) and not self.abandoned():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.logger.warning("%s: stop_timeout_s %.0f s reached with %d window(s) left: "
+                                    "abandoning them", self.plan.name,
+                                    self.plan.spec.stop_timeout_s, len(self.closed) + len(self.inflight))
+                break
+            self._dispatch()
+            if self.inflight:
+                await asyncio.wait(set(self.inflight), timeout=min(left, 1.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            await self._finish_done()
+        await self._settle(abandon=bool(self.closed or self.inflight or self.held))
+
+    async def _settle(self, abandon: bool) -> None:
+        """Let windows in flight end, then nak every message still held."""
+        if abandon:
+            self.abandon.set()
+        if self.inflight:
+            await asyncio.wait(set(self.inflight))
+            try:
+                await self._finish_done()
+            except Exception as exc:
+                self.logger.warning("%s: a window failed while stopping: %s", self.plan.name,
+                                    one_line(exc))
+        held = list({id(m): m for w in {id(w): w for w in self.held.values()}.values()
+                     for m in w.messages.values()}.values())
+        for message in held:
+            try:
+                await message.nak()
+            except Exception:
+                pass
+        if held:
+            self.logger.info("%s: %d message(s) left unacked for the next start", self.plan.name,
+                             len(held))
+            try:
+                await self.nc.flush()
+            except Exception:
+                pass
+        self.held.clear()
+        self.current = None
+        self.closed.clear()
+

@@ -1,0 +1,307 @@
+"""Real servers for the streaming tests, started once per session and killed by PID:
+``nats-server -js`` (with a user and password, so credentials go through a Prefect
+block) and PostgreSQL (``initdb`` + ``postgres`` in a temporary directory, as an
+unprivileged user when the tests run as root, password auth on 127.0.0.1).
+
+Also helpers to publish, read streams back and query tables, and test operators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tasks.operators import Operator, register_operator
+
+NATS_USER, NATS_PASSWORD = "nightshift", "nats-secret-4b1f0c"
+PG_PASSWORD = "pg-secret-93ad7e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- NATS ----------------------------------------------------------------------------------
+@dataclass
+class Nats:
+    url: str
+    user: str = NATS_USER
+    password: str = NATS_PASSWORD
+
+    async def connect(self) -> Any:
+        import nats
+
+        return await nats.connect(self.url, user=self.user, password=self.password)
+
+    def run(self, coro_fn: Any, *args: Any) -> Any:
+        """Run ``coro_fn(js, *args)`` on a fresh connection."""
+
+        async def main() -> Any:
+            nc = await self.connect()
+            try:
+                return await coro_fn(nc.jetstream(), *args)
+            finally:
+                await nc.close()
+
+        return asyncio.run(main())
+
+    def add_stream(self, name: str, subjects: list[str], duplicate_window: float = 120) -> None:
+        from nats.js.api import StreamConfig
+
+        async def go(js: Any) -> None:
+            await js.add_stream(StreamConfig(name=name, subjects=subjects,
+                                             duplicate_window=duplicate_window))
+
+        self.run(go)
+
+    def publish(self, subject: str, payloads: list[bytes | dict], gap_s: float = 0.0) -> list[int]:
+        """Publish through JetStream (confirmed); the stream sequences."""
+
+        async def go(js: Any) -> list[int]:
+            seqs = []
+            for p in payloads:
+                data = json.dumps(p).encode() if isinstance(p, dict) else p
+                seqs.append((await js.publish(subject, data)).seq)
+                if gap_s:
+                    await asyncio.sleep(gap_s)
+            return seqs
+
+        return self.run(go)
+
+    def messages(self, stream: str) -> list[Any]:
+        """Every message stored in ``stream`` (data, headers, seq)."""
+
+        async def go(js: Any) -> list[Any]:
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    out.append(await js.get_msg(stream, seq))
+                except Exception:
+                    continue
+            return out
+
+        return self.run(go)
+
+    def consumer(self, stream: str, durable: str) -> Any:
+        async def go(js: Any) -> Any:
+            return await js.consumer_info(stream, durable)
+
+        return self.run(go)
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[Nats]:
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.path.exists(binary):
+        pytest.fail("nats-server not found: apt-get install nats-server (see .ci/run)")
+    port = free_port()
+    store = tempfile.mkdtemp(prefix="nightshift-nats-")
+    proc = subprocess.Popen(
+        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store,
+         "--user", NATS_USER, "--pass", NATS_PASSWORD],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, proc, "nats-server")
+        yield Nats(f"nats://127.0.0.1:{port}")
+    finally:
+        stop_process(proc)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    user: str = "postgres"
+    password: str = PG_PASSWORD
+    database: str = "postgres"
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user=self.user,
+                               password=self.password, dbname=self.database, autocommit=True)
+
+    def rows(self, table: str, order: str = "_row_id") -> pl.DataFrame:
+        with self.connect() as conn:
+            cur = conn.execute(f"SELECT * FROM {table} ORDER BY {order}")  # noqa: S608 (tests)
+            names = [d.name for d in cur.description]
+            return pl.DataFrame(cur.fetchall(), schema=names, orient="row")
+
+
+def _pg_bindir() -> str:
+    found = shutil.which("initdb")
+    if found:
+        return os.path.dirname(os.path.realpath(found))
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not candidates:
+        pytest.fail("PostgreSQL not found: apt-get install postgresql (see .ci/run)")
+    return os.path.dirname(candidates[-1])
+
+
+def _pg_user() -> pwd.struct_passwd | None:
+    """PostgreSQL refuses to run as root: then an unprivileged user runs it."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("nobody", "nightshift-pg"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    subprocess.run(["useradd", "--system", "--no-create-home", "nightshift-pg"], check=True)
+    return pwd.getpwnam("nightshift-pg")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bindir = _pg_bindir()
+    user = _pg_user()
+    root = tempfile.mkdtemp(prefix="nightshift-pg-")
+    pwfile = os.path.join(root, "pw")
+    Path(pwfile).write_text(PG_PASSWORD + "\n")
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        for path in (root, pwfile):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    data = os.path.join(root, "data")
+    subprocess.run(
+        [f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
+         "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8"],
+        check=True, capture_output=True, cwd=root, **as_user,
+    )
+    port = free_port()
+    log = open(os.path.join(root, "log"), "w")
+    proc = subprocess.Popen(
+        [f"{bindir}/postgres", "-D", data, "-k", root, "-p", str(port),
+         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+         "-c", "full_page_writes=off"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, **as_user,
+    )
+    try:
+        _wait_port(port, proc, "postgres")
+        server = Postgres("127.0.0.1", port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                server.connect().close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield server
+    finally:
+        stop_process(proc, signal.SIGINT)  # fast shutdown
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} at start")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    stop_process(proc)
+    pytest.fail(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+# -- Prefect blocks with the secrets ------------------------------------------------------------
+@pytest.fixture(scope="session")
+def nats_block(nats_server: Nats, prefect_api: str) -> str:
+    from blocks.nats import NatsCredentials
+
+    NatsCredentials(user=NATS_USER, password=NATS_PASSWORD).save("test-nats", overwrite=True)
+    return "test-nats"
+
+
+@pytest.fixture(scope="session")
+def pg_block(postgres: Postgres, prefect_api: str) -> str:
+    from blocks.postgres import PostgresConnection
+
+    PostgresConnection(host=postgres.host, port=postgres.port, user=postgres.user,
+                       password=PG_PASSWORD, database=postgres.database).save("test-pg", overwrite=True)
+    return "test-pg"
+
+
+# -- specs ------------------------------------------------------------------------------------
+def stream_entry(
+    name: str, nats: Nats, stream: str, *, window: dict, steps: list | None = None,
+    sinks: list | None = None, decode: dict | None = None, ack_wait_s: float = 2.0, **extra: Any,
+) -> dict[str, Any]:
+    """One ``streams:`` entry reading ``<stream>`` (subject ``<stream>.in``)."""
+    return {
+        "name": name,
+        "source": {"server": nats.url, "stream": stream, "subject": f"{stream}.in",
+                   "durable": f"{name}-consumer", "credentials": {"block": "test-nats"},
+                   "ack_wait_s": ack_wait_s},
+        "decode": decode or {"columns": {"id": "string", "text": "string", "n": "int"},
+                             "required": ["id", "n"]},
+        "dead_letter": {"subject": f"{stream}.dead"},
+        "window": window,
+        "steps": steps or [],
+        "sinks": sinks or [{"store": {}}],
+        **extra,
+    }
+
+
+def event(i: int, prefix: str = "e") -> dict[str, Any]:
+    return {"id": f"{prefix}{i}", "text": f"event number {i} " + "x" * (i % 7), "n": i}
+
+
+def setup_streams(nats: Nats, stream: str, out: bool = True) -> None:
+    """``<stream>`` for input, ``<stream>_DEAD`` and ``<stream>_OUT`` for dead letters and results."""
+    nats.add_stream(stream, [f"{stream}.in"])
+    nats.add_stream(f"{stream}_DEAD", [f"{stream}.dead"])
+    if out:
+        nats.add_stream(f"{stream}_OUT", [f"{stream}.out"])
+
+
+# -- test operators -----------------------------------------------------------------------------
+@register_operator
+class FailOnce(Operator):
+    """Fails the first batch it sees (leaves ``marker``), then passes rows through."""
+
+    name = "fail_once"
+    marker: str
+
+    def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        if df.height and not os.path.exists(self.marker):
+            Path(self.marker).write_text("failed once")
+            raise ValueError("failure injected once by the test")
+        return df
