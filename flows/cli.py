@@ -117,6 +117,21 @@ def preview(
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
 
 
+@app.command()
+def stream(
+    spec: Annotated[Path, typer.Argument(help="stream spec (YAML, with streams:)")],
+    until_idle: Annotated[Optional[float], typer.Option(
+        "--until-idle", help="stop once a stream has had nothing to do for this many seconds")] = None,
+    check: Annotated[bool, typer.Option("--check", help="connect and check everything; run nothing")] = False,
+    allow_imports: AllowImports = False,
+) -> None:
+    """Run stream pipelines (NATS JetStream -> windows -> steps -> sinks) until stopped."""
+    from flows.stream import run_stream
+
+    summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports)
+    console.print_json(data=summary)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
