@@ -37,8 +37,8 @@ def serving(base_url: str, **overrides: Any) -> dict[str, Any]:
 
 
 def generate() -> Generate:
-    # a raw completion prompt (no chat template) and 3 tokens: cheap on 2 CPU cores
-    return Generate(prompt="Item {{ n }}: {{ text }} means", output="answer", chat=False, max_tokens=3)
+    # a short raw completion prompt (no chat template) and 2 tokens: cheap on 2 CPU cores
+    return Generate(prompt="N{{ n }}", output="answer", chat=False, max_tokens=2)
 
 
 def answered_bodies(proxy) -> set[str]:
@@ -85,7 +85,7 @@ def test_outage_fails_in_one_line_and_resumes_with_nothing_lost(tmp_path: Path, 
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(400, "o"))
     pipe = Pipeline("api-outage", source=str(tmp_path / "data" / "*.jsonl"), steps=[generate()],
                     store=f"file://{tmp_path}/store", batch_size=100, workers=4, max_in_flight=4,
-                    serving=serving(fault_proxy.base_url, max_concurrency=16))
+                    serving=serving(fault_proxy.base_url, max_concurrency=16, max_attempts=1000))
     fault_proxy.configure(outage_after=150)  # the server goes away after 150 requests
     with pytest.raises(NightshiftError) as failed:
         pipe.run()
@@ -118,8 +118,8 @@ def write_spec(tmp_path: Path, base_url: str) -> Path:
         "workers": 2,
         "max_in_flight": 2,
         "serving": serving(base_url, max_concurrency=8),
-        "steps": [{"generate": {"prompt": "Item {{ n }}: {{ text }} means", "output": "answer",
-                                "chat": False, "max_tokens": 3}}],
+        "steps": [{"generate": {"prompt": "N{{ n }}", "output": "answer", "chat": False,
+                                "max_tokens": 2}}],
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
