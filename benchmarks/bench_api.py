@@ -1,0 +1,184 @@
+"""API serving overhead: rows/s of a ``generate`` step through the pipeline vs the same
+requests sent by a plain asyncio script, with the same concurrency, in one run.
+
+Both talk to the same real OpenAI-compatible server (vLLM's own API server on CPU serving
+the embedded SmolLM2, started here and stopped by its PID, unless ``--base-url`` names a
+running one), send the same completion requests (``max_tokens`` small) with the same
+number in flight, and check every answer. The pipeline runs as a Prefect flow against a
+real Prefect API (the test harness's server): one task per batch, the answer cache, the
+output Parquet, the summary artifact. Runs alternate (plain, pipeline, plain, pipeline,
+...) after a warm-up, so drift hits both; the ratio uses the medians.
+
+    python benchmarks/bench_api.py                       # 2,000 rows, 32 in flight, 3 rounds
+    python benchmarks/bench_api.py --rows 500 --rounds 1 --base-url http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import polars as pl  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+PROMPT = "Item {n}: row number {n} of the benchmark means"
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI API server on 127.0.0.1 (see docs/api-serving.md), healthy."""
+    from serving.embedded_model import embedded_model_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tempfile.mkdtemp(prefix="bench-vllm-")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+         str(embedded_model_path()), "--served-model-name", "smollm2", "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"],
+        env={**os.environ, "VLLM_CACHE_ROOT": cache, "HF_HUB_OFFLINE": "1"},
+        stdout=open(Path(cache) / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM server exited; see {cache}/server.log")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(proc)
+    raise SystemExit("vLLM server did not become healthy in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: int) -> float:
+    """What a user would write by hand: httpx, a semaphore, gather; every answer checked."""
+    started = time.perf_counter()
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=120, limits=limits) as client:
+        async def one(n: int) -> str:
+            async with sem:
+                r = await client.post("/completions", json={
+                    "model": "smollm2", "prompt": PROMPT.format(n=n), "max_tokens": max_tokens,
+                    "temperature": 0.0, "top_p": 1.0, "seed": 0})
+                r.raise_for_status()
+                return r.json()["choices"][0]["text"]
+        texts = await asyncio.gather(*(one(n) for n in range(rows)))
+    assert len(texts) == rows
+    return time.perf_counter() - started
+
+
+def pipeline_run(base_url: str, data: Path, store: Path, concurrency: int, max_tokens: int,
+                 batch_size: int) -> tuple[float, dict]:
+    from flows.pipeline import Pipeline
+    from tasks.operators import Generate
+
+    shutil.rmtree(store, ignore_errors=True)
+    pipe = Pipeline(
+        "bench-api", source=str(data), store=f"file://{store}", batch_size=batch_size,
+        workers=4, max_in_flight=8,
+        steps=[Generate(prompt=PROMPT.replace("{n}", "{{ n }}"), output="answer", chat=False,
+                        max_tokens=max_tokens)],
+        serving={"default": {"backend": "openai_compatible", "base_url": f"{base_url}/v1",
+                             "model": "smollm2", "max_concurrency": concurrency}},
+    )
+    started = time.perf_counter()
+    summary = pipe.run()
+    elapsed = time.perf_counter() - started
+    out = pipe.read()
+    assert out.height == data_rows(data) and out["answer_error"].null_count() == out.height
+    return elapsed, summary
+
+
+def data_rows(path: Path) -> int:
+    return pl.read_parquet(path).height
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base-url", help="a running OpenAI-compatible server (no /v1)")
+    args = parser.parse_args()
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    proc, base_url = (None, args.base_url.rstrip("/")) if args.base_url else start_server()
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    data = work / "rows.parquet"
+    pl.DataFrame({"n": list(range(args.rows))}).write_parquet(data)
+    plain_s: list[float] = []
+    pipe_s: list[float] = []
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            asyncio.run(plain_script(base_url, 64, args.concurrency, args.max_tokens))  # warm-up
+            for _ in range(args.rounds):
+                plain_s.append(asyncio.run(plain_script(base_url, args.rows, args.concurrency,
+                                                        args.max_tokens)))
+                elapsed, summary = pipeline_run(base_url, data, work / "store", args.concurrency,
+                                                args.max_tokens, args.batch_size)
+                pipe_s.append(elapsed)
+                print(f"  round: plain {plain_s[-1]:.1f}s, pipeline {elapsed:.1f}s", flush=True)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+    step = summary["steps"][0]
+    plain_m, pipe_m = statistics.median(plain_s), statistics.median(pipe_s)
+    console = Console(width=120)
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+                  f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; "
+                  f"{args.rows} rows, {args.concurrency} in flight, max_tokens {args.max_tokens}, "
+                  f"batches of {args.batch_size}, {args.rounds} round(s)")
+    table = Table("run", "seconds (median)", "all rounds", "rows/s", "vs plain")
+    table.add_row("plain asyncio + httpx", f"{plain_m:.1f}", " ".join(f"{s:.1f}" for s in plain_s),
+                  f"{args.rows / plain_m:.1f}", "1.00x")
+    table.add_row("pipeline (Prefect flow, answer cache, Parquet)", f"{pipe_m:.1f}",
+                  " ".join(f"{s:.1f}" for s in pipe_s), f"{args.rows / pipe_m:.1f}",
+                  f"{plain_m / pipe_m:.2f}x")
+    console.print(table)
+    console.print(f"pipeline: {step['computed']} batches, {step['requests']} requests, "
+                  f"{step['prompt_tokens']} prompt + {step['completion_tokens']} completion tokens")
+
+
+if __name__ == "__main__":
+    main()
