@@ -132,3 +132,54 @@ def test_devices_from_yaml_give_one_bound_replica_each(tmp_path: Path) -> None:
     assert len(pids) == 2
     assert read_output(build_plan(spec))["out"].to_list() == [
         f"echo: {r['text']}" for r in make_rows(6, "c")]
+
+
+def test_model_chat_template_sampling_and_seed_are_in_the_fingerprint(tmp_path: Path) -> None:
+    """Change the weights, the chat template, a sampling parameter or the seed: the
+    generation step (and only it and what follows) gets a new cache key."""
+    model = Path(model_folder(tmp_path))
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    base = {"prompt": "{{ text }}", "output": "out", "temperature": 0, "seed": 0}
+
+    template = spec_with(tmp_path, {"default": {"model": str(model)}})  # writes the data once
+
+    def keys(**change: object) -> list[str]:
+        spec = dict(template)
+        spec["steps"] = [{"filter": {"where": "n > 0"}}, {"generate": {**base, **change}}]
+        plan = build_plan(spec)
+        return [plan.keys[0][0], plan.keys[1][0]]
+
+    first = keys()
+    assert keys() == first, "stable"
+    for change in ({"temperature": 0.7}, {"seed": 1}, {"top_p": 0.9}, {"max_tokens": 9},
+                   {"system": "Be brief."}, {"stop": ["\n"]}):
+        other = keys(**change)
+        assert other[0] == first[0] and other[1] != first[1], change
+    (model / "chat_template.jinja").write_text("{{ messages | tojson }}")
+    templated = keys()
+    assert templated[0] == first[0] and templated[1] != first[1], "chat template"
+    (model / "model.safetensors").write_bytes(b"x" * 11)
+    assert keys()[1] not in (first[1], templated[1]), "weights"
+
+
+def test_the_engine_shuts_down_when_the_flow_fails() -> None:
+    from prefect import flow
+
+    from serving.interface import GenerationRequest
+    from serving.pool import current_pool
+    from serving.task_runner import VLLMTaskRunner
+
+    seen: list = []
+
+    @flow(task_runner=VLLMTaskRunner({"default": ServingConfig(backend="fake", model="x")}))
+    def failing() -> None:
+        pool = current_pool()
+        assert pool.submit("default", [GenerationRequest(prompt="hi")])[0].text == "echo: hi"
+        seen.append(pool.served("default").backends[0].backend)
+        raise RuntimeError("boom")
+
+    state = failing(return_state=True)
+    assert state.is_failed() and "boom" in (state.message or "")
+    [backend] = seen
+    assert backend.closed, "the runner closed its backend although the flow failed"
