@@ -7,7 +7,9 @@ running one), send the same completion requests (``max_tokens`` small) with the 
 number in flight, and check every answer. The pipeline runs as a Prefect flow against a
 real Prefect API (the test harness's server): one task per batch, the answer cache, the
 output Parquet, the summary artifact. Runs alternate (plain, pipeline, plain, pipeline,
-...) after a warm-up, so drift hits both; the ratio uses the medians.
+...; the order flips every round) after a warm-up, so drift hits both; the ratio uses the
+medians. Every run's prompts start with its own run number, so no run is served from the
+prefix cache another run filled.
 
     python benchmarks/bench_api.py                       # 2,000 rows, 32 in flight, 3 rounds
     python benchmarks/bench_api.py --rows 500 --rounds 1 --base-url http://127.0.0.1:8000
@@ -39,7 +41,8 @@ import polars as pl  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-PROMPT = "Item {n}: row number {n} of the benchmark means"
+# A run number first: no run reuses another's prompts from the server's prefix cache.
+PROMPT = "Run {run}. Item {n}: row number {n} of the benchmark means"
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
@@ -85,7 +88,7 @@ def stop_server(proc: subprocess.Popen) -> None:
             pass
 
 
-async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: int) -> float:
+async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: int, run: int) -> float:
     """What a user would write by hand: httpx, a semaphore, gather; every answer checked."""
     started = time.perf_counter()
     sem = asyncio.Semaphore(concurrency)
@@ -94,7 +97,7 @@ async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: i
         async def one(n: int) -> str:
             async with sem:
                 r = await client.post("/completions", json={
-                    "model": "smollm2", "prompt": PROMPT.format(n=n), "max_tokens": max_tokens,
+                    "model": "smollm2", "prompt": PROMPT.format(run=run, n=n), "max_tokens": max_tokens,
                     "temperature": 0.0, "top_p": 1.0, "seed": 0})
                 r.raise_for_status()
                 return r.json()["choices"][0]["text"]
@@ -103,16 +106,20 @@ async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: i
     return time.perf_counter() - started
 
 
-def pipeline_run(base_url: str, data: Path, store: Path, concurrency: int, max_tokens: int,
-                 batch_size: int) -> tuple[float, dict]:
+def pipeline_run(base_url: str, work: Path, rows: int, concurrency: int, max_tokens: int,
+                 batch_size: int, run: int) -> tuple[float, dict]:
     from flows.pipeline import Pipeline
     from tasks.operators import Generate
 
+    store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
+    data = work / f"rows-{run}.parquet"
+    pl.DataFrame({"run": [run] * rows, "n": list(range(rows))}).write_parquet(data)
     pipe = Pipeline(
         "bench-api", source=str(data), store=f"file://{store}", batch_size=batch_size,
         workers=4, max_in_flight=8,
-        steps=[Generate(prompt=PROMPT.replace("{n}", "{{ n }}"), output="answer", chat=False,
+        steps=[Generate(prompt=PROMPT.replace("{n}", "{{ n }}").replace("{run}", "{{ run }}"),
+                        output="answer", chat=False,
                         max_tokens=max_tokens)],
         serving={"default": {"backend": "openai_compatible", "base_url": f"{base_url}/v1",
                              "model": "smollm2", "max_concurrency": concurrency}},
@@ -121,12 +128,8 @@ def pipeline_run(base_url: str, data: Path, store: Path, concurrency: int, max_t
     summary = pipe.run()
     elapsed = time.perf_counter() - started
     out = pipe.read()
-    assert out.height == data_rows(data) and out["answer_error"].null_count() == out.height
+    assert out.height == rows and out["answer_error"].null_count() == out.height
     return elapsed, summary
-
-
-def data_rows(path: Path) -> int:
-    return pl.read_parquet(path).height
 
 
 def main() -> None:
@@ -143,20 +146,21 @@ def main() -> None:
 
     proc, base_url = (None, args.base_url.rstrip("/")) if args.base_url else start_server()
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    data = work / "rows.parquet"
-    pl.DataFrame({"n": list(range(args.rows))}).write_parquet(data)
     plain_s: list[float] = []
     pipe_s: list[float] = []
     try:
         with prefect_test_harness(server_startup_timeout=180):
-            asyncio.run(plain_script(base_url, 64, args.concurrency, args.max_tokens))  # warm-up
-            for _ in range(args.rounds):
-                plain_s.append(asyncio.run(plain_script(base_url, args.rows, args.concurrency,
-                                                        args.max_tokens)))
-                elapsed, summary = pipeline_run(base_url, data, work / "store", args.concurrency,
-                                                args.max_tokens, args.batch_size)
-                pipe_s.append(elapsed)
-                print(f"  round: plain {plain_s[-1]:.1f}s, pipeline {elapsed:.1f}s", flush=True)
+            asyncio.run(plain_script(base_url, 64, args.concurrency, args.max_tokens, -1))  # warm-up
+            for r in range(args.rounds):
+                for kind in (("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain")):
+                    if kind == "plain":
+                        plain_s.append(asyncio.run(plain_script(
+                            base_url, args.rows, args.concurrency, args.max_tokens, 2 * r)))
+                    else:
+                        elapsed, summary = pipeline_run(base_url, work, args.rows, args.concurrency,
+                                                        args.max_tokens, args.batch_size, 2 * r + 1)
+                        pipe_s.append(elapsed)
+                print(f"  round {r + 1}: plain {plain_s[-1]:.1f}s, pipeline {pipe_s[-1]:.1f}s", flush=True)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -216,10 +216,13 @@ class OpenAIBackend:
         self._lanes = [asyncio.create_task(self._lane()) for _ in range(self.max_concurrency)]
 
     async def _stop(self) -> None:
-        for _ in self._lanes:
+        lanes = getattr(self, "_lanes", [])  # absent when _start failed
+        for _ in lanes:
             self._queue.put_nowait(None)
-        await asyncio.wait(self._lanes, timeout=20)
-        await self._client.aclose()
+        if lanes:
+            await asyncio.wait(lanes, timeout=20)
+        if hasattr(self, "_client"):
+            await self._client.aclose()
 
     async def _generate(self, requests: list[GenerationRequest], on_result: ResultCallback | None,
                         usage: Usage | None) -> list[GenerationResult]:

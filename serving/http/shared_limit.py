@@ -77,8 +77,10 @@ class SharedLimit:
             return
         from prefect.concurrency.asyncio import concurrency
 
+        # a lease renewal that fails once must not fail the rows being served
         async with concurrency(self.name, occupy=1, strict=True,
-                               lease_duration=max(60.0, 6 * self.hold_s)):
+                               lease_duration=max(60.0, 6 * self.hold_s),
+                               raise_on_lease_renewal_failure=False):
             self.acquisitions += 1
             yield
 
