@@ -35,7 +35,7 @@ import os
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from serving.http.usage import TokenPrice
 from tasks.errors import SpecError
@@ -99,6 +99,12 @@ class ServingConfig(Block):
     cache_answers: bool | None = None
     #: Bump to recompute when the server's weights change under the same model name.
     model_revision: str | None = None
+
+    @model_validator(mode="after")
+    def _http_needs_a_url(self) -> ServingConfig:
+        if self.backend == "openai_compatible" and not self.base_url:
+            raise ValueError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
+        return self
 
     @property
     def is_http(self) -> bool:
