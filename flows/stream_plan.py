@@ -88,11 +88,6 @@ def build_stream_plans(spec: StreamSpec, allow_imports: bool = False) -> list[St
     return [_plan(spec, i, s, store, allow_imports) for i, s in enumerate(spec.streams)]
 
 
-def build_stream_plan(spec: StreamSpec, index: int, allow_imports: bool = False) -> StreamPlan:
-    """The plan of ``streams[index]`` alone."""
-    return _plan(spec, index, spec.streams[index], resolve_store(spec), allow_imports)
-
-
 # Stream flows are async: Prefect's block calls there return coroutines unless told
 # ``_sync=True``, so blocks named by a stream spec are loaded here that way.
 def resolve_store(spec: StreamSpec) -> StepStore:
@@ -141,7 +136,7 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
         sinks = stream.sink_specs()
         _check_sinks(sinks, stream, output)
     except NightshiftError as exc:
-        raise type(exc)(f"{label}.{exc}") from None
+        raise type(exc)(f"{label}.{exc}".replace(": Value error, ", ": ")) from None
     context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
     stages = build_stages(operators, stream.fuse, context)
     return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)

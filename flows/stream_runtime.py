@@ -195,8 +195,8 @@ class StreamRuntime:
             await self._settle(abandon=True)
             raise
         finally:
-            if runner is not None:
-                await asyncio.to_thread(runner.__exit__, None, None, None)
+            if runner is not None:  # in the context it was entered in (the serving pool's)
+                runner.__exit__(None, None, None)
             for sink in self.sinks:
                 await asyncio.to_thread(sink.close)
             await self._publish_metrics(final=True)

@@ -102,3 +102,94 @@ def test_end_to_end_every_sink_and_dead_letters(
         if path.is_file():
             data = path.read_bytes()
             assert NATS_PASSWORD.encode() not in data and PG_PASSWORD.encode() not in data, path
+
+
+def test_burst_closes_by_count_trickle_by_time_two_streams_one_process(
+    tmp_path: Path, nats_server: Nats, nats_block: str
+) -> None:
+    import threading
+
+    setup_streams(nats_server, "BURST", out=False)
+    setup_streams(nats_server, "TRICKLE", out=False)
+    nats_server.publish("BURST.in", [event(i, "b") for i in range(100)])
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "streams": [
+            stream_entry("burst", nats_server, "BURST", window={"count": 40, "seconds": 1.5},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+            stream_entry("trickle", nats_server, "TRICKLE", window={"count": 100, "seconds": 1.0},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+        ],
+    }
+
+    def trickle() -> None:  # once the stream is pulling: 8 messages, 0.3 s apart
+        for _ in range(600):
+            try:
+                if nats_server.consumer("TRICKLE", "trickle-consumer").num_waiting:
+                    break
+            except Exception:
+                pass
+            threading.Event().wait(0.05)
+        nats_server.publish("TRICKLE.in", [event(i, "t") for i in range(8)], gap_s=0.3)
+
+    publisher = threading.Thread(target=trickle)
+    publisher.start()
+    result = run_stream(spec, until_idle_s=2.5)
+    publisher.join()
+    burst, slow = (s["recent_windows"] for s in result["streams"])
+
+    assert [(w["messages"], w["closed_by"]) for w in burst] == [(40, "count"), (40, "count"), (20, "time")]
+    assert sum(w["messages"] for w in slow) == 8
+    assert len(slow) >= 2 and all(w["closed_by"] == "time" for w in slow), slow
+    store = StepStore(url=f"file://{tmp_path / 'store'}")
+    assert read_output(store, "burst")["id"].to_list() == [f"b{i}" for i in range(100)]
+    assert read_output(store, "trickle")["n2"].to_list() == [2 * i for i in range(8)]
+
+
+def test_generation_step_in_a_stream(tmp_path: Path, nats_server: Nats, nats_block: str) -> None:
+    setup_streams(nats_server, "GEN", out=False)
+    nats_server.publish("GEN.in", [event(i, "q") for i in range(30)])
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "serving": {"default": {"backend": "fake", "model": "echo", "max_batch": 8}},
+        "streams": [stream_entry(
+            "gen", nats_server, "GEN", window={"count": 12, "seconds": 2},
+            steps=[{"filter": {"where": "n <> 4"}},
+                   {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "answer"}}],
+        )],
+    }
+    summary = run_stream(spec)["streams"][0]
+    assert summary["rows_out"] == 29
+    out = read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "gen")
+    for row in out.iter_rows(named=True):
+        assert row["answer"] == f"echo: Q{row['n']}: {row['text']}"
+        assert row["answer_error"] is None and row["answer_completion_tokens"] > 0
+    assert sorted(out["id"].to_list()) == sorted(f"q{i}" for i in range(30) if i != 4)
+
+
+def test_supervisor_restarts_a_failed_stream_nothing_lost(
+    tmp_path: Path, nats_server: Nats, nats_block: str, prefect_api: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    setup_streams(nats_server, "SUP", out=False)
+    nats_server.publish("SUP.in", [event(i, "s") for i in range(60)])
+    marker = tmp_path / "failed-once"
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "restart": {"backoff_s": 0.2},
+        "streams": [stream_entry("supervised", nats_server, "SUP", window={"count": 25, "seconds": 1},
+                                 steps=[{"fail_once": {"marker": str(marker)}}])],
+    }
+    summary = run_stream(spec)["streams"][0]
+    assert marker.exists(), "the step should have failed once"
+    out = read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "supervised")
+    assert out["id"].to_list() == [f"s{i}" for i in range(60)]
+    assert summary["replayed_windows"] >= 1  # the failed window came back as itself
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["supervised"])))
+    assert sorted(r.state.type.value for r in runs) == ["COMPLETED", "FAILED"]
+    failed = next(r for r in runs if r.state.type.value == "FAILED")
+    assert "failure injected once" in (failed.state.message or "")

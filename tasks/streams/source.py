@@ -52,11 +52,13 @@ async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.L
     try:
         nc = await nats.connect(
             spec.server, name=f"nightshift-{name}", connect_timeout=5,
-            max_reconnect_attempts=-1, reconnect_time_wait=1, allow_reconnect=True,
+            max_reconnect_attempts=-1, reconnect_time_wait=1,
+            allow_reconnect=False,  # the first connect fails at once (bad URL, bad credentials)
             error_cb=on_error, disconnected_cb=on_disconnect,
             **(await asyncio.to_thread(credentials, spec, label)).connect_options(),
         )
         holder.append(nc)
+        nc.options["allow_reconnect"] = True  # from now on: reconnect, forever
         return nc
     except SpecError:
         raise
