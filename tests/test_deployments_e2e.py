@@ -269,12 +269,16 @@ def test_deploy_schedule_run_fail_retry(
     assert not (store / "reviews-nightly" / "steps").exists()
     want = output("2026-11-21", overrides)
     assert want.height == 78 and "prompt" in want.columns
-    assert Counter(s for _, s in task_states(p, clean_id, 19)) == Counter(Completed=6 + 1 + 6 + 6)
+    assert Counter(s for _, s in task_states(p, clean_id, 25)) == Counter(Completed=6 + 1 + 6 + 6 + 6)
     assert {"reviews-nightly-summary", "reviews-nightly-sample",
             "reviews-nightly-progress-00-filter-map-template"} <= artifact_keys(p, clean_id)
     (rows,) = summaries(p, clean_id)
-    assert [r["name"] for r in rows] == ["00-filter+map+template", "01-dedup", "02-select"]
-    assert [r["computed"] for r in rows] == [6, 6, 6] and rows[-1]["rows_out"] == 78
+    assert rows[-1]["name"] == "total (this run)"  # the LLM step adds a totals row
+    rows = rows[:-1]
+    assert [r["name"] for r in rows] == ["00-filter+map+template", "01-dedup", "02-select",
+                                         "03-generate"]
+    assert [r["computed"] for r in rows] == [6, 6, 6, 6] and rows[-1]["rows_out"] == 78
+    assert want["title"].drop_nulls().len() == 5 and rows[-1]["completion_tokens"] > 0
 
     # -- a failed night: a run due at 23:30 UTC on the 21st, i.e. 00:30 on the 22nd in
     # Paris (no `date`: it comes from the schedule's timezone); batch 4 fails once
@@ -298,12 +302,13 @@ def test_deploy_schedule_run_fail_retry(
     retried = wait_final(p, fail_id)
     assert retried.state.is_completed(), f"{retried.state}\n{p.log('worker')}"
     assert retried.run_count == 2
-    states = task_states(p, fail_id, 25)
+    states = task_states(p, fail_id, 31)
     cached = sorted(name for name, state in states if state == "Cached")
     assert cached == [f"filter+map+template[0] batch {b}/6" for b in (1, 2, 3, 5, 6)]
-    assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6, Cached=5, Failed=1)
-    latest, attempt1 = summaries(p, fail_id)
+    assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Cached=5,
+                                                    Failed=1)
+    latest, attempt1 = (rows[:-1] for rows in summaries(p, fail_id))  # minus the totals
     assert [(r["cached"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
-    assert [(r["cached"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6)]
+    assert [(r["cached"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
     got = output("2026-11-22", overrides)
     assert got.equals(want)  # same sources: the retried night equals the clean one
