@@ -229,6 +229,7 @@ class StreamRuntime:
                     messages, fetch = fetch.result(), None
                     if messages:
                         self.last_arrival = time.monotonic()
+                        self.metrics.arrived(time.time())
                         await self._receive(messages)
                 await self._finish_done()
                 self._close_due(time.monotonic())
@@ -373,7 +374,7 @@ class StreamRuntime:
             dead_letters=self.dead_since_window,
         )
         self.dead_since_window = 0
-        self.metrics.record(metrics, latencies)
+        self.metrics.record(metrics, latencies, result.sunk_at)
         self.logger.info("%s: %s", self.plan.name, metrics.line())
 
     # -- housekeeping ------------------------------------------------------------------------

@@ -193,3 +193,28 @@ def test_supervisor_restarts_a_failed_stream_nothing_lost(
     assert sorted(r.state.type.value for r in runs) == ["COMPLETED", "FAILED"]
     failed = next(r for r in runs if r.state.type.value == "FAILED")
     assert "failure injected once" in (failed.state.message or "")
+
+
+def test_step_slower_than_ack_wait_is_not_redelivered(
+    tmp_path: Path, nats_server: Nats, nats_block: str
+) -> None:
+    """In-progress acks keep a window's messages while a step outlasts ack_wait."""
+    setup_streams(nats_server, "SLOW", out=False)
+    nats_server.publish("SLOW.in", [event(i, "w") for i in range(15)])
+    # a window of 10 in its step for 2.5 s while the next one (5) keeps pulling: the
+    # server would redeliver the first window's messages after 1 s without +WPI acks
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "streams": [stream_entry("slow", nats_server, "SLOW", window={"count": 10, "seconds": 4},
+                                 ack_wait_s=1.0,
+                                 steps=[{"nightshift_testops:Count": {"tag": "slow", "sleep": 2.5}}],
+                                 max_windows_in_flight=1)],
+    }
+    state = asyncio.run(stream(spec=spec, until_idle_s=1.5, allow_imports=True, return_state=True))
+    assert state.is_completed(), state.message
+    summary = asyncio.run(state.aresult())["streams"][0]
+    assert summary["messages"] == 15 and summary["windows"] == 2
+    consumer = nats_server.consumer("SLOW", "slow-consumer")
+    # one delivery per message (the consumer sequence counts deliveries, redeliveries too)
+    assert consumer.delivered.consumer_seq == 15 and consumer.num_ack_pending == 0
+    assert read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "slow")["_row_id"].is_unique().all()

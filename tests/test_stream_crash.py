@@ -152,6 +152,8 @@ def test_sigkill_mid_window_and_between_sinks_then_exactly_once(
     # step was Cached, not computed again
     windows = summary["recent_windows"]
     assert any(w["replay"] and w["cached_steps"] for w in windows), windows
+    journal = [json.loads(p.read_text()) for p in (tmp_path / "store" / "crash" / "windows").glob("*.json")]
+    assert all(entry["state"] == "committed" for entry in journal), journal
 
 
 def test_sigterm_finishes_open_windows_then_resume(

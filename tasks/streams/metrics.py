@@ -58,8 +58,14 @@ class StreamMetrics:
         self.latencies_ms: deque[float] = deque(maxlen=MAX_LATENCIES)
         self.windows = self.messages = self.rows_out = self.replays = 0
         self.dead_letters = self.acked_again = 0
+        self.first_arrival_at = self.last_sunk_at = 0.0
 
-    def record(self, metrics: WindowMetrics, latencies_ms: list[float]) -> None:
+    def arrived(self, at: float) -> None:
+        """A message arrived at ``at`` (epoch seconds): the run's first arrival counts."""
+        self.first_arrival_at = self.first_arrival_at or at
+
+    def record(self, metrics: WindowMetrics, latencies_ms: list[float], sunk_at: float) -> None:
+        self.last_sunk_at = max(self.last_sunk_at, sunk_at)
         self.recent.append(metrics)
         self.latencies_ms.extend(latencies_ms)
         self.windows += 1
@@ -77,5 +83,7 @@ class StreamMetrics:
             "replayed_windows": self.replays, "dead_letters": self.dead_letters,
             "acked_again": self.acked_again,
             "latency_p50_ms": percentile(values, 0.5), "latency_p99_ms": percentile(values, 0.99),
+            "first_arrival_at": self.first_arrival_at or None,
+            "last_sunk_at": self.last_sunk_at or None,
             "recent_windows": self.table(),
         }
