@@ -14,7 +14,7 @@ from serving.interface import GenerationRequest, SamplingParams
 
 pytest_plugins = ["api_fixtures"]
 
-FAST = dict(timeout_s=1.5, backoff_initial_s=0.02, backoff_max_s=0.5)
+FAST = dict(timeout_s=3.0, backoff_initial_s=0.02, backoff_max_s=0.5)
 
 
 def prompts(n: int, tag: str = "p", max_tokens: int = 4) -> list[GenerationRequest]:
@@ -38,7 +38,7 @@ def test_chat_and_completions_give_real_answers(fault_proxy) -> None:
 
 
 def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
-    fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=3.0)
+    fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=4.0)  # hangs outlast timeout_s
     with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=24,
                        max_attempts=12, **FAST) as backend:
         results = backend.generate(prompts(240, "f"))
@@ -79,7 +79,7 @@ def test_client_errors_are_row_errors_without_retries(fault_proxy) -> None:
 def test_an_outage_fails_rows_fast_with_one_clear_line(fault_proxy) -> None:
     fault_proxy.configure(outage=True)
     with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=8,
-                       max_attempts=1000, outage_after_s=1.0, **FAST) as backend:
+                       max_attempts=1000, outage_after_s=1.0, **FAST) as backend:  # opens after 3 s
         results = backend.generate(prompts(50))
         opened = backend.breaker.opened
     errors = {r.error for r in results}

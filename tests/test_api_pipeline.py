@@ -31,8 +31,8 @@ PRICE = {"input_per_1m": 0.5, "output_per_1m": 2.0}
 def serving(base_url: str, **overrides: Any) -> dict[str, Any]:
     """A fast-failing HTTP serving config for tests (short timeouts and backoff)."""
     return {"default": {"backend": "openai_compatible", "base_url": base_url, "model": "smollm2",
-                        "max_concurrency": 32, "timeout_s": 1.5, "backoff_initial_s": 0.02,
-                        "backoff_max_s": 0.5, "max_attempts": 12, "outage_after_s": 2.0,
+                        "max_concurrency": 32, "timeout_s": 4.0, "backoff_initial_s": 0.02,
+                        "backoff_max_s": 0.5, "max_attempts": 12, "outage_after_s": 4.0,
                         "price": PRICE, **overrides}}
 
 
@@ -46,11 +46,11 @@ def answered_bodies(proxy) -> set[str]:
 
 
 def test_2000_rows_through_20_percent_faults(tmp_path: Path, fault_proxy) -> None:
-    fault_proxy.configure(fault_rate=0.2, seed=2026, hang_s=3.0)
+    fault_proxy.configure(fault_rate=0.2, seed=2026, hang_s=5.0)  # hangs outlast timeout_s
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(2000, "x"))
     pipe = Pipeline("api-faults", source=str(tmp_path / "data" / "*.jsonl"), steps=[generate()],
                     store=f"file://{tmp_path}/store", batch_size=250, workers=4, max_in_flight=8,
-                    serving=serving(fault_proxy.base_url))
+                    serving=serving(fault_proxy.base_url, outage_after_s=60))
     started = time.perf_counter()
     summary = pipe.run()
     elapsed = time.perf_counter() - started

@@ -28,8 +28,34 @@ from tasks.operators import Generate
 pytest_plugins = ["api_fixtures"]
 
 
-def test_api_keys_are_used_and_never_shown(tmp_path: Path, fault_proxy, monkeypatch, caplog) -> None:
-    caplog.set_level(logging.DEBUG)  # every log record of this process, httpx's included
+class Records(logging.Handler):
+    """Every log record of this process, at every level (httpx's and Prefect's included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def all_logs():
+    root, handler = logging.getLogger(), Records()
+    loggers = [root, *(logging.getLogger(n) for n in ("prefect", "nightshift", "httpx", "httpcore"))]
+    levels = [logger.level for logger in loggers]
+    root.addHandler(handler)
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def test_api_keys_are_used_and_never_shown(tmp_path: Path, fault_proxy, monkeypatch, all_logs) -> None:
     key = f"sk-nightshift-{uuid.uuid4().hex}"
     fault_proxy.configure(require_key=key)
     http = {"backend": "openai_compatible", "base_url": fault_proxy.base_url, "model": "smollm2",
@@ -61,8 +87,8 @@ def test_api_keys_are_used_and_never_shown(tmp_path: Path, fault_proxy, monkeypa
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     shown = [repr(flow_run.parameters), *(repr(t.task_inputs) + repr(t.name) for t in task_runs),
              *(log.message for log in logs), *(repr(a.data) + repr(a.description) for a in found)]
-    shown += [record.getMessage() for record in caplog.records]
-    assert len(task_runs) == 6 and found and len(caplog.records) > 100
+    shown += all_logs.messages
+    assert len(task_runs) == 6 and found and len(all_logs.messages) > 100
     assert not [text for text in shown if key in text]
     stored = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     assert any(p.suffix == ".parquet" for p in stored)

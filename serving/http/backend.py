@@ -89,7 +89,8 @@ class OpenAIBackend:
         max_attempts: per row, first try included.
         backoff_initial_s, backoff_max_s: full-jitter exponential backoff bounds (also the
             cap on a server's Retry-After).
-        outage_after_s: fail rows at once after this long with only failures.
+        outage_after_s: fail rows at once after this long (at least ``timeout_s``) with
+            only failures.
         global_limit, global_limit_mode, slot_hold_s: a Prefect global concurrency limit
             shared by every flow run (see :mod:`serving.http.shared_limit`).
         price: per-million-token prices for cost estimates.
@@ -129,7 +130,9 @@ class OpenAIBackend:
         self.price = price
         self.extra_body = dict(extra_body or {})
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
-        self.breaker = OutageBreaker(self.where, after_s=outage_after_s)
+        # an attempt that will succeed does so within timeout_s: a shorter window would
+        # take a slow server with some fast 5xx for a dead one
+        self.breaker = OutageBreaker(self.where, after_s=max(outage_after_s, timeout_s))
         self.shared = SharedLimit(global_limit, global_limit_mode, slot_hold_s)
         self.total = Usage()
         """Everything this backend sent and received (failed batches included)."""
