@@ -14,22 +14,23 @@ from typing import Any
 import polars as pl
 import pytest
 
+pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
+
 from blocks.step_store import StepStore
 from flows.stream import stream
-from stream_fixtures import (  # noqa: F401 (fixtures)
+from stream_fixtures import (
     NATS_PASSWORD,
     PG_PASSWORD,
     Nats,
     Postgres,
     event,
-    nats_block,
-    nats_server,
-    pg_block,
-    postgres,
     setup_streams,
     stream_entry,
 )
 from tasks.streams.sinks.store_sink import read_output
+
+# the servers are session fixtures of a plugin: started once for every streaming test module
+pytest_plugins = ["stream_fixtures"]
 
 
 def run_stream(spec: dict[str, Any], until_idle_s: float = 2.0) -> dict[str, Any]:

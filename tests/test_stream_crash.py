@@ -19,23 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
 
 from blocks.step_store import StepStore
 from conftest import ROOT, cli_env
 from nightshift_testops import read_log
-from stream_fixtures import (  # noqa: F401 (fixtures)
-    Nats,
-    Postgres,
-    event,
-    nats_block,
-    nats_server,
-    pg_block,
-    postgres,
-    setup_streams,
-    stream_entry,
-)
+from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
 from tasks.streams.sinks.store_sink import read_output
+
+# the servers are session fixtures of a plugin: started once for every streaming test module
+pytest_plugins = ["stream_fixtures"]
 
 
 def write_spec(tmp_path: Path, nats: Nats, stream: str, table: str, pg_block: str,

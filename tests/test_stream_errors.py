@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
 
 from conftest import run_cli
 from flows.stream import stream
 from flows.stream_plan import build_stream_plans
 from flows.stream_spec import load_stream_spec
-from stream_fixtures import Nats, nats_block, nats_server, setup_streams, stream_entry  # noqa: F401
+from stream_fixtures import Nats, setup_streams, stream_entry
 from tasks.errors import NightshiftError
+
+# the servers are session fixtures of a plugin: started once for every streaming test module
+pytest_plugins = ["stream_fixtures"]
 
 BASE: dict[str, Any] = {
     "name": "bad",
