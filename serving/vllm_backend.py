@@ -279,6 +279,7 @@ class VLLMBackend:
         try:
             import vllm
 
+            _guard_kernel_rebind_scan()
             llm = vllm.LLM(**kwargs)
         except BaseException as exc:
             started.set_exception(exc)
@@ -549,6 +550,28 @@ class _Slot:
 
     def __post_init__(self) -> None:
         self.text: list[str] = []
+
+
+def _safe_hasattr(value: Any, name: str) -> bool:
+    try:
+        return hasattr(value, name)
+    except Exception:  # e.g. werkzeug's LocalProxy outside an app context
+        return False
+
+
+def _guard_kernel_rebind_scan() -> None:
+    """Work around a vLLM 0.32 engine-start crash. At worker start vLLM's CPU platform
+    rebinds Triton kernels by scanning every attribute of every module in ``sys.modules``
+    with ``hasattr(value, "__dict__")``; a werkzeug ``LocalProxy`` (``flask.current_app``,
+    present once anything imported Flask, e.g. moto's S3 server) raises RuntimeError
+    there, not AttributeError, and the engine fails to start. The scan's module gets a
+    ``hasattr`` that treats such errors as "no attribute"."""
+    try:
+        from vllm.triton_utils import dispatcher
+    except Exception:  # another vLLM layout: nothing to guard
+        return
+    if hasattr(dispatcher, "_rebind_kernels") and getattr(dispatcher, "hasattr", None) is not _safe_hasattr:
+        dispatcher.hasattr = _safe_hasattr  # type: ignore[attr-defined]
 
 
 def _set_default_env() -> None:

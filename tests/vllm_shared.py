@@ -42,7 +42,15 @@ def cpu_setup() -> None:
 
 @functools.cache
 def shared_pool():  # -> ServingPool
-    """The session's pool with the engine of :data:`SERVING` started."""
+    """The session's pool with the engine of :data:`SERVING` started.
+
+    Flask is imported first when installed (moto's S3 server imports it in the full
+    suite anyway): a werkzeug ``LocalProxy`` in ``sys.modules`` once broke vLLM's engine
+    start (see ``serving.vllm_backend._guard_kernel_rebind_scan``), and this keeps the
+    regression covered whatever the order the tests run in.
+    """
+    if importlib.util.find_spec("flask") is not None:
+        import flask  # noqa: F401
     cpu_setup()
     from blocks.serving_config import ServingConfig
     from serving.pool import ServingPool
