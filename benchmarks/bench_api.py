@@ -62,6 +62,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
         stdout=open(Path(cache) / "server.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    proc.cache_dir = cache  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -86,6 +87,7 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    shutil.rmtree(getattr(proc, "cache_dir", ""), ignore_errors=True)
 
 
 async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: int, run: int) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ def vllm_server() -> Iterator[str]:
     finally:
         _stop(proc)
         log.close()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 class ProxyHandle:

@@ -41,7 +41,7 @@ def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
     fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=4.0)  # hangs outlast timeout_s
     with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=24,
                        max_attempts=12, **FAST) as backend:
-        results = backend.generate(prompts(240, "f"))
+        results = backend.generate(prompts(180, "f"))
         usage = backend.usage()
         statuses = dict(backend.total.statuses)
     stats = fault_proxy.stats()
@@ -51,8 +51,8 @@ def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
     assert statuses["timeout"] == stats["faults"]["hang"]
     assert statuses["malformed"] == stats["faults"]["malformed"]
     assert statuses["connection"] == stats["faults"]["drop"]
-    assert usage["requests"] == stats["received"] == 240 + usage["retries"]
-    assert stats["upstream"] <= 1.3 * 240
+    assert usage["requests"] == stats["received"] == 180 + usage["retries"]
+    assert stats["upstream"] <= 1.3 * 180
 
 
 def test_retry_after_is_honoured(fault_proxy) -> None:

@@ -49,14 +49,14 @@ def run_two_backends(base_url: str, per_backend: int, **options) -> list[OpenAIB
 
 def test_a_global_concurrency_limit_bounds_requests_across_backends(fault_proxy) -> None:
     # without a shared limit, two backends of 4 lanes have up to 8 requests upstream
-    run_two_backends(fault_proxy.base_url, 24)
+    run_two_backends(fault_proxy.base_url, 16)
     assert fault_proxy.stats()["inflight_max"] > 2
 
     fault_proxy.reset()
     name = create_limit(2)
-    backends = run_two_backends(fault_proxy.base_url, 24, global_limit=name, slot_hold_s=0.5)
+    backends = run_two_backends(fault_proxy.base_url, 16, global_limit=name, slot_hold_s=0.5)
     stats = fault_proxy.stats()
-    assert stats["upstream"] == 48
+    assert stats["upstream"] == 32
     assert stats["inflight_max"] <= 2
     assert all(b.shared.acquisitions >= 1 for b in backends), "both held slots in turn"
     with get_client(sync_client=True) as client:
