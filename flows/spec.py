@@ -33,6 +33,13 @@ from tasks.operators import Operator, resolve_operator
 from tasks.sources import SourceSpec
 
 
+#: Keys whose values are credentials (fsspec/s3fs options, serving configs).
+SECRET_KEYS = frozenset({
+    "api_key", "key", "secret", "token", "password", "session_token", "access_key_id",
+    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+})
+
+
 class _SpecLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false; ``on``, ``yes``, ``no`` stay strings."""
 
@@ -108,6 +115,23 @@ class PipelineSpec(BaseModel):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", max_length=100
     )
 
+    @model_validator(mode="after")
+    def _no_secrets(self) -> PipelineSpec:
+        """A spec is a flow-run parameter, shown in the UI: it must hold no secret."""
+        places = {
+            **{f"serving.{n}.{k}": v for n, e in self.serving.items() for k, v in e.items()},
+            **{f"store.storage_options.{k}": v for k, v in self.store.storage_options.items()},
+            **{f"source.storage_options.{k}": v for k, v in self.source.storage_options.items()},
+        }
+        for place, value in places.items():
+            if place.rsplit(".", 1)[-1].lower() in SECRET_KEYS and value is not None:
+                raise ValueError(
+                    f"{place}: a spec is shown in the Prefect UI and must not hold secrets; "
+                    "use a saved block (store: {block: NAME}, serving: {NAME: {block: NAME}}), "
+                    "api_key_secret / api_key_env, or the environment"
+                )
+        return self
+
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """Instantiate every step's operator; errors name ``steps[i].name.key``."""
         built: list[Operator] = []
@@ -170,10 +194,11 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
             parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
         else:
             parts.append(str(loc))
-    where = ".".join(parts) or "spec"
+    where = ".".join(parts)
+    message = first["msg"].removeprefix("Value error, ")  # a validator's own message
     more = len(exc.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {first['msg']}{tail}"
+    return f"{where}: {message}{tail}" if where else f"{message}{tail}"
 
 
 def load_spec(source: str | Path | dict[str, Any] | PipelineSpec) -> PipelineSpec:

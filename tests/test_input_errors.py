@@ -126,3 +126,22 @@ def test_cli_bad_key_path_in_yaml(tmp_path: Path, data: Path, prefect_api: str) 
     assert "steps[1].dedup.on" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "s" / "x" / "steps").exists()
+
+
+@pytest.mark.parametrize("extra, place", [
+    ({"serving": {"default": {"backend": "openai_compatible", "api_key": "sk-live-123"}}},
+     "serving.default.api_key"),
+    ({"store": {"url": "s3://bucket/x", "storage_options": {"secret": "s3cr3t"}}},
+     "store.storage_options.secret"),
+    ({"source": {"path": "s3://bucket/x.jsonl", "storage_options": {"key": "AKIA123"}}},
+     "source.storage_options.key"),
+])
+def test_secrets_in_a_spec_are_refused(extra: dict, place: str) -> None:
+    from flows.spec import load_spec
+
+    spec = {"name": "p", "source": {"path": "x.jsonl"}, "steps": [{"select": {"columns": ["a"]}}]}
+    with pytest.raises(NightshiftError) as err:
+        load_spec({**spec, **extra})
+    message = str(err.value)
+    assert message.startswith(f"spec: {place}: a spec is shown in the Prefect UI"), message
+    assert "sk-live-123" not in message and "s3cr3t" not in message and "AKIA123" not in message
