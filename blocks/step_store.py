@@ -6,6 +6,7 @@ Layout under the root URL (stable; any Parquet tool can read it)::
     <root>/<pipeline>/steps/<NN>-<ops>/<file>-<start>-<key>.parquet   one file per (step, batch)
     <root>/<pipeline>/steps/<NN>-<ops>/manifest.json    written when the step completes
     <root>/<pipeline>/barriers/<NN>-<op>-<key>.parquet  state of a barrier step (dedup index)
+    <root>/<pipeline>/answers/<NN>-<ops>/<file>-<start>-<key>/  LLM answers of a batch in progress
     <root>/_prefect/<cache key>                          Prefect result records (small refs)
 
 ``<key>`` is the content address of the batch at that step: the source file identity and
