@@ -34,6 +34,7 @@ demo: venv
 	$(BIN)/nightshift status examples/nightly.yaml
 	$(BIN)/nightshift export examples/nightly.yaml --to out/nightly.jsonl
 	head -n 3 out/nightly.jsonl
+	$(BIN)/nightshift preview examples/nightly.yaml --rows 2   # streams tokens; store untouched
 
 test: venv
 	$(BIN)/python -m pytest
