@@ -201,26 +201,33 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     return f"{where}: {message}{tail}" if where else f"{message}{tail}"
 
 
+def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
+    """``(origin, data)``: a YAML file's content (origin: its path) or a given mapping.
+
+    Unreadable files and bad YAML raise a one-line SpecError naming the file, line and
+    column.
+    """
+    if not isinstance(source, (str, Path)):
+        return "spec", source
+    origin = str(source)
+    try:
+        text = Path(source).read_text()
+    except OSError as exc:
+        raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
+    try:
+        return origin, yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        problem = getattr(exc, "problem", None) or one_line(exc)
+        raise SpecError(f"{where}: invalid YAML: {problem}") from None
+
+
 def load_spec(source: str | Path | dict[str, Any] | PipelineSpec) -> PipelineSpec:
     """A validated spec from a YAML file path, a dict or a spec; errors are one line."""
     if isinstance(source, PipelineSpec):
         return source
-    origin = "spec"
-    if isinstance(source, (str, Path)):
-        origin = str(source)
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
-        try:
-            data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
-            problem = getattr(exc, "problem", None) or one_line(exc)
-            raise SpecError(f"{where}: invalid YAML: {problem}") from None
-    else:
-        data = source
+    origin, data = read_spec_mapping(source)
     if not isinstance(data, dict):
         raise SpecError(f"{origin}: a spec must be a mapping with name, source and steps")
     try:

@@ -34,7 +34,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -46,7 +45,7 @@ from pydantic import (
     model_validator,
 )
 
-from flows.spec import StoreSpec, _SpecLoader, validation_message
+from flows.spec import StoreSpec, read_spec_mapping, validation_message
 from tasks.errors import SpecError, one_line
 from tasks.operators import Operator, resolve_operator
 
@@ -305,26 +304,11 @@ def load_stream_spec(source: str | Path | dict[str, Any] | StreamSpec) -> Stream
     """A validated stream spec from a YAML path, a mapping or a spec; errors are one line."""
     if isinstance(source, StreamSpec):
         return source
-    origin = "spec"
-    if isinstance(source, (str, Path)):
-        origin = str(source)
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
-        try:
-            data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
-            problem = getattr(exc, "problem", None) or one_line(exc)
-            raise SpecError(f"{where}: invalid YAML: {problem}") from None
-    else:
-        data = source
+    origin, data = read_spec_mapping(source)
     if not isinstance(data, dict) or "streams" not in data:
         raise SpecError(f"{origin}: a stream spec must be a mapping with 'streams:' (a list)")
     try:
         return StreamSpec.model_validate(data)
     except ValidationError as exc:
-        message = validation_message(exc).replace(": Value error, ", ": ")
+        message = validation_message(exc)
         raise SpecError(f"{origin}: {message}") from None
