@@ -134,6 +134,12 @@ class ServingConfig(Block):
             return value
         return None
 
+    def check_credentials(self) -> None:
+        """Raise a one-line SpecError now if the API key this config names cannot be found
+        (an unset environment variable, a missing Secret block); the key is not kept."""
+        if self.is_http:
+            self.resolve_api_key()
+
     def http_options(self) -> dict[str, Any]:
         """Keyword arguments for ``serving.http.OpenAIBackend`` (the key excluded)."""
         if not self.base_url:

@@ -127,6 +127,11 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         in_store = file.format != "parquet"
         batches.extend(cut(file, read_uri, in_store, rows, spec.batch_size, len(batches)))
     serving = resolve_serving(spec, operators)
+    for name, config in serving.items():
+        try:
+            config.check_credentials()
+        except SpecError as exc:
+            raise SpecError(f"serving.{name}: {exc}") from None
     if serving and spec.task_runner != "thread":
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)

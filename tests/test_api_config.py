@@ -46,3 +46,25 @@ def test_a_saved_block_keeps_the_key_secret() -> None:
     assert loaded.resolve_api_key() == "sk-saved-secret"
     assert "sk-saved-secret" not in loaded.model_dump_json() + repr(loaded)
     assert loaded.http_options()["base_url"] == HTTP["base_url"] and "api_key" not in loaded.http_options()
+
+
+def test_a_key_that_cannot_be_found_stops_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_jsonl(tmp_path / "a.jsonl", make_rows(3))
+    monkeypatch.delenv("NIGHTSHIFT_TEST_UNSET_KEY", raising=False)
+    spec = {"name": "cfg", "source": {"path": str(tmp_path / "a.jsonl")},
+            "store": {"url": f"file://{tmp_path}/store"},
+            "steps": [{"generate": {"prompt": "{{ text }}", "output": "o"}}],
+            "serving": {"default": {**HTTP, "api_key_env": "NIGHTSHIFT_TEST_UNSET_KEY"}}}
+    with pytest.raises(SpecError, match=r"^serving\.default: api_key_env NIGHTSHIFT_TEST_UNSET_KEY: "
+                                        r"the environment variable is not set$"):
+        build_plan(spec)
+    spec["serving"]["default"] = {**HTTP, "api_key_secret": f"missing-{uuid.uuid4().hex[:8]}"}
+    with pytest.raises(SpecError, match=r"^serving\.default: api_key_secret 'missing-.*': no such "
+                                        r"Prefect Secret block$"):
+        build_plan(spec)
+    assert not (tmp_path / "store" / "cfg" / "steps").exists()
+    monkeypatch.setenv("NIGHTSHIFT_TEST_UNSET_KEY", "sk-now-set")
+    spec["serving"]["default"] = {**HTTP, "api_key_env": "NIGHTSHIFT_TEST_UNSET_KEY"}
+    assert build_plan(spec).serving["default"].api_key_env == "NIGHTSHIFT_TEST_UNSET_KEY"
