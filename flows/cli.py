@@ -19,7 +19,9 @@ from flows.spec import PipelineSpec, load_spec
 from tasks.errors import NightshiftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+# Piped output (make, CI logs, a worker's log) gets no terminal width: rich would assume
+# 80 columns and cut step names, so give it room.
+console = Console() if Console().is_terminal else Console(width=160)
 err = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="pipeline spec (YAML)")]
@@ -64,12 +66,19 @@ def run(
 
 
 def _print_steps(rows: list[dict]) -> None:
-    table = Table("step", "batches", "cached", "reused", "computed", "failed", "rows in", "rows out")
+    llm = any(r.get("prompt_tokens") or r.get("completion_tokens") for r in rows)
+    priced = any(r.get("cost_usd") for r in rows)
+    columns = ["step", "batches", "cached", "reused", "computed", "failed", "rows in", "rows out"]
+    table = Table(*columns, *(["tokens in", "tokens out"] if llm else []),
+                  *(["cost $"] if priced else []))
     for r in rows:
-        table.add_row(
-            r["name"], str(r["batches"]), str(r["cached"]), str(r["reused"]), str(r["computed"]),
-            str(r["failed"]), str(r["rows_in"]), str(r["rows_out"]),
-        )
+        cells = [r["name"], *(str(r[k]) for k in ("batches", "cached", "reused", "computed",
+                                                  "failed", "rows_in", "rows_out"))]
+        if llm:
+            cells += [str(r.get("prompt_tokens", 0)), str(r.get("completion_tokens", 0))]
+        if priced:
+            cells.append(f"{r.get('cost_usd', 0.0):.4f}")
+        table.add_row(*cells)
     console.print(table)
 
 

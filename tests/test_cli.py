@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import polars as pl
 
 from conftest import make_rows, run_cli
@@ -49,3 +51,15 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
 
     bad = run_cli(["export", str(spec), "--to", str(tmp_path / "out.csv")], prefect_api)
     assert bad.returncode == 2 and "use a .parquet or .jsonl" in bad.stderr
+
+
+def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import _print_steps
+
+    row = dict(name="00-generate", batches=2, cached=0, reused=0, computed=2, failed=0,
+               rows_in=10, rows_out=10, prompt_tokens=512, completion_tokens=77, cost_usd=0.0123)
+    _print_steps([row])
+    out = capsys.readouterr().out
+    assert "tokens in" in out and "512" in out and "77" in out and "0.0123" in out
+    _print_steps([{**row, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}])
+    assert "tokens" not in capsys.readouterr().out
