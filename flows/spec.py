@@ -134,24 +134,31 @@ class PipelineSpec(BaseModel):
 
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """Instantiate every step's operator; errors name ``steps[i].name.key``."""
-        built: list[Operator] = []
-        for i, entry in enumerate(self.steps):
-            if len(entry) != 1:
-                raise SpecError(
-                    f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
-                )
-            (name, config), = entry.items()
-            try:
-                cls = resolve_operator(name, allow_imports)
-            except SpecError as exc:
-                raise SpecError(f"steps[{i}]: {exc}") from None
-            try:
-                built.append(cls(**(config or {})))
-            except ValidationError as exc:
-                raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
-            except TypeError as exc:
-                raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
-        return built
+        return build_operators(self.steps, allow_imports)
+
+
+def build_operators(
+    steps: list[dict[str, dict[str, Any] | None]], allow_imports: bool = False
+) -> list[Operator]:
+    """The operators of a spec's ``steps:`` list; errors name ``steps[i].name.key``."""
+    built: list[Operator] = []
+    for i, entry in enumerate(steps):
+        if len(entry) != 1:
+            raise SpecError(
+                f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
+            )
+        (name, config), = entry.items()
+        try:
+            cls = resolve_operator(name, allow_imports)
+        except SpecError as exc:
+            raise SpecError(f"steps[{i}]: {exc}") from None
+        try:
+            built.append(cls(**(config or {})))
+        except ValidationError as exc:
+            raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
+        except TypeError as exc:
+            raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
+    return built
 
 
 def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, ServingConfig]:

@@ -45,9 +45,9 @@ from pydantic import (
     model_validator,
 )
 
-from flows.spec import StoreSpec, read_spec_mapping, validation_message
-from tasks.errors import SpecError, one_line
-from tasks.operators import Operator, resolve_operator
+from flows.spec import StoreSpec, build_operators, read_spec_mapping, validation_message
+from tasks.errors import SpecError
+from tasks.operators import Operator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TOKEN = r"^[A-Za-z0-9_-]+$"  # NATS stream and consumer names
@@ -226,23 +226,7 @@ class StreamPipelineSpec(_Strict):
 
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """The steps' operators; errors name ``steps[i].name.key``."""
-        built: list[Operator] = []
-        for i, entry in enumerate(self.steps):
-            if len(entry) != 1:
-                raise SpecError(f"steps[{i}]: expected one operator name as the only key, "
-                                f"got {sorted(entry)}")
-            (name, config), = entry.items()
-            try:
-                cls = resolve_operator(name, allow_imports)
-            except SpecError as exc:
-                raise SpecError(f"steps[{i}]: {exc}") from None
-            try:
-                built.append(cls(**(config or {})))
-            except ValidationError as exc:
-                raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
-            except TypeError as exc:
-                raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
-        return built
+        return build_operators(self.steps, allow_imports)
 
     def sink_specs(self) -> list[SinkSpec]:
         """The sinks, validated; errors name ``sinks[i].kind.key``."""
