@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from serving.http import OpenAIBackend
 from serving.http.limits import RateLimiter, parse_duration_s

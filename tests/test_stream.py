@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
