@@ -39,8 +39,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-bench: venv
-	$(BIN)/python benchmarks/bench_overhead.py
+BENCHMARKS ?= overhead scaleout generate api stream
+
+bench: venv   # every benchmark (results: benchmarks/RESULTS.md); one: make bench BENCHMARKS=api
+	for b in $(BENCHMARKS); do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
 # Deployments (docs/deployments.md): `make server` in one terminal, `make deploy` (idempotent:
 # re-run it after changing prefect.yaml), then `make worker` in another terminal.
