@@ -41,7 +41,7 @@ from blocks.serving_config import ServingConfig
 from flows.plan import _dry_run
 from flows.spec import PipelineSpec, load_spec, resolve_serving
 from serving.interface import GenerationRequest, GenerationResult
-from serving.pool import ServingPool, build_http_backend, build_local_backend
+from serving.pool import ServingPool, build_backend
 from serving.streaming import stream
 from serving.task_runner import shared_pool_for
 from tasks import parquet_io
@@ -187,11 +187,7 @@ class _StreamingPool(ServingPool):
                 self._backends[name] = backends[0] if backends else served.backend
             else:
                 self.write(f"starting {config.backend} backend for serving {name!r} ({config.model})...\n")
-                if getattr(config, "is_http", False):
-                    backend = build_http_backend(config)
-                else:
-                    plain = config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
-                    backend = build_local_backend(plain)
+                backend = build_backend(config)
                 self._owned.append(backend)
                 self._backends[name] = backend
             self.starts[name] += 1

@@ -76,6 +76,18 @@ def build_http_backend(config: ServingConfig) -> Backend:
     return OpenAIBackend(api_key=config.resolve_api_key(), **config.http_options())
 
 
+def plain_config(config: ServingConfig) -> dict[str, Any]:
+    """A serving config as a picklable dict for one local engine (devices left out)."""
+    return config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+
+
+def build_backend(config: ServingConfig) -> Backend:
+    """One backend in this process: the HTTP client, or one local engine (no replicas)."""
+    if config.is_http:
+        return build_http_backend(config)
+    return build_local_backend(plain_config(config))
+
+
 class _ServedHTTP:
     """One HTTP backend, called from every task thread at once."""
 
@@ -98,7 +110,7 @@ class _Served:
     """The batchers of one serving name (one per replica), used in turn."""
 
     def __init__(self, name: str, config: ServingConfig) -> None:
-        plain = config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+        plain = plain_config(config)
         devices = config.device_list()
         if devices:
             factories = [functools.partial(_build_replica, plain, d) for d in devices]
