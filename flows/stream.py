@@ -83,9 +83,10 @@ def plan_streams(spec: dict[str, Any] | str, allow_imports: bool) -> tuple[Strea
     """The parsed spec and every stream's plan.
 
     CPython 3.11 before 3.11.8 raises ``SystemError: AST constructor recursion depth
-    mismatch`` when two threads build ASTs at once (cpython#106905); planning does
-    (operator code versions, pydantic signatures) while Prefect's background thread
-    builds pydantic schemas. The plan is pure, so a collision is simply retried.
+    mismatch`` when two threads build ASTs at once (cpython#106905); planning still
+    compiles Python (Jinja templates in the dry run) while Prefect's background thread
+    may do the same. Operator code versions no longer parse ASTs (tasks/fingerprints.py);
+    the plan is pure, so a remaining collision is simply retried.
     """
     for attempt in range(5):
         try:
