@@ -35,7 +35,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
-from tasks import parquet_io
+from tasks import inventory, parquet_io
 from tasks.errors import StoreError, one_line
 from tasks.locks import ProcessAwareLockManager
 from tasks.fingerprints import digest
@@ -109,6 +109,14 @@ class StepStore(WritableFileSystem):
 
     def read_frame(self, path: str, columns: list[str] | None = None) -> pl.DataFrame:
         return parquet_io.read(self.fs, path, columns)
+
+    def read_rows(self, path: str, start: int, stop: int) -> pl.DataFrame:
+        """Rows ``[start, stop)`` of a stored Parquet file (only the row groups needed)."""
+        return parquet_io.read_slice(self.fs, path, start, stop)
+
+    def stat(self, path: str) -> tuple[int, str]:
+        """``(size, tag)`` of a stored file, as a directory listing shows them."""
+        return inventory.stat(self.fs, path)
 
     def frame_rows(self, path: str) -> int | None:
         """Rows in a stored Parquet file, or None if it is missing or unreadable."""

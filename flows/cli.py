@@ -1,36 +1,98 @@
-"""The ``nightshift`` command: run, status, export and validate a YAML pipeline spec.
+"""The ``nightshift`` command line (entry point ``flows.cli:main``).
 
-Errors in the spec, the data or the store print one line (``error: ...``) and exit 2.
+* Errors in the spec, the data or the store print one line (``error: ...``) and exit 2.
+* Usage errors (an unknown command or option, a missing or malformed argument) print
+  ``error: ...``, the command's usage line and a ``--help`` hint, and exit 2; no
+  traceback. ``nightshift`` with no arguments prints the help on stderr and exits 2, as
+  click does (a bare command is a usage error, not a request for help).
+* ``--help``, ``--version`` and usage errors import neither Prefect, polars nor vLLM:
+  those imports live in the command bodies (``tests/test_cli.py`` asserts it).
+* A vLLM engine start logs one line; ``--verbose`` (or ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)
+  shows vLLM's whole start-up log (``serving.vllm_backend.engine_logs_verbose``).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.outputs import export as export_output
-from flows.outputs import step_status
-from flows.plan import build_plan
-from flows.spec import PipelineSpec, load_spec
 from tasks.errors import NightshiftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+if TYPE_CHECKING:
+    from flows.spec import PipelineSpec
+
+HELP = """Batched, resumable LLM data pipelines: check, run, inspect and export a YAML
+pipeline spec.
+
+Errors in the spec, the data or the store print one line (error: ...) and exit 2.
+"""
+
+# Plain (click-style) help: flags are shown as flags, without a <bool> type column.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 # Piped output (make, CI logs, a worker's log) gets no terminal width: rich would assume
 # 80 columns and cut step names, so give it room.
 console = Console() if Console().is_terminal else Console(width=160)
 err = Console(stderr=True)
 
-SpecArg = Annotated[Path, typer.Argument(help="pipeline spec (YAML)")]
+SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")]
 AllowImports = Annotated[
     bool, typer.Option("--allow-imports", help="allow operators given as module:Class")
 ]
+Verbose = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="show the LLM engine's full start-up log "
+                 "(also: NIGHTSHIFT_LOG_LEVEL=DEBUG)"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("nightshift")
+        except PackageNotFoundError:
+            installed = "unknown (not installed as a distribution)"
+        print(f"nightshift {installed}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    pass
+
+
+def _verbose(verbose: bool, *, log_to_stderr: bool = False) -> None:
+    """``--verbose`` goes through the environment (``NIGHTSHIFT_LOG_LEVEL=DEBUG``), so
+    that engines started in worker processes of this run see it too. ``log_to_stderr``:
+    show Nightshift's own INFO lines (the one line per engine start) on stderr, for
+    commands that run outside a Prefect flow run (in one, Prefect's loggers show them)."""
+    if verbose:
+        os.environ["NIGHTSHIFT_LOG_LEVEL"] = "DEBUG"
+    if log_to_stderr:
+        import logging
+
+        logger = logging.getLogger("nightshift")
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+            logger.propagate = False
 
 
 def _spec(path: Path, batch_size: int | None = None) -> PipelineSpec:
+    from flows.spec import PipelineSpec, load_spec
+
     spec = load_spec(path)
     if batch_size is not None:
         spec = PipelineSpec.model_validate({**spec.model_dump(), "batch_size": batch_size})
@@ -46,10 +108,13 @@ def run(
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
     allow_imports: AllowImports = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Run the pipeline, resuming from the batches already in the store."""
+    """Run the pipeline; batches done in the store are not recomputed."""
+    from flows.plan import build_plan
     from flows.run_pipeline import run_pipeline
 
+    _verbose(verbose)
     parsed = _spec(spec, batch_size)
     build_plan(parsed, allow_imports=allow_imports)  # every check, before any work
     state = run_pipeline(
@@ -68,11 +133,11 @@ def run(
 def _print_steps(rows: list[dict]) -> None:
     llm = any(r.get("prompt_tokens") or r.get("completion_tokens") for r in rows)
     priced = any(r.get("cost_usd") for r in rows)
-    columns = ["step", "batches", "cached", "reused", "computed", "failed", "rows in", "rows out"]
+    columns = ["step", "batches", "reused", "computed", "failed", "rows in", "rows out"]
     table = Table(*columns, *(["tokens in", "tokens out"] if llm else []),
                   *(["cost $"] if priced else []))
     for r in rows:
-        cells = [r["name"], *(str(r[k]) for k in ("batches", "cached", "reused", "computed",
+        cells = [r["name"], *(str(r[k]) for k in ("batches", "reused", "computed",
                                                   "failed", "rows_in", "rows_out"))]
         if llm:
             cells += [str(r.get("prompt_tokens", 0)), str(r.get("completion_tokens", 0))]
@@ -85,6 +150,9 @@ def _print_steps(rows: list[dict]) -> None:
 @app.command()
 def status(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Per step: batches done / total and rows, read from the store."""
+    from flows.outputs import step_status
+    from flows.plan import build_plan
+
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     table = Table("step", "steps", "batches done", "rows")
     for s in step_status(plan):
@@ -99,6 +167,9 @@ def export(
     allow_imports: AllowImports = False,
 ) -> None:
     """Write the final step's rows, in source order, to one file."""
+    from flows.outputs import export as export_output
+    from flows.plan import build_plan
+
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     rows = export_output(plan, to)
     console.print(f"wrote {rows} rows to {to}")
@@ -106,7 +177,9 @@ def export(
 
 @app.command()
 def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
-    """Check the spec, the sources, the schema and the store; run nothing."""
+    """Check the spec, sources, schema and store; run nothing."""
+    from flows.plan import build_plan
+
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     console.print(
         f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), "
@@ -119,10 +192,15 @@ def preview(
     spec: SpecArg,
     rows: Annotated[int, typer.Option("--rows", help="rows to run through the pipeline")] = 3,
     allow_imports: AllowImports = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Run the pipeline on a few rows, streaming LLM replies; the store is not touched."""
+    """Run the pipeline on a few rows, streaming LLM replies.
+
+    Nothing is read from or written to the step store.
+    """
     from flows.preview import preview as run_preview
 
+    _verbose(verbose, log_to_stderr=True)
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
 
 
@@ -134,7 +212,7 @@ def stream(
     check: Annotated[bool, typer.Option("--check", help="connect and check everything; run nothing")] = False,
     allow_imports: AllowImports = False,
 ) -> None:
-    """Run stream pipelines (NATS JetStream -> windows -> steps -> sinks) until stopped."""
+    """Run stream pipelines (NATS JetStream to sinks) until stopped."""
     from flows.stream import run_stream
 
     summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports)
@@ -143,7 +221,7 @@ def stream(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="nightshift")
     except NightshiftError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
@@ -151,13 +229,40 @@ def main() -> None:
         raise SystemExit(130) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        _show_usage_error(exc)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    # Without standalone mode, an Exit raised inside a command (Ctrl-C is one: 130) comes
+    # back as the return value.
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click error: typer >= 0.26 vendors click (``typer._click``, whose exceptions
+    derive from ``typer.TyperException``); older typers use the ``click`` package."""
+    kinds: list[type] = []
+    if hasattr(typer, "TyperException"):
+        kinds.append(typer.TyperException)
+    if "click" in sys.modules:
+        kinds.append(sys.modules["click"].ClickException)
+    return isinstance(exc, tuple(kinds))
+
+
+def _show_usage_error(exc: Any) -> None:
+    """``error: <message>``, then the usage line and the ``--help`` hint (stderr)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``nightshift``: the help
+        print(exc.format_message().rstrip("\n"), file=sys.stderr)
+        return
+    message = " ".join(str(exc.format_message()).split())
+    lines = [f"error: {message}"]
+    if ctx is not None:
+        lines.append(ctx.get_usage())
+        lines.append(f"Try '{ctx.command_path} --help' for help.")
+    print("\n".join(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
-"""Why a run reuses or recomputes: one log line per stage, before any batch runs.
+"""Why a run reuses or computes: one line per stage, before any batch runs.
 
-Each stage is compared with the manifest its last completed run left in the store:
+The words are the ones used everywhere (logs, artifacts, ``nightshift run``'s table):
+a batch is **done** when its output is in the store and readable; a run **reuses** done
+batches (no task run) and **computes** the others. Each stage is compared with the
+manifest its last completed run left in the store:
 
-* same fingerprint: the step is unchanged; batches already in the store are reused and
-  the others (new source files, deleted or unreadable outputs) are computed;
-* another fingerprint: the steps whose config changed are named (or "code, model or
-  upstream" when the configs are equal: an operator's code version, the model behind
-  it, or an earlier step changed), and every batch of that stage recomputes;
-* no manifest: the stage never completed under this store and partition;
+* same fingerprint: the step is unchanged; the batches to compute are new source batches
+  or outputs that are missing or unreadable;
+* another fingerprint: the steps whose config changed are named (or "operator code, model
+  or an upstream step" when the configs are equal), and its batches get new keys;
+* no manifest: no run has finished this step in this store (and partition) yet;
 * forced: ``resume_step``/``--fresh`` asked for it.
 
-Checking costs one directory listing and one small JSON read per stage.
+Checking costs what the survey costs (one listing per stage directory) and one small JSON
+read per stage.
 """
 
 from __future__ import annotations
@@ -18,42 +21,39 @@ from __future__ import annotations
 from typing import Any
 
 from flows.plan import Plan
+from flows.survey import StageSurvey, survey as take_survey
 
 
-def explain(plan: Plan, force_from: int | None) -> list[str]:
+def explain(plan: Plan, force_from: int | None,
+            survey: list[StageSurvey] | None = None) -> list[str]:
     """One line per stage: what this run will reuse and why the rest is computed."""
-    return [_explain_stage(plan, stage.index, force_from) for stage in plan.stages]
+    views = survey if survey is not None else take_survey(plan, force_from=force_from)
+    return [_explain_stage(plan, stage.index, force_from, views[stage.index])
+            for stage in plan.stages]
 
 
-def _explain_stage(plan: Plan, index: int, force_from: int | None) -> str:
+def _explain_stage(plan: Plan, index: int, force_from: int | None, view: StageSurvey) -> str:
     stage = plan.stages[index]
     total = len(plan.batches)
     name = f"step {stage.dirname}"
     if force_from is not None and index >= force_from:
-        return f"{name}: recomputing all {total} batch(es), as asked (resume_step / --fresh)"
-    present = _outputs_present(plan, index)
-    missing = total - present
+        return f"{name}: computing all {total} batches, as asked (resume_step / --fresh)"
+    if view.done == total:
+        return f"{name}: all {total} batches done, reused"
     manifest = plan.store.read_json(plan.manifest_path(index))
     if not isinstance(manifest, dict):
-        why = "no earlier completed run of this step in the store"
+        why = ("an earlier run stopped before finishing this step" if view.done
+               else "no run has finished this step in this store yet")
     elif manifest.get("fingerprint") == stage.fingerprint:
-        why = "step unchanged since its last completed run; new source batches or missing outputs"
+        why = "step unchanged: new source batches, or outputs missing or unreadable"
     else:
-        why = f"changed since its last completed run: {_what_changed(stage, manifest)}"
-    if missing == 0:
-        return f"{name}: all {total} batch(es) already in the store, reused"
-    return f"{name}: {present} of {total} batch(es) reused, {missing} to compute ({why})"
-
-
-def _outputs_present(plan: Plan, index: int) -> int:
-    if not plan.batches:
-        return 0
-    directory = plan.out_path(index, 0).rsplit("/", 1)[0]
-    try:
-        names = {p.rsplit("/", 1)[-1] for p in plan.store.fs.ls(directory, detail=False)}
-    except FileNotFoundError:
-        return 0
-    return sum(plan.out_path(index, b).rsplit("/", 1)[-1] in names for b in range(len(plan.batches)))
+        why = f"changed since its last finished run: {_what_changed(stage, manifest)}"
+    pieces = ""
+    if stage.batch_size is not None and view.units_done:
+        pieces = f"; {view.units_done} pieces of {stage.batch_size} rows done"
+    waiting = f", {view.waiting} of them after an earlier step" if view.waiting else ""
+    return (f"{name}: {view.done} of {total} batches done and reused, "
+            f"{view.to_compute} to compute{waiting} ({why}){pieces}")
 
 
 def _what_changed(stage: Any, manifest: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from flows.plan import Plan
+from flows.survey import survey
 from tasks.errors import StoreError
 
 
@@ -21,31 +22,29 @@ class StepStatus:
 
 
 def step_status(plan: Plan) -> list[StepStatus]:
-    """For each stage: batches whose output is in the store (and readable), and rows."""
-    report = []
-    for stage in plan.stages:
-        done = rows = 0
-        for batch in range(len(plan.batches)):
-            n = plan.store.frame_rows(plan.out_path(stage.index, batch))
-            if n is not None:
-                done += 1
-                rows += n
-        report.append(StepStatus(stage.dirname, list(stage.steps), done, len(plan.batches), rows))
-    return report
+    """For each stage: batches whose output is in the store (and readable), and rows.
+
+    One listing per stage directory (see flows/survey.py); a stage that cuts batches
+    into pieces counts a batch done when every piece is.
+    """
+    return [
+        StepStatus(view.name, list(stage.steps), view.done, view.batches, view.rows)
+        for stage, view in zip(plan.stages, survey(plan))
+    ]
 
 
 def final_paths(plan: Plan) -> list[str]:
-    """The last step's batch files in source order; error if any is missing."""
-    last = len(plan.stages) - 1
-    paths = [plan.out_path(last, b) for b in range(len(plan.batches))]
-    missing = [p for p in paths if plan.store.frame_rows(p) is None]
-    if missing:
+    """The last step's output files in source order; error if any batch is missing."""
+    last = survey(plan)[-1]
+    if last.done < last.batches:
+        missing = next(b for b, refs in enumerate(last.refs) if refs is None)
+        batch = plan.batches[missing]
         raise StoreError(
-            f"pipeline {plan.spec.name}: step {plan.stages[last].dirname} has "
-            f"{len(paths) - len(missing)}/{len(paths)} batches; run it first "
-            f"(first missing: {plan.store.display(missing[0])})"
+            f"pipeline {plan.spec.name}: step {plan.stages[-1].dirname} has "
+            f"{last.done}/{last.batches} batches; run it first (first missing: batch "
+            f"{missing + 1}, rows {batch.start}-{batch.stop} of {batch.file.uri})"
         )
-    return paths
+    return [ref.path for refs in last.refs for ref in refs or []]
 
 
 def read_output(plan: Plan) -> pl.DataFrame:

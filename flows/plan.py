@@ -30,14 +30,32 @@ from tasks.sources import SourceFile, discover, filesystem, load_text_file
 from tasks import parquet_io
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One task's worth of work: rows ``[start, stop)`` of one batch's input at a stage.
+
+    A stage without its own ``batch_size`` takes each batch whole (``stop`` is None); a
+    stage with a smaller one cuts each batch's input into pieces of that many rows.
+    """
+
+    stage: int
+    batch: int
+    piece: int
+    start: int
+    stop: int | None
+    key: str
+
+
 @dataclass
 class Stage:
-    """One Prefect task per batch: one operator, or several fused row-local ones."""
+    """One Prefect task per unit: one operator, or several fused row-local ones."""
 
     index: int
     first_step: int
     operators: list[Operator]
     fingerprint: str
+    #: rows per task when smaller than the pipeline's batch_size, else None (whole batches)
+    batch_size: int | None = None
 
     @property
     def barrier(self) -> BarrierOperator | None:
@@ -61,21 +79,69 @@ class Plan:
     batches: list[Batch]
     stages: list[Stage]
     serving: dict[str, ServingConfig] = field(default_factory=dict)
+    #: keys of the stages before the first one with its own batch_size (known at planning)
     keys: list[list[str]] = field(default_factory=list)
     barrier_keys: dict[int, str] = field(default_factory=dict)
 
-    def out_path(self, stage: int, batch: int) -> str:
-        b = self.batches[batch]
-        name = f"{b.file_label}-{self.keys[stage][batch][:16]}.parquet"
-        return self.store.path(*prefix_of(self.spec), "steps", self.stages[stage].dirname, name)
+    # -- keys: the content address of every unit -------------------------------------
+    def source_key(self, batch: int) -> str:
+        """The input key of a batch at the first stage: file identity and row range."""
+        key = self.batches[batch].fingerprint
+        # a partition's outputs (and Prefect cache records) are its own
+        return digest(self.spec.partition, key) if self.spec.partition else key
 
-    def barrier_path(self, stage: int) -> str:
-        name = f"{self.stages[stage].dirname}-{self.barrier_keys[stage][:16]}.parquet"
-        return self.store.path(*prefix_of(self.spec), "barriers", name)
+    @staticmethod
+    def input_key(upstream_keys: list[str]) -> str:
+        """A batch's input key at a stage: its one upstream unit's key, or all of them."""
+        return upstream_keys[0] if len(upstream_keys) == 1 else digest("pieces", *upstream_keys)
+
+    def units(self, stage: int, batch: int, input_key: str, input_rows: int) -> list[Unit]:
+        """The units of a row-local stage for one batch, from its input key and rows."""
+        s = self.stages[stage]
+        if s.batch_size is None:
+            return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
+        starts = range(0, input_rows, s.batch_size) or range(1)
+        return [
+            Unit(stage, batch, i, a, min(a + s.batch_size, input_rows),
+                 digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)))
+            for i, a in enumerate(starts)
+        ]
+
+    def barrier_units(self, stage: int, input_keys: list[str]) -> tuple[str, list[Unit]]:
+        """A barrier's index key and its per-batch units: batch j depends on batches 0..j."""
+        s = self.stages[stage]
+        prefix, units = "", []
+        for batch, key in enumerate(input_keys):
+            prefix = digest(prefix, key)
+            units.append(Unit(stage, batch, 0, 0, None, digest(s.fingerprint, prefix)))
+        return digest(s.fingerprint, "index", prefix), units
+
+    # -- paths -------------------------------------------------------------------------
+    def stage_dir(self, stage: int) -> str:
+        return self.store.path(*prefix_of(self.spec), "steps", self.stages[stage].dirname)
+
+    def unit_name(self, unit: Unit) -> str:
+        label = self.batches[unit.batch].file_label
+        if unit.stop is not None:
+            label = f"{label}_{unit.start}"
+        return f"{label}-{unit.key[:16]}.parquet"
+
+    def unit_path(self, unit: Unit) -> str:
+        return f"{self.stage_dir(unit.stage)}/{self.unit_name(unit)}"
+
+    def out_path(self, stage: int, batch: int) -> str:
+        """The output of a whole-batch stage whose keys are known at planning."""
+        return self.unit_path(Unit(stage, batch, 0, 0, None, self.keys[stage][batch]))
+
+    def barriers_dir(self) -> str:
+        return self.store.path(*prefix_of(self.spec), "barriers")
+
+    def barrier_path(self, stage: int, index_key: str | None = None) -> str:
+        key = index_key or self.barrier_keys[stage]
+        return f"{self.barriers_dir()}/{self.stages[stage].dirname}-{key[:16]}.parquet"
 
     def manifest_path(self, stage: int) -> str:
-        dirname = self.stages[stage].dirname
-        return self.store.path(*prefix_of(self.spec), "steps", dirname, "manifest.json")
+        return f"{self.stage_dir(stage)}/manifest.json"
 
     def stage_of_step(self, step: int) -> int:
         for stage in self.stages:
@@ -90,11 +156,23 @@ def prefix_of(spec: PipelineSpec) -> list[str]:
 
 
 def build_stages(
-    operators: list[Operator], fuse: bool, context: dict[str, Any] | None = None
+    operators: list[Operator],
+    fuse: bool,
+    context: dict[str, Any] | None = None,
+    batch_size: int | None = None,
 ) -> list[Stage]:
+    """Group operators into stages: consecutive fusable ones with the same rows per task
+    share one; a step's own ``batch_size`` below the pipeline's makes it cut batches."""
+
+    def size(op: Operator) -> int | None:
+        if op.batch_size is None or batch_size is None or op.batch_size >= batch_size:
+            return None
+        return op.batch_size
+
     groups: list[list[Operator]] = []
     for op in operators:
-        if fuse and groups and op.fusable and groups[-1][-1].fusable:
+        last = groups[-1][-1] if groups else None
+        if fuse and last is not None and op.fusable and last.fusable and size(op) == size(last):
             groups[-1].append(op)
         else:
             groups.append([op])
@@ -102,9 +180,25 @@ def build_stages(
     for index, ops in enumerate(groups):
         for op in ops:
             upstream = op.fingerprint(upstream, context)
-        stages.append(Stage(index, first, ops, upstream))
+        stages.append(Stage(index, first, ops, upstream, size(ops[0])))
         first += len(ops)
     return stages
+
+
+def _check_batch_sizes(operators: list[Operator], batch_size: int) -> None:
+    """Per-step sizes cut a batch into smaller pieces; they never join batches."""
+    for i, op in enumerate(operators):
+        if op.batch_size is None:
+            continue
+        where = f"steps[{i}] ({op.name or op.import_path()}).batch_size"
+        if isinstance(op, BarrierOperator):
+            raise SpecError(f"{where}: a barrier step runs on whole batches; remove batch_size")
+        if op.batch_size > batch_size:
+            raise SpecError(
+                f"{where} {op.batch_size} is larger than the pipeline's batch_size {batch_size}: "
+                "a step's pieces never span batches; set the pipeline's batch_size to the "
+                "largest step size and give the smaller steps their own"
+            )
 
 
 def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> Plan:
@@ -135,8 +229,10 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
     if serving and spec.task_runner != "thread":
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)
+    _check_batch_sizes(operators, spec.batch_size)
     context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
-    plan = Plan(spec, store, files, batches, build_stages(operators, spec.fuse, context), serving)
+    stages = build_stages(operators, spec.fuse, context, spec.batch_size)
+    plan = Plan(spec, store, files, batches, stages, serving)
     _compute_keys(plan)
     return plan
 
@@ -189,17 +285,17 @@ def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
 
 
 def _compute_keys(plan: Plan) -> None:
-    inputs = [b.fingerprint for b in plan.batches]
-    if plan.spec.partition:  # a partition's outputs (and Prefect cache records) are its own
-        inputs = [digest(plan.spec.partition, key) for key in inputs]
+    """The keys known before any work: every stage's up to the first that cuts batches
+    (that one's pieces depend on its input's row counts; the scheduler finds them)."""
+    inputs = [plan.source_key(b) for b in range(len(plan.batches))]
     for stage in plan.stages:
+        if stage.batch_size is not None:
+            return
         if stage.barrier is not None:
-            prefix, keys = "", []
-            for key in inputs:
-                prefix = digest(prefix, key)
-                keys.append(digest(stage.fingerprint, prefix))
-            plan.barrier_keys[stage.index] = digest(stage.fingerprint, "index", prefix)
+            index_key, units = plan.barrier_units(stage.index, inputs)
+            plan.barrier_keys[stage.index] = index_key
+            keys = [u.key for u in units]
         else:
-            keys = [digest(stage.fingerprint, key) for key in inputs]
+            keys = [plan.units(stage.index, b, key, 0)[0].key for b, key in enumerate(inputs)]
         plan.keys.append(keys)
         inputs = keys

@@ -8,6 +8,7 @@ numbers and dashes), so the Artifacts page keeps one history per pipeline.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 from uuid import UUID
 
@@ -20,50 +21,90 @@ from prefect.artifacts import (
 )
 
 from flows.plan import Plan
+from tasks.operators import ROW_ID
 
 
 def artifact_key(pipeline: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{pipeline}-{what}".lower()).strip("-")
 
 
-class Progress:
-    """One progress artifact per stage, updated as its batches finish."""
+def attempt_note() -> str:
+    """Which attempt of the flow run wrote an artifact (a UI Retry is attempt 2, ...)."""
+    from prefect.runtime import flow_run
 
-    def __init__(self, plan: Plan) -> None:
+    count = flow_run.run_count or 1
+    return f"attempt {count} of flow run {flow_run.name}" if flow_run.name else f"attempt {count}"
+
+
+class Progress:
+    """One progress artifact per stage: the share of its batches that are done.
+
+    Batches reused from the store count as done from the start. Updates are throttled
+    (at most one API call per stage every ``interval`` seconds, and one at the end of the
+    stage), so a run of 10,000 batches does not make 10,000 calls.
+    """
+
+    def __init__(self, plan: Plan, interval: float = 2.0) -> None:
         self.plan = plan
+        self.interval = interval
+        total = len(plan.batches)
         self.ids: list[UUID] = [
             create_progress_artifact(
                 0.0,
                 key=artifact_key(plan.spec.name, f"progress-{stage.dirname}"),
-                description=f"step {stage.dirname}: batches done of {len(plan.batches)}",
+                description=f"step {stage.dirname}: share of its {total} batches done "
+                            f"(reused or computed); {attempt_note()}",
             )
             for stage in plan.stages
         ]
         self.done = [0] * len(plan.stages)
+        self.sent = [0.0] * len(plan.stages)
 
     def batch_done(self, stage: int) -> None:
         self.done[stage] += 1
         total = max(len(self.plan.batches), 1)
-        update_progress_artifact(self.ids[stage], 100.0 * self.done[stage] / total)
+        now = time.monotonic()
+        if self.done[stage] >= total or now - self.sent[stage] >= self.interval:
+            self.sent[stage] = now
+            update_progress_artifact(self.ids[stage], 100.0 * self.done[stage] / total)
 
 
-SUMMARY_COLUMNS = ("name", "batches", "cached", "reused", "computed", "failed", "rows_in",
+def publish_plan(plan: Plan, lines: list[str]) -> None:
+    """The plan, one row per stage: what this run reuses from the store and why it
+    computes the rest (the same lines as the flow run's log)."""
+    create_table_artifact(
+        key=artifact_key(plan.spec.name, "plan"),
+        table=[{"step": stage.dirname, "plan": line.split(": ", 1)[-1]}
+               for stage, line in zip(plan.stages, lines)],
+        description=f"pipeline {plan.spec.name}: per step, batches reused from the store "
+                    f"and batches to compute, with the reason; {attempt_note()}",
+    )
+
+
+SUMMARY_COLUMNS = ("name", "batches", "reused", "computed", "failed", "rows_in",
                    "rows_out", "prompt_tokens", "completion_tokens", "requests", "retries",
                    "cached_answers", "cost_usd", "seconds")
+#: Columns that add up across steps (rows do not: a step's rows_in is the last one's out).
+_SUMMED = ("prompt_tokens", "completion_tokens", "requests", "retries", "cached_answers",
+           "cost_usd", "seconds")
 
 
 def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
-    """The run's summary table: one row per step, then (with LLM steps) the run's total
-    over its computed batches and, per HTTP serving backend, everything it sent in this
-    run (failed batches included: those calls were paid too). Per-batch usage of LLM
-    steps goes to a second table, ``<pipeline>-batch-usage``."""
+    """The run's summary table: one row per step (batches reused from the store and
+    computed by this run), then (with LLM steps) the run's total over its computed
+    batches and, per HTTP serving backend, everything it sent in this run (failed
+    batches included: those calls were paid too). Per-batch usage of LLM steps goes to a
+    second table, ``<pipeline>-batch-usage``."""
     table = [{k: r.get(k) for k in SUMMARY_COLUMNS} for r in rows]
+    for row in table:
+        row["seconds"] = round(row["seconds"] or 0.0, 2)
     if any(r.get("prompt_tokens") or r.get("requests") for r in rows):
         total: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
         total["name"] = "total (this run)"
-        for k in SUMMARY_COLUMNS[1:]:
-            total[k] = sum(r.get(k) or 0 for r in rows)
+        for k in _SUMMED:
+            total[k] = sum(r.get(k) or 0 for r in table)
         total["cost_usd"] = round(total["cost_usd"], 6)
+        total["seconds"] = round(total["seconds"], 2)
         table.append(total)
     for name, usage in serving_usage().items():
         row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
@@ -76,8 +117,9 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
     create_table_artifact(
         key=artifact_key(plan.spec.name, "summary"),
         table=table,
-        description=f"pipeline {plan.spec.name}: per step, what this run reused and computed; "
-                    "tokens and estimated cost (USD) of LLM calls",
+        description=f"pipeline {plan.spec.name}: per step, batches reused from the store and "
+                    "computed by this run, rows, tokens and estimated cost (USD) of LLM calls; "
+                    f"{attempt_note()}",
     )
     per_batch = [
         {"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []
@@ -87,7 +129,8 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
             key=artifact_key(plan.spec.name, "batch-usage"),
             table=per_batch,
             description=f"pipeline {plan.spec.name}: LLM requests, retries, answers reused from "
-                        "the answer cache, tokens and estimated cost per computed batch",
+                        "the answer cache, tokens and estimated cost per computed batch; "
+                        f"{attempt_note()}",
         )
 
 
@@ -108,6 +151,11 @@ def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:
     if not frames:
         return
     sample = pl.concat(frames, how="vertical_relaxed").head(n)
+    # what the last steps wrote first, the row id last: the new columns are on screen
+    written = [c for op in reversed([o for s in plan.stages for o in s.operators])
+               for c in op.writes() if c in sample.columns]
+    order = list(dict.fromkeys([*written, *(c for c in sample.columns if c != ROW_ID)]))
+    sample = sample.select([*order, *([ROW_ID] if ROW_ID in sample.columns else [])])
     text_cols = [c for c, t in sample.schema.items() if t == pl.String]
     shown = sample.with_columns(pl.col(text_cols).str.slice(0, 200)) if text_cols else sample
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
@@ -118,5 +166,5 @@ def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:
     create_markdown_artifact(
         key=artifact_key(plan.spec.name, "sample"),
         markdown=f"### {plan.spec.name}: first {shown.height} output rows\n\n{header}{body}",
-        description="sample rows of the last step",
+        description=f"sample rows of the last step; {attempt_note()}",
     )

@@ -16,8 +16,9 @@ from prefect.runtime import flow_run
 
 from flows.explain import explain
 from flows.plan import Plan, build_plan
-from flows.reporting import Progress, publish_sample, publish_summary
+from flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from flows.scheduler import Execution
+from flows.survey import Inventory, survey
 from flows.task_runners import make_task_runner
 from tasks.errors import SpecError
 
@@ -38,7 +39,12 @@ def execute_plan(
     resume_step: int | None = None,
     fail_at: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run a plan inside the current flow run; returns the run summary."""
+    """Run a plan inside the current flow run; returns the run summary.
+
+    The store is surveyed first (one listing per stage directory): the plan's log lines
+    and its ``<pipeline>-plan`` artifact say per stage what is reused and why the rest is
+    computed, and task runs are created only for the units left to compute.
+    """
     resume = resolve_resume(resume_from_last, resume_step)
     force_from = None
     if resume_step is not None:
@@ -52,19 +58,22 @@ def execute_plan(
         len(plan.spec.steps), len(plan.stages),
         f"; recomputing from stage {force_from}" if force_from is not None else "",
     )
-    for line in explain(plan, force_from):
+    inventory = Inventory(plan)
+    lines = explain(plan, force_from, survey(plan, inventory, force_from))
+    for line in lines:
         logger.info(line)
+    publish_plan(plan, lines)
     spec = plan.spec
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,
-                              progress=Progress(plan))
+                              progress=Progress(plan), inventory=inventory)
         try:
             execution.run()
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             publish_summary(plan, [s.as_row() for s in execution.stats])
-    output = [ref.path for ref in execution.refs[-1] if ref is not None]
+    output = [ref.path for _, ref in execution.units_of(len(plan.stages) - 1)]
     publish_sample(plan, output)
     return {
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
@@ -77,7 +86,7 @@ def execute_plan(
 
 def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
     s = plan.stages[stage]
-    refs = execution.refs[stage]
+    units = execution.units_of(stage)
     plan.store.write_json(
         plan.manifest_path(stage),
         {
@@ -85,19 +94,20 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
             "stage": s.dirname,
             "steps": [op.spec_entry() for op in s.operators],
             "fingerprint": s.fingerprint,
+            "batch_size": s.batch_size,
             "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "rows": sum(r.rows for r in refs if r),
+            "rows": sum(r.rows for _, r in units),
             "batches": [
                 {
                     "path": plan.store.display(r.path),
                     "rows": r.rows,
                     "key": r.key,
-                    "source": b.file.uri,
-                    "start": b.start,
-                    "stop": b.stop,
+                    "source": plan.batches[u.batch].file.uri,
+                    "start": plan.batches[u.batch].start,
+                    "stop": plan.batches[u.batch].stop,
+                    **({"piece": [u.start, u.stop]} if u.stop is not None else {}),
                 }
-                for b, r in zip(plan.batches, refs)
-                if r is not None
+                for u, r in units
             ],
         },
     )

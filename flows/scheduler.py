@@ -1,18 +1,25 @@
-"""Pipelined execution of a plan inside a flow run.
+"""Pipelined execution of a plan inside a flow run, paying only for the work left.
 
-Each batch walks the stages in order; as soon as its task for stage ``k`` finishes, its
-task for stage ``k+1`` is submitted (no per-step barrier), and at most ``max_in_flight``
-tasks are submitted at once, advancing admitted batches before admitting new ones, so
-memory and API load stay bounded however many batches there are. A barrier stage
-(``dedup``) waits for every batch, builds its index once, then releases the batches.
+Each batch walks the stages in order. At each stage its units (the whole batch, or pieces
+of a stage's own ``batch_size``) are looked up in the store's :class:`Inventory` (one
+listing per stage directory, made at the start): a unit whose output is there and
+readable is **reused** at once, with no Prefect task run; the others are submitted as
+step tasks. As soon as every unit of a batch has left stage ``k`` the batch moves to
+stage ``k+1`` (no per-step barrier), and at most ``max_in_flight`` tasks are submitted at
+once, advancing admitted batches before admitting new ones, so memory and API load stay
+bounded however many batches there are. A barrier stage (``dedup``) waits for every
+batch, builds its index once (unless the index is in the store), then releases them.
 
-A failed batch does not stop the others: every batch that can finish does, and the run
-then fails naming the first failure. Completed batches stay in the store for the re-run.
+A failed unit does not stop the others: every batch that can finish does, and the run
+then fails naming the first failure. Completed units stay in the store for the re-run,
+and the stage's output index is saved as the run goes, so the next run trusts them from
+a listing.
 """
 
 from __future__ import annotations
 
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,31 +27,37 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from flows.plan import Plan
+from flows.plan import Plan, Unit
+from flows.survey import Inventory, first_units, input_keys
 from tasks.errors import StepFailed, one_line
 from tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
 
-INDEX = -1  # the batch number used for a barrier's index task
+#: Seconds between saves of the output indexes while a run goes (a kill loses at most
+#: this much of the index: those outputs are then verified by their footer, not redone).
+INDEX_SAVE_SECONDS = 30.0
 
 
 @dataclass
 class StageStats:
-    """What happened to one stage's batches in this run."""
+    """What happened to one stage in this run (counted in batches and in units)."""
 
     name: str
     steps: list[int]
     batches: int
-    cached: int = 0
+    #: batches taken whole from the store, batches with at least one unit computed
     reused: int = 0
     computed: int = 0
     failed: int = 0
+    #: units (tasks' worth of work): differ from batches when the stage cuts batches
+    units_reused: int = 0
+    units_computed: int = 0
     rows_in: int = 0
     rows_out: int = 0
     seconds: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    #: HTTP serving, batches computed in this run: attempts sent, retries, rows answered
-    #: from the answer cache (paid by an earlier run), estimated cost; and per batch.
+    #: HTTP serving, units computed in this run: attempts sent, retries, rows answered
+    #: from the answer cache (paid by an earlier run), estimated cost; and per unit.
     requests: int = 0
     retries: int = 0
     cached_answers: int = 0
@@ -54,14 +67,32 @@ class StageStats:
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def add_usage(self, batch: int, ref: BatchRef) -> None:
+    def add_computed(self, batch: int, ref: BatchRef) -> None:
+        self.units_computed += 1
+        self.seconds += ref.seconds
+        self.prompt_tokens += ref.tokens.get("prompt", 0)
+        self.completion_tokens += ref.tokens.get("completion", 0)
         if not ref.usage:
             return
         self.requests += int(ref.usage.get("requests", 0))
         self.retries += int(ref.usage.get("retries", 0))
         self.cached_answers += int(ref.usage.get("cached", 0))
         self.cost_usd += float(ref.usage.get("cost_usd", 0.0))
-        self.batch_usage.append({"batch": batch, "rows": ref.rows, **ref.usage})
+        self.batch_usage.append({"batch": batch + 1, "rows": ref.rows, **ref.usage})
+
+
+@dataclass
+class _Slot:
+    """One batch at one stage: its units and, as they finish, their outputs."""
+
+    units: list[Unit]
+    refs: list[BatchRef | None]
+    computed: bool = False
+    failed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(r is not None for r in self.refs)
 
 
 @dataclass
@@ -69,23 +100,29 @@ class Execution:
     plan: Plan
     force_from_stage: int | None = None
     fail_at: tuple[int, int] | None = None
-    refs: list[list[BatchRef | None]] = field(init=False)
+    runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
+    progress: Any = None  # flows.reporting.Progress, or None
+    inventory: Inventory | None = None
+    #: per stage, per batch: the batch's outputs once every unit is done
+    refs: list[list[list[BatchRef] | None]] = field(init=False)
     stats: list[StageStats] = field(init=False)
     failures: list[str] = field(default_factory=list)
 
-    runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
-    progress: Any = None  # flows.reporting.Progress, or None
-
     def __post_init__(self) -> None:
         n, stages = len(self.plan.batches), self.plan.stages
+        self.inventory = self.inventory or Inventory(self.plan)
         self.refs = [[None] * n for _ in stages]
         self.stats = [StageStats(s.dirname, list(s.steps), n) for s in stages]
-        self._events: queue.Queue[tuple[int, int, Any]] = queue.Queue()
-        self._ready: deque[tuple[int, int]] = deque()
+        self._slots: list[dict[int, _Slot]] = [{} for _ in stages]
+        self._events: queue.Queue[tuple[Unit | None, int, Any]] = queue.Queue()
+        self._arrivals: deque[tuple[int, int]] = deque()
+        self._ready: deque[Unit] = deque()
         self._new: deque[int] = deque(range(n))
-        self._waiting: dict[int, list[int]] = {s.index: [] for s in stages if s.barrier}
+        self._at_barrier: dict[int, int] = {s.index: 0 for s in stages if s.barrier}
+        self._barrier_units: dict[int, list[Unit]] = {}
         self._index_refs: dict[int, BatchRef] = {}
         self._running = 0
+        self._saved_at = time.monotonic()
         options = configure_for(
             self.plan.store, self.plan.spec.retries, self.plan.spec.retry_delay_seconds
         )
@@ -95,19 +132,23 @@ class Execution:
     # -- public ---------------------------------------------------------------------
     def run(self) -> None:
         logger = get_run_logger()
-        self._fill()
-        while self._running:
-            batch, stage, future = self._events.get()
-            self._running -= 1
-            future.wait()
-            self._finish(batch, stage, future.state)
+        try:
             self._fill()
+            while self._running:
+                unit, stage, future = self._events.get()
+                self._running -= 1
+                future.wait()
+                self._finish(unit, stage, future.state)
+                self._fill()
+                if time.monotonic() - self._saved_at > INDEX_SAVE_SECONDS:
+                    self.save_index()
+        finally:
+            self.save_index()
         for stats in self.stats:
             logger.info(
-                "step %s: %d cached, %d reused, %d computed, %d failed of %d batches; "
-                "%d rows in, %d rows out",
-                stats.name, stats.cached, stats.reused, stats.computed, stats.failed,
-                stats.batches, stats.rows_in, stats.rows_out,
+                "step %s: %d of %d batches reused, %d computed, %d failed; %d rows in, %d out",
+                stats.name, stats.reused, stats.batches, stats.computed, stats.failed,
+                stats.rows_in, stats.rows_out,
             )
         if self.failures:
             raise StepFailed(
@@ -115,113 +156,182 @@ class Execution:
                 "batches are kept in the store: retry or re-run to resume from them"
             )
 
+    def save_index(self) -> None:
+        self._saved_at = time.monotonic()
+        try:
+            assert self.inventory is not None
+            self.inventory.save()
+        except Exception as exc:  # an optimisation: the next run verifies footers instead
+            get_run_logger().warning("could not save the output index: %s", one_line(exc))
+
+    def complete_stages(self) -> list[int]:
+        return [s.index for s in self.plan.stages if all(r is not None for r in self.refs[s.index])]
+
+    def units_of(self, stage: int) -> list[tuple[Unit, BatchRef]]:
+        """Every unit of a stage with its output, in source order (complete batches)."""
+        return [
+            (unit, ref)
+            for batch in range(len(self.plan.batches))
+            if (slot := self._slots[stage].get(batch)) is not None and slot.complete
+            for unit, ref in zip(slot.units, slot.refs)
+            if ref is not None
+        ]
+
     # -- scheduling -------------------------------------------------------------------
     def _forced(self, stage: int) -> bool:
         return self.force_from_stage is not None and stage >= self.force_from_stage
 
     def _fill(self) -> None:
         limit = self.plan.spec.max_in_flight
-        while self._running < limit and (self._ready or self._new):
-            if self._ready:
-                batch, stage = self._ready.popleft()
-                self._submit(batch, stage)
+        while True:
+            if self._arrivals:
+                self._arrive(*self._arrivals.popleft())
+            elif self._running < limit and self._ready:
+                self._submit(self._ready.popleft())
+            elif self._running < limit and self._new:
+                self._arrive(self._new.popleft(), 0)
             else:
-                self._route(self._new.popleft(), 0)
+                return
 
-    def _route(self, batch: int, stage: int) -> None:
-        """Send ``batch`` to ``stage``: queue it, park it at a barrier, or finish it."""
+    def _arrive(self, batch: int, stage: int) -> None:
+        """``batch``'s whole input for ``stage`` is ready: reuse or queue its units."""
         if stage == len(self.plan.stages):
             return
-        if self.plan.stages[stage].barrier is None or stage in self._index_refs:
-            self._ready.append((batch, stage))
+        if self.plan.stages[stage].barrier is not None:
+            self._at_barrier[stage] += 1
+            if self._at_barrier[stage] == len(self.plan.batches):
+                self._open_barrier(stage)
             return
-        waiting = self._waiting[stage]
-        waiting.append(batch)
-        if len(waiting) == len(self.plan.batches):
-            self._submit_index(stage)
+        upstream = self.refs[stage - 1][batch] if stage else None
+        self._place(batch, stage, first_units(self.plan, stage, batch, upstream))
 
-    def _label(self, stage: int, batch: int) -> str:
-        s = self.plan.stages[stage]
+    def _place(self, batch: int, stage: int, units: list[Unit]) -> None:
+        assert self.inventory is not None
+        found = [None if self._forced(stage) else self.inventory.done(u) for u in units]
+        slot = self._slots[stage][batch] = _Slot(units, found)
+        self.stats[stage].units_reused += sum(r is not None for r in found)
+        if slot.complete:
+            self._complete(batch, stage)
+            return
+        self._ready.extend(u for u, r in zip(units, found) if r is None)
+
+    def _open_barrier(self, stage: int) -> None:
+        """Every batch is at the barrier: its keys are known; build the index if needed."""
+        keys = input_keys(self.plan, stage, self.refs[stage - 1])  # type: ignore[arg-type]
+        index_key, units = self.plan.barrier_units(stage, keys)
+        self._barrier_units[stage] = units
+        assert self.inventory is not None
+        forced = self._forced(stage)
+        if not forced and all(self.inventory.done(u) is not None for u in units):
+            for unit in units:
+                self._place(unit.batch, stage, [unit])
+            return
+        index = None if forced else self.inventory.barrier_done(stage, index_key)
+        if index is not None:
+            self._release_barrier(stage, index)
+        else:
+            self._submit_index(stage, index_key)
+
+    def _release_barrier(self, stage: int, index: BatchRef) -> None:
+        self._index_refs[stage] = index
+        for unit in self._barrier_units[stage]:
+            self._place(unit.batch, stage, [unit])
+
+    def _label(self, unit: Unit) -> str:
+        s = self.plan.stages[unit.stage]
         ops = "+".join(op.name for op in s.operators)
-        return f"{ops}[{s.first_step}] batch {batch + 1}/{len(self.plan.batches)}"
+        label = f"{ops}[{s.first_step}] batch {unit.batch + 1}/{len(self.plan.batches)}"
+        return label if unit.stop is None else f"{label} rows {unit.start}-{unit.stop}"
 
-    def _submit(self, batch: int, stage: int) -> None:
-        plan, s = self.plan, self.plan.stages[stage]
+    def _submit(self, unit: Unit) -> None:
+        plan, stage, batch = self.plan, unit.stage, unit.batch
+        s = plan.stages[stage]
         task = self._step_task.with_options(refresh_cache=self._forced(stage) or None)
+        upstream = self.refs[stage - 1][batch] if stage else None
         future = self._submit_task(task, dict(
-            label=self._label(stage, batch),
-            key=plan.keys[stage][batch],
-            out_path=plan.out_path(stage, batch),
+            label=self._label(unit),
+            key=unit.key,
+            out_path=plan.unit_path(unit),
             operators=s.operators,
             first_step=s.first_step,
             store=plan.store,
             batch=plan.batches[batch],
             source_options=plan.spec.source.storage_options,
-            upstream=self.refs[stage - 1][batch] if stage else None,
+            upstream=(upstream[0] if len(upstream) == 1 else upstream) if upstream else None,
             barrier_state=self._index_refs[stage].path if s.barrier else None,
             force=self._forced(stage),
-            fail=self.fail_at == (stage, batch),
+            fail=self.fail_at == (stage, batch) and unit.piece == 0,
+            rows=None if unit.stop is None else (unit.start, unit.stop),
         ))
-        self._watch(batch, stage, future)
+        self._watch(unit, stage, future)
 
-    def _submit_index(self, stage: int) -> None:
+    def _submit_index(self, stage: int, index_key: str) -> None:
         plan, s = self.plan, self.plan.stages[stage]
-        upstream = [ref.path for ref in self.refs[stage - 1] if ref is not None] if stage else []
+        upstream = [ref.path for refs in self.refs[stage - 1] for ref in refs or []]
         task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
         future = self._submit_task(task, dict(
             label=f"{s.operators[0].name}[{s.first_step}] index",
-            key=plan.barrier_keys[stage],
-            out_path=plan.barrier_path(stage),
+            key=index_key,
+            out_path=plan.barrier_path(stage, index_key),
             operator=s.barrier,
             store=plan.store,
             upstream_paths=upstream,
             force=self._forced(stage),
         ))
-        self._watch(INDEX, stage, future)
+        self._watch(None, stage, future)
 
     def _submit_task(self, task: Any, parameters: dict[str, Any]) -> Any:
         if self.runner is None:
             return task.submit(**parameters)
         return self.runner.submit(task, parameters)
 
-    def _watch(self, batch: int, stage: int, future: Any) -> None:
+    def _watch(self, unit: Unit | None, stage: int, future: Any) -> None:
         self._running += 1
-        future.add_done_callback(lambda f: self._events.put((batch, stage, f)))
+        future.add_done_callback(lambda f: self._events.put((unit, stage, f)))
 
-    def _finish(self, batch: int, stage: int, state: State) -> None:
+    def _finish(self, unit: Unit | None, stage: int, state: State) -> None:
         stats = self.stats[stage]
         if not state.is_completed():
-            stats.failed += 1
             message = state.message or state.name
             try:
                 state.result()
             except Exception as exc:  # the task's own one-line error
                 message = one_line(exc)
             self.failures.append(message)
+            if unit is None:  # the barrier's index: none of its batches can go on
+                stats.failed += len(self.plan.batches)
+            elif not (slot := self._slots[stage][unit.batch]).failed:
+                slot.failed = True
+                stats.failed += 1
             return
         ref: BatchRef = state.result()
-        if batch == INDEX:
-            self._index_refs[stage] = ref
-            for waiting in self._waiting[stage]:
-                self._ready.append((waiting, stage))
+        assert self.inventory is not None
+        self.inventory.record(unit, ref)
+        if unit is None:
+            self._release_barrier(stage, ref)
             return
-        self.refs[stage][batch] = ref
+        slot = self._slots[stage][unit.batch]
+        slot.refs[unit.piece] = ref
+        if ref.reused or state.name == "Cached":  # another run computed it meanwhile
+            stats.units_reused += 1
+        else:
+            slot.computed = True
+            stats.add_computed(unit.batch, ref)
+        if slot.complete:
+            self._complete(unit.batch, stage)
+
+    def _complete(self, batch: int, stage: int) -> None:
+        slot = self._slots[stage][batch]
+        refs = [r for r in slot.refs if r is not None]
+        self.refs[stage][batch] = refs
+        stats = self.stats[stage]
+        if slot.computed:
+            stats.computed += 1
+        else:
+            stats.reused += 1
+        upstream = self.refs[stage - 1][batch] if stage else None
+        stats.rows_in += sum(r.rows for r in upstream) if upstream else self.plan.batches[batch].rows
+        stats.rows_out += sum(r.rows for r in refs)
         if self.progress is not None:
             self.progress.batch_done(stage)
-        if state.name == "Cached":
-            stats.cached += 1
-        elif ref.reused:
-            stats.reused += 1
-        else:
-            stats.computed += 1
-            stats.seconds += ref.seconds
-            stats.prompt_tokens += ref.tokens.get("prompt", 0)
-            stats.completion_tokens += ref.tokens.get("completion", 0)
-            stats.add_usage(batch, ref)
-        upstream = self.refs[stage - 1][batch] if stage else None
-        stats.rows_in += upstream.rows if upstream else self.plan.batches[batch].rows
-        stats.rows_out += ref.rows
-        self._route(batch, stage + 1)
-
-    def complete_stages(self) -> list[int]:
-        return [s.index for s in self.plan.stages if all(r is not None for r in self.refs[s.index])]
+        self._arrivals.append((batch, stage + 1))

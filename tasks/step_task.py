@@ -44,6 +44,9 @@ class BatchRef(BaseModel):
     #: Serving usage of this computation (HTTP backends): requests, retries, tokens paid,
     #: answers reused from the answer cache, estimated cost_usd (tasks/answer_cache.py).
     usage: dict[str, float] = {}
+    #: Byte size and tag (ETag or mtime) of the file written: the output index's entry.
+    size: int = 0
+    tag: str = ""
 
 
 class StepOutputPolicy(CachePolicy):
@@ -84,7 +87,8 @@ def _existing(store: StepStore, out_path: str, key: str, label: str) -> BatchRef
     if rows is None:
         return None
     get_run_logger().info("%s: output already in the store (%d rows), reused", label, rows)
-    return BatchRef(path=out_path, rows=rows, key=key, reused=True)
+    size, tag = store.stat(out_path)
+    return BatchRef(path=out_path, rows=rows, key=key, reused=True, size=size, tag=tag)
 
 
 @task(name="step", persist_result=True, result_serializer="json", task_run_name="{label}")
@@ -97,12 +101,18 @@ def run_stage_batch(
     store: StepStore,
     batch: Batch,
     source_options: dict[str, Any],
-    upstream: BatchRef | None = None,
+    upstream: BatchRef | list[BatchRef] | None = None,
     barrier_state: str | None = None,
     force: bool = False,
     fail: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> BatchRef:
-    """Compute one batch of one stage and write it to the store atomically."""
+    """Compute one unit of one stage and write it to the store atomically.
+
+    ``upstream`` is the batch's output at the stage before (one reference, or the pieces
+    of a stage that cut it); ``rows`` selects ``[start, stop)`` of that input (a stage
+    with its own, smaller batch_size).
+    """
     if not force and (ref := _existing(store, out_path, key, label)):
         return ref
     if fail:
@@ -113,8 +123,10 @@ def run_stage_batch(
             batch.read_uri, source_options
         )
         df = read_batch(batch, fs, path)
+        if rows is not None:
+            df = df.slice(rows[0], rows[1] - rows[0])
     else:
-        df = store.read_frame(upstream.path)
+        df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)
     rows_in = df.height
     state = store.read_frame(barrier_state) if barrier_state else None
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
@@ -130,11 +142,29 @@ def run_stage_batch(
                 ) from exc
         store.write_frame(out_path, df)
         scope.completed()
+    size, tag = store.stat(out_path)
     return BatchRef(
         path=out_path, rows=df.height, rows_in=rows_in, key=key,
         seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
-        usage=scope.as_dict(),
+        usage=scope.as_dict(), size=size, tag=tag,
     )
+
+
+def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None) -> pl.DataFrame:
+    """Rows ``[start, stop)`` (all without ``rows``) of the concatenated ``parts``."""
+    if rows is None and len(parts) == 1:
+        return store.read_frame(parts[0].path)
+    start, stop = rows if rows is not None else (0, sum(p.rows for p in parts))
+    frames, offset = [], 0
+    for part in parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, part.rows)
+        if lo < hi:
+            whole = (lo, hi) == (0, part.rows)
+            frames.append(store.read_frame(part.path) if whole else store.read_rows(part.path, lo, hi))
+        offset += part.rows
+    if not frames:  # an empty input still has its columns
+        frames = [store.read_rows(parts[0].path, 0, 0)]
+    return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
 
 
 def _token_counts(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
@@ -165,4 +195,6 @@ def build_barrier_index(
     data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
     state: pl.DataFrame = operator.index(data)
     store.write_frame(out_path, state)
-    return BatchRef(path=out_path, rows=state.height, key=key, seconds=time.perf_counter() - started)
+    size, tag = store.stat(out_path)
+    return BatchRef(path=out_path, rows=state.height, key=key, seconds=time.perf_counter() - started,
+                    size=size, tag=tag)

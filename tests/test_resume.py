@@ -50,12 +50,11 @@ def test_resume_recomputes_only_what_changed(tmp_path: Path, test_log: Path) -> 
     expected = pipe.read()
     assert expected.height == 200 - len([i for i in range(200) if i % 3 == 1])
 
-    # same spec again: nothing recomputes, and Prefect shows every batch as Cached
+    # same spec again: nothing recomputes, every batch is reused without a task run
     n = len(read_log(str(test_log)))
     again = pipe.run()
     assert calls(test_log, n) == Counter()
-    states = task_run_states(again["flow_run_id"], expected=5 * 4)
-    assert states["Cached"] == 5 * 4, states
+    assert [(s["reused"], s["computed"]) for s in again["steps"]] == [(4, 0)] * 5
     assert pipe.read().equals(expected)
 
     # change the map step (step 1): steps 1.. recompute, step 0 does not
@@ -63,7 +62,11 @@ def test_resume_recomputes_only_what_changed(tmp_path: Path, test_log: Path) -> 
     changed = build(tmp_path, "n * 3")
     summary = changed.run()
     assert calls(test_log, n) == Counter(b=4, c=4)
-    assert summary["steps"][0]["cached"] == 4 and summary["steps"][1]["computed"] == 4
+    assert summary["steps"][0]["reused"] == 4 and summary["steps"][1]["computed"] == 4
+    # task runs only for the work left: 4 stages x 4 batches computed, none for step 0;
+    # once those are recorded, the fully done run above is seen to have made none
+    assert task_run_states(summary["flow_run_id"], expected=16) == Counter(Completed=16)
+    assert task_run_states(again["flow_run_id"], expected=0, timeout=0) == Counter()
     assert changed.read()["m"].to_list() == [v * 3 for v in expected["n"].to_list()]
 
     # a new file in the folder: only its batches compute
@@ -82,7 +85,7 @@ def test_resume_recomputes_only_what_changed(tmp_path: Path, test_log: Path) -> 
     b_files[3].write_bytes(b"PAR1 this is not parquet")
     result = changed.run()
     assert calls(test_log, n) == Counter(b=2)
-    assert result["steps"][2]["computed"] == 2 and result["steps"][4]["cached"] == 6
+    assert result["steps"][2]["computed"] == 2 and result["steps"][4]["reused"] == 6
     assert changed.read().height == expected.height + 100 - len([i for i in range(100) if i % 3 == 1])
 
     # first_run recorded in the flow result
@@ -160,7 +163,7 @@ def test_failed_batch_fails_the_run_and_keeps_the_others(
     n = len(read_log(str(test_log)))
     summary = pipe.run()
     assert calls(test_log, n) == Counter(b=1)
-    assert [s["cached"] for s in summary["steps"]] == [4, 3]
+    assert [s["reused"] for s in summary["steps"]] == [4, 3]
 
 
 def test_explains_what_is_reused_and_why_the_rest_recomputes(tmp_path: Path) -> None:
@@ -169,18 +172,18 @@ def test_explains_what_is_reused_and_why_the_rest_recomputes(tmp_path: Path) -> 
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(200, "a"))
     pipe = build(tmp_path)
     first = explain(pipe.plan(), None)
-    assert all("0 of 4 batch(es) reused, 4 to compute (no earlier completed run" in line
-               for line in first), first
+    assert all("0 of 4 batches done and reused, 4 to compute (no run has finished this step"
+               in line for line in first), first
     pipe.run()
-    assert all("all 4 batch(es) already in the store, reused" in line
-               for line in explain(pipe.plan(), None))
+    assert all("all 4 batches done, reused" in line for line in explain(pipe.plan(), None))
 
     # a config change names the step; the later steps changed through their upstream
     write_jsonl(tmp_path / "data" / "b.jsonl", make_rows(60, "b"))
     changed = explain(build(tmp_path, map_expr="n * 3").plan(), None)
-    assert "step 00-count: 4 of 6 batch(es) reused, 2 to compute (step unchanged" in changed[0]
-    assert "changed since its last completed run: steps[1] (map) config" in changed[1]
-    assert "changed since its last completed run: operator code, model or an upstream step" \
+    assert "step 00-count: 4 of 6 batches done and reused, 2 to compute (step unchanged" \
+        in changed[0]
+    assert "changed since its last finished run: steps[1] (map) config" in changed[1]
+    assert "changed since its last finished run: operator code, model or an upstream step" \
         in changed[2]
-    assert explain(pipe.plan(), 3)[3].endswith("recomputing all 6 batch(es), as asked "
+    assert explain(pipe.plan(), 3)[3].endswith("computing all 6 batches, as asked "
                                                "(resume_step / --fresh)")

@@ -28,7 +28,7 @@ import importlib
 from typing import Any, ClassVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PositiveInt
 
 from tasks.errors import SpecError
 from tasks.fingerprints import code_version, digest
@@ -47,6 +47,10 @@ class Operator(BaseModel):
     fusable: ClassVar[bool] = True
     #: Operators that may drop columns (``select``) opt out of column pass-through.
     keeps_untouched_columns: ClassVar[bool] = True
+
+    #: Rows per task for this step (a step setting, not config: it is not fingerprinted;
+    #: the batch keys carry the row ranges). None: the pipeline's ``batch_size``.
+    batch_size: PositiveInt | None = None
 
     def reads(self) -> list[str]:
         """Columns the operator needs (checked against the schema before any work)."""
@@ -71,13 +75,16 @@ class Operator(BaseModel):
         ``context`` carries run-level facts an operator's output depends on (the serving
         identities for LLM operators); plain operators ignore it.
         """
-        return digest(
-            self.import_path(), code_version(type(self)), self.model_dump(mode="json"), upstream
-        )
+        return digest(self.import_path(), code_version(type(self)), self.config(), upstream)
+
+    def config(self) -> dict[str, Any]:
+        """The fingerprinted configuration: every field but the step's ``batch_size``."""
+        return self.model_dump(mode="json", exclude={"batch_size"})
 
     def spec_entry(self) -> dict[str, Any]:
         """The YAML form of this operator: ``{name: config}``."""
-        return {self.name or self.import_path(): self.model_dump(mode="json")}
+        exclude = {"batch_size"} if self.batch_size is None else set()
+        return {self.name or self.import_path(): self.model_dump(mode="json", exclude=exclude)}
 
 
 class BarrierOperator(Operator):

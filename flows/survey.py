@@ -1,0 +1,143 @@
+"""What the store already holds for a plan, found without a Prefect task run per batch.
+
+:class:`Inventory` lists each stage directory once (and the barriers directory) and
+answers "is this unit's output there and readable?" from the listing and the directory's
+output index (``tasks/inventory.py``): no per-batch GET on S3. :func:`survey` walks every
+batch through the stages on that knowledge alone (nothing runs), which is what the plan
+log, ``nightshift status`` and ``export`` report; the scheduler makes the same decisions
+as it goes and submits task runs only for the units that are not done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flows.plan import Plan, Unit
+from tasks.inventory import OutputIndex
+from tasks.step_task import BatchRef
+
+
+class Inventory:
+    """The outputs present in a plan's store, one listing per directory."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        fs = plan.store.fs
+        self.stages = [OutputIndex.load(fs, plan.stage_dir(s.index)) for s in plan.stages]
+        has_barrier = any(s.barrier is not None for s in plan.stages)
+        self.barriers = OutputIndex.load(fs, plan.barriers_dir()) if has_barrier else None
+
+    def done(self, unit: Unit) -> BatchRef | None:
+        """The unit's output as a reference, if it is in the store and readable."""
+        rows = self.stages[unit.stage].rows(self.plan.unit_name(unit))
+        if rows is None:
+            return None
+        return BatchRef(path=self.plan.unit_path(unit), rows=rows, key=unit.key, reused=True)
+
+    def barrier_done(self, stage: int, index_key: str) -> BatchRef | None:
+        path = self.plan.barrier_path(stage, index_key)
+        rows = self.barriers.rows(path.rsplit("/", 1)[-1]) if self.barriers else None
+        return None if rows is None else BatchRef(path=path, rows=rows, key=index_key, reused=True)
+
+    def record(self, unit: Unit | None, ref: BatchRef) -> None:
+        """Remember an output this run wrote, so the next run trusts it from a listing."""
+        if not ref.tag:
+            return
+        index = self.stages[unit.stage] if unit is not None else self.barriers
+        if index is not None:
+            index.add(ref.path.rsplit("/", 1)[-1], ref.rows, ref.size, ref.tag)
+
+    def save(self) -> None:
+        for index in [*self.stages, *([self.barriers] if self.barriers else [])]:
+            index.save()
+
+    @property
+    def footer_reads(self) -> int:
+        indexes = [*self.stages, *([self.barriers] if self.barriers else [])]
+        return sum(i.footer_reads for i in indexes)
+
+
+def first_units(plan: Plan, stage: int, batch: int, upstream: list[BatchRef] | None) -> list[Unit]:
+    """The units of a row-local stage for one batch, given its upstream outputs."""
+    if stage == 0:
+        return plan.units(0, batch, plan.source_key(batch), plan.batches[batch].rows)
+    assert upstream is not None
+    key = plan.input_key([r.key for r in upstream])
+    return plan.units(stage, batch, key, sum(r.rows for r in upstream))
+
+
+def input_keys(plan: Plan, stage: int, upstream: list[list[BatchRef]]) -> list[str]:
+    if stage == 0:
+        return [plan.source_key(b) for b in range(len(plan.batches))]
+    return [plan.input_key([r.key for r in refs]) for refs in upstream]
+
+
+@dataclass
+class StageSurvey:
+    """One stage, as the store has it now."""
+
+    name: str
+    batches: int
+    #: batches whose every unit is in the store
+    done: int = 0
+    #: units in the store, and units known to be missing
+    units_done: int = 0
+    units_missing: int = 0
+    #: batches whose units are not known yet (their input is still to be computed)
+    waiting: int = 0
+    rows: int = 0
+    refs: list[list[BatchRef] | None] = field(default_factory=list)
+
+    @property
+    def to_compute(self) -> int:
+        return self.batches - self.done
+
+
+def survey(plan: Plan, inventory: Inventory | None = None,
+           force_from: int | None = None) -> list[StageSurvey]:
+    """Walk every batch through the stages on what the store holds (nothing runs).
+
+    A unit's key needs its input's keys, and for a stage that cuts batches also its
+    input's row count: where an earlier output is missing, those units are not known
+    until it is computed (they are counted as ``waiting``).
+    """
+    inventory = inventory or Inventory(plan)
+    n = len(plan.batches)
+    result: list[StageSurvey] = []
+    keys: list[list[str] | None] = [[plan.source_key(b)] for b in range(n)]
+    rows: list[int | None] = [b.rows for b in plan.batches]
+    for stage in plan.stages:
+        forced = force_from is not None and stage.index >= force_from
+        view = StageSurvey(stage.dirname, n)
+        units: list[list[Unit] | None] = [None] * n
+        if stage.barrier is not None:
+            if all(k is not None for k in keys):
+                inputs = [plan.input_key(k) for k in keys]  # type: ignore[arg-type]
+                units = [[u] for u in plan.barrier_units(stage.index, inputs)[1]]
+        else:
+            for b in range(n):
+                known_rows = stage.batch_size is None or rows[b] is not None
+                if keys[b] is not None and known_rows:
+                    units[b] = plan.units(stage.index, b, plan.input_key(keys[b]), rows[b] or 0)  # type: ignore[arg-type]
+        refs: list[list[BatchRef] | None] = []
+        for b, batch_units in enumerate(units):
+            if batch_units is None:
+                view.waiting += 1
+                refs.append(None)
+                keys[b] = rows[b] = None
+                continue
+            found = [None if forced else inventory.done(u) for u in batch_units]
+            view.units_done += sum(r is not None for r in found)
+            view.units_missing += sum(r is None for r in found)
+            keys[b] = [u.key for u in batch_units]
+            if all(r is not None for r in found):
+                view.done += 1
+                rows[b] = sum(r.rows for r in found if r)
+                view.rows += rows[b] or 0
+                refs.append([r for r in found if r])
+            else:
+                rows[b] = None
+                refs.append(None)
+        view.refs = refs
+        result.append(view)
+    return result
