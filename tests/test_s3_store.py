@@ -97,6 +97,6 @@ def test_pipeline_on_s3_equals_local_and_resumes(
     s3.rm(plan.out_path(0, 1))
     again = remote.run()
     assert Counter(e["tag"] for e in read_log(str(test_log))[n:]) == Counter(a=1)
-    assert again["steps"][0]["computed"] == 1 and again["steps"][0]["cached"] == 5
+    assert again["steps"][0]["computed"] == 1 and again["steps"][0]["reused"] == 5
     assert remote.read().equals(got)
     assert "testing" not in s3.cat_file(plan.manifest_path(0)).decode()
