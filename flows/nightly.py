@@ -28,7 +28,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from flows.plan import build_plan
-from flows.run_pipeline import execute_plan
+from flows.run_pipeline import execute_plan, failure_at
 from flows.spec import PipelineSpec, load_spec
 from tasks.errors import SpecError
 
@@ -86,7 +86,17 @@ def scheduled_date() -> str:
     return dt.datetime.fromtimestamp(start.timestamp(), tz).date().isoformat()
 
 
-@flow(name="nightly-pipeline", validate_parameters=True)
+def _night_name() -> str:
+    """``<spec name> date=YYYY-MM-DD``: what a night is called in the UI."""
+    params = flow_run.parameters
+    try:
+        date = params.get("date") or scheduled_date()
+    except Exception:  # the name is a courtesy; the run itself reports a bad date
+        date = params.get("date") or "?"
+    return f"{Path(str(params.get('spec'))).stem} date={date}"
+
+
+@flow(name="nightly-pipeline", flow_run_name=_night_name, validate_parameters=True)
 def nightly(
     spec: str,
     date: str | None = None,
@@ -95,19 +105,21 @@ def nightly(
     fail_at_step: int = 0,
     allow_imports: bool = False,
 ) -> dict[str, Any]:
-    """Run one night of the pipeline ``spec`` (a YAML path relative to the repo root).
+    """Run one night of a pipeline in its own date partition of the store.
 
-    ``date`` (YYYY-MM-DD) defaults to the scheduled start date in the schedule's
-    timezone. ``overrides`` is merged into the spec's top-level keys.
-    ``fail_at_batch``/``fail_at_step`` inject a failure into one batch on the first
-    attempt only (to rehearse a failed night and its Retry).
+    Args:
+        spec: the pipeline's YAML spec, a path relative to the repository root.
+        date: the night to run, YYYY-MM-DD; default: the scheduled start date in the
+            schedule's timezone (today in UTC for a manual run).
+        overrides: top-level spec keys to replace, e.g. {"batch_size": 50}.
+        fail_at_batch: rehearse a failure: this batch (counted from 1, as in the task
+            runs' names) fails on the first attempt only, so a Retry succeeds.
+        fail_at_step: the step index (0-based) where fail_at_batch fails.
+        allow_imports: allow operators given as module:Class import paths in the spec.
     """
     date = date or scheduled_date()
     plan = build_plan(nightly_spec(spec, date, overrides), allow_imports=allow_imports)
     get_run_logger().info("nightly %s for %s (store partition %s)",
                           plan.spec.name, date, plan.spec.partition)
-    fail_at = None
-    if fail_at_batch is not None and (flow_run.run_count or 1) <= 1:
-        fail_at = (plan.stage_of_step(fail_at_step), fail_at_batch)
-    summary = execute_plan(plan, fail_at=fail_at)
+    summary = execute_plan(plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step))
     return {**summary, "date": date, "partition": plan.spec.partition}

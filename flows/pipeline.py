@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from flows.local_api import prefect_api
 from flows.outputs import export, read_output, step_status, StepStatus
 from flows.plan import Plan, build_plan
 from flows.run_pipeline import run_pipeline
@@ -29,6 +30,35 @@ from flows.spec import PipelineSpec, StoreSpec
 from tasks.errors import NightshiftError
 from tasks.operators import Operator, registered_operators
 from tasks.sources import SourceSpec
+
+
+def run_spec(
+    spec: PipelineSpec,
+    resume_from_last: bool | None = None,
+    resume_step: int | None = None,
+    allow_imports: bool = False,
+) -> dict[str, Any]:
+    """Check everything, then run the ``run-pipeline`` flow on the Prefect API that
+    ``flows.local_api.prefect_api`` finds (configured, already running here, or a
+    temporary one); returns the run summary or raises one NightshiftError line."""
+    build_plan(spec, allow_imports=allow_imports)  # every check, before any work
+    with prefect_api():
+        state = run_pipeline(
+            spec=spec.model_dump(mode="json"),
+            resume_from_last=resume_from_last,
+            resume_step=resume_step,
+            allow_imports=allow_imports,
+            return_state=True,
+        )
+        if not state.is_completed():
+            try:
+                state.result()
+            except NightshiftError:
+                raise
+            except Exception:
+                pass
+            raise NightshiftError(state.message or f"flow run ended {state.name}")
+        return state.result()
 
 
 class Pipeline:
@@ -75,22 +105,7 @@ class Pipeline:
         resume_step: int | None = None,
     ) -> dict[str, Any]:
         """Run (or resume) the pipeline; returns the per-step summary."""
-        spec = self.spec(batch_size)
-        self.plan(batch_size)  # fail before any work, with one line
-        state = run_pipeline(
-            spec=spec.model_dump(mode="json"),
-            resume_from_last=resume_from_last,
-            resume_step=resume_step,
-            allow_imports=True,
-            return_state=True,
-        )
-        if not state.is_completed():
-            try:
-                state.result()
-            except NightshiftError:
-                raise
-            raise NightshiftError(state.message or f"flow run ended {state.name}")
-        return state.result()
+        return run_spec(self.spec(batch_size), resume_from_last, resume_step, allow_imports=True)
 
     def status(self, batch_size: int | None = None) -> list[StepStatus]:
         return step_status(self.plan(batch_size))

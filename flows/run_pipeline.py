@@ -113,7 +113,27 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
     )
 
 
-@flow(name="run-pipeline", validate_parameters=True)
+def _run_name() -> str:
+    """``<pipeline>`` (and its partition): what the flow run is called in the UI."""
+    spec = flow_run.parameters.get("spec")
+    if isinstance(spec, dict):
+        name, partition = spec.get("name") or "pipeline", spec.get("partition")
+        return f"{name} {partition}" if partition else str(name)
+    return Path(str(spec)).stem
+
+
+def failure_at(plan: Plan, fail_at_batch: int | None, fail_at_step: int) -> tuple[int, int] | None:
+    """The (stage, batch index) where a rehearsed failure fires: first attempt only.
+
+    ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``)."""
+    if fail_at_batch is None or (flow_run.run_count or 1) > 1:
+        return None
+    if not 1 <= fail_at_batch <= len(plan.batches):
+        raise SpecError(f"fail_at_batch {fail_at_batch}: the run has batches 1..{len(plan.batches)}")
+    return plan.stage_of_step(fail_at_step), fail_at_batch - 1
+
+
+@flow(name="run-pipeline", flow_run_name=_run_name, validate_parameters=True)
 def run_pipeline(
     spec: dict[str, Any] | str,
     resume_from_last: bool | None = None,
@@ -122,16 +142,20 @@ def run_pipeline(
     fail_at_batch: int | None = None,
     fail_at_step: int = 0,
 ) -> dict[str, Any]:
-    """Run a pipeline spec (a YAML path or a mapping), resuming from completed batches.
+    """Run a pipeline spec, resuming from the batches already in its store.
 
-    ``resume_step=k`` (with ``resume_from_last`` unset or False) recomputes step ``k`` and
-    everything after it; ``resume_from_last=False`` alone recomputes everything.
-    ``fail_at_batch``/``fail_at_step`` inject a failure into one batch (to rehearse a
-    failed night and its retry); the injected failure fires on the first attempt only,
-    so a retry of the same flow run succeeds.
+    Args:
+        spec: a YAML spec's path (relative to the working directory) or the spec itself
+            as a mapping (name, source, store, steps, ...).
+        resume_from_last: reuse the batches already in the store (the default); False
+            alone computes everything again.
+        resume_step: compute again from this step index (0-based) on; the steps before
+            it are reused.
+        allow_imports: allow operators given as module:Class import paths in the spec.
+        fail_at_batch: rehearse a failure: this batch (counted from 1, as in the task
+            runs' names) fails on the first attempt only, so a Retry succeeds.
+        fail_at_step: the step index (0-based) where fail_at_batch fails.
     """
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
-    fail_at = None
-    if fail_at_batch is not None and (flow_run.run_count or 1) <= 1:
-        fail_at = (plan.stage_of_step(fail_at_step), fail_at_batch)
-    return execute_plan(plan, resume_from_last, resume_step, fail_at)
+    return execute_plan(plan, resume_from_last, resume_step,
+                        failure_at(plan, fail_at_batch, fail_at_step))

@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 from uuid import UUID
@@ -52,6 +53,16 @@ BIN = Path(sys.executable).parent
 SPEC = "examples/nightly.yaml"
 DEPLOYMENT = "nightly-pipeline/nightly"
 PARIS = ZoneInfo("Europe/Paris")
+
+# Deadlines for conditions, sized for a loaded machine (load average ~10 on 2 cores, about
+# 5x slower than an idle one); each wait returns as soon as its condition holds, so they
+# cost nothing on a fast machine. Idle 2-core times in the comments.
+SERVER_START_S = 300  # `prefect server start` healthy: ~10 s
+CLI_S = 300           # one `prefect ...` command: 3-15 s (most of it importing prefect)
+SCHEDULER_S = 300     # the scheduler's first runs of a new cron deployment: ~5 s
+FLOW_RUN_S = 1200     # picked up by the worker and final (vLLM engine start included): 40-110 s
+EVENTS_S = 300        # task run states reach the API (events) after the flow run: ~1-5 s
+TEST_S = 3600         # pytest-timeout for the whole scenario (a hang guard): ~4-6 min idle
 
 
 def free_port() -> int:
@@ -87,9 +98,24 @@ class Prefect:
             PREFECT_UI_ENABLED="false",
             PREFECT_CLI_PROMPT="false",
             PREFECT_LOGGING_LEVEL="INFO",
-            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_QUERY_SECONDS="1",  # poll for runs every second (default 10)
         )
         self.procs: list[subprocess.Popen] = []
+        self.timings: list[tuple[str, float]] = []
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """Record how long ``what`` took (reported on failure and at the end)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings.append((what, time.monotonic() - start))
+
+    def where_the_time_went(self) -> str:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        steps = "; ".join(f"{what} {s:.1f}s" for what, s in self.timings)
+        return f"load average {load}; {steps}"
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "w")
@@ -100,25 +126,34 @@ class Prefect:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, timeout: float = 120) -> None:
-        proc = self.spawn("server", "server", "start", "--host", "127.0.0.1",
-                          "--port", str(self.port))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, self.log("server")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"server not healthy in {timeout}s\n{self.log('server')}")
+    def start_server(self, timeout: float = SERVER_START_S) -> None:
+        with self.timed("server start"):
+            proc = self.spawn("server", "server", "start", "--host", "127.0.0.1",
+                              "--port", str(self.port))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, self.log("server")
+                try:
+                    with urllib.request.urlopen(f"{self.url}/health", timeout=10) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        raise AssertionError(f"server not healthy in {timeout}s ({self.where_the_time_went()})"
+                             f"\n{self.log('server')}")
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        done = subprocess.run(
-            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
-            text=True, timeout=timeout,
-        )
+    def cli(self, *args: str, timeout: float = CLI_S) -> str:
+        with self.timed("prefect " + " ".join([a for a in args if not a.startswith("-")][:2])):
+            try:
+                done = subprocess.run(
+                    [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
+                    text=True, timeout=timeout,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise AssertionError(f"prefect {' '.join(args)}: not done in {timeout}s "
+                                     f"({self.where_the_time_went()})\n{exc.stdout}\n{exc.stderr}"
+                                     ) from None
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
@@ -132,6 +167,7 @@ class Prefect:
     def close(self) -> None:
         for proc in reversed(self.procs):  # the worker first, while the API is still up
             stop(proc, grace=30)
+        print(f"e2e timings: {self.where_the_time_went()}")  # shown with -rA or on failure
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +182,27 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
         p.close()
 
 
-def wait_final(p: Prefect, run_id: str, timeout: float = 180) -> Any:
+def wait_final(p: Prefect, run_id: str, timeout: float = FLOW_RUN_S, after: int = 0) -> Any:
+    """The flow run once it is final in its run number ``> after`` (a retried run is
+    final, Failed, until the worker picks it up again)."""
     deadline = time.monotonic() + timeout
-    with p.client() as client:
+    with p.timed(f"flow run {run_id[:8]}"), p.client() as client:
         while time.monotonic() < deadline:
             run = client.read_flow_run(UUID(run_id))
-            if run.state is not None and run.state.is_final():
+            if run.state is not None and run.state.is_final() and run.run_count > after:
                 return run
-            time.sleep(1)
-    raise AssertionError(f"flow run {run_id} not final in {timeout}s: {run.state}\n"
-                         f"{p.log('worker')}")
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} not final in {timeout}s: {run.state} "
+                         f"({p.where_the_time_went()})\n{p.log('worker')}")
 
 
 def task_states(
-    p: Prefect, run_id: str, expected: int, timeout: float = 60
+    p: Prefect, run_id: str, expected: int, timeout: float = EVENTS_S
 ) -> list[tuple[str, str]]:
     """(name, state) of the run's task runs, once ``expected`` of them are final (task run
     states reach the API as events, processed after the flow run may have finished)."""
     deadline = time.monotonic() + timeout
-    with p.client() as client:
+    with p.timed(f"task runs {run_id[:8]}"), p.client() as client:
         while True:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)]))
@@ -182,6 +220,19 @@ def summaries(p: Prefect, run_id: str) -> list[list[dict]]:
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
                 key=ArtifactFilterKey(any_=["reviews-nightly-summary"]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    return [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found]
+
+
+def plans(p: Prefect, run_id: str) -> list[list[dict]]:
+    """The run's plan tables (per step: reused and to compute, and why), newest first."""
+    with p.client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
+                key=ArtifactFilterKey(any_=["reviews-nightly-plan"]),
             ),
             sort=ArtifactSort.CREATED_DESC,
         )
@@ -213,7 +264,7 @@ def test_nightly_spec_date_partition_and_overrides(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(TEST_S)
 def test_deploy_schedule_run_fail_retry(
     prefect: Prefect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +275,7 @@ def test_deploy_schedule_run_fail_retry(
 
     # -- what `make deploy` does, then `make worker`
     p.cli("work-pool", "create", "nightshift-process", "--type", "process")
+    p.spawn("worker", "worker", "start", "--pool", "nightshift-process")  # starts meanwhile
     p.cli("block", "register", "-m", "blocks.step_store")
     p.cli("block", "register", "-m", "blocks.serving_config")
     p.cli("--no-prompt", "deploy", "--all")
@@ -239,19 +291,20 @@ def test_deploy_schedule_run_fail_retry(
     assert deployment.global_concurrency_limit.limit == 1
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Paris")
-    p.spawn("worker", "worker", "start", "--pool", "nightshift-process")
 
     # -- the cron schedule really creates runs: 02:00 in Paris, on consecutive days
-    deadline, scheduled = time.monotonic() + 90, []
-    while time.monotonic() < deadline and not scheduled:
-        with p.client() as client:
+    deadline, scheduled = time.monotonic() + SCHEDULER_S, []
+    with p.timed("scheduler"), p.client() as client:
+        while time.monotonic() < deadline and not scheduled:
             scheduled = [
                 r for r in client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
                 if r.state_name == "Scheduled"
             ]
-        time.sleep(1)
-    assert scheduled, "the scheduler created no runs for the cron deployment"
+            if not scheduled:
+                time.sleep(0.5)
+    assert scheduled, (f"the scheduler created no runs for the cron deployment in {SCHEDULER_S}s"
+                       f" ({p.where_the_time_went()})\n{p.log('server')}")
     starts = sorted(r.expected_start_time.astimezone(PARIS) for r in scheduled)
     assert all((s.hour, s.minute) == (2, 0) for s in starts), starts
     assert len({s.date() for s in starts}) == len(starts)
@@ -286,7 +339,7 @@ def test_deploy_schedule_run_fail_retry(
     with p.client() as client:
         failing = client.create_flow_run_from_deployment(
             deployment.id,
-            parameters={"overrides": overrides, "fail_at_batch": 3},
+            parameters={"overrides": overrides, "fail_at_batch": 4},
             state=Scheduled(scheduled_time=due),
         )
     fail_id = str(failing.id)
@@ -297,18 +350,20 @@ def test_deploy_schedule_run_fail_retry(
     assert first == Counter(Completed=5, Failed=1)
     assert (store / "reviews-nightly" / "date=2026-11-22").is_dir()
 
-    # -- Retry (what the UI's Retry button does): the five batches done are Cached
+    # -- Retry (what the UI's Retry button does): the five batches done are reused from
+    # the store without a task run; the plan artifact of attempt 2 says so
     p.cli("flow-run", "retry", fail_id)
-    retried = wait_final(p, fail_id)
+    retried = wait_final(p, fail_id, after=1)
     assert retried.state.is_completed(), f"{retried.state}\n{p.log('worker')}"
     assert retried.run_count == 2
-    states = task_states(p, fail_id, 31)
-    cached = sorted(name for name, state in states if state == "Cached")
-    assert cached == [f"filter+map+template[0] batch {b}/6" for b in (1, 2, 3, 5, 6)]
-    assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Cached=5,
-                                                    Failed=1)
+    states = task_states(p, fail_id, 26)
+    assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Failed=1)
+    batch4 = sorted(s for name, s in states if name == "filter+map+template[0] batch 4/6")
+    assert batch4 == ["Completed", "Failed"], batch4  # failed once, computed by the retry
     latest, attempt1 = (rows[:-1] for rows in summaries(p, fail_id))  # minus the totals
-    assert [(r["cached"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
-    assert [(r["cached"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
+    assert [(r["reused"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
+    assert [(r["reused"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
+    plan = plans(p, fail_id)[0]
+    assert plan[0]["plan"].startswith("5 of 6 batches done and reused, 1 to compute"), plan
     got = output("2026-11-22", overrides)
     assert got.equals(want)  # same sources: the retried night equals the clean one
