@@ -26,6 +26,17 @@ Per-row guarantees:
 :meth:`VLLMBackend.stream` serves the same requests but yields text deltas as the engine
 produces them (``RequestOutputKind.DELTA``); ``nightshift preview`` uses it.
 
+An engine start logs one line (logger ``nightshift.serving``, or the Prefect run logger
+inside a flow or task run), e.g. ``vLLM engine: smollm2 (float32, max_model_len 1024,
+cpu, vLLM 0.32.0) started in 38.1 s``. vLLM's own start-up log (~40 lines: the config
+dump, Triton, NUMA, tcmalloc, a progress bar, FutureWarnings) is kept quiet: vLLM logs
+at ERROR (a ``LoggingConfig`` for the engine), no weight-loading progress bar, Torch's C++
+warnings off (``TORCH_CPP_LOG_LEVEL=ERROR`` where unset and Torch not yet imported),
+FutureWarnings of vllm/torch/transformers ignored. Errors still show, and a failed start
+raises its cause. ``NIGHTSHIFT_LOG_LEVEL=DEBUG`` (``nightshift run/preview --verbose``)
+turns all of it back on; ``VLLM_LOGGING_LEVEL`` set by the user is honoured as is (see
+:func:`engine_logs_verbose`, :func:`quiet_engine_kwargs`).
+
 Example::
 
     from serving.vllm_backend import VLLMBackend
@@ -42,9 +53,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import queue
+import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -59,6 +74,8 @@ from serving.structured import json_problem
 __all__ = ["EngineDeadError", "StreamEvent", "VLLMBackend", "vllm_available"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("nightshift.serving")
 
 
 def vllm_available() -> bool:
@@ -117,10 +134,14 @@ class VLLMBackend:
         distributed_executor_backend: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        _set_default_env()
+        started_at = time.monotonic()
+        verbose = engine_logs_verbose()
+        _set_default_env(quiet=not verbose)
         import torch
         import vllm
 
+        if not verbose:
+            _quiet_engine_noise()
         self._model_name = model
         self._model_path = resolve_model(model)
         on_cpu = not torch.cuda.is_available()
@@ -161,11 +182,17 @@ class VLLMBackend:
         self._ids = itertools.count()
         self._inflight: dict[str, _Slot] = {}  # engine thread only
         started: Future[Any] = Future()
+        llm_kwargs = {**quiet_engine_kwargs(kwargs), **kwargs}
         self._thread = threading.Thread(
-            target=self._main, args=(kwargs, started), name="nightshift-vllm", daemon=True
+            target=self._main, args=(llm_kwargs, started), name="nightshift-vllm", daemon=True
         )
         self._thread.start()
-        self._llm: Any = started.result()  # re-raises a failed start
+        try:
+            self._llm: Any = started.result()  # re-raises a failed start
+        except BaseException as exc:
+            _announce(f"vLLM engine: {model} failed to start after "
+                      f"{time.monotonic() - started_at:.1f} s: {_one_line(exc)}", logging.ERROR)
+            raise
         type(self).engine_loads += 1
         self._tokenizer: Any = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
@@ -182,6 +209,11 @@ class VLLMBackend:
             "vllm_version": vllm.__version__,
             "device": "cpu" if on_cpu else "cuda",
         }
+        _announce(
+            f"vLLM engine: {model} ({self._identity['dtype']}, max_model_len "
+            f"{self._max_model_len}, {self._identity['device']}, vLLM {vllm.__version__}) "
+            f"started in {time.monotonic() - started_at:.1f} s"
+        )
 
     # -- Backend -----------------------------------------------------------------
 
@@ -574,11 +606,75 @@ def _guard_kernel_rebind_scan() -> None:
         dispatcher.hasattr = _safe_hasattr  # type: ignore[attr-defined]
 
 
-def _set_default_env() -> None:
+def _set_default_env(quiet: bool = False) -> None:
     """Environment that must be set before vLLM is imported (only where unset)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(model_cache_dir().parent / "vllm"))
+    if quiet:
+        # Torch's C++ warnings (e.g. vLLM's "NUMA binding: Using MEMBIND policy ...")
+        # print straight to the stderr file descriptor; their level is read once, when
+        # torch is imported.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def engine_logs_verbose() -> bool:
+    """Whether an engine start shows vLLM's whole log: ``NIGHTSHIFT_LOG_LEVEL=DEBUG``
+    (what ``nightshift run/preview --verbose`` sets)."""
+    return os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").strip().upper() == "DEBUG"
+
+
+def quiet_engine_kwargs(engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments for a quiet start: vLLM's loggers at ERROR (unless
+    ``VLLM_LOGGING_LEVEL`` is set) and no weight-loading progress bar. Empty when
+    :func:`engine_logs_verbose`, when ``engine_kwargs`` already sets them, or for a vLLM
+    without ``vllm.config.logging.LoggingConfig`` (older releases; test stand-ins). Not
+    part of :attr:`VLLMBackend.engine_options`: they change what is printed, nothing
+    that is computed."""
+    if engine_logs_verbose():
+        return {}
+    try:
+        from vllm.config.logging import LoggingConfig
+    except Exception:
+        return {}
+    given = engine_kwargs or {}
+    quiet: dict[str, Any] = {}
+    if "use_tqdm_on_load" not in given:
+        quiet["use_tqdm_on_load"] = False
+    if not ({"logging_config", "log_level"} & set(given)) and "VLLM_LOGGING_LEVEL" not in os.environ:
+        quiet["logging_config"] = LoggingConfig(log_level="ERROR")
+    return quiet
+
+
+_NOISE_FILTERED = False
+
+
+def _quiet_engine_noise() -> None:
+    """Process-wide, once: the engine-start lines that do not go through vLLM's logger.
+    FutureWarnings raised by vllm, torch or transformers code (and torch's
+    ``torch.distributed.reduce_op`` one, which vLLM's module scan triggers from any
+    caller) are ignored; torch's "Triton not available" warning is dropped."""
+    global _NOISE_FILTERED
+    if _NOISE_FILTERED:
+        return
+    _NOISE_FILTERED = True
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(vllm|torch|transformers)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+
+def _announce(line: str, level: int = logging.INFO) -> None:
+    """One line about an engine: to the Prefect run logger inside a flow or task run
+    (the run's log, the UI, a worker's output), else to ``nightshift.serving``."""
+    if "prefect" in sys.modules:  # never import Prefect for this
+        try:
+            from prefect.logging import get_run_logger
+
+            get_run_logger().log(level, line)
+            return
+        except Exception:  # no run context (a script, preview, an engine thread)
+            pass
+    logger.log(level, line)
 
 
 def _folder_fingerprint(path: str) -> str | None:
