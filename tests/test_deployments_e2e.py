@@ -54,15 +54,16 @@ SPEC = "examples/nightly.yaml"
 DEPLOYMENT = "nightly-pipeline/nightly"
 PARIS = ZoneInfo("Europe/Paris")
 
-# Deadlines for conditions, sized for a loaded machine (load average ~10 on 2 cores, about
-# 5x slower than an idle one); each wait returns as soon as its condition holds, so they
-# cost nothing on a fast machine. Idle 2-core times in the comments.
-SERVER_START_S = 300  # `prefect server start` healthy: ~10 s
-CLI_S = 300           # one `prefect ...` command: 3-15 s (most of it importing prefect)
-SCHEDULER_S = 300     # the scheduler's first runs of a new cron deployment: ~5 s
-FLOW_RUN_S = 1200     # picked up by the worker and final (vLLM engine start included): 40-110 s
-EVENTS_S = 300        # task run states reach the API (events) after the flow run: ~1-5 s
-TEST_S = 3600         # pytest-timeout for the whole scenario (a hang guard): ~4-6 min idle
+# Deadlines for conditions, sized for a loaded machine (load average ~10 on 2 cores);
+# every wait returns as soon as its condition holds, so they cost nothing on a fast
+# machine. In the comments: what each took on 2 cores at load average 5-7 (whole test
+# ~200 s, most of it the two vLLM engine starts and the flow-run subprocesses' imports).
+SERVER_START_S = 300  # `prefect server start` healthy: 17 s
+CLI_S = 300           # one `prefect ...` command: 2-5 s (mostly importing prefect)
+SCHEDULER_S = 300     # the scheduler's first runs of a new cron deployment: ~1-5 s
+FLOW_RUN_S = 900      # picked up by the worker and final: 13 s, or 60-90 s with vLLM
+EVENTS_S = 300        # task run states reach the API (events) after the flow run: <1 s
+TEST_S = 1800         # pytest-timeout for the whole scenario, a hang guard
 
 
 def free_port() -> int:
