@@ -96,3 +96,61 @@ def test_dedup_over_batches_equals_global_unique(texts: list[str], batch: int) -
     merged = pl.concat(parts)
     expected = frame.unique(subset=["t"], keep="first", maintain_order=True)
     assert merged.equals(expected)
+
+
+def test_template_without_columns_renders_on_every_row(df: pl.DataFrame) -> None:
+    out = apply_operator(Template(output="p", template="{{ 'x' | upper }}"), df)
+    assert out["p"].to_list() == ["X"] * 4
+
+
+def test_template_error_names_the_row(df: pl.DataFrame) -> None:
+    frame = df.with_columns(pl.Series(ROW_ID, [(7 << 32) + 0, (7 << 32) + 1, (7 << 32) + 2, 5],
+                                      dtype=pl.UInt64))
+    with pytest.raises(SpecError) as info:  # row 3 (index 2) has a null text
+        apply_operator(Template(output="p", template="{{ text.upper() }}"), frame)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"row 3 of its source file ({ROW_ID} {(7 << 32) + 2})" in message, message
+    assert "'None' has no attribute 'upper'" in message
+
+
+def test_an_operator_may_not_write_row_id(df: pl.DataFrame) -> None:
+    with pytest.raises(SpecError, match="writes the reserved column _row_id"):
+        apply_operator(Map(columns={ROW_ID: "n"}), df)
+
+    class Renumber(Map):  # does not declare it, rewrites it anyway
+        def writes(self) -> list[str]:
+            return []
+
+        def process(self, frame: pl.DataFrame) -> pl.DataFrame:
+            return frame.with_columns(pl.col(ROW_ID) + 1)
+
+    with pytest.raises(SpecError, match="changed the _row_id column"):
+        apply_operator(Renumber(columns={"x": "n"}), df)
+
+    class Retype(Renumber):
+        def process(self, frame: pl.DataFrame) -> pl.DataFrame:
+            return frame.with_columns(pl.col(ROW_ID).cast(pl.Int64))
+
+    with pytest.raises(SpecError, match="changed the _row_id column"):
+        apply_operator(Retype(columns={"x": "n"}), df)
+
+
+def test_reattaching_columns_of_a_wide_frame_is_cheap() -> None:
+    """10,000 columns: the bookkeeping around an operator must not be O(columns^2)."""
+    import time
+
+    wide = pl.DataFrame({ROW_ID: pl.Series(range(5), dtype=pl.UInt64), "text": ["a"] * 5,
+                         **{f"c{j}": [j] * 5 for j in range(10_000)}})
+
+    class OnlyItsColumn(Map):  # returns _row_id and its output, rows reversed
+        def process(self, frame: pl.DataFrame) -> pl.DataFrame:
+            return frame.select(ROW_ID, pl.col("text").alias("t2")).reverse()
+
+    started = time.process_time()
+    for op in (Filter(where="length(text) > 0"), Map(columns={"m": "c5 * 2"}),
+               Template(output="p", template="{{ text }}!"), OnlyItsColumn(columns={"t2": "text"})):
+        out = apply_operator(op, wide)
+        assert out.width >= wide.width and out.columns[:3] == [ROW_ID, "text", "c0"]
+    assert time.process_time() - started < 3  # was 5-17 s per operator
+    assert out["c9999"].to_list() == [9999] * 5 and out["t2"].to_list() == ["a"] * 5

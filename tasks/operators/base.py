@@ -144,16 +144,40 @@ def resolve_operator(key: str, allow_imports: bool) -> type[Operator]:
 
 
 def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``."""
+    """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``.
+
+    ``_row_id`` belongs to the engine (dedup, resume and the export order depend on it): an
+    operator that writes it, changes its type or returns ids its input did not have is
+    refused. Column bookkeeping is by sets and whole-frame selects, so a frame of 10,000
+    columns costs what its data costs.
+    """
+    label = op.name or op.import_path()
+    if ROW_ID in op.writes():
+        raise SpecError(
+            f"operator {label} writes the reserved column {ROW_ID}; give the column another name"
+        )
     out = op.apply(df, state) if isinstance(op, BarrierOperator) and state is not None else op.process(df)
     if ROW_ID not in out.columns:
-        raise SpecError(f"operator {op.name or op.import_path()} dropped the {ROW_ID} column")
+        raise SpecError(f"operator {label} dropped the {ROW_ID} column")
+    ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)
+    same_rows = out.height == df.height and ids.equals(before, check_dtypes=True)
+    if ids.dtype != before.dtype or not same_rows and (
+        ids.null_count() or not ids.is_in(before.implode()).all()
+    ):
+        raise SpecError(
+            f"operator {label} changed the {ROW_ID} column (it is the engine's row identity: "
+            "an operator may drop or reorder rows, never rewrite their ids)"
+        )
     if op.keeps_untouched_columns:
-        missing = [c for c in df.columns if c not in out.columns]
+        returned = set(out.columns)
+        missing = [c for c in df.columns if c not in returned]
         if missing:
-            joined = out.join(
-                df.select([ROW_ID, *missing]), on=ROW_ID, how="left", maintain_order="left"
-            )
-            new = [c for c in out.columns if c not in df.columns]
-            out = joined.select([*df.columns, *new])
+            if same_rows:  # the common case: no row moved, so no join is needed
+                joined = pl.concat([out, df.select(missing)], how="horizontal")
+            else:
+                joined = out.join(
+                    df.select([ROW_ID, *missing]), on=ROW_ID, how="left", maintain_order="left"
+                )
+            known = set(df.columns)
+            out = joined.select([*df.columns, *(c for c in out.columns if c not in known)])
     return out

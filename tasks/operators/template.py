@@ -15,8 +15,8 @@ import polars as pl
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
-from tasks.errors import SpecError
-from tasks.operators.base import Operator, register_operator
+from tasks.errors import SpecError, one_line
+from tasks.operators.base import ROW_ID, Operator, register_operator
 
 
 def _finalize(value: Any) -> Any:
@@ -63,11 +63,13 @@ class Template(Operator):
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         names = self.reads()
-        missing = [n for n in names if n not in df.columns]
+        columns = set(df.columns)
+        missing = [n for n in names if n not in columns]
         if missing:
             raise SpecError(
                 f"template: undefined variable(s) {', '.join(missing)} "
-                f"(columns: {', '.join(df.columns)})"
+                f"(columns: {', '.join(c for c in df.columns[:20] if c != ROW_ID)}"
+                f"{', ...' if df.width > 20 else ''})"
             )
         parts = self._plain_parts()
         if parts is not None and all(df.schema[n] == pl.String for n in names):
@@ -76,6 +78,44 @@ class Template(Operator):
             ]
             rendered = pl.concat_str(exprs) if exprs else pl.lit("")
             return df.with_columns(rendered.alias(self.output))
+        return df.with_columns(pl.Series(self.output, self.render_rows(df), dtype=pl.String))
+
+    def render_rows(self, df: pl.DataFrame) -> list[str]:
+        """Render the template on every row (Jinja); a row that fails is a one-line error
+        naming it (``_row_id`` and its row in its source file)."""
         compiled = _ENV.from_string(self.template)
-        values = [compiled.render(row) for row in df.select(names).iter_rows(named=True)]
-        return df.with_columns(pl.Series(self.output, values, dtype=pl.String))
+        names = self.reads()
+        rows = (
+            df.select(names).iter_rows(named=True) if names else ({} for _ in range(df.height))
+        )
+        values = []
+        for i, row in enumerate(rows):
+            try:
+                values.append(compiled.render(row))
+            except Exception as exc:  # UndefinedError, SecurityError, TypeError in a filter...
+                row_id = df.get_column(ROW_ID)[i] if ROW_ID in df.columns else None
+                raise TemplateRenderError(row_id, i, _jinja_error(exc)) from None
+        return values
+
+
+class TemplateRenderError(SpecError):
+    """A template failed on one row: names the row (its ``_row_id``, and its row number in
+    its source file, counting from 1) and what failed, in one line."""
+
+    def __init__(self, row_id: int | None, index: int, detail: str) -> None:
+        self.row_id, self.detail = row_id, detail
+        #: the row's number in its source file, from 1 (the low 32 bits of ``_row_id``)
+        self.row = (row_id & 0xFFFFFFFF) + 1 if row_id is not None else None
+        where = (
+            f"row {self.row} of its source file ({ROW_ID} {row_id})" if row_id is not None
+            else f"row {index + 1} of the batch"
+        )
+        super().__init__(f"template: {where}: {detail}")
+
+
+def _jinja_error(exc: Exception) -> str:
+    kind = {
+        "UndefinedError": "undefined",
+        "SecurityError": "blocked by the sandbox",
+    }.get(type(exc).__name__, type(exc).__name__)
+    return f"{kind}: {one_line(exc)}"
