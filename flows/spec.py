@@ -41,7 +41,29 @@ SECRET_KEYS = frozenset({
 
 
 class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false; ``on``, ``yes``, ``no`` stay strings."""
+    """YAML 1.2 booleans: only true/false; ``on``, ``yes``, ``no`` stay strings.
+
+    A key given twice in one mapping is an error (PyYAML keeps the last one silently).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # ``<<: *base`` overrides on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: SafeConstructor reports it
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key!r} (first given on line {earlier.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 _SpecLoader.yaml_implicit_resolvers = {
