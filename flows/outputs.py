@@ -54,18 +54,49 @@ def read_output(plan: Plan) -> pl.DataFrame:
 
 
 def export(plan: Plan, to: Path) -> int:
-    """Write the final output to ``.parquet`` or ``.jsonl``; returns the row count."""
+    """Write the final output to ``.parquet`` or ``.jsonl``; returns the row count.
+
+    The rows go to a temporary file beside ``to`` that replaces it only once complete: an
+    export that fails leaves an earlier ``to`` as it was and says why in one line.
+    """
+    import os
+    import uuid
+
+    from tasks.errors import NightshiftError, one_line
+
     suffix = to.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".ndjson"):
         raise StoreError(f"export --to {to}: use a .parquet or .jsonl file name")
     paths = final_paths(plan)
-    to.parent.mkdir(parents=True, exist_ok=True)
-    if plan.store.is_local and paths:
-        frame = pl.scan_parquet(paths)
-        frame.sink_parquet(to) if suffix == ".parquet" else frame.sink_ndjson(to)
-        return pl.scan_parquet(to).select(pl.len()).collect().item() if suffix == ".parquet" else sum(
-            1 for _ in open(to, "rb")
-        )
-    df = read_output(plan)
-    df.write_parquet(to) if suffix == ".parquet" else df.write_ndjson(to)
-    return df.height
+    if to.is_dir():
+        raise StoreError(f"export --to {to}: is a directory; give a file name")
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"export --to {to}: cannot create {to.parent}: {exc.strerror}") from None
+    tmp = to.with_name(f".{to.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if plan.store.is_local and paths:
+            frames = [pl.scan_parquet(p) for p in paths]
+            frame = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+            if suffix == ".parquet":
+                frame.sink_parquet(tmp)
+                rows = pl.scan_parquet(tmp).select(pl.len()).collect().item()
+            else:
+                frame.sink_ndjson(tmp)
+                with open(tmp, "rb") as handle:
+                    rows = sum(1 for _ in handle)
+        else:
+            df = read_output(plan)
+            df.write_parquet(tmp) if suffix == ".parquet" else df.write_ndjson(tmp)
+            rows = df.height
+        os.replace(tmp, to)
+    except NightshiftError as exc:
+        raise StoreError(f"export --to {to}: {exc} ({to} left as it was)") from None
+    except Exception as exc:
+        raise StoreError(
+            f"export --to {to}: {type(exc).__name__}: {one_line(exc)} ({to} left as it was)"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
