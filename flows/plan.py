@@ -238,26 +238,36 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
 
 
 def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tuple[str, int, pl.Schema]:
-    """Where a file's batches are read from, its row count and its schema."""
+    """Where a file's batches are read from, its row count and its schema (carrying the
+    file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
         fs, path = filesystem(file.uri, spec.source.storage_options)
         rows = parquet_io.footer_rows(fs, path)
         if rows is None:
             raise SourceError(f"source file {file.uri}: not a readable Parquet file")
-        return file.uri, rows, parquet_io.schema(fs, path)
-    staged = store.path(*prefix_of(spec), "sources", f"{file.stem}-{file.identity[:24]}.parquet")
+        schema = parquet_io.schema(fs, path)
+        _check_declared(file, schema)
+        first_rows = lambda: parquet_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
+        return file.uri, rows, _sampled(file, schema, first_rows)
+    staged = store.path(*prefix_of(spec), "sources", _staged_name(file))
     rows = store.frame_rows(staged)
+    head = None
     if rows is None:
         df = load_text_file(file, spec.source.storage_options)
         if ROW_ID in df.columns:
             raise SourceError(f"source file {file.uri}: column {ROW_ID} is reserved")
         store.write_frame(staged, df)
-        rows = df.height
-    return staged, rows, parquet_io.schema(store.fs, staged)
+        rows, head = df.height, df.head(SAMPLE_ROWS)
+    schema = parquet_io.schema(store.fs, staged)
+    return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
+        parquet_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
 
 
 def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
-    """Run every operator on an empty frame of each distinct source schema."""
+    """Check that the files agree (same columns, same types), run every operator on an
+    empty frame of each distinct source schema, then render the templates on each file's
+    first rows (when the schema carries them)."""
+    _check_same_columns(schemas)
     seen: set[str] = set()
     for uri, schema in schemas.items():
         if ROW_ID in schema:
@@ -267,13 +277,19 @@ def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
         seen.add(str(schema))
         df = pl.DataFrame(schema={ROW_ID: pl.UInt64, **schema})
         for i, op in enumerate(operators):
-            missing = [c for c in op.reads() if c not in df.columns]
             where = f"steps[{i}] ({op.name or op.import_path()})"
+            if ROW_ID in op.writes():
+                raise SpecError(
+                    f"{where}: writes the reserved column {ROW_ID} (the engine's row identity, "
+                    "which dedup and resume rely on); give the column another name"
+                )
+            columns = set(df.columns)
+            missing = [c for c in op.reads() if c not in columns]
             source = f" on {uri}" if len(schemas) > 1 else ""
             if missing:
                 raise SpecError(
                     f"{where}: missing column {', '.join(missing)}{source} "
-                    f"(columns: {', '.join(c for c in df.columns if c != ROW_ID)})"
+                    f"(columns: {_column_list(df.columns)})"
                 )
             try:
                 state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
@@ -282,6 +298,8 @@ def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
                 raise SpecError(f"{where}{source}: {exc}") from None
             except Exception as exc:  # polars type/column errors
                 raise SpecError(f"{where}{source}: {one_line(exc)}") from None
+    for uri, schema in schemas.items():
+        _render_sample(operators, uri, getattr(schema, "sample", None))
 
 
 def _compute_keys(plan: Plan) -> None:
@@ -299,3 +317,135 @@ def _compute_keys(plan: Plan) -> None:
             keys = [plan.units(stage.index, b, key, 0)[0].key for b, key in enumerate(inputs)]
         plan.keys.append(keys)
         inputs = keys
+
+
+# -- input checks of validate (helpers of _prepare_file and _dry_run) ---------------------
+
+#: Rows of each source file that validate renders the templates on.
+SAMPLE_ROWS = 5
+#: Bump when JSONL/CSV reading or validation changes, so that files staged under older
+#: rules are read (and checked) again; step keys do not depend on it.
+_STAGING_RULES = "2"
+
+
+class SampledSchema(pl.Schema):
+    """A source file's schema carrying its first rows (with ``_row_id``), or None."""
+
+    sample: pl.DataFrame | None = None
+
+
+def _staged_name(file: SourceFile) -> str:
+    return f"{file.stem}-{digest(file.identity, _STAGING_RULES)[:24]}.parquet"
+
+
+def _check_declared(file: SourceFile, schema: pl.Schema) -> None:
+    from tasks.sources import check_declared
+
+    check_declared(file, schema)
+
+
+def _sampled(file: SourceFile, schema: pl.Schema, head: Any) -> SampledSchema:
+    """``schema`` with the file's first rows; rows that cannot be read leave it without."""
+    sampled = SampledSchema(schema)
+    try:
+        rows = head()
+    except Exception:  # the data is read again (and reported) by the batches themselves
+        return sampled
+    if rows is not None and rows.height:
+        base = file.row_key << 32
+        ids = pl.int_range(base, base + rows.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
+        sampled.sample = rows.select(pl.lit(ids), pl.all().exclude(ROW_ID))
+    return sampled
+
+
+def _column_list(columns: list[str], limit: int = 20) -> str:
+    names = [c for c in columns if c != ROW_ID]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
+    """Every file of a source has the same columns with the same types (a column that is
+    null in every row of a file matches any type); otherwise name the file and column."""
+    if len(schemas) < 2:
+        return
+    (first_uri, first), *others = schemas.items()
+    types = {c: (t, first_uri) for c, t in first.items() if t != pl.Null}
+    for uri, schema in others:
+        extra = [c for c in schema if c not in first]
+        if extra:
+            raise SourceError(
+                f"source file {uri}: column {extra[0]!r} is not in {first_uri}"
+                f"{f' ({len(extra)} such columns)' if len(extra) > 1 else ''}; "
+                "every file of a source must have the same columns"
+            )
+        lacking = [c for c in first if c not in schema]
+        if lacking:
+            raise SourceError(
+                f"source file {uri}: no column {lacking[0]!r}, which {first_uri} has"
+                f"{f' ({len(lacking)} such columns)' if len(lacking) > 1 else ''}; "
+                "every file of a source must have the same columns"
+            )
+        for column, dtype in schema.items():
+            if dtype == pl.Null:
+                continue
+            known = types.setdefault(column, (dtype, uri))
+            if known[0] != dtype:
+                raise SourceError(
+                    f"source files differ: column {column!r} is {known[0]} in {known[1]} but "
+                    f"{dtype} in {uri}; give it one type in every file (JSONL/CSV: or declare "
+                    f"it in source.schema, e.g. schema: {{{column}: string}})"
+                )
+
+
+def _render_sample(operators: list[Operator], uri: str, sample: pl.DataFrame | None) -> None:
+    """Run a file's first rows through the steps and render every template on them (the
+    ``template`` steps and the prompts of LLM steps), so that a template that fails on real
+    values (a missing attribute, a blocked one) fails validate, naming step, file and row.
+
+    Only the built-in CPU steps run on the sample; an LLM step's outputs are stand-ins of
+    their type (``""``, ``0``); a custom step ends the sample (it may have side effects).
+    """
+    from tasks.operators import Dedup, Filter, LLMOperator, Map, Rename, Select, Template
+    from tasks.operators.sql import sql_expr
+    from tasks.operators.template import TemplateRenderError
+
+    if sample is None:
+        return
+    df = sample
+    for i, op in enumerate(operators):
+        if df.height == 0:
+            return
+        where = f"steps[{i}] ({op.name or op.import_path()}) on source file {uri}"
+        try:
+            if isinstance(op, LLMOperator):
+                prompts = df
+                if op.skip_if:
+                    prompts = df.filter(~sql_expr(op.skip_if, "skip_if").fill_null(False))
+                op._prompt_op().render_rows(prompts)
+                empty = apply_operator(op, df.clear())
+                known = set(df.columns)
+                df = df.with_columns(
+                    pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
+                    for name, dtype in empty.schema.items() if name not in known
+                )
+            elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
+                state = op.index(df.lazy()) if isinstance(op, Dedup) else None
+                df = apply_operator(op, df, state)
+            else:
+                return
+        except TemplateRenderError as exc:
+            raise SpecError(f"{where}: template fails on row {exc.row}: {exc.detail}") from None
+        except NightshiftError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        except Exception as exc:  # a value the empty-frame dry run could not see
+            raise SpecError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from None
+
+
+def _stand_in(dtype: pl.DataType) -> Any:
+    if dtype == pl.String:
+        return ""
+    if dtype.is_numeric():
+        return 0
+    if dtype == pl.Boolean:
+        return False
+    return None
