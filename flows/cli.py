@@ -111,22 +111,15 @@ def run(
     verbose: Verbose = False,
 ) -> None:
     """Run the pipeline; batches done in the store are not recomputed."""
-    from flows.plan import build_plan
-    from flows.run_pipeline import run_pipeline
+    from flows.pipeline import run_spec
 
     _verbose(verbose)
-    parsed = _spec(spec, batch_size)
-    build_plan(parsed, allow_imports=allow_imports)  # every check, before any work
-    state = run_pipeline(
-        spec=parsed.model_dump(mode="json"),
+    summary = run_spec(
+        _spec(spec, batch_size),
         resume_from_last=False if (fresh or resume_step is not None) else None,
         resume_step=resume_step,
         allow_imports=allow_imports,
-        return_state=True,
     )
-    if not state.is_completed():
-        raise NightshiftError(state.message or f"flow run ended {state.name}")
-    summary = state.result()
     _print_steps(summary["steps"])
 
 
@@ -217,6 +210,29 @@ def stream(
 
     summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports)
     console.print_json(data=summary)
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (runs find it there by itself)")] = 4200,
+) -> None:
+    """Start a local Prefect server (API and UI) in the foreground.
+
+    While it runs, nightshift run and Pipeline.run use it without PREFECT_API_URL
+    (set PREFECT_SERVER_API_PORT if you choose another port), so no run pays for a
+    temporary server.
+    """
+    import os
+    import sys
+
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+           "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+    prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]
+    err.print(f"Prefect server on http://127.0.0.1:{port} (UI and API); Ctrl-C stops it")
+    os.execve(sys.executable, prefect, env)
 
 
 def main() -> None:

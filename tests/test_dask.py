@@ -123,5 +123,5 @@ def test_dask_cluster_equals_threads(
 
     # a re-run on the cluster computes nothing
     again = on_dask.run()
-    assert [s["cached"] for s in again["steps"]] == [8, 8, 8]
+    assert [s["reused"] for s in again["steps"]] == [8, 8, 8]
     assert len([e for e in read_log(str(worker_log)) if e["tag"] == "d"]) == 8
