@@ -63,6 +63,36 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
     assert bad.returncode == 2 and "use a .parquet or .jsonl" in bad.stderr
 
 
+def test_a_failing_batch_is_one_line_without_traceback(tmp_path: Path, prefect_api: str,
+                                                       test_log: Path) -> None:
+    import zlib
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(10, "f")))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: failing\n"
+        f"source: {{path: '{data}'}}\n"
+        "batch_size: 5\n"
+        f"store: {{url: 'file://{tmp_path}/store'}}\n"
+        "steps:\n"
+        "  - nightshift_testops:Count: {tag: f}\n"
+    )
+    env = {**os.environ, "NIGHTSHIFT_TEST_FAIL_F": str((zlib.crc32(str(data).encode()) << 32) + 7)}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(spec), "--allow-imports"],
+        env={**env, "PREFECT_API_URL": prefect_api, "NIGHTSHIFT_TEST_LOG": str(test_log),
+             "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 task(s) failed, first: count[0] batch 2/2") and \
+        "bad value in row" in last, last
+
+
 def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.CaptureFixture) -> None:
     from flows.cli import _print_steps
 
