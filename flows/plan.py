@@ -185,6 +185,20 @@ def build_stages(
     return stages
 
 
+def _serving_identities(serving: dict[str, ServingConfig]) -> dict[str, Any]:
+    """What each serving config contributes to the keys; a model that cannot be found
+    (a local path that is not there) is a one-line error naming the serving entry."""
+    identities = {}
+    for name, config in serving.items():
+        try:
+            identities[name] = config.identity()
+        except NightshiftError as exc:
+            raise SpecError(f"serving.{name}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"serving.{name}: {one_line(exc)}") from None
+    return identities
+
+
 def _check_batch_sizes(operators: list[Operator], batch_size: int) -> None:
     """Per-step sizes cut a batch into smaller pieces; they never join batches."""
     for i, op in enumerate(operators):
@@ -230,7 +244,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)
     _check_batch_sizes(operators, spec.batch_size)
-    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    context = {"serving": _serving_identities(serving)}
     stages = build_stages(operators, spec.fuse, context, spec.batch_size)
     plan = Plan(spec, store, files, batches, stages, serving)
     _compute_keys(plan)
