@@ -35,10 +35,10 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
-from tasks import inventory, parquet_io
-from tasks.errors import StoreError, one_line
-from tasks.locks import ProcessAwareLockManager
-from tasks.fingerprints import digest
+from nightshift.core import inventory, parquet_io
+from nightshift.core.errors import StoreError, one_line
+from nightshift.core.locks import ProcessAwareLockManager
+from nightshift.core.fingerprints import digest
 
 
 class StepStore(WritableFileSystem):

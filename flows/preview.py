@@ -10,7 +10,7 @@ It is for trying a prompt before a night's run.
   ``max_scan`` source rows); then every step runs on those rows. A barrier (``dedup``)
   sees only the rows read.
 * LLM steps run on one engine per serving config, started for the preview (or the
-  engines of an enclosing :func:`serving.task_runner.shared_serving`). Each row's reply
+  engines of an enclosing :func:`nightshift.serving.runner.shared_serving`). Each row's reply
   streams to the terminal token by token as the engine produces it, one row after the
   other, after a dimmed line showing the row's prompt. A backend that cannot stream
   prints each reply whole.
@@ -22,7 +22,7 @@ depend on how requests are batched (asserted in the test suite).
 
 Example::
 
-    from flows.preview import preview
+    from nightshift.flows.preview import preview
 
     df = preview("examples/nightly.yaml", rows=3)     # prints as it goes, returns the rows
 """
@@ -37,17 +37,18 @@ from typing import Any
 import polars as pl
 from rich.console import Console
 
-from blocks.serving_config import ServingConfig
-from flows.plan import _dry_run
-from flows.spec import PipelineSpec, load_spec, resolve_serving
-from serving.interface import GenerationRequest, GenerationResult
-from serving.pool import ServingPool, build_backend
-from serving.streaming import stream
-from serving.task_runner import shared_pool_for
-from tasks import parquet_io
-from tasks.errors import NightshiftError, SpecError
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
+from nightshift.serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.pool import ServingPool, build_backend
+from nightshift.serving.streaming import stream
+from nightshift.serving.runner import shared_pool_for
+from nightshift.core import parquet_io
+from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.batches import with_row_ids
+from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.stages import dry_run
 
 __all__ = ["preview", "read_head"]
 
@@ -71,7 +72,7 @@ def preview(
     """Run ``spec`` on its first ``rows`` rows, streaming LLM replies through ``write``.
 
     Returns the rows after the last step. Raises a one-line
-    :class:`~tasks.errors.NightshiftError` for a bad spec, source or column.
+    :class:`~nightshift.core.errors.NightshiftError` for a bad spec, source or column.
     """
     if rows < 1:
         raise SpecError(f"--rows {rows}: preview needs at least 1 row")
@@ -124,9 +125,7 @@ def read_head(
             df = parquet_io.read_slice(fs, path, 0, left)
         else:
             df = load_text_file(file, spec.source.storage_options).head(left)
-        base = file.row_key << 32
-        ids = pl.int_range(base, base + df.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
-        frames.append(df.select(pl.lit(ids), pl.all().exclude(ROW_ID)))
+        frames.append(with_row_ids(df, file))
         left -= df.height
     if not frames:
         return pl.DataFrame(schema={ROW_ID: pl.UInt64})
@@ -148,7 +147,7 @@ def _rows_reaching(
     while True:
         source = read_head(spec, files, want)
         if not checked:
-            _dry_run(operators, {"source": source.drop(ROW_ID).clear().schema})
+            dry_run(operators, source.drop(ROW_ID).clear().schema)
             checked = True
         df = source
         for i, op in enumerate(operators[:first_llm]):

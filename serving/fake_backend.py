@@ -1,4 +1,4 @@
-"""A deterministic fake :class:`~serving.interface.Backend` for orchestration tests.
+"""A deterministic fake :class:`~nightshift.serving.interface.Backend` for orchestration tests.
 
 It never loads a model: the text of each row is ``f"echo: {prompt or last message}"``
 (cut to ``max_tokens`` whitespace-separated words, with ``finish_reason="length"``
@@ -7,7 +7,7 @@ chosen rows or chosen calls.
 
 Example::
 
-    from serving.fake_backend import FakeBackend
+    from nightshift.serving.fake_backend import FakeBackend
 
     fake = FakeBackend(fail_texts={"bad"})
     results = fake.generate(requests)      # the row whose prompt is "bad" has .error
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.interface import GenerationRequest, GenerationResult
 
 __all__ = ["FakeBackend", "FakeBackendError"]
 

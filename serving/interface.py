@@ -8,7 +8,7 @@ served (prompt too long, invalid JSON under a schema, ...) yields a result with
 
 Example::
 
-    from serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
 
     req = GenerationRequest(
         messages=[{"role": "user", "content": "Say hi"}],

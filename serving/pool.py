@@ -2,8 +2,8 @@
 
 Backends start lazily on first use and stay up until the pool closes (the end of the
 flow run). Each is wrapped so that concurrent generation tasks feed one engine without a
-per-batch barrier (:class:`~serving.batching.AutoBatcher`) and a dead engine is rebuilt
-and its in-flight requests replayed (:class:`~serving.resilience.RestartingBackend`).
+per-batch barrier (:class:`~nightshift.serving.batching.AutoBatcher`) and a dead engine is rebuilt
+and its in-flight requests replayed (:class:`~nightshift.serving.resilience.RestartingBackend`).
 With ``devices`` there is one replica per device, each in its own process, used in turn.
 An ``openai_compatible`` backend is called directly from every task (it bounds its own
 concurrency, retries per row and reports each answer as it arrives through ``on_result``).
@@ -21,12 +21,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from blocks.serving_config import ServingConfig
-from serving.batching import AutoBatcher
-from serving.http.backend import ResultCallback
-from serving.http.usage import Usage
-from serving.interface import Backend, GenerationRequest, GenerationResult
-from serving.resilience import ProcessReplica, RestartingBackend
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.serving.batching import AutoBatcher
+from nightshift.serving.http.backend import ResultCallback
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 
 _CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
     "nightshift_serving_pool", default=None
@@ -56,10 +56,10 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
     if cfg.backend == "fake":
         import os
 
-        from serving.fake_backend import FakeBackend
+        from nightshift.serving.fake_backend import FakeBackend
 
         return FakeBackend(delay_s=cfg.fake_delay_s, model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     return VLLMBackend(cfg.model, **cfg.engine_options())
 
@@ -71,7 +71,7 @@ def _build_replica(config: dict[str, Any], device: str) -> Backend:
 def build_http_backend(config: ServingConfig) -> Backend:
     """An ``OpenAIBackend`` from a serving config; the key is resolved here, in the flow
     process, and never leaves it."""
-    from serving.http import OpenAIBackend
+    from nightshift.serving.http import OpenAIBackend
 
     return OpenAIBackend(api_key=config.resolve_api_key(), **config.http_options())
 

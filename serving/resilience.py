@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
 
 logger = logging.getLogger("nightshift.serving")
 

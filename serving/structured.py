@@ -8,7 +8,7 @@ give a per-row error instead of bad data.
 Example::
 
     from pydantic import BaseModel
-    from serving.structured import json_problem, schema_of
+    from nightshift.serving.structured import json_problem, schema_of
 
     class Person(BaseModel):
         name: str

@@ -21,7 +21,7 @@ Per-row guarantees:
   whose output is not valid JSON for the schema gets an ``error``;
 * if the engine itself fails (crash, out of memory), every call in flight raises
   :class:`EngineDeadError` and so does every later call: a
-  :class:`~serving.resilience.RestartingBackend` then builds a new engine and replays.
+  :class:`~nightshift.serving.resilience.RestartingBackend` then builds a new engine and replays.
 
 :meth:`VLLMBackend.stream` serves the same requests but yields text deltas as the engine
 produces them (``RequestOutputKind.DELTA``); ``nightshift preview`` uses it.
@@ -39,8 +39,8 @@ turns all of it back on; ``VLLM_LOGGING_LEVEL`` set by the user is honoured as i
 
 Example::
 
-    from serving.vllm_backend import VLLMBackend
-    from serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.vllm_backend import VLLMBackend
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
 
     with VLLMBackend("smollm2", max_model_len=1024) as backend:   # the embedded CPU model
         [r] = backend.generate([GenerationRequest(prompt="The capital of France is",
@@ -66,10 +66,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from serving.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
-from serving.interface import GenerationRequest, GenerationResult, SamplingParams
-from serving.streaming import StreamEvent
-from serving.structured import json_problem
+from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
+from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
+from nightshift.serving.streaming import StreamEvent
+from nightshift.serving.structured import json_problem
 
 __all__ = ["EngineDeadError", "StreamEvent", "VLLMBackend", "vllm_available"]
 
@@ -90,7 +90,7 @@ class EngineDeadError(RuntimeError):
 
 
 class VLLMBackend:
-    """A :class:`~serving.interface.Backend` over an in-process vLLM engine.
+    """A :class:`~nightshift.serving.interface.Backend` over an in-process vLLM engine.
 
     Args:
         model: a local HF folder, a hub id (needs ``HF_HUB_OFFLINE=0`` and a cached or
@@ -116,7 +116,7 @@ class VLLMBackend:
 
     max_concurrent_calls: ClassVar[int] = 64
     """``generate`` may be called from this many threads at once: their requests join
-    the running engine batch (see :class:`~serving.batching.AutoBatcher`)."""
+    the running engine batch (see :class:`~nightshift.serving.batching.AutoBatcher`)."""
 
     def __init__(
         self,

@@ -48,11 +48,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from blocks.step_store import StepStore
-from serving.http.usage import TokenPrice, Usage
-from serving.interface import GenerationRequest, GenerationResult
-from tasks import parquet_io
-from tasks.fingerprints import digest
+from nightshift.blocks.step_store import StepStore
+from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.interface import GenerationRequest, GenerationResult
+from nightshift.core import parquet_io
+from nightshift.core.fingerprints import digest
 
 __all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
            "request_fingerprints"]

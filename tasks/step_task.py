@@ -22,12 +22,12 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from blocks.step_store import StepStore
-from tasks.answer_cache import batch_scope
-from tasks.batches import Batch, read_batch
-from tasks.errors import NightshiftError, StepFailed, one_line
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.sources import filesystem
+from nightshift.blocks.step_store import StepStore
+from nightshift.tasks.answer_cache import batch_scope
+from nightshift.tasks.batches import Batch, read_batch
+from nightshift.core.errors import NightshiftError, StepFailed, one_line
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.sources import filesystem
 
 
 class BatchRef(BaseModel):

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
+from nightshift.flows.pipeline import Pipeline
 from nightshift_testops import Count, read_log
-from tasks.errors import SpecError
-from tasks.operators import Dedup, Filter, Map
+from nightshift.core.errors import SpecError
+from nightshift.tasks.operators import Dedup, Filter, Map
 
 
 def pipeline(tmp: Path, batch_size: int, sizes: list[int | None], fuse: bool) -> Pipeline:

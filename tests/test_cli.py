@@ -64,7 +64,7 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
 
 
 def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import _print_steps
+    from nightshift.flows.cli import _print_steps
 
     row = dict(name="00-generate", batches=2, cached=0, reused=0, computed=2, failed=0,
                rows_in=10, rows_out=10, prompt_tokens=512, completion_tokens=77, cost_usd=0.0123)
@@ -82,14 +82,14 @@ def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.Captur
 _PROBE = """
 import json, sys
 sys.argv = ["nightshift", *json.loads(sys.argv[1])]
-from flows.cli import main
+from nightshift.flows.cli import main
 try:
     main()
 except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-heavy = [m for m in ("prefect", "polars", "pyarrow", "vllm", "torch", "fsspec", "flows.plan")
+heavy = [m for m in ("prefect", "polars", "pyarrow", "vllm", "torch", "fsspec", "nightshift.flows.plan")
          if m in sys.modules]
 sys.stderr.write("\\n@@heavy " + json.dumps(heavy) + "\\n")
 sys.exit(code)
@@ -171,7 +171,7 @@ class _LoggingConfig:  # stands in for vllm.config.logging.LoggingConfig
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Stand-in ``vllm`` (with ``vllm.config.logging``) and ``torch`` modules: ``LLM``
     records its kwargs and serves nothing; ``fail`` in the kwargs makes it raise."""
-    from serving import vllm_backend
+    from nightshift.serving import vllm_backend
 
     calls: list[dict] = []
 
@@ -215,7 +215,7 @@ def _engine_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_engine_start_is_one_line_and_vllm_logs_errors_only(
     fake_vllm: list[dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     caplog.set_level(logging.INFO, logger="nightshift.serving")
     with VLLMBackend(str(tmp_path), max_model_len=64) as backend:
@@ -235,7 +235,7 @@ def test_engine_start_is_one_line_and_vllm_logs_errors_only(
 def test_engine_start_verbose_or_user_level_keeps_vllm_logging(
     fake_vllm: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     monkeypatch.setenv("NIGHTSHIFT_LOG_LEVEL", "debug")  # what --verbose sets
     VLLMBackend(str(tmp_path)).close()
@@ -254,7 +254,7 @@ def test_engine_start_verbose_or_user_level_keeps_vllm_logging(
 def test_engine_start_failure_says_why_in_one_line(
     fake_vllm: list[dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     caplog.set_level(logging.INFO, logger="nightshift.serving")
     with pytest.raises(RuntimeError, match="not supported"):  # the engine's own error

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from conftest import ROOT
-from tasks.fingerprints import code_version
-from tasks.operators import Filter, Operator
+from nightshift.core.fingerprints import code_version
+from nightshift.tasks.operators import Filter, Operator
 
 
 class Shout(Operator):
@@ -41,7 +41,7 @@ def test_code_version_follows_the_code() -> None:
 def test_code_version_is_stable_across_processes() -> None:
     other = subprocess.run(
         [sys.executable, "-c",
-         "from tasks.fingerprints import code_version; from tasks.operators import Filter;"
+         "from nightshift.core.fingerprints import code_version; from nightshift.tasks.operators import Filter;"
          "print(code_version(Filter))"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )

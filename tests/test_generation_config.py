@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import ServingConfig
 from conftest import make_rows, write_jsonl
-from flows.outputs import read_output
-from flows.plan import build_plan
-from flows.run_pipeline import run_pipeline
-from serving.pool import ServingPool
-from serving.task_runner import shared_serving
+from nightshift.flows.outputs import read_output
+from nightshift.flows.plan import build_plan
+from nightshift.flows.run_pipeline import run_pipeline
+from nightshift.serving.pool import ServingPool
+from nightshift.serving.runner import shared_serving
 
 pytest.importorskip("torch", reason="VLLMBackend needs torch (installed with vllm)")
 
@@ -166,9 +166,9 @@ def test_model_chat_template_sampling_and_seed_are_in_the_fingerprint(tmp_path: 
 def test_the_engine_shuts_down_when_the_flow_fails() -> None:
     from prefect import flow
 
-    from serving.interface import GenerationRequest
-    from serving.pool import current_pool
-    from serving.task_runner import VLLMTaskRunner
+    from nightshift.serving.interface import GenerationRequest
+    from nightshift.serving.pool import current_pool
+    from nightshift.serving.runner import VLLMTaskRunner
 
     seen: list = []
 

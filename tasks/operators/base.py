@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
-from tasks.errors import SpecError
-from tasks.fingerprints import code_version, digest
+from nightshift.core.errors import SpecError
+from nightshift.core.fingerprints import code_version, digest
 
 ROW_ID = "_row_id"
 

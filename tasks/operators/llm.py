@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, model_validator
 
-from tasks.errors import StepFailed
-from tasks.fingerprints import digest
-from tasks.operators.base import Operator
-from tasks.operators.sql import sql_expr
-from tasks.operators.template import Template
+from nightshift.core.errors import StepFailed
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.operators.base import Operator
+from nightshift.tasks.operators.sql import sql_expr
+from nightshift.tasks.operators.template import Template
 
 SUFFIXES = ("_error", "_finish_reason", "_prompt_tokens", "_completion_tokens")
 
@@ -86,8 +86,8 @@ class LLMOperator(Operator):
         return digest(super().fingerprint(upstream), serving)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
-        from serving.interface import ChatMessage, GenerationRequest, SamplingParams
-        from serving.pool import current_pool
+        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+        from nightshift.serving.pool import current_pool
 
         skip = (
             df.select(sql_expr(self.skip_if, "skip_if").fill_null(False)).to_series().to_list()
@@ -141,8 +141,8 @@ class LLMOperator(Operator):
     def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
         """Answers for ``requests``: from the batch's answer cache where there is one,
         the rest from the backend (each persisted as it arrives)."""
-        from serving.http.usage import Usage
-        from tasks.answer_cache import current_scope, request_fingerprints
+        from nightshift.core.usage import Usage
+        from nightshift.tasks.answer_cache import current_scope, request_fingerprints
 
         config = pool.configs.get(self.serving)
         scope = current_scope()

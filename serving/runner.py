@@ -1,14 +1,14 @@
 """``VLLMTaskRunner``: a Prefect task runner that owns the LLM engines of a flow run.
 
 It is Prefect's ``ThreadPoolTaskRunner`` (tasks run in threads of the flow's process)
-plus a :class:`~serving.pool.ServingPool`: each configured model gets one engine (or one
+plus a :class:`~nightshift.serving.pool.ServingPool`: each configured model gets one engine (or one
 replica per device) that starts on first use, stays up across every generation task of
 the run, is fed large batches gathered from all concurrent tasks, and shuts down when
 the runner exits, also when the flow fails::
 
     from prefect import flow
-    from blocks.serving_config import ServingConfig
-    from serving.task_runner import VLLMTaskRunner
+    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.serving.runner import VLLMTaskRunner
 
     @flow(task_runner=VLLMTaskRunner({"default": ServingConfig(model="smollm2")}))
     def my_flow(): ...
@@ -35,8 +35,8 @@ from typing import Any
 from prefect.task_runners import ThreadPoolTaskRunner
 from typing_extensions import Self
 
-from blocks.serving_config import ServingConfig
-from serving.pool import ServingPool
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.serving.pool import ServingPool
 
 
 class VLLMTaskRunner(ThreadPoolTaskRunner):

@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from blocks.serving_config import ServingConfig
-from blocks.step_store import StepStore
-from flows.task_runners import DaskOptions, RunnerKind
-from tasks.errors import SpecError, StoreError, one_line
-from tasks.operators import Operator, resolve_operator
-from tasks.sources import SourceSpec
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.step_store import StepStore
+from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
+from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.tasks.operators import Operator, resolve_operator
+from nightshift.tasks.sources import SourceSpec
 
 
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).

@@ -14,11 +14,10 @@ from typing import Any
 
 import polars as pl
 
-from blocks.serving_config import ServingConfig
-from blocks.step_store import StepStore
-from flows.plan import Stage, build_stages
-from flows.spec import resolve_serving
-from flows.stream_spec import (
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.step_store import StepStore
+from nightshift.tasks.spec import resolve_serving
+from nightshift.streams.spec import (
     NatsSinkSpec,
     PostgresSinkSpec,
     SinkSpec,
@@ -26,11 +25,12 @@ from flows.stream_spec import (
     StreamPipelineSpec,
     StreamSpec,
 )
-from tasks.errors import NightshiftError, SpecError, StoreError, one_line
-from tasks.fingerprints import digest
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.streams.decode import Decoder
-from tasks.streams.windows import WindowPolicy
+from nightshift.core.errors import NightshiftError, SpecError, StoreError, one_line
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator
+from nightshift.tasks.stages import Stage, build_stages, dry_run
+from nightshift.streams.decode import Decoder
+from nightshift.streams.windows import WindowPolicy
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
                     "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
                 )
         serving = resolve_serving(resolve_serving_blocks(spec), operators)  # type: ignore[arg-type]
-        output = _dry_run(operators, decoder.schema)
+        output = dry_run(operators, decoder.schema)
         sinks = stream.sink_specs()
         _check_sinks(sinks, stream, output)
     except NightshiftError as exc:
@@ -140,24 +140,6 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
     context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
     stages = build_stages(operators, stream.fuse, context)
     return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)
-
-
-def _dry_run(operators: list[Operator], schema: pl.Schema) -> pl.Schema:
-    """Run every operator on an empty frame of the decoded schema; the output schema."""
-    df = pl.DataFrame(schema=schema)
-    for i, op in enumerate(operators):
-        where = f"steps[{i}] ({op.name or op.import_path()})"
-        missing = [c for c in op.reads() if c not in df.columns]
-        if missing:
-            raise SpecError(f"{where}: missing column {', '.join(missing)} "
-                            f"(columns: {', '.join(c for c in df.columns if c != ROW_ID)})")
-        try:
-            df = apply_operator(op, df)
-        except NightshiftError as exc:
-            raise SpecError(f"{where}: {exc}") from None
-        except Exception as exc:  # polars type/column errors
-            raise SpecError(f"{where}: {one_line(exc)}") from None
-    return df.schema
 
 
 def _check_sinks(sinks: list[SinkSpec], stream: StreamPipelineSpec, output: pl.Schema) -> None:

@@ -14,12 +14,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from blocks.nats import NatsCredentials, credentials_from_env
-from tasks.errors import NightshiftError, SourceError, SpecError, one_line
-from tasks.streams.decode import RawMessage
+from nightshift.streams.nats import NatsCredentials, credentials_from_env
+from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.streams.decode import RawMessage
 
 if TYPE_CHECKING:
-    from flows.stream_spec import DeadLetterSpec, NatsSourceSpec
+    from nightshift.streams.spec import DeadLetterSpec, NatsSourceSpec
 
 HEADER_ID = "Nats-Msg-Id"
 

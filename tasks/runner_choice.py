@@ -37,7 +37,7 @@ def make_task_runner(
 ) -> TaskRunner[Any]:
     """Threads (with the LLM engines of ``serving`` when there are LLM steps) or Dask."""
     if serving:
-        from serving.task_runner import VLLMTaskRunner
+        from nightshift.serving.runner import VLLMTaskRunner
 
         return VLLMTaskRunner(serving, max_workers=workers)
     if kind == "thread":

@@ -20,7 +20,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from tasks import parquet_io
+from nightshift.core import parquet_io
 
 INDEX_NAME = "outputs.json"
 
