@@ -194,6 +194,11 @@ class ServingConfig(Block):
             "seed": self.seed,
         }
 
+    def as_dict(self, *, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The configuration as a plain JSON-able dict (no block metadata): what crosses a
+        process boundary or is compared; ``exclude`` leaves more fields out."""
+        return self.model_dump(mode="json", exclude={"block_type_slug", *exclude})
+
     def key(self) -> str:
         """A stable name for this configuration (for logs and caches)."""
-        return digest(self.model_dump(mode="json", exclude={"block_type_slug", "api_key"}))[:12]
+        return digest(self.as_dict(exclude={"api_key"}))[:12]

@@ -28,7 +28,10 @@ class StepFailed(NightshiftError):
     """One or more batches failed in a step; completed batches stay in the store."""
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception message, shortened, for error messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception message (or of a text), shortened, for error
+    messages: the one rule every layer uses (serving included)."""
+    if not str(exc).strip():
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    text = str(exc).strip().splitlines()[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -85,7 +85,7 @@ def preview(
     console = console or Console(soft_wrap=True)
 
     first_llm = next(
-        (i for i, op in enumerate(operators) if getattr(op, "uses_serving", False)), len(operators)
+        (i for i, op in enumerate(operators) if op.uses_serving), len(operators)
     )
     head, scanned = _rows_reaching(parsed, files, operators, first_llm, rows, max_scan)
     write(
@@ -97,7 +97,7 @@ def preview(
     df = head
     try:
         for i, op in enumerate(operators[first_llm:], start=first_llm):
-            if getattr(op, "uses_serving", False):
+            if op.uses_serving:
                 pool.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
             try:
                 df = _apply(op, df)

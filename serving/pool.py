@@ -78,7 +78,7 @@ def build_http_backend(config: ServingConfig) -> Backend:
 
 def plain_config(config: ServingConfig) -> dict[str, Any]:
     """A serving config as a picklable dict for one local engine (devices left out)."""
-    return config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+    return config.as_dict(exclude={"devices"})
 
 
 def build_backend(config: ServingConfig) -> Backend:

@@ -7,13 +7,12 @@
   the engine dies share one rebuild, and each replays its own requests.
 * :class:`ProcessReplica` runs a backend in its own process bound to one device
   (``CUDA_VISIBLE_DEVICES``), talking over a pipe; a dead process raises in the parent,
-  which a ``RestartingBackend`` turns into a restart.
-* :class:`RoundRobin` spreads calls over several replicas.
+  which a ``RestartingBackend`` turns into a restart. (Replicas share calls through the
+  pool, serving/pool.py.)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
 import os
@@ -165,24 +164,3 @@ class ProcessReplica:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=5)
-
-
-class RoundRobin:
-    """Spread calls over several backends, one call each in turn (thread-safe)."""
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.backends = list(backends)
-        self._next = itertools.cycle(range(len(self.backends)))
-        self._lock = threading.Lock()
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        with self._lock:
-            index = next(self._next)
-        return self.backends[index].generate(requests)
-
-    def identity(self) -> dict[str, Any]:
-        return self.backends[0].identity()
-
-    def close(self) -> None:
-        for backend in self.backends:
-            backend.close()

@@ -87,10 +87,6 @@ _SHARED: list[ServingPool] = []
 _SHARED_LOCK = threading.Lock()
 
 
-def _plain(config: ServingConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"block_type_slug"})
-
-
 def _as_configs(serving: ServingSpec) -> dict[str, ServingConfig]:
     return {
         name: cfg if isinstance(cfg, ServingConfig) else ServingConfig(**cfg)
@@ -123,7 +119,7 @@ def shared_pool_for(serving: dict[str, ServingConfig]) -> ServingPool | None:
     with _SHARED_LOCK:
         for pool in reversed(_SHARED):
             if all(
-                name in pool.configs and _plain(pool.configs[name]) == _plain(cfg)
+                name in pool.configs and pool.configs[name].as_dict() == cfg.as_dict()
                 for name, cfg in serving.items()
             ):
                 return pool

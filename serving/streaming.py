@@ -25,7 +25,7 @@ from typing import Any
 
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
-__all__ = ["StreamEvent", "can_stream", "stream", "unwrap"]
+__all__ = ["StreamEvent", "stream", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,6 @@ def unwrap(backend: Any) -> Any:
     while hasattr(backend, "backend") and seen < 8 and not hasattr(backend, "stream"):
         backend, seen = backend.backend, seen + 1
     return backend
-
-
-def can_stream(backend: Any) -> bool:
-    """True when ``backend`` (or what it wraps) streams tokens as they are generated."""
-    return hasattr(unwrap(backend), "stream")
 
 
 def stream(backend: Any, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from nightshift.core.errors import one_line
+
 __all__ = ["json_problem", "schema_of"]
 
 
@@ -52,11 +54,7 @@ def json_problem(text: str, schema: dict[str, Any]) -> str | None:
         jsonschema.validate(value, schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
-        return f"schema violation{f' at {where}' if where else ''}: {_one_line(exc.message)}"
+        return f"schema violation{f' at {where}' if where else ''}: {one_line(exc.message)}"
     except jsonschema.SchemaError as exc:
-        return f"invalid schema: {_one_line(exc.message)}"
+        return f"invalid schema: {one_line(exc.message)}"
     return None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]

@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.tasks.spec import resolve_serving
@@ -25,9 +26,9 @@ from nightshift.streams.spec import (
     StreamPipelineSpec,
     StreamSpec,
 )
-from nightshift.core.errors import NightshiftError, SpecError, StoreError, one_line
+from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.fingerprints import digest
-from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator
+from nightshift.tasks.operators import BarrierOperator, Operator
 from nightshift.tasks.stages import Stage, build_stages, dry_run
 from nightshift.streams.decode import Decoder
 from nightshift.streams.windows import WindowPolicy
@@ -88,16 +89,8 @@ def build_stream_plans(spec: StreamSpec, allow_imports: bool = False) -> list[St
     return [_plan(spec, i, s, store, allow_imports) for i, s in enumerate(spec.streams)]
 
 
-# Stream flows are async: Prefect's block calls there return coroutines unless told
-# ``_sync=True``, so blocks named by a stream spec are loaded here that way.
 def resolve_store(spec: StreamSpec) -> StepStore:
-    if spec.store.block is None:
-        return spec.store.resolve()
-    try:
-        return StepStore.load(spec.store.block, _sync=True)
-    except ValueError as exc:
-        raise StoreError(f"store.block {spec.store.block!r}: no such Nightshift Step Store "
-                         f"block ({one_line(exc)})") from None
+    return spec.store.resolve()
 
 
 @dataclass
@@ -110,11 +103,7 @@ def resolve_serving_blocks(spec: StreamSpec) -> _Serving:
     resolved: dict[str, dict[str, Any]] = {}
     for name, entry in spec.serving.items():
         if "block" in entry:
-            try:
-                config = ServingConfig.load(entry["block"], _sync=True)
-            except ValueError as exc:
-                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
-            entry = config.model_dump(mode="json", exclude={"block_type_slug"})
+            entry = load_block(ServingConfig, entry["block"], f"serving.{name}.block").as_dict()
         resolved[name] = entry
     return _Serving(resolved)
 

@@ -23,13 +23,14 @@ from typing import Any
 from prefect.artifacts import acreate_table_artifact
 from prefect.logging import get_run_logger
 
+from nightshift.blocks.loading import load_block
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.naming import artifact_key
 from nightshift.streams.plan import StreamPlan
 from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
 from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
 from nightshift.tasks.runner_choice import make_task_runner
-from nightshift.core.errors import SpecError, one_line
+from nightshift.core.errors import one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators import ROW_ID
 from nightshift.streams import source as nats_source
@@ -80,11 +81,7 @@ def _postgres_sink(plan: StreamPlan, i: int, spec: PostgresSinkSpec) -> Postgres
 
     label = f"{plan.label}.sinks[{i}].postgres"
     if spec.connection.block is not None:
-        try:
-            block = PostgresConnection.load(spec.connection.block, _sync=True)
-        except ValueError as exc:
-            raise SpecError(f"{label}.connection.block {spec.connection.block!r}: no such "
-                            f"Nightshift PostgreSQL Connection block ({one_line(exc)})") from None
+        block = load_block(PostgresConnection, spec.connection.block, f"{label}.connection.block")
         kwargs, display = block.connect_kwargs(), block.display()
     else:
         kwargs = {"conninfo": spec.connection.url, "application_name": "nightshift-stream"}

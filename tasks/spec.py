@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.loading import load_block
 from nightshift.blocks.step_store import StepStore
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.core.errors import SpecError, StoreError, one_line
@@ -98,13 +99,7 @@ class StoreSpec(BaseModel):
             return StepStore(
                 url=self.url, endpoint_url=self.endpoint_url, storage_options=self.storage_options
             )
-        try:
-            return StepStore.load(self.block)
-        except ValueError as exc:
-            raise StoreError(
-                f"store.block {self.block!r}: no such Nightshift Step Store block "
-                f"({one_line(exc)}); create it first (see README, 'Blocks')"
-            ) from None
+        return load_block(StepStore, self.block, "store.block", StoreError)
 
 
 class PipelineSpec(BaseModel):
@@ -187,7 +182,7 @@ def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, 
     """The serving configs that the spec's LLM steps use, by name."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
-        if getattr(op, "uses_serving", False):
+        if op.uses_serving:
             used.setdefault(getattr(op, "serving"), i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
@@ -200,10 +195,7 @@ def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, 
                 )
             configs[name] = ServingConfig()
         elif "block" in entry:
-            try:
-                configs[name] = ServingConfig.load(entry["block"])
-            except ValueError as exc:
-                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
+            configs[name] = load_block(ServingConfig, entry["block"], f"serving.{name}.block")
         else:
             try:
                 configs[name] = ServingConfig(**entry)

@@ -170,11 +170,8 @@ def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | 
 def _token_counts(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
     counts = {"prompt": 0, "completion": 0}
     for op in operators:
-        if getattr(op, "uses_serving", False):
-            for kind in counts:
-                column = f"{getattr(op, 'output')}_{kind}_tokens"
-                if column in df.columns:
-                    counts[kind] += int(df[column].sum() or 0)
+        for kind, n in op.token_counts(df).items():
+            counts[kind] += n
     return counts if any(counts.values()) else {}
 
 

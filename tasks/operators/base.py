@@ -47,6 +47,9 @@ class Operator(BaseModel):
     fusable: ClassVar[bool] = True
     #: Operators that may drop columns (``select``) opt out of column pass-through.
     keeps_untouched_columns: ClassVar[bool] = True
+    #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
+    #: or HTTP clients for them. The one answer to "is this an LLM step?".
+    uses_serving: ClassVar[bool] = False
 
     #: Rows per task for this step (a step setting, not config: it is not fingerprinted;
     #: the batch keys carry the row ranges). None: the pipeline's ``batch_size``.
@@ -55,6 +58,11 @@ class Operator(BaseModel):
     def reads(self) -> list[str]:
         """Columns the operator needs (checked against the schema before any work)."""
         return []
+
+    def token_counts(self, df: pl.DataFrame) -> dict[str, int]:
+        """Tokens this step's output ``df`` records, ``{"prompt": n, "completion": m}``;
+        empty for steps that call no model."""
+        return {}
 
     def writes(self) -> list[str]:
         """Columns the operator creates or replaces."""

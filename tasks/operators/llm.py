@@ -55,6 +55,15 @@ class LLMOperator(Operator):
     max_error_rate: float = Field(default=0.1, ge=0, le=1)
     chat: bool = True
 
+    def token_counts(self, df: pl.DataFrame) -> dict[str, int]:
+        """The prompt and completion tokens in this step's ``<output>_*_tokens`` columns."""
+        counts = {}
+        for kind in ("prompt", "completion"):
+            column = f"{self.output}_{kind}_tokens"
+            if column in df.columns:
+                counts[kind] = int(df[column].sum() or 0)
+        return counts
+
     # -- what subclasses define -------------------------------------------------------
     def user_template(self) -> str:
         """Jinja template of the user message (over the row's columns)."""
