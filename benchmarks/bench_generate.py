@@ -5,7 +5,7 @@ The same prompts, the same sampling (greedy), the same engine, in one run:
 * **bare**: one ``llm.generate(prompts, params)`` call on the ``vllm.LLM`` object, the
   prompts already chat-templated and tokenized; nothing else;
 * **pipeline**: a Prefect flow (``run_pipeline``) over a JSONL source of the same prompts,
-  cut into batches, one ``generate`` task per batch on the ``VLLMTaskRunner`` (threads
+  cut into batches, one ``generate`` task per batch on the ``ServingTaskRunner`` (threads
   feeding the one engine), each batch written to the step store as Parquet.
 
 The pipeline runs inside ``shared_serving`` so both use the very same engine (started

@@ -8,7 +8,7 @@ Modules (one concept each):
 * :mod:`nightshift.serving.batching` — auto-batching queue shared by concurrent tasks;
 * :mod:`nightshift.serving.streaming` — token streaming over any backend (``stream``);
 * :mod:`nightshift.serving.structured` — JSON schema / pydantic structured output checks;
-* :mod:`nightshift.serving.runner` — ``VLLMTaskRunner`` and ``shared_serving``;
+* :mod:`nightshift.serving.runner` — ``ServingTaskRunner`` and ``shared_serving``;
 * :mod:`nightshift.serving.fake_backend` — deterministic fake for orchestration tests.
 
 Importing this package does not import vLLM or torch; ``VLLMBackend(...)`` does.

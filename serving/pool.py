@@ -35,11 +35,11 @@ _ACTIVE: list[ServingPool] = []  # for threads that did not inherit the context
 
 
 def current_pool() -> ServingPool:
-    """The serving pool of the running ``VLLMTaskRunner``."""
+    """The serving pool of the running ``ServingTaskRunner``."""
     pool = _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
     if pool is None:
         raise RuntimeError(
-            "no serving pool: generation steps must run under a VLLMTaskRunner "
+            "no serving pool: generation steps must run under a ServingTaskRunner "
             "(run_pipeline sets one up when a spec has LLM steps)"
         )
     return pool

@@ -168,11 +168,11 @@ def test_the_engine_shuts_down_when_the_flow_fails() -> None:
 
     from nightshift.serving.interface import GenerationRequest
     from nightshift.serving.pool import current_pool
-    from nightshift.serving.runner import VLLMTaskRunner
+    from nightshift.serving.runner import ServingTaskRunner
 
     seen: list = []
 
-    @flow(task_runner=VLLMTaskRunner({"default": ServingConfig(backend="fake", model="x")}))
+    @flow(task_runner=ServingTaskRunner({"default": ServingConfig(backend="fake", model="x")}))
     def failing() -> None:
         pool = current_pool()
         assert pool.submit("default", [GenerationRequest(prompt="hi")])[0].text == "echo: hi"

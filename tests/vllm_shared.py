@@ -2,7 +2,7 @@
 
 Each engine start costs ~10-15 s on 2 cores, so the real-model test modules share this
 one: direct backend tests use :func:`shared_backend`, pipeline runs enter
-``shared_serving(shared_pool())`` so their ``VLLMTaskRunner`` uses it instead of
+``shared_serving(shared_pool())`` so their ``ServingTaskRunner`` uses it instead of
 starting their own. Tests that are *about* engine starts (one per flow run, restarts,
 subprocess runs) start their own and say so.
 """

@@ -1,7 +1,7 @@
 """The base of every LLM operator: prompts in, one request per row, results attached.
 
 Each row becomes one request (chat messages: an optional system prompt and the user
-prompt) served by the named backend of the running ``VLLMTaskRunner``. Results come back
+prompt) served by the named backend of the running ``ServingTaskRunner``. Results come back
 attached to their own row whatever the batch size or completion order. The operator
 writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
 ``<output>_prompt_tokens`` and ``<output>_completion_tokens``.
