@@ -28,7 +28,7 @@ from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.stages import Stage, build_stages, dry_run
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
-from nightshift.core import parquet_io
+from nightshift.core import file_io
 
 
 @dataclass(frozen=True)
@@ -188,12 +188,12 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
     file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
         fs, path = filesystem(file.uri, spec.source.storage_options)
-        rows = parquet_io.footer_rows(fs, path)
+        rows = file_io.footer_rows(fs, path)
         if rows is None:
             raise SourceError(f"source file {file.uri}: not a readable Parquet file")
-        schema = parquet_io.schema(fs, path)
+        schema = file_io.schema(fs, path)
         _check_declared(file, schema)
-        first_rows = lambda: parquet_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
+        first_rows = lambda: file_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
         return file.uri, rows, _sampled(file, schema, first_rows)
     staged = store.path(*prefix_of(spec), "sources", _staged_name(file))
     rows = store.frame_rows(staged)
@@ -204,9 +204,9 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
             raise SourceError(f"source file {file.uri}: column {ROW_ID} is reserved")
         store.write_frame(staged, df)
         rows, head = df.height, df.head(SAMPLE_ROWS)
-    schema = parquet_io.schema(store.fs, staged)
+    schema = file_io.schema(store.fs, staged)
     return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
-        parquet_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
+        file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
 
 
 def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:

@@ -43,7 +43,7 @@ from nightshift.serving.interface import GenerationRequest, GenerationResult
 from nightshift.serving.pool import ServingPool, build_backend
 from nightshift.serving.streaming import stream
 from nightshift.serving.runner import shared_pool_for
-from nightshift.core import parquet_io
+from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.batches import with_row_ids
@@ -122,7 +122,7 @@ def read_head(
             break
         if file.format == "parquet":
             fs, path = filesystem(file.uri, spec.source.storage_options)
-            df = parquet_io.read_slice(fs, path, 0, left)
+            df = file_io.read_slice(fs, path, 0, left)
         else:
             df = load_text_file(file, spec.source.storage_options).head(left)
         frames.append(with_row_ids(df, file))

@@ -51,7 +51,7 @@ from typing import Any
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.interface import GenerationRequest, GenerationResult
-from nightshift.core import parquet_io
+from nightshift.core import file_io
 from nightshift.core.fingerprints import digest
 
 __all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
@@ -158,7 +158,7 @@ class AnswerLog:
         path = f"{self.directory}/{self.writer}-{self._seq:06d}.jsonl"
         if self._uploads is None:
             self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="answers")
-        self._pending.append(self._uploads.submit(parquet_io.write_bytes_atomic, self.store.fs, path, data))
+        self._pending.append(self._uploads.submit(file_io.write_bytes_atomic, self.store.fs, path, data))
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import polars as pl
 from fsspec import AbstractFileSystem
 
-from nightshift.core import parquet_io
+from nightshift.core import file_io
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators.base import ROW_ID
 from nightshift.tasks.sources import SourceFile
@@ -66,5 +66,5 @@ def with_row_ids(df: pl.DataFrame, file: SourceFile, start: int = 0) -> pl.DataF
 
 def read_batch(batch: Batch, fs: AbstractFileSystem, path: str) -> pl.DataFrame:
     """The batch's rows (from ``path`` on ``fs``) with their stable ``_row_id`` first."""
-    df = parquet_io.read_slice(fs, path, batch.start, batch.stop)
+    df = file_io.read_slice(fs, path, batch.start, batch.stop)
     return with_row_ids(df, batch.file, batch.start)

@@ -183,3 +183,24 @@ def test_the_engine_shuts_down_when_the_flow_fails() -> None:
     assert state.is_failed() and "boom" in (state.message or "")
     [backend] = seen
     assert backend.closed, "the runner closed its backend although the flow failed"
+
+
+def test_runners_compare_by_serving_configs_and_check_their_options() -> None:
+    """Like prefect-dask's DaskTaskRunner: equal settings, equal runners; conflicting or
+    malformed options fail in the constructor, not at the first task."""
+    from nightshift.serving.runner import ServingTaskRunner
+
+    fake = {"backend": "fake", "model": "x"}
+    runner = ServingTaskRunner({"default": fake}, max_workers=2)
+    assert runner == ServingTaskRunner({"default": ServingConfig(**fake)}, max_workers=2)
+    assert runner == runner.duplicate()
+    assert runner != ServingTaskRunner({"default": {**fake, "model": "y"}}, max_workers=2)
+    assert runner != ServingTaskRunner({"other": fake}, max_workers=2)
+    assert runner != ServingTaskRunner({"default": fake}, max_workers=3)
+    for bad in ({"serving": {}}, {"serving": {"default": 3}}, {"serving": {"": fake}},
+                {"serving": {"default": fake}, "max_workers": 0}):
+        with pytest.raises(ValueError):
+            ServingTaskRunner(**bad)
+    with pytest.warns(DeprecationWarning, match="ServingTaskRunner"):
+        from nightshift.serving.runner import VLLMTaskRunner
+    assert VLLMTaskRunner is ServingTaskRunner
