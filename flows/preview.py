@@ -39,7 +39,8 @@ from rich.console import Console
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
-from nightshift.serving.interface import GenerationRequest, GenerationResult
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 from nightshift.serving.pool import ServingPool, build_backend
 from nightshift.serving.streaming import stream
 from nightshift.serving.runner import shared_pool_for
@@ -92,13 +93,15 @@ def preview(
         f"preview of {parsed.name}: {head.height} row(s) from the first {scanned} source row(s); "
         "nothing is written to the store\n"
     )
-    pool = _StreamingPool(serving, write)
+    printer = _Printer(write)
+    backends = {name: _StreamingBackend(name, config, printer) for name, config in serving.items()}
+    pool = ServingPool(serving, backends=backends)  # LLM steps find it as the current pool
     token = pool.activate()
     df = head
     try:
         for i, op in enumerate(operators[first_llm:], start=first_llm):
             if op.uses_serving:
-                pool.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
+                printer.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
             try:
                 df = _apply(op, df)
             except NightshiftError as exc:
@@ -106,6 +109,8 @@ def preview(
     finally:
         pool.deactivate(token)
         pool.close()
+        for backend in backends.values():
+            backend.close()
     _print_rows(console, df.drop(ROW_ID))
     return df
 
@@ -166,74 +171,69 @@ def _apply(op: Operator, df: pl.DataFrame) -> pl.DataFrame:
     return apply_operator(op, df, state)
 
 
-class _StreamingPool(ServingPool):
-    """A serving pool whose ``submit`` streams each reply to ``write``, row after row."""
+class _Printer:
+    """Where replies are written and which step they belong to (shared by the backends)."""
 
-    def __init__(self, configs: dict[str, ServingConfig], write: Writer) -> None:
-        super().__init__(configs)
+    def __init__(self, write: Writer) -> None:
         self.write = write
         self.label = ""
-        self._backends: dict[str, Any] = {}
-        self._owned: list[Any] = []
 
-    def _backend(self, name: str) -> Any:
-        if name not in self._backends:
-            config = self.configs[name]
-            shared = shared_pool_for({name: config})
-            if shared is not None:  # an engine kept up by the caller (tests, notebooks)
-                served = shared.served(name)
-                backends = getattr(served, "backends", None)
-                self._backends[name] = backends[0] if backends else served.backend
+
+class _StreamingBackend:
+    """A :class:`~nightshift.serving.interface.Backend` that streams each reply to the
+    printer, row after row, through the backend of one serving name: an engine kept up
+    by the caller (:func:`~nightshift.serving.runner.shared_serving`: tests, notebooks),
+    else one it starts on first use and closes at the end."""
+
+    def __init__(self, name: str, config: ServingConfig, printer: _Printer) -> None:
+        self.name, self.config, self.printer = name, config, printer
+        self._inner: Backend | None = None
+        self._owned = False
+
+    def _backend(self) -> Backend:
+        if self._inner is None:
+            shared = shared_pool_for({self.name: self.config})
+            if shared is not None:
+                self._inner = shared.backend(self.name)
             else:
-                self.write(f"starting {config.backend} backend for serving {name!r} ({config.model})...\n")
-                backend = build_backend(config)
-                self._owned.append(backend)
-                self._backends[name] = backend
-            self.starts[name] += 1
-        return self._backends[name]
+                self.printer.write(f"starting {self.config.backend} backend for serving "
+                                   f"{self.name!r} ({self.config.model})...\n")
+                self._inner, self._owned = build_backend(self.config), True
+        return self._inner
 
-    def submit(
-        self,
-        name: str,
-        requests: Sequence[GenerationRequest],
-        on_result: Callable[[int, GenerationResult], None] | None = None,
-        usage: Any = None,
-    ) -> list[GenerationResult]:
-        if not requests:
-            return []
-        backend = self._backend(name)
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        backend = self._backend()
+        write = self.printer.write
         results: list[GenerationResult] = []
         for number, request in enumerate(requests, start=1):
             prompt = " ".join(request.last_text().split())
-            self.write(f"\n[{self.label}] row {number}/{len(requests)}\n")
-            self.write(f"\x1b[2m> {prompt[:200]}\x1b[0m\n" if _color() else f"> {prompt[:200]}\n")
+            write(f"\n[{self.printer.label}] row {number}/{len(requests)}\n")
+            write(f"\x1b[2m> {prompt[:200]}\x1b[0m\n" if _color() else f"> {prompt[:200]}\n")
             result: GenerationResult | None = None
             for event in stream(backend, [request]):
                 if event.result is not None:
                     result = event.result
                 elif event.delta:
-                    self.write(event.delta)
+                    write(event.delta)
             assert result is not None
             if result.error is not None:
-                self.write(f"error: {result.error}\n")
+                write(f"error: {result.error}\n")
             else:
-                self.write(f"\n  ({result.completion_tokens} tokens, {result.finish_reason})\n")
-            if usage is not None:
-                usage.requests += 1
-                if result.ok:
-                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
-                else:
-                    usage.failed += 1
+                write(f"\n  ({result.completion_tokens} tokens, {result.finish_reason})\n")
+            report([result], None, usage)
             if on_result is not None:
                 on_result(number - 1, result)
             results.append(result)
         return results
 
+    def identity(self) -> dict[str, Any]:
+        return self._backend().identity()
+
     def close(self) -> None:
-        super().close()
-        for backend in self._owned:
-            backend.close()
-        self._owned.clear()
+        if self._owned and self._inner is not None:
+            self._inner.close()
+        self._inner = None
 
 
 def _color() -> bool:

@@ -23,9 +23,8 @@ from typing import Any
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.serving.batching import AutoBatcher
-from nightshift.serving.http.backend import ResultCallback
 from nightshift.core.usage import Usage
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 
 _CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
@@ -88,22 +87,30 @@ def build_backend(config: ServingConfig) -> Backend:
     return build_local_backend(plain_config(config))
 
 
-class _ServedHTTP:
-    """One HTTP backend, called from every task thread at once."""
+class _ServedDirect:
+    """One backend called directly from every task thread at once: an HTTP client (it
+    bounds its own concurrency), or a backend the pool was given (``owned`` False: the
+    caller closes it)."""
 
-    def __init__(self, name: str, config: ServingConfig) -> None:
-        self.backend = build_http_backend(config)
-        self.backends: list[Any] = []  # nothing to restart
+    def __init__(self, backend: Backend, owned: bool = True) -> None:
+        self.backend = backend
+        self.owned = owned
+        self.backends: list[RestartingBackend] = []  # nothing to restart
 
     def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
                usage: Usage | None = None) -> list[GenerationResult]:
-        return self.backend.generate(requests, on_result=on_result, usage=usage)  # type: ignore[call-arg]
+        return self.backend.generate(requests, on_result=on_result, usage=usage)
+
+    def direct(self) -> Backend:
+        return self.backend
 
     def usage(self) -> dict[str, float | int]:
-        return self.backend.usage()  # type: ignore[attr-defined]
+        counters = getattr(self.backend, "usage", None)  # HTTP backends count tokens and cost
+        return counters() if callable(counters) else {}
 
     def close(self) -> None:
-        self.backend.close()
+        if self.owned:
+            self.backend.close()
 
 
 class _Served:
@@ -132,16 +139,12 @@ class _Served:
         with self._lock:
             batcher = self.batchers[next(self._turn)]
         results = batcher.submit(requests)
-        for index, result in enumerate(results):
-            if usage is not None:
-                usage.requests += 1
-                if result.ok:
-                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
-                else:
-                    usage.failed += 1
-            if on_result is not None:
-                on_result(index, result)
+        report(results, on_result, usage)
         return results
+
+    def direct(self) -> Backend:
+        """The first replica's backend as it serves now, for calls that bypass the batcher."""
+        return self.backends[0].backend
 
     def usage(self) -> dict[str, float | int]:
         return {}
@@ -159,15 +162,20 @@ class ServingPool:
     #: Backends started by every pool of this process, by serving name (for tests/logs).
     total_starts: Counter[str] = Counter()
 
-    def __init__(self, configs: dict[str, ServingConfig]) -> None:
+    def __init__(self, configs: dict[str, ServingConfig],
+                 backends: dict[str, Backend] | None = None) -> None:
+        """``backends``: backends the caller built for some of the names; they are called
+        directly (not batched, not restarted) and the caller closes them (preview streams
+        its rows through such a backend)."""
         self.configs = dict(configs)
         self.starts: Counter[str] = Counter()
-        self._served: dict[str, _Served | _ServedHTTP] = {}
+        self._given = dict(backends or {})
+        self._served: dict[str, _Served | _ServedDirect] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._final_usage: dict[str, dict[str, float | int]] = {}
 
-    def served(self, name: str) -> _Served | _ServedHTTP:
+    def served(self, name: str) -> _Served | _ServedDirect:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the serving pool is closed")
@@ -175,11 +183,22 @@ class ServingPool:
                 if name not in self.configs:
                     raise KeyError(f"serving '{name}' is not configured")
                 config = self.configs[name]
-                kind = _ServedHTTP if config.is_http else _Served
-                self._served[name] = kind(name, config)
+                if name in self._given:
+                    self._served[name] = _ServedDirect(self._given[name], owned=False)
+                    return self._served[name]
+                if config.is_http:
+                    self._served[name] = _ServedDirect(build_http_backend(config))
+                else:
+                    self._served[name] = _Served(name, config)
                 self.starts[name] += 1
                 ServingPool.total_starts[name] += 1
             return self._served[name]
+
+    def backend(self, name: str) -> Backend:
+        """The backend serving ``name`` (started if needed), for a caller that calls it
+        directly instead of through :meth:`submit` (preview streams from it): the HTTP
+        client, or the engine of the first replica."""
+        return self.served(name).direct()
 
     def submit(
         self,

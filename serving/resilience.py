@@ -20,7 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 
 logger = logging.getLogger("nightshift.serving")
 
@@ -49,12 +50,17 @@ class RestartingBackend:
         """The backend serving now (built if the last one was dropped)."""
         return self._current()
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        """Serve ``requests``, rebuilding and replaying on failure; the rows are reported
+        once, after the call that answered them."""
         attempt = 0
         while True:
             backend = self._current()
             try:
-                return backend.generate(requests)
+                results = backend.generate(requests)
+                report(results, on_result, usage)
+                return results
             except Exception as exc:
                 if attempt >= self.max_restarts:
                     raise
@@ -141,7 +147,8 @@ class ProcessReplica:
         except (EOFError, OSError) as exc:
             raise ReplicaDied(f"replica on device {self.device} died") from exc
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
         with self._lock:
             try:
                 self._conn.send(list(requests))
@@ -150,6 +157,7 @@ class ProcessReplica:
             status, payload = self._recv()
         if status != "ok":
             raise RuntimeError(f"replica on device {self.device}: {payload}")
+        report(payload, on_result, usage)
         return payload
 
     def identity(self) -> dict[str, Any]:

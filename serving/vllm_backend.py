@@ -67,7 +67,8 @@ from typing import Any, ClassVar, TypeVar
 from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
 from nightshift.core.errors import one_line
 from nightshift.core.model_identity import model_identity
-from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback, SamplingParams, report
 from nightshift.serving.streaming import StreamEvent
 from nightshift.serving.structured import json_problem
 
@@ -219,8 +220,10 @@ class VLLMBackend:
 
     # -- Backend -----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve ``requests``; results in input order, per-row failures in ``error``.
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        """Serve ``requests``; results in input order, per-row failures in ``error``
+        (``on_result`` and ``usage`` see every row once the call returns).
 
         Thread-safe; concurrent calls share the engine's running batch.
 
@@ -235,7 +238,9 @@ class VLLMBackend:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return list(job.results)  # type: ignore[arg-type]
+        results: list[GenerationResult] = list(job.results)  # type: ignore[arg-type]
+        report(results, on_result, usage)
+        return results
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Serve ``requests`` in one engine batch, yielding text deltas as they come.

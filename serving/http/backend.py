@@ -39,7 +39,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -53,13 +53,12 @@ from nightshift.serving.http.retry import Permanent, Transient, classify_status,
 from nightshift.serving.http.shared_limit import Mode, SharedLimit
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
-from nightshift.serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback
 
 __all__ = ["OpenAIBackend", "ResultCallback"]
 
 logger = logging.getLogger("nightshift.serving.http")
 
-ResultCallback = Callable[[int, GenerationResult], None]
 
 
 @dataclass
