@@ -37,9 +37,9 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
-from nightshift.core.usage import TokenPrice
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
+from nightshift.core.usage import TokenPrice
 
 
 class ServingConfig(Block):

@@ -37,8 +37,8 @@ from pydantic import Field, SecretStr
 
 from nightshift.core import inventory, file_io
 from nightshift.core.errors import StoreError, one_line
-from nightshift.core.locks import ProcessAwareLockManager
 from nightshift.core.fingerprints import digest
+from nightshift.core.locks import ProcessAwareLockManager
 
 
 class StepStore(WritableFileSystem):

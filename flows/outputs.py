@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
+from nightshift.core.errors import StoreError
 from nightshift.flows.plan import Plan
 from nightshift.flows.survey import survey
-from nightshift.core.errors import StoreError
 
 
 @dataclass

@@ -22,14 +22,14 @@ from typing import Any
 
 import polars as pl
 
+from nightshift.core.errors import NightshiftError
 from nightshift.flows.local_api import prefect_api
 from nightshift.flows.outputs import export, read_output, step_status, StepStatus
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.run_pipeline import run_pipeline
-from nightshift.tasks.spec import PipelineSpec, StoreSpec
-from nightshift.core.errors import NightshiftError
 from nightshift.tasks.operators import Operator, registered_operators
 from nightshift.tasks.sources import SourceSpec
+from nightshift.tasks.spec import PipelineSpec, StoreSpec
 
 
 def run_spec(

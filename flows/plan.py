@@ -19,16 +19,16 @@ from typing import Any
 
 import polars as pl
 
-from nightshift.blocks.step_store import StepStore
-from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.blocks.serving_config import ServingConfig
-from nightshift.tasks.batches import Batch, cut, with_row_ids
+from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.core.fingerprints import digest
+from nightshift.tasks.batches import Batch, cut, with_row_ids
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from nightshift.tasks.stages import Stage, build_stages, dry_run
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
-from nightshift.core import file_io
+from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
+from nightshift.tasks.stages import Stage, build_stages, dry_run
 
 
 @dataclass(frozen=True)

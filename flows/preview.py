@@ -38,17 +38,17 @@ import polars as pl
 from rich.console import Console
 
 from nightshift.blocks.serving_config import ServingConfig
-from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
+from nightshift.core import file_io
+from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.usage import Usage
 from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 from nightshift.serving.pool import ServingPool, build_backend
-from nightshift.serving.streaming import stream
 from nightshift.serving.runner import shared_pool_for
-from nightshift.core import file_io
-from nightshift.core.errors import NightshiftError, SpecError
-from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.serving.streaming import stream
 from nightshift.tasks.batches import with_row_ids
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import dry_run
 
 __all__ = ["preview", "read_head"]

@@ -14,13 +14,13 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
+from nightshift.core.errors import SpecError
 from nightshift.flows.explain import explain
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.runner_choice import make_task_runner
-from nightshift.core.errors import SpecError
 
 
 def resolve_resume(resume_from_last: bool | None, resume_step: int | None) -> bool:

@@ -27,9 +27,9 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from nightshift.core.errors import StepFailed, one_line
 from nightshift.flows.plan import Plan, Unit
 from nightshift.flows.survey import Inventory, first_units, input_keys
-from nightshift.core.errors import StepFailed, one_line
 from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
 
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most

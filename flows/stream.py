@@ -30,10 +30,10 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from nightshift.core.errors import NightshiftError, StepFailed
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
 from nightshift.streams.spec import StreamSpec, load_stream_spec
-from nightshift.core.errors import NightshiftError, StepFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the parent flow hands its stream subflows (not flow parameters: not serializable):

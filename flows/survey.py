@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nightshift.flows.plan import Plan, Unit
 from nightshift.core.inventory import OutputIndex
+from nightshift.flows.plan import Plan, Unit
 from nightshift.tasks.step_task import BatchRef
 
 

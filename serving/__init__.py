@@ -22,11 +22,9 @@ Example::
             [r] = batcher.submit([GenerationRequest(prompt="Hello")])
 """
 
-from nightshift.serving.batching import AutoBatcher, BatcherClosedError
 from nightshift.core.embedded_model import EmbeddedModelError, embedded_model_path, resolve_model
+from nightshift.serving.batching import AutoBatcher, BatcherClosedError
 from nightshift.serving.fake_backend import FakeBackend, FakeBackendError
-from nightshift.serving.streaming import StreamEvent, stream
-from nightshift.serving.structured import json_problem, schema_of
 from nightshift.serving.interface import (
     Backend,
     ChatMessage,
@@ -34,6 +32,8 @@ from nightshift.serving.interface import (
     GenerationResult,
     SamplingParams,
 )
+from nightshift.serving.streaming import StreamEvent, stream
+from nightshift.serving.structured import json_problem, schema_of
 from nightshift.serving.vllm_backend import EngineDeadError, VLLMBackend, vllm_available
 
 __all__ = [

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from nightshift.blocks.serving_config import ServingConfig
-from nightshift.serving.batching import AutoBatcher
 from nightshift.core.usage import Usage
+from nightshift.serving.batching import AutoBatcher
 from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 

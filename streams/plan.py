@@ -17,7 +17,9 @@ import polars as pl
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
-from nightshift.tasks.spec import resolve_serving
+from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.core.fingerprints import digest
+from nightshift.streams.decode import Decoder
 from nightshift.streams.spec import (
     NatsSinkSpec,
     PostgresSinkSpec,
@@ -26,12 +28,10 @@ from nightshift.streams.spec import (
     StreamPipelineSpec,
     StreamSpec,
 )
-from nightshift.core.errors import NightshiftError, SpecError
-from nightshift.core.fingerprints import digest
-from nightshift.tasks.operators import BarrierOperator, Operator
-from nightshift.tasks.stages import Stage, build_stages, dry_run
-from nightshift.streams.decode import Decoder
 from nightshift.streams.windows import WindowPolicy
+from nightshift.tasks.operators import BarrierOperator, Operator
+from nightshift.tasks.spec import resolve_serving
+from nightshift.tasks.stages import Stage, build_stages, dry_run
 
 
 @dataclass

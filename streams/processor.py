@@ -19,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nightshift.streams.plan import StreamPlan
-from nightshift.tasks.batches import Batch
 from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.core.fingerprints import digest
+from nightshift.streams.faults import fault_point
+from nightshift.streams.journal import Journal, JournalEntry
+from nightshift.streams.plan import StreamPlan
+from nightshift.streams.sinks import Sink
+from nightshift.tasks.batches import Batch
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.sources import SourceFile
 from nightshift.tasks.step_task import BatchRef, configure_for, run_stage_batch
-from nightshift.streams.faults import fault_point
-from nightshift.streams.journal import Journal, JournalEntry
-from nightshift.streams.sinks import Sink
 
 
 class Abandoned(NightshiftError):

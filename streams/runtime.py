@@ -25,23 +25,23 @@ from prefect.logging import get_run_logger
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.step_store import StepStore
-from nightshift.core.naming import artifact_key
-from nightshift.streams.plan import StreamPlan
-from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
-from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
-from nightshift.tasks.runner_choice import make_task_runner
 from nightshift.core.errors import one_line
 from nightshift.core.fingerprints import digest
-from nightshift.tasks.operators import ROW_ID
+from nightshift.core.naming import artifact_key
 from nightshift.streams import source as nats_source
 from nightshift.streams.journal import Journal, JournalEntry, JournalIndex
 from nightshift.streams.metrics import StreamMetrics, WindowMetrics, percentile
+from nightshift.streams.plan import StreamPlan
+from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
 from nightshift.streams.seqs import window_id
 from nightshift.streams.sinks import Sink
 from nightshift.streams.sinks.nats_sink import NatsSink
 from nightshift.streams.sinks.postgres_sink import PostgresSink
 from nightshift.streams.sinks.store_sink import StoreSink
+from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
 from nightshift.streams.windows import Window
+from nightshift.tasks.operators import ROW_ID
+from nightshift.tasks.runner_choice import make_task_runner
 
 POLL_S = 0.25  # longest a pull request waits for messages
 

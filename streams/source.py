@@ -15,9 +15,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from nightshift.blocks.loading import load_block
-from nightshift.streams.nats import NatsCredentials, credentials_from_env
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.streams.decode import RawMessage
+from nightshift.streams.nats import NatsCredentials, credentials_from_env
 
 if TYPE_CHECKING:
     from nightshift.streams.spec import DeadLetterSpec, NatsSourceSpec

@@ -49,10 +49,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from nightshift.blocks.step_store import StepStore
-from nightshift.core.usage import TokenPrice, Usage
-from nightshift.serving.interface import GenerationRequest, GenerationResult
 from nightshift.core import file_io
 from nightshift.core.fingerprints import digest
+from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.interface import GenerationRequest, GenerationResult
 
 __all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
            "request_fingerprints"]

@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.loading import load_block
+from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
-from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.core.errors import SpecError, StoreError, one_line
 from nightshift.tasks.operators import Operator, resolve_operator
+from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
 

@@ -23,9 +23,9 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
-from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import filesystem
 

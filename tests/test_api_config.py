@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nightshift.blocks.serving_config import ServingConfig
-from conftest import make_rows, write_jsonl
-from nightshift.flows.plan import build_plan
 from nightshift.core.errors import SpecError
+from nightshift.flows.plan import build_plan
+from conftest import make_rows, write_jsonl
 
 HTTP = {"backend": "openai_compatible", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
 

@@ -17,10 +17,10 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import ROOT, cli_env, make_rows, write_jsonl
-from nightshift.flows.pipeline import Pipeline
 from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Generate
+from conftest import ROOT, cli_env, make_rows, write_jsonl
 from test_artifacts import artifacts
 
 pytest_plugins = ["api_fixtures"]

@@ -20,10 +20,10 @@ from prefect.client.schemas.filters import (
 )
 
 from nightshift.blocks.serving_config import ServingConfig
-from conftest import make_rows, write_jsonl
-from nightshift.flows.pipeline import Pipeline
 from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Generate
+from conftest import make_rows, write_jsonl
 
 pytest_plugins = ["api_fixtures"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from conftest import make_rows, write_jsonl
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Filter, Template
+from conftest import make_rows, write_jsonl
 
 
 def artifacts(flow_run_id: str) -> dict:

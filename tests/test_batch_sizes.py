@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_rows, write_jsonl
-from nightshift.flows.pipeline import Pipeline
-from nightshift_testops import Count, read_log
 from nightshift.core.errors import SpecError
+from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Map
+from conftest import make_rows, write_jsonl
+from nightshift_testops import Count, read_log
 
 
 def pipeline(tmp: Path, batch_size: int, sizes: list[int | None], fuse: bool) -> Pipeline:

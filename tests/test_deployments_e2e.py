@@ -44,10 +44,10 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
 
-from conftest import ROOT
 from nightshift.flows.nightly import nightly_spec
 from nightshift.flows.outputs import read_output
 from nightshift.flows.plan import build_plan
+from conftest import ROOT
 
 BIN = Path(sys.executable).parent
 SPEC = "examples/nightly.yaml"

@@ -9,9 +9,9 @@ import sys
 import polars as pl
 import pytest
 
-from conftest import ROOT
 from nightshift.core.fingerprints import code_version
 from nightshift.tasks.operators import Filter, Operator
+from conftest import ROOT
 
 
 class Shout(Operator):

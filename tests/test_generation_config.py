@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from nightshift.blocks.serving_config import ServingConfig
-from conftest import make_rows, write_jsonl
 from nightshift.flows.outputs import read_output
 from nightshift.flows.plan import build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.serving.pool import ServingPool
 from nightshift.serving.runner import shared_serving
+from conftest import make_rows, write_jsonl
 
 pytest.importorskip("torch", reason="VLLMBackend needs torch (installed with vllm)")
 

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nightshift.blocks.serving_config import ServingConfig
-from conftest import make_rows, write_jsonl
+from nightshift.core.errors import NightshiftError
 from nightshift.flows.pipeline import Pipeline
 from nightshift.serving.interface import GenerationRequest
 from nightshift.serving.pool import ServingPool
-from nightshift.core.errors import NightshiftError
 from nightshift.tasks.operators import Filter, Generate, Judge
+from conftest import make_rows, write_jsonl
 
 FAKE = {"default": {"backend": "fake", "model": "echo", "max_batch": 7}}
 

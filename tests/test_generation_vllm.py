@@ -31,14 +31,14 @@ from vllm_shared import SERVING, shared_backend, shared_pool, skip_without_vllm
 
 skip_without_vllm()
 
-from conftest import ROOT, cli_env, run_cli, write_jsonl  # noqa: E402
+from nightshift.core.errors import NightshiftError  # noqa: E402
 from nightshift.flows.pipeline import Pipeline  # noqa: E402
 from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
 from nightshift.serving.pool import ServingPool  # noqa: E402
 from nightshift.serving.runner import shared_serving  # noqa: E402
 from nightshift.serving.vllm_backend import VLLMBackend  # noqa: E402
-from nightshift.core.errors import NightshiftError  # noqa: E402
 from nightshift.tasks.operators import Classify, Filter, Generate, Judge  # noqa: E402
+from conftest import ROOT, cli_env, run_cli, write_jsonl  # noqa: E402
 
 SYSTEM = "Answer in one short sentence."
 QUESTIONS = [

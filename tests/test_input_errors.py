@@ -8,9 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import make_rows, run_cli, write_jsonl
-from nightshift.flows.plan import build_plan
 from nightshift.core.errors import NightshiftError
+from nightshift.flows.plan import build_plan
+from conftest import make_rows, run_cli, write_jsonl
 
 
 def spec(tmp_path: Path, **overrides) -> dict:

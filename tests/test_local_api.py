@@ -14,8 +14,8 @@ import psutil
 import pytest
 import yaml
 
-from conftest import ROOT, TESTS, make_rows, write_jsonl
 from nightshift.flows.local_api import TemporaryServer, healthy
+from conftest import ROOT, TESTS, make_rows, write_jsonl
 from test_s3_store import free_port
 
 

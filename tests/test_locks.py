@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT
 from nightshift.core.locks import UNREADABLE_LOCK_GRACE_S, ProcessAwareLockManager
+from conftest import ROOT
 
 HOLD = """
 import sys, time

@@ -8,12 +8,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import make_rows, write_jsonl
+from nightshift.core.errors import SpecError
 from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Dedup, Filter, Map
+from conftest import make_rows, write_jsonl
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from nightshift.core.errors import SpecError
-from nightshift.tasks.operators import Dedup, Filter, Map
 
 
 def build(tmp_path: Path, map_expr: str = "n * 2") -> Pipeline:

@@ -10,13 +10,13 @@ from typing import Callable
 
 import pytest
 
-from conftest import make_rows, write_jsonl
 from nightshift.flows.pipeline import Pipeline
-from nightshift.tasks.spec import StoreSpec
 from nightshift.flows.survey import Inventory, survey
+from nightshift.tasks.operators import Map
+from nightshift.tasks.spec import StoreSpec
+from conftest import make_rows, write_jsonl
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from nightshift.tasks.operators import Map
 from test_s3_store import s3, s3_endpoint  # noqa: F401 (fixtures)
 
 

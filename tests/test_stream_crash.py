@@ -24,10 +24,10 @@ pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.streams.sinks.store_sink import read_output
 from conftest import ROOT, cli_env
 from nightshift_testops import read_log
 from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
-from nightshift.streams.sinks.store_sink import read_output
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]

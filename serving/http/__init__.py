@@ -8,7 +8,7 @@ minute), :mod:`~nightshift.serving.http.breaker` (outage detection),
 :mod:`~nightshift.core.usage` (tokens and cost). See ``docs/api-serving.md``.
 """
 
-from nightshift.serving.http.backend import OpenAIBackend, ResultCallback
 from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.http.backend import OpenAIBackend, ResultCallback
 
 __all__ = ["OpenAIBackend", "ResultCallback", "TokenPrice", "Usage"]

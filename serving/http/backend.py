@@ -47,11 +47,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
 from nightshift.serving.http.limits import RateLimiter
 from nightshift.serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
 from nightshift.serving.http.shared_limit import Mode, SharedLimit
-from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
 from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback
 

@@ -12,10 +12,10 @@ from nightshift.tasks.operators.base import (
 from nightshift.tasks.operators.columns import Rename, Select
 from nightshift.tasks.operators.dedup import Dedup
 from nightshift.tasks.operators.filter import Filter
-from nightshift.tasks.operators.map import Map
 from nightshift.tasks.operators.generate import Generate, Translate
 from nightshift.tasks.operators.judge import Classify, Judge, Score
 from nightshift.tasks.operators.llm import LLMOperator
+from nightshift.tasks.operators.map import Map
 from nightshift.tasks.operators.template import Template
 
 __all__ = [
