@@ -28,10 +28,15 @@ class StepFailed(NightshiftError):
     """One or more batches failed in a step; completed batches stay in the store."""
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """The first line of an exception message (or of a text), shortened, for error
-    messages: the one rule every layer uses (serving included)."""
+def one_line(exc: BaseException | str, limit: int = 300, *, whole: bool = False) -> str:
+    """An exception message (or a text) as one shortened line, for error messages: the
+    one rule every layer uses.
+
+    The first line by default (polars and pydantic put hints and plans below it);
+    ``whole=True`` joins every line instead, white space folded, for messages whose
+    reason continues on the next lines (the vLLM engine's, JSON schema checks).
+    """
     if not str(exc).strip():
         return type(exc).__name__ if isinstance(exc, BaseException) else ""
-    text = str(exc).strip().splitlines()[0]
+    text = " ".join(str(exc).split()) if whole else str(exc).strip().splitlines()[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -54,7 +54,7 @@ def json_problem(text: str, schema: dict[str, Any]) -> str | None:
         jsonschema.validate(value, schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
-        return f"schema violation{f' at {where}' if where else ''}: {one_line(exc.message)}"
+        return f"schema violation{f' at {where}' if where else ''}: {one_line(exc.message, whole=True)}"
     except jsonschema.SchemaError as exc:
-        return f"invalid schema: {one_line(exc.message)}"
+        return f"invalid schema: {one_line(exc.message, whole=True)}"
     return None

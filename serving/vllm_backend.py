@@ -68,7 +68,13 @@ from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir
 from nightshift.core.errors import one_line
 from nightshift.core.model_identity import model_identity
 from nightshift.core.usage import Usage
-from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback, SamplingParams, report
+from nightshift.serving.interface import (
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    SamplingParams,
+    report,
+)
 from nightshift.serving.streaming import StreamEvent
 from nightshift.serving.structured import json_problem
 
@@ -192,7 +198,8 @@ class VLLMBackend:
             self._llm: Any = started.result()  # re-raises a failed start
         except BaseException as exc:
             _announce(f"vLLM engine: {model} failed to start after "
-                      f"{time.monotonic() - started_at:.1f} s: {one_line(exc)}", logging.ERROR)
+                      f"{time.monotonic() - started_at:.1f} s: {one_line(exc, whole=True)}",
+                      logging.ERROR)
             raise
         type(self).engine_loads += 1
         self._tokenizer: Any = self._llm.get_tokenizer()
@@ -309,7 +316,7 @@ class VLLMBackend:
         if self._closed:
             raise EngineDeadError("VLLMBackend is closed")
         if self._dead is not None:
-            raise EngineDeadError(f"the vLLM engine died: {one_line(self._dead)}")
+            raise EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
         self._inbox.put(item)
 
     # -- the engine thread -------------------------------------------------------
@@ -330,7 +337,8 @@ class VLLMBackend:
             self._loop(llm)
         except BaseException as exc:  # a bug in the loop itself: never leave callers hanging
             self._dead = exc
-            self._fail_all(self._inflight, EngineDeadError(f"engine loop failed: {one_line(exc)}"))
+            failed = EngineDeadError(f"engine loop failed: {one_line(exc, whole=True)}")
+            self._fail_all(self._inflight, failed)
         finally:
             _shutdown(llm)
             del llm
@@ -339,7 +347,7 @@ class VLLMBackend:
             item = self._inbox.get()
             if item is _STOP:
                 return
-            error = EngineDeadError(f"the vLLM engine died: {one_line(self._dead)}")
+            error = EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
             if isinstance(item, _Job):
                 item.fail(error)
             elif isinstance(item, _Call):
@@ -383,7 +391,7 @@ class VLLMBackend:
                 outputs = engine.step()
             except BaseException as exc:  # the engine is gone: fail everything, stop
                 self._dead = exc
-                dead = EngineDeadError(f"the vLLM engine died: {one_line(exc)}")
+                dead = EngineDeadError(f"the vLLM engine died: {one_line(exc, whole=True)}")
                 for call in calls:
                     call.future.set_exception(dead)
                 self._fail_all(inflight, dead)
@@ -412,7 +420,7 @@ class VLLMBackend:
                 engine.add_request(request_id, {"prompt_token_ids": ids}, params)
             except Exception as exc:
                 job.finish(index, GenerationResult.failed(
-                    f"engine rejected the request: {one_line(exc)}", prompt_tokens=len(ids)))
+                    f"engine rejected the request: {one_line(exc, whole=True)}", prompt_tokens=len(ids)))
                 continue
             inflight[request_id] = _Slot(job, index, len(ids))
 
@@ -421,7 +429,7 @@ class VLLMBackend:
         try:
             ids = self._tokenize(request)
         except Exception as exc:
-            return GenerationResult.failed(f"tokenization failed: {one_line(exc)}")
+            return GenerationResult.failed(f"tokenization failed: {one_line(exc, whole=True)}")
         if len(ids) == 0:
             return GenerationResult.failed("empty prompt")
         if len(ids) >= self._max_model_len:
@@ -434,7 +442,7 @@ class VLLMBackend:
             return ids, self._sampling_params(request.sampling)
         except Exception as exc:
             return GenerationResult.failed(
-                f"invalid sampling parameters: {one_line(exc)}", prompt_tokens=len(ids)
+                f"invalid sampling parameters: {one_line(exc, whole=True)}", prompt_tokens=len(ids)
             )
 
     def _deliver(self, slot: _Slot, output: Any) -> None:

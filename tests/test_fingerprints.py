@@ -55,3 +55,15 @@ def test_code_version_builds_no_ast(monkeypatch: pytest.MonkeyPatch) -> None:
     code_version.cache_clear()
     monkeypatch.setattr(ast, "parse", refuse)
     assert code_version(ShoutEdited).startswith("1:")
+
+
+def test_step_keys_do_not_depend_on_the_package_name() -> None:
+    """Built-in operators carry their module path as it was before the folders became
+    nightshift.<folder> packages, so stores written before keep their keys and resume."""
+    from nightshift.tasks.operators import Map
+    from nightshift.tasks.operators.base import _keyed_path
+
+    op = Map(columns={"m": "n * 2"})
+    assert op.import_path() == "nightshift.tasks.operators.map:Map"
+    assert _keyed_path(op.import_path()) == "tasks.operators.map:Map"
+    assert _keyed_path("my_ops:Upper") == "my_ops:Upper"

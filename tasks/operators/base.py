@@ -83,7 +83,8 @@ class Operator(BaseModel):
         ``context`` carries run-level facts an operator's output depends on (the serving
         identities for LLM operators); plain operators ignore it.
         """
-        return digest(self.import_path(), code_version(type(self)), self.config(), upstream)
+        return digest(_keyed_path(self.import_path()), code_version(type(self)), self.config(),
+                      upstream)
 
     def config(self) -> dict[str, Any]:
         """The fingerprinted configuration: every field but the step's ``batch_size``."""
@@ -189,3 +190,10 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
             known = set(df.columns)
             out = joined.select([*df.columns, *(c for c in out.columns if c not in known)])
     return out
+
+
+def _keyed_path(import_path: str) -> str:
+    """The import path a step key carries: a built-in operator's module as it was named
+    before the folders became ``nightshift.<folder>`` (``tasks.operators.map:Map``), so
+    that stores written before the package mapping keep their keys and resume."""
+    return import_path.removeprefix("nightshift.")
