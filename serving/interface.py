@@ -1,8 +1,10 @@
-"""The one serving interface: ``Backend.generate(requests) -> results``.
+"""The one serving interface: ``Backend.generate(requests, on_result, usage) -> results``.
 
 Every backend (in-process vLLM, an OpenAI-compatible HTTP server, the fake used in
 orchestration tests) takes a sequence of :class:`GenerationRequest` and returns one
-:class:`GenerationResult` per request, in the same order. A request that cannot be
+:class:`GenerationResult` per request, in the same order; it reports each row to the
+optional ``on_result`` callback and ``usage`` counters (:func:`report` for backends whose
+rows finish together). A request that cannot be
 served (prompt too long, invalid JSON under a schema, ...) yields a result with
 ``error`` set; it never makes the whole batch raise.
 

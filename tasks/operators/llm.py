@@ -148,34 +148,11 @@ class LLMOperator(Operator):
         return self._attach(df, values, errors, finish, p_tok, c_tok, texts)
 
     def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
-        """Answers for ``requests``: from the batch's answer cache where there is one,
-        the rest from the backend (each persisted as it arrives)."""
-        from nightshift.core.usage import Usage
-        from nightshift.tasks.answer_cache import current_scope, request_fingerprints
+        """Answers for ``requests`` on this step's serving config, through the batch's
+        answer cache (:func:`~nightshift.tasks.answer_cache.serve`)."""
+        from nightshift.tasks.answer_cache import serve
 
-        config = pool.configs.get(self.serving)
-        scope = current_scope()
-        usage = Usage()
-        if scope is None or config is None or not config.answers_cached:
-            results = pool.submit(self.serving, requests, usage=usage)
-            if scope is not None:
-                scope.record(usage, getattr(config, "price", None))
-            return results
-        log = scope.answer_log()
-        keys = request_fingerprints(requests, config.identity())
-        cached = log.load()
-        results: list[Any] = [cached.get(k) for k in keys]
-        missing = [i for i, r in enumerate(results) if r is None]
-        usage.cached = len(requests) - len(missing)
-
-        def persist(index: int, result: Any) -> None:
-            log.add(keys[missing[index]], result)
-
-        fresh = pool.submit(self.serving, [requests[i] for i in missing], persist, usage)
-        for i, result in zip(missing, fresh):
-            results[i] = result
-        scope.record(usage, config.price)
-        return results
+        return serve(pool, self.serving, requests)
 
     def _attach(self, df, values, errors, finish, p_tok, c_tok, texts) -> pl.DataFrame:  # type: ignore[no-untyped-def]
         o = self.output
