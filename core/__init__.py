@@ -1,3 +1,4 @@
-"""The base layer: errors, fingerprints, Parquet and JSON files, locks, the store's
-inventory, token usage and prices, and the model-weights identity. Imports nothing of
-nightshift above it."""
+"""The base layer (``nightshift.core``): errors and ``one_line``, fingerprints, Parquet and
+JSON files (``file_io``), locks, the store's output inventory, token usage and prices,
+the embedded model, the model-weights identity and artifact names. It imports nothing of
+nightshift above it (docs/layout.md)."""
