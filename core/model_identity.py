@@ -28,7 +28,12 @@ def _chat_template(folder: Path) -> str:
 def model_identity(model: str) -> dict[str, Any]:
     """``{model, weights, chat_template_sha256}`` for a local folder, the alias or a hub id."""
     path = resolve_model(model)
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    if model.startswith(("/", "./", "../", "~")) and not folder.is_dir():
+        raise FileNotFoundError(
+            f"model {model}: no such folder (a local model is a folder with config.json and "
+            "the weights; or give a hub id, or smollm2 for the embedded model)"
+        )
     if not folder.is_dir():  # a hub id: its name is all we know before loading it
         return {"model": model, "weights": None, "chat_template_sha256": None}
     weights = hashlib.sha256()

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nightshift.core.errors import NightshiftError
+from nightshift.core.errors import NightshiftError, one_line
 
 if TYPE_CHECKING:
     from nightshift.tasks.spec import PipelineSpec
@@ -247,13 +247,23 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except Exception as exc:
         if not _is_usage_error(exc):
-            raise
+            _unexpected(exc)
         _show_usage_error(exc)
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     # Without standalone mode, an Exit raised inside a command (Ctrl-C is one: 130) comes
     # back as the return value.
     if isinstance(code, int) and code:
         raise SystemExit(code)
+
+
+def _unexpected(exc: Exception) -> None:
+    """Anything else (an engine that cannot start, a bug): one line and exit 1; the
+    traceback with ``--verbose`` (``NIGHTSHIFT_LOG_LEVEL=DEBUG``)."""
+    if os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").upper() == "DEBUG":
+        raise exc
+    err.print(f"error: {type(exc).__name__}: {one_line(exc)} (--verbose shows the traceback)",
+              markup=False, highlight=False, soft_wrap=True)
+    raise SystemExit(1) from None
 
 
 def _is_usage_error(exc: BaseException) -> bool:

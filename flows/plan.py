@@ -28,7 +28,7 @@ from nightshift.tasks.batches import Batch, cut, with_row_ids
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
-from nightshift.tasks.stages import Stage, build_stages, dry_run
+from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)
     _check_batch_sizes(operators, spec.batch_size)
-    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    context = {"serving": serving_identities(serving)}
     stages = build_stages(operators, spec.fuse, context, spec.batch_size)
     plan = Plan(spec, store, files, batches, stages, serving)
     _compute_keys(plan)

@@ -31,7 +31,7 @@ from nightshift.streams.spec import (
 from nightshift.streams.windows import WindowPolicy
 from nightshift.tasks.operators import BarrierOperator, Operator
 from nightshift.tasks.spec import resolve_serving
-from nightshift.tasks.stages import Stage, build_stages, dry_run
+from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
         _check_sinks(sinks, stream, output)
     except NightshiftError as exc:
         raise type(exc)(f"{label}.{exc}".replace(": Value error, ", ": ")) from None
-    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    context = {"serving": serving_identities(serving)}  # serving: is a top-level key
     stages = build_stages(operators, stream.fuse, context)
     return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)
 

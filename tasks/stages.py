@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from nightshift.blocks.serving_config import ServingConfig
 from nightshift.core.errors import NightshiftError, SpecError, one_line
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 
@@ -72,6 +73,21 @@ def build_stages(
         stages.append(Stage(index, first, ops, upstream, size(ops[0])))
         first += len(ops)
     return stages
+
+
+def serving_identities(serving: dict[str, ServingConfig]) -> dict[str, Any]:
+    """What each serving config contributes to the step keys (``build_stages``'s
+    ``context["serving"]``); a model that cannot be found (a local path that is not
+    there) is a one-line error naming the serving entry."""
+    identities = {}
+    for name, config in serving.items():
+        try:
+            identities[name] = config.identity()
+        except NightshiftError as exc:
+            raise SpecError(f"serving.{name}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"serving.{name}: {one_line(exc)}") from None
+    return identities
 
 
 def column_list(columns: list[str], limit: int = 20) -> str:

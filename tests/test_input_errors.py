@@ -41,6 +41,13 @@ def expect(tmp_path: Path, spec_dict: dict, *fragments: str) -> str:
     return message
 
 
+def test_a_local_model_folder_that_is_not_there(tmp_path: Path, data: Path) -> None:
+    expect(tmp_path, spec(tmp_path, serving={"default": {"backend": "vllm",
+                                                         "model": str(tmp_path / "nope")}},
+                          steps=[{"generate": {"prompt": "{{ text }}", "output": "o"}}]),
+           "serving.default: model ", "nope: no such folder")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "nope.jsonl")}), "nope.jsonl", "no such file")
 
