@@ -138,8 +138,19 @@ def test_folders_and_package_names_agree():
 
 
 def test_no_module_imports_an_old_top_level_name():
+    """One name per module: ``nightshift.flows.cli``, never ``flows.cli`` (in the same
+    process the two would be two modules), in the package, the tests and benchmarks."""
     old = [where for (_, dst), places in sorted(edges(ROOT).items()) if dst == OLD
            for where in places]
+    for folder in ("tests", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                         else [])
+                old.extend(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                           for name in names if name.split(".")[0] in OLD_NAMES)
     assert old == [], "import through the package name, nightshift.<folder>:\n" + "\n".join(old)
 
 
