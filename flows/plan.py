@@ -166,7 +166,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         schemas[file.uri] = schema
         in_store = file.format != "parquet"
         batches.extend(cut(file, read_uri, in_store, rows, spec.batch_size, len(batches)))
-    serving = resolve_serving(spec, operators)
+    serving = resolve_serving(spec.serving, operators)
     for name, config in serving.items():
         try:
             config.check_credentials()

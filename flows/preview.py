@@ -81,7 +81,7 @@ def preview(
     operators = parsed.operators(allow_imports)
     if isinstance(operators[0], BarrierOperator):
         raise SpecError(f"steps[0] ({operators[0].name}): a barrier step cannot be the first step")
-    serving = resolve_serving(parsed, operators)
+    serving = resolve_serving(parsed.serving, operators)
     files = discover(parsed.source)
     console = console or Console(soft_wrap=True)
 

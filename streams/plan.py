@@ -10,11 +10,9 @@ sinks receive, the sinks' own checks, and the serving configs of LLM steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import polars as pl
 
-from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.errors import NightshiftError, SpecError
@@ -93,21 +91,6 @@ def resolve_store(spec: StreamSpec) -> StepStore:
     return spec.store.resolve()
 
 
-@dataclass
-class _Serving:
-    serving: dict[str, dict[str, Any]]
-
-
-def resolve_serving_blocks(spec: StreamSpec) -> _Serving:
-    """``spec.serving`` with ``{block: NAME}`` entries replaced by the saved config."""
-    resolved: dict[str, dict[str, Any]] = {}
-    for name, entry in spec.serving.items():
-        if "block" in entry:
-            entry = load_block(ServingConfig, entry["block"], f"serving.{name}.block").as_dict()
-        resolved[name] = entry
-    return _Serving(resolved)
-
-
 def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepStore,
           allow_imports: bool) -> StreamPlan:
     label = f"streams[{index}]"
@@ -120,7 +103,7 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
                     f"steps[{i}] ({op.name}): a barrier step needs the whole data set and a "
                     "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
                 )
-        serving = resolve_serving(resolve_serving_blocks(spec), operators)  # type: ignore[arg-type]
+        serving = resolve_serving(spec.serving, operators)
         output = dry_run(operators, decoder.schema)
         sinks = stream.sink_specs()
         _check_sinks(sinks, stream, output)

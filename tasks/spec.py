@@ -178,20 +178,23 @@ def build_operators(
     return built
 
 
-def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, ServingConfig]:
-    """The serving configs that the spec's LLM steps use, by name."""
+def resolve_serving(serving: dict[str, dict[str, Any]],
+                    operators: list[Operator]) -> dict[str, ServingConfig]:
+    """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
+    section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
+    for a saved config."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
             used.setdefault(getattr(op, "serving"), i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
-        entry = spec.serving.get(name)
+        entry = serving.get(name)
         if entry is None:
             if name != "default":
                 raise SpecError(
                     f"steps[{step}]: serving {name!r} is not defined under 'serving:' "
-                    f"(defined: {', '.join(sorted(spec.serving)) or 'none'})"
+                    f"(defined: {', '.join(sorted(serving)) or 'none'})"
                 )
             configs[name] = ServingConfig()
         elif "block" in entry:
