@@ -14,6 +14,7 @@ expressions fail here, naming the step), and computes the content address of eve
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,12 @@ class Plan:
         # a partition's outputs (and Prefect cache records) are its own
         return digest(self.spec.partition, key) if self.spec.partition else key
 
+    def unit_name(self, unit: Unit) -> str:
+        label = self.batches[unit.batch].file_label
+        if unit.stop is not None:
+            label = f"{label}_{unit.start}"
+        return f"{label}-{unit.key[:16]}.parquet"
+
     @staticmethod
     def input_key(upstream_keys: list[str]) -> str:
         """A batch's input key at a stage: its one upstream unit's key, or all of them."""
@@ -75,6 +82,8 @@ class Plan:
         """The units of a row-local stage for one batch, from its input key and rows."""
         s = self.stages[stage]
         if s.batch_size is None:
+            if stage < len(self.keys):  # known at planning
+                return [Unit(stage, batch, 0, 0, None, self.keys[stage][batch])]
             return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
         starts = range(0, input_rows, s.batch_size) or range(1)
         return [
@@ -94,13 +103,11 @@ class Plan:
 
     # -- paths -------------------------------------------------------------------------
     def stage_dir(self, stage: int) -> str:
-        return self.store.path(*prefix_of(self.spec), "steps", self.stages[stage].dirname)
+        return self._stage_dirs[stage]
 
-    def unit_name(self, unit: Unit) -> str:
-        label = self.batches[unit.batch].file_label
-        if unit.stop is not None:
-            label = f"{label}_{unit.start}"
-        return f"{label}-{unit.key[:16]}.parquet"
+    @functools.cached_property
+    def _stage_dirs(self) -> list[str]:
+        return [self.store.path(*prefix_of(self.spec), "steps", s.dirname) for s in self.stages]
 
     def unit_path(self, unit: Unit) -> str:
         return f"{self.stage_dir(unit.stage)}/{self.unit_name(unit)}"

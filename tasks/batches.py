@@ -6,6 +6,7 @@ the old ones. Its fingerprint is the file identity and the range; no data is rea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 import polars as pl
 from fsspec import AbstractFileSystem
@@ -31,7 +32,7 @@ class Batch:
     stop: int
     in_store: bool = False
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         return digest(self.file.identity, self.start, self.stop)
 
@@ -39,7 +40,7 @@ class Batch:
     def rows(self) -> int:
         return self.stop - self.start
 
-    @property
+    @functools.cached_property
     def file_label(self) -> str:
         return f"{self.file.stem}-{self.start}"
 

@@ -18,6 +18,8 @@ have the same columns and types (``flows/plan.py`` checks this across files).
 
 from __future__ import annotations
 
+import functools
+
 import csv
 import errno
 import io
@@ -117,17 +119,17 @@ class SourceFile:
     #: since it changes the rows read from it.
     schema: tuple[tuple[str, str], ...] = ()
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         if self.schema and self.format != "parquet":
             return digest(self.uri, self.size, self.version, [list(c) for c in self.schema])
         return digest(self.uri, self.size, self.version)
 
-    @property
+    @functools.cached_property
     def row_key(self) -> int:
         return zlib.crc32(self.uri.encode())
 
-    @property
+    @functools.cached_property
     def stem(self) -> str:
         name = PurePosixPath(self.uri.split("://", 1)[-1]).name
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.split(".")[0])[:40]

@@ -9,6 +9,7 @@ read, naming the step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class Stage:
     def steps(self) -> range:
         return range(self.first_step, self.first_step + len(self.operators))
 
-    @property
+    @functools.cached_property
     def dirname(self) -> str:
         return f"{self.index:02d}-" + "+".join(op.name or type(op).__name__ for op in self.operators)
 

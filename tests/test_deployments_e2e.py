@@ -214,26 +214,15 @@ def task_states(
             time.sleep(0.5)
 
 
-def summaries(p: Prefect, run_id: str) -> list[list[dict]]:
-    """The run's summary tables, newest first (a retried run has one per attempt)."""
+def tables(p: Prefect, run_id: str, what: str) -> list[list[dict]]:
+    """The run's ``reviews-nightly-<what>`` tables, newest first (a retried run has one
+    per attempt): ``summary`` (per step: reused, computed, ...), ``plan`` (per step: what
+    is reused and why the rest is computed)."""
     with p.client() as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
-                key=ArtifactFilterKey(any_=["reviews-nightly-summary"]),
-            ),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found]
-
-
-def plans(p: Prefect, run_id: str) -> list[list[dict]]:
-    """The run's plan tables (per step: reused and to compute, and why), newest first."""
-    with p.client() as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
-                key=ArtifactFilterKey(any_=["reviews-nightly-plan"]),
+                key=ArtifactFilterKey(any_=[f"reviews-nightly-{what}"]),
             ),
             sort=ArtifactSort.CREATED_DESC,
         )
@@ -326,7 +315,7 @@ def test_deploy_schedule_run_fail_retry(
     assert Counter(s for _, s in task_states(p, clean_id, 25)) == Counter(Completed=6 + 1 + 6 + 6 + 6)
     assert {"reviews-nightly-summary", "reviews-nightly-sample",
             "reviews-nightly-progress-00-filter-map-template"} <= artifact_keys(p, clean_id)
-    (rows,) = summaries(p, clean_id)
+    (rows,) = tables(p, clean_id, "summary")
     assert rows[-1]["name"] == "total (this run)"  # the LLM step adds a totals row
     rows = rows[:-1]
     assert [r["name"] for r in rows] == ["00-filter+map+template", "01-dedup", "02-select",
@@ -361,10 +350,10 @@ def test_deploy_schedule_run_fail_retry(
     assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Failed=1)
     batch4 = sorted(s for name, s in states if name == "filter+map+template[0] batch 4/6")
     assert batch4 == ["Completed", "Failed"], batch4  # failed once, computed by the retry
-    latest, attempt1 = (rows[:-1] for rows in summaries(p, fail_id))  # minus the totals
+    latest, attempt1 = (rows[:-1] for rows in tables(p, fail_id, "summary"))  # minus the totals
     assert [(r["reused"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
     assert [(r["reused"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
-    plan = plans(p, fail_id)[0]
+    plan = tables(p, fail_id, "plan")[0]
     assert plan[0]["plan"].startswith("5 of 6 batches done and reused, 1 to compute"), plan
     got = output("2026-11-22", overrides)
     assert got.equals(want)  # same sources: the retried night equals the clean one
