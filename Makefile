@@ -65,8 +65,8 @@ worker: venv   # runs the deployments' flow runs as subprocesses of this checkou
 deploy: venv   # work pool (if missing), the block types (step store, LLM serving), every deployment
 	$(PREFECT_CLI) work-pool inspect nightshift-process >/dev/null 2>&1 || \
 		$(PREFECT_CLI) work-pool create nightshift-process --type process
-	$(PREFECT_CLI) block register -m blocks.step_store
-	$(PREFECT_CLI) block register -m blocks.serving_config
+	$(PREFECT_CLI) block register -m nightshift.blocks.step_store
+	$(PREFECT_CLI) block register -m nightshift.blocks.serving_config
 	$(PREFECT_CLI) --no-prompt deploy --all
 
 clean:

@@ -47,7 +47,7 @@ PROMPT = "Run {run}. Item {n}: row number {n} of the benchmark means"
 
 def start_server() -> tuple[subprocess.Popen, str]:
     """vLLM's OpenAI API server on 127.0.0.1 (see docs/api-serving.md), healthy."""
-    from serving.embedded_model import embedded_model_path
+    from nightshift.core.embedded_model import embedded_model_path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,8 +110,8 @@ async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: i
 
 def pipeline_run(base_url: str, work: Path, rows: int, concurrency: int, max_tokens: int,
                  batch_size: int, run: int) -> tuple[float, dict]:
-    from flows.pipeline import Pipeline
-    from tasks.operators import Generate
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Generate
 
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)

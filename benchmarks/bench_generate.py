@@ -5,7 +5,7 @@ The same prompts, the same sampling (greedy), the same engine, in one run:
 * **bare**: one ``llm.generate(prompts, params)`` call on the ``vllm.LLM`` object, the
   prompts already chat-templated and tokenized; nothing else;
 * **pipeline**: a Prefect flow (``run_pipeline``) over a JSONL source of the same prompts,
-  cut into batches, one ``generate`` task per batch on the ``VLLMTaskRunner`` (threads
+  cut into batches, one ``generate`` task per batch on the ``ServingTaskRunner`` (threads
   feeding the one engine), each batch written to the step store as Parquet.
 
 The pipeline runs inside ``shared_serving`` so both use the very same engine (started
@@ -82,9 +82,9 @@ def pipeline(work: Path, name: str, serving: dict, texts: list[str], max_tokens:
              batch_size: int, workers: int) -> tuple[float, list[str], int, dict]:
     import polars as pl
 
-    from flows.outputs import read_output
-    from flows.plan import build_plan
-    from flows.run_pipeline import run_pipeline
+    from nightshift.flows.outputs import read_output
+    from nightshift.flows.plan import build_plan
+    from nightshift.flows.run_pipeline import run_pipeline
 
     src = work / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"i": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
@@ -132,8 +132,8 @@ def main() -> None:
         torch.set_num_threads(1)  # vllm-on-cpu.md: vLLM keeps a core for itself
     from prefect.testing.utilities import prefect_test_harness
 
-    from blocks.serving_config import ServingConfig
-    from serving.task_runner import shared_serving
+    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.serving.runner import shared_serving
 
     serving = {"default": {"model": model, "max_model_len": opts["max_model_len"],
                            "max_batch": 4096, "max_num_seqs": 256}}

@@ -57,7 +57,7 @@ def plain_script(src: Path, out: Path) -> float:
 
 
 def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
-    from flows.run_pipeline import run_pipeline
+    from nightshift.flows.run_pipeline import run_pipeline
 
     spec = {
         "name": "bench",

@@ -52,8 +52,8 @@ def make_input(path: Path, batches: int) -> None:
 
 
 def pipeline(src: Path, store: Any, name: str) -> Any:
-    from flows.pipeline import Pipeline
-    from tasks.operators import Filter, Map, Template
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Filter, Map, Template
 
     return Pipeline(
         name, source=str(src),
@@ -67,7 +67,7 @@ class Server:
     """A Prefect server of the benchmark's own, with its database size at hand."""
 
     def __init__(self, home: Path) -> None:
-        from flows.local_api import TemporaryServer
+        from nightshift.flows.local_api import TemporaryServer
 
         self.home = home
         self.server = TemporaryServer()
@@ -119,10 +119,10 @@ def seed(pipe: Any, index: bool, threads: int = 16) -> float:
     """Write every stage's outputs with a plain script (no Prefect): the state a first
     run leaves, without its 3 x N task runs; with ``index``, also the output index that
     a run saves (``outputs.json``)."""
-    from tasks.batches import read_batch
-    from tasks.inventory import OutputIndex
-    from tasks.operators import apply_operator
-    from tasks.sources import filesystem
+    from nightshift.core.inventory import OutputIndex
+    from nightshift.tasks.batches import read_batch
+    from nightshift.tasks.operators import apply_operator
+    from nightshift.tasks.sources import filesystem
 
     plan = pipe.plan()
     indexes = [OutputIndex(plan.store.fs, plan.stage_dir(s.index)) for s in plan.stages]
@@ -220,7 +220,7 @@ def start_cost(server: Server, work: Path) -> tuple[float, float]:
             walls.append(time.perf_counter() - started)
         return min(walls)
 
-    run = best([sys.executable, "-m", "flows.cli", "run", str(spec)])
+    run = best([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)])
     bare = best([sys.executable, "-c", "import prefect"])
     return run, bare
 
@@ -234,7 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.spec import StoreSpec
+    from nightshift.tasks.spec import StoreSpec
 
     work = Path(tempfile.mkdtemp(prefix="nightshift-resume-"))
     server = Server(work / "prefect-home")

@@ -65,7 +65,7 @@ def spec(src: Path, store: Path, batch_size: int, runner: dict) -> dict:
 
 
 def timed_run(pipeline: dict) -> tuple[float, dict]:
-    from flows.run_pipeline import run_pipeline
+    from nightshift.flows.run_pipeline import run_pipeline
 
     started = time.perf_counter()
     summary = run_pipeline(spec=pipeline)
@@ -83,8 +83,8 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.outputs import read_output
-    from flows.plan import build_plan
+    from nightshift.flows.outputs import read_output
+    from nightshift.flows.plan import build_plan
 
     work = Path(tempfile.mkdtemp(prefix="nightshift-scaleout-"))
     src = work / "in.parquet"

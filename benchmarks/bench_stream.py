@@ -191,7 +191,7 @@ def pipeline_spec(url: str, stream: str, store: Path, count: int, seconds: float
 
 
 def run_pipeline(spec: dict[str, Any], idle: float) -> dict[str, Any]:
-    from flows.stream import stream
+    from nightshift.flows.stream import stream
 
     state = asyncio.run(stream(spec=spec, until_idle_s=idle, return_state=True))
     if not state.is_completed():

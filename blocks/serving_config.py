@@ -37,9 +37,9 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
-from serving.http.usage import TokenPrice
-from tasks.errors import SpecError
-from tasks.fingerprints import digest
+from nightshift.core.errors import SpecError
+from nightshift.core.fingerprints import digest
+from nightshift.core.usage import TokenPrice
 
 
 class ServingConfig(Block):
@@ -141,7 +141,7 @@ class ServingConfig(Block):
             self.resolve_api_key()
 
     def http_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``serving.http.OpenAIBackend`` (the key excluded)."""
+        """Keyword arguments for ``nightshift.serving.http.OpenAIBackend`` (the key excluded)."""
         if not self.base_url:
             raise SpecError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
         return dict(
@@ -159,7 +159,7 @@ class ServingConfig(Block):
         return [d.strip() for d in self.devices.split(",") if d.strip()] if self.devices else []
 
     def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``serving.vllm_backend.VLLMBackend``."""
+        """Keyword arguments for ``nightshift.serving.vllm_backend.VLLMBackend``."""
         return dict(
             dtype=self.dtype,
             max_model_len=self.max_model_len,
@@ -183,7 +183,7 @@ class ServingConfig(Block):
         if self.is_http:  # not the URL, key or limits: they do not change answers
             return {"backend": self.backend, "model": self.model, "endpoint": self.endpoint,
                     "extra_body": self.extra_body, "model_revision": self.model_revision}
-        from serving.model_identity import model_identity
+        from nightshift.core.model_identity import model_identity
 
         return {
             "backend": self.backend,
@@ -194,6 +194,11 @@ class ServingConfig(Block):
             "seed": self.seed,
         }
 
+    def as_dict(self, *, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The configuration as a plain JSON-able dict (no block metadata): what crosses a
+        process boundary or is compared; ``exclude`` leaves more fields out."""
+        return self.model_dump(mode="json", exclude={"block_type_slug", *exclude})
+
     def key(self) -> str:
         """A stable name for this configuration (for logs and caches)."""
-        return digest(self.model_dump(mode="json", exclude={"block_type_slug", "api_key"}))[:12]
+        return digest(self.as_dict(exclude={"api_key"}))[:12]

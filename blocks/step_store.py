@@ -35,10 +35,10 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
-from tasks import inventory, parquet_io
-from tasks.errors import StoreError, one_line
-from tasks.locks import ProcessAwareLockManager
-from tasks.fingerprints import digest
+from nightshift.core import inventory, file_io
+from nightshift.core.errors import StoreError, one_line
+from nightshift.core.fingerprints import digest
+from nightshift.core.locks import ProcessAwareLockManager
 
 
 class StepStore(WritableFileSystem):
@@ -103,16 +103,16 @@ class StepStore(WritableFileSystem):
     # -- frames ---------------------------------------------------------------------
     def write_frame(self, path: str, df: pl.DataFrame) -> None:
         try:
-            parquet_io.write_atomic(self.fs, path, df)
+            file_io.write_atomic(self.fs, path, df)
         except Exception as exc:
             raise StoreError(f"store: cannot write {self.display(path)}: {one_line(exc)}") from None
 
     def read_frame(self, path: str, columns: list[str] | None = None) -> pl.DataFrame:
-        return parquet_io.read(self.fs, path, columns)
+        return file_io.read(self.fs, path, columns)
 
     def read_rows(self, path: str, start: int, stop: int) -> pl.DataFrame:
         """Rows ``[start, stop)`` of a stored Parquet file (only the row groups needed)."""
-        return parquet_io.read_slice(self.fs, path, start, stop)
+        return file_io.read_slice(self.fs, path, start, stop)
 
     def stat(self, path: str) -> tuple[int, str]:
         """``(size, tag)`` of a stored file, as a directory listing shows them."""
@@ -120,7 +120,7 @@ class StepStore(WritableFileSystem):
 
     def frame_rows(self, path: str) -> int | None:
         """Rows in a stored Parquet file, or None if it is missing or unreadable."""
-        return parquet_io.footer_rows(self.fs, path)
+        return file_io.footer_rows(self.fs, path)
 
     def scan_frames(self, paths: list[str], columns: list[str]) -> pl.LazyFrame:
         """The given files as one lazy frame, in order (only ``columns`` are read)."""
@@ -132,7 +132,7 @@ class StepStore(WritableFileSystem):
     # -- small JSON documents (manifests, source index) -------------------------------
     def write_json(self, path: str, document: Any) -> None:
         data = json.dumps(document, indent=1, sort_keys=True, default=str).encode()
-        parquet_io.write_bytes_atomic(self.fs, path, data)
+        file_io.write_bytes_atomic(self.fs, path, data)
 
     def read_json(self, path: str) -> Any | None:
         try:
@@ -150,7 +150,7 @@ class StepStore(WritableFileSystem):
         """Fail early, naming the store, if a file cannot be written and removed there."""
         probe = self.path(f".write-probe-{uuid.uuid4().hex}")
         try:
-            parquet_io.write_bytes_atomic(self.fs, probe, b"ok")
+            file_io.write_bytes_atomic(self.fs, probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as exc:
             raise StoreError(f"store {self.url} is not writable: {one_line(exc)}") from None
@@ -163,7 +163,7 @@ class StepStore(WritableFileSystem):
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         """Write a Prefect result record atomically (``WritableFileSystem`` contract)."""
         target = self.result_record_path(path)
-        parquet_io.write_bytes_atomic(self.fs, target, content)
+        file_io.write_bytes_atomic(self.fs, target, content)
         return path
 
     async def aread_path(self, path: str) -> bytes:

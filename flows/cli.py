@@ -1,4 +1,4 @@
-"""The ``nightshift`` command line (entry point ``flows.cli:main``).
+"""The ``nightshift`` command line (entry point ``nightshift.flows.cli:main``).
 
 * Errors in the spec, the data or the store print one line (``error: ...``) and exit 2.
 * Usage errors (an unknown command or option, a missing or malformed argument) print
@@ -8,7 +8,7 @@
 * ``--help``, ``--version`` and usage errors import neither Prefect, polars nor vLLM:
   those imports live in the command bodies (``tests/test_cli.py`` asserts it).
 * A vLLM engine start logs one line; ``--verbose`` (or ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)
-  shows vLLM's whole start-up log (``serving.vllm_backend.engine_logs_verbose``).
+  shows vLLM's whole start-up log (``nightshift.serving.vllm_backend.engine_logs_verbose``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.errors import NightshiftError, one_line
+from nightshift.core.errors import NightshiftError, one_line
 
 if TYPE_CHECKING:
-    from flows.spec import PipelineSpec
+    from nightshift.tasks.spec import PipelineSpec
 
 HELP = """Batched, resumable LLM data pipelines: check, run, inspect and export a YAML
 pipeline spec.
@@ -91,7 +91,7 @@ def _verbose(verbose: bool, *, log_to_stderr: bool = False) -> None:
 
 
 def _spec(path: Path, batch_size: int | None = None) -> PipelineSpec:
-    from flows.spec import PipelineSpec, load_spec
+    from nightshift.tasks.spec import PipelineSpec, load_spec
 
     spec = load_spec(path)
     if batch_size is not None:
@@ -111,7 +111,7 @@ def run(
     verbose: Verbose = False,
 ) -> None:
     """Run the pipeline; batches done in the store are not recomputed."""
-    from flows.pipeline import run_spec
+    from nightshift.flows.pipeline import run_spec
 
     _verbose(verbose)
     summary = run_spec(
@@ -143,8 +143,8 @@ def _print_steps(rows: list[dict]) -> None:
 @app.command()
 def status(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Per step: batches done / total and rows, read from the store."""
-    from flows.outputs import step_status
-    from flows.plan import build_plan
+    from nightshift.flows.outputs import step_status
+    from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     table = Table("step", "steps", "batches done", "rows")
@@ -160,8 +160,8 @@ def export(
     allow_imports: AllowImports = False,
 ) -> None:
     """Write the final step's rows, in source order, to one file."""
-    from flows.outputs import export as export_output
-    from flows.plan import build_plan
+    from nightshift.flows.outputs import export as export_output
+    from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     rows = export_output(plan, to)
@@ -171,7 +171,7 @@ def export(
 @app.command()
 def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Check the spec, sources, schema and store; run nothing."""
-    from flows.plan import build_plan
+    from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     console.print(
@@ -191,7 +191,7 @@ def preview(
 
     Nothing is read from or written to the step store.
     """
-    from flows.preview import preview as run_preview
+    from nightshift.flows.preview import preview as run_preview
 
     _verbose(verbose, log_to_stderr=True)
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
@@ -206,7 +206,7 @@ def stream(
     allow_imports: AllowImports = False,
 ) -> None:
     """Run stream pipelines (NATS JetStream to sinks) until stopped."""
-    from flows.stream import run_stream
+    from nightshift.flows.stream import run_stream
 
     summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports)
     console.print_json(data=summary)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.plan import Plan
-from flows.survey import StageSurvey, survey as take_survey
+from nightshift.flows.plan import Plan
+from nightshift.flows.survey import StageSurvey, survey as take_survey
 
 
 def explain(plan: Plan, force_from: int | None,

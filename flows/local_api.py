@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tasks.errors import NightshiftError
+from nightshift.core.errors import NightshiftError
 
 DEFAULT_PORT = 4200
 

@@ -27,10 +27,10 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from flows.plan import build_plan
-from flows.run_pipeline import execute_plan, failure_at
-from flows.spec import PipelineSpec, load_spec
-from tasks.errors import SpecError
+from nightshift.core.errors import SpecError
+from nightshift.flows.plan import build_plan
+from nightshift.flows.run_pipeline import execute_plan, failure_at
+from nightshift.tasks.spec import PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

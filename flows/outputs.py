@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.plan import Plan
-from flows.survey import survey
-from tasks.errors import StoreError
+from nightshift.core.errors import StoreError
+from nightshift.flows.plan import Plan
+from nightshift.flows.survey import survey
 
 
 @dataclass
@@ -62,7 +62,7 @@ def export(plan: Plan, to: Path) -> int:
     import os
     import uuid
 
-    from tasks.errors import NightshiftError, one_line
+    from nightshift.core.errors import NightshiftError, one_line
 
     suffix = to.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".ndjson"):

@@ -22,14 +22,14 @@ from typing import Any
 
 import polars as pl
 
-from flows.local_api import prefect_api
-from flows.outputs import export, read_output, step_status, StepStatus
-from flows.plan import Plan, build_plan
-from flows.run_pipeline import run_pipeline
-from flows.spec import PipelineSpec, StoreSpec
-from tasks.errors import NightshiftError
-from tasks.operators import Operator, registered_operators
-from tasks.sources import SourceSpec
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.local_api import prefect_api
+from nightshift.flows.outputs import export, read_output, step_status, StepStatus
+from nightshift.flows.plan import Plan, build_plan
+from nightshift.flows.run_pipeline import run_pipeline
+from nightshift.tasks.operators import Operator, registered_operators
+from nightshift.tasks.sources import SourceSpec
+from nightshift.tasks.spec import PipelineSpec, StoreSpec
 
 
 def run_spec(
@@ -39,7 +39,7 @@ def run_spec(
     allow_imports: bool = False,
 ) -> dict[str, Any]:
     """Check everything, then run the ``run-pipeline`` flow on the Prefect API that
-    ``flows.local_api.prefect_api`` finds (configured, already running here, or a
+    ``nightshift.flows.local_api.prefect_api`` finds (configured, already running here, or a
     temporary one); returns the run summary or raises one NightshiftError line."""
     build_plan(spec, allow_imports=allow_imports)  # every check, before any work
     with prefect_api():

@@ -20,15 +20,16 @@ from typing import Any
 
 import polars as pl
 
-from blocks.step_store import StepStore
-from flows.spec import PipelineSpec, load_spec, resolve_serving
-from blocks.serving_config import ServingConfig
-from tasks.batches import Batch, cut
-from tasks.errors import NightshiftError, SourceError, SpecError, one_line
-from tasks.fingerprints import digest
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.sources import SourceFile, discover, filesystem, load_text_file
-from tasks import parquet_io
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
+from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.batches import Batch, cut, with_row_ids
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
+from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
 
 
 @dataclass(frozen=True)
@@ -45,31 +46,6 @@ class Unit:
     start: int
     stop: int | None
     key: str
-
-
-@dataclass
-class Stage:
-    """One Prefect task per unit: one operator, or several fused row-local ones."""
-
-    index: int
-    first_step: int
-    operators: list[Operator]
-    fingerprint: str
-    #: rows per task when smaller than the pipeline's batch_size, else None (whole batches)
-    batch_size: int | None = None
-
-    @property
-    def barrier(self) -> BarrierOperator | None:
-        op = self.operators[0]
-        return op if isinstance(op, BarrierOperator) else None
-
-    @property
-    def steps(self) -> range:
-        return range(self.first_step, self.first_step + len(self.operators))
-
-    @functools.cached_property
-    def dirname(self) -> str:
-        return f"{self.index:02d}-" + "+".join(op.name or type(op).__name__ for op in self.operators)
 
 
 @dataclass
@@ -162,50 +138,6 @@ def prefix_of(spec: PipelineSpec) -> list[str]:
     return [spec.name, spec.partition] if spec.partition else [spec.name]
 
 
-def build_stages(
-    operators: list[Operator],
-    fuse: bool,
-    context: dict[str, Any] | None = None,
-    batch_size: int | None = None,
-) -> list[Stage]:
-    """Group operators into stages: consecutive fusable ones with the same rows per task
-    share one; a step's own ``batch_size`` below the pipeline's makes it cut batches."""
-
-    def size(op: Operator) -> int | None:
-        if op.batch_size is None or batch_size is None or op.batch_size >= batch_size:
-            return None
-        return op.batch_size
-
-    groups: list[list[Operator]] = []
-    for op in operators:
-        last = groups[-1][-1] if groups else None
-        if fuse and last is not None and op.fusable and last.fusable and size(op) == size(last):
-            groups[-1].append(op)
-        else:
-            groups.append([op])
-    stages, upstream, first = [], "source", 0
-    for index, ops in enumerate(groups):
-        for op in ops:
-            upstream = op.fingerprint(upstream, context)
-        stages.append(Stage(index, first, ops, upstream, size(ops[0])))
-        first += len(ops)
-    return stages
-
-
-def _serving_identities(serving: dict[str, ServingConfig]) -> dict[str, Any]:
-    """What each serving config contributes to the keys; a model that cannot be found
-    (a local path that is not there) is a one-line error naming the serving entry."""
-    identities = {}
-    for name, config in serving.items():
-        try:
-            identities[name] = config.identity()
-        except NightshiftError as exc:
-            raise SpecError(f"serving.{name}: {exc}") from None
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"serving.{name}: {one_line(exc)}") from None
-    return identities
-
-
 def _check_batch_sizes(operators: list[Operator], batch_size: int) -> None:
     """Per-step sizes cut a batch into smaller pieces; they never join batches."""
     for i, op in enumerate(operators):
@@ -241,7 +173,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         schemas[file.uri] = schema
         in_store = file.format != "parquet"
         batches.extend(cut(file, read_uri, in_store, rows, spec.batch_size, len(batches)))
-    serving = resolve_serving(spec, operators)
+    serving = resolve_serving(spec.serving, operators)
     for name, config in serving.items():
         try:
             config.check_credentials()
@@ -251,7 +183,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     _dry_run(operators, schemas)
     _check_batch_sizes(operators, spec.batch_size)
-    context = {"serving": _serving_identities(serving)}
+    context = {"serving": serving_identities(serving)}
     stages = build_stages(operators, spec.fuse, context, spec.batch_size)
     plan = Plan(spec, store, files, batches, stages, serving)
     _compute_keys(plan)
@@ -263,12 +195,12 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
     file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
         fs, path = filesystem(file.uri, spec.source.storage_options)
-        rows = parquet_io.footer_rows(fs, path)
+        rows = file_io.footer_rows(fs, path)
         if rows is None:
             raise SourceError(f"source file {file.uri}: not a readable Parquet file")
-        schema = parquet_io.schema(fs, path)
+        schema = file_io.schema(fs, path)
         _check_declared(file, schema)
-        first_rows = lambda: parquet_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
+        first_rows = lambda: file_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
         return file.uri, rows, _sampled(file, schema, first_rows)
     staged = store.path(*prefix_of(spec), "sources", _staged_name(file))
     rows = store.frame_rows(staged)
@@ -279,15 +211,15 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
             raise SourceError(f"source file {file.uri}: column {ROW_ID} is reserved")
         store.write_frame(staged, df)
         rows, head = df.height, df.head(SAMPLE_ROWS)
-    schema = parquet_io.schema(store.fs, staged)
+    schema = file_io.schema(store.fs, staged)
     return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
-        parquet_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
+        file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
 
 
 def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
-    """Check that the files agree (same columns, same types), run every operator on an
-    empty frame of each distinct source schema, then render the templates on each file's
-    first rows (when the schema carries them)."""
+    """Check that the files agree (same columns, same types), dry-run every operator on
+    each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
+    the templates on each file's first rows (when the schema carries them)."""
     _check_same_columns(schemas)
     seen: set[str] = set()
     for uri, schema in schemas.items():
@@ -296,29 +228,7 @@ def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
         if str(schema) in seen:
             continue
         seen.add(str(schema))
-        df = pl.DataFrame(schema={ROW_ID: pl.UInt64, **schema})
-        for i, op in enumerate(operators):
-            where = f"steps[{i}] ({op.name or op.import_path()})"
-            if ROW_ID in op.writes():
-                raise SpecError(
-                    f"{where}: writes the reserved column {ROW_ID} (the engine's row identity, "
-                    "which dedup and resume rely on); give the column another name"
-                )
-            columns = set(df.columns)
-            missing = [c for c in op.reads() if c not in columns]
-            source = f" on {uri}" if len(schemas) > 1 else ""
-            if missing:
-                raise SpecError(
-                    f"{where}: missing column {', '.join(missing)}{source} "
-                    f"(columns: {_column_list(df.columns)})"
-                )
-            try:
-                state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
-                df = apply_operator(op, df, state)
-            except NightshiftError as exc:
-                raise SpecError(f"{where}{source}: {exc}") from None
-            except Exception as exc:  # polars type/column errors
-                raise SpecError(f"{where}{source}: {one_line(exc)}") from None
+        dry_run(operators, schema, on=uri if len(schemas) > 1 else None)
     for uri, schema in schemas.items():
         _render_sample(operators, uri, getattr(schema, "sample", None))
 
@@ -360,7 +270,7 @@ def _staged_name(file: SourceFile) -> str:
 
 
 def _check_declared(file: SourceFile, schema: pl.Schema) -> None:
-    from tasks.sources import check_declared
+    from nightshift.tasks.sources import check_declared
 
     check_declared(file, schema)
 
@@ -373,15 +283,8 @@ def _sampled(file: SourceFile, schema: pl.Schema, head: Any) -> SampledSchema:
     except Exception:  # the data is read again (and reported) by the batches themselves
         return sampled
     if rows is not None and rows.height:
-        base = file.row_key << 32
-        ids = pl.int_range(base, base + rows.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
-        sampled.sample = rows.select(pl.lit(ids), pl.all().exclude(ROW_ID))
+        sampled.sample = with_row_ids(rows, file)
     return sampled
-
-
-def _column_list(columns: list[str], limit: int = 20) -> str:
-    names = [c for c in columns if c != ROW_ID]
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
@@ -426,9 +329,9 @@ def _render_sample(operators: list[Operator], uri: str, sample: pl.DataFrame | N
     Only the built-in CPU steps run on the sample; an LLM step's outputs are stand-ins of
     their type (``""``, ``0``); a custom step ends the sample (it may have side effects).
     """
-    from tasks.operators import Dedup, Filter, LLMOperator, Map, Rename, Select, Template
-    from tasks.operators.sql import sql_expr
-    from tasks.operators.template import TemplateRenderError
+    from nightshift.tasks.operators import Dedup, Filter, LLMOperator, Map, Rename, Select, Template
+    from nightshift.tasks.operators.sql import sql_expr
+    from nightshift.tasks.operators.template import TemplateRenderError
 
     if sample is None:
         return

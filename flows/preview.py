@@ -10,7 +10,7 @@ It is for trying a prompt before a night's run.
   ``max_scan`` source rows); then every step runs on those rows. A barrier (``dedup``)
   sees only the rows read.
 * LLM steps run on one engine per serving config, started for the preview (or the
-  engines of an enclosing :func:`serving.task_runner.shared_serving`). Each row's reply
+  engines of an enclosing :func:`nightshift.serving.runner.shared_serving`). Each row's reply
   streams to the terminal token by token as the engine produces it, one row after the
   other, after a dimmed line showing the row's prompt. A backend that cannot stream
   prints each reply whole.
@@ -22,7 +22,7 @@ depend on how requests are batched (asserted in the test suite).
 
 Example::
 
-    from flows.preview import preview
+    from nightshift.flows.preview import preview
 
     df = preview("examples/nightly.yaml", rows=3)     # prints as it goes, returns the rows
 """
@@ -37,17 +37,19 @@ from typing import Any
 import polars as pl
 from rich.console import Console
 
-from blocks.serving_config import ServingConfig
-from flows.plan import _dry_run
-from flows.spec import PipelineSpec, load_spec, resolve_serving
-from serving.interface import GenerationRequest, GenerationResult
-from serving.pool import ServingPool, build_backend
-from serving.streaming import stream
-from serving.task_runner import shared_pool_for
-from tasks import parquet_io
-from tasks.errors import NightshiftError, SpecError
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.core import file_io
+from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
+from nightshift.serving.pool import ServingPool, build_backend
+from nightshift.serving.runner import shared_pool_for
+from nightshift.serving.streaming import stream
+from nightshift.tasks.batches import with_row_ids
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
+from nightshift.tasks.stages import dry_run
 
 __all__ = ["preview", "read_head"]
 
@@ -71,7 +73,7 @@ def preview(
     """Run ``spec`` on its first ``rows`` rows, streaming LLM replies through ``write``.
 
     Returns the rows after the last step. Raises a one-line
-    :class:`~tasks.errors.NightshiftError` for a bad spec, source or column.
+    :class:`~nightshift.core.errors.NightshiftError` for a bad spec, source or column.
     """
     if rows < 1:
         raise SpecError(f"--rows {rows}: preview needs at least 1 row")
@@ -79,25 +81,27 @@ def preview(
     operators = parsed.operators(allow_imports)
     if isinstance(operators[0], BarrierOperator):
         raise SpecError(f"steps[0] ({operators[0].name}): a barrier step cannot be the first step")
-    serving = resolve_serving(parsed, operators)
+    serving = resolve_serving(parsed.serving, operators)
     files = discover(parsed.source)
     console = console or Console(soft_wrap=True)
 
     first_llm = next(
-        (i for i, op in enumerate(operators) if getattr(op, "uses_serving", False)), len(operators)
+        (i for i, op in enumerate(operators) if op.uses_serving), len(operators)
     )
     head, scanned = _rows_reaching(parsed, files, operators, first_llm, rows, max_scan)
     write(
         f"preview of {parsed.name}: {head.height} row(s) from the first {scanned} source row(s); "
         "nothing is written to the store\n"
     )
-    pool = _StreamingPool(serving, write)
+    printer = _Printer(write)
+    backends = {name: _StreamingBackend(name, config, printer) for name, config in serving.items()}
+    pool = ServingPool(serving, backends=backends)  # LLM steps find it as the current pool
     token = pool.activate()
     df = head
     try:
         for i, op in enumerate(operators[first_llm:], start=first_llm):
-            if getattr(op, "uses_serving", False):
-                pool.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
+            if op.uses_serving:
+                printer.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
             try:
                 df = _apply(op, df)
             except NightshiftError as exc:
@@ -105,6 +109,8 @@ def preview(
     finally:
         pool.deactivate(token)
         pool.close()
+        for backend in backends.values():
+            backend.close()
     _print_rows(console, df.drop(ROW_ID))
     return df
 
@@ -121,12 +127,10 @@ def read_head(
             break
         if file.format == "parquet":
             fs, path = filesystem(file.uri, spec.source.storage_options)
-            df = parquet_io.read_slice(fs, path, 0, left)
+            df = file_io.read_slice(fs, path, 0, left)
         else:
             df = load_text_file(file, spec.source.storage_options).head(left)
-        base = file.row_key << 32
-        ids = pl.int_range(base, base + df.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
-        frames.append(df.select(pl.lit(ids), pl.all().exclude(ROW_ID)))
+        frames.append(with_row_ids(df, file))
         left -= df.height
     if not frames:
         return pl.DataFrame(schema={ROW_ID: pl.UInt64})
@@ -148,7 +152,7 @@ def _rows_reaching(
     while True:
         source = read_head(spec, files, want)
         if not checked:
-            _dry_run(operators, {"source": source.drop(ROW_ID).clear().schema})
+            dry_run(operators, source.drop(ROW_ID).clear().schema)
             checked = True
         df = source
         for i, op in enumerate(operators[:first_llm]):
@@ -167,74 +171,69 @@ def _apply(op: Operator, df: pl.DataFrame) -> pl.DataFrame:
     return apply_operator(op, df, state)
 
 
-class _StreamingPool(ServingPool):
-    """A serving pool whose ``submit`` streams each reply to ``write``, row after row."""
+class _Printer:
+    """Where replies are written and which step they belong to (shared by the backends)."""
 
-    def __init__(self, configs: dict[str, ServingConfig], write: Writer) -> None:
-        super().__init__(configs)
+    def __init__(self, write: Writer) -> None:
         self.write = write
         self.label = ""
-        self._backends: dict[str, Any] = {}
-        self._owned: list[Any] = []
 
-    def _backend(self, name: str) -> Any:
-        if name not in self._backends:
-            config = self.configs[name]
-            shared = shared_pool_for({name: config})
-            if shared is not None:  # an engine kept up by the caller (tests, notebooks)
-                served = shared.served(name)
-                backends = getattr(served, "backends", None)
-                self._backends[name] = backends[0] if backends else served.backend
+
+class _StreamingBackend:
+    """A :class:`~nightshift.serving.interface.Backend` that streams each reply to the
+    printer, row after row, through the backend of one serving name: an engine kept up
+    by the caller (:func:`~nightshift.serving.runner.shared_serving`: tests, notebooks),
+    else one it starts on first use and closes at the end."""
+
+    def __init__(self, name: str, config: ServingConfig, printer: _Printer) -> None:
+        self.name, self.config, self.printer = name, config, printer
+        self._inner: Backend | None = None
+        self._owned = False
+
+    def _backend(self) -> Backend:
+        if self._inner is None:
+            shared = shared_pool_for({self.name: self.config})
+            if shared is not None:
+                self._inner = shared.backend(self.name)
             else:
-                self.write(f"starting {config.backend} backend for serving {name!r} ({config.model})...\n")
-                backend = build_backend(config)
-                self._owned.append(backend)
-                self._backends[name] = backend
-            self.starts[name] += 1
-        return self._backends[name]
+                self.printer.write(f"starting {self.config.backend} backend for serving "
+                                   f"{self.name!r} ({self.config.model})...\n")
+                self._inner, self._owned = build_backend(self.config), True
+        return self._inner
 
-    def submit(
-        self,
-        name: str,
-        requests: Sequence[GenerationRequest],
-        on_result: Callable[[int, GenerationResult], None] | None = None,
-        usage: Any = None,
-    ) -> list[GenerationResult]:
-        if not requests:
-            return []
-        backend = self._backend(name)
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        backend = self._backend()
+        write = self.printer.write
         results: list[GenerationResult] = []
         for number, request in enumerate(requests, start=1):
             prompt = " ".join(request.last_text().split())
-            self.write(f"\n[{self.label}] row {number}/{len(requests)}\n")
-            self.write(f"\x1b[2m> {prompt[:200]}\x1b[0m\n" if _color() else f"> {prompt[:200]}\n")
+            write(f"\n[{self.printer.label}] row {number}/{len(requests)}\n")
+            write(f"\x1b[2m> {prompt[:200]}\x1b[0m\n" if _color() else f"> {prompt[:200]}\n")
             result: GenerationResult | None = None
             for event in stream(backend, [request]):
                 if event.result is not None:
                     result = event.result
                 elif event.delta:
-                    self.write(event.delta)
+                    write(event.delta)
             assert result is not None
             if result.error is not None:
-                self.write(f"error: {result.error}\n")
+                write(f"error: {result.error}\n")
             else:
-                self.write(f"\n  ({result.completion_tokens} tokens, {result.finish_reason})\n")
-            if usage is not None:
-                usage.requests += 1
-                if result.ok:
-                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
-                else:
-                    usage.failed += 1
+                write(f"\n  ({result.completion_tokens} tokens, {result.finish_reason})\n")
+            report([result], None, usage)
             if on_result is not None:
                 on_result(number - 1, result)
             results.append(result)
         return results
 
+    def identity(self) -> dict[str, Any]:
+        return self._backend().identity()
+
     def close(self) -> None:
-        super().close()
-        for backend in self._owned:
-            backend.close()
-        self._owned.clear()
+        if self._owned and self._inner is not None:
+            self._inner.close()
+        self._inner = None
 
 
 def _color() -> bool:

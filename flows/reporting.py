@@ -7,7 +7,6 @@ numbers and dashes), so the Artifacts page keeps one history per pipeline.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 from uuid import UUID
@@ -20,12 +19,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.plan import Plan
-from tasks.operators import ROW_ID
-
-
-def artifact_key(pipeline: str, what: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"{pipeline}-{what}".lower()).strip("-")
+from nightshift.core.naming import artifact_key
+from nightshift.flows.plan import Plan
+from nightshift.tasks.operators import ROW_ID
 
 
 def attempt_note() -> str:
@@ -136,7 +132,7 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
 
 def serving_usage() -> dict[str, dict[str, float | int]]:
     """Usage of the running flow's HTTP serving backends, by serving name (or nothing)."""
-    from serving.pool import active_pool
+    from nightshift.serving.pool import active_pool
 
     pool = active_pool()
     return pool.usage() if pool is not None else {}

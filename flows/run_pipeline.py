@@ -16,13 +16,13 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from flows.explain import explain
-from flows.plan import Plan, build_plan
-from flows.reporting import Progress, publish_plan, publish_sample, publish_summary
-from flows.scheduler import Execution
-from flows.survey import Inventory, survey
-from flows.task_runners import make_task_runner
-from tasks.errors import NightshiftError, SpecError
+from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.flows.explain import explain
+from nightshift.flows.plan import Plan, build_plan
+from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
+from nightshift.flows.scheduler import Execution
+from nightshift.flows.survey import Inventory, survey
+from nightshift.tasks.runner_choice import make_task_runner
 
 
 class OneLineErrors(logging.Filter):

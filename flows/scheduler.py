@@ -27,10 +27,10 @@ from typing import Any
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from flows.plan import Plan, Unit
-from flows.survey import Inventory, first_units, input_keys
-from tasks.errors import StepFailed, one_line
-from tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
+from nightshift.core.errors import StepFailed, one_line
+from nightshift.flows.plan import Plan, Unit
+from nightshift.flows.survey import Inventory, first_units, input_keys
+from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
 
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most
 #: this much of the index: those outputs are then verified by their footer, not redone).
@@ -101,7 +101,7 @@ class Execution:
     force_from_stage: int | None = None
     fail_at: tuple[int, int] | None = None
     runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
-    progress: Any = None  # flows.reporting.Progress, or None
+    progress: Any = None  # nightshift.flows.reporting.Progress, or None
     inventory: Inventory | None = None
     #: per stage, per batch: the batch's outputs once every unit is done
     refs: list[list[list[BatchRef] | None]] = field(init=False)

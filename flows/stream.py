@@ -30,10 +30,10 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from flows.stream_plan import StreamPlan, build_stream_plans
-from flows.stream_runtime import StopControl, StreamRuntime
-from flows.stream_spec import StreamSpec, load_stream_spec
-from tasks.errors import NightshiftError, StepFailed
+from nightshift.core.errors import NightshiftError, StepFailed
+from nightshift.streams.plan import StreamPlan, build_stream_plans
+from nightshift.streams.runtime import StopControl, StreamRuntime
+from nightshift.streams.spec import StreamSpec, load_stream_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the parent flow hands its stream subflows (not flow parameters: not serializable):
@@ -85,7 +85,7 @@ def plan_streams(spec: dict[str, Any] | str, allow_imports: bool) -> tuple[Strea
     CPython 3.11 before 3.11.8 raises ``SystemError: AST constructor recursion depth
     mismatch`` when two threads build ASTs at once (cpython#106905); planning still
     compiles Python (Jinja templates in the dry run) while Prefect's background thread
-    may do the same. Operator code versions no longer parse ASTs (tasks/fingerprints.py);
+    may do the same. Operator code versions no longer parse ASTs (core/fingerprints.py);
     the plan is pure, so a remaining collision is simply retried.
     """
     for attempt in range(5):

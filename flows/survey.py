@@ -2,7 +2,7 @@
 
 :class:`Inventory` lists each stage directory once (and the barriers directory) and
 answers "is this unit's output there and readable?" from the listing and the directory's
-output index (``tasks/inventory.py``): no per-batch GET on S3. :func:`survey` walks every
+output index (``core/inventory.py``): no per-batch GET on S3. :func:`survey` walks every
 batch through the stages on that knowledge alone (nothing runs), which is what the plan
 log, ``nightshift status`` and ``export`` report; the scheduler makes the same decisions
 as it goes and submits task runs only for the units that are not done.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flows.plan import Plan, Unit
-from tasks.inventory import OutputIndex
-from tasks.step_task import BatchRef
+from nightshift.core.inventory import OutputIndex
+from nightshift.flows.plan import Plan, Unit
+from nightshift.tasks.step_task import BatchRef
 
 
 class Inventory:

@@ -19,7 +19,7 @@ exception from ``submit``.
 
 Example::
 
-    from serving.batching import AutoBatcher
+    from nightshift.serving.batching import AutoBatcher
 
     with AutoBatcher(backend, max_batch=64, batch_timeout_s=0.05) as batcher:
         results = batcher.submit(requests)   # from any number of threads
@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
-from serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
 
 __all__ = ["AutoBatcher", "BatcherClosedError"]
 
@@ -46,7 +46,7 @@ class AutoBatcher:
     """Gathers requests from concurrent ``submit`` calls into batched backend calls.
 
     Args:
-        backend: the :class:`~serving.interface.Backend` to call.
+        backend: the :class:`~nightshift.serving.interface.Backend` to call.
         max_batch: most requests in one ``backend.generate`` call.
         batch_timeout_s: how long to wait, after the first pending request, for more
             requests before calling the backend with a partial batch.

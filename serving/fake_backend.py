@@ -1,4 +1,4 @@
-"""A deterministic fake :class:`~serving.interface.Backend` for orchestration tests.
+"""A deterministic fake :class:`~nightshift.serving.interface.Backend` for orchestration tests.
 
 It never loads a model: the text of each row is ``f"echo: {prompt or last message}"``
 (cut to ``max_tokens`` whitespace-separated words, with ``finish_reason="length"``
@@ -7,7 +7,7 @@ chosen rows or chosen calls.
 
 Example::
 
-    from serving.fake_backend import FakeBackend
+    from nightshift.serving.fake_backend import FakeBackend
 
     fake = FakeBackend(fail_texts={"bad"})
     results = fake.generate(requests)      # the row whose prompt is "bad" has .error
@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from serving.interface import GenerationRequest, GenerationResult
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback, report
 
 __all__ = ["FakeBackend", "FakeBackendError"]
 
@@ -64,7 +65,8 @@ class FakeBackend:
         self.closed = False
         self._lock = threading.Lock()
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
         """Echo each request; failing rows get ``error``; listed calls raise."""
         with self._lock:
             if self.closed:
@@ -76,7 +78,9 @@ class FakeBackend:
             time.sleep(self.delay_s)
         if call in self.fail_calls:
             raise FakeBackendError(f"fake failure on call {call}")
-        return [self._one(r) for r in requests]
+        results = [self._one(r) for r in requests]
+        report(results, on_result, usage)
+        return results
 
     def identity(self) -> dict[str, Any]:
         """The fake's identity (constant for a given ``model`` name)."""

@@ -1,14 +1,16 @@
-"""The one serving interface: ``Backend.generate(requests) -> results``.
+"""The one serving interface: ``Backend.generate(requests, on_result, usage) -> results``.
 
 Every backend (in-process vLLM, an OpenAI-compatible HTTP server, the fake used in
 orchestration tests) takes a sequence of :class:`GenerationRequest` and returns one
-:class:`GenerationResult` per request, in the same order. A request that cannot be
+:class:`GenerationResult` per request, in the same order; it reports each row to the
+optional ``on_result`` callback and ``usage`` counters (:func:`report` for backends whose
+rows finish together). A request that cannot be
 served (prompt too long, invalid JSON under a schema, ...) yields a result with
 ``error`` set; it never makes the whole batch raise.
 
 Example::
 
-    from serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
 
     req = GenerationRequest(
         messages=[{"role": "user", "content": "Say hi"}],
@@ -21,10 +23,12 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nightshift.core.usage import Usage
 
 __all__ = [
     "Backend",
@@ -124,8 +128,18 @@ class Backend(Protocol):
     if the engine is not) and must return ``len(requests)`` results in input order.
     """
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve ``requests``; per-row failures go into that row's ``error``."""
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
+        """Serve ``requests``; per-row failures go into that row's ``error``.
+
+        ``on_result(index, result)`` is called for each row as it finishes (HTTP backends,
+        streaming) or for every row once the call returns (engines: :func:`report`);
+        ``usage`` accumulates this call's requests, failures and tokens.
+        """
         ...
 
     def identity(self) -> dict[str, Any]:
@@ -136,3 +150,22 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the engine and its memory. Idempotent."""
         ...
+
+
+#: ``on_result(index, result)``: a row of a ``generate`` call has its answer.
+ResultCallback = Callable[[int, GenerationResult], None]
+
+
+def report(results: Sequence[GenerationResult], on_result: ResultCallback | None = None,
+           usage: Usage | None = None) -> None:
+    """The bookkeeping of a ``generate`` call whose rows all finish together: count each
+    row into ``usage`` and hand it to ``on_result``, in input order."""
+    for index, result in enumerate(results):
+        if usage is not None:
+            usage.requests += 1
+            if result.ok:
+                usage.add_answer(result.prompt_tokens, result.completion_tokens)
+            else:
+                usage.failed += 1
+        if on_result is not None:
+            on_result(index, result)

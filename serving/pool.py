@@ -2,8 +2,8 @@
 
 Backends start lazily on first use and stay up until the pool closes (the end of the
 flow run). Each is wrapped so that concurrent generation tasks feed one engine without a
-per-batch barrier (:class:`~serving.batching.AutoBatcher`) and a dead engine is rebuilt
-and its in-flight requests replayed (:class:`~serving.resilience.RestartingBackend`).
+per-batch barrier (:class:`~nightshift.serving.batching.AutoBatcher`) and a dead engine is rebuilt
+and its in-flight requests replayed (:class:`~nightshift.serving.resilience.RestartingBackend`).
 With ``devices`` there is one replica per device, each in its own process, used in turn.
 An ``openai_compatible`` backend is called directly from every task (it bounds its own
 concurrency, retries per row and reports each answer as it arrives through ``on_result``).
@@ -21,12 +21,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from blocks.serving_config import ServingConfig
-from serving.batching import AutoBatcher
-from serving.http.backend import ResultCallback
-from serving.http.usage import Usage
-from serving.interface import Backend, GenerationRequest, GenerationResult
-from serving.resilience import ProcessReplica, RestartingBackend
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.core.usage import Usage
+from nightshift.serving.batching import AutoBatcher
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
+from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 
 _CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
     "nightshift_serving_pool", default=None
@@ -35,11 +34,11 @@ _ACTIVE: list[ServingPool] = []  # for threads that did not inherit the context
 
 
 def current_pool() -> ServingPool:
-    """The serving pool of the running ``VLLMTaskRunner``."""
+    """The serving pool of the running ``ServingTaskRunner``."""
     pool = _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
     if pool is None:
         raise RuntimeError(
-            "no serving pool: generation steps must run under a VLLMTaskRunner "
+            "no serving pool: generation steps must run under a ServingTaskRunner "
             "(run_pipeline sets one up when a spec has LLM steps)"
         )
     return pool
@@ -56,10 +55,10 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
     if cfg.backend == "fake":
         import os
 
-        from serving.fake_backend import FakeBackend
+        from nightshift.serving.fake_backend import FakeBackend
 
         return FakeBackend(delay_s=cfg.fake_delay_s, model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     return VLLMBackend(cfg.model, **cfg.engine_options())
 
@@ -71,14 +70,14 @@ def _build_replica(config: dict[str, Any], device: str) -> Backend:
 def build_http_backend(config: ServingConfig) -> Backend:
     """An ``OpenAIBackend`` from a serving config; the key is resolved here, in the flow
     process, and never leaves it."""
-    from serving.http import OpenAIBackend
+    from nightshift.serving.http import OpenAIBackend
 
     return OpenAIBackend(api_key=config.resolve_api_key(), **config.http_options())
 
 
 def plain_config(config: ServingConfig) -> dict[str, Any]:
     """A serving config as a picklable dict for one local engine (devices left out)."""
-    return config.model_dump(mode="json", exclude={"block_type_slug", "devices"})
+    return config.as_dict(exclude={"devices"})
 
 
 def build_backend(config: ServingConfig) -> Backend:
@@ -88,22 +87,30 @@ def build_backend(config: ServingConfig) -> Backend:
     return build_local_backend(plain_config(config))
 
 
-class _ServedHTTP:
-    """One HTTP backend, called from every task thread at once."""
+class _ServedDirect:
+    """One backend called directly from every task thread at once: an HTTP client (it
+    bounds its own concurrency), or a backend the pool was given (``owned`` False: the
+    caller closes it)."""
 
-    def __init__(self, name: str, config: ServingConfig) -> None:
-        self.backend = build_http_backend(config)
-        self.backends: list[Any] = []  # nothing to restart
+    def __init__(self, backend: Backend, owned: bool = True) -> None:
+        self.backend = backend
+        self.owned = owned
+        self.backends: list[RestartingBackend] = []  # nothing to restart
 
     def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
                usage: Usage | None = None) -> list[GenerationResult]:
-        return self.backend.generate(requests, on_result=on_result, usage=usage)  # type: ignore[call-arg]
+        return self.backend.generate(requests, on_result=on_result, usage=usage)
+
+    def direct(self) -> Backend:
+        return self.backend
 
     def usage(self) -> dict[str, float | int]:
-        return self.backend.usage()  # type: ignore[attr-defined]
+        counters = getattr(self.backend, "usage", None)  # HTTP backends count tokens and cost
+        return counters() if callable(counters) else {}
 
     def close(self) -> None:
-        self.backend.close()
+        if self.owned:
+            self.backend.close()
 
 
 class _Served:
@@ -132,16 +139,12 @@ class _Served:
         with self._lock:
             batcher = self.batchers[next(self._turn)]
         results = batcher.submit(requests)
-        for index, result in enumerate(results):
-            if usage is not None:
-                usage.requests += 1
-                if result.ok:
-                    usage.add_answer(result.prompt_tokens, result.completion_tokens)
-                else:
-                    usage.failed += 1
-            if on_result is not None:
-                on_result(index, result)
+        report(results, on_result, usage)
         return results
+
+    def direct(self) -> Backend:
+        """The first replica's backend as it serves now, for calls that bypass the batcher."""
+        return self.backends[0].backend
 
     def usage(self) -> dict[str, float | int]:
         return {}
@@ -159,15 +162,20 @@ class ServingPool:
     #: Backends started by every pool of this process, by serving name (for tests/logs).
     total_starts: Counter[str] = Counter()
 
-    def __init__(self, configs: dict[str, ServingConfig]) -> None:
+    def __init__(self, configs: dict[str, ServingConfig],
+                 backends: dict[str, Backend] | None = None) -> None:
+        """``backends``: backends the caller built for some of the names; they are called
+        directly (not batched, not restarted) and the caller closes them (preview streams
+        its rows through such a backend)."""
         self.configs = dict(configs)
         self.starts: Counter[str] = Counter()
-        self._served: dict[str, _Served | _ServedHTTP] = {}
+        self._given = dict(backends or {})
+        self._served: dict[str, _Served | _ServedDirect] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._final_usage: dict[str, dict[str, float | int]] = {}
 
-    def served(self, name: str) -> _Served | _ServedHTTP:
+    def served(self, name: str) -> _Served | _ServedDirect:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the serving pool is closed")
@@ -175,11 +183,22 @@ class ServingPool:
                 if name not in self.configs:
                     raise KeyError(f"serving '{name}' is not configured")
                 config = self.configs[name]
-                kind = _ServedHTTP if config.is_http else _Served
-                self._served[name] = kind(name, config)
+                if name in self._given:
+                    self._served[name] = _ServedDirect(self._given[name], owned=False)
+                    return self._served[name]
+                if config.is_http:
+                    self._served[name] = _ServedDirect(build_http_backend(config))
+                else:
+                    self._served[name] = _Served(name, config)
                 self.starts[name] += 1
                 ServingPool.total_starts[name] += 1
             return self._served[name]
+
+    def backend(self, name: str) -> Backend:
+        """The backend serving ``name`` (started if needed), for a caller that calls it
+        directly instead of through :meth:`submit` (preview streams from it): the HTTP
+        client, or the engine of the first replica."""
+        return self.served(name).direct()
 
     def submit(
         self,

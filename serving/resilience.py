@@ -7,13 +7,12 @@
   the engine dies share one rebuild, and each replays its own requests.
 * :class:`ProcessReplica` runs a backend in its own process bound to one device
   (``CUDA_VISIBLE_DEVICES``), talking over a pipe; a dead process raises in the parent,
-  which a ``RestartingBackend`` turns into a restart.
-* :class:`RoundRobin` spreads calls over several replicas.
+  which a ``RestartingBackend`` turns into a restart. (Replicas share calls through the
+  pool, serving/pool.py.)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
 import os
@@ -21,7 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 
 logger = logging.getLogger("nightshift.serving")
 
@@ -50,12 +50,17 @@ class RestartingBackend:
         """The backend serving now (built if the last one was dropped)."""
         return self._current()
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        """Serve ``requests``, rebuilding and replaying on failure; the rows are reported
+        once, after the call that answered them."""
         attempt = 0
         while True:
             backend = self._current()
             try:
-                return backend.generate(requests)
+                results = backend.generate(requests)
+                report(results, on_result, usage)
+                return results
             except Exception as exc:
                 if attempt >= self.max_restarts:
                     raise
@@ -142,7 +147,8 @@ class ProcessReplica:
         except (EOFError, OSError) as exc:
             raise ReplicaDied(f"replica on device {self.device} died") from exc
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
         with self._lock:
             try:
                 self._conn.send(list(requests))
@@ -151,6 +157,7 @@ class ProcessReplica:
             status, payload = self._recv()
         if status != "ok":
             raise RuntimeError(f"replica on device {self.device}: {payload}")
+        report(payload, on_result, usage)
         return payload
 
     def identity(self) -> dict[str, Any]:
@@ -165,24 +172,3 @@ class ProcessReplica:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=5)
-
-
-class RoundRobin:
-    """Spread calls over several backends, one call each in turn (thread-safe)."""
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.backends = list(backends)
-        self._next = itertools.cycle(range(len(self.backends)))
-        self._lock = threading.Lock()
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        with self._lock:
-            index = next(self._next)
-        return self.backends[index].generate(requests)
-
-    def identity(self) -> dict[str, Any]:
-        return self.backends[0].identity()
-
-    def close(self) -> None:
-        for backend in self.backends:
-            backend.close()

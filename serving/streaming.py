@@ -4,11 +4,11 @@ Backends that can stream (the vLLM backend: its engine loop emits each request's
 text after every engine step, ``RequestOutputKind.DELTA``) have a ``stream`` method;
 for the others the whole text of each row comes as one delta when the call returns.
 Either way each request ends with one event carrying its
-:class:`~serving.interface.GenerationResult`, the same result ``generate`` gives.
+:class:`~nightshift.serving.interface.GenerationResult`, the same result ``generate`` gives.
 
 Example::
 
-    from serving.streaming import stream
+    from nightshift.serving.streaming import stream
 
     for event in stream(backend, requests):
         if event.result is None:
@@ -23,9 +23,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.interface import GenerationRequest, GenerationResult
 
-__all__ = ["StreamEvent", "can_stream", "stream", "unwrap"]
+__all__ = ["StreamEvent", "stream", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,6 @@ def unwrap(backend: Any) -> Any:
     while hasattr(backend, "backend") and seen < 8 and not hasattr(backend, "stream"):
         backend, seen = backend.backend, seen + 1
     return backend
-
-
-def can_stream(backend: Any) -> bool:
-    """True when ``backend`` (or what it wraps) streams tokens as they are generated."""
-    return hasattr(unwrap(backend), "stream")
 
 
 def stream(backend: Any, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:

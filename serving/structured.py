@@ -8,7 +8,7 @@ give a per-row error instead of bad data.
 Example::
 
     from pydantic import BaseModel
-    from serving.structured import json_problem, schema_of
+    from nightshift.serving.structured import json_problem, schema_of
 
     class Person(BaseModel):
         name: str
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from nightshift.core.errors import one_line
 
 __all__ = ["json_problem", "schema_of"]
 
@@ -52,11 +54,7 @@ def json_problem(text: str, schema: dict[str, Any]) -> str | None:
         jsonschema.validate(value, schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
-        return f"schema violation{f' at {where}' if where else ''}: {_one_line(exc.message)}"
+        return f"schema violation{f' at {where}' if where else ''}: {one_line(exc.message, whole=True)}"
     except jsonschema.SchemaError as exc:
-        return f"invalid schema: {_one_line(exc.message)}"
+        return f"invalid schema: {one_line(exc.message, whole=True)}"
     return None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]

@@ -21,7 +21,7 @@ Per-row guarantees:
   whose output is not valid JSON for the schema gets an ``error``;
 * if the engine itself fails (crash, out of memory), every call in flight raises
   :class:`EngineDeadError` and so does every later call: a
-  :class:`~serving.resilience.RestartingBackend` then builds a new engine and replays.
+  :class:`~nightshift.serving.resilience.RestartingBackend` then builds a new engine and replays.
 
 :meth:`VLLMBackend.stream` serves the same requests but yields text deltas as the engine
 produces them (``RequestOutputKind.DELTA``); ``nightshift preview`` uses it.
@@ -39,8 +39,8 @@ turns all of it back on; ``VLLM_LOGGING_LEVEL`` set by the user is honoured as i
 
 Example::
 
-    from serving.vllm_backend import VLLMBackend
-    from serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.vllm_backend import VLLMBackend
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
 
     with VLLMBackend("smollm2", max_model_len=1024) as backend:   # the embedded CPU model
         [r] = backend.generate([GenerationRequest(prompt="The capital of France is",
@@ -51,7 +51,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -63,13 +62,21 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from serving.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
-from serving.interface import GenerationRequest, GenerationResult, SamplingParams
-from serving.streaming import StreamEvent
-from serving.structured import json_problem
+from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir, resolve_model
+from nightshift.core.errors import one_line
+from nightshift.core.model_identity import model_identity
+from nightshift.core.usage import Usage
+from nightshift.serving.interface import (
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    SamplingParams,
+    report,
+)
+from nightshift.serving.streaming import StreamEvent
+from nightshift.serving.structured import json_problem
 
 __all__ = ["EngineDeadError", "StreamEvent", "VLLMBackend", "vllm_available"]
 
@@ -90,7 +97,7 @@ class EngineDeadError(RuntimeError):
 
 
 class VLLMBackend:
-    """A :class:`~serving.interface.Backend` over an in-process vLLM engine.
+    """A :class:`~nightshift.serving.interface.Backend` over an in-process vLLM engine.
 
     Args:
         model: a local HF folder, a hub id (needs ``HF_HUB_OFFLINE=0`` and a cached or
@@ -116,7 +123,7 @@ class VLLMBackend:
 
     max_concurrent_calls: ClassVar[int] = 64
     """``generate`` may be called from this many threads at once: their requests join
-    the running engine batch (see :class:`~serving.batching.AutoBatcher`)."""
+    the running engine batch (see :class:`~nightshift.serving.batching.AutoBatcher`)."""
 
     def __init__(
         self,
@@ -191,17 +198,20 @@ class VLLMBackend:
             self._llm: Any = started.result()  # re-raises a failed start
         except BaseException as exc:
             _announce(f"vLLM engine: {model} failed to start after "
-                      f"{time.monotonic() - started_at:.1f} s: {_one_line(exc)}", logging.ERROR)
+                      f"{time.monotonic() - started_at:.1f} s: {one_line(exc, whole=True)}",
+                      logging.ERROR)
             raise
         type(self).engine_loads += 1
         self._tokenizer: Any = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+        files = model_identity(model)
         self._identity = {
             "backend": "vllm",
             "model": model,
             "model_path": self._model_path,
-            "weights": _folder_fingerprint(self._model_path),
-            "chat_template_sha256": _sha256(getattr(self._tokenizer, "chat_template", None) or ""),
+            # the same weights and template hashes as the cache key (ServingConfig.identity)
+            "weights": files["weights"],
+            "chat_template_sha256": files["chat_template_sha256"],
             "dtype": str(self._llm.llm_engine.model_config.dtype).removeprefix("torch."),
             "quantization": quantization,
             "max_model_len": self._max_model_len,
@@ -217,8 +227,10 @@ class VLLMBackend:
 
     # -- Backend -----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve ``requests``; results in input order, per-row failures in ``error``.
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
+                 usage: Usage | None = None) -> list[GenerationResult]:
+        """Serve ``requests``; results in input order, per-row failures in ``error``
+        (``on_result`` and ``usage`` see every row once the call returns).
 
         Thread-safe; concurrent calls share the engine's running batch.
 
@@ -233,7 +245,9 @@ class VLLMBackend:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return list(job.results)  # type: ignore[arg-type]
+        results: list[GenerationResult] = list(job.results)  # type: ignore[arg-type]
+        report(results, on_result, usage)
+        return results
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Serve ``requests`` in one engine batch, yielding text deltas as they come.
@@ -302,7 +316,7 @@ class VLLMBackend:
         if self._closed:
             raise EngineDeadError("VLLMBackend is closed")
         if self._dead is not None:
-            raise EngineDeadError(f"the vLLM engine died: {_one_line(self._dead)}")
+            raise EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
         self._inbox.put(item)
 
     # -- the engine thread -------------------------------------------------------
@@ -323,7 +337,8 @@ class VLLMBackend:
             self._loop(llm)
         except BaseException as exc:  # a bug in the loop itself: never leave callers hanging
             self._dead = exc
-            self._fail_all(self._inflight, EngineDeadError(f"engine loop failed: {_one_line(exc)}"))
+            failed = EngineDeadError(f"engine loop failed: {one_line(exc, whole=True)}")
+            self._fail_all(self._inflight, failed)
         finally:
             _shutdown(llm)
             del llm
@@ -332,7 +347,7 @@ class VLLMBackend:
             item = self._inbox.get()
             if item is _STOP:
                 return
-            error = EngineDeadError(f"the vLLM engine died: {_one_line(self._dead)}")
+            error = EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
             if isinstance(item, _Job):
                 item.fail(error)
             elif isinstance(item, _Call):
@@ -376,7 +391,7 @@ class VLLMBackend:
                 outputs = engine.step()
             except BaseException as exc:  # the engine is gone: fail everything, stop
                 self._dead = exc
-                dead = EngineDeadError(f"the vLLM engine died: {_one_line(exc)}")
+                dead = EngineDeadError(f"the vLLM engine died: {one_line(exc, whole=True)}")
                 for call in calls:
                     call.future.set_exception(dead)
                 self._fail_all(inflight, dead)
@@ -405,7 +420,7 @@ class VLLMBackend:
                 engine.add_request(request_id, {"prompt_token_ids": ids}, params)
             except Exception as exc:
                 job.finish(index, GenerationResult.failed(
-                    f"engine rejected the request: {_one_line(exc)}", prompt_tokens=len(ids)))
+                    f"engine rejected the request: {one_line(exc, whole=True)}", prompt_tokens=len(ids)))
                 continue
             inflight[request_id] = _Slot(job, index, len(ids))
 
@@ -414,7 +429,7 @@ class VLLMBackend:
         try:
             ids = self._tokenize(request)
         except Exception as exc:
-            return GenerationResult.failed(f"tokenization failed: {_one_line(exc)}")
+            return GenerationResult.failed(f"tokenization failed: {one_line(exc, whole=True)}")
         if len(ids) == 0:
             return GenerationResult.failed("empty prompt")
         if len(ids) >= self._max_model_len:
@@ -427,7 +442,7 @@ class VLLMBackend:
             return ids, self._sampling_params(request.sampling)
         except Exception as exc:
             return GenerationResult.failed(
-                f"invalid sampling parameters: {_one_line(exc)}", prompt_tokens=len(ids)
+                f"invalid sampling parameters: {one_line(exc, whole=True)}", prompt_tokens=len(ids)
             )
 
     def _deliver(self, slot: _Slot, output: Any) -> None:
@@ -675,31 +690,3 @@ def _announce(line: str, level: int = logging.INFO) -> None:
         except Exception:  # no run context (a script, preview, an engine thread)
             pass
     logger.log(level, line)
-
-
-def _folder_fingerprint(path: str) -> str | None:
-    """A cheap fingerprint of a local model folder: config.json content plus the names
-    and sizes of weight files. None for a hub id."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    config = folder / "config.json"
-    if config.is_file():
-        h.update(config.read_bytes())
-    for f in sorted(folder.iterdir()):
-        if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"}:
-            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _one_line(exc: BaseException | str) -> str:
-    if isinstance(exc, BaseException):
-        text = str(exc) or type(exc).__name__
-    else:
-        text = exc
-    return " ".join(text.split())[:300]

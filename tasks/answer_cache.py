@@ -28,9 +28,9 @@ is the durable record from then on.
 Example::
 
     with batch_scope(store, out_path) as scope:     # the step task does this
-        log = scope.answer_log()                    # the LLM operator does this
-        cached = log.load()                         # {fingerprint: GenerationResult}
-        log.add(fp, result)                         # as each answer arrives
+        results = serve(pool, "default", requests)  # the LLM operator does this: cached
+                                                    # answers, the rest from the backend,
+                                                    # each persisted as it arrives
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from blocks.step_store import StepStore
-from serving.http.usage import TokenPrice, Usage
-from serving.interface import GenerationRequest, GenerationResult
-from tasks import parquet_io
-from tasks.fingerprints import digest
+from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
+from nightshift.core.fingerprints import digest
+from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.interface import GenerationRequest, GenerationResult
 
 __all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
            "request_fingerprints"]
@@ -158,7 +158,7 @@ class AnswerLog:
         path = f"{self.directory}/{self.writer}-{self._seq:06d}.jsonl"
         if self._uploads is None:
             self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="answers")
-        self._pending.append(self._uploads.submit(parquet_io.write_bytes_atomic, self.store.fs, path, data))
+        self._pending.append(self._uploads.submit(file_io.write_bytes_atomic, self.store.fs, path, data))
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -238,3 +238,32 @@ def batch_scope(store: StepStore, out_path: str) -> Iterator[BatchScope]:
 def current_scope() -> BatchScope | None:
     """The running step task's scope (None outside a step task, e.g. in dry runs)."""
     return _SCOPE.get()
+
+
+def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Answers for ``requests`` on the pool's backend ``serving``: from the running
+    batch's answer cache where there is one, the rest from the backend (each persisted as
+    it arrives); the call's usage is recorded on the batch's scope."""
+    config = pool.configs.get(serving)
+    scope = current_scope()
+    usage = Usage()
+    if scope is None or config is None or not config.answers_cached:
+        results = pool.submit(serving, requests, usage=usage)
+        if scope is not None:
+            scope.record(usage, getattr(config, "price", None))
+        return results
+    log = scope.answer_log()
+    keys = request_fingerprints(requests, config.identity())
+    cached = log.load()
+    answers: list[GenerationResult | None] = [cached.get(k) for k in keys]
+    missing = [i for i, r in enumerate(answers) if r is None]
+    usage.cached = len(requests) - len(missing)
+
+    def persist(index: int, result: GenerationResult) -> None:
+        log.add(keys[missing[index]], result)
+
+    fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
+    for i, result in zip(missing, fresh):
+        answers[i] = result
+    scope.record(usage, config.price)
+    return [answer for answer in answers if answer is not None]  # every row has one now

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import polars as pl
 from fsspec import AbstractFileSystem
 
-from tasks import parquet_io
-from tasks.fingerprints import digest
-from tasks.operators.base import ROW_ID
-from tasks.sources import SourceFile
+from nightshift.core import file_io
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.operators.base import ROW_ID
+from nightshift.tasks.sources import SourceFile
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,17 @@ def cut(
     ]
 
 
-def read_batch(batch: Batch, fs: AbstractFileSystem, path: str) -> pl.DataFrame:
-    """The batch's rows (from ``path`` on ``fs``) with their stable ``_row_id`` first."""
-    df = parquet_io.read_slice(fs, path, batch.start, batch.stop)
-    base = (batch.file.row_key << 32) + batch.start
+def with_row_ids(df: pl.DataFrame, file: SourceFile, start: int = 0) -> pl.DataFrame:
+    """``df`` (rows ``start..`` of ``file``) with the stable ``_row_id`` column first.
+
+    The one place the scheme lives: ``_row_id = (file.row_key << 32) + row number in the
+    file``, so a row keeps its id whichever batch, preview or sample reads it."""
+    base = (file.row_key << 32) + start
     ids = pl.int_range(base, base + df.height, dtype=pl.UInt64, eager=True).alias(ROW_ID)
     return df.select(pl.lit(ids), pl.all().exclude(ROW_ID))
+
+
+def read_batch(batch: Batch, fs: AbstractFileSystem, path: str) -> pl.DataFrame:
+    """The batch's rows (from ``path`` on ``fs``) with their stable ``_row_id`` first."""
+    df = file_io.read_slice(fs, path, batch.start, batch.stop)
+    return with_row_ids(df, batch.file, batch.start)

@@ -37,15 +37,15 @@ import polars as pl
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.errors import SourceError, one_line
-from tasks.fingerprints import digest
+from nightshift.core.errors import SourceError, one_line
+from nightshift.core.fingerprints import digest
 
 try:  # a Prefect dependency; 2x faster than json for the line-by-line type check
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     _loads = json.loads
 
-ROW_ID = "_row_id"  # tasks.operators.ROW_ID (not imported: operators import this module's users)
+ROW_ID = "_row_id"  # nightshift.tasks.operators.ROW_ID (not imported: operators import this module's users)
 _BOM = b"\xef\xbb\xbf"
 
 Format = Literal["parquet", "jsonl", "csv"]

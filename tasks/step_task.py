@@ -22,12 +22,12 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from blocks.step_store import StepStore
-from tasks.answer_cache import batch_scope
-from tasks.batches import Batch, read_batch
-from tasks.errors import NightshiftError, StepFailed, one_line
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.sources import filesystem
+from nightshift.blocks.step_store import StepStore
+from nightshift.core.errors import NightshiftError, StepFailed, one_line
+from nightshift.tasks.answer_cache import batch_scope
+from nightshift.tasks.batches import Batch, read_batch
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.sources import filesystem
 
 
 class BatchRef(BaseModel):
@@ -170,11 +170,8 @@ def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | 
 def _token_counts(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
     counts = {"prompt": 0, "completion": 0}
     for op in operators:
-        if getattr(op, "uses_serving", False):
-            for kind in counts:
-                column = f"{getattr(op, 'output')}_{kind}_tokens"
-                if column in df.columns:
-                    counts[kind] += int(df[column].sum() or 0)
+        for kind, n in op.token_counts(df).items():
+            counts[kind] += n
     return counts if any(counts.values()) else {}
 
 

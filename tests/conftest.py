@@ -67,7 +67,7 @@ def cli_env(api_url: str, log: Path | None = None) -> dict[str, str]:
 def run_cli(args: list[str], api_url: str, log: Path | None = None, timeout: float = 300):
     """Run ``nightshift ARGS`` in a subprocess against the test Prefect API."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "nightshift.flows.cli", *args],
         env=cli_env(api_url, log),
         cwd=ROOT,
         capture_output=True,

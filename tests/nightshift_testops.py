@@ -13,7 +13,7 @@ import time
 
 import polars as pl
 
-from tasks.operators import ROW_ID, Operator, register_operator
+from nightshift.tasks.operators import ROW_ID, Operator, register_operator
 
 
 @register_operator

@@ -38,7 +38,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tasks.operators import Operator, register_operator
+from nightshift.tasks.operators import Operator, register_operator
 
 NATS_USER, NATS_PASSWORD = "nightshift", "nats-secret-4b1f0c"
 PG_PASSWORD = "pg-secret-93ad7e"
@@ -313,7 +313,7 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30
 # -- Prefect blocks with the secrets ------------------------------------------------------------
 @pytest.fixture(scope="session")
 def nats_block(nats_server: Nats, prefect_api: str) -> str:
-    from blocks.nats import NatsCredentials
+    from nightshift.streams.nats import NatsCredentials
 
     NatsCredentials(user=NATS_USER, password=NATS_PASSWORD).save("test-nats", overwrite=True)
     return "test-nats"
@@ -321,7 +321,7 @@ def nats_block(nats_server: Nats, prefect_api: str) -> str:
 
 @pytest.fixture(scope="session")
 def pg_block(postgres: Postgres, prefect_api: str) -> str:
-    from blocks.postgres import PostgresConnection
+    from nightshift.streams.postgres import PostgresConnection
 
     PostgresConnection(host=postgres.host, port=postgres.port, user=postgres.user,
                        password=PG_PASSWORD, database=postgres.database).save("test-pg", overwrite=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from blocks.step_store import StepStore
-from serving.interface import GenerationRequest, GenerationResult, SamplingParams
-from tasks.answer_cache import AnswerLog, answers_dir, batch_scope, request_fingerprints
+from nightshift.blocks.step_store import StepStore
+from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
+from nightshift.tasks.answer_cache import AnswerLog, answers_dir, batch_scope, request_fingerprints
 from test_s3_store import s3, s3_endpoint  # noqa: F401 - fixtures
 
 OUT = "steps/00-generate/a-0-0123456789abcdef.parquet"

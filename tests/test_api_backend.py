@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 
 
-from serving.http import OpenAIBackend
-from serving.http.limits import RateLimiter, parse_duration_s
-from serving.interface import GenerationRequest, SamplingParams
+from nightshift.serving.http import OpenAIBackend
+from nightshift.serving.http.limits import RateLimiter, parse_duration_s
+from nightshift.serving.interface import GenerationRequest, SamplingParams
 
 pytest_plugins = ["api_fixtures"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.core.errors import SpecError
+from nightshift.flows.plan import build_plan
 from conftest import make_rows, write_jsonl
-from flows.plan import build_plan
-from tasks.errors import SpecError
 
 HTTP = {"backend": "openai_compatible", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
 

@@ -17,10 +17,10 @@ import polars as pl
 import pytest
 import yaml
 
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Generate
 from conftest import ROOT, cli_env, make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from tasks.errors import NightshiftError
-from tasks.operators import Generate
 from test_artifacts import artifacts
 
 pytest_plugins = ["api_fixtures"]
@@ -129,7 +129,7 @@ def write_spec(tmp_path: Path, base_url: str) -> Path:
 def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, fault_proxy, prefect_api: str) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(300, "k"))
     spec = write_spec(tmp_path, fault_proxy.base_url)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec)],
+    proc = subprocess.Popen([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
                             env=cli_env(prefect_api), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
@@ -147,7 +147,7 @@ def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, f
     assert persisted >= 100
 
     fault_proxy.reset()
-    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(spec)],
+    rerun = subprocess.run([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
                            env=cli_env(prefect_api), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     second = fault_proxy.stats()

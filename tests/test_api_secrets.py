@@ -19,11 +19,11 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Generate
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from tasks.errors import NightshiftError
-from tasks.operators import Generate
 
 pytest_plugins = ["api_fixtures"]
 

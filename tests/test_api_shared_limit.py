@@ -10,9 +10,9 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from serving.http import OpenAIBackend
-from serving.http.shared_limit import SharedLimitError
-from serving.interface import GenerationRequest, SamplingParams
+from nightshift.serving.http import OpenAIBackend
+from nightshift.serving.http.shared_limit import SharedLimitError
+from nightshift.serving.interface import GenerationRequest, SamplingParams
 
 pytest_plugins = ["api_fixtures"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Filter, Template
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from tasks.operators import Filter, Template
 
 
 def artifacts(flow_run_id: str) -> dict:

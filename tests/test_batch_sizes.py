@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nightshift.core.errors import SpecError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Dedup, Filter, Map
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
 from nightshift_testops import Count, read_log
-from tasks.errors import SpecError
-from tasks.operators import Dedup, Filter, Map
 
 
 def pipeline(tmp: Path, batch_size: int, sizes: list[int | None], fuse: bool) -> Pipeline:

@@ -77,7 +77,7 @@ def test_a_failing_batch_is_one_line_without_traceback(tmp_path: Path, prefect_a
     )
     env = {**os.environ, "NIGHTSHIFT_TEST_FAIL_F": str((zlib.crc32(str(data).encode()) << 32) + 7)}
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(spec), "--allow-imports"],
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
         env={**env, "PREFECT_API_URL": prefect_api, "NIGHTSHIFT_TEST_LOG": str(test_log),
              "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
         cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -91,7 +91,7 @@ def test_a_failing_batch_is_one_line_without_traceback(tmp_path: Path, prefect_a
 
 
 def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import _print_steps
+    from nightshift.flows.cli import _print_steps
 
     row = dict(name="00-generate", batches=2, cached=0, reused=0, computed=2, failed=0,
                rows_in=10, rows_out=10, prompt_tokens=512, completion_tokens=77, cost_usd=0.0123)
@@ -109,14 +109,14 @@ def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.Captur
 _PROBE = """
 import json, sys
 sys.argv = ["nightshift", *json.loads(sys.argv[1])]
-from flows.cli import main
+from nightshift.flows.cli import main
 try:
     main()
 except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-heavy = [m for m in ("prefect", "polars", "pyarrow", "vllm", "torch", "fsspec", "flows.plan")
+heavy = [m for m in ("prefect", "polars", "pyarrow", "vllm", "torch", "fsspec", "nightshift.flows.plan")
          if m in sys.modules]
 sys.stderr.write("\\n@@heavy " + json.dumps(heavy) + "\\n")
 sys.exit(code)
@@ -208,7 +208,7 @@ def _preview(tmp_path: Path, model: str, *extra: str) -> subprocess.CompletedPro
            if k not in ("NIGHTSHIFT_LOG_LEVEL", "VLLM_LOGGING_LEVEL")}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "preview", str(spec), "--rows", "1", *extra],
+        [sys.executable, "-m", "nightshift.flows.cli", "preview", str(spec), "--rows", "1", *extra],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
 

@@ -30,7 +30,7 @@ def test_two_concurrent_runs_share_the_work(tmp_path: Path, prefect_api: str) ->
         ],
     }))
     log = tmp_path / "log.jsonl"
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(spec), "--allow-imports"]
+    cmd = [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"]
     procs = [
         subprocess.Popen(cmd, env=cli_env(prefect_api, log), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

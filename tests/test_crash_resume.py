@@ -70,7 +70,7 @@ def batch_of(entry: dict, stems: dict[int, str]) -> tuple[str, int]:
 
 def start_run(spec: Path, api: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec), "--allow-imports"],
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
         env=cli_env(api, log), cwd=ROOT, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

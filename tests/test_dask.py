@@ -15,13 +15,13 @@ from typing import Iterator
 import pytest
 import s3fs
 
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Dedup, Filter, Template
+from nightshift.tasks.sources import SourceSpec
+from nightshift.tasks.spec import StoreSpec
 from conftest import ROOT, TESTS, make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from flows.spec import StoreSpec
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from tasks.operators import Dedup, Filter, Template
-from tasks.sources import SourceSpec
 from test_s3_store import free_port, s3, s3_endpoint  # noqa: F401 (fixtures)
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -44,10 +44,10 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
 
+from nightshift.flows.nightly import nightly_spec
+from nightshift.flows.outputs import read_output
+from nightshift.flows.plan import build_plan
 from conftest import ROOT
-from flows.nightly import nightly_spec
-from flows.outputs import read_output
-from flows.plan import build_plan
 
 BIN = Path(sys.executable).parent
 SPEC = "examples/nightly.yaml"
@@ -266,8 +266,8 @@ def test_deploy_schedule_run_fail_retry(
     # -- what `make deploy` does, then `make worker`
     p.cli("work-pool", "create", "nightshift-process", "--type", "process")
     p.spawn("worker", "worker", "start", "--pool", "nightshift-process")  # starts meanwhile
-    p.cli("block", "register", "-m", "blocks.step_store")
-    p.cli("block", "register", "-m", "blocks.serving_config")
+    p.cli("block", "register", "-m", "nightshift.blocks.step_store")
+    p.cli("block", "register", "-m", "nightshift.blocks.serving_config")
     p.cli("--no-prompt", "deploy", "--all")
     with p.client() as client:
         slugs = {t.slug for t in client.read_block_types()}

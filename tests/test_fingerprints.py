@@ -9,9 +9,9 @@ import sys
 import polars as pl
 import pytest
 
+from nightshift.core.fingerprints import code_version
+from nightshift.tasks.operators import Filter, Operator
 from conftest import ROOT
-from tasks.fingerprints import code_version
-from tasks.operators import Filter, Operator
 
 
 class Shout(Operator):
@@ -41,7 +41,7 @@ def test_code_version_follows_the_code() -> None:
 def test_code_version_is_stable_across_processes() -> None:
     other = subprocess.run(
         [sys.executable, "-c",
-         "from tasks.fingerprints import code_version; from tasks.operators import Filter;"
+         "from nightshift.core.fingerprints import code_version; from nightshift.tasks.operators import Filter;"
          "print(code_version(Filter))"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
@@ -55,3 +55,15 @@ def test_code_version_builds_no_ast(monkeypatch: pytest.MonkeyPatch) -> None:
     code_version.cache_clear()
     monkeypatch.setattr(ast, "parse", refuse)
     assert code_version(ShoutEdited).startswith("1:")
+
+
+def test_step_keys_do_not_depend_on_the_package_name() -> None:
+    """Built-in operators carry their module path as it was before the folders became
+    nightshift.<folder> packages, so stores written before keep their keys and resume."""
+    from nightshift.tasks.operators import Map
+    from nightshift.tasks.operators.base import _keyed_path
+
+    op = Map(columns={"m": "n * 2"})
+    assert op.import_path() == "nightshift.tasks.operators.map:Map"
+    assert _keyed_path(op.import_path()) == "tasks.operators.map:Map"
+    assert _keyed_path("my_ops:Upper") == "my_ops:Upper"

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.flows.outputs import read_output
+from nightshift.flows.plan import build_plan
+from nightshift.flows.run_pipeline import run_pipeline
+from nightshift.serving.pool import ServingPool
+from nightshift.serving.runner import shared_serving
 from conftest import make_rows, write_jsonl
-from flows.outputs import read_output
-from flows.plan import build_plan
-from flows.run_pipeline import run_pipeline
-from serving.pool import ServingPool
-from serving.task_runner import shared_serving
 
 pytest.importorskip("torch", reason="VLLMBackend needs torch (installed with vllm)")
 
@@ -166,13 +166,13 @@ def test_model_chat_template_sampling_and_seed_are_in_the_fingerprint(tmp_path: 
 def test_the_engine_shuts_down_when_the_flow_fails() -> None:
     from prefect import flow
 
-    from serving.interface import GenerationRequest
-    from serving.pool import current_pool
-    from serving.task_runner import VLLMTaskRunner
+    from nightshift.serving.interface import GenerationRequest
+    from nightshift.serving.pool import current_pool
+    from nightshift.serving.runner import ServingTaskRunner
 
     seen: list = []
 
-    @flow(task_runner=VLLMTaskRunner({"default": ServingConfig(backend="fake", model="x")}))
+    @flow(task_runner=ServingTaskRunner({"default": ServingConfig(backend="fake", model="x")}))
     def failing() -> None:
         pool = current_pool()
         assert pool.submit("default", [GenerationRequest(prompt="hi")])[0].text == "echo: hi"
@@ -183,3 +183,24 @@ def test_the_engine_shuts_down_when_the_flow_fails() -> None:
     assert state.is_failed() and "boom" in (state.message or "")
     [backend] = seen
     assert backend.closed, "the runner closed its backend although the flow failed"
+
+
+def test_runners_compare_by_serving_configs_and_check_their_options() -> None:
+    """Like prefect-dask's DaskTaskRunner: equal settings, equal runners; conflicting or
+    malformed options fail in the constructor, not at the first task."""
+    from nightshift.serving.runner import ServingTaskRunner
+
+    fake = {"backend": "fake", "model": "x"}
+    runner = ServingTaskRunner({"default": fake}, max_workers=2)
+    assert runner == ServingTaskRunner({"default": ServingConfig(**fake)}, max_workers=2)
+    assert runner == runner.duplicate()
+    assert runner != ServingTaskRunner({"default": {**fake, "model": "y"}}, max_workers=2)
+    assert runner != ServingTaskRunner({"other": fake}, max_workers=2)
+    assert runner != ServingTaskRunner({"default": fake}, max_workers=3)
+    for bad in ({"serving": {}}, {"serving": {"default": 3}}, {"serving": {"": fake}},
+                {"serving": {"default": fake}, "max_workers": 0}):
+        with pytest.raises(ValueError):
+            ServingTaskRunner(**bad)
+    with pytest.warns(DeprecationWarning, match="ServingTaskRunner"):
+        from nightshift.serving.runner import VLLMTaskRunner
+    assert VLLMTaskRunner is ServingTaskRunner

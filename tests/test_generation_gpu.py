@@ -35,8 +35,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_embedded_model_on_one_gpu() -> None:
     needs_gpus(1)
-    from serving.interface import GenerationRequest, SamplingParams
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     with VLLMBackend("smollm2", max_model_len=1024, gpu_memory_utilization=0.3) as backend:
         assert backend.identity()["device"] == "cuda"
@@ -47,9 +47,9 @@ def test_embedded_model_on_one_gpu() -> None:
 
 def test_replicas_on_two_gpus_are_bound_and_agree() -> None:
     needs_gpus(2)
-    from blocks.serving_config import ServingConfig
-    from serving.interface import GenerationRequest, SamplingParams
-    from serving.pool import ServingPool
+    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.pool import ServingPool
 
     config = ServingConfig(model="smollm2", devices="0,1", max_model_len=1024,
                            gpu_memory_utilization=0.3, batch_timeout_s=0.0)
@@ -74,8 +74,8 @@ def test_tensor_parallel_engine() -> None:
     tp = 2 if model else 3
     needs_gpus(tp)
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    from serving.interface import GenerationRequest, SamplingParams
-    from serving.vllm_backend import VLLMBackend
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.vllm_backend import VLLMBackend
 
     with VLLMBackend(model or "smollm2", max_model_len=1024, tensor_parallel_size=tp,
                      gpu_memory_utilization=0.3) as backend:

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.serving.interface import GenerationRequest
+from nightshift.serving.pool import ServingPool
+from nightshift.tasks.operators import Filter, Generate, Judge
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from serving.interface import GenerationRequest
-from serving.pool import ServingPool
-from tasks.errors import NightshiftError
-from tasks.operators import Filter, Generate, Judge
 
 FAKE = {"default": {"backend": "fake", "model": "echo", "max_batch": 7}}
 

@@ -31,14 +31,14 @@ from vllm_shared import SERVING, shared_backend, shared_pool, skip_without_vllm
 
 skip_without_vllm()
 
+from nightshift.core.errors import NightshiftError  # noqa: E402
+from nightshift.flows.pipeline import Pipeline  # noqa: E402
+from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
+from nightshift.serving.pool import ServingPool  # noqa: E402
+from nightshift.serving.runner import shared_serving  # noqa: E402
+from nightshift.serving.vllm_backend import VLLMBackend  # noqa: E402
+from nightshift.tasks.operators import Classify, Filter, Generate, Judge  # noqa: E402
 from conftest import ROOT, cli_env, run_cli, write_jsonl  # noqa: E402
-from flows.pipeline import Pipeline  # noqa: E402
-from serving.interface import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
-from serving.pool import ServingPool  # noqa: E402
-from serving.task_runner import shared_serving  # noqa: E402
-from serving.vllm_backend import VLLMBackend  # noqa: E402
-from tasks.errors import NightshiftError  # noqa: E402
-from tasks.operators import Classify, Filter, Generate, Judge  # noqa: E402
 
 SYSTEM = "Answer in one short sentence."
 QUESTIONS = [
@@ -205,7 +205,7 @@ def test_kill_mid_generation_then_resume(tmp_path: Path, prefect_api: str) -> No
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     stage = tmp_path / "store" / "genkill" / "steps" / "00-generate"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
                             env=cli_env(prefect_api), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240

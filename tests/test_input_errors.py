@@ -8,9 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.plan import build_plan
 from conftest import make_rows, run_cli, write_jsonl
-from flows.plan import build_plan
-from tasks.errors import NightshiftError
 
 
 def spec(tmp_path: Path, **overrides) -> dict:
@@ -145,7 +145,7 @@ def test_cli_bad_key_path_in_yaml(tmp_path: Path, data: Path, prefect_api: str) 
      "source.storage_options.key"),
 ])
 def test_secrets_in_a_spec_are_refused(extra: dict, place: str) -> None:
-    from flows.spec import load_spec
+    from nightshift.tasks.spec import load_spec
 
     spec = {"name": "p", "source": {"path": "x.jsonl"}, "steps": [{"select": {"columns": ["a"]}}]}
     with pytest.raises(NightshiftError) as err:
@@ -253,8 +253,8 @@ def test_wide_file_validates_and_runs_quickly(tmp_path: Path) -> None:
     """5 rows x 10,000 columns: column bookkeeping must be O(columns) (it took 90-225 s)."""
     import time
 
-    from flows.pipeline import Pipeline
-    from tasks.operators import Filter, Map, Select, Template
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Filter, Map, Select, Template
 
     rows = [{"text": f"row {i} text", **{f"c{j}": j + i for j in range(10_000)}} for i in range(5)]
     write_jsonl(tmp_path / "data" / "wide.jsonl", rows)
@@ -275,8 +275,8 @@ def test_wide_file_validates_and_runs_quickly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("template", ["{{ 'x' | upper }}", "{{ 'x' }}{{ n | string }}"])
 def test_template_without_columns_is_valid(tmp_path: Path, data: Path, template: str) -> None:
-    from flows.pipeline import Pipeline
-    from tasks.operators import Template
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Template
 
     pipe = Pipeline("const", source=str(data), steps=[Template(output="p", template=template)],
                     store=f"file://{tmp_path}/store", batch_size=10)
@@ -307,8 +307,8 @@ def test_llm_prompt_templates_are_rendered_by_validate(tmp_path: Path, data: Pat
 
 
 def test_template_failing_at_run_time_is_one_line_naming_step_and_row(tmp_path: Path) -> None:
-    from flows.pipeline import Pipeline
-    from tasks.operators import Template
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Template
 
     rows = make_rows(12)
     rows[8]["text"] = None  # past the rows validate renders on

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import yaml
 
+from nightshift.flows.local_api import TemporaryServer, healthy
 from conftest import ROOT, TESTS, make_rows, write_jsonl
-from flows.local_api import TemporaryServer, healthy
 from test_s3_store import free_port
 
 
@@ -48,7 +48,7 @@ def servers_under(pid: int) -> list[psutil.Process]:
 
 def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec(tmp_path, sleep=30)), "--allow-imports"],
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=30)), "--allow-imports"],
         env=no_api_env(tmp_path, free_port()), cwd=ROOT, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -77,7 +77,7 @@ def test_a_running_local_server_is_used_without_exporting_anything(tmp_path: Pat
     try:
         server.start(timeout=600, environ=env)
         result = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", str(spec(tmp_path, sleep=0)),
+            [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=0)),
              "--allow-imports"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
         )
@@ -99,7 +99,7 @@ def test_a_server_that_cannot_start_in_time_is_one_line(tmp_path: Path, timeout_
     env = no_api_env(tmp_path, free_port())
     env["NIGHTSHIFT_SERVER_START_TIMEOUT"] = timeout_s
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(spec(tmp_path, sleep=0)), "--allow-imports"],
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=0)), "--allow-imports"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 2

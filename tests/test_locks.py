@@ -10,13 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+from nightshift.core.locks import UNREADABLE_LOCK_GRACE_S, ProcessAwareLockManager
 from conftest import ROOT
-from tasks.locks import UNREADABLE_LOCK_GRACE_S, ProcessAwareLockManager
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from tasks.locks import ProcessAwareLockManager
+from nightshift.core.locks import ProcessAwareLockManager
 assert ProcessAwareLockManager(Path(sys.argv[1])).acquire_lock("k", holder="child")
 print("held", flush=True)
 time.sleep(600)

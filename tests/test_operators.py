@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.errors import SpecError
-from tasks.operators import ROW_ID, Dedup, Filter, Map, Rename, Select, Template, apply_operator
+from nightshift.core.errors import SpecError
+from nightshift.tasks.operators import ROW_ID, Dedup, Filter, Map, Rename, Select, Template, apply_operator
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ def spec(tmp_path: Path, serving: dict, steps: list) -> dict:
 def test_preview_streams_real_tokens_and_leaves_the_store_alone(tmp_path: Path) -> None:
     from vllm_shared import SERVING, shared_backend, shared_pool
 
-    from flows.preview import preview
-    from serving.interface import GenerationRequest, SamplingParams
-    from serving.task_runner import shared_serving
+    from nightshift.flows.preview import preview
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.runner import shared_serving
 
     questions = ["What is the capital of France?", "skip me", "What is 2 + 2?",
                  "What do bees make?", "Name a primary color."]

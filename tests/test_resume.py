@@ -8,12 +8,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from nightshift.core.errors import SpecError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Dedup, Filter, Map
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from tasks.errors import SpecError
-from tasks.operators import Dedup, Filter, Map
 
 
 def build(tmp_path: Path, map_expr: str = "n * 2") -> Pipeline:
@@ -167,7 +167,7 @@ def test_failed_batch_fails_the_run_and_keeps_the_others(
 
 
 def test_explains_what_is_reused_and_why_the_rest_recomputes(tmp_path: Path) -> None:
-    from flows.explain import explain
+    from nightshift.flows.explain import explain
 
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(200, "a"))
     pipe = build(tmp_path)

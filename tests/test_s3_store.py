@@ -10,12 +10,12 @@ import polars as pl
 import pytest
 import s3fs
 
+from nightshift.flows.pipeline import Pipeline
+from nightshift.tasks.operators import Dedup, Filter, Template
+from nightshift.tasks.sources import SourceSpec
+from nightshift.tasks.spec import StoreSpec
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from flows.spec import StoreSpec
 from nightshift_testops import Count, read_log
-from tasks.operators import Dedup, Filter, Template
-from tasks.sources import SourceSpec
 
 
 def free_port() -> int:

@@ -8,9 +8,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from serving.batching import AutoBatcher, BatcherClosedError
-from serving.fake_backend import FakeBackend, FakeBackendError
-from serving.interface import Backend, GenerationRequest, GenerationResult, SamplingParams
+from nightshift.serving.batching import AutoBatcher, BatcherClosedError
+from nightshift.serving.fake_backend import FakeBackend, FakeBackendError
+from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, SamplingParams
 
 
 def req(text: str, **sampling: object) -> GenerationRequest:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import embedded_model
-from serving.embedded_model import EmbeddedModelError, embedded_model_path, model_cache_dir, resolve_model
+from nightshift.core import embedded_model
+from nightshift.core.embedded_model import EmbeddedModelError, embedded_model_path, model_cache_dir, resolve_model
 
 
 def test_cache_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from vllm_shared import MAX_MODEL_LEN, shared_backend, skip_without_vllm
 
 skip_without_vllm()
 
-from serving.batching import AutoBatcher  # noqa: E402
-from serving.interface import GenerationRequest, SamplingParams  # noqa: E402
-from serving.resilience import RestartingBackend  # noqa: E402
-from serving.streaming import stream  # noqa: E402
-from serving.structured import schema_of  # noqa: E402
-from serving.vllm_backend import EngineDeadError, VLLMBackend  # noqa: E402
+from nightshift.serving.batching import AutoBatcher  # noqa: E402
+from nightshift.serving.interface import GenerationRequest, SamplingParams  # noqa: E402
+from nightshift.serving.resilience import RestartingBackend  # noqa: E402
+from nightshift.serving.streaming import stream  # noqa: E402
+from nightshift.serving.structured import schema_of  # noqa: E402
+from nightshift.serving.vllm_backend import EngineDeadError, VLLMBackend  # noqa: E402
 
 PERSON_SCHEMA = {
     "type": "object",

@@ -10,13 +10,13 @@ from typing import Callable
 
 import pytest
 
+from nightshift.flows.pipeline import Pipeline
+from nightshift.flows.survey import Inventory, survey
+from nightshift.tasks.operators import Map
+from nightshift.tasks.spec import StoreSpec
 from conftest import make_rows, write_jsonl
-from flows.pipeline import Pipeline
-from flows.spec import StoreSpec
-from flows.survey import Inventory, survey
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from tasks.operators import Map
 from test_s3_store import s3, s3_endpoint  # noqa: F401 (fixtures)
 
 

@@ -15,8 +15,9 @@ import pytest
 
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 
-from blocks.step_store import StepStore
-from flows.stream import stream
+from nightshift.blocks.step_store import StepStore
+from nightshift.flows.stream import stream
+from nightshift.streams.sinks.store_sink import read_output
 from stream_fixtures import (
     NATS_PASSWORD,
     PG_PASSWORD,
@@ -26,7 +27,6 @@ from stream_fixtures import (
     setup_streams,
     stream_entry,
 )
-from tasks.streams.sinks.store_sink import read_output
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]

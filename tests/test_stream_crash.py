@@ -23,11 +23,11 @@ import pytest
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
 
-from blocks.step_store import StepStore
+from nightshift.blocks.step_store import StepStore
+from nightshift.streams.sinks.store_sink import read_output
 from conftest import ROOT, cli_env
 from nightshift_testops import read_log
 from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
-from tasks.streams.sinks.store_sink import read_output
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]
@@ -56,7 +56,7 @@ def write_spec(tmp_path: Path, nats: Nats, stream: str, table: str, pg_block: st
 def start(spec: Path, api: str, log: Path, *args: str, env: dict[str, str] | None = None
           ) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "stream", str(spec), "--allow-imports", *args],
+        [sys.executable, "-m", "nightshift.flows.cli", "stream", str(spec), "--allow-imports", *args],
         env={**cli_env(api, log), **(env or {})}, cwd=ROOT, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

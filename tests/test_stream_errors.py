@@ -13,12 +13,12 @@ import pytest
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
 
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.stream import stream
+from nightshift.streams.plan import build_stream_plans
+from nightshift.streams.spec import load_stream_spec
 from conftest import run_cli
-from flows.stream import stream
-from flows.stream_plan import build_stream_plans
-from flows.stream_spec import load_stream_spec
 from stream_fixtures import Nats, setup_streams, stream_entry
-from tasks.errors import NightshiftError
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]

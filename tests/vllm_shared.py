@@ -2,7 +2,7 @@
 
 Each engine start costs ~10-15 s on 2 cores, so the real-model test modules share this
 one: direct backend tests use :func:`shared_backend`, pipeline runs enter
-``shared_serving(shared_pool())`` so their ``VLLMTaskRunner`` uses it instead of
+``shared_serving(shared_pool())`` so their ``ServingTaskRunner`` uses it instead of
 starting their own. Tests that are *about* engine starts (one per flow run, restarts,
 subprocess runs) start their own and say so.
 """
@@ -46,14 +46,14 @@ def shared_pool():  # -> ServingPool
 
     Flask is imported first when installed (moto's S3 server imports it in the full
     suite anyway): a werkzeug ``LocalProxy`` in ``sys.modules`` once broke vLLM's engine
-    start (see ``serving.vllm_backend._guard_kernel_rebind_scan``), and this keeps the
+    start (see ``nightshift.serving.vllm_backend._guard_kernel_rebind_scan``), and this keeps the
     regression covered whatever the order the tests run in.
     """
     if importlib.util.find_spec("flask") is not None:
         import flask  # noqa: F401
     cpu_setup()
-    from blocks.serving_config import ServingConfig
-    from serving.pool import ServingPool
+    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.serving.pool import ServingPool
 
     pool = ServingPool({k: ServingConfig(**v) for k, v in SERVING.items()})
     pool.served("default")  # start it now

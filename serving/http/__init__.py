@@ -1,14 +1,14 @@
 """Serving over OpenAI-compatible HTTP APIs (vLLM serve, SGLang, llama.cpp, OpenAI, ...).
 
-Modules, one concept each: :mod:`~serving.http.backend` (the backend),
-:mod:`~serving.http.wire` (request bodies and replies), :mod:`~serving.http.retry` (what
-is retried and how long to wait), :mod:`~serving.http.limits` (requests/tokens per
-minute), :mod:`~serving.http.breaker` (outage detection),
-:mod:`~serving.http.shared_limit` (Prefect global concurrency limits across flow runs),
-:mod:`~serving.http.usage` (tokens and cost). See ``docs/api-serving.md``.
+Modules, one concept each: :mod:`~nightshift.serving.http.backend` (the backend),
+:mod:`~nightshift.serving.http.wire` (request bodies and replies), :mod:`~nightshift.serving.http.retry` (what
+is retried and how long to wait), :mod:`~nightshift.serving.http.limits` (requests/tokens per
+minute), :mod:`~nightshift.serving.http.breaker` (outage detection),
+:mod:`~nightshift.serving.http.shared_limit` (Prefect global concurrency limits across flow runs),
+:mod:`~nightshift.core.usage` (tokens and cost). See ``docs/api-serving.md``.
 """
 
-from serving.http.backend import OpenAIBackend, ResultCallback
-from serving.http.usage import TokenPrice, Usage
+from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.http.backend import OpenAIBackend, ResultCallback
 
 __all__ = ["OpenAIBackend", "ResultCallback", "TokenPrice", "Usage"]

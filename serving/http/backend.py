@@ -7,14 +7,14 @@ generation task of a flow run: its own asyncio loop (in a thread) runs ``max_con
 attempt:
 
 * client-side rate limits (requests and tokens per minute, tightened by the server's
-  ``x-ratelimit-*`` headers; :mod:`serving.http.limits`);
+  ``x-ratelimit-*`` headers; :mod:`nightshift.serving.http.limits`);
 * an optional Prefect global concurrency limit shared with other flow runs
-  (:mod:`serving.http.shared_limit`);
+  (:mod:`nightshift.serving.http.shared_limit`);
 * retries with full-jitter exponential backoff on 408/409/429/5xx, timeouts, dropped
   connections and malformed bodies, honouring ``Retry-After`` (tenacity;
-  :mod:`serving.http.retry`), and a per-attempt timeout;
+  :mod:`nightshift.serving.http.retry`), and a per-attempt timeout;
 * an outage breaker: after ``outage_after_s`` of nothing but failures, rows fail at once
-  instead of retrying for minutes (:mod:`serving.http.breaker`).
+  instead of retrying for minutes (:mod:`nightshift.serving.http.breaker`).
 
 A row whose attempts are exhausted gets a one-line ``error``; ``generate`` never raises for
 a row. ``on_result(index, result)`` is called as each row finishes (the LLM operator uses it
@@ -23,8 +23,8 @@ appears in errors, logs or :meth:`identity`.
 
 Example::
 
-    from serving.http import OpenAIBackend
-    from serving.interface import GenerationRequest
+    from nightshift.serving.http import OpenAIBackend
+    from nightshift.serving.interface import GenerationRequest
 
     backend = OpenAIBackend(base_url="http://127.0.0.1:8000/v1", model="smollm2",
                             max_concurrency=32, requests_per_minute=3000)
@@ -39,7 +39,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -47,19 +47,18 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from serving.http.breaker import EndpointDown, OutageBreaker
-from serving.http.limits import RateLimiter
-from serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
-from serving.http.shared_limit import Mode, SharedLimit
-from serving.http.usage import TokenPrice, Usage
-from serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
-from serving.interface import GenerationRequest, GenerationResult
+from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
+from nightshift.serving.http.limits import RateLimiter
+from nightshift.serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
+from nightshift.serving.http.shared_limit import Mode, SharedLimit
+from nightshift.serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
+from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback
 
 __all__ = ["OpenAIBackend", "ResultCallback"]
 
 logger = logging.getLogger("nightshift.serving.http")
 
-ResultCallback = Callable[[int, GenerationResult], None]
 
 
 @dataclass
@@ -72,7 +71,7 @@ class _Job:
 
 
 class OpenAIBackend:
-    """An OpenAI-compatible endpoint as a :class:`~serving.interface.Backend`.
+    """An OpenAI-compatible endpoint as a :class:`~nightshift.serving.interface.Backend`.
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` or
@@ -92,7 +91,7 @@ class OpenAIBackend:
         outage_after_s: fail rows at once after this long (at least ``timeout_s``) with
             only failures.
         global_limit, global_limit_mode, slot_hold_s: a Prefect global concurrency limit
-            shared by every flow run (see :mod:`serving.http.shared_limit`).
+            shared by every flow run (see :mod:`nightshift.serving.http.shared_limit`).
         price: per-million-token prices for cost estimates.
         extra_body: fields merged into every request body (``top_k``, ``min_p``, ...).
     """

@@ -9,7 +9,7 @@ at once. The wait is tenacity's full-jitter exponential backoff, or the server's
 Example::
 
     from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-    from serving.http.retry import Transient, wait_for_server
+    from nightshift.serving.http.retry import Transient, wait_for_server
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(Transient), stop=stop_after_attempt(8),

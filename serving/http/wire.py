@@ -8,7 +8,7 @@ vLLM, SGLang and OpenAI accept. A reply that is not the JSON the API promises ra
 
 Example::
 
-    from serving.http.wire import request_body, parse_reply
+    from nightshift.serving.http.wire import request_body, parse_reply
 
     path, body = request_body(request, model="smollm2", endpoint="auto")
     result = parse_reply(path, response_bytes)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.interface import GenerationRequest, GenerationResult
 
 __all__ = ["Endpoint", "MalformedReply", "parse_reply", "request_body", "estimate_tokens"]
 

@@ -1,6 +1,6 @@
 """Operators: the base contract, the registry and the built-in operators."""
 
-from tasks.operators.base import (
+from nightshift.tasks.operators.base import (
     ROW_ID,
     BarrierOperator,
     Operator,
@@ -9,14 +9,14 @@ from tasks.operators.base import (
     registered_operators,
     resolve_operator,
 )
-from tasks.operators.columns import Rename, Select
-from tasks.operators.dedup import Dedup
-from tasks.operators.filter import Filter
-from tasks.operators.map import Map
-from tasks.operators.generate import Generate, Translate
-from tasks.operators.judge import Classify, Judge, Score
-from tasks.operators.llm import LLMOperator
-from tasks.operators.template import Template
+from nightshift.tasks.operators.columns import Rename, Select
+from nightshift.tasks.operators.dedup import Dedup
+from nightshift.tasks.operators.filter import Filter
+from nightshift.tasks.operators.generate import Generate, Translate
+from nightshift.tasks.operators.judge import Classify, Judge, Score
+from nightshift.tasks.operators.llm import LLMOperator
+from nightshift.tasks.operators.map import Map
+from nightshift.tasks.operators.template import Template
 
 __all__ = [
     "ROW_ID",

@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
-from tasks.errors import SpecError
-from tasks.fingerprints import code_version, digest
+from nightshift.core.errors import SpecError
+from nightshift.core.fingerprints import code_version, digest
 
 ROW_ID = "_row_id"
 
@@ -47,6 +47,9 @@ class Operator(BaseModel):
     fusable: ClassVar[bool] = True
     #: Operators that may drop columns (``select``) opt out of column pass-through.
     keeps_untouched_columns: ClassVar[bool] = True
+    #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
+    #: or HTTP clients for them. The one answer to "is this an LLM step?".
+    uses_serving: ClassVar[bool] = False
 
     #: Rows per task for this step (a step setting, not config: it is not fingerprinted;
     #: the batch keys carry the row ranges). None: the pipeline's ``batch_size``.
@@ -55,6 +58,11 @@ class Operator(BaseModel):
     def reads(self) -> list[str]:
         """Columns the operator needs (checked against the schema before any work)."""
         return []
+
+    def token_counts(self, df: pl.DataFrame) -> dict[str, int]:
+        """Tokens this step's output ``df`` records, ``{"prompt": n, "completion": m}``;
+        empty for steps that call no model."""
+        return {}
 
     def writes(self) -> list[str]:
         """Columns the operator creates or replaces."""
@@ -75,7 +83,8 @@ class Operator(BaseModel):
         ``context`` carries run-level facts an operator's output depends on (the serving
         identities for LLM operators); plain operators ignore it.
         """
-        return digest(self.import_path(), code_version(type(self)), self.config(), upstream)
+        return digest(_keyed_path(self.import_path()), code_version(type(self)), self.config(),
+                      upstream)
 
     def config(self) -> dict[str, Any]:
         """The fingerprinted configuration: every field but the step's ``batch_size``."""
@@ -181,3 +190,10 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
             known = set(df.columns)
             out = joined.select([*df.columns, *(c for c in out.columns if c not in known)])
     return out
+
+
+def _keyed_path(import_path: str) -> str:
+    """The import path a step key carries: a built-in operator's module as it was named
+    before the folders became ``nightshift.<folder>`` (``tasks.operators.map:Map``), so
+    that stores written before the package mapping keep their keys and resume."""
+    return import_path.removeprefix("nightshift.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 from pydantic import Field, field_validator
 
-from tasks.operators.base import ROW_ID, Operator, register_operator
+from nightshift.tasks.operators.base import ROW_ID, Operator, register_operator
 
 
 @register_operator

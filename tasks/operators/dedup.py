@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 from pydantic import Field
 
-from tasks.operators.base import ROW_ID, BarrierOperator, register_operator
+from nightshift.tasks.operators.base import ROW_ID, BarrierOperator, register_operator
 
 
 @register_operator

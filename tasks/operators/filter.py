@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from tasks.errors import SpecError
-from tasks.operators.base import Operator, register_operator
-from tasks.operators.sql import sql_expr
+from nightshift.core.errors import SpecError
+from nightshift.tasks.operators.base import Operator, register_operator
+from nightshift.tasks.operators.sql import sql_expr
 
 
 @register_operator

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import field_validator
 
-from tasks.operators.base import register_operator
-from tasks.operators.llm import PromptedLLM
+from nightshift.tasks.operators.base import register_operator
+from nightshift.tasks.operators.llm import PromptedLLM
 
 
 @register_operator
@@ -27,7 +27,7 @@ class Generate(PromptedLLM):
     @field_validator("json_schema", mode="before")
     @classmethod
     def _schema_from_model(cls, value: Any) -> Any:
-        from serving.structured import schema_of
+        from nightshift.serving.structured import schema_of
 
         return None if value is None else schema_of(value)
 
@@ -37,7 +37,7 @@ class Generate(PromptedLLM):
     def parse(self, text: str) -> tuple[Any, str | None]:
         if self.json_schema is None:
             return text, None
-        from serving.structured import json_problem
+        from nightshift.serving.structured import json_problem
 
         problem = json_problem(text, self.json_schema)
         if problem is not None:

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, model_validator
 
-from tasks.operators.base import register_operator
-from tasks.operators.llm import PromptedLLM
+from nightshift.tasks.operators.base import register_operator
+from nightshift.tasks.operators.llm import PromptedLLM
 
 
 @register_operator

@@ -1,7 +1,7 @@
 """The base of every LLM operator: prompts in, one request per row, results attached.
 
 Each row becomes one request (chat messages: an optional system prompt and the user
-prompt) served by the named backend of the running ``VLLMTaskRunner``. Results come back
+prompt) served by the named backend of the running ``ServingTaskRunner``. Results come back
 attached to their own row whatever the batch size or completion order. The operator
 writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
 ``<output>_prompt_tokens`` and ``<output>_completion_tokens``.
@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, model_validator
 
-from tasks.errors import StepFailed
-from tasks.fingerprints import digest
-from tasks.operators.base import Operator
-from tasks.operators.sql import sql_expr
-from tasks.operators.template import Template
+from nightshift.core.errors import StepFailed
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.operators.base import Operator
+from nightshift.tasks.operators.sql import sql_expr
+from nightshift.tasks.operators.template import Template
 
 SUFFIXES = ("_error", "_finish_reason", "_prompt_tokens", "_completion_tokens")
 
@@ -54,6 +54,15 @@ class LLMOperator(Operator):
     skip_if: str | None = None
     max_error_rate: float = Field(default=0.1, ge=0, le=1)
     chat: bool = True
+
+    def token_counts(self, df: pl.DataFrame) -> dict[str, int]:
+        """The prompt and completion tokens in this step's ``<output>_*_tokens`` columns."""
+        counts = {}
+        for kind in ("prompt", "completion"):
+            column = f"{self.output}_{kind}_tokens"
+            if column in df.columns:
+                counts[kind] = int(df[column].sum() or 0)
+        return counts
 
     # -- what subclasses define -------------------------------------------------------
     def user_template(self) -> str:
@@ -86,8 +95,8 @@ class LLMOperator(Operator):
         return digest(super().fingerprint(upstream), serving)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
-        from serving.interface import ChatMessage, GenerationRequest, SamplingParams
-        from serving.pool import current_pool
+        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+        from nightshift.serving.pool import current_pool
 
         skip = (
             df.select(sql_expr(self.skip_if, "skip_if").fill_null(False)).to_series().to_list()
@@ -139,34 +148,11 @@ class LLMOperator(Operator):
         return self._attach(df, values, errors, finish, p_tok, c_tok, texts)
 
     def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
-        """Answers for ``requests``: from the batch's answer cache where there is one,
-        the rest from the backend (each persisted as it arrives)."""
-        from serving.http.usage import Usage
-        from tasks.answer_cache import current_scope, request_fingerprints
+        """Answers for ``requests`` on this step's serving config, through the batch's
+        answer cache (:func:`~nightshift.tasks.answer_cache.serve`)."""
+        from nightshift.tasks.answer_cache import serve
 
-        config = pool.configs.get(self.serving)
-        scope = current_scope()
-        usage = Usage()
-        if scope is None or config is None or not config.answers_cached:
-            results = pool.submit(self.serving, requests, usage=usage)
-            if scope is not None:
-                scope.record(usage, getattr(config, "price", None))
-            return results
-        log = scope.answer_log()
-        keys = request_fingerprints(requests, config.identity())
-        cached = log.load()
-        results: list[Any] = [cached.get(k) for k in keys]
-        missing = [i for i, r in enumerate(results) if r is None]
-        usage.cached = len(requests) - len(missing)
-
-        def persist(index: int, result: Any) -> None:
-            log.add(keys[missing[index]], result)
-
-        fresh = pool.submit(self.serving, [requests[i] for i in missing], persist, usage)
-        for i, result in zip(missing, fresh):
-            results[i] = result
-        scope.record(usage, config.price)
-        return results
+        return serve(pool, self.serving, requests)
 
     def _attach(self, df, values, errors, finish, p_tok, c_tok, texts) -> pl.DataFrame:  # type: ignore[no-untyped-def]
         o = self.output

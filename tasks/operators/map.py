@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 from pydantic import Field
 
-from tasks.operators.base import Operator, register_operator
-from tasks.operators.sql import sql_expr
+from nightshift.tasks.operators.base import Operator, register_operator
+from nightshift.tasks.operators.sql import sql_expr
 
 
 @register_operator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from tasks.errors import SpecError, one_line
+from nightshift.core.errors import SpecError, one_line
 
 
 def sql_expr(text: str, where: str) -> pl.Expr:

@@ -15,8 +15,8 @@ import polars as pl
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
-from tasks.errors import SpecError, one_line
-from tasks.operators.base import ROW_ID, Operator, register_operator
+from nightshift.core.errors import SpecError, one_line
+from nightshift.tasks.operators.base import ROW_ID, Operator, register_operator
 
 
 def _finalize(value: Any) -> Any:

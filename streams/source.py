@@ -14,12 +14,13 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from blocks.nats import NatsCredentials, credentials_from_env
-from tasks.errors import NightshiftError, SourceError, SpecError, one_line
-from tasks.streams.decode import RawMessage
+from nightshift.blocks.loading import load_block
+from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.streams.decode import RawMessage
+from nightshift.streams.nats import NatsCredentials, credentials_from_env
 
 if TYPE_CHECKING:
-    from flows.stream_spec import DeadLetterSpec, NatsSourceSpec
+    from nightshift.streams.spec import DeadLetterSpec, NatsSourceSpec
 
 HEADER_ID = "Nats-Msg-Id"
 
@@ -29,11 +30,7 @@ def credentials(spec: NatsSourceSpec, label: str) -> NatsCredentials:
     or the environment."""
     if spec.credentials is None:
         return credentials_from_env()
-    try:
-        return NatsCredentials.load(spec.credentials.block, _sync=True)
-    except ValueError as exc:
-        raise SpecError(f"{label}.source.credentials.block {spec.credentials.block!r}: no such "
-                        f"Nightshift NATS Credentials block ({one_line(exc)})") from None
+    return load_block(NatsCredentials, spec.credentials.block, f"{label}.source.credentials.block")
 
 
 async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.Logger | Any) -> Any:

@@ -24,11 +24,6 @@ def to_ranges(seqs: Iterable[int]) -> Ranges:
     return out
 
 
-def from_ranges(ranges: Iterable[Iterable[int]]) -> list[int]:
-    """Every sequence of the ranges, in order."""
-    return [seq for first, last in (tuple(r) for r in ranges) for seq in range(first, last + 1)]
-
-
 def count(ranges: Ranges) -> int:
     return sum(last - first + 1 for first, last in ranges)
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serving.embedded_model import resolve_model
+from nightshift.core.embedded_model import resolve_model
 
 
 def _chat_template(folder: Path) -> str:

@@ -25,12 +25,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from blocks.serving_config import ServingConfig
-from blocks.step_store import StepStore
-from flows.task_runners import DaskOptions, RunnerKind
-from tasks.errors import SpecError, StoreError, one_line
-from tasks.operators import Operator, resolve_operator
-from tasks.sources import SourceSpec
+from nightshift.blocks.loading import load_block
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.step_store import StepStore
+from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.tasks.operators import Operator, resolve_operator
+from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
+from nightshift.tasks.sources import SourceSpec
 
 
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
@@ -98,13 +99,7 @@ class StoreSpec(BaseModel):
             return StepStore(
                 url=self.url, endpoint_url=self.endpoint_url, storage_options=self.storage_options
             )
-        try:
-            return StepStore.load(self.block)
-        except ValueError as exc:
-            raise StoreError(
-                f"store.block {self.block!r}: no such Nightshift Step Store block "
-                f"({one_line(exc)}); create it first (see README, 'Blocks')"
-            ) from None
+        return load_block(StepStore, self.block, "store.block", StoreError)
 
 
 class PipelineSpec(BaseModel):
@@ -183,27 +178,27 @@ def build_operators(
     return built
 
 
-def resolve_serving(spec: PipelineSpec, operators: list[Operator]) -> dict[str, ServingConfig]:
-    """The serving configs that the spec's LLM steps use, by name."""
+def resolve_serving(serving: dict[str, dict[str, Any]],
+                    operators: list[Operator]) -> dict[str, ServingConfig]:
+    """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
+    section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
+    for a saved config."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
-        if getattr(op, "uses_serving", False):
+        if op.uses_serving:
             used.setdefault(getattr(op, "serving"), i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
-        entry = spec.serving.get(name)
+        entry = serving.get(name)
         if entry is None:
             if name != "default":
                 raise SpecError(
                     f"steps[{step}]: serving {name!r} is not defined under 'serving:' "
-                    f"(defined: {', '.join(sorted(spec.serving)) or 'none'})"
+                    f"(defined: {', '.join(sorted(serving)) or 'none'})"
                 )
             configs[name] = ServingConfig()
         elif "block" in entry:
-            try:
-                configs[name] = ServingConfig.load(entry["block"])
-            except ValueError as exc:
-                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
+            configs[name] = load_block(ServingConfig, entry["block"], f"serving.{name}.block")
         else:
             try:
                 configs[name] = ServingConfig(**entry)

@@ -19,8 +19,8 @@ from typing import Any
 
 import polars as pl
 
-from tasks.errors import NightshiftError, SpecError, one_line
-from tasks.operators import ROW_ID
+from nightshift.core.errors import NightshiftError, SpecError, one_line
+from nightshift.tasks.operators import ROW_ID
 
 
 def pg_type(dtype: pl.DataType) -> str:

@@ -28,7 +28,15 @@ class StepFailed(NightshiftError):
     """One or more batches failed in a step; completed batches stay in the store."""
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception message, shortened, for error messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def one_line(exc: BaseException | str, limit: int = 300, *, whole: bool = False) -> str:
+    """An exception message (or a text) as one shortened line, for error messages: the
+    one rule every layer uses.
+
+    The first line by default (polars and pydantic put hints and plans below it);
+    ``whole=True`` joins every line instead, white space folded, for messages whose
+    reason continues on the next lines (the vLLM engine's, JSON schema checks).
+    """
+    if not str(exc).strip():
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    text = " ".join(str(exc).split()) if whole else str(exc).strip().splitlines()[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."

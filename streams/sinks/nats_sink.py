@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 import polars as pl
 
-from tasks.errors import SpecError
-from tasks.operators import ROW_ID
+from nightshift.core.errors import SpecError
+from nightshift.tasks.operators import ROW_ID
 
 CHUNK = 1000  # publishes awaited together
 

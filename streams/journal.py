@@ -21,9 +21,9 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from blocks.step_store import StepStore
-from tasks.streams import seqs
-from tasks.streams.seqs import Ranges
+from nightshift.blocks.step_store import StepStore
+from nightshift.streams import seqs
+from nightshift.streams.seqs import Ranges
 
 State = Literal["open", "committed"]
 

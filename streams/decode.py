@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 import polars as pl
 
-from tasks.errors import SpecError, one_line
-from tasks.operators import ROW_ID
-from tasks.operators.sql import sql_expr
+from nightshift.core.errors import SpecError, one_line
+from nightshift.tasks.operators import ROW_ID
+from nightshift.tasks.operators.sql import sql_expr
 
 if TYPE_CHECKING:
-    from flows.stream_spec import DecodeSpec
+    from nightshift.streams.spec import DecodeSpec
 
 DTYPES: dict[str, pl.DataType] = {
     "string": pl.String(),

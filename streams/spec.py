@@ -45,9 +45,9 @@ from pydantic import (
     model_validator,
 )
 
-from flows.spec import StoreSpec, build_operators, read_spec_mapping, validation_message
-from tasks.errors import SpecError
-from tasks.operators import Operator
+from nightshift.core.errors import SpecError
+from nightshift.tasks.operators import Operator
+from nightshift.tasks.spec import StoreSpec, build_operators, read_spec_mapping, validation_message
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TOKEN = r"^[A-Za-z0-9_-]+$"  # NATS stream and consumer names

@@ -4,7 +4,7 @@ Runs in the flow's event loop. It pulls messages only while the held messages (o
 window + closed windows + windows in flight) stay under ``count × (max_windows_in_flight
 + 1)`` — that is the whole buffer; when the steps are slower than the stream, pulling
 stops and the messages wait in JetStream (backpressure). Windows are processed in worker
-threads (:mod:`flows.stream_window`); when one is committed its messages are acked.
+threads (:mod:`nightshift.streams.processor`); when one is committed its messages are acked.
 
 Stop (SIGINT/SIGTERM, or ``until_idle_s`` of quiet): pulling stops, the open window is
 closed and finished with the windows in flight, within ``stop_timeout_s``; past that, or
@@ -23,24 +23,25 @@ from typing import Any
 from prefect.artifacts import acreate_table_artifact
 from prefect.logging import get_run_logger
 
-from blocks.step_store import StepStore
-from flows.reporting import artifact_key
-from flows.stream_plan import StreamPlan
-from flows.stream_spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
-from flows.stream_window import Abandoned, WindowProcessor, WindowResult
-from flows.task_runners import make_task_runner
-from tasks.errors import SpecError, one_line
-from tasks.fingerprints import digest
-from tasks.operators import ROW_ID
-from tasks.streams import source as nats_source
-from tasks.streams.journal import Journal, JournalEntry, JournalIndex
-from tasks.streams.metrics import StreamMetrics, WindowMetrics, percentile
-from tasks.streams.seqs import window_id
-from tasks.streams.sinks import Sink
-from tasks.streams.sinks.nats_sink import NatsSink
-from tasks.streams.sinks.postgres_sink import PostgresSink
-from tasks.streams.sinks.store_sink import StoreSink
-from tasks.streams.windows import Window
+from nightshift.blocks.loading import load_block
+from nightshift.blocks.step_store import StepStore
+from nightshift.core.errors import one_line
+from nightshift.core.fingerprints import digest
+from nightshift.core.naming import artifact_key
+from nightshift.streams import source as nats_source
+from nightshift.streams.journal import Journal, JournalEntry, JournalIndex
+from nightshift.streams.metrics import StreamMetrics, WindowMetrics, percentile
+from nightshift.streams.plan import StreamPlan
+from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
+from nightshift.streams.seqs import window_id
+from nightshift.streams.sinks import Sink
+from nightshift.streams.sinks.nats_sink import NatsSink
+from nightshift.streams.sinks.postgres_sink import PostgresSink
+from nightshift.streams.sinks.store_sink import StoreSink
+from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
+from nightshift.streams.windows import Window
+from nightshift.tasks.operators import ROW_ID
+from nightshift.tasks.runner_choice import make_task_runner
 
 POLL_S = 0.25  # longest a pull request waits for messages
 
@@ -76,15 +77,11 @@ def make_sinks(plan: StreamPlan, loop: asyncio.AbstractEventLoop, nc: Any) -> li
 
 
 def _postgres_sink(plan: StreamPlan, i: int, spec: PostgresSinkSpec) -> PostgresSink:
-    from blocks.postgres import PostgresConnection
+    from nightshift.streams.postgres import PostgresConnection
 
     label = f"{plan.label}.sinks[{i}].postgres"
     if spec.connection.block is not None:
-        try:
-            block = PostgresConnection.load(spec.connection.block, _sync=True)
-        except ValueError as exc:
-            raise SpecError(f"{label}.connection.block {spec.connection.block!r}: no such "
-                            f"Nightshift PostgreSQL Connection block ({one_line(exc)})") from None
+        block = load_block(PostgresConnection, spec.connection.block, f"{label}.connection.block")
         kwargs, display = block.connect_kwargs(), block.display()
     else:
         kwargs = {"conninfo": spec.connection.url, "application_name": "nightshift-stream"}

@@ -13,7 +13,7 @@ SIGKILL), so concurrent processes never see a half-written model and never conve
 
 Example::
 
-    from serving.embedded_model import embedded_model_path, resolve_model
+    from nightshift.core.embedded_model import embedded_model_path, resolve_model
 
     folder = embedded_model_path()      # converts on first call
     assert resolve_model("smollm2") == str(folder)

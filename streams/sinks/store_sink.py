@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from blocks.step_store import StepStore
+from nightshift.blocks.step_store import StepStore
 
 
 class StoreSink:

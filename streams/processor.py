@@ -19,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flows.stream_plan import StreamPlan
-from tasks.batches import Batch
-from tasks.errors import NightshiftError, StepFailed, one_line
-from tasks.fingerprints import digest
-from tasks.operators import ROW_ID
-from tasks.sources import SourceFile
-from tasks.step_task import BatchRef, configure_for, run_stage_batch
-from tasks.streams.faults import fault_point
-from tasks.streams.journal import Journal, JournalEntry
-from tasks.streams.sinks import Sink
+from nightshift.core.errors import NightshiftError, StepFailed, one_line
+from nightshift.core.fingerprints import digest
+from nightshift.streams.faults import fault_point
+from nightshift.streams.journal import Journal, JournalEntry
+from nightshift.streams.plan import StreamPlan
+from nightshift.streams.sinks import Sink
+from nightshift.tasks.batches import Batch
+from nightshift.tasks.operators import ROW_ID
+from nightshift.tasks.sources import SourceFile
+from nightshift.tasks.step_task import BatchRef, configure_for, run_stage_batch
 
 
 class Abandoned(NightshiftError):

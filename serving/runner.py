@@ -1,22 +1,23 @@
-"""``VLLMTaskRunner``: a Prefect task runner that owns the LLM engines of a flow run.
+"""``ServingTaskRunner``: a Prefect task runner that owns the LLM backends of a flow run
+(vLLM engines, HTTP clients, fake backends alike; ``VLLMTaskRunner`` is its old name).
 
 It is Prefect's ``ThreadPoolTaskRunner`` (tasks run in threads of the flow's process)
-plus a :class:`~serving.pool.ServingPool`: each configured model gets one engine (or one
+plus a :class:`~nightshift.serving.pool.ServingPool`: each configured model gets one engine (or one
 replica per device) that starts on first use, stays up across every generation task of
 the run, is fed large batches gathered from all concurrent tasks, and shuts down when
 the runner exits, also when the flow fails::
 
     from prefect import flow
-    from blocks.serving_config import ServingConfig
-    from serving.task_runner import VLLMTaskRunner
+    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.serving.runner import ServingTaskRunner
 
-    @flow(task_runner=VLLMTaskRunner({"default": ServingConfig(model="smollm2")}))
+    @flow(task_runner=ServingTaskRunner({"default": ServingConfig(model="smollm2")}))
     def my_flow(): ...
 
 ``run_pipeline`` builds one from the spec's ``serving:`` section when it has LLM steps.
 
 To keep engines up *across* flow runs of one process (a notebook, a benchmark, a test
-session), enter :func:`shared_serving`: every ``VLLMTaskRunner`` entered inside it whose
+session), enter :func:`shared_serving`: every ``ServingTaskRunner`` entered inside it whose
 serving configs equal the shared ones uses the shared engines instead of starting its
 own, and leaves them running at its exit::
 
@@ -29,17 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 from typing_extensions import Self
 
-from blocks.serving_config import ServingConfig
-from serving.pool import ServingPool
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.serving.pool import ServingPool
 
 
-class VLLMTaskRunner(ThreadPoolTaskRunner):
+class ServingTaskRunner(ThreadPoolTaskRunner):
     """Thread-pool task runner whose tasks share long-lived LLM engines."""
 
     def __init__(
@@ -47,21 +49,45 @@ class VLLMTaskRunner(ThreadPoolTaskRunner):
         serving: dict[str, ServingConfig | dict[str, Any]] | ServingConfig | None = None,
         max_workers: int | None = None,
     ) -> None:
-        super().__init__(max_workers=max_workers)
+        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
+                                        or max_workers < 1):
+            raise ValueError(f"max_workers must be a positive whole number or None, not {max_workers!r}")
         if serving is None:
             serving = {"default": ServingConfig()}
         elif isinstance(serving, ServingConfig):
             serving = {"default": serving}
-        self.serving: dict[str, ServingConfig] = {
-            name: cfg if isinstance(cfg, ServingConfig) else ServingConfig(**cfg)
-            for name, cfg in serving.items()
-        }
+        if not isinstance(serving, Mapping) or not serving:
+            raise ValueError("serving must be a ServingConfig or a non-empty mapping of serving "
+                             f"names to configs, not {serving!r}")
+        configs: dict[str, ServingConfig] = {}
+        for name, cfg in serving.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"serving names are non-empty strings, not {name!r}")
+            if isinstance(cfg, ServingConfig):
+                configs[name] = cfg
+            elif isinstance(cfg, Mapping):
+                configs[name] = ServingConfig(**cfg)
+            else:
+                raise ValueError(f"serving {name!r}: a ServingConfig or a dict, not {type(cfg).__name__}")
+        super().__init__(max_workers=max_workers)
+        self.serving: dict[str, ServingConfig] = configs
         self.pool: ServingPool | None = None
         self._owns_pool = True
         self._token: Any = None
 
     def duplicate(self) -> Self:
         return type(self)(self.serving, self._max_workers)
+
+    def __eq__(self, other: object) -> bool:
+        """Same kind, same workers and the same serving configs (by value), as
+        prefect-dask's ``DaskTaskRunner`` compares its settings."""
+        if not isinstance(other, ServingTaskRunner):
+            return False
+        return (
+            self._max_workers == other._max_workers
+            and self.serving.keys() == other.serving.keys()
+            and all(cfg.as_dict() == other.serving[name].as_dict() for name, cfg in self.serving.items())
+        )
 
     def __enter__(self) -> Self:
         super().__enter__()
@@ -85,10 +111,6 @@ ServingSpec = dict[str, ServingConfig | dict[str, Any]]
 
 _SHARED: list[ServingPool] = []
 _SHARED_LOCK = threading.Lock()
-
-
-def _plain(config: ServingConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"block_type_slug"})
 
 
 def _as_configs(serving: ServingSpec) -> dict[str, ServingConfig]:
@@ -123,8 +145,18 @@ def shared_pool_for(serving: dict[str, ServingConfig]) -> ServingPool | None:
     with _SHARED_LOCK:
         for pool in reversed(_SHARED):
             if all(
-                name in pool.configs and _plain(pool.configs[name]) == _plain(cfg)
+                name in pool.configs and pool.configs[name].as_dict() == cfg.as_dict()
                 for name, cfg in serving.items()
             ):
                 return pool
     return None
+
+
+def __getattr__(name: str) -> Any:
+    """``VLLMTaskRunner``, deprecated: the old name of :class:`ServingTaskRunner` (it also
+    runs HTTP and fake backends, not only vLLM); kept so that existing flows still import."""
+    if name == "VLLMTaskRunner":
+        warnings.warn("VLLMTaskRunner is now ServingTaskRunner (nightshift.serving.runner)",
+                      DeprecationWarning, stacklevel=2)
+        return ServingTaskRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

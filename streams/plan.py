@@ -10,15 +10,15 @@ sinks receive, the sinks' own checks, and the serving configs of LLM steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import polars as pl
 
-from blocks.serving_config import ServingConfig
-from blocks.step_store import StepStore
-from flows.plan import Stage, build_stages
-from flows.spec import resolve_serving
-from flows.stream_spec import (
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.step_store import StepStore
+from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.core.fingerprints import digest
+from nightshift.streams.decode import Decoder
+from nightshift.streams.spec import (
     NatsSinkSpec,
     PostgresSinkSpec,
     SinkSpec,
@@ -26,11 +26,10 @@ from flows.stream_spec import (
     StreamPipelineSpec,
     StreamSpec,
 )
-from tasks.errors import NightshiftError, SpecError, StoreError, one_line
-from tasks.fingerprints import digest
-from tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
-from tasks.streams.decode import Decoder
-from tasks.streams.windows import WindowPolicy
+from nightshift.streams.windows import WindowPolicy
+from nightshift.tasks.operators import BarrierOperator, Operator
+from nightshift.tasks.spec import resolve_serving
+from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
 
 
 @dataclass
@@ -88,35 +87,8 @@ def build_stream_plans(spec: StreamSpec, allow_imports: bool = False) -> list[St
     return [_plan(spec, i, s, store, allow_imports) for i, s in enumerate(spec.streams)]
 
 
-# Stream flows are async: Prefect's block calls there return coroutines unless told
-# ``_sync=True``, so blocks named by a stream spec are loaded here that way.
 def resolve_store(spec: StreamSpec) -> StepStore:
-    if spec.store.block is None:
-        return spec.store.resolve()
-    try:
-        return StepStore.load(spec.store.block, _sync=True)
-    except ValueError as exc:
-        raise StoreError(f"store.block {spec.store.block!r}: no such Nightshift Step Store "
-                         f"block ({one_line(exc)})") from None
-
-
-@dataclass
-class _Serving:
-    serving: dict[str, dict[str, Any]]
-
-
-def resolve_serving_blocks(spec: StreamSpec) -> _Serving:
-    """``spec.serving`` with ``{block: NAME}`` entries replaced by the saved config."""
-    resolved: dict[str, dict[str, Any]] = {}
-    for name, entry in spec.serving.items():
-        if "block" in entry:
-            try:
-                config = ServingConfig.load(entry["block"], _sync=True)
-            except ValueError as exc:
-                raise SpecError(f"serving.{name}.block: {one_line(exc)}") from None
-            entry = config.model_dump(mode="json", exclude={"block_type_slug"})
-        resolved[name] = entry
-    return _Serving(resolved)
+    return spec.store.resolve()
 
 
 def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepStore,
@@ -131,33 +103,15 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
                     f"steps[{i}] ({op.name}): a barrier step needs the whole data set and a "
                     "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
                 )
-        serving = resolve_serving(resolve_serving_blocks(spec), operators)  # type: ignore[arg-type]
-        output = _dry_run(operators, decoder.schema)
+        serving = resolve_serving(spec.serving, operators)
+        output = dry_run(operators, decoder.schema)
         sinks = stream.sink_specs()
         _check_sinks(sinks, stream, output)
     except NightshiftError as exc:
         raise type(exc)(f"{label}.{exc}".replace(": Value error, ", ": ")) from None
-    context = {"serving": {name: cfg.identity() for name, cfg in serving.items()}}
+    context = {"serving": serving_identities(serving)}  # serving: is a top-level key
     stages = build_stages(operators, stream.fuse, context)
     return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)
-
-
-def _dry_run(operators: list[Operator], schema: pl.Schema) -> pl.Schema:
-    """Run every operator on an empty frame of the decoded schema; the output schema."""
-    df = pl.DataFrame(schema=schema)
-    for i, op in enumerate(operators):
-        where = f"steps[{i}] ({op.name or op.import_path()})"
-        missing = [c for c in op.reads() if c not in df.columns]
-        if missing:
-            raise SpecError(f"{where}: missing column {', '.join(missing)} "
-                            f"(columns: {', '.join(c for c in df.columns if c != ROW_ID)})")
-        try:
-            df = apply_operator(op, df)
-        except NightshiftError as exc:
-            raise SpecError(f"{where}: {exc}") from None
-        except Exception as exc:  # polars type/column errors
-            raise SpecError(f"{where}: {one_line(exc)}") from None
-    return df.schema
 
 
 def _check_sinks(sinks: list[SinkSpec], stream: StreamPipelineSpec, output: pl.Schema) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from tasks import parquet_io
+from nightshift.core import file_io
 
 INDEX_NAME = "outputs.json"
 
@@ -78,7 +78,7 @@ class OutputIndex:
         if entry and (entry.get("size"), entry.get("tag")) == listed:
             return int(entry["rows"])
         self.footer_reads += 1
-        rows = parquet_io.footer_rows(self.fs, f"{self.directory}/{name}")
+        rows = file_io.footer_rows(self.fs, f"{self.directory}/{name}")
         if rows is None:
             self.recorded.pop(name, None)
             return None
@@ -99,7 +99,7 @@ class OutputIndex:
         files = dict(current.get("files", {})) if isinstance(current, dict) else {}
         files.update(self.recorded)
         data = json.dumps({"files": files}, sort_keys=True, separators=(",", ":")).encode()
-        parquet_io.write_bytes_atomic(self.fs, path, data)
+        file_io.write_bytes_atomic(self.fs, path, data)
         self.changed = False
 
 

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.streams import seqs
-from tasks.streams.journal import JournalEntry
+from nightshift.streams import seqs
+from nightshift.streams.journal import JournalEntry
 
 DEFAULT_MAX_COUNT = 10_000
 

@@ -1,4 +1,5 @@
-"""Parquet on any fsspec filesystem: atomic writes, slices, footers.
+"""Files on any fsspec filesystem: Parquet frames (atomic writes, slices, footers) and
+whole files of bytes (the JSON manifests and markers), written atomically.
 
 Local files are written to a temporary name and renamed (atomic on POSIX); object stores
 get one PUT of the finished file, which is atomic too (an object is visible whole or not

@@ -37,9 +37,9 @@ def make_task_runner(
 ) -> TaskRunner[Any]:
     """Threads (with the LLM engines of ``serving`` when there are LLM steps) or Dask."""
     if serving:
-        from serving.task_runner import VLLMTaskRunner
+        from nightshift.serving.runner import ServingTaskRunner
 
-        return VLLMTaskRunner(serving, max_workers=workers)
+        return ServingTaskRunner(serving, max_workers=workers)
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner
