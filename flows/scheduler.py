@@ -262,6 +262,7 @@ class Execution:
             force=self._forced(stage),
             fail=self.fail_at == (stage, batch) and unit.piece == 0,
             rows=None if unit.stop is None else (unit.start, unit.stop),
+            surveyed=True,
         ))
         self._watch(unit, stage, future)
 

@@ -12,6 +12,7 @@ at once; the second one finds the first one's record and is Cached.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -106,14 +107,17 @@ def run_stage_batch(
     force: bool = False,
     fail: bool = False,
     rows: tuple[int, int] | None = None,
+    surveyed: bool = False,
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
     ``upstream`` is the batch's output at the stage before (one reference, or the pieces
     of a stage that cut it); ``rows`` selects ``[start, stop)`` of that input (a stage
-    with its own, smaller batch_size).
+    with its own, smaller batch_size). ``surveyed`` says the run's survey of the store
+    found no readable output for it (so it is not looked for again).
     """
-    if not force and (ref := _existing(store, out_path, key, label)):
+    # ``surveyed``: the run's survey found no readable output just now (one less read)
+    if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
         return ref
     if fail:
         raise StepFailed(f"{label}: failure injected by the run's fail_at parameter")
@@ -122,9 +126,10 @@ def run_stage_batch(
         fs, path = (store.fs, batch.read_uri) if batch.in_store else filesystem(
             batch.read_uri, source_options
         )
+        if rows is not None:  # a piece: read only its rows (their _row_ids are absolute)
+            batch = dataclasses.replace(batch, start=batch.start + rows[0],
+                                        stop=batch.start + rows[1])
         df = read_batch(batch, fs, path)
-        if rows is not None:
-            df = df.slice(rows[0], rows[1] - rows[0])
     else:
         df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)
     rows_in = df.height
