@@ -79,29 +79,28 @@ class Server:
     def db_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.home.glob("prefect.db*"))
 
-    def task_runs(self, flow_run_id: str, settle: float = 4.0) -> int:
+    def task_runs(self, flow_run_id: str) -> int:
         """Task runs recorded for a flow run, once the count stops moving."""
         import httpx
 
         body = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-        last, stable_since = -1, time.monotonic()
-        while True:
-            count = httpx.post(f"{self.url}/task_runs/count", json=body, timeout=60).json()
-            if count != last:
-                last, stable_since = count, time.monotonic()
-            elif time.monotonic() - stable_since >= settle:
-                return int(count)
-            time.sleep(0.5)
+        return int(settled(lambda: httpx.post(f"{self.url}/task_runs/count", json=body,
+                                              timeout=60).json()))
 
-    def settled_db_bytes(self, settle: float = 4.0) -> int:
-        last, stable_since = -1, time.monotonic()
-        while True:
-            size = self.db_bytes()
-            if size != last:
-                last, stable_since = size, time.monotonic()
-            elif time.monotonic() - stable_since >= settle:
-                return size
-            time.sleep(0.5)
+    def settled_db_bytes(self) -> int:
+        return settled(self.db_bytes)
+
+
+def settled(read: Any, settle: float = 4.0) -> Any:
+    """``read()`` once its value has not changed for ``settle`` seconds (the server writes
+    a run's task runs and events after the flow returns)."""
+    last, stable_since = read(), time.monotonic()
+    while time.monotonic() - stable_since < settle:
+        time.sleep(0.5)
+        value = read()
+        if value != last:
+            last, stable_since = value, time.monotonic()
+    return last
 
 
 def timed_run(server: Server, pipe: Any) -> dict[str, Any]:

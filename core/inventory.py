@@ -55,11 +55,13 @@ class OutputIndex:
             entries = fs.ls(directory, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return index
+        names = set()
         for info in entries:
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            names.add(name)
             if name.endswith(".parquet") and info.get("type", "file") == "file":
                 index.listing[name] = (int(info.get("size") or 0), file_tag(info))
-        if INDEX_NAME in {str(i["name"]).rsplit("/", 1)[-1] for i in entries}:
+        if INDEX_NAME in names:
             document = _read_json(fs, f"{directory}/{INDEX_NAME}")
             if isinstance(document, dict) and isinstance(document.get("files"), dict):
                 index.recorded = {
