@@ -69,6 +69,9 @@ class ServingConfig(Block):
     batch_timeout_s: float = Field(default=0.02, ge=0)
     #: Engine restarts (crash, out of memory) allowed per call before the call fails.
     max_restarts: int = Field(default=2, ge=0)
+    #: Both backends: a request (HTTP) or an engine (vLLM) that produces no token for this
+    #: long is stalled: the request is cancelled and re-sent, the engine restarted.
+    stall_timeout_s: float = Field(default=300.0, gt=0)
     #: fake backend only: seconds each call takes.
     fake_delay_s: float = Field(default=0.0, ge=0)
 
