@@ -20,8 +20,11 @@ Control endpoints: ``GET /_proxy/stats`` (``upstream``: requests sent to the ser
 /_proxy/config`` (any of ``fault_rate``, ``kinds``, ``outage`` (every request fails with
 503 or a cut connection), ``outage_after`` (start an outage after that many upstream
 requests), ``script`` (faults for the next requests in order, ``null`` to pass one),
-``require_key`` (else 401, echoing the header received, as OpenAI does), ``retry_after``, ``hang_s``, ``seed``), ``POST /_proxy/reset``
-(counters to zero).
+``require_key`` (else 401, echoing the header received, as OpenAI does), ``retry_after``, ``hang_s``, ``seed``,
+``hold_after`` (requests past that many upstream get no answer until the next reset or
+``hold_after: null``, then their connection is cut; they never reach the server: a run
+killed while they hang is surely killed mid-batch)), ``POST /_proxy/reset``
+(counters to zero, held requests let go).
 """
 
 from __future__ import annotations
@@ -47,11 +50,15 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         self.config = {"fault_rate": 0.0, "kinds": list(KINDS), "outage": False,
                        "outage_after": None, "require_key": None, "retry_after": 0.2,
-                       "hang_s": 3.0, "seed": 0, **config}
+                       "hang_s": 3.0, "hold_after": None, "seed": 0, **config}
+        self.released = asyncio.Event()
         self.client = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=512))
         self.reset()
 
     def reset(self) -> None:
+        if hasattr(self, "released"):  # let held requests go (their connections are cut)
+            self.released.set()
+            self.released = asyncio.Event()
         self.upstream_count = 0
         self.upstream_ok = 0
         self.received = 0
@@ -107,6 +114,9 @@ class Proxy:
         if path.startswith("/_proxy/"):
             if path == "/_proxy/config" and method == "POST":
                 self.config.update(json.loads(body or b"{}"))
+                if self.config["hold_after"] is None:
+                    self.released.set()
+                    self.released = asyncio.Event()
             elif path == "/_proxy/reset" and method == "POST":
                 self.reset()
             return await self.send(writer, 200, json.dumps(self.stats()).encode())
@@ -132,6 +142,11 @@ class Proxy:
             return await self.send(writer, int(fault), message, extra)
         if fault == "hang":
             await asyncio.sleep(self.config["hang_s"])
+            writer.transport.abort()
+            return False
+        hold = self.config["hold_after"]
+        if hold is not None and self.upstream_count >= hold:
+            await self.released.wait()
             writer.transport.abort()
             return False
         self.upstream_count += 1

@@ -132,6 +132,9 @@ def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, f
     proc = subprocess.Popen([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
                             env=cli_env(prefect_api), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # past 120 requests the proxy holds every request unanswered: the kill surely lands
+    # mid-batch (150 rows), however slow the machine is
+    fault_proxy.configure(hold_after=120)
     deadline = time.monotonic() + 180
     while fault_proxy.stats()["upstream"] < 120:
         if proc.poll() is not None:
@@ -146,6 +149,7 @@ def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, f
                     for f in (tmp_path / "store").glob("api-kill/answers/*/*/*.jsonl"))
     assert persisted >= 100
 
+    fault_proxy.configure(hold_after=None)
     fault_proxy.reset()
     rerun = subprocess.run([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
                            env=cli_env(prefect_api), cwd=ROOT, capture_output=True, text=True, timeout=300)
