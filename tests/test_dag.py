@@ -313,16 +313,19 @@ def test_sigkill_mid_branch_then_resume(tmp_path: Path, prefect_api: str,
 
 @st.composite
 def dags(draw: st.DrawFn) -> list[dict]:
-    """Cheap map/filter steps with random parents (a final join of every sink)."""
+    """Cheap map/filter/dedup steps with random parents (a final join of every sink)."""
     steps: list[dict] = []
     for i in range(draw(st.integers(2, 5))):
         after = sorted(draw(st.sets(st.integers(0, i - 1), max_size=min(i, 2)))) if i else []
         size = draw(st.sampled_from([None, None, 8]))
-        if draw(st.booleans()):
+        kind = draw(st.sampled_from(["map", "filter", "dedup"] if len(after) == 1 else ["map", "filter"]))
+        if kind == "map":
             op = {"map": {"columns": {f"c{i}": f"n * {i + 2} + {len(after)}"}}}
-        else:
+        elif kind == "filter":
             op = {"filter": {"where": f"n % {draw(st.integers(3, 7))} <> {i % 3}"}}
-        if size and len(after) < 2:
+        else:  # a barrier inside a branch (the texts are unique: it keeps every row)
+            op = {"dedup": {"on": ["text"]}}
+        if size and len(after) < 2 and kind != "dedup":
             next(iter(op.values()))["batch_size"] = size
         steps.append({**op, "name": f"s{i}", "after": [f"s{a}" for a in after]})
     parents = {a for s in steps for a in s["after"]}
