@@ -213,11 +213,6 @@ def _find_cycle(nodes: list[StepNode], left: set[int]) -> list[int]:
         path.append(current)
 
 
-def is_chain(nodes: list[StepNode]) -> bool:
-    """True for the ordered list every spec without ``after`` is."""
-    return all(n.parents == ((n.index - 1,) if n.index else ()) for n in nodes)
-
-
 def ancestors(nodes: list[StepNode], order: list[int]) -> dict[int, set[int]]:
     """Each step's ancestors and itself."""
     result: dict[int, set[int]] = {}

@@ -2,7 +2,8 @@
 share about a list of operators.
 
 A stage is one Prefect task per unit of work: one operator, or several consecutive
-fusable (cheap, row-local) ones. :func:`dry_run` runs every operator on an empty frame of
+fusable (cheap, row-local) ones; in a DAG of steps (``tasks/dag.py``) stages have parent
+stages, and fusion stays inside linear chains. :func:`dry_run` runs every operator on an empty frame of
 a schema, so missing columns, wrong types and bad expressions fail before any data is
 read, naming the step.
 """
