@@ -104,7 +104,8 @@ def run(
     spec: SpecArg,
     batch_size: Annotated[Optional[int], typer.Option(help="override batch_size")] = None,
     resume_step: Annotated[
-        Optional[int], typer.Option(help="recompute from this step index on")
+        Optional[str], typer.Option(
+            help="recompute this step (index or name) and the steps that depend on it")
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
     allow_imports: AllowImports = False,
@@ -140,16 +141,23 @@ def _print_steps(rows: list[dict]) -> None:
     console.print(table)
 
 
+StepOpt = Annotated[Optional[str], typer.Option(
+    "--step", metavar="NAME", help="a step by name (or index)")]
+
+
 @app.command()
-def status(spec: SpecArg, allow_imports: AllowImports = False) -> None:
+def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = False) -> None:
     """Per step: batches done / total and rows, read from the store."""
     from nightshift.flows.outputs import step_status
     from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
-    table = Table("step", "steps", "batches done", "rows")
-    for s in step_status(plan):
-        table.add_row(s.stage, ",".join(map(str, s.steps)), f"{s.done}/{s.total}", str(s.rows))
+    dag = not plan.linear
+    table = Table("step", "steps", *(["after"] if dag else []), "batches done", "rows")
+    for s in step_status(plan, step):
+        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names))
+        table.add_row(s.stage, steps, *([", ".join(s.after) or "source"] if dag else []),
+                      f"{s.done}/{s.total}", str(s.rows))
     console.print(table)
 
 
@@ -157,6 +165,9 @@ def status(spec: SpecArg, allow_imports: AllowImports = False) -> None:
 def export(
     spec: SpecArg,
     to: Annotated[Path, typer.Option("--to", help="out.parquet or out.jsonl")],
+    step: Annotated[Optional[str], typer.Option(
+        "--step", metavar="NAME",
+        help="the step whose rows to write (default: the one step nothing comes after)")] = None,
     allow_imports: AllowImports = False,
 ) -> None:
     """Write the final step's rows, in source order, to one file."""
@@ -164,7 +175,7 @@ def export(
     from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
-    rows = export_output(plan, to)
+    rows = export_output(plan, to, step)
     console.print(f"wrote {rows} rows to {to}")
 
 
@@ -178,6 +189,10 @@ def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
         f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), "
         f"{len(plan.stages)} stage(s)"
     )
+    if not plan.linear:
+        for s in plan.stages:
+            after = ", ".join(plan.stages[p].name for p in s.parents) or "source"
+            console.print(f"  {s.name}: after {after}", markup=False, highlight=False)
 
 
 @app.command()

@@ -18,25 +18,33 @@ read per stage.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from nightshift.flows.plan import Plan
 from nightshift.flows.survey import StageSurvey, survey as take_survey
 
 
-def explain(plan: Plan, force_from: int | None,
+def explain(plan: Plan, force_from: int | Collection[int] | None,
             survey: list[StageSurvey] | None = None) -> list[str]:
-    """One line per stage: what this run will reuse and why the rest is computed."""
+    """One line per stage: what this run will reuse and why the rest is computed.
+
+    ``force_from``: the stages computed again as asked (``Plan.forced``). In a DAG each
+    line names the stages the stage reads (``after ...``)."""
     views = survey if survey is not None else take_survey(plan, force_from=force_from)
-    return [_explain_stage(plan, stage.index, force_from, views[stage.index])
+    forced = plan.forced(force_from)
+    return [_explain_stage(plan, stage.index, forced, views[stage.index])
             for stage in plan.stages]
 
 
-def _explain_stage(plan: Plan, index: int, force_from: int | None, view: StageSurvey) -> str:
+def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageSurvey) -> str:
     stage = plan.stages[index]
     total = len(plan.batches)
-    name = f"step {stage.dirname}"
-    if force_from is not None and index >= force_from:
+    name = f"step {stage.name}"
+    if not plan.linear:
+        after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
+        name = f"{name} (after {after})"
+    if index in forced:
         return f"{name}: computing all {total} batches, as asked (resume_step / --fresh)"
     if view.done == total:
         return f"{name}: all {total} batches done, reused"
@@ -60,7 +68,7 @@ def _what_changed(stage: Any, manifest: dict[str, Any]) -> str:
     before = manifest.get("steps") or []
     now = [op.spec_entry() for op in stage.operators]
     changed = [
-        f"steps[{stage.first_step + i}] ({next(iter(entry))}) config"
+        f"steps[{stage.steps[i]}] ({next(iter(entry))}) config"
         for i, entry in enumerate(now)
         if i >= len(before) or before[i] != entry
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -19,42 +19,52 @@ class StepStatus:
     done: int
     total: int
     rows: int
+    #: the names of its steps, and the stages it reads (DAGs: ``tasks/dag.py``)
+    names: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
 
 
-def step_status(plan: Plan) -> list[StepStatus]:
-    """For each stage: batches whose output is in the store (and readable), and rows.
+def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
+    """For each stage (or the one of ``step``, by index or name): batches whose output is
+    in the store (and readable), and rows.
 
     One listing per stage directory (see flows/survey.py); a stage that cuts batches
     into pieces counts a batch done when every piece is.
     """
+    only = None if step is None else plan.stage_of_step(step, "--step")
     return [
-        StepStatus(view.name, list(stage.steps), view.done, view.batches, view.rows)
+        StepStatus(view.name, list(stage.steps), view.done, view.batches, view.rows,
+                   list(stage.names), [plan.stages[p].name for p in stage.parents])
         for stage, view in zip(plan.stages, survey(plan))
+        if only is None or stage.index == only
     ]
 
 
-def final_paths(plan: Plan) -> list[str]:
-    """The last step's output files in source order; error if any batch is missing."""
-    last = survey(plan)[-1]
+def final_paths(plan: Plan, step: int | str | None = None) -> list[str]:
+    """A step's output files in source order (default: the sink, the one step nothing
+    comes after); error if any batch is missing."""
+    index = plan.stage_of_output(step)
+    last = survey(plan)[index]
     if last.done < last.batches:
         missing = next(b for b, refs in enumerate(last.refs) if refs is None)
         batch = plan.batches[missing]
         raise StoreError(
-            f"pipeline {plan.spec.name}: step {plan.stages[-1].dirname} has "
+            f"pipeline {plan.spec.name}: step {plan.stages[index].name} has "
             f"{last.done}/{last.batches} batches; run it first (first missing: batch "
             f"{missing + 1}, rows {batch.start}-{batch.stop} of {batch.file.uri})"
         )
     return [ref.path for refs in last.refs for ref in refs or []]
 
 
-def read_output(plan: Plan) -> pl.DataFrame:
-    """The final step's rows, in source order (files by path, then row)."""
-    frames = [plan.store.read_frame(p) for p in final_paths(plan)]
+def read_output(plan: Plan, step: int | str | None = None) -> pl.DataFrame:
+    """The final step's (or ``step``'s) rows, in source order (files by path, then row)."""
+    frames = [plan.store.read_frame(p) for p in final_paths(plan, step)]
     return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
 
-def export(plan: Plan, to: Path) -> int:
-    """Write the final output to ``.parquet`` or ``.jsonl``; returns the row count.
+def export(plan: Plan, to: Path, step: int | str | None = None) -> int:
+    """Write the final output (the sink's, or ``step``'s) to ``.parquet`` or ``.jsonl``;
+    returns the row count.
 
     The rows go to a temporary file beside ``to`` that replaces it only once complete: an
     export that fails leaves an earlier ``to`` as it was and says why in one line.
@@ -67,7 +77,7 @@ def export(plan: Plan, to: Path) -> int:
     suffix = to.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".ndjson"):
         raise StoreError(f"export --to {to}: use a .parquet or .jsonl file name")
-    paths = final_paths(plan)
+    paths = final_paths(plan, step)
     if to.is_dir():
         raise StoreError(f"export --to {to}: is a directory; give a file name")
     try:
@@ -87,7 +97,7 @@ def export(plan: Plan, to: Path) -> int:
                 with open(tmp, "rb") as handle:
                     rows = sum(1 for _ in handle)
         else:
-            df = read_output(plan)
+            df = read_output(plan, step)
             df.write_parquet(tmp) if suffix == ".parquet" else df.write_ndjson(tmp)
             rows = df.height
         os.replace(tmp, to)

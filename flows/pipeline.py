@@ -13,10 +13,20 @@
     pipe.run(batch_size=1000)                          # resumes from completed batches
     pipe.run(resume_from_last=False, resume_step=2)    # recompute step 2 and later
     df = pipe.read()                                   # final output, source order
+
+Steps as a DAG (``docs/engine.md``, "DAGs"): wrap an operator in :class:`Step` to give it a
+``name`` and ``after``, exactly as ``name:`` and ``after:`` in YAML::
+
+    steps=[Filter(where="length(text) > 20", ...),
+           Step(Template(output="fr", ...), name="fr", after=["filter"]),
+           Step(Template(output="de", ...), name="de", after=["filter"])]
+    pipe.run(resume_step="de")                         # recompute the de branch only
+    pipe.read(step="fr")                               # a branch's output
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,7 @@ from nightshift.tasks.spec import PipelineSpec, StoreSpec
 def run_spec(
     spec: PipelineSpec,
     resume_from_last: bool | None = None,
-    resume_step: int | None = None,
+    resume_step: int | str | None = None,
     allow_imports: bool = False,
 ) -> dict[str, Any]:
     """Check everything, then run the ``run-pipeline`` flow on the Prefect API that
@@ -61,14 +71,25 @@ def run_spec(
         return state.result()
 
 
+@dataclass(frozen=True)
+class Step:
+    """An operator with a step ``name`` and the steps it comes ``after`` (a DAG); ``after``
+    None follows the step before, ``[]`` reads the source."""
+
+    operator: Operator
+    name: str | None = None
+    after: list[str] | None = None
+
+
 class Pipeline:
-    """An ordered list of operators over a source, run as a Prefect flow."""
+    """Operators over a source (an ordered list, or a DAG through :class:`Step`), run as
+    a Prefect flow."""
 
     def __init__(
         self,
         name: str,
         source: str | list[str] | SourceSpec,
-        steps: list[Operator],
+        steps: list[Operator | Step],
         store: str | StoreSpec = "file://./.nightshift",
         batch_size: int = 10_000,
         **options: Any,
@@ -82,10 +103,16 @@ class Pipeline:
 
     def spec(self, batch_size: int | None = None) -> PipelineSpec:
         entries = []
-        for op in self.steps:
+        for item in self.steps:
+            op = item.operator if isinstance(item, Step) else item
             registered = registered_operators().get(op.name) is type(op)
             key = op.name if registered else op.import_path()
-            entries.append({key: op.model_dump(mode="json")})
+            entry: dict[str, Any] = {key: op.model_dump(mode="json")}
+            if isinstance(item, Step) and item.name is not None:
+                entry["name"] = item.name
+            if isinstance(item, Step) and item.after is not None:
+                entry["after"] = list(item.after)
+            entries.append(entry)
         return PipelineSpec(
             name=self.name,
             source=self.source,
@@ -102,16 +129,20 @@ class Pipeline:
         self,
         batch_size: int | None = None,
         resume_from_last: bool | None = None,
-        resume_step: int | None = None,
+        resume_step: int | str | None = None,
     ) -> dict[str, Any]:
-        """Run (or resume) the pipeline; returns the per-step summary."""
+        """Run (or resume) the pipeline; returns the per-step summary. ``resume_step``
+        (an index or a step name) recomputes that step and the steps depending on it."""
         return run_spec(self.spec(batch_size), resume_from_last, resume_step, allow_imports=True)
 
-    def status(self, batch_size: int | None = None) -> list[StepStatus]:
-        return step_status(self.plan(batch_size))
+    def status(self, batch_size: int | None = None,
+               step: int | str | None = None) -> list[StepStatus]:
+        return step_status(self.plan(batch_size), step)
 
-    def read(self, batch_size: int | None = None) -> pl.DataFrame:
-        return read_output(self.plan(batch_size))
+    def read(self, batch_size: int | None = None, step: int | str | None = None) -> pl.DataFrame:
+        """The sink's rows (or ``step``'s), in source order."""
+        return read_output(self.plan(batch_size), step)
 
-    def export(self, to: str | Path, batch_size: int | None = None) -> int:
-        return export(self.plan(batch_size), Path(to))
+    def export(self, to: str | Path, batch_size: int | None = None,
+               step: int | str | None = None) -> int:
+        return export(self.plan(batch_size), Path(to), step)

@@ -9,12 +9,15 @@ expressions fail here, naming the step), and computes the content address of eve
 * row-local stage: ``key = H(stage fingerprint, input key)``, the input key of the first
   stage being the batch fingerprint (file identity + row range);
 * barrier stage: ``key = H(stage fingerprint, H(input keys of batches 0..j)))``, because a
-  global dedup's batch ``j`` depends on every batch before it.
+  global dedup's batch ``j`` depends on every batch before it;
+* join stage (steps as a DAG, ``tasks/dag.py``): the input key is ``H("join", each
+  parent's input key)``, so a step's keys depend on its ancestors only.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +29,13 @@ from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.batches import Batch, cut, with_row_ids
-from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
-from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
+from nightshift.tasks.stages import (
+    DagSchemas, Stage, build_dag_stages, dry_run_dag, serving_identities, step_where,
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,72 @@ class Plan:
     batches: list[Batch]
     stages: list[Stage]
     serving: dict[str, ServingConfig] = field(default_factory=dict)
-    #: keys of the stages before the first one with its own batch_size (known at planning)
-    keys: list[list[str]] = field(default_factory=list)
+    #: keys of the stages that no stage with its own batch_size precedes (known at
+    #: planning), by stage
+    keys: dict[int, list[str]] = field(default_factory=dict)
     barrier_keys: dict[int, str] = field(default_factory=dict)
+    #: the spec's steps as a DAG (names, parents), in spec order
+    nodes: list[StepNode] = field(default_factory=list)
+
+    # -- the DAG -----------------------------------------------------------------------
+    @functools.cached_property
+    def children(self) -> list[list[int]]:
+        """Per stage, the stages that read its output."""
+        result: list[list[int]] = [[] for _ in self.stages]
+        for stage in self.stages:
+            for p in stage.parents:
+                result[p].append(stage.index)
+        return result
+
+    @property
+    def linear(self) -> bool:
+        return all(s.parents == ([s.index - 1] if s.index else []) for s in self.stages)
+
+    @property
+    def sinks(self) -> list[int]:
+        """The stages nothing comes after (one for a linear spec)."""
+        return [s.index for s in self.stages if not self.children[s.index]]
+
+    def sink(self) -> int:
+        """The one stage nothing comes after, or an error naming the candidates."""
+        sinks = self.sinks
+        if len(sinks) > 1:
+            names = ", ".join(self.stages[s].names[-1] for s in sinks)
+            raise SpecError(
+                f"pipeline {self.spec.name}: {len(sinks)} steps have nothing after them "
+                f"({names}); choose one with --step NAME (step=NAME)"
+            )
+        return sinks[0]
+
+    def descendants(self, stage: int) -> set[int]:
+        """``stage`` and every stage that depends on it."""
+        found, todo = {stage}, [stage]
+        while todo:
+            for child in self.children[todo.pop()]:
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        return found
+
+    def forced(self, force_from: int | Collection[int] | None) -> frozenset[int]:
+        """The stages a run computes again: none, a stage and its descendants (``resume_step``;
+        in a chain: that stage and every later one), or the given ones (``--fresh``: all)."""
+        if force_from is None:
+            return frozenset()
+        if isinstance(force_from, int):
+            return frozenset(self.descendants(force_from))
+        return frozenset(force_from)
+
+    def stage_input(self, stage: int, batch: int,
+                    parent_keys: list[list[str]], parent_rows: list[int]) -> tuple[str, int]:
+        """A batch's input key at a row-local stage and its row count (-1 for a join,
+        whose rows are known once it runs; a join never cuts pieces)."""
+        s = self.stages[stage]
+        if not s.parents:
+            return self.source_key(batch), self.batches[batch].rows
+        if len(s.parents) == 1:
+            return self.input_key(parent_keys[0]), parent_rows[0]
+        return digest("join", *(self.input_key(k) for k in parent_keys)), -1
 
     # -- keys: the content address of every unit -------------------------------------
     def source_key(self, batch: int) -> str:
@@ -82,7 +151,7 @@ class Plan:
         """The units of a row-local stage for one batch, from its input key and rows."""
         s = self.stages[stage]
         if s.batch_size is None:
-            if stage < len(self.keys):  # known at planning
+            if stage in self.keys:  # known at planning
                 return [Unit(stage, batch, 0, 0, None, self.keys[stage][batch])]
             return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
         starts = range(0, input_rows, s.batch_size) or range(1)
@@ -126,11 +195,33 @@ class Plan:
     def manifest_path(self, stage: int) -> str:
         return f"{self.stage_dir(stage)}/manifest.json"
 
-    def stage_of_step(self, step: int) -> int:
+    def stage_of_step(self, step: int | str, what: str = "resume_step") -> int:
+        """The stage of a step given by index, by name or by its stage's name."""
+        if isinstance(step, str) and step.isdigit():
+            step = int(step)
         for stage in self.stages:
-            if step in stage.steps:
+            if step in stage.steps or step in stage.names or step in (stage.dirname, stage.name):
                 return stage.index
-        raise SpecError(f"resume_step {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
+        if isinstance(step, int):
+            raise SpecError(f"{what} {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
+        names = ", ".join(n.name for n in self.nodes)
+        raise SpecError(f"{what} {step!r}: no step has that name (steps: {names})")
+
+    def stage_of_output(self, step: int | str | None, what: str = "--step") -> int:
+        """The stage whose stored output is ``step``'s (default: the sink); a step fused
+        into a stage before its last step has no output of its own."""
+        if step is None:
+            return self.sink()
+        index = self.stage_of_step(step, what)
+        stage = self.stages[index]
+        node = next((n for n in self.nodes if step in (n.index, n.name, str(n.index))), None)
+        if node is not None and node.index != stage.steps[-1]:
+            raise SpecError(
+                f"{what} {step}: step {node.name} runs fused with {stage.names[-1]} in stage "
+                f"{stage.name}, so only {stage.names[-1]}'s output is stored; choose it, "
+                "or set fuse: false"
+            )
+        return index
 
 
 def prefix_of(spec: PipelineSpec) -> list[str]:
@@ -138,12 +229,18 @@ def prefix_of(spec: PipelineSpec) -> list[str]:
     return [spec.name, spec.partition] if spec.partition else [spec.name]
 
 
-def _check_batch_sizes(operators: list[Operator], batch_size: int) -> None:
+def _check_batch_sizes(nodes: list[StepNode], batch_size: int) -> None:
     """Per-step sizes cut a batch into smaller pieces; they never join batches."""
-    for i, op in enumerate(operators):
+    for node in nodes:
+        op = node.operator
         if op.batch_size is None:
             continue
-        where = f"steps[{i}] ({op.name or op.import_path()}).batch_size"
+        where = f"{step_where(node)}.batch_size"
+        if len(node.parents) > 1 and op.batch_size < batch_size:
+            raise SpecError(
+                f"{where}: a join runs on whole batches (its rows are known once its parents "
+                "are joined); give the batch_size to a step after it"
+            )
         if isinstance(op, BarrierOperator):
             raise SpecError(f"{where}: a barrier step runs on whole batches; remove batch_size")
         if op.batch_size > batch_size:
@@ -157,12 +254,9 @@ def _check_batch_sizes(operators: list[Operator], batch_size: int) -> None:
 def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> Plan:
     """Validate everything and compute all keys; raises a one-line NightshiftError."""
     spec = load_spec(spec)
-    operators = spec.operators(allow_imports)
-    if isinstance(operators[0], BarrierOperator):
-        raise SpecError(
-            f"steps[0] ({operators[0].name}): a barrier step cannot be the first step; "
-            "put a row-local step (e.g. select) before it"
-        )
+    nodes = spec.step_nodes(allow_imports)  # names, edges, cycles, barriers checked
+    order = topological_order(nodes)
+    operators = [node.operator for node in nodes]
     store = spec.store.resolve()
     store.check_writable()
     files = discover(spec.source)
@@ -181,11 +275,11 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
             raise SpecError(f"serving.{name}: {exc}") from None
     if serving and spec.task_runner != "thread":
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
-    _dry_run(operators, schemas)
-    _check_batch_sizes(operators, spec.batch_size)
+    dag = _dry_run(nodes, order, schemas)
+    _check_batch_sizes(nodes, spec.batch_size)
     context = {"serving": serving_identities(serving)}
-    stages = build_stages(operators, spec.fuse, context, spec.batch_size)
-    plan = Plan(spec, store, files, batches, stages, serving)
+    stages = build_dag_stages(nodes, order, spec.fuse, context, spec.batch_size, dag.joins)
+    plan = Plan(spec, store, files, batches, stages, serving, nodes=nodes)
     _compute_keys(plan)
     return plan
 
@@ -216,38 +310,45 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
         file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
 
 
-def _dry_run(operators: list[Operator], schemas: dict[str, pl.Schema]) -> None:
+def _dry_run(nodes: list[StepNode], order: list[int],
+             schemas: dict[str, pl.Schema]) -> DagSchemas:
     """Check that the files agree (same columns, same types), dry-run every operator on
     each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
     the templates on each file's first rows (when the schema carries them)."""
     _check_same_columns(schemas)
     seen: set[str] = set()
+    first: DagSchemas | None = None
     for uri, schema in schemas.items():
         if ROW_ID in schema:
             raise SourceError(f"source file {uri}: column {ROW_ID} is reserved")
         if str(schema) in seen:
             continue
         seen.add(str(schema))
-        dry_run(operators, schema, on=uri if len(schemas) > 1 else None)
+        result = dry_run_dag(nodes, order, schema, on=uri if len(schemas) > 1 else None)
+        first = first or result
     for uri, schema in schemas.items():
-        _render_sample(operators, uri, getattr(schema, "sample", None))
+        _render_sample(nodes, order, first, uri, getattr(schema, "sample", None))
+    assert first is not None  # a source has at least one file
+    return first
 
 
 def _compute_keys(plan: Plan) -> None:
-    """The keys known before any work: every stage's up to the first that cuts batches
-    (that one's pieces depend on its input's row counts; the scheduler finds them)."""
-    inputs = [plan.source_key(b) for b in range(len(plan.batches))]
+    """The keys known before any work: every stage's that no stage cutting batches
+    precedes (those pieces depend on their input's row counts; the scheduler finds them)."""
+    n = len(plan.batches)
     for stage in plan.stages:
-        if stage.batch_size is not None:
-            return
+        if stage.batch_size is not None or any(p not in plan.keys for p in stage.parents):
+            continue
+        parents = [[[plan.keys[p][b]] for p in stage.parents] for b in range(n)]
+        inputs = [plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
+                  for b in range(n)]
         if stage.barrier is not None:
             index_key, units = plan.barrier_units(stage.index, inputs)
             plan.barrier_keys[stage.index] = index_key
             keys = [u.key for u in units]
         else:
             keys = [plan.units(stage.index, b, key, 0)[0].key for b, key in enumerate(inputs)]
-        plan.keys.append(keys)
-        inputs = keys
+        plan.keys[stage.index] = keys
 
 
 # -- input checks of validate (helpers of _prepare_file and _dry_run) ---------------------
@@ -321,7 +422,8 @@ def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
                 )
 
 
-def _render_sample(operators: list[Operator], uri: str, sample: pl.DataFrame | None) -> None:
+def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | None, uri: str,
+                   sample: pl.DataFrame | None) -> None:
     """Run a file's first rows through the steps and render every template on them (the
     ``template`` steps and the prompts of LLM steps), so that a template that fails on real
     values (a missing attribute, a blocked one) fails validate, naming step, file and row.
@@ -335,11 +437,20 @@ def _render_sample(operators: list[Operator], uri: str, sample: pl.DataFrame | N
 
     if sample is None:
         return
-    df = sample
-    for i, op in enumerate(operators):
-        if df.height == 0:
-            return
-        where = f"steps[{i}] ({op.name or op.import_path()}) on source file {uri}"
+    frames: dict[int, pl.DataFrame | None] = {}  # None: the sample ended before this step
+    for i in order:
+        node, op = nodes[i], nodes[i].operator
+        inputs = [frames.get(p) for p in node.parents] if node.parents else [sample]
+        if any(f is None or f.height == 0 for f in inputs):
+            frames[i] = None
+            continue
+        if len(inputs) > 1:
+            assert dag is not None
+            df = join_frames(inputs, dag.joins[i])  # type: ignore[arg-type]
+        else:
+            df = inputs[0]
+        frames[i] = None
+        where = f"{step_where(node)} on source file {uri}"
         try:
             if isinstance(op, LLMOperator):
                 prompts = df
@@ -356,13 +467,14 @@ def _render_sample(operators: list[Operator], uri: str, sample: pl.DataFrame | N
                 state = op.index(df.lazy()) if isinstance(op, Dedup) else None
                 df = apply_operator(op, df, state)
             else:
-                return
+                continue  # a custom step ends the sample on its branch
         except TemplateRenderError as exc:
             raise SpecError(f"{where}: template fails on row {exc.row}: {exc.detail}") from None
         except NightshiftError as exc:
             raise SpecError(f"{where}: {exc}") from None
         except Exception as exc:  # a value the empty-frame dry run could not see
             raise SpecError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from None
+        frames[i] = df
 
 
 def _stand_in(dtype: pl.DataType) -> Any:

@@ -47,8 +47,8 @@ class Progress:
         self.ids: list[UUID] = [
             create_progress_artifact(
                 0.0,
-                key=artifact_key(plan.spec.name, f"progress-{stage.dirname}"),
-                description=f"step {stage.dirname}: share of its {total} batches done "
+                key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
+                description=f"step {stage.name}: share of its {total} batches done "
                             f"(reused or computed); {attempt_note()}",
             )
             for stage in plan.stages
@@ -70,7 +70,10 @@ def publish_plan(plan: Plan, lines: list[str]) -> None:
     computes the rest (the same lines as the flow run's log)."""
     create_table_artifact(
         key=artifact_key(plan.spec.name, "plan"),
-        table=[{"step": stage.dirname, "plan": line.split(": ", 1)[-1]}
+        table=[{"step": stage.name,
+                **({} if plan.linear else {"after": ", ".join(
+                    plan.stages[p].name for p in stage.parents) or "source"}),
+                "plan": line.split(": ", 1)[-1]}
                for stage, line in zip(plan.stages, lines)],
         description=f"pipeline {plan.spec.name}: per step, batches reused from the store "
                     f"and batches to compute, with the reason; {attempt_note()}",

@@ -43,7 +43,7 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(_name).addFilter(OneLineErrors())
 
 
-def resolve_resume(resume_from_last: bool | None, resume_step: int | None) -> bool:
+def resolve_resume(resume_from_last: bool | None, resume_step: int | str | None) -> bool:
     """DataFlow's vocabulary: resume from completed batches, or recompute from step k."""
     if resume_step is not None and resume_from_last:
         raise SpecError(
@@ -56,7 +56,7 @@ def resolve_resume(resume_from_last: bool | None, resume_step: int | None) -> bo
 def execute_plan(
     plan: Plan,
     resume_from_last: bool | None = None,
-    resume_step: int | None = None,
+    resume_step: int | str | None = None,
     fail_at: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run a plan inside the current flow run; returns the run summary.
@@ -66,18 +66,27 @@ def execute_plan(
     computed, and task runs are created only for the units left to compute.
     """
     resume = resolve_resume(resume_from_last, resume_step)
-    force_from = None
+    force_from: int | set[int] | None = None
     if resume_step is not None:
         force_from = plan.stage_of_step(resume_step)
     elif not resume:
-        force_from = 0
+        force_from = {s.index for s in plan.stages}
+    forced = plan.forced(force_from)
     logger = get_run_logger()
+    recompute = ""
+    if forced:
+        recompute = "; recomputing " + ("every stage" if len(forced) == len(plan.stages) else
+                                        "stages " + ", ".join(plan.stages[i].name for i in sorted(forced)))
     logger.info(
         "pipeline %s: %d file(s), %d batch(es) of up to %d rows, %d step(s) in %d task stage(s)%s",
         plan.spec.name, len(plan.files), len(plan.batches), plan.spec.batch_size,
-        len(plan.spec.steps), len(plan.stages),
-        f"; recomputing from stage {force_from}" if force_from is not None else "",
+        len(plan.spec.steps), len(plan.stages), recompute,
     )
+    if not plan.linear:
+        for stage in plan.stages:
+            after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
+            logger.info("stage %s: steps %s, after %s%s", stage.name, ", ".join(stage.names),
+                        after, " (a join on _row_id)" if len(stage.parents) > 1 else "")
     inventory = Inventory(plan)
     lines = explain(plan, force_from, survey(plan, inventory, force_from))
     for line in lines:
@@ -93,14 +102,18 @@ def execute_plan(
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             publish_summary(plan, [s.as_row() for s in execution.stats])
-    output = [ref.path for _, ref in execution.units_of(len(plan.stages) - 1)]
+    outputs = {plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)]
+               for i in plan.sinks}
+    output = outputs[plan.stages[plan.sinks[-1]].name]
     publish_sample(plan, output)
     return {
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "pipeline": plan.spec.name,
         "batches": len(plan.batches),
         "steps": [s.as_row() for s in execution.stats],
+        # the (last) sink's output; every sink's by stage name in ``outputs``
         "output": output,
+        "outputs": outputs,
     }
 
 
@@ -111,7 +124,8 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
         plan.manifest_path(stage),
         {
             "pipeline": plan.spec.name,
-            "stage": s.dirname,
+            "stage": s.name,
+            **({"directory": s.dirname} if s.in_dag else {}),
             "steps": [op.spec_entry() for op in s.operators],
             "fingerprint": s.fingerprint,
             "batch_size": s.batch_size,
@@ -142,7 +156,8 @@ def _run_name() -> str:
     return Path(str(spec)).stem
 
 
-def failure_at(plan: Plan, fail_at_batch: int | None, fail_at_step: int) -> tuple[int, int] | None:
+def failure_at(plan: Plan, fail_at_batch: int | None,
+               fail_at_step: int | str) -> tuple[int, int] | None:
     """The (stage, batch index) where a rehearsed failure fires: first attempt only.
 
     ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``)."""
@@ -157,10 +172,10 @@ def failure_at(plan: Plan, fail_at_batch: int | None, fail_at_step: int) -> tupl
 def run_pipeline(
     spec: dict[str, Any] | str,
     resume_from_last: bool | None = None,
-    resume_step: int | None = None,
+    resume_step: int | str | None = None,
     allow_imports: bool = False,
     fail_at_batch: int | None = None,
-    fail_at_step: int = 0,
+    fail_at_step: int | str = 0,
 ) -> dict[str, Any]:
     """Run a pipeline spec, resuming from the batches already in its store.
 
@@ -169,12 +184,12 @@ def run_pipeline(
             as a mapping (name, source, store, steps, ...).
         resume_from_last: reuse the batches already in the store (the default); False
             alone computes everything again.
-        resume_step: compute again from this step index (0-based) on; the steps before
-            it are reused.
+        resume_step: compute again from this step (its index, 0-based, or its name) on:
+            that step and every step that depends on it; the others are reused.
         allow_imports: allow operators given as module:Class import paths in the spec.
         fail_at_batch: rehearse a failure: this batch (counted from 1, as in the task
             runs' names) fails on the first attempt only, so a Retry succeeds.
-        fail_at_step: the step index (0-based) where fail_at_batch fails.
+        fail_at_step: the step (index, 0-based, or name) where fail_at_batch fails.
     """
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
     return execute_plan(plan, resume_from_last, resume_step,

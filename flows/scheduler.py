@@ -1,6 +1,9 @@
 """Pipelined execution of a plan inside a flow run, paying only for the work left.
 
-Each batch walks the stages in order. At each stage its units (the whole batch, or pieces
+Each batch walks the stages in order (a DAG's stages: a batch goes to every stage that
+reads the source, and on to each stage whose parents all have it, so independent branches
+run concurrently over the same batches; a join waits for every piece of the batch from
+each of its parents). At each stage its units (the whole batch, or pieces
 of a stage's own ``batch_size``) are looked up in the store's :class:`Inventory` (one
 listing per stage directory, made at the start): a unit whose output is there and
 readable is **reused** at once, with no Prefect task run; the others are submitted as
@@ -29,7 +32,7 @@ from prefect.states import State
 
 from nightshift.core.errors import StepFailed, one_line
 from nightshift.flows.plan import Plan, Unit
-from nightshift.flows.survey import Inventory, first_units, input_keys
+from nightshift.flows.survey import Inventory, barrier_input_keys, stage_units
 from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
 
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most
@@ -98,7 +101,8 @@ class _Slot:
 @dataclass
 class Execution:
     plan: Plan
-    force_from_stage: int | None = None
+    #: stages computed again: a stage and its descendants, or a set (``Plan.forced``)
+    force_from_stage: int | set[int] | frozenset[int] | None = None
     fail_at: tuple[int, int] | None = None
     runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
     progress: Any = None  # nightshift.flows.reporting.Progress, or None
@@ -112,7 +116,7 @@ class Execution:
         n, stages = len(self.plan.batches), self.plan.stages
         self.inventory = self.inventory or Inventory(self.plan)
         self.refs = [[None] * n for _ in stages]
-        self.stats = [StageStats(s.dirname, list(s.steps), n) for s in stages]
+        self.stats = [StageStats(s.name, list(s.steps), n) for s in stages]
         self._slots: list[dict[int, _Slot]] = [{} for _ in stages]
         self._events: queue.Queue[tuple[Unit | None, int, Any]] = queue.Queue()
         self._arrivals: deque[tuple[int, int]] = deque()
@@ -127,6 +131,8 @@ class Execution:
             self.plan.store, self.plan.spec.retries, self.plan.spec.retry_delay_seconds
         )
         self._step_task = run_stage_batch.with_options(**options)
+        self._forced_stages = self.plan.forced(self.force_from_stage)
+        self._roots = [s.index for s in stages if not s.parents]
         self._index_task = build_barrier_index.with_options(**options)
 
     # -- public ---------------------------------------------------------------------
@@ -179,7 +185,7 @@ class Execution:
 
     # -- scheduling -------------------------------------------------------------------
     def _forced(self, stage: int) -> bool:
-        return self.force_from_stage is not None and stage >= self.force_from_stage
+        return stage in self._forced_stages
 
     def _fill(self) -> None:
         limit = self.plan.spec.max_in_flight
@@ -189,21 +195,21 @@ class Execution:
             elif self._running < limit and self._ready:
                 self._submit(self._ready.popleft())
             elif self._running < limit and self._new:
-                self._arrive(self._new.popleft(), 0)
+                batch = self._new.popleft()
+                self._arrivals.extend((batch, root) for root in self._roots)
             else:
                 return
 
     def _arrive(self, batch: int, stage: int) -> None:
         """``batch``'s whole input for ``stage`` is ready: reuse or queue its units."""
-        if stage == len(self.plan.stages):
-            return
-        if self.plan.stages[stage].barrier is not None:
+        s = self.plan.stages[stage]
+        if s.barrier is not None:
             self._at_barrier[stage] += 1
             if self._at_barrier[stage] == len(self.plan.batches):
                 self._open_barrier(stage)
             return
-        upstream = self.refs[stage - 1][batch] if stage else None
-        self._place(batch, stage, first_units(self.plan, stage, batch, upstream))
+        parents = [self.refs[p][batch] for p in s.parents]
+        self._place(batch, stage, stage_units(self.plan, stage, batch, parents))  # type: ignore[arg-type]
 
     def _place(self, batch: int, stage: int, units: list[Unit]) -> None:
         assert self.inventory is not None
@@ -217,7 +223,8 @@ class Execution:
 
     def _open_barrier(self, stage: int) -> None:
         """Every batch is at the barrier: its keys are known; build the index if needed."""
-        keys = input_keys(self.plan, stage, self.refs[stage - 1])  # type: ignore[arg-type]
+        (parent,) = self.plan.stages[stage].parents
+        keys = barrier_input_keys(self.plan, stage, self.refs[parent])  # type: ignore[arg-type]
         index_key, units = self.plan.barrier_units(stage, keys)
         self._barrier_units[stage] = units
         assert self.inventory is not None
@@ -239,15 +246,19 @@ class Execution:
 
     def _label(self, unit: Unit) -> str:
         s = self.plan.stages[unit.stage]
-        ops = "+".join(op.name for op in s.operators)
-        label = f"{ops}[{s.first_step}] batch {unit.batch + 1}/{len(self.plan.batches)}"
+        label = f"{s.label} batch {unit.batch + 1}/{len(self.plan.batches)}"
         return label if unit.stop is None else f"{label} rows {unit.start}-{unit.stop}"
 
     def _submit(self, unit: Unit) -> None:
         plan, stage, batch = self.plan, unit.stage, unit.batch
         s = plan.stages[stage]
         task = self._step_task.with_options(refresh_cache=self._forced(stage) or None)
-        upstream = self.refs[stage - 1][batch] if stage else None
+        parents = [self.refs[p][batch] or [] for p in s.parents]
+        upstream: Any = None
+        if len(parents) == 1:
+            upstream = parents[0][0] if len(parents[0]) == 1 else parents[0]
+        elif parents:
+            upstream = parents
         future = self._submit_task(task, dict(
             label=self._label(unit),
             key=unit.key,
@@ -257,7 +268,8 @@ class Execution:
             store=plan.store,
             batch=plan.batches[batch],
             source_options=plan.spec.source.storage_options,
-            upstream=(upstream[0] if len(upstream) == 1 else upstream) if upstream else None,
+            upstream=upstream,
+            **({"join": s.join} if s.join is not None else {}),
             barrier_state=self._index_refs[stage].path if s.barrier else None,
             force=self._forced(stage),
             fail=self.fail_at == (stage, batch) and unit.piece == 0,
@@ -268,10 +280,11 @@ class Execution:
 
     def _submit_index(self, stage: int, index_key: str) -> None:
         plan, s = self.plan, self.plan.stages[stage]
-        upstream = [ref.path for refs in self.refs[stage - 1] for ref in refs or []]
+        (parent,) = s.parents
+        upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
         task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
         future = self._submit_task(task, dict(
-            label=f"{s.operators[0].name}[{s.first_step}] index",
+            label=f"{s.label} index",
             key=index_key,
             out_path=plan.barrier_path(stage, index_key),
             operator=s.barrier,
@@ -330,9 +343,13 @@ class Execution:
             stats.computed += 1
         else:
             stats.reused += 1
-        upstream = self.refs[stage - 1][batch] if stage else None
-        stats.rows_in += sum(r.rows for r in upstream) if upstream else self.plan.batches[batch].rows
+        s = self.plan.stages[stage]
+        # a join's rows in: its smallest parent's (an upper bound of the joined rows)
+        stats.rows_in += min((sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
+                             default=self.plan.batches[batch].rows)
         stats.rows_out += sum(r.rows for r in refs)
         if self.progress is not None:
             self.progress.batch_done(stage)
-        self._arrivals.append((batch, stage + 1))
+        for child in self.plan.children[stage]:
+            if all(self.refs[p][batch] is not None for p in self.plan.stages[child].parents):
+                self._arrivals.append((batch, child))

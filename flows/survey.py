@@ -10,6 +10,7 @@ as it goes and submits task runs only for the units that are not done.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from nightshift.core.inventory import OutputIndex
@@ -61,18 +62,16 @@ class Inventory:
         return sum(i.footer_reads for i in indexes)
 
 
-def first_units(plan: Plan, stage: int, batch: int, upstream: list[BatchRef] | None) -> list[Unit]:
-    """The units of a row-local stage for one batch, given its upstream outputs."""
-    if stage == 0:
-        return plan.units(0, batch, plan.source_key(batch), plan.batches[batch].rows)
-    assert upstream is not None
-    key = plan.input_key([r.key for r in upstream])
-    return plan.units(stage, batch, key, sum(r.rows for r in upstream))
+def stage_units(plan: Plan, stage: int, batch: int, parents: list[list[BatchRef]]) -> list[Unit]:
+    """The units of a row-local stage for one batch, given its parents' outputs (none for
+    a stage that reads the source; several for a join)."""
+    key, rows = plan.stage_input(stage, batch, [[r.key for r in refs] for refs in parents],
+                                 [sum(r.rows for r in refs) for refs in parents])
+    return plan.units(stage, batch, key, rows)
 
 
-def input_keys(plan: Plan, stage: int, upstream: list[list[BatchRef]]) -> list[str]:
-    if stage == 0:
-        return [plan.source_key(b) for b in range(len(plan.batches))]
+def barrier_input_keys(plan: Plan, stage: int, upstream: list[list[BatchRef]]) -> list[str]:
+    """A barrier's per-batch input keys (a barrier has one parent stage)."""
     return [plan.input_key([r.key for r in refs]) for refs in upstream]
 
 
@@ -98,49 +97,59 @@ class StageSurvey:
 
 
 def survey(plan: Plan, inventory: Inventory | None = None,
-           force_from: int | None = None) -> list[StageSurvey]:
+           force_from: int | Collection[int] | None = None) -> list[StageSurvey]:
     """Walk every batch through the stages on what the store holds (nothing runs).
 
     A unit's key needs its input's keys, and for a stage that cuts batches also its
     input's row count: where an earlier output is missing, those units are not known
-    until it is computed (they are counted as ``waiting``).
+    until it is computed (they are counted as ``waiting``). ``force_from``: the stages a
+    run computes again (``Plan.forced``), counted as missing.
     """
     inventory = inventory or Inventory(plan)
+    forced_stages = plan.forced(force_from)
     n = len(plan.batches)
     result: list[StageSurvey] = []
-    keys: list[list[str] | None] = [[plan.source_key(b)] for b in range(n)]
-    rows: list[int | None] = [b.rows for b in plan.batches]
+    #: per stage, per batch: its units' keys and its output rows, when known
+    keys: dict[int, list[list[str] | None]] = {}
+    rows: dict[int, list[int | None]] = {}
     for stage in plan.stages:
-        forced = force_from is not None and stage.index >= force_from
-        view = StageSurvey(stage.dirname, n)
+        forced = stage.index in forced_stages
+        view = StageSurvey(stage.name, n)
         units: list[list[Unit] | None] = [None] * n
+        known = [all(keys[p][b] is not None for p in stage.parents) for b in range(n)]
         if stage.barrier is not None:
-            if all(k is not None for k in keys):
-                inputs = [plan.input_key(k) for k in keys]  # type: ignore[arg-type]
+            if all(known):
+                (p,) = stage.parents
+                inputs = [plan.input_key(k) for k in keys[p]]  # type: ignore[arg-type]
                 units = [[u] for u in plan.barrier_units(stage.index, inputs)[1]]
         else:
             for b in range(n):
-                known_rows = stage.batch_size is None or rows[b] is not None
-                if keys[b] is not None and known_rows:
-                    units[b] = plan.units(stage.index, b, plan.input_key(keys[b]), rows[b] or 0)  # type: ignore[arg-type]
+                if not known[b]:
+                    continue
+                parent_rows = [rows[p][b] for p in stage.parents]
+                if stage.batch_size is not None and any(r is None for r in parent_rows):
+                    continue
+                key, count = plan.stage_input(
+                    stage.index, b, [keys[p][b] for p in stage.parents],  # type: ignore[misc]
+                    [r or 0 for r in parent_rows])
+                units[b] = plan.units(stage.index, b, key, count)
         refs: list[list[BatchRef] | None] = []
+        keys[stage.index], rows[stage.index] = [None] * n, [None] * n
         for b, batch_units in enumerate(units):
             if batch_units is None:
                 view.waiting += 1
                 refs.append(None)
-                keys[b] = rows[b] = None
                 continue
             found = [None if forced else inventory.done(u) for u in batch_units]
             view.units_done += sum(r is not None for r in found)
             view.units_missing += sum(r is None for r in found)
-            keys[b] = [u.key for u in batch_units]
+            keys[stage.index][b] = [u.key for u in batch_units]
             if all(r is not None for r in found):
                 view.done += 1
-                rows[b] = sum(r.rows for r in found if r)
-                view.rows += rows[b] or 0
+                rows[stage.index][b] = sum(r.rows for r in found if r)
+                view.rows += rows[stage.index][b] or 0
                 refs.append([r for r in found if r])
             else:
-                rows[b] = None
                 refs.append(None)
         view.refs = refs
         result.append(view)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from nightshift import ops
     from nightshift.blocks.step_store import StepStore
     from nightshift.core.errors import NightshiftError, SourceError, SpecError, StepFailed, StoreError
-    from nightshift.flows.pipeline import Pipeline
+    from nightshift.flows.pipeline import Pipeline, Step
     from nightshift.flows.plan import build_plan
     from nightshift.flows.run_pipeline import run_pipeline
     from nightshift.tasks.operators import BarrierOperator, Operator, register_operator
@@ -35,6 +35,7 @@ _WHERE = {
     "SourceError": "nightshift.core.errors",
     "SpecError": "nightshift.core.errors",
     "StepFailed": "nightshift.core.errors",
+    "Step": "nightshift.flows.pipeline",
     "StepStore": "nightshift.blocks.step_store",
     "StoreError": "nightshift.core.errors",
     "build_plan": "nightshift.flows.plan",

@@ -7,7 +7,7 @@ Example::
     batch_size: 2000
     store: {url: "file://./.nightshift"}     # or {block: prod} (a StepStore block)
     steps:
-      - filter:   {where: "length(text) > 20"}
+      - filter:   {where: "length(text) > 20"}          # name: filter (by default)
       - template: {output: prompt, template: "Translate to French:\\n{{ text }}"}
       - dedup:    {on: [prompt]}
 
@@ -29,6 +29,7 @@ from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.tasks.dag import StepNode, build_nodes
 from nightshift.tasks.operators import Operator, resolve_operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
@@ -111,7 +112,9 @@ class PipelineSpec(BaseModel):
     source: SourceSpec
     batch_size: PositiveInt = 10_000
     store: StoreSpec = Field(default_factory=lambda: StoreSpec(url="file://./.nightshift"))
-    steps: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
+    #: ``{operator: config}`` entries, each with an optional ``name:`` and ``after:``
+    #: (steps as a DAG: ``tasks/dag.py``); without ``after`` a step follows the one before.
+    steps: list[dict[str, Any]] = Field(min_length=1)
     #: Consecutive cheap row-local operators share one task (one persisted output).
     fuse: bool = True
     #: Batches with a task running or queued at once (pipelining depth).
@@ -151,7 +154,11 @@ class PipelineSpec(BaseModel):
 
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """Instantiate every step's operator; errors name ``steps[i].name.key``."""
-        return build_operators(self.steps, allow_imports)
+        return [node.operator for node in self.step_nodes(allow_imports)]
+
+    def step_nodes(self, allow_imports: bool = False) -> list[StepNode]:
+        """The steps as a DAG (names, parents), checked: ``tasks/dag.py``."""
+        return build_nodes(self.steps, allow_imports)
 
 
 def build_operators(

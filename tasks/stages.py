@@ -2,7 +2,8 @@
 share about a list of operators.
 
 A stage is one Prefect task per unit of work: one operator, or several consecutive
-fusable (cheap, row-local) ones. :func:`dry_run` runs every operator on an empty frame of
+fusable (cheap, row-local) ones; in a DAG of steps (``tasks/dag.py``) stages have parent
+stages, and fusion stays inside linear chains. :func:`dry_run` runs every operator on an empty frame of
 a schema, so missing columns, wrong types and bad expressions fail before any data is
 read, naming the step.
 """
@@ -10,13 +11,15 @@ read, naming the step.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.core.errors import NightshiftError, SpecError, one_line
+from nightshift.core.fingerprints import digest
+from nightshift.tasks.dag import JoinSpec, StepNode, ancestors, join_schema, plan_join
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 
 
@@ -30,6 +33,19 @@ class Stage:
     fingerprint: str
     #: rows per task when smaller than the pipeline's batch_size, else None (whole batches)
     batch_size: int | None = None
+    #: the stages whose outputs are its input ([]: the source; several: a join)
+    parents: list[int] = field(default_factory=list)
+    #: spec indexes of its steps (None: ``first_step`` on, one per operator)
+    step_ids: list[int] | None = None
+    #: its steps' names (``tasks/dag.py``)
+    names: list[str] = field(default_factory=list)
+    #: True while it and every stage before it form one chain from the source: its
+    #: directory is then ``NN-<operators>``, as in every linear spec
+    trunk: bool = True
+    #: how a join's input is made from its parents' outputs
+    join: JoinSpec | None = None
+    #: part of a plan that is not one chain (its stages are shown by their steps' names)
+    in_dag: bool = False
 
     @property
     def barrier(self) -> BarrierOperator | None:
@@ -37,13 +53,32 @@ class Stage:
         return op if isinstance(op, BarrierOperator) else None
 
     @property
-    def steps(self) -> range:
+    def steps(self) -> list[int] | range:
+        if self.step_ids is not None:
+            return self.step_ids
         return range(self.first_step, self.first_step + len(self.operators))
 
     @functools.cached_property
     def dirname(self) -> str:
-        return f"{self.index:02d}-" + "+".join(op.name or type(op).__name__ for op in self.operators)
+        """Its directory under ``steps/`` and its name in logs, tables and artifacts:
+        ``NN-<operators>`` on the trunk, else its steps' names joined by ``+``."""
+        if self.trunk or not self.names:
+            return f"{self.index:02d}-" + "+".join(op.name or type(op).__name__ for op in self.operators)
+        return "+".join(self.names)
 
+    @property
+    def name(self) -> str:
+        """How logs, tables, artifacts and ``status`` name it: its directory in a linear
+        plan (``00-filter+template``, as always), its steps' names in a DAG."""
+        return "+".join(self.names) if self.in_dag and self.names else self.dirname
+
+    @property
+    def label(self) -> str:
+        """The start of its task runs' names: ``template+filter[0]`` in a linear plan (as
+        always), else its name."""
+        if self.in_dag and self.names:
+            return self.name
+        return "+".join(op.name for op in self.operators) + f"[{self.first_step}]"
 
 
 def build_stages(
@@ -52,27 +87,81 @@ def build_stages(
     context: dict[str, Any] | None = None,
     batch_size: int | None = None,
 ) -> list[Stage]:
-    """Group operators into stages: consecutive fusable ones with the same rows per task
-    share one; a step's own ``batch_size`` below the pipeline's makes it cut batches."""
+    """Group a chain of operators into stages: consecutive fusable ones with the same rows
+    per task share one; a step's own ``batch_size`` below the pipeline's makes it cut
+    batches. (The linear case of :func:`build_dag_stages`.)"""
+    nodes = [StepNode(i, op.name or type(op).__name__, op, (i - 1,) if i else ())
+             for i, op in enumerate(operators)]
+    return build_dag_stages(nodes, list(range(len(nodes))), fuse, context, batch_size)
+
+
+def build_dag_stages(
+    nodes: list[StepNode],
+    order: list[int],
+    fuse: bool,
+    context: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    joins: dict[int, JoinSpec] | None = None,
+) -> list[Stage]:
+    """Group the steps of a DAG into stages, in ``order`` (topological).
+
+    A step is fused into its parent's stage only inside a linear chain: it has one parent,
+    that parent has no other child and comes right before it in the spec, both are
+    fusable with the same rows per task. Never across a fork or a join.
+
+    Fingerprints: a step's upstream is its parent's fingerprint, ``"source"`` for a step
+    that reads the source, and ``H("join", parents' fingerprints)`` for a join; so a
+    step's keys depend on its ancestors only, and a chain's are exactly what they were.
+    """
 
     def size(op: Operator) -> int | None:
         if op.batch_size is None or batch_size is None or op.batch_size >= batch_size:
             return None
         return op.batch_size
 
-    groups: list[list[Operator]] = []
-    for op in operators:
-        last = groups[-1][-1] if groups else None
-        if fuse and last is not None and op.fusable and last.fusable and size(op) == size(last):
-            groups[-1].append(op)
+    children = [0] * len(nodes)
+    for node in nodes:
+        for p in node.parents:
+            children[p] += 1
+    groups: list[list[StepNode]] = []
+    group_of: dict[int, int] = {}
+    for i in order:
+        node = nodes[i]
+        if fuse and len(node.parents) == 1:
+            p = node.parents[0]
+            parent = nodes[p]
+            if (children[p] == 1 and p == i - 1 and parent.operator.fusable
+                    and node.operator.fusable and size(parent.operator) == size(node.operator)):
+                groups[group_of[p]].append(node)
+                group_of[i] = group_of[p]
+                continue
+        group_of[i] = len(groups)
+        groups.append([node])
+    fingerprints: dict[int, str] = {}
+    stages: list[Stage] = []
+    trunk = True
+    for index, group in enumerate(groups):
+        head = group[0]
+        parents = [group_of[p] for p in head.parents]
+        trunk = trunk and parents == ([index - 1] if index else [])
+        if not head.parents:
+            upstream = "source"
+        elif len(head.parents) == 1:
+            upstream = fingerprints[head.parents[0]]
         else:
-            groups.append([op])
-    stages, upstream, first = [], "source", 0
-    for index, ops in enumerate(groups):
-        for op in ops:
-            upstream = op.fingerprint(upstream, context)
-        stages.append(Stage(index, first, ops, upstream, size(ops[0])))
-        first += len(ops)
+            upstream = digest("join", *(fingerprints[p] for p in head.parents))
+        for node in group:
+            upstream = fingerprints[node.index] = node.operator.fingerprint(upstream, context)
+        ids = [n.index for n in group]
+        stages.append(Stage(
+            index, head.index, [n.operator for n in group], upstream, size(head.operator),
+            parents=parents, step_ids=ids if ids != list(range(ids[0], ids[0] + len(ids))) else None,
+            names=[n.name for n in group], trunk=trunk,
+            join=(joins or {}).get(head.index) if len(head.parents) > 1 else None,
+        ))
+    if not stages[-1].trunk:
+        for stage in stages:
+            stage.in_dag = True
     return stages
 
 
@@ -101,26 +190,73 @@ def dry_run(operators: list[Operator], schema: pl.Schema, on: str | None = None)
     """Run every operator on an empty frame of ``schema`` (``_row_id`` added when it lacks
     one) and return the output schema; a one-line :class:`SpecError` names the step (and
     ``on``, the source file, when given)."""
-    df = pl.DataFrame(schema=schema if ROW_ID in schema else {ROW_ID: pl.UInt64, **schema})
-    source = f" on {on}" if on else ""
+    df = _empty(schema)
     for i, op in enumerate(operators):
-        where = f"steps[{i}] ({op.name or op.import_path()})"
-        if ROW_ID in op.writes():
-            raise SpecError(
-                f"{where}: writes the reserved column {ROW_ID} (the engine's row identity, "
-                "which dedup and resume rely on); give the column another name"
-            )
-        missing = [c for c in op.reads() if c not in df.columns]
-        if missing:
-            raise SpecError(
-                f"{where}: missing column {', '.join(missing)}{source} "
-                f"(columns: {column_list(df.columns)})"
-            )
-        try:
-            state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
-            df = apply_operator(op, df, state)
-        except NightshiftError as exc:
-            raise SpecError(f"{where}{source}: {exc}") from None
-        except Exception as exc:  # polars type/column errors
-            raise SpecError(f"{where}{source}: {one_line(exc)}") from None
+        df = _dry_step(op, df, f"steps[{i}] ({op.name or op.import_path()})", on)
     return df.schema
+
+
+@dataclass
+class DagSchemas:
+    """What the dry run of a DAG learns: each step's output schema, the columns it wrote
+    (declared, or new in its output) and how each join is made."""
+
+    out: dict[int, pl.Schema]
+    written: dict[int, set[str]]
+    joins: dict[int, JoinSpec]
+
+
+def dry_run_dag(nodes: list[StepNode], order: list[int], schema: pl.Schema,
+                on: str | None = None) -> DagSchemas:
+    """:func:`dry_run` over a DAG: a root step sees the source's schema, a step its parent's
+    output, a join the union of its parents' (see ``tasks/dag.py``); two branches that
+    write one column and meet are a one-line error naming both steps."""
+    source = _empty(schema)
+    anc = ancestors(nodes, order)
+    result = DagSchemas({}, {}, {})
+    for i in order:
+        node = nodes[i]
+        if not node.parents:
+            df = source
+        elif len(node.parents) == 1:
+            df = pl.DataFrame(schema=result.out[node.parents[0]])
+        else:
+            parent_schemas = [result.out[p] for p in node.parents]
+            join = plan_join(node, nodes, [list(s) for s in parent_schemas], result.written, anc)
+            result.joins[i] = join
+            df = pl.DataFrame(schema=join_schema(parent_schemas, join))
+        out = _dry_step(node.operator, df, step_where(node), on)
+        result.out[i] = out.schema
+        result.written[i] = set(node.operator.writes()) | (set(out.columns) - set(df.columns))
+    return result
+
+
+def step_where(node: StepNode) -> str:
+    """``steps[i] (op)``, or ``steps[i] (name: op)`` for a step named otherwise."""
+    return node.where
+
+
+def _empty(schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema if ROW_ID in schema else {ROW_ID: pl.UInt64, **schema})
+
+
+def _dry_step(op: Operator, df: pl.DataFrame, where: str, on: str | None) -> pl.DataFrame:
+    source = f" on {on}" if on else ""
+    if ROW_ID in op.writes():
+        raise SpecError(
+            f"{where}: writes the reserved column {ROW_ID} (the engine's row identity, "
+            "which dedup and resume rely on); give the column another name"
+        )
+    missing = [c for c in op.reads() if c not in df.columns]
+    if missing:
+        raise SpecError(
+            f"{where}: missing column {', '.join(missing)}{source} "
+            f"(columns: {column_list(df.columns)})"
+        )
+    try:
+        state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
+        return apply_operator(op, df, state)
+    except NightshiftError as exc:
+        raise SpecError(f"{where}{source}: {exc}") from None
+    except Exception as exc:  # polars type/column errors
+        raise SpecError(f"{where}{source}: {one_line(exc)}") from None

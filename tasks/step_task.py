@@ -27,6 +27,7 @@ from nightshift.blocks.step_store import StepStore
 from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
+from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import filesystem
 
@@ -102,19 +103,21 @@ def run_stage_batch(
     store: StepStore,
     batch: Batch,
     source_options: dict[str, Any],
-    upstream: BatchRef | list[BatchRef] | None = None,
+    upstream: BatchRef | list[BatchRef] | list[list[BatchRef]] | None = None,
     barrier_state: str | None = None,
     force: bool = False,
     fail: bool = False,
     rows: tuple[int, int] | None = None,
     surveyed: bool = False,
+    join: JoinSpec | None = None,
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
     ``upstream`` is the batch's output at the stage before (one reference, or the pieces
     of a stage that cut it); ``rows`` selects ``[start, stop)`` of that input (a stage
     with its own, smaller batch_size). ``surveyed`` says the run's survey of the store
-    found no readable output for it (so it is not looked for again).
+    found no readable output for it (so it is not looked for again). ``join``: the step
+    has several parents; ``upstream`` holds each one's outputs, joined on ``_row_id``.
     """
     # ``surveyed``: the run's survey found no readable output just now (one less read)
     if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
@@ -130,8 +133,10 @@ def run_stage_batch(
             batch = dataclasses.replace(batch, start=batch.start + rows[0],
                                         stop=batch.start + rows[1])
         df = read_batch(batch, fs, path)
+    elif join is not None:
+        df = join_frames([read_input(store, refs, None) for refs in upstream], join)  # type: ignore[arg-type]
     else:
-        df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)
+        df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)  # type: ignore[arg-type]
     rows_in = df.height
     state = store.read_frame(barrier_state) if barrier_state else None
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive

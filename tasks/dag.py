@@ -1,0 +1,273 @@
+"""Steps as a DAG: names, ``after:`` edges, their checks, and the join of several parents.
+
+A spec's step may carry ``name:`` and ``after: [names]``; without ``after`` a step follows
+the step before it (the first step reads the source), so a spec without either is the
+ordered chain it always was. ``after: []`` reads the source directly.
+
+* **Default names** are the operator's name (``template``), then ``template-2``,
+  ``template-3``, ... for its later occurrences, counted over every step of the spec (so
+  naming one step never renames another). Names start with a letter and hold letters,
+  digits, ``_`` and ``-``; they are unique.
+* **Order**: steps run in a topological order that keeps the spec's order wherever the
+  edges allow it (Kahn's algorithm taking the lowest spec index first).
+* **Joins**: a step with several parents gets the union of their columns, inner-joined
+  on ``_row_id`` (a row that a filter dropped in one branch is not in the join), in the
+  first parent's row order. A column written below the fork in one branch comes from that
+  branch; a column written in two branches that meet is an error naming both steps.
+
+Everything here is schema- and graph-level: cheap, run by ``validate`` before any data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ValidationError
+
+from nightshift.core.errors import SpecError, one_line
+from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, resolve_operator
+
+#: Keys of a step entry beside its one operator name.
+STEP_KEYS = ("name", "after")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class StepNode:
+    """One step of a spec: its position, name, operator and parent steps."""
+
+    index: int
+    name: str
+    operator: Operator
+    #: spec indexes of the parent steps, in ``after`` order; () reads the source
+    parents: tuple[int, ...]
+
+    @property
+    def where(self) -> str:
+        """How errors name the step: ``steps[3] (template)`` when its name is the
+        operator's default, else ``steps[3] (fr: template)``."""
+        label = self.operator.name or self.operator.import_path()
+        if self.name == label or re.fullmatch(re.escape(label) + r"-\d+", self.name):
+            return f"steps[{self.index}] ({label})"
+        return f"steps[{self.index}] ({self.name}: {label})"
+
+
+class JoinSpec(BaseModel):
+    """How a join step's input is made from its parents' outputs (plan-time, per step):
+    ``take[i]`` are the columns parent ``i`` contributes (besides ``_row_id``), ``order``
+    the joined frame's column order."""
+
+    order: list[str]
+    take: list[list[str]]
+
+
+def split_entry(entry: Any, i: int) -> tuple[str, dict[str, Any], str | None, list[str] | None]:
+    """``(operator key, config, name, after)`` of one ``steps:`` entry; one-line errors."""
+    if not isinstance(entry, dict):
+        raise SpecError(f"steps[{i}]: expected a mapping {{operator: config}}, got {entry!r}")
+    ops = [k for k in entry if k not in STEP_KEYS]
+    if len(ops) != 1:
+        raise SpecError(
+            f"steps[{i}]: expected one operator name as the only key besides name and after, "
+            f"got {sorted(map(str, entry))}"
+        )
+    key = ops[0]
+    config = entry[key]
+    if config is not None and not isinstance(config, dict):
+        raise SpecError(f"steps[{i}].{key}: Input should be a valid dictionary")
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+        raise SpecError(
+            f"steps[{i}].name: {name!r} is not a step name (a letter, then letters, digits, "
+            "_ or -; at most 64)"
+        )
+    after = entry.get("after", None) if "after" in entry else None
+    if "after" in entry:
+        after = [after] if isinstance(after, str) else after
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise SpecError(f"steps[{i}].after: expected a list of step names, got {entry['after']!r}")
+    return key, config or {}, name, after
+
+
+def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
+    """The spec's steps as nodes: operators built, names given, edges resolved and checked
+    (duplicate names, unknown names, cycles); errors are one line naming the step."""
+    parsed = [split_entry(entry, i) for i, entry in enumerate(steps)]
+    operators: list[Operator] = []
+    for i, (key, config, _, _) in enumerate(parsed):
+        try:
+            cls = resolve_operator(key, allow_imports)
+        except SpecError as exc:
+            raise SpecError(f"steps[{i}]: {exc}") from None
+        try:
+            operators.append(cls(**config))
+        except ValidationError as exc:
+            from nightshift.tasks.spec import validation_message
+
+            raise SpecError(validation_message(exc, f"steps[{i}].{key}")) from None
+        except TypeError as exc:
+            raise SpecError(f"steps[{i}].{key}: {one_line(exc)}") from None
+    names = _names(parsed, operators)
+    by_name = {n: i for i, n in enumerate(names)}
+    nodes: list[StepNode] = []
+    for i, (_, _, _, after) in enumerate(parsed):
+        if after is None:
+            parents: tuple[int, ...] = (i - 1,) if i else ()
+        else:
+            unknown = [a for a in after if a not in by_name]
+            if unknown:
+                raise SpecError(
+                    f"steps[{i}] ({names[i]}).after: no step is named {unknown[0]!r} "
+                    f"(steps: {', '.join(names)})"
+                )
+            twice = [a for a in after if after.count(a) > 1]
+            if twice:
+                raise SpecError(f"steps[{i}] ({names[i]}).after: {twice[0]!r} is listed twice")
+            parents = tuple(by_name[a] for a in after)
+        nodes.append(StepNode(i, names[i], operators[i], parents))
+    topological_order(nodes)  # raises on a cycle
+    for node in nodes:
+        if isinstance(node.operator, BarrierOperator) and len(node.parents) != 1:
+            what = "the first step" if node.index == 0 and not node.parents else (
+                "a step that reads the source" if not node.parents else
+                f"a join (after {', '.join(nodes[p].name for p in node.parents)})")
+            raise SpecError(
+                f"{node.where}: a barrier step ({node.operator.name}) cannot be {what}: it "
+                "needs one parent step whose batches it sees whole; put a row-local step "
+                "(e.g. select) before it"
+            )
+    return nodes
+
+
+def _names(parsed: list[tuple[str, dict, str | None, list[str] | None]],
+           operators: list[Operator]) -> list[str]:
+    """Given names, and defaults: the operator's name, ``-2``, ``-3`` for repeats."""
+    seen: dict[str, int] = {}
+    taken: dict[str, int] = {}
+    names: list[str] = []
+    for i, ((key, _, given, _), op) in enumerate(zip(parsed, operators)):
+        base = _base_name(op, key)
+        seen[base] = seen.get(base, 0) + 1
+        name = given or (base if seen[base] == 1 else f"{base}-{seen[base]}")
+        if name in taken:
+            earlier = taken[name]
+            default = "" if parsed[earlier][2] else " by default"
+            raise SpecError(
+                f"steps[{i}]: duplicate step name {name!r} (steps[{earlier}] has it{default}); "
+                "step names must be unique: give one of them another name"
+            )
+        taken[name] = i
+        names.append(name)
+    return names
+
+
+def _base_name(op: Operator, key: str) -> str:
+    raw = op.name or key.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", raw)
+    return cleaned if cleaned[:1].isalpha() else f"step_{cleaned}"
+
+
+def topological_order(nodes: list[StepNode]) -> list[int]:
+    """Spec indexes in an order where parents come first, the spec's own order wherever
+    the edges allow; a cycle is a one-line error naming its steps."""
+    import heapq
+
+    children: list[list[int]] = [[] for _ in nodes]
+    waiting = [len(n.parents) for n in nodes]
+    for n in nodes:
+        for p in n.parents:
+            children[p].append(n.index)
+    ready = [n.index for n in nodes if not n.parents]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c in children[i]:
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                heapq.heappush(ready, c)
+    if len(order) < len(nodes):
+        cycle = _find_cycle(nodes, set(range(len(nodes))) - set(order))
+        raise SpecError(
+            "steps form a cycle: " + " -> ".join(nodes[i].name for i in cycle)
+            + "; every step's after must name steps that do not depend on it"
+        )
+    return order
+
+
+def _find_cycle(nodes: list[StepNode], left: set[int]) -> list[int]:
+    """One cycle among the steps left out of the order (each has a parent in ``left``)."""
+    start = min(left)
+    path, seen = [start], {start: 0}
+    current = start
+    while True:
+        current = next(p for p in nodes[current].parents if p in left)
+        if current in seen:
+            cycle = path[seen[current]:] + [current]
+            return list(reversed(cycle))  # parent -> child, as the edges read
+        seen[current] = len(path)
+        path.append(current)
+
+
+def ancestors(nodes: list[StepNode], order: list[int]) -> dict[int, set[int]]:
+    """Each step's ancestors and itself."""
+    result: dict[int, set[int]] = {}
+    for i in order:
+        result[i] = {i}.union(*(result[p] for p in nodes[i].parents))
+    return result
+
+
+def plan_join(node: StepNode, nodes: list[StepNode], parent_columns: list[list[str]],
+              written: dict[int, set[str]], anc: dict[int, set[int]]) -> JoinSpec:
+    """The columns each parent of a join contributes (see the module docstring).
+
+    ``parent_columns``: each parent's output columns; ``written``: per step, the columns
+    it wrote (declared or new in its output); ``anc``: ancestors-and-self.
+    """
+    sets = [anc[p] for p in node.parents]
+    common = set.intersection(*sets)
+    branch = sorted(set.union(*sets) - common)
+    writers: dict[str, list[int]] = {}
+    for s in branch:
+        for c in sorted(written.get(s, ())):
+            # only a value that reaches the join matters
+            if any(s in anc[p] and c in cols for p, cols in zip(node.parents, parent_columns)):
+                writers.setdefault(c, []).append(s)
+    owner: dict[str, int] = {}
+    for column, steps in writers.items():
+        last = [w for w in steps if all(o in anc[w] for o in steps)]
+        if not last:
+            a, b = next((a, b) for a in steps for b in steps
+                        if a < b and a not in anc[b] and b not in anc[a])
+            raise SpecError(
+                f"{node.where}: steps '{nodes[a].name}' and '{nodes[b].name}' both write "
+                f"column {column!r} and meet in this join; write different columns "
+                "(or drop one with select before the join)"
+            )
+        holders = [i for i, p in enumerate(node.parents)
+                   if last[0] in anc[p] and column in parent_columns[i]]
+        if holders:
+            owner[column] = holders[0]
+    order = list(dict.fromkeys(c for cols in parent_columns for c in cols))
+    source = {c: owner.get(c, next(i for i, cols in enumerate(parent_columns) if c in cols))
+              for c in order}
+    take = [[c for c in order if c != ROW_ID and source[c] == i] for i in range(len(node.parents))]
+    return JoinSpec(order=order, take=take)
+
+
+def join_frames(frames: list[pl.DataFrame], join: JoinSpec) -> pl.DataFrame:
+    """Inner join of the parents' frames on ``_row_id``, in the first one's row order."""
+    out = frames[0].select([ROW_ID, *join.take[0]])
+    for frame, columns in zip(frames[1:], join.take[1:]):
+        out = out.join(frame.select([ROW_ID, *columns]), on=ROW_ID, how="inner",
+                       maintain_order="left")
+    return out.select(join.order)
+
+
+def join_schema(schemas: list[pl.Schema], join: JoinSpec) -> pl.Schema:
+    frames = [pl.DataFrame(schema=s) for s in schemas]
+    return join_frames(frames, join).schema
