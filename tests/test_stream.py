@@ -218,3 +218,42 @@ def test_step_slower_than_ack_wait_is_not_redelivered(
     # one delivery per message (the consumer sequence counts deliveries, redeliveries too)
     assert consumer.delivered.consumer_seq == 15 and consumer.num_ack_pending == 0
     assert read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "slow")["_row_id"].is_unique().all()
+
+
+def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
+    tmp_path: Path, nats_server: Nats, nats_block: str
+) -> None:
+    from nightshift.core.errors import NightshiftError
+    from nightshift.streams.spec import RestartSpec
+
+    assert RestartSpec().max_restarts == 5  # the default: a stream never restarts forever
+    setup_streams(nats_server, "DOOM", out=False)
+    setup_streams(nats_server, "FINE", out=False)
+    nats_server.publish("DOOM.in", [event(i, "d") for i in range(10)])
+    nats_server.publish("FINE.in", [event(i, "f") for i in range(30)])
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "restart": {"backoff_s": 0.05, "max_restarts": 2},
+        "streams": [
+            stream_entry("doomed", nats_server, "DOOM", window={"count": 10, "seconds": 1},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}, {"fail_always": {}}],
+                         fuse=False),
+            stream_entry("fine", nats_server, "FINE", window={"count": 10, "seconds": 1},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+        ],
+    }
+    state = asyncio.run(stream(spec=spec, until_idle_s=1.5, return_state=True))
+    assert state.is_failed()
+    with pytest.raises(NightshiftError) as info:
+        asyncio.run(state.aresult())
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("stream doomed: given up after 3 failures in a row without progress "
+                              "(restart.max_restarts: 2); last: doomed fail_always[1] window "), message
+    assert message.endswith("this step always fails"), message
+    # the other stream went on to the end
+    out = read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "fine")
+    assert out["id"].to_list() == [f"f{i}" for i in range(30)]
+    # and nothing of the doomed stream was acked: it waits in JetStream for a fixed step
+    consumer = nats_server.consumer("DOOM", "doomed-consumer")
+    assert consumer.ack_floor.stream_seq == 0
