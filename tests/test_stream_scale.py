@@ -37,10 +37,13 @@ from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
 from test_stream_crash import assert_exactly_once, start, summary_of, write_spec
 
 pytest_plugins = ["stream_fixtures"]
+# the processes' INFO lines (stream started, discovery) are what the tests wait on; wide
+# lines so that none is wrapped
+VERBOSE = {"PREFECT_LOGGING_LEVEL": "INFO", "COLUMNS": "1000"}
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120,
-              procs: tuple[subprocess.Popen, ...] = ()) -> Any:
+              procs: tuple[subprocess.Popen, ...] = (), outputs: tuple[Output, ...] = ()) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -48,9 +51,11 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120,
             return value
         for proc in procs:
             if proc.poll() is not None:
-                pytest.fail(f"a stream process ended early while waiting for {what}")
+                pytest.fail(f"a stream process ended early while waiting for {what}:\n"
+                            + "".join(line for o in outputs for line in o.lines[-30:]))
         time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}:\n"
+                + "".join(line for o in outputs for line in o.lines[-30:]))
 
 
 class Output:
@@ -77,13 +82,13 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     setup_streams(nats_server, stream)
     spec = write_spec(tmp_path, nats_server, stream, table, pg_block, sleep=0.3, count=30)
     log = tmp_path / "steps.jsonl"
-    a = start(spec, prefect_api, log, "--until-idle", "3", env={"COLUMNS": "1000"})
-    b = start(spec, prefect_api, log, "--until-idle", "3", env={"COLUMNS": "1000"})
+    a = start(spec, prefect_api, log, env=VERBOSE)
+    b = start(spec, prefect_api, log, env=VERBOSE)
     out_a, out_b = Output(a), Output(b)
     try:
         # both pulling before anything is published: then they split the messages
         wait_for(lambda: out_a.count("stream share: nats://") and out_b.count("stream share: nats://"),
-                 "both processes to start their stream", procs=(a, b))
+                 "both processes to start their stream", procs=(a, b), outputs=(out_a, out_b))
         events = [event(i, "s") for i in range(300)]
         nats_server.publish(f"{stream}.in", events)
         ids = [e["id"] for e in events]
@@ -92,7 +97,7 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
             return sum(e["pid"] == proc.pid for e in read_log(str(log)))
 
         wait_for(lambda: windows_of(a) and windows_of(b), "both to run their step on a window",
-                 procs=(a, b))
+                 procs=(a, b), outputs=(out_a, out_b))
         done_by_a = windows_of(a)
         wait_for(lambda: windows_of(a) > done_by_a, "A to finish one more window", procs=(a,))
         os.killpg(a.pid, signal.SIGKILL)  # mid-window: its next windows are in their steps
@@ -100,7 +105,14 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
         more = [event(i, "s") for i in range(300, 360)]
         nats_server.publish(f"{stream}.in", more)  # B goes on and takes over A's unacked ones
         ids += [e["id"] for e in more]
-        code = b.wait(240)
+
+        def drained() -> bool:
+            consumer = nats_server.consumer(stream, f"{stream.lower()}-consumer")
+            return consumer.num_pending == 0 and consumer.num_ack_pending == 0
+
+        wait_for(drained, "B to take over and ack every message", timeout=180, procs=(b,))
+        os.killpg(b.pid, signal.SIGTERM)
+        code = b.wait(120)
     finally:
         for proc in (a, b):
             if proc.poll() is None:
@@ -111,7 +123,7 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     output = "".join(out_b.lines)
     assert code == 0, output[-3000:]
     summary = summary_of(output)
-    assert summary["stopped_by"].startswith("idle")
+    assert summary["stopped_by"] == "SIGTERM"
     assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", ids)
     # A's journaled windows came back to B as themselves (the same windows, not new ones)
     assert summary["replayed_windows"] >= 1, summary
@@ -146,7 +158,7 @@ def test_discovered_streams_start_change_drain_and_export(
     }))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nightshift.flows.cli", "stream", str(spec_path), "--discover"],
-        env={**cli_env(prefect_api, tmp_path / "log.jsonl"), "COLUMNS": "1000"}, cwd=ROOT,
+        env={**cli_env(prefect_api, tmp_path / "log.jsonl"), **VERBOSE}, cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -170,13 +182,13 @@ def test_discovered_streams_start_change_drain_and_export(
             return conn.execute(f"SELECT count(*) FROM {OUT_TABLE}").fetchone()[0]
 
     try:
-        wait_for(lambda: out.count("discover: polling"), "discovery to start", procs=(proc,))
+        wait_for(lambda: out.count("discover: polling"), "discovery to start", procs=(proc,), outputs=(out,))
         bad = definition(nats_server, pg_block, "v0")
         bad["window"] = {}
         sql(f"INSERT INTO {DISC_TABLE} (name, definition) VALUES ('broken', %s), ('disc', %s)",
             json.dumps(bad), json.dumps(definition(nats_server, pg_block, "v1")))
         first = publish(60)
-        wait_for(lambda: rows_in_pg() == 60, "the discovered stream to sink 60 rows", procs=(proc,))
+        wait_for(lambda: rows_in_pg() == 60, "the discovered stream to sink 60 rows", procs=(proc,), outputs=(out,))
         # the bad definition: one line naming the row and the key; the good one runs
         broken = [line for line in out.lines if "broken" in line]
         assert out.count("discover: disc_streams['broken'].window: give count, seconds or both; "
@@ -187,21 +199,21 @@ def test_discovered_streams_start_change_drain_and_export(
             json.dumps(definition(nats_server, pg_block, "v2")))
         publish(40)  # while it changes
         wait_for(lambda: out.count("discover: stream disc started") == 2, "the restart",
-                 procs=(proc,))
+                 procs=(proc,), outputs=(out,))
         assert out.count("discover: stream disc changed") == 1
         after = publish(40)
-        wait_for(lambda: rows_in_pg() == 140, "140 rows", procs=(proc,))
+        wait_for(lambda: rows_in_pg() == 140, "140 rows", procs=(proc,), outputs=(out,))
 
         # disabled: drained (what it pulled is sunk and acked) and stopped
         sql(f"UPDATE {DISC_TABLE} SET enabled = false WHERE name = 'disc'")
         wait_for(lambda: out.count("discover: stream disc stopped") == 2, "the drain",
-                 procs=(proc,))  # the first: when it changed
+                 procs=(proc,), outputs=(out,))  # the first: when it changed
         consumer = nats_server.consumer("DISC", "disc-consumer")
         assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
         later = publish(30)
         assert nats_server.consumer("DISC", "disc-consumer").num_pending == 30
         sql(f"UPDATE {DISC_TABLE} SET enabled = true WHERE name = 'disc'")
-        wait_for(lambda: rows_in_pg() == 170, "170 rows after enabling it again", procs=(proc,))
+        wait_for(lambda: rows_in_pg() == 170, "170 rows after enabling it again", procs=(proc,), outputs=(out,))
         assert out.count("discover: disc_streams['broken']") == 1  # said once, not every poll
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
