@@ -210,6 +210,7 @@ class Discovery:
         self.running: dict[str, tuple[Definition, StreamPlan, StopControl, asyncio.Task[Any]]] = {}
         self.stopping: set[str] = set()  # asked to drain (removed, disabled or changed)
         self.reported: dict[str, str] = {}  # name -> digest of a bad definition already logged
+        self.retrying: dict[str, str] = {}  # name -> digest whose start failed (unreachable)
         self.ended: dict[str, str] = {}  # name -> digest of a stream that ended on its own
         self.definitions: list[Definition] = []
         self.results: list[dict[str, Any]] = []
@@ -291,10 +292,17 @@ class Discovery:
                 except BaseException:
                     control.detach()
                     raise
-            except NightshiftError as exc:
+            except SpecError as exc:  # the definition is wrong: not again until it changes
                 self.reported[name] = definition.digest
                 self.logger.error("discover: %s; stream %s not started", exc, name)
                 continue
+            except NightshiftError as exc:  # a server unreachable: again at the next poll
+                if self.retrying.get(name) != definition.digest:
+                    self.logger.warning("discover: %s; stream %s not started, trying again at "
+                                        "every poll", exc, name)
+                self.retrying[name] = definition.digest
+                continue
+            self.retrying.pop(name, None)
             self.reported.pop(name, None)
             parsed = pipeline_spec(definition, self.parsed)
             task = asyncio.ensure_future(_run_one(parsed, plan, control, self.allow_imports,

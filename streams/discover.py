@@ -51,13 +51,12 @@ class Definition:
     entry: dict[str, Any]
     enabled: bool
     digest: str
+    table: str = "nightshift_streams"
 
     @property
     def label(self) -> str:
         """How errors name it: ``nightshift_streams['reviews-live']``."""
         return f"{self.table}[{self.name!r}]"
-
-    table: str = "nightshift_streams"
 
 
 def definition_digest(definition: Any) -> str:

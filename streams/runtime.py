@@ -10,6 +10,12 @@ Stop (SIGINT/SIGTERM, or ``until_idle_s`` of quiet): pulling stops, the open win
 closed and finished with the windows in flight, within ``stop_timeout_s``; past that, or
 on a second signal, the rest is abandoned and its messages are nak'ed, so the next start
 gets them at once. Nothing unacked is ever lost: JetStream keeps it.
+
+Several processes may run the same stream (one durable consumer, one store): a
+redelivered message this process has no window for is looked up in the shared journal
+again (its window may be another process's), and a replay that only gets part of a
+window's messages becomes a part that supersedes it (docs/streaming.md, "Several
+processes, one stream").
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
 ) -> None:
     stream, table = "SHARE", "share_out"
     setup_streams(nats_server, stream)
-    spec = write_spec(tmp_path, nats_server, stream, table, pg_block, sleep=0.3, count=30)
+    spec = write_spec(tmp_path, nats_server, stream, table, pg_block, sleep=0.2, count=30)
     log = tmp_path / "steps.jsonl"
     a = start(spec, prefect_api, log, env=VERBOSE)
     b = start(spec, prefect_api, log, env=VERBOSE)
@@ -98,11 +98,14 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
 
         wait_for(lambda: windows_of(a) and windows_of(b), "both to run their step on a window",
                  procs=(a, b), outputs=(out_a, out_b))
+        more = [event(i, "s") for i in range(300, 420)]  # A surely has windows to come
+        nats_server.publish(f"{stream}.in", more)
+        ids += [e["id"] for e in more]
         done_by_a = windows_of(a)
         wait_for(lambda: windows_of(a) > done_by_a, "A to finish one more window", procs=(a,))
         os.killpg(a.pid, signal.SIGKILL)  # mid-window: its next windows are in their steps
         assert a.wait(60) == -signal.SIGKILL
-        more = [event(i, "s") for i in range(300, 360)]
+        more = [event(i, "s") for i in range(420, 480)]
         nats_server.publish(f"{stream}.in", more)  # B goes on and takes over A's unacked ones
         ids += [e["id"] for e in more]
 
@@ -127,7 +130,8 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", ids)
     # A's journaled windows came back to B as themselves (the same windows, not new ones)
     assert summary["replayed_windows"] >= 1, summary
-    journal = [json.loads(p.read_text()) for p in (tmp_path / "store" / "share" / "windows").glob("*.json")]
+    journal = [json.loads(p.read_text())
+               for p in (tmp_path / "store" / "share" / "windows").glob("*.json")]
     assert all(entry["state"] == "committed" for entry in journal), journal
 
 
@@ -182,13 +186,15 @@ def test_discovered_streams_start_change_drain_and_export(
             return conn.execute(f"SELECT count(*) FROM {OUT_TABLE}").fetchone()[0]
 
     try:
-        wait_for(lambda: out.count("discover: polling"), "discovery to start", procs=(proc,), outputs=(out,))
+        wait_for(lambda: out.count("discover: polling"), "discovery to start", procs=(proc,),
+                 outputs=(out,))
         bad = definition(nats_server, pg_block, "v0")
         bad["window"] = {}
         sql(f"INSERT INTO {DISC_TABLE} (name, definition) VALUES ('broken', %s), ('disc', %s)",
             json.dumps(bad), json.dumps(definition(nats_server, pg_block, "v1")))
         first = publish(60)
-        wait_for(lambda: rows_in_pg() == 60, "the discovered stream to sink 60 rows", procs=(proc,), outputs=(out,))
+        wait_for(lambda: rows_in_pg() == 60, "the discovered stream to sink 60 rows",
+                 procs=(proc,), outputs=(out,))
         # the bad definition: one line naming the row and the key; the good one runs
         broken = [line for line in out.lines if "broken" in line]
         assert out.count("discover: disc_streams['broken'].window: give count, seconds or both; "
@@ -213,7 +219,8 @@ def test_discovered_streams_start_change_drain_and_export(
         later = publish(30)
         assert nats_server.consumer("DISC", "disc-consumer").num_pending == 30
         sql(f"UPDATE {DISC_TABLE} SET enabled = true WHERE name = 'disc'")
-        wait_for(lambda: rows_in_pg() == 170, "170 rows after enabling it again", procs=(proc,), outputs=(out,))
+        wait_for(lambda: rows_in_pg() == 170, "170 rows after enabling it again",
+                 procs=(proc,), outputs=(out,))
         assert out.count("discover: disc_streams['broken']") == 1  # said once, not every poll
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
