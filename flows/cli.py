@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 from rich.table import Table
 
 from nightshift.core.errors import NightshiftError, one_line
@@ -198,7 +197,7 @@ def preview(
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
 
 
-class _StreamGroup(TyperGroup):
+class _StreamGroup(typer.core.TyperGroup):
     """``nightshift stream SPEC ...`` is ``nightshift stream run SPEC ...``: the first word,
     when it is not a subcommand (nor --help), is the spec of the default command."""
 
