@@ -156,8 +156,5 @@ class JournalIndex:
             if entry.id not in mine:
                 self.add(entry)
 
-    def superseded(self, entry_id: str) -> bool:
-        return any(entry_id in e.supersedes for e in self.entries.values())
-
     def at_or_below(self, floor: int) -> list[JournalEntry]:
         return [e for e in self.entries.values() if e.last <= floor]

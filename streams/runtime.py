@@ -452,11 +452,12 @@ class StreamRuntime:
         """Forget windows whose messages can never be redelivered (at or below the ack floor)."""
         if any(e.state == "open" for e in self.index.at_or_below(floor)):
             await self._refresh_journal()  # another process may have committed it since
+        superseded = {i for e in self.index.entries.values() for i in e.supersedes}
         for entry in self.index.at_or_below(floor):
             if any(s in self.held for s in range(entry.first, entry.last + 1)) or entry.id in {
                     e.id for _, e in self.inflight.values()}:
                 continue
-            if entry.state == "open" and not self.index.superseded(entry.id):
+            if entry.state == "open" and entry.id not in superseded:
                 self.logger.warning("%s: window %s was never committed but its messages are "
                                     "acked (consumer reset?); forgetting it", self.plan.name, entry.id)
             paths = [self.plan.step_path(i, entry.id, k) for i, k in enumerate(entry.stage_keys)
