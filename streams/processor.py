@@ -94,7 +94,7 @@ class WindowProcessor:
         for sink, lock in zip(self.sinks, self.sink_locks):
             self._check()
             with lock:
-                sink.write(entry.id, out)
+                sink.write(entry.id, out, entry.supersedes)
             fault_point(f"after-sink:{sink.kind}")
         sunk_at = time.time()
         self.journal.commit(entry, out.height)

@@ -10,6 +10,12 @@ Stop (SIGINT/SIGTERM, or ``until_idle_s`` of quiet): pulling stops, the open win
 closed and finished with the windows in flight, within ``stop_timeout_s``; past that, or
 on a second signal, the rest is abandoned and its messages are nak'ed, so the next start
 gets them at once. Nothing unacked is ever lost: JetStream keeps it.
+
+Several processes may run the same stream (one durable consumer, one store): a
+redelivered message this process has no window for is looked up in the shared journal
+again (its window may be another process's), and a replay that only gets part of a
+window's messages becomes a part that supersedes it (docs/streaming.md, "Several
+processes, one stream").
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from nightshift.streams.journal import Journal, JournalEntry, JournalIndex
 from nightshift.streams.metrics import StreamMetrics, WindowMetrics, percentile
 from nightshift.streams.plan import StreamPlan
 from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
-from nightshift.streams.seqs import window_id
+from nightshift.streams.seqs import part_id, window_id
 from nightshift.streams.sinks import Sink
 from nightshift.streams.sinks.nats_sink import NatsSink
 from nightshift.streams.sinks.postgres_sink import PostgresSink
@@ -47,12 +53,30 @@ POLL_S = 0.25  # longest a pull request waits for messages
 
 
 class StopControl:
-    """Stop requests shared by every stream of a process: first graceful, then abandon."""
+    """Stop requests: first graceful, then abandon. The process has one (signals); each
+    stream has a child of it, so discovery can drain one stream while the others run."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: StopControl | None = None) -> None:
         self.stop = asyncio.Event()
         self.abandon = threading.Event()
         self.reason = ""
+        self.parent = parent
+        self.children: list[StopControl] = []
+        if parent is not None:
+            parent.children.append(self)
+            if parent.stop.is_set():
+                self.request_stop(parent.reason)
+
+    @property
+    def root(self) -> StopControl:
+        return self.parent.root if self.parent is not None else self
+
+    def child(self) -> StopControl:
+        return StopControl(self)
+
+    def detach(self) -> None:
+        if self.parent is not None and self in self.parent.children:
+            self.parent.children.remove(self)
 
     def request_stop(self, reason: str) -> None:
         if self.stop.is_set():
@@ -61,6 +85,8 @@ class StopControl:
         else:
             self.reason = reason
             self.stop.set()
+        for child in list(self.children):
+            child.request_stop(reason)
 
 
 def make_sinks(plan: StreamPlan, loop: asyncio.AbstractEventLoop, nc: Any) -> list[Sink]:
@@ -167,10 +193,7 @@ class StreamRuntime:
             self.journal = Journal(self.plan.store, self.plan.name)
             self.index = JournalIndex(await asyncio.to_thread(self.journal.load))
             await self._collect(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
-            self.replay_deadline = time.monotonic() + 2 * spec.source.ack_wait_s + 5
-            for entry in self.index.entries.values():
-                if entry.state == "open":
-                    self.replays[entry.id] = Window(replay_of=entry)
+            opened = sum(e.state == "open" for e in self.index.entries.values())
             self.psub = await js.pull_subscribe_bind(durable=spec.source.durable, stream=spec.source.stream)
             await asyncio.to_thread(save_result_storage, self.plan.store)
             runner = make_task_runner("thread", spec.workers, None, self.plan.serving)
@@ -179,11 +202,11 @@ class StreamRuntime:
                                              self.abandoned)
             self.logger.info(
                 "stream %s: %s stream %s%s, consumer %s; windows of %s%s%s; %d open window(s) "
-                "to replay; %d step stage(s); sinks: %s", self.plan.name, spec.source.server,
+                "in the journal; %d step stage(s); sinks: %s", self.plan.name, spec.source.server,
                 spec.source.stream, f" ({spec.source.subject})" if spec.source.subject else "",
                 spec.source.durable, f"{spec.window.count} messages" if spec.window.count else "",
                 " or " if spec.window.count and spec.window.seconds else "",
-                f"{spec.window.seconds} s" if spec.window.seconds else "", len(self.replays),
+                f"{spec.window.seconds} s" if spec.window.seconds else "", opened,
                 len(self.plan.stages), ", ".join(s.kind for s in self.sinks),
             )
             await self._loop()
@@ -257,12 +280,17 @@ class StreamRuntime:
             deadline = self.policy.deadline(self.current)
             if deadline is not None:
                 candidates.append(deadline)
-        if any(w.size for w in self.replays.values()):
-            candidates.append(self.replay_deadline)
+        candidates += [self._replay_deadline(w) for w in self.replays.values() if w.size]
         return min(candidates)
+
+    def _replay_deadline(self, window: Window) -> float:
+        """How long a replay window waits for the rest of its messages (from its first)."""
+        return window.opened + 2 * self.plan.spec.source.ack_wait_s + 5
 
     async def _receive(self, messages: list[Any]) -> None:
         """Route pulled messages: acked again, into a replay window, dead letter, or current."""
+        if any(self._unknown_redelivery(m) for m in messages):
+            await self._refresh_journal()
         todo: list[tuple[Any, Any, JournalEntry | None]] = []
         for message in messages:
             seq = message.metadata.sequence.stream
@@ -302,8 +330,25 @@ class StreamRuntime:
                 self.logger.warning("%s: message seq %d -> dead letter %s: %s", self.plan.name,
                                     raw.seq, self.plan.spec.dead_letter.subject, reason)
 
+    def _unknown_redelivery(self, message: Any) -> bool:
+        """A redelivered message this process has no up-to-date window for: its window may
+        have been journaled (or committed) by another process serving the same consumer,
+        or by this one's previous run."""
+        seq = message.metadata.sequence.stream
+        if message.metadata.num_delivered <= 1 or seq in self.held:
+            return False
+        entry = self.index.find(seq)
+        return entry is None or (entry.state == "open" and entry.id not in self.replays)
+
+    async def _refresh_journal(self) -> None:
+        mine = {e.id for _, e in self.inflight.values()} | set(self.replays)
+        loaded = await asyncio.to_thread(self.journal.load)
+        self.index.merge(loaded, mine)
+
     def _window_for(self, entry: JournalEntry | None) -> Window:
-        if entry is not None and entry.id in self.replays:
+        if entry is not None and entry.state == "open":  # a window journaled, not committed
+            if entry.id not in self.replays:
+                self.replays[entry.id] = Window(replay_of=entry)
             return self.replays[entry.id]
         if self.current is None:
             self.current = Window()
@@ -323,13 +368,14 @@ class StreamRuntime:
             reason = self.policy.due(self.current, now)
             if reason:
                 self._close(self.current, reason)
-        if now >= self.replay_deadline:
-            for window in [w for w in self.replays.values() if w.size]:
+        for window in [w for w in self.replays.values() if w.size]:
+            if now >= self._replay_deadline(window):
                 self.logger.warning(
                     "%s: window %s: %d of its %d messages came back within %.0f s; processing "
-                    "those (the others were acked or left the stream)", self.plan.name,
+                    "those as a window of their own (the others went to another process, were "
+                    "acked or left the stream)", self.plan.name,
                     window.replay_of.id if window.replay_of else "?", window.size,
-                    window.replay_of.size if window.replay_of else 0, now - self.replay_deadline)
+                    window.replay_of.size if window.replay_of else 0, now - window.opened)
                 self._close(window, "replay-timeout")
 
     def _dispatch(self) -> None:
@@ -337,9 +383,13 @@ class StreamRuntime:
             window = self.closed.popleft()
             ranges = window.ranges()
             key = digest(self.identity, ranges)
-            if window.replay_of is not None:  # same window, same name; same key unless changed
-                entry = window.replay_of
-                entry.ranges, entry.key, entry.state = ranges, key, "open"
+            earlier = window.replay_of
+            if earlier is not None and ranges == earlier.ranges:  # same window, name and keys
+                entry = earlier
+                entry.key, entry.state = key, "open"
+            elif earlier is not None:  # part of it: a window of its own that supersedes it
+                entry = JournalEntry(id=part_id(ranges), ranges=ranges, key=key,
+                                     supersedes=[earlier.id, *earlier.supersedes])
             else:
                 entry = JournalEntry(id=window_id(ranges), ranges=ranges, key=key)
             rows = [window.rows[s] for s in sorted(window.rows)]
@@ -400,11 +450,14 @@ class StreamRuntime:
 
     async def _collect(self, floor: int) -> None:
         """Forget windows whose messages can never be redelivered (at or below the ack floor)."""
+        if any(e.state == "open" for e in self.index.at_or_below(floor)):
+            await self._refresh_journal()  # another process may have committed it since
+        superseded = {i for e in self.index.entries.values() for i in e.supersedes}
         for entry in self.index.at_or_below(floor):
             if any(s in self.held for s in range(entry.first, entry.last + 1)) or entry.id in {
                     e.id for _, e in self.inflight.values()}:
                 continue
-            if entry.state == "open":
+            if entry.state == "open" and entry.id not in superseded:
                 self.logger.warning("%s: window %s was never committed but its messages are "
                                     "acked (consumer reset?); forgetting it", self.plan.name, entry.id)
             paths = [self.plan.step_path(i, entry.id, k) for i, k in enumerate(entry.stage_keys)

@@ -41,3 +41,13 @@ def window_id(ranges: Ranges) -> str:
     sequence, and this name is unique within a pipeline.
     """
     return f"{ranges[0][0]:012d}-{ranges[-1][1]:012d}"
+
+
+def part_id(ranges: Ranges) -> str:
+    """The name of a window made of part of an earlier window's sequences (the rest came
+    back to another process): ``<first>-<last>-p<hash>``, never the name of a whole
+    window, whose sequences it may share the first and last of."""
+    import hashlib
+
+    tag = hashlib.sha256(repr(ranges).encode()).hexdigest()[:8]
+    return f"{window_id(ranges)}-p{tag}"

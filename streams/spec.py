@@ -248,27 +248,52 @@ class StreamPipelineSpec(_Strict):
         return built
 
 
+#: Failures in a row without progress (no window committed) before a stream is given up.
+DEFAULT_MAX_RESTARTS = 5
+
+
 class RestartSpec(_Strict):
     """The supervisor: a failed stream pipeline restarts after a growing pause."""
 
-    #: Restarts in a row before the stream is given up (null: never give up).
-    max_restarts: int | None = Field(default=None, ge=0)
+    #: Restarts in a row without progress (no window committed, not healthy for
+    #: ``backoff_max_s``) before the stream is given up (null: never give up).
+    max_restarts: int | None = Field(default=DEFAULT_MAX_RESTARTS, ge=0)
     backoff_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
 
 
+class DiscoverSpec(_Strict):
+    """Stream definitions kept in a PostgreSQL table, polled by ``nightshift stream --discover``.
+
+    One row per stream: ``name text primary key, definition jsonb, enabled boolean,
+    updated_at timestamptz`` (see :mod:`nightshift.streams.discover`).
+    """
+
+    connection: PostgresConnectionSpec
+    table: str = Field(default="nightshift_streams",
+                       pattern=r"^([A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*$")
+    #: Seconds between two reads of the table.
+    poll_s: PositiveFloat = 5.0
+    #: Create the table when it is missing.
+    create_table: bool = True
+
+
 class StreamSpec(_Strict):
-    """A stream spec: shared store and serving, and one or more streams."""
+    """A stream spec: shared store and serving, and the streams (listed, discovered or both)."""
 
     store: StoreSpec = Field(default_factory=lambda: StoreSpec(url="file://./.nightshift"))
     serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    streams: list[StreamPipelineSpec] = Field(min_length=1)
+    streams: list[StreamPipelineSpec] = Field(default_factory=list)
+    #: Where more stream definitions live (used with ``nightshift stream --discover``).
+    discover: DiscoverSpec | None = None
     restart: RestartSpec = Field(default_factory=RestartSpec)
     #: Seconds between refreshes of each stream's window-metrics artifact.
     artifact_every_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _unique(self) -> StreamSpec:
+        if not self.streams and self.discover is None:
+            raise ValueError("streams: give at least one stream, or discover: (a table of them)")
         seen: dict[str, int] = {}
         for i, s in enumerate(self.streams):
             if s.name in seen:
@@ -289,8 +314,9 @@ def load_stream_spec(source: str | Path | dict[str, Any] | StreamSpec) -> Stream
     if isinstance(source, StreamSpec):
         return source
     origin, data = read_spec_mapping(source)
-    if not isinstance(data, dict) or "streams" not in data:
-        raise SpecError(f"{origin}: a stream spec must be a mapping with 'streams:' (a list)")
+    if not isinstance(data, dict) or ("streams" not in data and "discover" not in data):
+        raise SpecError(f"{origin}: a stream spec must be a mapping with 'streams:' (a list) "
+                        "or 'discover:'")
     try:
         return StreamSpec.model_validate(data)
     except ValidationError as exc:

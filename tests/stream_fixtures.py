@@ -374,3 +374,15 @@ class FailOnce(Operator):
             Path(self.marker).write_text("failed once")
             raise ValueError("failure injected once by the test")
         return df
+
+
+@register_operator
+class FailAlways(Operator):
+    """Fails every non-empty batch: a step that can never succeed."""
+
+    name = "fail_always"
+
+    def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        if df.height:
+            raise ValueError("this step always fails")
+        return df

@@ -218,3 +218,75 @@ def test_step_slower_than_ack_wait_is_not_redelivered(
     # one delivery per message (the consumer sequence counts deliveries, redeliveries too)
     assert consumer.delivered.consumer_seq == 15 and consumer.num_ack_pending == 0
     assert read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "slow")["_row_id"].is_unique().all()
+
+
+def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
+    tmp_path: Path, nats_server: Nats, nats_block: str
+) -> None:
+    from nightshift.core.errors import NightshiftError
+    from nightshift.streams.spec import RestartSpec
+
+    assert RestartSpec().max_restarts == 5  # the default: a stream never restarts forever
+    setup_streams(nats_server, "DOOM", out=False)
+    setup_streams(nats_server, "FINE", out=False)
+    nats_server.publish("DOOM.in", [event(i, "d") for i in range(10)])
+    nats_server.publish("FINE.in", [event(i, "f") for i in range(30)])
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "restart": {"backoff_s": 0.05, "max_restarts": 1},
+        "streams": [
+            stream_entry("doomed", nats_server, "DOOM", window={"count": 10, "seconds": 1},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}, {"fail_always": {}}],
+                         fuse=False),
+            stream_entry("fine", nats_server, "FINE", window={"count": 10, "seconds": 1},
+                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+        ],
+    }
+    state = asyncio.run(stream(spec=spec, until_idle_s=1.5, return_state=True))
+    assert state.is_failed()
+    with pytest.raises(NightshiftError) as info:
+        asyncio.run(state.aresult())
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("stream doomed: given up after 2 failures in a row without progress "
+                              "(restart.max_restarts: 1); last: doomed fail_always[1] window "), message
+    assert message.endswith("this step always fails"), message
+    # the other stream went on to the end
+    out = read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "fine")
+    assert out["id"].to_list() == [f"f{i}" for i in range(30)]
+    # and nothing of the doomed stream was acked: it waits in JetStream for a fixed step
+    consumer = nats_server.consumer("DOOM", "doomed-consumer")
+    assert consumer.ack_floor.stream_seq == 0
+
+
+def test_part_of_an_open_window_supersedes_it_in_the_store(
+    tmp_path: Path, nats_server: Nats, nats_block: str
+) -> None:
+    """A window journaled open by a process that died, of which only some messages come
+    back here (the rest went to another process): those become a part that supersedes it;
+    the dead process's store file of the whole window is replaced, no row twice."""
+    import polars as pl
+
+    from nightshift.streams.journal import Journal, JournalEntry
+    from nightshift.streams.seqs import window_id
+
+    setup_streams(nats_server, "PART", out=False)
+    nats_server.publish("PART.in", [event(i, "p") for i in range(10)])  # seqs 1..10
+    store = StepStore(url=f"file://{tmp_path / 'store'}")
+    whole = JournalEntry(id=window_id([(1, 20)]), ranges=[(1, 20)], key="0" * 64)
+    Journal(store, "parted").write(whole)  # as the dead process left it: open, 1..20
+    store.write_frame(store.path("parted", "output", f"w-{whole.id}.parquet"),
+                      pl.DataFrame({"_row_id": list(range(1, 21)), "id": [f"old{i}" for i in range(20)]}))
+    spec = {
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "streams": [stream_entry("parted", nats_server, "PART", window={"count": 50, "seconds": 1},
+                                 ack_wait_s=1.0)],
+    }
+    summary = run_stream(spec, until_idle_s=1.0)["streams"][0]
+    assert summary["messages"] == 10 and summary["replayed_windows"] == 1
+    files = sorted((tmp_path / "store" / "parted" / "output").glob("*.parquet"))
+    assert len(files) == 1 and files[0].name.startswith("w-000000000001-000000000010-p"), files
+    out = read_output(store, "parted")
+    assert out["id"].to_list() == [f"p{i}" for i in range(10)]
+    part = json.loads((tmp_path / "store" / "parted" / "windows" / f"{files[0].stem[2:]}.json").read_text())
+    assert part["state"] == "committed" and part["supersedes"] == [whole.id]

@@ -15,6 +15,8 @@ Each sink is keyed by the JetStream stream sequence of the message a row came fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from typing import Protocol
 
 import polars as pl
@@ -28,8 +30,12 @@ class Sink(Protocol):
     def open(self) -> None:
         """Connect and check everything (table, stream): fail here, before any window."""
 
-    def write(self, window_id: str, frame: pl.DataFrame) -> int:
-        """Write one window's rows; idempotent; returns the rows written."""
+    def write(self, window_id: str, frame: pl.DataFrame, supersedes: Sequence[str] = ()) -> int:
+        """Write one window's rows; idempotent; returns the rows written.
+
+        ``supersedes``: windows whose sequences this one (a part of them) now holds; a
+        sink keyed by window (the store) removes their output, sinks keyed by message
+        ignore it."""
 
     def close(self) -> None:
         """Release connections."""

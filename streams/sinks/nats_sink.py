@@ -11,6 +11,8 @@ publishes on core NATS: at-least-once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncio
 from typing import Any
 
@@ -60,7 +62,7 @@ class NatsSink:
             ) from None
         self.duplicate_window_s = info.config.duplicate_window
 
-    def write(self, window_id: str, frame: pl.DataFrame) -> int:
+    def write(self, window_id: str, frame: pl.DataFrame, supersedes: Sequence[str] = ()) -> int:
         if frame.height == 0:
             return 0
         out = frame.select(self.columns) if self.columns else frame

@@ -14,6 +14,8 @@ checked at start, before any window).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import time
 from typing import Any
 
@@ -123,7 +125,7 @@ class PostgresSink:
             raise SpecError(f"{self.label}: table {self.table} on {self.display}: "
                             f"{one_line(exc)}") from None
 
-    def write(self, window_id: str, frame: pl.DataFrame) -> int:
+    def write(self, window_id: str, frame: pl.DataFrame, supersedes: Sequence[str] = ()) -> int:
         from psycopg import sql
         from psycopg.types.json import Jsonb
 

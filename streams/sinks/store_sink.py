@@ -8,6 +8,8 @@ tool (``polars.scan_parquet(".../output/*.parquet")``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from nightshift.blocks.step_store import StepStore
@@ -27,19 +29,26 @@ class StoreSink:
     def open(self) -> None:
         self.store.check_writable()
 
-    def write(self, window_id: str, frame: pl.DataFrame) -> int:
+    def write(self, window_id: str, frame: pl.DataFrame, supersedes: Sequence[str] = ()) -> int:
         target = self.file(window_id)
         if frame.height or self.store.frame_rows(target) is not None:
             self.store.write_frame(target, frame)
+        for earlier in supersedes:  # after the write: a crash in between only repeats rows
+            self.store.delete(self.file(earlier))  # of a window not yet committed (replayed)
         return frame.height
 
     def close(self) -> None:
         pass
 
 
+def output_files(store: StepStore, pipeline: str, path: str = "output") -> list[str]:
+    """The store sink's window files, by name (stream order of their first message)."""
+    return sorted(store.fs.glob(f"{store.path(pipeline, path)}/w-*.parquet"))
+
+
 def read_output(store: StepStore, pipeline: str, path: str = "output") -> pl.DataFrame:
-    """Every row the store sink holds, in stream order."""
-    files = sorted(store.fs.glob(f"{store.path(pipeline, path)}/w-*.parquet"))
+    """Every row the store sink holds, in stream order (as stored: a repeat would show)."""
+    files = output_files(store, pipeline, path)
     if not files:
         return pl.DataFrame()
     frames = [store.read_frame(f) for f in files]
