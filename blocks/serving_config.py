@@ -39,7 +39,7 @@ import os
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
@@ -95,7 +95,7 @@ class ServingConfig(Block):
     # -- openai_compatible: an HTTP endpoint ------------------------------------------
     base_url: str | None = Field(default=None, description="API root, e.g. http://host:8000/v1")
     #: A fleet: several endpoints serving the same model, used as one (instead of base_url).
-    base_urls: list[str | HttpEndpoint] | None = Field(
+    base_urls: list[HttpEndpoint] | None = Field(
         default=None, description="fleet of API roots serving the same model (instead of base_url)")
     #: Streamed replies, so the stall watchdog sees every token.
     stream: bool = True
@@ -124,6 +124,14 @@ class ServingConfig(Block):
     cache_answers: bool | None = None
     #: Bump to recompute when the server's weights change under the same model name.
     model_revision: str | None = None
+
+    @field_validator("base_urls", mode="before")
+    @classmethod
+    def _urls_as_endpoints(cls, value: Any) -> Any:
+        """A plain URL is ``{url: URL}``."""
+        if isinstance(value, list):
+            return [{"url": e} if isinstance(e, str) else e for e in value]
+        return value
 
     @model_validator(mode="after")
     def _http_needs_a_url(self) -> ServingConfig:
@@ -174,7 +182,7 @@ class ServingConfig(Block):
     def endpoint_list(self) -> list[HttpEndpoint]:
         """The endpoints: ``base_urls``, or ``base_url`` as a fleet of one."""
         if self.base_urls:
-            return [HttpEndpoint(url=e) if isinstance(e, str) else e for e in self.base_urls]
+            return list(self.base_urls)
         return [HttpEndpoint(url=self.base_url)] if self.base_url else []
 
     def http_options(self) -> dict[str, Any]:

@@ -159,3 +159,32 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
         (dead["requests"], dead["answered"], dead["resent"]),
         (alive["requests"], alive["answered"], alive["resent"])]
     assert "(out, taken out 1x)" in summary[0]["name"]
+
+
+def test_fleet_config_is_checked_and_not_fingerprinted(tmp_path) -> None:
+    from conftest import make_rows, write_jsonl
+
+    from nightshift.core.errors import SpecError
+    from nightshift.flows.plan import build_plan
+
+    write_jsonl(tmp_path / "a.jsonl", make_rows(3))
+
+    def plan(serving: dict):
+        return build_plan({"name": "fleet", "source": {"path": str(tmp_path / "a.jsonl")},
+                           "store": {"url": f"file://{tmp_path}/store"},
+                           "steps": [{"generate": {"prompt": "{{ text }}", "output": "o"}}],
+                           "serving": {"default": {"backend": "openai_compatible", "model": "m",
+                                                   **serving}}})
+
+    one = plan({"base_url": "http://a:8000/v1"})
+    two = plan({"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 4}]})
+    assert [s.fingerprint for s in one.stages] == [s.fingerprint for s in two.stages], \
+        "adding an endpoint recomputes nothing"
+    with pytest.raises(SpecError, match=r"^serving\.default: .*give base_url or base_urls"):
+        plan({"base_url": "http://a:8000/v1", "base_urls": ["http://b:8000/v1"]})
+    with pytest.raises(SpecError, match=r"^serving\.default: .*names an endpoint twice: http://a:8000/v1$"):
+        plan({"base_urls": ["http://a:8000/v1", "http://a:8000/v1/"]})
+    with pytest.raises(SpecError, match=r"^serving\.default\.base_urls\[1\]\.max_concurrency: "):
+        plan({"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 0}]})
+    with pytest.raises(SpecError, match=r"^serving\.default: .*needs base_url .* or base_urls"):
+        plan({"base_urls": []})

@@ -331,8 +331,6 @@ class OpenAIBackend:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self._count(job, "retries")
-                    if job.failed_on is not None:
-                        job.failed_on.counts.resent += 1
                     result = await self._attempt(job, path, body, tokens)
             return result
         except Transient as exc:
@@ -352,7 +350,9 @@ class OpenAIBackend:
             self.breaker.check()  # the wait may have been long
             self._count(job, "requests")
             member.counts.requests += 1
-            job.failed_on = None
+            if job.failed_on is not None:  # this attempt re-sends what failed there
+                job.failed_on.counts.resent += 1
+                job.failed_on = None
             try:
                 result = await self._exchange(member, path, body)
             except _Failed as failure:

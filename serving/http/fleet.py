@@ -180,7 +180,9 @@ class Fleet:
         ready = [m for m in self.members if m.in_service and m.in_flight < m.cap]
         if avoid is not None and any(m is not avoid for m in ready):
             ready = [m for m in ready if m is not avoid]
-        return min(ready, key=lambda m: (m.load, m.counts.requests), default=None)
+        now = time.monotonic()  # one that asked us to wait (429) comes last
+        return min(ready, key=lambda m: (m.limiter.paused_until > now, m.load, m.counts.requests),
+                   default=None)
 
     def _take_out(self, member: Member, reason: str) -> None:
         member.in_service = False

@@ -120,11 +120,20 @@ class StreamReply:
         self.finish: str | None = None
         self.usage: dict[str, Any] = {}
         self.done = False
+        self.events = 0
+        self.other: list[str] = []  # a server that ignored stream: true sends plain JSON
 
     def feed(self, line: str) -> None:
         """Take one line of the event stream (blank lines and comments are skipped)."""
         if not line.startswith("data:"):
+            if line.strip() and not line.startswith((":", "event:", "id:", "retry:")) \
+                    and len(self.other) < 10_000:
+                self.other.append(line)
             return
+        self.events += 1
+        self._event(line)
+
+    def _event(self, line: str) -> None:
         data = line[5:].strip()
         if data == "[DONE]":
             self.done = True
@@ -158,6 +167,8 @@ class StreamReply:
 
     def result(self) -> GenerationResult:
         """The row's result once the stream ended; :class:`MalformedReply` if it was cut."""
+        if not self.events and self.other:
+            return parse_reply(CHAT if self.chat else COMPLETIONS, "\n".join(self.other).encode())
         if not self.done or self.finish is None:
             raise MalformedReply("stream ended before its last event" if not self.done
                                  else "stream ended without a finish reason")
