@@ -26,6 +26,10 @@ llama.cpp's server, OpenAI, ...); see ``docs/api-serving.md``::
         global_limit: gpu-fleet              # a Prefect global concurrency limit
         price: {input_per_1m: 0.15, output_per_1m: 0.60}
 
+A fleet of servers serving the same model: ``base_urls`` instead of ``base_url`` (each
+entry a URL or ``{url, max_concurrency, requests_per_minute, tokens_per_minute}``); the
+URLs are not part of the step fingerprint, so adding or removing one recomputes nothing.
+
 Never write the key itself in a spec: a spec is a flow-run parameter, shown in the UI.
 """
 
@@ -35,11 +39,23 @@ import os
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
 from nightshift.core.usage import TokenPrice
+
+
+class HttpEndpoint(BaseModel):
+    """One endpoint of a fleet (``base_urls``) with its own limits (None: only the
+    serving entry's fleet-wide ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="API root, e.g. http://gpu-2:8000/v1")
+    max_concurrency: int | None = Field(default=None, ge=1, le=4096)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
 
 
 class ServingConfig(Block):
@@ -71,12 +87,18 @@ class ServingConfig(Block):
     max_restarts: int = Field(default=2, ge=0)
     #: Both backends: a request (HTTP) or an engine (vLLM) that produces no token for this
     #: long is stalled: the request is cancelled and re-sent, the engine restarted.
+    #: HTTP: the longest silence (no byte) within an attempt; ``timeout_s`` bounds the whole.
     stall_timeout_s: float = Field(default=300.0, gt=0)
     #: fake backend only: seconds each call takes.
     fake_delay_s: float = Field(default=0.0, ge=0)
 
     # -- openai_compatible: an HTTP endpoint ------------------------------------------
     base_url: str | None = Field(default=None, description="API root, e.g. http://host:8000/v1")
+    #: A fleet: several endpoints serving the same model, used as one (instead of base_url).
+    base_urls: list[HttpEndpoint] | None = Field(
+        default=None, description="fleet of API roots serving the same model (instead of base_url)")
+    #: Streamed replies, so the stall watchdog sees every token.
+    stream: bool = True
     api_key: SecretStr | None = Field(default=None, description="kept secret; or use the next two")
     api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block")
     api_key_env: str | None = Field(default=None, description="environment variable with the key")
@@ -103,10 +125,24 @@ class ServingConfig(Block):
     #: Bump to recompute when the server's weights change under the same model name.
     model_revision: str | None = None
 
+    @field_validator("base_urls", mode="before")
+    @classmethod
+    def _urls_as_endpoints(cls, value: Any) -> Any:
+        """A plain URL is ``{url: URL}``."""
+        if isinstance(value, list):
+            return [{"url": e} if isinstance(e, str) else e for e in value]
+        return value
+
     @model_validator(mode="after")
     def _http_needs_a_url(self) -> ServingConfig:
-        if self.backend == "openai_compatible" and not self.base_url:
-            raise ValueError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
+        if self.backend == "openai_compatible" and not (self.base_url or self.base_urls):
+            raise ValueError("backend openai_compatible needs base_url (e.g. http://host:8000/v1) "
+                             "or base_urls (a fleet)")
+        if self.base_url and self.base_urls:
+            raise ValueError("give base_url or base_urls (a fleet), not both")
+        urls = [e.url.rstrip("/") for e in self.endpoint_list()]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"base_urls names an endpoint twice: {sorted({u for u in urls if urls.count(u) > 1})[0]}")
         return self
 
     @property
@@ -143,12 +179,20 @@ class ServingConfig(Block):
         if self.is_http:
             self.resolve_api_key()
 
+    def endpoint_list(self) -> list[HttpEndpoint]:
+        """The endpoints: ``base_urls``, or ``base_url`` as a fleet of one."""
+        if self.base_urls:
+            return list(self.base_urls)
+        return [HttpEndpoint(url=self.base_url)] if self.base_url else []
+
     def http_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nightshift.serving.http.OpenAIBackend`` (the key excluded)."""
-        if not self.base_url:
+        if not self.base_url and not self.base_urls:
             raise SpecError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
         return dict(
-            base_url=self.base_url, model=self.model, api_key_header=self.api_key_header,
+            base_url=self.base_url, model=self.model,
+            base_urls=[e.model_dump() for e in self.endpoint_list()] if self.base_urls else None,
+            stall_timeout_s=self.stall_timeout_s, stream=self.stream, api_key_header=self.api_key_header,
             headers=self.headers, endpoint=self.endpoint, max_concurrency=self.max_concurrency,
             requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
             timeout_s=self.timeout_s, max_attempts=self.max_attempts,

@@ -113,6 +113,7 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
                    requests=usage.get("requests"), retries=usage.get("retries"),
                    cost_usd=usage.get("cost_usd"))
         table.append(row)
+    table.extend(endpoint_rows())
     create_table_artifact(
         key=artifact_key(plan.spec.name, "summary"),
         table=table,
@@ -139,6 +140,27 @@ def serving_usage() -> dict[str, dict[str, float | int]]:
 
     pool = active_pool()
     return pool.usage() if pool is not None else {}
+
+
+def endpoint_rows() -> list[dict[str, Any]]:
+    """One summary row per endpoint of each fleet (``base_urls``): ``requests`` sent there,
+    ``rows_out`` it answered, ``failed`` attempts on it, ``retries`` of those re-sent,
+    its tokens; the name says whether it was taken out and is in service at the end."""
+    from nightshift.serving.pool import active_pool
+
+    pool = active_pool()
+    rows: list[dict[str, Any]] = []
+    for name, endpoints in (pool.endpoint_usage() if pool is not None else {}).items():
+        for where, c in endpoints.items():
+            row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
+            state = "in service" if c.get("in_service") else "out"
+            row.update(name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x)",
+                       requests=c.get("requests"), rows_out=c.get("answered"),
+                       failed=c.get("failed"), retries=c.get("resent"),
+                       prompt_tokens=c.get("prompt_tokens"),
+                       completion_tokens=c.get("completion_tokens"))
+            rows.append(row)
+    return rows
 
 
 def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:

@@ -108,6 +108,10 @@ class _ServedDirect:
         counters = getattr(self.backend, "usage", None)  # HTTP backends count tokens and cost
         return counters() if callable(counters) else {}
 
+    def endpoint_usage(self) -> dict[str, dict[str, int | bool]]:
+        counters = getattr(self.backend, "endpoint_usage", None)  # HTTP: per endpoint
+        return counters() if callable(counters) else {}
+
     def close(self) -> None:
         if self.owned:
             self.backend.close()
@@ -149,6 +153,9 @@ class _Served:
     def usage(self) -> dict[str, float | int]:
         return {}
 
+    def endpoint_usage(self) -> dict[str, dict[str, int | bool]]:
+        return {}
+
     def close(self) -> None:
         for batcher in self.batchers:
             batcher.close()
@@ -174,6 +181,7 @@ class ServingPool:
         self._lock = threading.Lock()
         self._closed = False
         self._final_usage: dict[str, dict[str, float | int]] = {}
+        self._final_endpoints: dict[str, dict[str, dict[str, int | bool]]] = {}
 
     def served(self, name: str) -> _Served | _ServedDirect:
         with self._lock:
@@ -224,6 +232,15 @@ class ServingPool:
             served = dict(self._served)
         return {name: u for name, s in served.items() if (u := s.usage())}
 
+    def endpoint_usage(self) -> dict[str, dict[str, dict[str, int | bool]]]:
+        """Per HTTP serving name with several endpoints (a fleet), per endpoint URL:
+        requests, answered, failed, resent, tokens, times taken out, in service."""
+        with self._lock:
+            if self._closed:
+                return dict(self._final_endpoints)
+            served = dict(self._served)
+        return {name: e for name, s in served.items() if len(e := s.endpoint_usage()) > 1}
+
     def restarts(self) -> int:
         return sum(b.restarts for s in self._served.values() for b in s.backends)
 
@@ -231,6 +248,8 @@ class ServingPool:
         with self._lock:
             if not self._closed:
                 self._final_usage = {n: u for n, s in self._served.items() if (u := s.usage())}
+                self._final_endpoints = {n: e for n, s in self._served.items()
+                                         if len(e := s.endpoint_usage()) > 1}
             self._closed = True
             served, self._served = list(self._served.values()), {}
         for s in served:

