@@ -75,9 +75,9 @@ def test_n_samples_judge_each_pick_best_and_chat_messages_on_the_engine(tmp_path
                  max_error_rate=0.5),
     ]
 
-    def run(store: str) -> pl.DataFrame:
+    def run(store: str, steps: list = steps) -> pl.DataFrame:
         pipe = Pipeline("samples", source=source(tmp_path), steps=steps,
-                        store=f"file://{tmp_path}/{store}", batch_size=2, serving=SERVING)
+                        store=f"file://{tmp_path}/{store}", batch_size=3, serving=SERVING)
         with shared_serving(shared_pool()):
             pipe.run()
         return pipe.read()
@@ -129,8 +129,9 @@ def test_n_samples_judge_each_pick_best_and_chat_messages_on_the_engine(tmp_path
     assert out["reply_error"].to_list() == [None, "messages is an empty list", None]
     assert out.schema["reply"] == pl.String, "n: 1 keeps scalar columns"
 
-    again = run("second")
-    assert again.equals(out), "seeded samples are reproducible: a second run writes the same"
+    again = run("second", steps[:1])
+    assert again["answers"].equals(out["answers"]), "seeded samples are reproducible"
+    assert again["_row_id"].equals(out["_row_id"])
 
 
 def test_n_samples_over_http(tmp_path: Path, vllm_server: str) -> None:
