@@ -16,6 +16,7 @@ from nightshift.tasks.operators.generate import Generate, Translate
 from nightshift.tasks.operators.judge import Classify, Judge, Score
 from nightshift.tasks.operators.llm import LLMOperator
 from nightshift.tasks.operators.map import Map
+from nightshift.tasks.operators.pick_best import PickBest
 from nightshift.tasks.operators.template import Template
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Filter",
     "Map",
     "Operator",
+    "PickBest",
     "Rename",
     "Select",
     "Template",

@@ -23,6 +23,9 @@ class Generate(PromptedLLM):
 
     name = "generate"
     json_schema: dict[str, Any] | None = None
+    #: a column of chat message lists (``List[Struct{role, content}]``), instead of
+    #: ``prompt``/``input``: each row's whole chat is sent, ``system`` first when given
+    messages: str | None = None
 
     @field_validator("json_schema", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """The base of every LLM operator: prompts in, one request per row, results attached.
 
 Each row becomes one request (chat messages: an optional system prompt and the user
-prompt) served by the named backend of the running ``ServingTaskRunner``. Results come back
-attached to their own row whatever the batch size or completion order. The operator
+prompt, or a row's own chat from a ``messages`` column) served by the named backend of
+the running ``ServingTaskRunner``. Results come back attached to their own row whatever
+the batch size or completion order. The operator
 writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
 ``<output>_prompt_tokens`` and ``<output>_completion_tokens``.
 
@@ -12,6 +13,13 @@ writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
   ``max_error_rate``.
 * The model identity (weights, chat template), sampling parameters and seed are in the
   step fingerprint: change any and the step recomputes.
+* ``n`` (default 1) asks each row ``n`` times, sample ``i`` with seed ``seed + i`` (one
+  request each); ``<output>``, ``<output>_error`` and ``<output>_finish_reason`` are then
+  lists of ``n`` in sample order and the token columns the row's sums. A list ``input``
+  column is asked element by element, with list outputs the same way (judge the
+  candidates of a ``generate`` with ``n``). ``max_error_rate`` counts samples/elements.
+  At ``n: 1`` (and without ``messages``) the config, keys and columns are what they
+  were before ``n`` existed. See ``llm_inputs.py``.
 * ``chat: false`` sends the rendered prompt as a raw completion (no chat template,
   no system message).
 * With an answer cache (on for ``openai_compatible`` serving), each answer is persisted
@@ -30,10 +38,18 @@ from pydantic import Field, model_validator
 from nightshift.core.errors import StepFailed
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators.base import Operator
+from nightshift.tasks.operators.llm_inputs import Shape, chat_messages, check_messages_dtype, shape_of
 from nightshift.tasks.operators.sql import sql_expr
 from nightshift.tasks.operators.template import Template
 
 SUFFIXES = ("_error", "_finish_reason", "_prompt_tokens", "_completion_tokens")
+
+#: Fields left out of the fingerprint and the spec entry at their default, so that steps
+#: written before the field existed keep their keys (and ``explain`` sees no change).
+_HIDDEN_DEFAULTS: dict[str, Any] = {"n": 1, "messages": None}
+
+#: What a slot of a row holds before serving: a request's index, an error, or nothing.
+_Slot = int | str | None
 
 
 class LLMOperator(Operator):
@@ -54,6 +70,18 @@ class LLMOperator(Operator):
     skip_if: str | None = None
     max_error_rate: float = Field(default=0.1, ge=0, le=1)
     chat: bool = True
+    #: samples per row (sample ``i`` is sampled with seed ``seed + i``); above 1 the
+    #: output columns are lists of ``n`` samples.
+    n: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _samples_differ(self) -> "LLMOperator":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"n: {self.n} needs temperature > 0 (greedy decoding would give {self.n} "
+                "identical samples)"
+            )
+        return self
 
     def token_counts(self, df: pl.DataFrame) -> dict[str, int]:
         """The prompt and completion tokens in this step's ``<output>_*_tokens`` columns."""
@@ -80,72 +108,111 @@ class LLMOperator(Operator):
     def extra_outputs(self, texts: list[str | None]) -> dict[str, pl.Series]:
         return {}
 
+    def messages_column(self) -> str | None:
+        """The column of chat message lists the requests are built from (``generate``'s
+        ``messages``), or None: the user message is :meth:`user_template`."""
+        return None
+
+    def list_input(self) -> str | None:
+        """The column that, when it is a list, is asked element by element."""
+        return None
+
     # -- contract -----------------------------------------------------------------------
     def _prompt_op(self) -> Template:
-        return Template(output="__prompt__", template=self.user_template())
+        template = "" if self.messages_column() else self.user_template()
+        return Template(output="__prompt__", template=template)
 
     def reads(self) -> list[str]:
-        return self._prompt_op().reads()
+        column = self.messages_column()
+        return [column] if column else self._prompt_op().reads()
 
     def writes(self) -> list[str]:
         return [self.output, *(self.output + s for s in SUFFIXES)]
+
+    def config(self) -> dict[str, Any]:
+        return _without_hidden_defaults(super().config())
+
+    def spec_entry(self) -> dict[str, Any]:
+        return {key: _without_hidden_defaults(value) for key, value in super().spec_entry().items()}
 
     def fingerprint(self, upstream: str, context: dict[str, Any] | None = None) -> str:
         serving = (context or {}).get("serving", {}).get(self.serving)
         return digest(super().fingerprint(upstream), serving)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
-        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
         from nightshift.serving.pool import current_pool
 
+        shape = shape_of(self.n, self.list_input(), df.schema)
+        column = self.messages_column()
+        if column is not None:
+            check_messages_dtype(column, df.schema[column])
         skip = (
             df.select(sql_expr(self.skip_if, "skip_if").fill_null(False)).to_series().to_list()
             if self.skip_if
             else [False] * df.height
         )
         todo = [i for i, s in enumerate(skip) if not s]
-        prompts = self._prompt_op().process(df[todo] if todo else df.clear())["__prompt__"].to_list()
-        if df.height == 0:
-            return self._attach(df, [None] * 0, [None] * 0, [None] * 0, [0] * 0, [0] * 0, [])
-        sampling = SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            seed=self.seed, stop=self.stop, json_schema=self.response_schema(),
-        )
-        requests = [
-            GenerationRequest(
-                messages=[
-                    *([ChatMessage(role="system", content=self.system)] if self.system else []),
-                    ChatMessage(role="user", content=p or ""),
-                ],
-                sampling=sampling,
-            )
-            if self.chat
-            else GenerationRequest(prompt=p or "", sampling=sampling)
-            for p in prompts
-        ]
+        slots, requests = self._plan(df, todo, shape)
         results = self._serve(current_pool(), requests) if requests else []
-        n = df.height
-        values: list[Any] = [None] * n
-        texts: list[str | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        finish: list[str | None] = [None] * n
-        p_tok, c_tok = [0] * n, [0] * n
-        for row, result in zip(todo, results):
-            finish[row], p_tok[row], c_tok[row] = result.finish_reason, result.prompt_tokens, result.completion_tokens
-            if result.error is not None:
-                errors[row] = result.error
-                continue
-            texts[row] = result.text
-            values[row], errors[row] = self.parse(result.text or "")
-            if errors[row] is not None:
-                values[row] = None
-        failed = [i for i in todo if errors[i] is not None]
-        if todo and len(failed) / len(todo) > self.max_error_rate:
-            raise StepFailed(
-                f"{len(failed)}/{len(todo)} rows failed ({100 * len(failed) / len(todo):.0f}% > "
-                f"max_error_rate {100 * self.max_error_rate:.0f}%); first: {errors[failed[0]]}"
+        return self._collect(df, shape, slots, results)
+
+    # -- requests -------------------------------------------------------------------------
+    def _plan(self, df: pl.DataFrame, todo: list[int], shape: Shape) -> tuple[list[list[_Slot] | None], list[Any]]:
+        """Per row its slots (None: skipped) and the requests they point at."""
+        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+
+        requests: list[Any] = []
+        slots: list[list[_Slot] | None] = [None] * df.height
+
+        def ask(content: str | list[dict[str, str]], seed: int | None) -> int:
+            sampling = SamplingParams(
+                max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                seed=seed, stop=self.stop, json_schema=self.response_schema(),
             )
-        return self._attach(df, values, errors, finish, p_tok, c_tok, texts)
+            if isinstance(content, list):
+                request = GenerationRequest(messages=[ChatMessage(**m) for m in content], sampling=sampling)
+            elif self.chat:
+                system = [ChatMessage(role="system", content=self.system)] if self.system else []
+                request = GenerationRequest(
+                    messages=[*system, ChatMessage(role="user", content=content)], sampling=sampling
+                )
+            else:
+                request = GenerationRequest(prompt=content, sampling=sampling)
+            requests.append(request)
+            return len(requests) - 1
+
+        if shape == "elements":
+            column = str(self.list_input())
+            lists = df.get_column(column).to_list()
+            flat = [e for r in todo for e in (lists[r] or [])]
+            inner = df.schema[column].inner  # type: ignore[union-attr]
+            rendered = iter(self._prompt_op().process(pl.DataFrame([pl.Series(column, flat, dtype=inner)]))["__prompt__"].to_list())
+            for r in todo:
+                if lists[r] is None:
+                    continue
+                row_slots: list[_Slot] = []
+                for element in lists[r]:
+                    prompt = next(rendered)
+                    row_slots.append(None if element is None else ask(prompt or "", self.seed))
+                slots[r] = row_slots
+            return slots, requests
+
+        column = self.messages_column()
+        if column is not None:
+            contents: list[Any] = [
+                chat_messages(v, self.system) for v in df.get_column(column).gather(todo).to_list()
+            ] if todo else []
+        else:
+            subset = df[todo] if todo else df.clear()
+            contents = [p or "" for p in self._prompt_op().process(subset)["__prompt__"].to_list()]
+        for r, content in zip(todo, contents):
+            if isinstance(content, str) and column is not None:  # a bad message list: its error
+                slots[r] = [content] * self.n
+            elif shape == "samples":
+                slots[r] = [ask(content, None if self.seed is None else self.seed + i) for i in range(self.n)]
+            else:
+                slots[r] = [ask(content, self.seed)]
+        return slots, requests
 
     def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
         """Answers for ``requests`` on this step's serving config, through the batch's
@@ -154,32 +221,120 @@ class LLMOperator(Operator):
 
         return serve(pool, self.serving, requests)
 
-    def _attach(self, df, values, errors, finish, p_tok, c_tok, texts) -> pl.DataFrame:  # type: ignore[no-untyped-def]
+    # -- results --------------------------------------------------------------------------
+    def _collect(self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None],
+                 results: list[Any]) -> pl.DataFrame:
+        """Fold the answers back into their rows (lists for ``samples``/``elements``);
+        fail the batch past ``max_error_rate`` (counted over slots: samples, elements)."""
+        values: list[Any] = []
+        errors: list[Any] = []
+        finish: list[Any] = []
+        texts: list[str | None] = []
+        p_tok, c_tok, lengths = [0] * df.height, [0] * df.height, []
+        asked = failed = 0
+        first_error: str | None = None
+        for r, row_slots in enumerate(slots):
+            row: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+            for slot in row_slots or []:
+                value = error = reason = text = None
+                if isinstance(slot, str):
+                    error = slot
+                elif isinstance(slot, int):
+                    result = results[slot]
+                    reason = result.finish_reason
+                    p_tok[r] += result.prompt_tokens
+                    c_tok[r] += result.completion_tokens
+                    if result.error is not None:
+                        error = result.error
+                    else:
+                        text = result.text
+                        value, error = self.parse(result.text or "")
+                        if error is not None:
+                            value = None
+                asked += slot is not None
+                if error is not None:
+                    failed += 1
+                    first_error = first_error or error
+                for acc, item in zip(row, (value, error, reason)):
+                    acc.append(item)
+                texts.append(text)
+            lengths.append(len(row_slots or []))
+            if shape == "scalar":
+                for acc, items in zip((values, errors, finish), row):
+                    acc.append(items[0] if items else None)
+                if not row_slots:
+                    texts.append(None)
+            else:
+                for acc, items in zip((values, errors, finish), row):
+                    acc.append(None if row_slots is None else items)
+        if asked and failed / asked > self.max_error_rate:
+            unit = {"scalar": "rows", "samples": "samples", "elements": "list elements"}[shape]
+            raise StepFailed(
+                f"{failed}/{asked} {unit} failed ({100 * failed / asked:.0f}% > "
+                f"max_error_rate {100 * self.max_error_rate:.0f}%); first: {first_error}"
+            )
+        listed = shape != "scalar"
         o = self.output
+
+        def typed(dtype: Any) -> Any:
+            return pl.List(dtype) if listed else dtype
+
+        extra = self.extra_outputs(texts)
+        if listed:
+            extra = {k: _nest(s, lengths, slots) for k, s in extra.items()}
         columns = [
-            pl.Series(o, values, dtype=self.output_dtype),
-            pl.Series(o + "_error", errors, dtype=pl.String),
-            pl.Series(o + "_finish_reason", finish, dtype=pl.String),
+            pl.Series(o, values, dtype=typed(self.output_dtype)),
+            pl.Series(o + "_error", errors, dtype=typed(pl.String)),
+            pl.Series(o + "_finish_reason", finish, dtype=typed(pl.String)),
             pl.Series(o + "_prompt_tokens", p_tok, dtype=pl.Int64),
             pl.Series(o + "_completion_tokens", c_tok, dtype=pl.Int64),
-            *self.extra_outputs(texts if texts else [None] * df.height).values(),
+            *extra.values(),
         ]
         return df.with_columns(columns)
 
 
+def _nest(series: pl.Series, lengths: list[int], slots: list[Any]) -> pl.Series:
+    """A per-slot series as one list per row (null for a row that asked nothing)."""
+    flat, out, at = series.to_list(), [], 0
+    for length, row_slots in zip(lengths, slots):
+        out.append(None if row_slots is None else flat[at:at + length])
+        at += length
+    return pl.Series(series.name, out, dtype=pl.List(series.dtype))
+
+
+def _without_hidden_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not (k in _HIDDEN_DEFAULTS and v == _HIDDEN_DEFAULTS[k])}
+
+
 class PromptedLLM(LLMOperator):
-    """An LLM operator whose user message is a template or an input column."""
+    """An LLM operator whose user message is a template or an input column (a list
+    column: one request per element, a list of outputs); ``generate`` also takes a
+    ``messages`` column of whole chats."""
 
     prompt: str | None = None
     input: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptedLLM":
-        if (self.prompt is None) == (self.input is None):
-            raise ValueError("give exactly one of 'prompt' (a template) or 'input' (a column)")
+        takes_messages = "messages" in type(self).model_fields
+        given = [self.prompt, self.input, self.messages_column()]
+        if sum(v is not None for v in given) != 1:
+            raise ValueError(
+                "give exactly one of 'prompt' (a template), 'input' (a column) or 'messages' "
+                "(a column of chat message lists)" if takes_messages else
+                "give exactly one of 'prompt' (a template) or 'input' (a column)"
+            )
         if not self.chat and self.system:
             raise ValueError("'system' needs chat: true (a raw completion prompt has no roles)")
+        if not self.chat and self.messages_column():
+            raise ValueError("'messages' needs chat: true (a raw completion prompt has no roles)")
         return self
+
+    def messages_column(self) -> str | None:
+        return getattr(self, "messages", None)
+
+    def list_input(self) -> str | None:
+        return self.input
 
     def user_template(self) -> str:
         return self.prompt if self.prompt is not None else "{{ " + str(self.input) + " }}"
