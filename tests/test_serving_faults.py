@@ -1,6 +1,6 @@
 """Engine failures on a real vLLM engine (SmolLM2 on CPU): a blocked engine restarted by
 the stall watchdog, a poison request found by bisection and quarantined (through the
-pipeline: ``<output>_error`` in the Parquet output).
+pipeline: ``<output>_error`` in the Parquet output), a call past ``max_restarts``.
 
 The faults come from the real backend's test-only hooks (``NIGHTSHIFT_TEST_BLOCK_ON``,
 ``NIGHTSHIFT_TEST_DIE_ON``, serving/engine_faults.py) around the real engine, never a fake
@@ -39,6 +39,7 @@ STALL_S = 5.0
 # max_batch 4 and a long batch timeout: the four rows of two batches go in one engine call
 SERVING = {"default": {"model": "smollm2", "max_model_len": MAX_MODEL_LEN, "max_batch": 4,
                        "batch_timeout_s": 10.0, "stall_timeout_s": STALL_S}}
+SERVING_MAX_RESTARTS = ServingConfig(**SERVING["default"]).max_restarts
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.",
              "What is the capital of France?"]
 
@@ -57,7 +58,9 @@ def faulty_pool() -> Iterator[ServingPool]:
     os.environ[DIE_ON], os.environ[BLOCK_ON] = POISON, HANG
     pool = ServingPool({name: ServingConfig(**cfg) for name, cfg in SERVING.items()})
     try:
+        started = time.perf_counter()
         pool.served("default")  # its first engine
+        print(f"\n[faults] first hooked engine in {time.perf_counter() - started:.1f}s")
         yield pool
     finally:
         pool.close()
@@ -123,3 +126,22 @@ def test_poison_request_is_quarantined_and_the_rest_answered_through_the_pipelin
     # two or three engines built: the last death needs no engine unless the poison's
     # half ran first (the rows' order in the call is the order the two tasks submitted)
     assert VLLMBackend.engine_loads - loads in (2, 3)
+
+
+def test_past_max_restarts_the_rows_fail_with_a_clear_error_instead_of_looping(
+        faulty_pool: ServingPool) -> None:
+    restarting = faulty_pool.served("default").backends[0]
+    restarting.backend  # an engine up before the call
+    loads, restarts, quarantined = VLLMBackend.engine_loads, restarting.restarts, restarting.quarantined
+    restarting.max_restarts = 0
+    try:
+        results = faulty_pool.submit("default", [chat(QUESTIONS[0]), chat(f"Hello {POISON}")])
+    finally:
+        restarting.max_restarts = SERVING_MAX_RESTARTS
+    assert [r.text for r in results] == [None, None]
+    for result in results:
+        assert (result.error or "").startswith(
+            "not served: the engine died 1 time(s) while serving this call (max_restarts 0); last: ")
+        assert DIE_ON in (result.error or "")
+    assert restarting.restarts == restarts + 1 and restarting.quarantined == quarantined
+    assert VLLMBackend.engine_loads == loads, "no restart was attempted"
