@@ -78,17 +78,21 @@ class RestartingBackend:
         #: Overlapping calls the wrapped backend accepts (see AutoBatcher).
         self.max_concurrent_calls: int = int(getattr(self._backend, "max_concurrent_calls", 1) or 1)
 
-    def _current(self) -> tuple[Backend, int]:
+    def _serving(self) -> tuple[Backend, int]:
+        """The backend serving now (built if the last one was dropped) and its generation."""
         with self._lock:
             if self._backend is None:
                 self._backend = self._factory()
                 self._generation += 1
             return self._backend, self._generation
 
+    def _current(self) -> Backend:
+        return self._serving()[0]
+
     @property
     def backend(self) -> Backend:
         """The backend serving now (built if the last one was dropped)."""
-        return self._current()[0]
+        return self._current()
 
     def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
                  usage: Usage | None = None) -> list[GenerationResult]:
@@ -101,7 +105,7 @@ class RestartingBackend:
         """
         requests = list(requests)
         with self._gate.shared():
-            backend, generation = self._current()
+            backend, generation = self._serving()
             try:
                 results = backend.generate(requests)
             except Exception as exc:
@@ -136,7 +140,7 @@ class RestartingBackend:
                     for i in rest:
                         results[i] = GenerationResult.failed(error)
                     break
-                backend, generation = self._current()
+                backend, generation = self._serving()
                 try:
                     answered = backend.generate([requests[i] for i in group])
                     if len(answered) != len(group):
@@ -182,7 +186,7 @@ class RestartingBackend:
         results[index] = GenerationResult.failed(f"{POISON_ERROR}: {one_line(exc, whole=True)}")
 
     def identity(self) -> dict[str, Any]:
-        return self._current()[0].identity()
+        return self._current().identity()
 
     def close(self) -> None:
         with self._lock:
