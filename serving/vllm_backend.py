@@ -411,7 +411,7 @@ class VLLMBackend:
                 stalled = EngineStalledError(
                     f"the vLLM engine stalled: no engine step finished in {quiet:.0f} s "
                     f"(stall_timeout_s {timeout:g}) with {busy} request(s) in it; abandoned")
-                _announce(f"vLLM engine: {stalled}", logging.ERROR)
+                _announce(str(stalled), logging.ERROR)
                 self._declare_dead(stalled)
                 return
 

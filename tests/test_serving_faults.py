@@ -37,8 +37,9 @@ POISON = "NIGHTSHIFT-POISON-3b9e"
 HANG = "NIGHTSHIFT-HANG-51c2"
 STALL_S = 5.0
 # max_batch 4 and a long batch timeout: the four rows of two batches go in one engine call
+# (every test submits four rows, so no call waits for the timeout)
 SERVING = {"default": {"model": "smollm2", "max_model_len": MAX_MODEL_LEN, "max_batch": 4,
-                       "batch_timeout_s": 10.0, "stall_timeout_s": STALL_S}}
+                       "batch_timeout_s": 30.0, "stall_timeout_s": STALL_S}}
 SERVING_MAX_RESTARTS = ServingConfig(**SERVING["default"]).max_restarts
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.",
              "What is the capital of France?"]
@@ -135,10 +136,10 @@ def test_past_max_restarts_the_rows_fail_with_a_clear_error_instead_of_looping(
     loads, restarts, quarantined = VLLMBackend.engine_loads, restarting.restarts, restarting.quarantined
     restarting.max_restarts = 0
     try:
-        results = faulty_pool.submit("default", [chat(QUESTIONS[0]), chat(f"Hello {POISON}")])
+        results = faulty_pool.submit("default", [chat(q) for q in QUESTIONS[:3]] + [chat(f"Hi {POISON}")])
     finally:
         restarting.max_restarts = SERVING_MAX_RESTARTS
-    assert [r.text for r in results] == [None, None]
+    assert [r.text for r in results] == [None] * 4
     for result in results:
         assert (result.error or "").startswith(
             "not served: the engine died 1 time(s) while serving this call (max_restarts 0); last: ")
