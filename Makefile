@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo test bench clean server worker deploy
+.PHONY: venv demo test bench gpu-check clean server worker deploy
 
 venv: $(STAMP)
 
@@ -43,6 +43,20 @@ BENCHMARKS ?= overhead scaleout generate api stream
 
 bench: venv   # every benchmark (results: benchmarks/RESULTS.md); one: make bench BENCHMARKS=api
 	for b in $(BENCHMARKS); do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+
+# On a CUDA machine: the GPU tests (pytest -m gpu) and the GPU benchmark with the embedded
+# model (engine start, pipeline/bare vllm.LLM.generate ratio, tensor parallel when >= 2 GPUs),
+# appended to benchmarks/RESULTS.md; each part has a time limit, the whole fits in 8 minutes.
+# Without CUDA: one line, exit 0 (docs/generation.md, "GPU check").
+GPU_TESTS_S ?= 210
+GPU_BENCH_S ?= 240
+gpu-check:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "gpu-check: no CUDA device here (nvidia-smi finds none); nothing to run"; exit 0; fi; \
+	$(MAKE) --no-print-directory venv && \
+	timeout $(GPU_TESTS_S) $(BIN)/python -m pytest -m gpu tests/test_generation_gpu.py -q -p no:cacheprovider && \
+	timeout $(GPU_BENCH_S) $(BIN)/python benchmarks/bench_generate.py --gpu --model smollm2 \
+		--repeats 2 --results benchmarks/RESULTS.md
 
 # Deployments (docs/deployments.md): `make server` in one terminal, `make deploy` (idempotent:
 # re-run it after changing prefect.yaml), then `make worker` in another terminal.

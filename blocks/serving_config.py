@@ -83,8 +83,12 @@ class ServingConfig(Block):
     #: Auto-batching: most requests per engine call, and how long to wait for more.
     max_batch: int = Field(default=256, ge=1)
     batch_timeout_s: float = Field(default=0.02, ge=0)
-    #: Engine restarts (crash, out of memory) allowed per call before the call fails.
-    max_restarts: int = Field(default=2, ge=0)
+    #: In-process engines: restarts one engine call may cost (a crash, out of memory, a
+    #: stall; counted per call of up to max_batch rows). A request that kills the engine
+    #: is found by bisection, ~log2(max_batch) + 1 restarts (9 for 256), and its row gets
+    #: "engine died on this request twice"; past the limit the call's remaining rows
+    #: fail with "not served: ...". See docs/generation.md.
+    max_restarts: int = Field(default=10, ge=0)
     #: Both backends: a request (HTTP) or an engine (vLLM) that produces no token for this
     #: long is stalled: the request is cancelled and re-sent, the engine restarted.
     #: HTTP: the longest silence (no byte) within an attempt; ``timeout_s`` bounds the whole.

@@ -15,7 +15,10 @@ for the previous call's longest sequence. Other backends get one call at a time.
 A submission larger than ``max_batch`` is split across calls; results always come
 back to their caller in the caller's order. If ``backend.generate`` raises (or returns
 the wrong number of results), every caller with a request in that call gets the
-exception from ``submit``.
+exception from ``submit``. Behind a
+:class:`~nightshift.serving.resilience.RestartingBackend` an engine death does not
+raise: the call is bisected across restarts and a request that kills the engine comes
+back as its row's error, so only the caller that sent it sees it.
 
 Example::
 

@@ -2,8 +2,10 @@
 
 Backends start lazily on first use and stay up until the pool closes (the end of the
 flow run). Each is wrapped so that concurrent generation tasks feed one engine without a
-per-batch barrier (:class:`~nightshift.serving.batching.AutoBatcher`) and a dead engine is rebuilt
-and its in-flight requests replayed (:class:`~nightshift.serving.resilience.RestartingBackend`).
+per-batch barrier (:class:`~nightshift.serving.batching.AutoBatcher`) and a dead (or stalled)
+engine is rebuilt and its in-flight requests replayed, a request that kills engines being
+found by bisection and quarantined as that row's error
+(:class:`~nightshift.serving.resilience.RestartingBackend`).
 With ``devices`` there is one replica per device, each in its own process, used in turn.
 An ``openai_compatible`` backend is called directly from every task (it bounds its own
 concurrency, retries per row and reports each answer as it arrives through ``on_result``).
@@ -60,7 +62,7 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
         return FakeBackend(delay_s=cfg.fake_delay_s, model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
     from nightshift.serving.vllm_backend import VLLMBackend
 
-    return VLLMBackend(cfg.model, **cfg.engine_options())
+    return VLLMBackend(cfg.model, stall_timeout_s=cfg.stall_timeout_s, **cfg.engine_options())
 
 
 def _build_replica(config: dict[str, Any], device: str) -> Backend:
@@ -242,7 +244,12 @@ class ServingPool:
         return {name: e for name, s in served.items() if len(e := s.endpoint_usage()) > 1}
 
     def restarts(self) -> int:
+        """Engines dropped to be rebuilt (deaths, stalls), over every serving name."""
         return sum(b.restarts for s in self._served.values() for b in s.backends)
+
+    def quarantined(self) -> int:
+        """Requests answered with "engine died on this request twice"."""
+        return sum(b.quarantined for s in self._served.values() for b in s.backends)
 
     def close(self) -> None:
         with self._lock:

@@ -1,49 +1,93 @@
-"""Backends that survive a dead engine, and replicas spread over devices.
+"""Backends that survive a dead engine, quarantine the request that kills it, and
+replicas spread over devices.
 
-* :class:`RestartingBackend` builds its backend with a factory and, when a call raises
-  (engine crashed, ran out of memory, its process died), closes it, builds a new one and
-  replays the same requests, up to ``max_restarts`` times per call. Per-row errors are
-  results, not exceptions, and are never retried here. Calls in flight together when
-  the engine dies share one rebuild, and each replays its own requests.
+* :class:`RestartingBackend` builds its backend with a factory. When a call raises as a
+  whole (the engine crashed, ran out of memory, stalled, its process died), it finds the
+  request that kills the engine by **bisection across restarts**: the dead engine is
+  closed and a new one built, the call's requests are split in halves that run one at a
+  time on the new engine; a half that is answered is kept, a half that dies is split
+  again, until the culprit runs alone. A request that kills the engine a second time,
+  alone, is **quarantined**: its row gets the error ``engine died on this request twice:
+  <cause>`` and the rest of the call is answered. While a call is being bisected it has
+  the engine to itself (other calls wait), so a request alone in a dying engine is
+  really the one that killed it.
+
+  Restarts are counted per call (the requests the auto-batcher gathered into one engine
+  call, maybe from several batches): every engine death the call is in costs it one
+  restart. One poison request in a call of ``k`` needs about ``log2(k) + 1``; past
+  ``max_restarts`` the call's remaining rows fail with ``not served: the engine died N
+  times while serving this call (max_restarts M) ...`` instead of looping. A failed
+  engine start is not a row problem: it raises. Per-row errors are results, never
+  retried here. Calls in flight together when the engine dies share one restart.
 * :class:`ProcessReplica` runs a backend in its own process bound to one device
   (``CUDA_VISIBLE_DEVICES``), talking over a pipe; a dead process raises in the parent,
-  which a ``RestartingBackend`` turns into a restart. (Replicas share calls through the
-  pool, serving/pool.py.)
+  which a ``RestartingBackend`` turns into a restart (and a bisection: a request that
+  crashes the whole process is found the same way). Replicas share calls through the
+  pool, serving/pool.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from nightshift.core.errors import one_line
 from nightshift.core.usage import Usage
 from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
 
+__all__ = ["DEFAULT_MAX_RESTARTS", "POISON_ERROR", "ProcessReplica", "ReplicaDied", "RestartingBackend"]
+
 logger = logging.getLogger("nightshift.serving")
+
+#: Restarts one call may cost: a poison request among 256 (the default ``max_batch``)
+#: is found in log2(256) + 1 = 9 engine deaths; one more for an unrelated failure.
+DEFAULT_MAX_RESTARTS = 10
+
+#: The start of a quarantined row's error.
+POISON_ERROR = "engine died on this request twice"
 
 
 class RestartingBackend:
-    """A backend that is rebuilt and replayed when a call fails as a whole."""
+    """A backend that is rebuilt when a call fails as a whole, bisecting the call to
+    quarantine a request that kills the engine (see the module docstring).
 
-    def __init__(self, factory: Callable[[], Backend], max_restarts: int = 2, name: str = "") -> None:
+    Attributes:
+        restarts: engines dropped to be rebuilt (each is rebuilt when next needed).
+        quarantined: requests answered with :data:`POISON_ERROR`.
+    """
+
+    def __init__(self, factory: Callable[[], Backend], max_restarts: int = DEFAULT_MAX_RESTARTS,
+                 name: str = "") -> None:
+        if max_restarts < 0:
+            raise ValueError("max_restarts must be >= 0")
         self._factory = factory
         self.max_restarts = max_restarts
         self.name = name
         self.restarts = 0
-        self._lock = threading.Lock()
+        self.quarantined = 0
+        self._lock = threading.Lock()  # guards _backend and _generation
+        self._gate = _Gate()  # calls share the engine; a bisection has it to itself
         self._backend: Backend | None = factory()
+        self._generation = 0  # which engine: a death drops it only once
         #: Overlapping calls the wrapped backend accepts (see AutoBatcher).
         self.max_concurrent_calls: int = int(getattr(self._backend, "max_concurrent_calls", 1) or 1)
 
-    def _current(self) -> Backend:
+    def _serving(self) -> tuple[Backend, int]:
+        """The backend serving now (built if the last one was dropped) and its generation."""
         with self._lock:
             if self._backend is None:
                 self._backend = self._factory()
-            return self._backend
+                self._generation += 1
+            return self._backend, self._generation
+
+    def _current(self) -> Backend:
+        return self._serving()[0]
 
     @property
     def backend(self) -> Backend:
@@ -52,36 +96,94 @@ class RestartingBackend:
 
     def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
                  usage: Usage | None = None) -> list[GenerationResult]:
-        """Serve ``requests``, rebuilding and replaying on failure; the rows are reported
-        once, after the call that answered them."""
-        attempt = 0
-        while True:
-            backend = self._current()
+        """Serve ``requests``; if the engine dies, restart it and bisect (quarantining a
+        poison request, see the module docstring). The rows are reported once, after
+        the call that answered them.
+
+        Raises:
+            Exception: the engine could not be (re)built.
+        """
+        requests = list(requests)
+        with self._gate.shared():
+            backend, generation = self._serving()
             try:
                 results = backend.generate(requests)
+            except Exception as exc:
+                failure: Exception = exc
+            else:
                 report(results, on_result, usage)
                 return results
-            except Exception as exc:
-                if attempt >= self.max_restarts:
-                    raise
-                attempt += 1
-                with self._lock:
-                    dropped = self._backend is backend  # first of the calls that saw it die
-                    if dropped:
-                        self._backend = None
-                        self.restarts += 1
-                logger.warning(
-                    "serving %s: engine call failed (%s: %s); %s and replaying "
-                    "%d request(s), attempt %d/%d",
-                    self.name, type(exc).__name__, exc,
-                    "restarting it" if dropped else "already restarted",
-                    len(requests), attempt, self.max_restarts,
-                )
-                if dropped:
-                    try:
-                        backend.close()
-                    except Exception:  # a dead engine may not close cleanly
-                        pass
+        results = self._bisect(requests, generation, failure)
+        report(results, on_result, usage)
+        return results
+
+    def _bisect(self, requests: list[GenerationRequest], generation: int,
+                failure: Exception) -> list[GenerationResult]:
+        """Answer the requests of a call whose engine died: halves run alone on fresh
+        engines; a half that dies is split again; a request that dies alone is
+        quarantined."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        with self._gate.exclusive():
+            deaths = 1
+            self._died(generation, failure, len(requests), deaths)
+            cause: Exception = failure
+            work = deque(_halves(list(range(len(requests)))))
+            while work:
+                group = work.popleft()
+                if deaths > self.max_restarts:
+                    rest = [*group, *(i for g in work for i in g)]
+                    error = (f"not served: the engine died {deaths} time(s) while serving this call "
+                             f"(max_restarts {self.max_restarts}); last: {one_line(cause, whole=True)}")
+                    logger.error("serving %s: %d request(s) not served: the engine died %d time(s) "
+                                 "while serving their call (max_restarts %d)",
+                                 self.name, len(rest), deaths, self.max_restarts)
+                    for i in rest:
+                        results[i] = GenerationResult.failed(error)
+                    break
+                backend, generation = self._serving()
+                try:
+                    answered = backend.generate([requests[i] for i in group])
+                    if len(answered) != len(group):
+                        raise RuntimeError(f"backend returned {len(answered)} results for {len(group)} requests")
+                except Exception as exc:
+                    cause, deaths = exc, deaths + 1
+                    self._died(generation, exc, len(group), deaths)
+                    if len(group) == 1:
+                        self._quarantine(group[0], exc, results)
+                    else:
+                        work.extendleft(reversed(_halves(group)))
+                else:
+                    for i, result in zip(group, answered):
+                        results[i] = result
+        return [r if r is not None else GenerationResult.failed("not served") for r in results]
+
+    def _died(self, generation: int, exc: Exception, n_requests: int, deaths: int) -> None:
+        """Drop the engine ``generation`` (once, by the first call that saw it die) and
+        log the one line of this restart."""
+        with self._lock:
+            dropped = self._backend if self._generation == generation else None
+            if dropped is not None:
+                self._backend = None
+                self.restarts += 1
+        if dropped is None:
+            return
+        logger.warning(
+            "serving %s: engine died serving %d request(s) (%s: %s); restarting it "
+            "(restart %d of this call, max_restarts %d)",
+            self.name, n_requests, type(exc).__name__, one_line(exc, whole=True), deaths,
+            self.max_restarts,
+        )
+        try:
+            dropped.close()
+        except Exception:  # a dead engine may not close cleanly
+            pass
+
+    def _quarantine(self, index: int, exc: Exception, results: list[GenerationResult | None]) -> None:
+        self.quarantined += 1
+        logger.error("serving %s: request %d of its call quarantined: the engine died on it twice "
+                     "(%s: %s); the rest of the call is served",
+                     self.name, index, type(exc).__name__, one_line(exc, whole=True))
+        results[index] = GenerationResult.failed(f"{POISON_ERROR}: {one_line(exc, whole=True)}")
 
     def identity(self) -> dict[str, Any]:
         return self._current().identity()
@@ -91,6 +193,53 @@ class RestartingBackend:
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+
+
+def _halves(group: list[int]) -> list[list[int]]:
+    """``group`` split in two (a single request stays whole)."""
+    if len(group) <= 1:
+        return [group]
+    middle = (len(group) + 1) // 2
+    return [group[:middle], group[middle:]]
+
+
+class _Gate:
+    """Many calls at once (``shared``) or one bisection alone (``exclusive``); a waiting
+    bisection keeps new calls out, so the engine drains and is its own."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._alone or self._sharing:
+                self._cond.wait()
+            self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
 
 
 class ReplicaDied(RuntimeError):

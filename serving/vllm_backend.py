@@ -19,9 +19,21 @@ Per-row guarantees:
 * ``sampling.json_schema`` turns on vLLM structured outputs (``StructuredOutputsParams``)
   and the output is always parsed and validated against the schema afterwards; a row
   whose output is not valid JSON for the schema gets an ``error``;
-* if the engine itself fails (crash, out of memory), every call in flight raises
-  :class:`EngineDeadError` and so does every later call: a
-  :class:`~nightshift.serving.resilience.RestartingBackend` then builds a new engine and replays.
+* if the engine itself fails (an exception from its step: a crash, out of memory), every
+  call in flight raises :class:`EngineDeadError` and so does every later call: a
+  :class:`~nightshift.serving.resilience.RestartingBackend` then builds a new engine and
+  replays, bisecting to quarantine a request that kills engines;
+* stall watchdog: when no engine step finishes for ``stall_timeout_s`` while requests are
+  in the engine (a stuck kernel, a hung collective, a loop that never returns), the engine
+  is declared dead (:class:`EngineStalledError`, a kind of :class:`EngineDeadError`) and
+  its calls fail at once, so the restart wrapper replays them on a new engine. The blocked
+  engine thread is abandoned: it never delivers another result, and shuts its engine
+  down if it ever wakes up (a hang that never returns keeps its memory until the process
+  exits: on GPUs use ``devices:``, whose replica processes are replaced whole).
+
+Test-only hooks (``NIGHTSHIFT_TEST_DIE_ON``, ``NIGHTSHIFT_TEST_BLOCK_ON``; ignored unless
+set) make this real engine die or block on a chosen prompt: see
+:mod:`nightshift.serving.engine_faults`.
 
 :meth:`VLLMBackend.stream` serves the same requests but yields text deltas as the engine
 produces them (``RequestOutputKind.DELTA``); ``nightshift preview`` uses it.
@@ -60,7 +72,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -68,6 +80,7 @@ from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir
 from nightshift.core.errors import one_line
 from nightshift.core.model_identity import model_identity
 from nightshift.core.usage import Usage
+from nightshift.serving.engine_faults import EngineFaults
 from nightshift.serving.interface import (
     GenerationRequest,
     GenerationResult,
@@ -78,7 +91,7 @@ from nightshift.serving.interface import (
 from nightshift.serving.streaming import StreamEvent
 from nightshift.serving.structured import json_problem
 
-__all__ = ["EngineDeadError", "StreamEvent", "VLLMBackend", "vllm_available"]
+__all__ = ["EngineDeadError", "EngineStalledError", "StreamEvent", "VLLMBackend", "vllm_available"]
 
 T = TypeVar("T")
 
@@ -94,6 +107,11 @@ def vllm_available() -> bool:
 
 class EngineDeadError(RuntimeError):
     """The engine failed as a whole (or the backend is closed); nothing more is served."""
+
+
+class EngineStalledError(EngineDeadError):
+    """No engine step finished for ``stall_timeout_s`` with requests in the engine: the
+    engine was declared dead and its thread abandoned."""
 
 
 class VLLMBackend:
@@ -114,6 +132,8 @@ class VLLMBackend:
         kv_cache_memory_bytes: explicit KV-cache size; on CPU defaults to 512 MiB.
         distributed_executor_backend: ``None`` lets vLLM choose; ``"uni"`` on CPU.
         engine_kwargs: any further ``vllm.LLM`` keyword arguments.
+        stall_timeout_s: with requests in the engine and no engine step finished for this
+            long, the engine is declared dead (:class:`EngineStalledError`); None: never.
     """
 
     engine_loads: ClassVar[int] = 0
@@ -140,7 +160,10 @@ class VLLMBackend:
         kv_cache_memory_bytes: int | None = None,
         distributed_executor_backend: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        stall_timeout_s: float | None = 300.0,
     ) -> None:
+        if stall_timeout_s is not None and stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0 (or None: no stall watchdog)")
         started_at = time.monotonic()
         verbose = engine_logs_verbose()
         _set_default_env(quiet=not verbose)
@@ -188,6 +211,17 @@ class VLLMBackend:
         self._closed = False
         self._ids = itertools.count()
         self._inflight: dict[str, _Slot] = {}  # engine thread only
+        # every job and call sent and not yet answered: a dead engine fails them all,
+        # also from the watchdog's thread while the engine thread is stuck
+        self._pending: set[_Job | _Call] = set()
+        self._pending_lock = threading.Lock()
+        # the stall watchdog reads these; the engine thread writes them
+        self._stall_timeout_s = stall_timeout_s
+        self._progress_at = time.monotonic()  # last finished step (or work arriving)
+        self._in_engine = 0  # requests in the engine
+        self._stopping = threading.Event()  # set by close(): the watchdog ends
+        self._release = threading.Event()  # set by close(): a test-hook block ends
+        self._faults = EngineFaults.from_env()
         started: Future[Any] = Future()
         llm_kwargs = {**quiet_engine_kwargs(kwargs), **kwargs}
         self._thread = threading.Thread(
@@ -224,6 +258,8 @@ class VLLMBackend:
             f"{self._max_model_len}, {self._identity['device']}, vLLM {vllm.__version__}) "
             f"started in {time.monotonic() - started_at:.1f} s"
         )
+        if stall_timeout_s is not None:
+            threading.Thread(target=self._watch, name="nightshift-vllm-watchdog", daemon=True).start()
 
     # -- Backend -----------------------------------------------------------------
 
@@ -242,7 +278,10 @@ class VLLMBackend:
             return []
         job = _Job(list(requests), stream=False)
         self._send(job)
-        job.done.wait()
+        try:
+            job.done.wait()
+        finally:
+            self._forget(job)
         if job.error is not None:
             raise job.error
         results: list[GenerationResult] = list(job.results)  # type: ignore[arg-type]
@@ -261,13 +300,16 @@ class VLLMBackend:
         job = _Job(list(requests), stream=True)
         self._send(job)
         finished = 0
-        while finished < len(job.requests):
-            event = job.events.get()
-            if isinstance(event, BaseException):
-                raise event
-            if event.result is not None:
-                finished += 1
-            yield event
+        try:
+            while finished < len(job.requests):
+                event = job.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event.result is not None:
+                    finished += 1
+                yield event
+        finally:
+            self._forget(job)
 
     def identity(self) -> dict[str, Any]:
         """Model, weights fingerprint, chat-template hash, dtype, max_model_len, vLLM
@@ -276,16 +318,27 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the engine loop and free the engine. Idempotent; calls in flight raise
-        :class:`EngineDeadError`."""
+        :class:`EngineDeadError`. A stalled engine's thread gets 30 s to stop, then is
+        left behind (a daemon thread that never delivers again)."""
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        self._release.set()
         self._inbox.put(_STOP)
-        self._thread.join()
+        stalled = isinstance(self._dead, EngineStalledError)
+        self._thread.join(timeout=30 if stalled else None)
+        if self._thread.is_alive():
+            _announce("vLLM engine: the stalled engine thread did not stop; abandoned (its "
+                      "memory is freed when the process exits)", logging.WARNING)
         self._llm = None
         import gc
 
         gc.collect()
+        if self._identity["device"] == "cuda":  # give the memory back: a restart needs it
+            import torch
+
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> VLLMBackend:
         return self
@@ -308,16 +361,59 @@ class VLLMBackend:
         """Run ``fn(llm)`` on the engine's thread, once no request is in the engine, and
         return its result (``llm`` is the ``vllm.LLM``). For benchmarks and diagnostics:
         e.g. a bare ``llm.generate(...)`` on the very engine the pipeline uses."""
-        future: Future[T] = Future()
-        self._send(_Call(fn, future))
-        return future.result()
+        call = _Call(fn, Future())
+        self._send(call)
+        try:
+            return call.future.result()
+        finally:
+            self._forget(call)
 
-    def _send(self, item: Any) -> None:
-        if self._closed:
-            raise EngineDeadError("VLLMBackend is closed")
-        if self._dead is not None:
-            raise EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
+    def _send(self, item: _Job | _Call) -> None:
+        with self._pending_lock:  # atomic with _declare_dead: nothing sent escapes it
+            if self._closed:
+                raise EngineDeadError("VLLMBackend is closed")
+            if self._dead is not None:
+                raise self._dead_error()
+            self._pending.add(item)
         self._inbox.put(item)
+
+    def _forget(self, item: _Job | _Call) -> None:
+        with self._pending_lock:
+            self._pending.discard(item)
+
+    def _dead_error(self) -> EngineDeadError:
+        if isinstance(self._dead, EngineDeadError):
+            return type(self._dead)(str(self._dead))
+        return EngineDeadError(f"the vLLM engine died: {one_line(self._dead or 'unknown', whole=True)}")
+
+    def _declare_dead(self, cause: BaseException) -> None:
+        """The engine is gone: every job and call not yet answered fails now, later
+        sends raise. Callable from any thread (the engine's, the watchdog's)."""
+        with self._pending_lock:
+            if self._dead is None:
+                self._dead = cause
+            pending, self._pending = list(self._pending), set()
+        error = self._dead_error()
+        for item in pending:
+            item.fail(error)
+
+    # -- the stall watchdog ----------------------------------------------------------
+
+    def _watch(self) -> None:
+        timeout = float(self._stall_timeout_s or 0)
+        interval = min(1.0, timeout / 4)
+        while not self._stopping.wait(interval):
+            if self._dead is not None:
+                return
+            busy = self._in_engine
+            quiet = time.monotonic() - self._progress_at
+            if busy and quiet > timeout:
+                stalled = EngineStalledError(
+                    f"the vLLM engine stalled: no engine step finished in {quiet:.0f} s "
+                    f"(stall_timeout_s {timeout:g}) with {busy} request(s) in it; abandoned")
+                _announce(str(stalled), logging.ERROR)
+                self._declare_dead(stalled)
+                return
 
     # -- the engine thread -------------------------------------------------------
 
@@ -336,27 +432,20 @@ class VLLMBackend:
         try:
             self._loop(llm)
         except BaseException as exc:  # a bug in the loop itself: never leave callers hanging
-            self._dead = exc
-            failed = EngineDeadError(f"engine loop failed: {one_line(exc, whole=True)}")
-            self._fail_all(self._inflight, failed)
+            self._declare_dead(EngineDeadError(f"engine loop failed: {one_line(exc, whole=True)}"))
         finally:
+            self._inflight.clear()
+            self._in_engine = 0
             _shutdown(llm)
             del llm
-        # dead (or closed): answer whatever still arrives until close() says stop
-        while self._dead is not None:
-            item = self._inbox.get()
-            if item is _STOP:
-                return
-            error = EngineDeadError(f"the vLLM engine died: {one_line(self._dead, whole=True)}")
-            if isinstance(item, _Job):
-                item.fail(error)
-            elif isinstance(item, _Call):
-                item.future.set_exception(error)
+        # dead or closed: whatever was sent has failed (_declare_dead), nothing new is
+        # accepted (_send); close() finds this thread finished.
 
     def _loop(self, llm: Any) -> None:
         engine = llm.llm_engine
         inflight = self._inflight
         calls: list[_Call] = []  # run only while no request is in the engine
+        faults = self._faults
         while True:
             # wait for work only when the engine has none; otherwise take what came in
             items: list[Any] = []
@@ -366,36 +455,42 @@ class VLLMBackend:
                     items.append(self._inbox.get_nowait())
             except queue.Empty:
                 pass
+            if self._dead is not None:  # declared stalled while this thread was away
+                return
+            idle = not inflight
             for item in items:
                 if item is _STOP:
-                    closed = EngineDeadError("VLLMBackend was closed")
-                    for call in calls:
-                        call.future.set_exception(closed)
-                    self._fail_all(inflight, closed)
+                    self._declare_dead(EngineDeadError("VLLMBackend was closed"))
                     return
                 if isinstance(item, _Call):
                     calls.append(item)
                     continue
                 self._admit(engine, item, inflight)
+            if idle and inflight:  # the stall clock starts when work arrives
+                self._progress_at = time.monotonic()
+            self._in_engine = len(inflight)
             if calls and not inflight:
                 for call in calls:
                     try:
                         call.future.set_result(call.fn(llm))
                     except BaseException as exc:
-                        call.future.set_exception(exc)
+                        call.fail(exc)
                 calls = []
                 continue
             if not inflight:
                 continue
             try:
+                if faults is not None:  # test-only hooks (engine_faults.py)
+                    faults.before_step((s.marks for s in inflight.values()), self._release)
                 outputs = engine.step()
             except BaseException as exc:  # the engine is gone: fail everything, stop
-                self._dead = exc
-                dead = EngineDeadError(f"the vLLM engine died: {one_line(exc, whole=True)}")
-                for call in calls:
-                    call.future.set_exception(dead)
-                self._fail_all(inflight, dead)
+                if self._dead is None:
+                    self._declare_dead(EngineDeadError(
+                        f"the vLLM engine died: {type(exc).__name__}: {one_line(exc, whole=True)}"))
                 return
+            if self._dead is not None:  # declared stalled during this step: abandoned
+                return
+            self._progress_at = time.monotonic()
             for output in outputs:
                 slot = inflight.get(output.request_id)
                 if slot is None:
@@ -403,6 +498,7 @@ class VLLMBackend:
                 self._deliver(slot, output)
                 if output.finished:
                     del inflight[output.request_id]
+            self._in_engine = len(inflight)
 
     def _admit(self, engine: Any, job: _Job, inflight: dict[str, _Slot]) -> None:
         from vllm.sampling_params import RequestOutputKind
@@ -422,7 +518,10 @@ class VLLMBackend:
                 job.finish(index, GenerationResult.failed(
                     f"engine rejected the request: {one_line(exc, whole=True)}", prompt_tokens=len(ids)))
                 continue
-            inflight[request_id] = _Slot(job, index, len(ids))
+            slot = _Slot(job, index, len(ids))
+            if self._faults is not None:
+                slot.marks = self._faults.marks(request)
+            inflight[request_id] = slot
 
     def _prepare(self, request: GenerationRequest) -> GenerationResult | tuple[list[int], Any]:
         """Token ids and vLLM sampling params, or the row's error."""
@@ -460,20 +559,6 @@ class VLLMBackend:
                 slot.job.requests[slot.index].sampling,
             )
             slot.job.finish(slot.index, result)
-
-    def _fail_all(self, inflight: dict[str, _Slot], error: BaseException) -> None:
-        for job in {id(s.job): s.job for s in inflight.values()}.values():
-            job.fail(error)
-        inflight.clear()
-        try:
-            while True:
-                item = self._inbox.get_nowait()
-                if isinstance(item, _Job):
-                    item.fail(error)
-                elif isinstance(item, _Call):
-                    item.future.set_exception(error)
-        except queue.Empty:
-            pass
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
@@ -553,10 +638,16 @@ def _shutdown(llm: Any) -> None:
             pass
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     fn: Callable[[Any], Any]
     future: Future[Any]
+
+    def fail(self, error: BaseException) -> None:
+        try:
+            self.future.set_exception(error)
+        except InvalidStateError:  # already answered
+            pass
 
 
 class _Job:
@@ -570,20 +661,25 @@ class _Job:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # the engine thread finishes, the watchdog may fail
 
     def finish(self, index: int, result: GenerationResult) -> None:
-        self.results[index] = result
-        self.remaining -= 1
-        if self.stream:
-            self.events.put(StreamEvent(index, result=result))
-        if self.remaining == 0:
-            self.done.set()
+        with self._lock:
+            if self.error is not None:  # failed already (an abandoned engine woke up)
+                return
+            self.results[index] = result
+            self.remaining -= 1
+            if self.stream:
+                self.events.put(StreamEvent(index, result=result))
+            if self.remaining == 0:
+                self.done.set()
 
     def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-            self.events.put(error)
-        self.done.set()
+        with self._lock:
+            if self.error is None and self.remaining > 0:
+                self.error = error
+                self.events.put(error)
+            self.done.set()
 
 
 @dataclass
@@ -597,6 +693,7 @@ class _Slot:
 
     def __post_init__(self) -> None:
         self.text: list[str] = []
+        self.marks: tuple[bool, bool] = (False, False)  # test hooks: (die, block)
 
 
 def _safe_hasattr(value: Any, name: str) -> bool:

