@@ -19,6 +19,10 @@ class Generate(PromptedLLM):
     and is what the fingerprint sees). Decoding is guided where the backend has it (vLLM)
     and every reply is parsed and validated against the schema afterwards: a reply that
     does not parse or validate is that row's error. The output column holds the JSON text.
+
+    ``messages: chat`` (instead of ``prompt``/``input``) sends each row's own chat, a
+    list of ``{role, content}`` (``llm_inputs.py``); ``n: 4`` keeps four samples per row
+    in list columns (``llm.py``).
     """
 
     name = "generate"

@@ -159,49 +159,26 @@ class LLMOperator(Operator):
     # -- requests -------------------------------------------------------------------------
     def _plan(self, df: pl.DataFrame, todo: list[int], shape: Shape) -> tuple[list[list[_Slot] | None], list[Any]]:
         """Per row its slots (None: skipped) and the requests they point at."""
-        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
-
         requests: list[Any] = []
         slots: list[list[_Slot] | None] = [None] * df.height
-
-        def ask(content: str | list[dict[str, str]], seed: int | None) -> int:
-            sampling = SamplingParams(
-                max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                seed=seed, stop=self.stop, json_schema=self.response_schema(),
-            )
-            if isinstance(content, list):
-                request = GenerationRequest(messages=[ChatMessage(**m) for m in content], sampling=sampling)
-            elif self.chat:
-                system = [ChatMessage(role="system", content=self.system)] if self.system else []
-                request = GenerationRequest(
-                    messages=[*system, ChatMessage(role="user", content=content)], sampling=sampling
-                )
-            else:
-                request = GenerationRequest(prompt=content, sampling=sampling)
-            requests.append(request)
-            return len(requests) - 1
-
+        ask = self._asker(requests)
         if shape == "elements":
             column = str(self.list_input())
             lists = df.get_column(column).to_list()
             flat = [e for r in todo for e in (lists[r] or [])]
-            inner = df.schema[column].inner  # type: ignore[union-attr]
-            rendered = iter(self._prompt_op().process(pl.DataFrame([pl.Series(column, flat, dtype=inner)]))["__prompt__"].to_list())
+            elements = pl.DataFrame([pl.Series(column, flat, dtype=df.schema[column].inner)])  # type: ignore[union-attr]
+            rendered = iter(self._prompt_op().process(elements)["__prompt__"].to_list())
             for r in todo:
-                if lists[r] is None:
-                    continue
-                row_slots: list[_Slot] = []
-                for element in lists[r]:
-                    prompt = next(rendered)
-                    row_slots.append(None if element is None else ask(prompt or "", self.seed))
-                slots[r] = row_slots
+                if lists[r] is not None:
+                    prompts = [next(rendered) for _ in lists[r]]
+                    slots[r] = [None if e is None else ask(p or "", self.seed)
+                                for e, p in zip(lists[r], prompts)]
             return slots, requests
-
         column = self.messages_column()
+        contents: list[Any]
         if column is not None:
-            contents: list[Any] = [
-                chat_messages(v, self.system) for v in df.get_column(column).gather(todo).to_list()
-            ] if todo else []
+            values = df.get_column(column).gather(todo).to_list() if todo else []
+            contents = [chat_messages(v, self.system) for v in values]
         else:
             subset = df[todo] if todo else df.clear()
             contents = [p or "" for p in self._prompt_op().process(subset)["__prompt__"].to_list()]
@@ -213,6 +190,35 @@ class LLMOperator(Operator):
             else:
                 slots[r] = [ask(content, self.seed)]
         return slots, requests
+
+    def _asker(self, requests: list[Any]) -> Any:
+        """``ask(content, seed) -> index``: append the request for a user message (a str)
+        or a whole chat (a list of ``{role, content}``) with that seed to ``requests``."""
+        from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+
+        schema = self.response_schema()
+        sampling: dict[int | None, SamplingParams] = {}
+        system = [ChatMessage(role="system", content=self.system)] if self.system else []
+
+        def ask(content: str | list[dict[str, str]], seed: int | None) -> int:
+            if seed not in sampling:
+                sampling[seed] = SamplingParams(
+                    max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    seed=seed, stop=self.stop, json_schema=schema,
+                )
+            params = sampling[seed]
+            if isinstance(content, list):
+                request = GenerationRequest(messages=[ChatMessage(**m) for m in content], sampling=params)
+            elif self.chat:
+                request = GenerationRequest(
+                    messages=[*system, ChatMessage(role="user", content=content)], sampling=params
+                )
+            else:
+                request = GenerationRequest(prompt=content, sampling=params)
+            requests.append(request)
+            return len(requests) - 1
+
+        return ask
 
     def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
         """Answers for ``requests`` on this step's serving config, through the batch's
