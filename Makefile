@@ -54,7 +54,7 @@ gpu-check:
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 		echo "gpu-check: no CUDA device here (nvidia-smi finds none); nothing to run"; exit 0; fi; \
 	$(MAKE) --no-print-directory venv && \
-	timeout $(GPU_TESTS_S) $(BIN)/python -m pytest -m gpu tests/test_generation_gpu.py -q -p no:cacheprovider && \
+	timeout $(GPU_TESTS_S) $(BIN)/python -m pytest -m gpu tests/test_generation_gpu.py -q && \
 	timeout $(GPU_BENCH_S) $(BIN)/python benchmarks/bench_generate.py --gpu --model smollm2 \
 		--repeats 2 --results benchmarks/RESULTS.md
 

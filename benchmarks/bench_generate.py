@@ -132,6 +132,7 @@ def measure(work: Path, label: str, serving: dict, texts: list[str], opts: dict,
 
     rows: list[tuple[str, float, list[str], int]] = []
     info: dict[str, Any] = {"label": label}
+    slug = f"tp{serving['default'].get('tensor_parallel_size', 1)}"  # pipeline names
     with shared_serving({k: ServingConfig(**v) for k, v in serving.items()}) as pool:
         started = time.perf_counter()
         backend = pool.served("default").backends[0].backend
@@ -139,11 +140,11 @@ def measure(work: Path, label: str, serving: dict, texts: list[str], opts: dict,
         info["identity"] = backend.identity()
         # warm-up: the engine's first steps, the first flow run (API, migrations)
         bare(backend, texts[:4], 8)
-        pipeline(work, f"{label}-warmup", serving, texts[:4], 8, 2, 2)
+        pipeline(work, f"{slug}-warmup", serving, texts[:4], 8, 2, 2)
         for r in range(repeats):
             rows.append(("bare vllm.LLM.generate", *bare(backend, texts, opts["max_tokens"])))
             seconds, replies, tokens, info["pipeline"] = pipeline(
-                work, f"{label}-run{r}", serving, texts, opts["max_tokens"], opts["batch_size"],
+                work, f"{slug}-run{r}", serving, texts, opts["max_tokens"], opts["batch_size"],
                 opts["workers"])
             rows.append(("pipeline generate step", seconds, replies, tokens))
     best: dict[str, tuple[float, list[str], int]] = {}

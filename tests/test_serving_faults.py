@@ -53,7 +53,8 @@ def chat(text: str) -> GenerationRequest:
 
 @pytest.fixture(scope="module")
 def faulty_pool() -> Iterator[ServingPool]:
-    """A pool whose engines carry the test hooks (set only while it builds engines)."""
+    """A pool whose engines carry the test hooks: the variables are set for this module
+    only (engines read them when they start; the markers are in no other prompt)."""
     shared_backend()  # the clean engine first: it must not carry the hooks
     saved = {name: os.environ.get(name) for name in (DIE_ON, BLOCK_ON)}
     os.environ[DIE_ON], os.environ[BLOCK_ON] = POISON, HANG
