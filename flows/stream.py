@@ -332,6 +332,16 @@ def _durable(plan: StreamPlan) -> tuple[str, str, str]:
     return (source.server, source.stream, source.durable)
 
 
+def check_modes(parsed: StreamSpec, discover: bool) -> None:
+    """``--discover`` needs a ``discover:`` section; without it, the spec needs streams."""
+    if discover and parsed.discover is None:
+        raise SpecError("discover: --discover needs a discover: section in the spec "
+                        "(connection, table)")
+    if not parsed.streams and not discover:
+        raise SpecError("streams: the spec lists no stream; run with --discover to poll "
+                        f"{parsed.discover.table if parsed.discover else 'a table'}")
+
+
 @flow(name="nightshift-stream", validate_parameters=True)
 async def stream(
     spec: dict[str, Any] | str,
@@ -351,12 +361,7 @@ async def stream(
     the flow fails at the end, naming it.
     """
     parsed, plans = plan_streams(spec, allow_imports)
-    if discover and parsed.discover is None:
-        raise SpecError("discover: --discover needs a discover: section in the spec "
-                        "(connection, table)")
-    if not plans and not discover:
-        raise SpecError("streams: the spec lists no stream; run with --discover to poll "
-                        f"{parsed.discover.table if parsed.discover else 'a table'}")
+    check_modes(parsed, discover)
     control = StopControl()
     with stop_signals(control):
         for plan in plans:
@@ -388,6 +393,7 @@ def run_stream(spec: Path | str, until_idle_s: float | None = None, check_only: 
                poll_s: float | None = None) -> dict[str, Any]:
     """The CLI's entry: check the spec before Prefect starts, run, raise a one-line error."""
     parsed, _ = plan_streams(str(spec), allow_imports)
+    check_modes(parsed, discover)
     state = asyncio.run(stream(spec=parsed.model_dump(mode="json", by_alias=True),
                                allow_imports=allow_imports, until_idle_s=until_idle_s,
                                check_only=check_only, discover=discover, poll_s=poll_s,

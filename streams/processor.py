@@ -129,6 +129,6 @@ class WindowProcessor:
                 state.result(_sync=True)
             except Exception as exc:  # the task's own one-line error
                 message = one_line(exc)
-            raise StepFailed(f"{label}: {message}")
+            raise StepFailed(message if message.startswith(label) else f"{label}: {message}")
         ref: BatchRef = state.result(_sync=True)
         return ref, state.name == "Cached"

@@ -250,7 +250,8 @@ def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
     assert "\n" not in message
     assert message.startswith("stream doomed: given up after 2 failures in a row without progress "
                               "(restart.max_restarts: 1); last: doomed fail_always[1] window "), message
-    assert message.endswith("this step always fails"), message
+    assert message.endswith(": steps[1] (fail_always): ValueError: this step always fails"), message
+    assert message.count("fail_always[1]") == 1, message
     # the other stream went on to the end
     out = read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "fine")
     assert out["id"].to_list() == [f"f{i}" for i in range(30)]

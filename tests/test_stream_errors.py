@@ -90,6 +90,27 @@ def test_spec_level_errors(tmp_path: Path) -> None:
     twice = {"streams": [BASE, {**BASE, "source": {**BASE["source"], "durable": "other"}}]}
     with pytest.raises(NightshiftError, match=r"streams\[1\]\.name 'bad' repeats streams\[0\]"):
         load_stream_spec(twice)
+    # discovery and export: one line naming the key or option
+    with pytest.raises(NightshiftError, match=r"^spec: streams: give at least one stream, or discover:"):
+        load_stream_spec({"streams": []})
+    with pytest.raises(NightshiftError, match=r"^spec: discover\.table: String should match"):
+        load_stream_spec({"discover": {"connection": {"block": "pg"}, "table": "no such"}})
+    with pytest.raises(NightshiftError, match=r"^spec: discover\.connection: give exactly one"):
+        load_stream_spec({"discover": {"connection": {}}})
+    from nightshift.flows.stream import check_modes
+    from nightshift.streams.export import export_stream
+
+    static = load_stream_spec({"streams": [BASE]})
+    with pytest.raises(NightshiftError, match=r"^discover: --discover needs a discover: section"):
+        check_modes(static, discover=True)
+    with pytest.raises(NightshiftError, match=r"^streams: the spec lists no stream; run with "
+                                              r"--discover to poll nightshift_streams$"):
+        check_modes(load_stream_spec({"discover": {"connection": {"block": "pg"}}}), discover=False)
+    with pytest.raises(NightshiftError, match=r"^--to out\.csv: give a \.parquet or \.jsonl file$"):
+        export_stream(static, "bad", Path("out.csv"))
+    with pytest.raises(NightshiftError, match=r"^--stream other: no such stream in the spec "
+                                              r"\(streams: bad\)$"):
+        export_stream(static, "other", tmp_path / "out.jsonl")
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, prefect_api: str) -> None:
