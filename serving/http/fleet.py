@@ -16,8 +16,7 @@ decides):
   (one 503 from a busy server is not an outage); 429 never does (it pauses the member's
   own rate limiter instead);
 * a member that is out is probed with ``GET /models`` (any reply below 500 means the
-  server is back) with exponential backoff (tenacity) until it answers, then put back (an
-  answer to a request it still had in flight puts it back too);
+  server is back) with exponential backoff (tenacity) until it answers, then put back;
 * each transition is logged once, in one line (the URL without credentials; never a key);
 * when every member is out, attempts wait for a probe to bring one back, at most
   ``outage_after_s`` from the moment the last one went out: then rows fail at once with
@@ -149,12 +148,9 @@ class Fleet:
         self._notify()
 
     def succeeded(self, member: Member) -> None:
-        """An answer from ``member`` (a request sent before it was taken out): it is up."""
+        """An answer from ``member``. One that is out stays out until a probe answers: a
+        reply read after its server died may have been sitting in a socket buffer."""
         member.streak = 0
-        if not member.in_service:
-            if member.probe is not None:
-                member.probe.cancel()
-            self._put_back(member, "it answered a request")
 
     def failed(self, member: Member, kind: str, detail: str) -> None:
         """Count a failed attempt on ``member``; take it out if the failure says so."""
