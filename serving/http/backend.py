@@ -19,8 +19,9 @@ attempt:
 * an outage breaker: after ``outage_after_s`` of nothing but failures, rows fail at once
   instead of retrying for minutes (:mod:`nightshift.serving.http.breaker`);
 * a stall watchdog: replies are streamed (``stream=True``) and an attempt that receives no
-  byte for ``stall_timeout_s`` is cancelled and re-sent (``timeout_s`` bounds the whole
-  attempt; the watchdog bounds the silence between tokens).
+  byte for ``stall_timeout_s`` is cancelled and re-sent (``timeout_s`` bounds connecting,
+  sending, the wait for a reply and a stream's length; the watchdog bounds the silence
+  between tokens).
 
 A row whose attempts are exhausted gets a one-line ``error``; ``generate`` never raises for
 a row. ``on_result(index, result)`` is called as each row finishes (the LLM operator uses it
