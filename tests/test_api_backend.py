@@ -13,7 +13,7 @@ from nightshift.serving.interface import GenerationRequest, SamplingParams
 
 pytest_plugins = ["api_fixtures"]
 
-FAST = dict(timeout_s=3.0, backoff_initial_s=0.02, backoff_max_s=0.5)
+FAST = dict(timeout_s=6.0, backoff_initial_s=0.02, backoff_max_s=0.5)
 
 
 def prompts(n: int, tag: str = "p", max_tokens: int = 4) -> list[GenerationRequest]:
@@ -37,7 +37,7 @@ def test_chat_and_completions_give_real_answers(fault_proxy) -> None:
 
 
 def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
-    fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=4.0)  # hangs outlast timeout_s
+    fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=7.0)  # hangs outlast timeout_s
     with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=24,
                        max_attempts=12, **FAST) as backend:
         results = backend.generate(prompts(180, "f"))

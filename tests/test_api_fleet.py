@@ -188,3 +188,23 @@ def test_fleet_config_is_checked_and_not_fingerprinted(tmp_path) -> None:
         plan({"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 0}]})
     with pytest.raises(SpecError, match=r"^serving\.default: .*needs base_url .* or base_urls"):
         plan({"base_urls": []})
+
+
+def test_a_fleet_with_every_endpoint_down_fails_rows_instead_of_hanging() -> None:
+    from api_fixtures import _free_port
+
+    dead = [f"http://127.0.0.1:{_free_port()}/v1" for _ in range(2)]  # nothing listens there
+    with OpenAIBackend(base_urls=dead, model="smollm2", max_concurrency=4, timeout_s=1,
+                       outage_after_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.2,
+                       max_attempts=50) as backend:
+        started = time.monotonic()
+        results = backend.generate(rows(6))
+        elapsed = time.monotonic() - started
+        counts = backend.endpoint_usage()
+    assert all(r.error and r.error.startswith("all 2 endpoints of smollm2 are down: none has answered for ")
+               for r in results), results[0].error
+    assert 1.5 <= elapsed < 20
+    assert all(c["taken_out"] == 1 and not c["in_service"] for c in counts.values())
+    # out at their first refusal: only the lanes' first requests were sent, the re-sends
+    # waited for a probe to bring one back, then failed at once
+    assert backend.usage()["requests"] == sum(c["requests"] for c in counts.values()) <= 4

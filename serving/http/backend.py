@@ -19,8 +19,9 @@ attempt:
 * an outage breaker: after ``outage_after_s`` of nothing but failures, rows fail at once
   instead of retrying for minutes (:mod:`nightshift.serving.http.breaker`);
 * a stall watchdog: replies are streamed (``stream=True``) and an attempt that receives no
-  byte for ``stall_timeout_s`` is cancelled and re-sent (``timeout_s`` bounds the whole
-  attempt; the watchdog bounds the silence between tokens).
+  byte for ``stall_timeout_s`` is cancelled and re-sent (``timeout_s`` bounds connecting,
+  sending, the wait for a reply and a stream's length; the watchdog bounds the silence
+  between tokens).
 
 A row whose attempts are exhausted gets a one-line ``error``; ``generate`` never raises for
 a row. ``on_result(index, result)`` is called as each row finishes (the LLM operator uses it
@@ -102,7 +103,8 @@ class OpenAIBackend:
         max_concurrency: requests in flight at once (lanes).
         requests_per_minute, tokens_per_minute: client-side limits (None: none, unless the
             server's headers give one).
-        timeout_s: per attempt, the whole reply included.
+        timeout_s: per attempt: connecting, sending, waiting for the reply (a streamed
+            reply must also be complete within it).
         stall_timeout_s: an attempt that receives no byte for this long is cancelled and
             re-sent (with ``stream``: no token for this long).
         stream: ask for streamed replies (server-sent events), so the stall watchdog sees
@@ -244,8 +246,8 @@ class OpenAIBackend:
 
     async def _start(self) -> None:
         await self.shared.check()
-        # read: the longest silence allowed (the stall watchdog); the whole attempt is
-        # bounded by timeout_s around it
+        # each of connect, send, pool wait: timeout_s; read: the longest silence allowed
+        # (the stall watchdog, at most timeout_s); a stream must also end within timeout_s
         timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0),
                                 read=min(self.stall_timeout_s, self.timeout_s))
         members = []
@@ -375,20 +377,22 @@ class OpenAIBackend:
     async def _exchange(self, member: Member, path: str, body: dict[str, Any]) -> GenerationResult:
         """One request on ``member``: its result, :class:`Permanent` (a 4xx row error) or
         :class:`_Failed` (anything another attempt may fix)."""
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(self.timeout_s):
-                if not self.stream:
-                    response = await member.client.post(path, json=body)
-                    self._check_status(member, response)
-                    return parse_reply(path, response.content)
-                async with member.client.stream("POST", path, json=body) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                    self._check_status(member, response)
-                    reply = StreamReply(path)
-                    async for line in response.aiter_lines():
-                        reply.feed(line)
-                    return reply.result()
+            if not self.stream:
+                response = await member.client.post(path, json=body)
+                self._check_status(member, response)
+                return parse_reply(path, response.content)
+            async with member.client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                self._check_status(member, response)
+                reply = StreamReply(path)
+                async for line in response.aiter_lines():
+                    reply.feed(line)
+                    if time.monotonic() - started > self.timeout_s:  # a slow drip
+                        raise _Failed("timeout", f"reply not complete within {self.timeout_s:g}s")
+                return reply.result()
         except httpx.ReadTimeout as exc:
             if self.stall_timeout_s < self.timeout_s:
                 raise _Failed("stall", f"stalled: no byte for {self.stall_timeout_s:g}s "
@@ -396,8 +400,6 @@ class OpenAIBackend:
             raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
         except httpx.TimeoutException as exc:
             raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
-        except TimeoutError:
-            raise _Failed("timeout", f"no complete reply within {self.timeout_s:g}s") from None
         except httpx.TransportError as exc:
             raise _Failed("connection", f"connection error: {type(exc).__name__}: {str(exc)[:120]}") from None
         except MalformedReply as exc:

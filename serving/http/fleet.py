@@ -148,6 +148,8 @@ class Fleet:
         self._notify()
 
     def succeeded(self, member: Member) -> None:
+        """An answer from ``member``. One that is out stays out until a probe answers: a
+        reply read after its server died may have been sitting in a socket buffer."""
         member.streak = 0
 
     def failed(self, member: Member, kind: str, detail: str) -> None:
