@@ -99,6 +99,10 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
 
         # -- the fleet: SIGKILL one server mid-run, SIGSTOP the other for a while --------
         fresh.wait_healthy()
+        with OpenAIBackend(base_url=f"{fresh.url}/v1", model="smollm2", max_concurrency=3) as warm:
+            # a cold server's first requests are slow: warm it, or the run may end before it answers
+            assert all(r.ok for r in warm.generate([GenerationRequest(
+                prompt=f"Warm-up {i}: the sky is", sampling=SamplingParams(max_tokens=4)) for i in range(3)]))
         fleet_rows = rows(N)
         pool = ServingPool({"default": ServingConfig(
             **HTTP, base_urls=[{"url": f"{fresh.url}/v1", "max_concurrency": 3}, f"{session.url}/v1"],
@@ -162,16 +166,19 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
     assert alive["taken_out"] >= 1 and alive["resent"] >= 1
     usage = pool.usage()["default"]
     assert usage["requests"] == dead["requests"] + alive["requests"] == N + usage["retries"]
-    # one log line per transition, the key in none
-    assert sum(f"{fresh.url}/v1 out" in line for line in log.lines) == 1
-    assert sum(f"{session.url}/v1 out" in line for line in log.lines) == alive["taken_out"]
-    assert sum(f"{session.url}/v1 back in" in line for line in log.lines) == alive["taken_out"]
+    # one log line per transition, the key in none (a slow moment may have taken the fresh
+    # server out and back before the kill: the kill is its last transition)
+    lines = "\n".join(log.lines)
+    assert sum(f"{fresh.url}/v1 out" in line for line in log.lines) == dead["taken_out"] >= 1, lines
+    assert sum(f"{fresh.url}/v1 back in" in line for line in log.lines) == dead["taken_out"] - 1, lines
+    assert sum(f"{session.url}/v1 out" in line for line in log.lines) == alive["taken_out"], lines
+    assert sum(f"{session.url}/v1 back in" in line for line in log.lines) == alive["taken_out"], lines
     assert not any(SECRET in line for line in log.lines)
     # the summary artifact's per-endpoint rows
     assert [(r["requests"], r["rows_out"], r["retries"]) for r in summary] == [
         (dead["requests"], dead["answered"], dead["resent"]),
         (alive["requests"], alive["answered"], alive["resent"])]
-    assert "(out, taken out 1x)" in summary[0]["name"]
+    assert f"(out, taken out {dead['taken_out']}x)" in summary[0]["name"]
 
 
 def test_fleet_config_is_checked_and_not_fingerprinted(tmp_path) -> None:
