@@ -159,7 +159,7 @@ def build_dag_stages(
             names=[n.name for n in group], trunk=trunk,
             join=(joins or {}).get(head.index) if len(head.parents) > 1 else None,
         ))
-    if not stages[-1].trunk:
+    if stages and not stages[-1].trunk:  # a stream may have no steps
         for stage in stages:
             stage.in_dag = True
     return stages
