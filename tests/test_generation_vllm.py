@@ -107,7 +107,7 @@ def test_one_flow_run_loads_one_engine(tmp_path: Path, expected: list) -> None:
     assert gen["prompt_tokens"] == out["answer_prompt_tokens"].sum() > 0
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch_size=st.integers(1, 12), workers=st.integers(1, 4), in_flight=st.integers(1, 8))
 def test_rows_keep_their_metadata_whatever_the_batch_size(
     tmp_path_factory: pytest.TempPathFactory, expected: list, batch_size: int, workers: int,
