@@ -40,7 +40,7 @@ def expected(pipe: Pipeline, rows: dict[str, list[dict]]) -> pl.DataFrame:
     return df.unique(subset=["text"], keep="first", maintain_order=True)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     n_a=st.integers(1, 90), n_b=st.integers(0, 40), batch_size=st.integers(5, 40),
     sizes=st.lists(st.one_of(st.none(), st.integers(1, 40)), min_size=3, max_size=3),

@@ -30,7 +30,7 @@ def pipe(tmp_path: Path, steps: list, batch_size: int = 20, name: str = "gen", *
                     serving=FAKE, **kw)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch_size=st.integers(1, 60), workers=st.integers(1, 4))
 def test_rows_keep_their_metadata_whatever_the_batch_size(tmp_path_factory, batch_size, workers) -> None:
     tmp_path = tmp_path_factory.mktemp("meta")
