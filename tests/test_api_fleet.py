@@ -121,9 +121,11 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
 
         def busy() -> bool:
             peak[0] = max(peak[0], killed.in_flight)
-            return (killed.counts.answered >= 1 and killed.in_flight >= 1) or not runner.is_alive()
+            # requests in flight on the (warmed) fresh server: the kill lands mid-run. Waiting
+            # for one of its answers too let a fast machine finish the run first (CI, idle).
+            return killed.in_flight >= 1 or not runner.is_alive()
 
-        wait_until(busy, "the fresh server answering with requests in flight")
+        wait_until(busy, "requests in flight on the fresh server")
         assert runner.is_alive(), "the run ended before the kill"
         assert peak[0] <= 3
         resent_before_kill = killed.counts.resent  # a slow cold start may have stalled some
