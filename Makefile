@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo test bench gpu-check clean server worker deploy
+.PHONY: venv demo test check bench gpu-check clean server worker deploy
 
 venv: $(STAMP)
 
@@ -38,6 +38,13 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Static checks, run by .ci/run before the tests: ruff (lint + format) over the code, the
+# tests and the benchmarks; basedpyright (standard mode) over the package. 0 errors.
+check: venv
+	$(BIN)/ruff check nightshift tests benchmarks
+	$(BIN)/ruff format --check nightshift tests benchmarks
+	$(BIN)/basedpyright
 
 BENCHMARKS ?= overhead scaleout generate api stream
 

@@ -36,10 +36,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import polars as pl  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import httpx
+import polars as pl
+from rich.console import Console
+from rich.table import Table
 
 # A run number first: no run reuses another's prompts from the server's prefix cache.
 PROMPT = "Run {run}. Item {n}: row number {n} of the benchmark means"
@@ -54,12 +54,31 @@ def start_server() -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     cache = tempfile.mkdtemp(prefix="bench-vllm-")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(embedded_model_path()), "--served-model-name", "smollm2", "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"],
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(embedded_model_path()),
+            "--served-model-name",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(256 * 2**20),
+            "--seed",
+            "0",
+        ],
         env={**os.environ, "VLLM_CACHE_ROOT": cache, "HF_HUB_OFFLINE": "1"},
-        stdout=open(Path(cache) / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(Path(cache) / "server.log", "w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     proc.cache_dir = cache  # type: ignore[attr-defined]
@@ -90,26 +109,45 @@ def stop_server(proc: subprocess.Popen) -> None:
     shutil.rmtree(getattr(proc, "cache_dir", ""), ignore_errors=True)
 
 
-async def plain_script(base_url: str, rows: int, concurrency: int, max_tokens: int, run: int) -> float:
+async def plain_script(
+    base_url: str, rows: int, concurrency: int, max_tokens: int, run: int
+) -> float:
     """What a user would write by hand: httpx, a semaphore, gather; every answer checked."""
     started = time.perf_counter()
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=120, limits=limits) as client:
+
         async def one(n: int) -> str:
             async with sem:
-                r = await client.post("/completions", json={
-                    "model": "smollm2", "prompt": PROMPT.format(run=run, n=n), "max_tokens": max_tokens,
-                    "temperature": 0.0, "top_p": 1.0, "seed": 0})
+                r = await client.post(
+                    "/completions",
+                    json={
+                        "model": "smollm2",
+                        "prompt": PROMPT.format(run=run, n=n),
+                        "max_tokens": max_tokens,
+                        "temperature": 0.0,
+                        "top_p": 1.0,
+                        "seed": 0,
+                    },
+                )
                 r.raise_for_status()
                 return r.json()["choices"][0]["text"]
+
         texts = await asyncio.gather(*(one(n) for n in range(rows)))
     assert len(texts) == rows
     return time.perf_counter() - started
 
 
-def pipeline_run(base_url: str, work: Path, rows: int, concurrency: int, max_tokens: int,
-                 batch_size: int, run: int) -> tuple[float, dict]:
+def pipeline_run(
+    base_url: str,
+    work: Path,
+    rows: int,
+    concurrency: int,
+    max_tokens: int,
+    batch_size: int,
+    run: int,
+) -> tuple[float, dict]:
     from nightshift.flows.pipeline import Pipeline
     from nightshift.tasks.operators import Generate
 
@@ -118,13 +156,28 @@ def pipeline_run(base_url: str, work: Path, rows: int, concurrency: int, max_tok
     data = work / f"rows-{run}.parquet"
     pl.DataFrame({"run": [run] * rows, "n": list(range(rows))}).write_parquet(data)
     pipe = Pipeline(
-        "bench-api", source=str(data), store=f"file://{store}", batch_size=batch_size,
-        workers=4, max_in_flight=8,
-        steps=[Generate(prompt=PROMPT.replace("{n}", "{{ n }}").replace("{run}", "{{ run }}"),
-                        output="answer", chat=False,
-                        max_tokens=max_tokens)],
-        serving={"default": {"backend": "openai_compatible", "base_url": f"{base_url}/v1",
-                             "model": "smollm2", "max_concurrency": concurrency}},
+        "bench-api",
+        source=str(data),
+        store=f"file://{store}",
+        batch_size=batch_size,
+        workers=4,
+        max_in_flight=8,
+        steps=[
+            Generate(
+                prompt=PROMPT.replace("{n}", "{{ n }}").replace("{run}", "{{ run }}"),
+                output="answer",
+                chat=False,
+                max_tokens=max_tokens,
+            )
+        ],
+        serving={
+            "default": {
+                "backend": "openai_compatible",
+                "base_url": f"{base_url}/v1",
+                "model": "smollm2",
+                "max_concurrency": concurrency,
+            }
+        },
     )
     started = time.perf_counter()
     summary = pipe.run()
@@ -152,17 +205,34 @@ def main() -> None:
     pipe_s: list[float] = []
     try:
         with prefect_test_harness(server_startup_timeout=180):
-            asyncio.run(plain_script(base_url, 64, args.concurrency, args.max_tokens, -1))  # warm-up
+            asyncio.run(
+                plain_script(base_url, 64, args.concurrency, args.max_tokens, -1)
+            )  # warm-up
             for r in range(args.rounds):
-                for kind in (("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain")):
+                for kind in ("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain"):
                     if kind == "plain":
-                        plain_s.append(asyncio.run(plain_script(
-                            base_url, args.rows, args.concurrency, args.max_tokens, 2 * r)))
+                        plain_s.append(
+                            asyncio.run(
+                                plain_script(
+                                    base_url, args.rows, args.concurrency, args.max_tokens, 2 * r
+                                )
+                            )
+                        )
                     else:
-                        elapsed, summary = pipeline_run(base_url, work, args.rows, args.concurrency,
-                                                        args.max_tokens, args.batch_size, 2 * r + 1)
+                        elapsed, summary = pipeline_run(
+                            base_url,
+                            work,
+                            args.rows,
+                            args.concurrency,
+                            args.max_tokens,
+                            args.batch_size,
+                            2 * r + 1,
+                        )
                         pipe_s.append(elapsed)
-                print(f"  round {r + 1}: plain {plain_s[-1]:.1f}s, pipeline {pipe_s[-1]:.1f}s", flush=True)
+                print(
+                    f"  round {r + 1}: plain {plain_s[-1]:.1f}s, pipeline {pipe_s[-1]:.1f}s",
+                    flush=True,
+                )
     finally:
         if proc is not None:
             stop_server(proc)
@@ -171,19 +241,32 @@ def main() -> None:
     step = summary["steps"][0]
     plain_m, pipe_m = statistics.median(plain_s), statistics.median(pipe_s)
     console = Console(width=120)
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-                  f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; "
-                  f"{args.rows} rows, {args.concurrency} in flight, max_tokens {args.max_tokens}, "
-                  f"batches of {args.batch_size}, {args.rounds} round(s)")
+    console.print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; "
+        f"{args.rows} rows, {args.concurrency} in flight, max_tokens {args.max_tokens}, "
+        f"batches of {args.batch_size}, {args.rounds} round(s)"
+    )
     table = Table("run", "seconds (median)", "all rounds", "rows/s", "vs plain")
-    table.add_row("plain asyncio + httpx", f"{plain_m:.1f}", " ".join(f"{s:.1f}" for s in plain_s),
-                  f"{args.rows / plain_m:.1f}", "1.00x")
-    table.add_row("pipeline (Prefect flow, answer cache, Parquet)", f"{pipe_m:.1f}",
-                  " ".join(f"{s:.1f}" for s in pipe_s), f"{args.rows / pipe_m:.1f}",
-                  f"{plain_m / pipe_m:.2f}x")
+    table.add_row(
+        "plain asyncio + httpx",
+        f"{plain_m:.1f}",
+        " ".join(f"{s:.1f}" for s in plain_s),
+        f"{args.rows / plain_m:.1f}",
+        "1.00x",
+    )
+    table.add_row(
+        "pipeline (Prefect flow, answer cache, Parquet)",
+        f"{pipe_m:.1f}",
+        " ".join(f"{s:.1f}" for s in pipe_s),
+        f"{args.rows / pipe_m:.1f}",
+        f"{plain_m / pipe_m:.2f}x",
+    )
     console.print(table)
-    console.print(f"pipeline: {step['computed']} batches, {step['requests']} requests, "
-                  f"{step['prompt_tokens']} prompt + {step['completion_tokens']} completion tokens")
+    console.print(
+        f"pipeline: {step['computed']} batches, {step['requests']} requests, "
+        f"{step['prompt_tokens']} prompt + {step['completion_tokens']} completion tokens"
+    )
 
 
 if __name__ == "__main__":

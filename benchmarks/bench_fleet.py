@@ -33,23 +33,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
 PROMPT = "Run {run}. Item {n}: row number {n} of the fleet benchmark means"
 
 
-def run_once(urls: list[str], rows: int, concurrency: int, max_tokens: int,
-             run: int) -> tuple[float, list[str | None], dict]:
+def run_once(
+    urls: list[str], rows: int, concurrency: int, max_tokens: int, run: int
+) -> tuple[float, list[str | None], dict]:
     from nightshift.serving.http import OpenAIBackend
     from nightshift.serving.interface import GenerationRequest, SamplingParams
 
-    requests = [GenerationRequest(prompt=PROMPT.format(run=run, n=n),
-                                  sampling=SamplingParams(max_tokens=max_tokens, seed=0))
-                for n in range(rows)]
-    with OpenAIBackend(base_urls=[f"{u}/v1" for u in urls], model="smollm2",
-                       max_concurrency=concurrency * len(urls), timeout_s=300,
-                       stall_timeout_s=60) as backend:
+    requests = [
+        GenerationRequest(
+            prompt=PROMPT.format(run=run, n=n),
+            sampling=SamplingParams(max_tokens=max_tokens, seed=0),
+        )
+        for n in range(rows)
+    ]
+    with OpenAIBackend(
+        base_urls=[f"{u}/v1" for u in urls],
+        model="smollm2",
+        max_concurrency=concurrency * len(urls),
+        timeout_s=300,
+        stall_timeout_s=60,
+    ) as backend:
         started = time.perf_counter()
         results = backend.generate(requests)
         elapsed = time.perf_counter() - started
@@ -82,10 +91,14 @@ def main() -> None:
         for i, url in enumerate(urls):  # warm-up: each server's first requests are slow
             run_once([url], 32, args.concurrency, args.max_tokens, -1 - i)
         for r in range(args.rounds):
-            for kind in (("one", "two") if r % 2 == 0 else ("two", "one")):
+            for kind in ("one", "two") if r % 2 == 0 else ("two", "one"):
                 elapsed, _, per_endpoint = run_once(
-                    urls[:1] if kind == "one" else urls, args.rows, args.concurrency,
-                    args.max_tokens, 2 * r + (kind == "two"))
+                    urls[:1] if kind == "one" else urls,
+                    args.rows,
+                    args.concurrency,
+                    args.max_tokens,
+                    2 * r + (kind == "two"),
+                )
                 (one_s if kind == "one" else two_s).append(elapsed)
                 if kind == "two":
                     shares.append(per_endpoint)
@@ -96,15 +109,27 @@ def main() -> None:
 
     one_m, two_m = statistics.median(one_s), statistics.median(two_s)
     console = Console(width=120)
-    console.print(f"{datetime.date.today()} machine: {platform.machine()}, {os.cpu_count()} cores, "
-                  f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}; "
-                  f"{args.rows} rows, {args.concurrency} in flight per endpoint, max_tokens "
-                  f"{args.max_tokens}, streamed, {args.rounds} round(s)")
+    console.print(
+        f"{datetime.date.today()} machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}; "
+        f"{args.rows} rows, {args.concurrency} in flight per endpoint, max_tokens "
+        f"{args.max_tokens}, streamed, {args.rounds} round(s)"
+    )
     table = Table("run", "seconds (median)", "all rounds", "rows/s", "vs one server")
-    table.add_row("one server", f"{one_m:.1f}", " ".join(f"{s:.1f}" for s in one_s),
-                  f"{args.rows / one_m:.1f}", "1.00x")
-    table.add_row("fleet of two", f"{two_m:.1f}", " ".join(f"{s:.1f}" for s in two_s),
-                  f"{args.rows / two_m:.1f}", f"{one_m / two_m:.2f}x")
+    table.add_row(
+        "one server",
+        f"{one_m:.1f}",
+        " ".join(f"{s:.1f}" for s in one_s),
+        f"{args.rows / one_m:.1f}",
+        "1.00x",
+    )
+    table.add_row(
+        "fleet of two",
+        f"{two_m:.1f}",
+        " ".join(f"{s:.1f}" for s in two_s),
+        f"{args.rows / two_m:.1f}",
+        f"{one_m / two_m:.2f}x",
+    )
     console.print(table)
     split = ", ".join(f"{w}: {c['answered']}" for w, c in shares[-1].items())
     console.print(f"rows answered per endpoint in the last fleet run: {split}")

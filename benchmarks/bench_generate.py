@@ -45,19 +45,41 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SUBJECTS = ["rivers", "bread", "the moon", "bicycles", "volcanoes", "libraries", "tea",
-            "owls", "glaciers", "trains", "coral reefs", "chess", "honey", "lighthouses",
-            "deserts", "violins"]
-ASKS = ["Write a short paragraph about {s}.", "Explain to a child what {s} are.",
-        "List some facts about {s}.", "Tell a short story involving {s}."]
+SUBJECTS = [
+    "rivers",
+    "bread",
+    "the moon",
+    "bicycles",
+    "volcanoes",
+    "libraries",
+    "tea",
+    "owls",
+    "glaciers",
+    "trains",
+    "coral reefs",
+    "chess",
+    "honey",
+    "lighthouses",
+    "deserts",
+    "violins",
+]
+ASKS = [
+    "Write a short paragraph about {s}.",
+    "Explain to a child what {s} are.",
+    "List some facts about {s}.",
+    "Tell a short story involving {s}.",
+]
 
 CPU = dict(prompts=64, max_tokens=64, batch_size=16, workers=4, max_model_len=1024, target=0.9)
 GPU = dict(prompts=2048, max_tokens=256, batch_size=256, workers=8, max_model_len=2048, target=0.95)
 
 
 def prompts(n: int) -> list[str]:
-    return [ASKS[i % len(ASKS)].format(s=SUBJECTS[(i // len(ASKS)) % len(SUBJECTS)])
-            + ("" if i < len(ASKS) * len(SUBJECTS) else f" (variant {i})") for i in range(n)]
+    return [
+        ASKS[i % len(ASKS)].format(s=SUBJECTS[(i // len(ASKS)) % len(SUBJECTS)])
+        + ("" if i < len(ASKS) * len(SUBJECTS) else f" (variant {i})")
+        for i in range(n)
+    ]
 
 
 def bare(backend: Any, texts: list[str], max_tokens: int) -> tuple[float, list[str], int]:
@@ -68,9 +90,14 @@ def bare(backend: Any, texts: list[str], max_tokens: int) -> tuple[float, list[s
     def run(llm: Any) -> tuple[float, list[Any]]:
         tok = llm.get_tokenizer()
         inputs = [
-            {"prompt_token_ids": tok.encode(
-                tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                        add_generation_prompt=True), add_special_tokens=False)}
+            {
+                "prompt_token_ids": tok.encode(
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                    ),
+                    add_special_tokens=False,
+                )
+            }
             for t in texts
         ]
         params = vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0)
@@ -79,11 +106,22 @@ def bare(backend: Any, texts: list[str], max_tokens: int) -> tuple[float, list[s
         return time.perf_counter() - started, outputs
 
     seconds, outputs = backend.run_on_engine(run)
-    return seconds, [o.outputs[0].text for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
+    return (
+        seconds,
+        [o.outputs[0].text for o in outputs],
+        sum(len(o.outputs[0].token_ids) for o in outputs),
+    )
 
 
-def pipeline(work: Path, name: str, serving: dict, texts: list[str], max_tokens: int,
-             batch_size: int, workers: int) -> tuple[float, list[str], int, dict]:
+def pipeline(
+    work: Path,
+    name: str,
+    serving: dict,
+    texts: list[str],
+    max_tokens: int,
+    batch_size: int,
+    workers: int,
+) -> tuple[float, list[str], int, dict]:
     import polars as pl
 
     from nightshift.flows.outputs import read_output
@@ -93,20 +131,40 @@ def pipeline(work: Path, name: str, serving: dict, texts: list[str], max_tokens:
     src = work / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"i": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
     spec = {
-        "name": name, "source": {"path": str(src)}, "batch_size": batch_size,
-        "store": {"url": f"file://{work}/store-{name}"}, "workers": workers,
-        "max_in_flight": 2 * workers, "serving": serving,
-        "steps": [{"generate": {"input": "prompt", "output": "reply", "max_tokens": max_tokens,
-                                "temperature": 0}}],
+        "name": name,
+        "source": {"path": str(src)},
+        "batch_size": batch_size,
+        "store": {"url": f"file://{work}/store-{name}"},
+        "workers": workers,
+        "max_in_flight": 2 * workers,
+        "serving": serving,
+        "steps": [
+            {
+                "generate": {
+                    "input": "prompt",
+                    "output": "reply",
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
+            }
+        ],
     }
     started = time.perf_counter()
     summary = run_pipeline(spec=spec)
     seconds = time.perf_counter() - started
     out = read_output(build_plan(spec)).sort("i")
     assert out.height == len(texts) and out["reply_error"].null_count() == len(texts)
-    return seconds, out["reply"].to_list(), int(out["reply_completion_tokens"].sum()), {
-        "batches": summary["batches"], "rows": out.height,
-        "tokens_recorded": summary["steps"][0]["completion_tokens"], "pl": pl.__version__}
+    return (
+        seconds,
+        out["reply"].to_list(),
+        int(out["reply_completion_tokens"].sum()),
+        {
+            "batches": summary["batches"],
+            "rows": out.height,
+            "tokens_recorded": summary["steps"][0]["completion_tokens"],
+            "pl": pl.__version__,
+        },
+    )
 
 
 def tensor_parallel_size(model_path: str, gpus: int) -> int:
@@ -123,8 +181,9 @@ def tensor_parallel_size(model_path: str, gpus: int) -> int:
     return max([n for n in range(2, gpus + 1) if heads % n == 0 and kv_heads % n == 0], default=1)
 
 
-def measure(work: Path, label: str, serving: dict, texts: list[str], opts: dict,
-            repeats: int) -> dict[str, Any]:
+def measure(
+    work: Path, label: str, serving: dict, texts: list[str], opts: dict, repeats: int
+) -> dict[str, Any]:
     """Start the engine of ``serving`` (timed), warm up, then ``repeats`` rounds of bare
     and pipeline; the best run of each, their ratio and the identical-reply count."""
     from nightshift.blocks.serving_config import ServingConfig
@@ -144,18 +203,32 @@ def measure(work: Path, label: str, serving: dict, texts: list[str], opts: dict,
         for r in range(repeats):
             rows.append(("bare vllm.LLM.generate", *bare(backend, texts, opts["max_tokens"])))
             seconds, replies, tokens, info["pipeline"] = pipeline(
-                work, f"{slug}-run{r}", serving, texts, opts["max_tokens"], opts["batch_size"],
-                opts["workers"])
+                work,
+                f"{slug}-run{r}",
+                serving,
+                texts,
+                opts["max_tokens"],
+                opts["batch_size"],
+                opts["workers"],
+            )
             rows.append(("pipeline generate step", seconds, replies, tokens))
     best: dict[str, tuple[float, list[str], int]] = {}
     for name, seconds, replies, tokens in rows:
         if name not in best or seconds < best[name][0]:
             best[name] = (seconds, replies, tokens)
-    (b_s, b_text, b_tok), (p_s, p_text, p_tok) = best["bare vllm.LLM.generate"], best["pipeline generate step"]
-    info.update(rows=rows, best=best, ratio=(p_tok / p_s) / (b_tok / b_s),
-                same=sum(a == b for a, b in zip(b_text, p_text)),
-                median=statistics.median((pt / ps) / (bt / bs) for (_, bs, _, bt), (_, ps, _, pt)
-                                         in zip(rows[0::2], rows[1::2])))
+    (b_s, b_text, b_tok), (p_s, p_text, p_tok) = (
+        best["bare vllm.LLM.generate"],
+        best["pipeline generate step"],
+    )
+    info.update(
+        rows=rows,
+        best=best,
+        ratio=(p_tok / p_s) / (b_tok / b_s),
+        same=sum(a == b for a, b in zip(b_text, p_text)),
+        median=statistics.median(
+            (pt / ps) / (bt / bs) for (_, bs, _, bt), (_, ps, _, pt) in zip(rows[0::2], rows[1::2])
+        ),
+    )
     return info
 
 
@@ -164,49 +237,75 @@ def report(console: Any, info: dict[str, Any], opts: dict, repeats: int, n: int)
     from rich.table import Table
 
     ident = info["identity"]
-    console.print(f"[bold]{info['label']}[/bold]: tensor_parallel_size "
-                  f"{ident['tensor_parallel_size']}, engine start {info['engine_start_s']:.1f}s; "
-                  f"pipeline: {info['pipeline']['batches']} batches of {opts['batch_size']}, "
-                  f"{opts['workers']} workers; best of {repeats}")
+    console.print(
+        f"[bold]{info['label']}[/bold]: tensor_parallel_size "
+        f"{ident['tensor_parallel_size']}, engine start {info['engine_start_s']:.1f}s; "
+        f"pipeline: {info['pipeline']['batches']} batches of {opts['batch_size']}, "
+        f"{opts['workers']} workers; best of {repeats}"
+    )
     table = Table("path", "completion tokens", "seconds", "tokens/s", "runs (s)")
-    lines = ["| path | completion tokens | seconds | tokens/s | runs (s) |", "|---|---|---|---|---|"]
+    lines = [
+        "| path | completion tokens | seconds | tokens/s | runs (s) |",
+        "|---|---|---|---|---|",
+    ]
     for name, (seconds, _, tokens) in info["best"].items():
         runs = ", ".join(f"{s:.2f}" for r, s, _, _ in info["rows"] if r == name)
         cells = (name, f"{tokens:,}", f"{seconds:.2f}", f"{tokens / seconds:,.1f}", runs)
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
-    verdict = (f"ratio pipeline/bare tokens/s: {info['ratio']:.3f} (best runs; median of paired runs "
-               f"{info['median']:.3f}); target >= {opts['target']}: "
-               f"{'met' if info['ratio'] >= opts['target'] else 'NOT met'}; identical replies: "
-               f"{info['same']}/{n}; tokens recorded by the run: {info['pipeline']['tokens_recorded']:,}")
+    verdict = (
+        f"ratio pipeline/bare tokens/s: {info['ratio']:.3f} (best runs; median of paired runs "
+        f"{info['median']:.3f}); target >= {opts['target']}: "
+        f"{'met' if info['ratio'] >= opts['target'] else 'NOT met'}; identical replies: "
+        f"{info['same']}/{n}; tokens recorded by the run: {info['pipeline']['tokens_recorded']:,}"
+    )
     console.print(verdict)
-    return [f"{info['label']}: tensor_parallel_size {ident['tensor_parallel_size']}, engine start "
-            f"{info['engine_start_s']:.1f} s, {info['pipeline']['batches']} batches of "
-            f"{opts['batch_size']}, {opts['workers']} workers, best of {repeats}", "", *lines, "",
-            verdict, ""]
+    return [
+        f"{info['label']}: tensor_parallel_size {ident['tensor_parallel_size']}, engine start "
+        f"{info['engine_start_s']:.1f} s, {info['pipeline']['batches']} batches of "
+        f"{opts['batch_size']}, {opts['workers']} workers, best of {repeats}",
+        "",
+        *lines,
+        "",
+        verdict,
+        "",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true",
-                        help="CUDA machine: bigger defaults, tensor parallel too when >= 2 GPUs")
-    parser.add_argument("--model", default=None,
-                        help="HF folder or hub id (default: smollm2; with --gpu NIGHTSHIFT_GPU_MODEL if set)")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="CUDA machine: bigger defaults, tensor parallel too when >= 2 GPUs",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF folder or hub id (default: smollm2; with --gpu NIGHTSHIFT_GPU_MODEL if set)",
+    )
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--batch-size", type=int, help="pipeline batch size (rows per task)")
     parser.add_argument("--workers", type=int, help="pipeline task threads")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; best is kept")
-    parser.add_argument("--tensor-parallel", type=int, default=None,
-                        help="--gpu: GPUs for the tensor-parallel run (default: the most the model "
-                             "allows on this machine; 1: none)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="append the results, as Markdown, to this file")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=None,
+        help="--gpu: GPUs for the tensor-parallel run (default: the most the model "
+        "allows on this machine; 1: none)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=None, help="append the results, as Markdown, to this file"
+    )
     args = parser.parse_args()
     mode = GPU if args.gpu else CPU
-    opts = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in mode.items()}
+    opts = {
+        k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in mode.items()
+    }
     model = args.model or (args.gpu and os.environ.get("NIGHTSHIFT_GPU_MODEL")) or "smollm2"
 
     import torch
@@ -226,10 +325,17 @@ def main() -> None:
         tp = args.tensor_parallel or tensor_parallel_size(resolve_model(model), gpus)
         if tp > 1:
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    engine = {"model": model, "max_model_len": opts["max_model_len"], "max_batch": 4096, "max_num_seqs": 256}
+    engine = {
+        "model": model,
+        "max_model_len": opts["max_model_len"],
+        "max_batch": 4096,
+        "max_num_seqs": 256,
+    }
     runs = [("one engine", {"default": engine})]
     if tp > 1:
-        runs.append((f"tensor parallel over {tp} GPUs", {"default": {**engine, "tensor_parallel_size": tp}}))
+        runs.append(
+            (f"tensor parallel over {tp} GPUs", {"default": {**engine, "tensor_parallel_size": tp}})
+        )
     texts = prompts(opts["prompts"])
     work = Path(tempfile.mkdtemp(prefix="nightshift-bench-gen-"))
     results: list[dict[str, Any]] = []
@@ -242,16 +348,25 @@ def main() -> None:
 
     console = Console(width=120)
     ident = results[0]["identity"]
-    device = (f"{gpus} x CUDA {torch.cuda.get_device_name(0)}" if args.gpu else "no GPU")
-    machine = (f"{dt.date.today()} machine: {platform.machine()}, {os.cpu_count()} cores, {device}; "
-               f"python {platform.python_version()}, torch {torch.__version__}, vllm "
-               f"{ident['vllm_version']}; model {model} ({ident['dtype']})")
-    setup = (f"{opts['prompts']} prompts, max_tokens {opts['max_tokens']}, greedy")
+    device = f"{gpus} x CUDA {torch.cuda.get_device_name(0)}" if args.gpu else "no GPU"
+    machine = (
+        f"{dt.date.today()} machine: {platform.machine()}, {os.cpu_count()} cores, {device}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, vllm "
+        f"{ident['vllm_version']}; model {model} ({ident['dtype']})"
+    )
+    setup = f"{opts['prompts']} prompts, max_tokens {opts['max_tokens']}, greedy"
     console.print(machine)
     console.print(setup)
-    markdown = [f"## Generation{' on GPU' if args.gpu else ''}: pipeline generate step vs bare "
-                f"`vllm.LLM.generate` (`benchmarks/bench_generate.py{' --gpu' if args.gpu else ''}`), "
-                f"{dt.date.today()}", "", machine, "", setup, ""]
+    markdown = [
+        f"## Generation{' on GPU' if args.gpu else ''}: pipeline generate step vs bare "
+        f"`vllm.LLM.generate` (`benchmarks/bench_generate.py{' --gpu' if args.gpu else ''}`), "
+        f"{dt.date.today()}",
+        "",
+        machine,
+        "",
+        setup,
+        "",
+    ]
     for info in results:
         markdown += report(console, info, opts, args.repeats, len(texts))
     if gpus >= 2 and tp == 1 and args.tensor_parallel is None:

@@ -25,9 +25,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import polars as pl  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import polars as pl
+from rich.console import Console
+from rich.table import Table
 
 TEMPLATE = "Summarize in one line: {{ text }}"
 
@@ -36,8 +36,12 @@ def make_input(path: Path, rows: int) -> None:
     words = pl.Series(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"])
     df = pl.DataFrame({"id": pl.int_range(0, rows, eager=True)}).with_columns(
         pl.concat_str(
-            [pl.lit("row "), pl.col("id").cast(pl.String), pl.lit(" "),
-             pl.lit("lorem ipsum dolor sit amet ").repeat_by(pl.col("id") % 5).list.join("")],
+            [
+                pl.lit("row "),
+                pl.col("id").cast(pl.String),
+                pl.lit(" "),
+                pl.lit("lorem ipsum dolor sit amet ").repeat_by(pl.col("id") % 5).list.join(""),
+            ],
         ).alias("text"),
         (pl.col("id") % 97).cast(pl.Float64).alias("score"),
     )
@@ -51,7 +55,9 @@ def plain_script(src: Path, out: Path) -> float:
     df = pl.read_parquet(src)
     df = df.with_columns(pl.col("text").str.len_chars().alias("n_chars"))
     df = df.filter(pl.col("n_chars") > 20)
-    df = df.with_columns(pl.concat_str([pl.lit("Summarize in one line: "), pl.col("text")]).alias("prompt"))
+    df = df.with_columns(
+        pl.concat_str([pl.lit("Summarize in one line: "), pl.col("text")]).alias("prompt")
+    )
     df.write_parquet(out, compression="zstd", statistics=False)
     return time.perf_counter() - started
 
@@ -81,8 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--batch-size", type=int, default=500_000)
-    parser.add_argument("--cached-batch-size", type=int, default=10_000,
-                        help="batch size for the done re-run measurement (many batches)")
+    parser.add_argument(
+        "--cached-batch-size",
+        type=int,
+        default=10_000,
+        help="batch size for the done re-run measurement (many batches)",
+    )
     args = parser.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness
@@ -102,8 +112,14 @@ def main() -> None:
                 shutil.rmtree(store)
                 expected = pl.scan_parquet(work / "plain.parquet").select(pl.len()).collect().item()
                 assert summary["steps"][-1]["rows_out"] == expected, "pipeline and script disagree"
-                table.add_row(f"{rows:,}", str(summary["batches"]), f"{plain:.2f}", f"{pipe:.2f}",
-                              f"{pipe / plain:.2f}x", f"{rows / pipe:,.0f}")
+                table.add_row(
+                    f"{rows:,}",
+                    str(summary["batches"]),
+                    f"{plain:.2f}",
+                    f"{pipe:.2f}",
+                    f"{pipe / plain:.2f}x",
+                    f"{rows / pipe:,.0f}",
+                )
             rows = args.rows[0]
             src = work / f"in-{rows}.parquet"
             store = work / "store-cached"
@@ -111,13 +127,20 @@ def main() -> None:
             again, summary = pipeline_run(src, store, args.cached_batch_size)
             assert summary["steps"][0]["reused"] == summary["batches"]
             computed = sum(s["units_computed"] for s in summary["steps"])
-            cached.add_row(f"{rows:,}", str(summary["batches"]), f"{again:.2f}",
-                           f"{1000 * again / summary['batches']:.1f}", str(computed))
+            cached.add_row(
+                f"{rows:,}",
+                str(summary["batches"]),
+                f"{again:.2f}",
+                f"{1000 * again / summary['batches']:.1f}",
+                str(computed),
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     console = Console(width=120)
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-                  f"polars {pl.__version__}")
+    console.print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"polars {pl.__version__}"
+    )
     console.print(table)
     console.print(cached)
 

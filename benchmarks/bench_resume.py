@@ -37,9 +37,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import polars as pl  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import polars as pl
+from rich.console import Console
+from rich.table import Table
 
 ROWS_PER_BATCH = 2
 
@@ -56,10 +56,18 @@ def pipeline(src: Path, store: Any, name: str) -> Any:
     from nightshift.tasks.operators import Filter, Map, Template
 
     return Pipeline(
-        name, source=str(src),
-        steps=[Map(columns={"n": "length(text)"}), Filter(where="n > 0"),
-               Template(output="prompt", template="P {{ text }}")],
-        store=store, batch_size=ROWS_PER_BATCH, fuse=False, workers=4, max_in_flight=16,
+        name,
+        source=str(src),
+        steps=[
+            Map(columns={"n": "length(text)"}),
+            Filter(where="n > 0"),
+            Template(output="prompt", template="P {{ text }}"),
+        ],
+        store=store,
+        batch_size=ROWS_PER_BATCH,
+        fuse=False,
+        workers=4,
+        max_in_flight=16,
     )
 
 
@@ -84,8 +92,9 @@ class Server:
         import httpx
 
         body = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-        return int(settled(lambda: httpx.post(f"{self.url}/task_runs/count", json=body,
-                                              timeout=60).json()))
+        return int(
+            settled(lambda: httpx.post(f"{self.url}/task_runs/count", json=body, timeout=60).json())
+        )
 
     def settled_db_bytes(self) -> int:
         return settled(self.db_bytes)
@@ -109,9 +118,13 @@ def timed_run(server: Server, pipe: Any) -> dict[str, Any]:
     summary = pipe.run()
     wall = time.perf_counter() - started
     runs = server.task_runs(summary["flow_run_id"])
-    return {"wall": wall, "task_runs": runs, "db": server.settled_db_bytes() - before,
-            "computed": sum(s["units_computed"] for s in summary["steps"]),
-            "reused": sum(s["units_reused"] for s in summary["steps"])}
+    return {
+        "wall": wall,
+        "task_runs": runs,
+        "db": server.settled_db_bytes() - before,
+        "computed": sum(s["units_computed"] for s in summary["steps"]),
+        "reused": sum(s["units_reused"] for s in summary["steps"]),
+    }
 
 
 def seed(pipe: Any, index: bool, threads: int = 16) -> float:
@@ -129,7 +142,9 @@ def seed(pipe: Any, index: bool, threads: int = 16) -> float:
 
     def one(b: int) -> None:
         batch = plan.batches[b]
-        fs, path = (plan.store.fs, batch.read_uri) if batch.in_store else filesystem(batch.read_uri, {})
+        fs, path = (
+            (plan.store.fs, batch.read_uri) if batch.in_store else filesystem(batch.read_uri, {})
+        )
         df = read_batch(batch, fs, path)
         for stage in plan.stages:
             for op in stage.operators:
@@ -187,8 +202,11 @@ def start_moto() -> tuple[Any, str]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(key, value)
     import s3fs
 
@@ -204,11 +222,17 @@ def start_cost(server: Server, work: Path) -> tuple[float, float]:
     data = work / "ten.jsonl"
     data.write_text("".join(f'{{"id": {i}, "text": "row {i}"}}\n' for i in range(10)))
     spec = work / "ten.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "ten", "source": {"path": str(data)}, "batch_size": 10,
-        "store": {"url": f"file://{work}/ten-store"},
-        "steps": [{"map": {"columns": {"n": "length(text)"}}}],
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ten",
+                "source": {"path": str(data)},
+                "batch_size": 10,
+                "store": {"url": f"file://{work}/ten-store"},
+                "steps": [{"map": {"columns": {"n": "length(text)"}}}],
+            }
+        )
+    )
     env = {**os.environ, "PREFECT_API_URL": server.url, "PREFECT_HOME": str(server.home)}
 
     def best(args: list[str]) -> float:
@@ -228,8 +252,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 1_000, 10_000])
     parser.add_argument("--stores", nargs="+", default=["local", "s3"], choices=["local", "s3"])
-    parser.add_argument("--first-run-max", type=int, default=1_000,
-                        help="above this many batches the first run is seeded by a plain script")
+    parser.add_argument(
+        "--first-run-max",
+        type=int,
+        default=1_000,
+        help="above this many batches the first run is seeded by a plain script",
+    )
     args = parser.parse_args()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -238,13 +266,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nightshift-resume-"))
     server = Server(work / "prefect-home")
     moto, endpoint = start_moto() if "s3" in args.stores else (None, "")
-    runs = Table("store", "batches", "run", "wall s", "computed", "task runs", "DB KiB",
-                 "ms / skipped (stage, batch)", "vs floor")
-    resume = Table("store", "batches", "1% missing: units", "wall s",
-                   "done re-run + work s", "ratio")
+    runs = Table(
+        "store",
+        "batches",
+        "run",
+        "wall s",
+        "computed",
+        "task runs",
+        "DB KiB",
+        "ms / skipped (stage, batch)",
+        "vs floor",
+    )
+    resume = Table(
+        "store", "batches", "1% missing: units", "wall s", "done re-run + work s", "ratio"
+    )
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.url}):
             for kind in args.stores:
+
                 def store_of(name: str) -> Any:
                     if kind == "local":
                         return f"file://{work}/store-{name}"
@@ -255,7 +294,9 @@ def main() -> None:
                 one = pipeline(src1, store_of("one"), "one")
                 one.run()
                 fixed = min(timed_run(server, one)["wall"] for _ in range(2))
-                runs.add_row(kind, "1", "done re-run (fixed start)", f"{fixed:.2f}", "0", "", "", "", "")
+                runs.add_row(
+                    kind, "1", "done re-run (fixed start)", f"{fixed:.2f}", "0", "", "", "", ""
+                )
                 unit_cost = None
                 for n in args.batches:
                     src = work / f"in-{n}.parquet"
@@ -264,39 +305,84 @@ def main() -> None:
                     if n <= args.first_run_max:
                         first = timed_run(server, pipe)
                         unit_cost = (first["wall"] - fixed) / max(first["computed"], 1)
-                        runs.add_row(kind, f"{n:,}", "first run", f"{first['wall']:.2f}",
-                                     str(first["computed"]), str(first["task_runs"]),
-                                     f"{first['db'] / 1024:,.0f}", "", "")
+                        runs.add_row(
+                            kind,
+                            f"{n:,}",
+                            "first run",
+                            f"{first['wall']:.2f}",
+                            str(first["computed"]),
+                            str(first["task_runs"]),
+                            f"{first['db'] / 1024:,.0f}",
+                            "",
+                            "",
+                        )
                     else:
                         # locally, also what losing the index costs (a footer read per
                         # file); on S3 that is a GET per file, ~12 ms each here: skipped
                         seeded = seed(pipe, index=kind != "local")
-                        runs.add_row(kind, f"{n:,}", "seeded by a plain script", f"{seeded:.2f}",
-                                     "", "0", "0", "", "")
+                        runs.add_row(
+                            kind,
+                            f"{n:,}",
+                            "seeded by a plain script",
+                            f"{seeded:.2f}",
+                            "",
+                            "0",
+                            "0",
+                            "",
+                            "",
+                        )
                         if kind == "local":
                             verify = timed_run(server, pipe)
-                            runs.add_row(kind, f"{n:,}", "done re-run, no index (footers read)",
-                                         f"{verify['wall']:.2f}", str(verify["computed"]),
-                                         str(verify["task_runs"]), f"{verify['db'] / 1024:,.0f}",
-                                         f"{1000 * (verify['wall'] - fixed) / (3 * n):.2f}", "")
+                            runs.add_row(
+                                kind,
+                                f"{n:,}",
+                                "done re-run, no index (footers read)",
+                                f"{verify['wall']:.2f}",
+                                str(verify["computed"]),
+                                str(verify["task_runs"]),
+                                f"{verify['db'] / 1024:,.0f}",
+                                f"{1000 * (verify['wall'] - fixed) / (3 * n):.2f}",
+                                "",
+                            )
                     done = timed_run(server, pipe)
                     assert done["computed"] == 0 and done["reused"] == 3 * n, done
                     low = min(floor(pipe) for _ in range(3))
-                    runs.add_row(kind, f"{n:,}", "fully done re-run", f"{done['wall']:.2f}", "0",
-                                 str(done["task_runs"]), f"{done['db'] / 1024:,.0f}",
-                                 f"{1000 * (done['wall'] - fixed) / (3 * n):.2f}",
-                                 f"floor {low:.2f} s")
+                    runs.add_row(
+                        kind,
+                        f"{n:,}",
+                        "fully done re-run",
+                        f"{done['wall']:.2f}",
+                        "0",
+                        str(done["task_runs"]),
+                        f"{done['db'] / 1024:,.0f}",
+                        f"{1000 * (done['wall'] - fixed) / (3 * n):.2f}",
+                        f"floor {low:.2f} s",
+                    )
                     missing = drop_last_stage(pipe, 0.01)
                     again = timed_run(server, pipe)
                     assert again["computed"] == missing, again
                     # the fixed cost of a run of this size is its done re-run; the work is
                     # what a computed unit cost in the first run (or at 1,000 batches)
                     expected = done["wall"] + missing * (unit_cost or 0.0)
-                    runs.add_row(kind, f"{n:,}", "resume, 1% of last stage missing",
-                                 f"{again['wall']:.2f}", str(missing), str(again["task_runs"]),
-                                 f"{again['db'] / 1024:,.0f}", "", "")
-                    resume.add_row(kind, f"{n:,}", str(missing), f"{again['wall']:.2f}",
-                                   f"{expected:.2f}", f"{again['wall'] / expected:.2f}x")
+                    runs.add_row(
+                        kind,
+                        f"{n:,}",
+                        "resume, 1% of last stage missing",
+                        f"{again['wall']:.2f}",
+                        str(missing),
+                        str(again["task_runs"]),
+                        f"{again['db'] / 1024:,.0f}",
+                        "",
+                        "",
+                    )
+                    resume.add_row(
+                        kind,
+                        f"{n:,}",
+                        str(missing),
+                        f"{again['wall']:.2f}",
+                        f"{expected:.2f}",
+                        f"{again['wall'] / expected:.2f}x",
+                    )
             run, bare = start_cost(server, work)
     finally:
         server.server.stop()
@@ -304,13 +390,17 @@ def main() -> None:
             moto.stop()
         shutil.rmtree(work, ignore_errors=True)
     console = Console(width=160)
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-                  f"{platform.python_version()}, polars {pl.__version__}, load average "
-                  f"{os.getloadavg()[0]:.1f}")
+    console.print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, polars {pl.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     console.print(runs)
     console.print(resume)
-    console.print(f"10-row `nightshift run` against a running server: {run:.2f} s; "
-                  f"`python -c 'import prefect'`: {bare:.2f} s; difference {run - bare:.2f} s")
+    console.print(
+        f"10-row `nightshift run` against a running server: {run:.2f} s; "
+        f"`python -c 'import prefect'`: {bare:.2f} s; difference {run - bare:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import polars as pl  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import polars as pl
+from rich.console import Console
+from rich.table import Table
 
 TEMPLATE = (
     "Rewrite this {{ stars }}-star review in French ({{ text | wordcount }} words): "
@@ -40,10 +40,14 @@ TEMPLATE = (
 def make_input(path: Path, rows: int) -> None:
     phrase = "the quick brown fox jumps over the lazy dog "
     pl.DataFrame({"id": pl.int_range(0, rows, eager=True)}).with_columns(
-        pl.concat_str([
-            pl.lit("review "), pl.col("id").cast(pl.String), pl.lit(": "),
-            pl.lit(phrase).repeat_by(pl.col("id") % 7 + 4).list.join(""),
-        ]).alias("text"),
+        pl.concat_str(
+            [
+                pl.lit("review "),
+                pl.col("id").cast(pl.String),
+                pl.lit(": "),
+                pl.lit(phrase).repeat_by(pl.col("id") % 7 + 4).list.join(""),
+            ]
+        ).alias("text"),
         (pl.col("id") % 5 + 1).alias("stars"),
     ).write_parquet(path, row_group_size=10_000)
 
@@ -95,9 +99,13 @@ def main() -> None:
             # Dask workers are other processes: they find the API through the environment
             os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
             started = time.perf_counter()
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                   processes=True, dashboard_address=None,
-                                   silence_logs=logging.CRITICAL)  # quiet shutdown
+            cluster = LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.CRITICAL,
+            )  # quiet shutdown
             cluster_start = time.perf_counter() - started
             try:
                 runners = {
@@ -122,19 +130,29 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     console = Console(width=120)
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-                  f"{platform.python_version()}, polars {pl.__version__}; {args.rows:,} rows, "
-                  f"batches of {args.batch_size:,}; Dask cluster start {cluster_start:.1f} s "
-                  "(not counted)")
-    table = Table("runner", "workers", "batches", "tasks", "wall s", "rows/s",
-                  "task s (sum)", "vs thread")
+    console.print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, polars {pl.__version__}; {args.rows:,} rows, "
+        f"batches of {args.batch_size:,}; Dask cluster start {cluster_start:.1f} s "
+        "(not counted)"
+    )
+    table = Table(
+        "runner", "workers", "batches", "tasks", "wall s", "rows/s", "task s (sum)", "vs thread"
+    )
     base = results[0][1]
     for name, seconds, summary in results:
         steps = summary["steps"]
         tasks = sum(s["batches"] for s in steps)
-        table.add_row(name, str(args.workers), str(summary["batches"]), str(tasks),
-                      f"{seconds:.1f}", f"{args.rows / seconds:,.0f}",
-                      f"{sum(s['seconds'] for s in steps):.1f}", f"{base / seconds:.2f}x")
+        table.add_row(
+            name,
+            str(args.workers),
+            str(summary["batches"]),
+            str(tasks),
+            f"{seconds:.1f}",
+            f"{args.rows / seconds:,.0f}",
+            f"{sum(s['seconds'] for s in steps):.1f}",
+            f"{base / seconds:.2f}x",
+        )
     console.print(table)
 
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nightshift import ops
     from nightshift.blocks.step_store import StepStore
-    from nightshift.core.errors import NightshiftError, SourceError, SpecError, StepFailed, StoreError
+    from nightshift.core.errors import (
+        NightshiftError,
+        SourceError,
+        SpecError,
+        StepFailed,
+        StoreError,
+    )
     from nightshift.flows.pipeline import Pipeline, Step
     from nightshift.flows.plan import build_plan
     from nightshift.flows.run_pipeline import run_pipeline

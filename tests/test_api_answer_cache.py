@@ -8,21 +8,26 @@ import os
 from pathlib import Path
 
 import pytest
+from test_s3_store import s3, s3_endpoint
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
 from nightshift.tasks.answer_cache import AnswerLog, answers_dir, batch_scope, request_fingerprints
-from test_s3_store import s3, s3_endpoint  # noqa: F401 - fixtures
 
 OUT = "steps/00-generate/a-0-0123456789abcdef.parquet"
 
 
 def answer(i: int) -> GenerationResult:
-    return GenerationResult(text=f"answer {i}", finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    return GenerationResult(
+        text=f"answer {i}", finish_reason="stop", prompt_tokens=3, completion_tokens=2
+    )
 
 
 def test_answers_dir_sits_beside_the_steps() -> None:
-    assert answers_dir("/r/p/steps/01-generate/a-100-abc.parquet") == "/r/p/answers/01-generate/a-100-abc"
+    assert (
+        answers_dir("/r/p/steps/01-generate/a-100-abc.parquet")
+        == "/r/p/answers/01-generate/a-100-abc"
+    )
     with pytest.raises(ValueError):
         answers_dir("/r/p/other/x.parquet")
 
@@ -54,7 +59,7 @@ def test_local_answers_survive_without_close_and_torn_lines_are_skipped(tmp_path
     assert not os.path.exists(directory)
 
 
-def test_s3_answers_are_flushed_in_chunks(s3, s3_endpoint) -> None:  # noqa: F811
+def test_s3_answers_are_flushed_in_chunks(s3, s3_endpoint) -> None:
     store = StepStore(url="s3://nightly/answers-test", endpoint_url=s3_endpoint)
     with batch_scope(store, store.path("p", OUT)) as scope:
         log = scope.answer_log()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-
 from nightshift.serving.http import OpenAIBackend
 from nightshift.serving.http.limits import RateLimiter, parse_duration_s
 from nightshift.serving.interface import GenerationRequest, SamplingParams
@@ -17,15 +16,25 @@ FAST = dict(timeout_s=6.0, backoff_initial_s=0.02, backoff_max_s=0.5)
 
 
 def prompts(n: int, tag: str = "p", max_tokens: int = 4) -> list[GenerationRequest]:
-    return [GenerationRequest(prompt=f"{tag} {i}: the sky is", sampling=SamplingParams(max_tokens=max_tokens))
-            for i in range(n)]
+    return [
+        GenerationRequest(
+            prompt=f"{tag} {i}: the sky is", sampling=SamplingParams(max_tokens=max_tokens)
+        )
+        for i in range(n)
+    ]
 
 
 def test_chat_and_completions_give_real_answers(fault_proxy) -> None:
-    with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=4) as backend:
-        chat = GenerationRequest(messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                 sampling=SamplingParams(max_tokens=12))
-        raw = GenerationRequest(prompt="The capital of France is", sampling=SamplingParams(max_tokens=6))
+    with OpenAIBackend(
+        base_url=fault_proxy.base_url, model="smollm2", max_concurrency=4
+    ) as backend:
+        chat = GenerationRequest(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            sampling=SamplingParams(max_tokens=12),
+        )
+        raw = GenerationRequest(
+            prompt="The capital of France is", sampling=SamplingParams(max_tokens=6)
+        )
         first = backend.generate([chat, raw])
         again = backend.generate([chat, raw])
     assert all(r.ok and r.text for r in first)
@@ -38,8 +47,9 @@ def test_chat_and_completions_give_real_answers(fault_proxy) -> None:
 
 def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
     fault_proxy.configure(fault_rate=0.3, seed=11, hang_s=7.0)  # hangs outlast timeout_s
-    with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=24,
-                       max_attempts=12, **FAST) as backend:
+    with OpenAIBackend(
+        base_url=fault_proxy.base_url, model="smollm2", max_concurrency=24, max_attempts=12, **FAST
+    ) as backend:
         results = backend.generate(prompts(180, "f"))
         usage = backend.usage()
         statuses = dict(backend.total.statuses)
@@ -56,8 +66,13 @@ def test_every_fault_kind_is_retried_until_answered(fault_proxy) -> None:
 
 def test_retry_after_is_honoured(fault_proxy) -> None:
     fault_proxy.configure(script=["429", "429", None], retry_after=0.6)
-    with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=1,
-                       backoff_initial_s=0.001, backoff_max_s=5) as backend:
+    with OpenAIBackend(
+        base_url=fault_proxy.base_url,
+        model="smollm2",
+        max_concurrency=1,
+        backoff_initial_s=0.001,
+        backoff_max_s=5,
+    ) as backend:
         start = time.monotonic()
         [result] = backend.generate(prompts(1))
         elapsed = time.monotonic() - start
@@ -68,23 +83,35 @@ def test_retry_after_is_honoured(fault_proxy) -> None:
 
 
 def test_client_errors_are_row_errors_without_retries(fault_proxy) -> None:
-    with OpenAIBackend(base_url=fault_proxy.base_url, model="no-such-model", max_concurrency=2) as backend:
+    with OpenAIBackend(
+        base_url=fault_proxy.base_url, model="no-such-model", max_concurrency=2
+    ) as backend:
         results = backend.generate(prompts(3))
-    assert all(r.error and r.error.startswith("404 Not Found: The model `no-such-model` does not exist")
-               for r in results)
+    assert all(
+        r.error and r.error.startswith("404 Not Found: The model `no-such-model` does not exist")
+        for r in results
+    )
     assert backend.usage()["requests"] == 3 and backend.usage()["retries"] == 0
 
 
 def test_an_outage_fails_rows_fast_with_one_clear_line(fault_proxy) -> None:
     fault_proxy.configure(outage=True)
-    with OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", max_concurrency=8,
-                       max_attempts=1000, outage_after_s=1.0, **FAST) as backend:  # opens after 3 s
+    with OpenAIBackend(
+        base_url=fault_proxy.base_url,
+        model="smollm2",
+        max_concurrency=8,
+        max_attempts=1000,
+        outage_after_s=1.0,
+        **FAST,
+    ) as backend:  # opens after 3 s
         results = backend.generate(prompts(50))
         opened = backend.breaker.opened
     errors = {r.error for r in results}
     assert all(r.text is None for r in results)
-    assert all(e and e.startswith(f"endpoint {fault_proxy.base_url} is down: ") and "\n" not in e
-               for e in errors), errors
+    assert all(
+        e and e.startswith(f"endpoint {fault_proxy.base_url} is down: ") and "\n" not in e
+        for e in errors
+    ), errors
     assert opened == 1
     # fewer than 1000 attempts per row: the breaker stopped the retrying
     assert backend.usage()["requests"] < 50 * 20
@@ -126,8 +153,14 @@ def test_rate_limits_from_config_and_server_headers() -> None:
     assert limiter.waited_s >= 0.3
 
     learned = RateLimiter()
-    learned.observe(httpx.Headers({"x-ratelimit-limit-requests": "60",
-                                   "x-ratelimit-remaining-tokens": "0",
-                                   "x-ratelimit-reset-tokens": "1.5s"}))
+    learned.observe(
+        httpx.Headers(
+            {
+                "x-ratelimit-limit-requests": "60",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "1.5s",
+            }
+        )
+    )
     assert learned.requests is not None and learned.requests.per_minute == 60
     assert learned.paused_until - time.monotonic() > 1.0

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from api_fixtures import start_vllm_server, vllm_available
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.flows.reporting import endpoint_rows
@@ -25,20 +26,28 @@ from nightshift.serving.http import OpenAIBackend
 from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
 from nightshift.serving.pool import ServingPool
 
-from api_fixtures import start_vllm_server, vllm_available
-
 pytest_plugins = ["api_fixtures"]
 
 SECRET = "sk-fleet-test-7f3a9c"
 N = 60  # rows: enough that the kill and the freeze both land mid-run
-HTTP = dict(backend="openai_compatible", model="smollm2", backoff_initial_s=0.05,
-            backoff_max_s=0.5, max_attempts=30, timeout_s=60)
+HTTP = dict(
+    backend="openai_compatible",
+    model="smollm2",
+    backoff_initial_s=0.05,
+    backoff_max_s=0.5,
+    max_attempts=30,
+    timeout_s=60,
+)
 
 
 def rows(n: int, max_tokens: int = 16) -> list[GenerationRequest]:
-    return [GenerationRequest(prompt=f"Fleet row {i}: a short fact about the number {i} is",
-                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0, seed=7))
-            for i in range(n)]
+    return [
+        GenerationRequest(
+            prompt=f"Fleet row {i}: a short fact about the number {i} is",
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=0, seed=7),
+        )
+        for i in range(n)
+    ]
 
 
 def wait_until(check: Callable[[], object], what: str, timeout: float = 120) -> None:
@@ -70,8 +79,9 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
     try:
         # -- the one-server run (a fleet of one: base_urls with one entry) --------------
         requests = rows(N)
-        one = ServingPool({"default": ServingConfig(
-            **HTTP, base_urls=[f"{session.url}/v1"], max_concurrency=8)})
+        one = ServingPool(
+            {"default": ServingConfig(**HTTP, base_urls=[f"{session.url}/v1"], max_concurrency=8)}
+        )
         try:
             expected = one.submit("default", requests)
             assert one.endpoint_usage() == {}, "a fleet of one reports no per-endpoint rows"
@@ -80,9 +90,16 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
         assert all(r.ok and r.text for r in expected)
 
         # -- the stall watchdog: a lone server that accepts but never answers -----------
-        with OpenAIBackend(base_url=f"{session.url}/v1", model="smollm2", max_concurrency=2,
-                           stall_timeout_s=1.0, timeout_s=60, backoff_initial_s=0.05,
-                           backoff_max_s=0.3, max_attempts=60) as lone:
+        with OpenAIBackend(
+            base_url=f"{session.url}/v1",
+            model="smollm2",
+            max_concurrency=2,
+            stall_timeout_s=1.0,
+            timeout_s=60,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.3,
+            max_attempts=60,
+        ) as lone:
             session.signal(signal.SIGSTOP)
             try:
                 out: list[GenerationResult] = []
@@ -101,17 +118,40 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
         fresh.wait_healthy()
         with OpenAIBackend(base_url=f"{fresh.url}/v1", model="smollm2", max_concurrency=3) as warm:
             # a cold server's first requests are slow: warm it, or the run may end before it answers
-            assert all(r.ok for r in warm.generate([GenerationRequest(
-                prompt=f"Warm-up {i}: the sky is", sampling=SamplingParams(max_tokens=4)) for i in range(3)]))
+            assert all(
+                r.ok
+                for r in warm.generate(
+                    [
+                        GenerationRequest(
+                            prompt=f"Warm-up {i}: the sky is", sampling=SamplingParams(max_tokens=4)
+                        )
+                        for i in range(3)
+                    ]
+                )
+            )
         fleet_rows = rows(N)
-        pool = ServingPool({"default": ServingConfig(
-            **HTTP, base_urls=[{"url": f"{fresh.url}/v1", "max_concurrency": 3}, f"{session.url}/v1"],
-            max_concurrency=8,
-            stall_timeout_s=4, outage_after_s=90, api_key=SECRET)})
+        pool = ServingPool(
+            {
+                "default": ServingConfig(
+                    **HTTP,
+                    base_urls=[
+                        {"url": f"{fresh.url}/v1", "max_concurrency": 3},
+                        f"{session.url}/v1",
+                    ],
+                    max_concurrency=8,
+                    stall_timeout_s=4,
+                    outage_after_s=90,
+                    api_key=SECRET,
+                )
+            }
+        )
         answered: Counter[int] = Counter()
         results: list[GenerationResult] = []
-        runner = threading.Thread(target=lambda: results.extend(pool.submit(
-            "default", fleet_rows, on_result=lambda i, r: answered.update([i]))))
+        runner = threading.Thread(
+            target=lambda: results.extend(
+                pool.submit("default", fleet_rows, on_result=lambda i, r: answered.update([i]))
+            )
+        )
         runner.start()
         backend = pool.served("default").backend
         wait_until(lambda: hasattr(backend, "fleet"), "the fleet")
@@ -175,14 +215,19 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
     # server out and back before the kill: the kill is its last transition)
     lines = "\n".join(log.lines)
     assert sum(f"{fresh.url}/v1 out" in line for line in log.lines) == dead["taken_out"] >= 1, lines
-    assert sum(f"{fresh.url}/v1 back in" in line for line in log.lines) == dead["taken_out"] - 1, lines
+    assert sum(f"{fresh.url}/v1 back in" in line for line in log.lines) == dead["taken_out"] - 1, (
+        lines
+    )
     assert sum(f"{session.url}/v1 out" in line for line in log.lines) == alive["taken_out"], lines
-    assert sum(f"{session.url}/v1 back in" in line for line in log.lines) == alive["taken_out"], lines
+    assert sum(f"{session.url}/v1 back in" in line for line in log.lines) == alive["taken_out"], (
+        lines
+    )
     assert not any(SECRET in line for line in log.lines)
     # the summary artifact's per-endpoint rows
     assert [(r["requests"], r["rows_out"], r["retries"]) for r in summary] == [
         (dead["requests"], dead["answered"], dead["resent"]),
-        (alive["requests"], alive["answered"], alive["resent"])]
+        (alive["requests"], alive["answered"], alive["resent"]),
+    ]
     assert f"(out, taken out {dead['taken_out']}x)" in summary[0]["name"]
 
 
@@ -195,19 +240,28 @@ def test_fleet_config_is_checked_and_not_fingerprinted(tmp_path) -> None:
     write_jsonl(tmp_path / "a.jsonl", make_rows(3))
 
     def plan(serving: dict):
-        return build_plan({"name": "fleet", "source": {"path": str(tmp_path / "a.jsonl")},
-                           "store": {"url": f"file://{tmp_path}/store"},
-                           "steps": [{"generate": {"prompt": "{{ text }}", "output": "o"}}],
-                           "serving": {"default": {"backend": "openai_compatible", "model": "m",
-                                                   **serving}}})
+        return build_plan(
+            {
+                "name": "fleet",
+                "source": {"path": str(tmp_path / "a.jsonl")},
+                "store": {"url": f"file://{tmp_path}/store"},
+                "steps": [{"generate": {"prompt": "{{ text }}", "output": "o"}}],
+                "serving": {"default": {"backend": "openai_compatible", "model": "m", **serving}},
+            }
+        )
 
     one = plan({"base_url": "http://a:8000/v1"})
-    two = plan({"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 4}]})
-    assert [s.fingerprint for s in one.stages] == [s.fingerprint for s in two.stages], \
+    two = plan(
+        {"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 4}]}
+    )
+    assert [s.fingerprint for s in one.stages] == [s.fingerprint for s in two.stages], (
         "adding an endpoint recomputes nothing"
+    )
     with pytest.raises(SpecError, match=r"^serving\.default: .*give base_url or base_urls"):
         plan({"base_url": "http://a:8000/v1", "base_urls": ["http://b:8000/v1"]})
-    with pytest.raises(SpecError, match=r"^serving\.default: .*names an endpoint twice: http://a:8000/v1$"):
+    with pytest.raises(
+        SpecError, match=r"^serving\.default: .*names an endpoint twice: http://a:8000/v1$"
+    ):
         plan({"base_urls": ["http://a:8000/v1", "http://a:8000/v1/"]})
     with pytest.raises(SpecError, match=r"^serving\.default\.base_urls\[1\]\.max_concurrency: "):
         plan({"base_urls": ["http://a:8000/v1", {"url": "http://b:8000/v1", "max_concurrency": 0}]})
@@ -219,15 +273,25 @@ def test_a_fleet_with_every_endpoint_down_fails_rows_instead_of_hanging() -> Non
     from api_fixtures import _free_port
 
     dead = [f"http://127.0.0.1:{_free_port()}/v1" for _ in range(2)]  # nothing listens there
-    with OpenAIBackend(base_urls=dead, model="smollm2", max_concurrency=4, timeout_s=1,
-                       outage_after_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.2,
-                       max_attempts=50) as backend:
+    with OpenAIBackend(
+        base_urls=dead,
+        model="smollm2",
+        max_concurrency=4,
+        timeout_s=1,
+        outage_after_s=1.5,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+        max_attempts=50,
+    ) as backend:
         started = time.monotonic()
         results = backend.generate(rows(6))
         elapsed = time.monotonic() - started
         counts = backend.endpoint_usage()
-    assert all(r.error and r.error.startswith("all 2 endpoints of smollm2 are down: none has answered for ")
-               for r in results), results[0].error
+    assert all(
+        r.error
+        and r.error.startswith("all 2 endpoints of smollm2 are down: none has answered for ")
+        for r in results
+    ), results[0].error
     assert 1.5 <= elapsed < 20
     assert all(c["taken_out"] == 1 and not c["in_service"] for c in counts.values())
     # out at their first refusal: only the lanes' first requests were sent, the re-sends

@@ -16,12 +16,12 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+from conftest import ROOT, cli_env, make_rows, write_jsonl
+from test_artifacts import artifacts
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Generate
-from conftest import ROOT, cli_env, make_rows, write_jsonl
-from test_artifacts import artifacts
 
 pytest_plugins = ["api_fixtures"]
 
@@ -30,10 +30,21 @@ PRICE = {"input_per_1m": 0.5, "output_per_1m": 2.0}
 
 def serving(base_url: str, **overrides: Any) -> dict[str, Any]:
     """A fast-failing HTTP serving config for tests (short timeouts and backoff)."""
-    return {"default": {"backend": "openai_compatible", "base_url": base_url, "model": "smollm2",
-                        "max_concurrency": 32, "timeout_s": 4.0, "backoff_initial_s": 0.02,
-                        "backoff_max_s": 0.5, "max_attempts": 12, "outage_after_s": 4.0,
-                        "price": PRICE, **overrides}}
+    return {
+        "default": {
+            "backend": "openai_compatible",
+            "base_url": base_url,
+            "model": "smollm2",
+            "max_concurrency": 32,
+            "timeout_s": 4.0,
+            "backoff_initial_s": 0.02,
+            "backoff_max_s": 0.5,
+            "max_attempts": 12,
+            "outage_after_s": 4.0,
+            "price": PRICE,
+            **overrides,
+        }
+    }
 
 
 def generate() -> Generate:
@@ -48,16 +59,25 @@ def answered_bodies(proxy) -> set[str]:
 def test_1000_rows_through_20_percent_faults(tmp_path: Path, fault_proxy) -> None:
     fault_proxy.configure(fault_rate=0.2, seed=2026, hang_s=5.0)  # hangs outlast timeout_s
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(1000, "x"))
-    pipe = Pipeline("api-faults", source=str(tmp_path / "data" / "*.jsonl"), steps=[generate()],
-                    store=f"file://{tmp_path}/store", batch_size=125, workers=4, max_in_flight=8,
-                    serving=serving(fault_proxy.base_url, outage_after_s=60))
+    pipe = Pipeline(
+        "api-faults",
+        source=str(tmp_path / "data" / "*.jsonl"),
+        steps=[generate()],
+        store=f"file://{tmp_path}/store",
+        batch_size=125,
+        workers=4,
+        max_in_flight=8,
+        serving=serving(fault_proxy.base_url, outage_after_s=60),
+    )
     started = time.perf_counter()
     summary = pipe.run()
     elapsed = time.perf_counter() - started
     out = pipe.read()
     stats = fault_proxy.stats()
-    print(f"\n[api] 1000 rows, 20% faults: {elapsed:.1f}s, upstream {stats['upstream']} "
-          f"({stats['upstream'] / 1000:.3f}x rows), faults {stats['faults']}")
+    print(
+        f"\n[api] 1000 rows, 20% faults: {elapsed:.1f}s, upstream {stats['upstream']} "
+        f"({stats['upstream'] / 1000:.3f}x rows), faults {stats['faults']}"
+    )
 
     assert out.height == 1000
     assert out["answer_error"].null_count() == 1000, out["answer_error"].drop_nulls().head(3)
@@ -72,20 +92,35 @@ def test_1000_rows_through_20_percent_faults(tmp_path: Path, fault_proxy) -> Non
     assert step["cost_usd"] == pytest.approx(expected_cost, rel=1e-3)
     found = artifacts(summary["flow_run_id"])
     rows = json.loads(found["api-faults-summary"].data)
-    assert [r["name"] for r in rows] == ["00-generate", "total (this run)", "serving default (all calls)"]
+    assert [r["name"] for r in rows] == [
+        "00-generate",
+        "total (this run)",
+        "serving default (all calls)",
+    ]
     assert rows[2]["requests"] == stats["received"]
     assert rows[1]["cost_usd"] == pytest.approx(expected_cost, rel=1e-3) and rows[1]["cost_usd"] > 0
     per_batch = json.loads(found["api-faults-batch-usage"].data)
-    assert len(per_batch) == 8 and all(b["answered"] == 125 and b["cost_usd"] > 0 for b in per_batch)
+    assert len(per_batch) == 8 and all(
+        b["answered"] == 125 and b["cost_usd"] > 0 for b in per_batch
+    )
     # the answer logs are gone once the batches are written
     assert not list((tmp_path / "store").glob("api-faults/answers/*/*/*.jsonl"))
 
 
-def test_outage_fails_in_one_line_and_resumes_with_nothing_lost(tmp_path: Path, fault_proxy) -> None:
+def test_outage_fails_in_one_line_and_resumes_with_nothing_lost(
+    tmp_path: Path, fault_proxy
+) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(400, "o"))
-    pipe = Pipeline("api-outage", source=str(tmp_path / "data" / "*.jsonl"), steps=[generate()],
-                    store=f"file://{tmp_path}/store", batch_size=100, workers=4, max_in_flight=4,
-                    serving=serving(fault_proxy.base_url, max_concurrency=16, max_attempts=1000))
+    pipe = Pipeline(
+        "api-outage",
+        source=str(tmp_path / "data" / "*.jsonl"),
+        steps=[generate()],
+        store=f"file://{tmp_path}/store",
+        batch_size=100,
+        workers=4,
+        max_in_flight=4,
+        serving=serving(fault_proxy.base_url, max_concurrency=16, max_attempts=1000),
+    )
     fault_proxy.configure(outage_after=150)  # the server goes away after 150 requests
     with pytest.raises(NightshiftError) as failed:
         pipe.run()
@@ -118,20 +153,29 @@ def write_spec(tmp_path: Path, base_url: str) -> Path:
         "workers": 2,
         "max_in_flight": 2,
         "serving": serving(base_url, max_concurrency=8),
-        "steps": [{"generate": {"prompt": "N{{ n }}", "output": "answer", "chat": False,
-                                "max_tokens": 2}}],
+        "steps": [
+            {"generate": {"prompt": "N{{ n }}", "output": "answer", "chat": False, "max_tokens": 2}}
+        ],
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, fault_proxy, prefect_api: str) -> None:
+def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(
+    tmp_path: Path, fault_proxy, prefect_api: str
+) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(300, "k"))
     spec = write_spec(tmp_path, fault_proxy.base_url)
-    proc = subprocess.Popen([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
-                            env=cli_env(prefect_api), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
+        env=cli_env(prefect_api),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     # past 120 requests the proxy holds every request unanswered: the kill surely lands
     # mid-batch (150 rows), however slow the machine is
     fault_proxy.configure(hold_after=120)
@@ -145,19 +189,29 @@ def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(tmp_path: Path, f
     proc.wait()
     first = fault_proxy.stats()
     assert not list((tmp_path / "store").glob("api-kill/steps/*/*.parquet")), "killed mid-batch"
-    persisted = sum(len(f.read_bytes().splitlines())
-                    for f in (tmp_path / "store").glob("api-kill/answers/*/*/*.jsonl"))
+    persisted = sum(
+        len(f.read_bytes().splitlines())
+        for f in (tmp_path / "store").glob("api-kill/answers/*/*/*.jsonl")
+    )
     assert persisted >= 100
 
     fault_proxy.configure(hold_after=None)
     fault_proxy.reset()
-    rerun = subprocess.run([sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
-                           env=cli_env(prefect_api), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
+        env=cli_env(prefect_api),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     second = fault_proxy.stats()
     asked_twice = set(first["bodies"]) & set(second["bodies"])
-    print(f"\n[api] kill: {first['upstream']} requests before the kill, {persisted} answers saved, "
-          f"{second['upstream']} after; asked twice: {len(asked_twice)}")
+    print(
+        f"\n[api] kill: {first['upstream']} requests before the kill, {persisted} answers saved, "
+        f"{second['upstream']} after; asked twice: {len(asked_twice)}"
+    )
     # only requests in flight at the kill (at most max_concurrency) can be asked again
     assert len(asked_twice) <= 8
     assert second["upstream"] == 300 - persisted

@@ -21,20 +21,29 @@ def create_limit(limit: int, decay: float = 0.0) -> str:
     name = f"test-api-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay))
+            GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay)
+        )
     return name
 
 
 def run_two_backends(base_url: str, per_backend: int, **options) -> list[OpenAIBackend]:
     """Two backends (as two flow runs would have) serving at the same time."""
-    backends = [OpenAIBackend(base_url=base_url, model="smollm2", max_concurrency=4, **options)
-                for _ in range(2)]
+    backends = [
+        OpenAIBackend(base_url=base_url, model="smollm2", max_concurrency=4, **options)
+        for _ in range(2)
+    ]
     results: dict[int, list] = {}
 
     def work(i: int) -> None:
-        results[i] = backends[i].generate([
-            GenerationRequest(prompt=f"backend {i} row {j}: once upon a time",
-                              sampling=SamplingParams(max_tokens=4)) for j in range(per_backend)])
+        results[i] = backends[i].generate(
+            [
+                GenerationRequest(
+                    prompt=f"backend {i} row {j}: once upon a time",
+                    sampling=SamplingParams(max_tokens=4),
+                )
+                for j in range(per_backend)
+            ]
+        )
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -65,18 +74,28 @@ def test_a_global_concurrency_limit_bounds_requests_across_backends(fault_proxy)
 
 def test_a_global_rate_limit_takes_one_slot_per_request(fault_proxy) -> None:
     name = create_limit(10, decay=20.0)
-    backends = run_two_backends(fault_proxy.base_url, 6, global_limit=name,
-                                global_limit_mode="rate_limit")
+    backends = run_two_backends(
+        fault_proxy.base_url, 6, global_limit=name, global_limit_mode="rate_limit"
+    )
     assert [b.shared.acquisitions for b in backends] == [6, 6]
     assert fault_proxy.stats()["upstream"] == 12
 
 
 def test_a_missing_limit_is_one_clear_line(fault_proxy) -> None:
-    with pytest.raises(SharedLimitError, match=r"^global_limit 'no-such-limit': no such Prefect global "
-                       r"concurrency limit; create it first: prefect gcl create no-such-limit --limit N$"):
+    with pytest.raises(
+        SharedLimitError,
+        match=r"^global_limit 'no-such-limit': no such Prefect global "
+        r"concurrency limit; create it first: prefect gcl create no-such-limit --limit N$",
+    ):
         OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", global_limit="no-such-limit")
     plain = create_limit(3)
-    with pytest.raises(SharedLimitError, match="rate_limit needs a limit with slot_decay_per_second"):
-        OpenAIBackend(base_url=fault_proxy.base_url, model="smollm2", global_limit=plain,
-                      global_limit_mode="rate_limit")
+    with pytest.raises(
+        SharedLimitError, match="rate_limit needs a limit with slot_decay_per_second"
+    ):
+        OpenAIBackend(
+            base_url=fault_proxy.base_url,
+            model="smollm2",
+            global_limit=plain,
+            global_limit_mode="rate_limit",
+        )
     assert fault_proxy.stats()["received"] == 0

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import make_rows, write_jsonl
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Filter, Template
-from conftest import make_rows, write_jsonl
 
 
 def artifacts(flow_run_id: str) -> dict:
@@ -24,22 +24,32 @@ def artifacts(flow_run_id: str) -> dict:
 def test_summary_progress_and_sample_artifacts(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(90, "a"))
     pipe = Pipeline(
-        "Arti_Facts", source=str(tmp_path / "data" / "a.jsonl"),
+        "Arti_Facts",
+        source=str(tmp_path / "data" / "a.jsonl"),
         steps=[Filter(where="n >= 30"), Template(output="prompt", template="P: {{ text }}")],
-        store=f"file://{tmp_path}/store", batch_size=30, fuse=False,
+        store=f"file://{tmp_path}/store",
+        batch_size=30,
+        fuse=False,
     )
     first = pipe.run()
     second = pipe.run()
     found = artifacts(second["flow_run_id"])
-    assert {"arti-facts-summary", "arti-facts-sample", "arti-facts-progress-00-filter",
-            "arti-facts-progress-01-template", "arti-facts-plan"} <= set(found)
+    assert {
+        "arti-facts-summary",
+        "arti-facts-sample",
+        "arti-facts-progress-00-filter",
+        "arti-facts-progress-01-template",
+        "arti-facts-plan",
+    } <= set(found)
     table = found["arti-facts-summary"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert [r["name"] for r in rows] == ["00-filter", "01-template"]
     assert [r["reused"] for r in rows] == [3, 3] and [r["computed"] for r in rows] == [0, 0]
     assert rows[0]["rows_in"] == 90 and rows[0]["rows_out"] == 60
-    assert all(isinstance(r["seconds"], (int, float)) and round(r["seconds"], 2) == r["seconds"]
-               for r in rows)
+    assert all(
+        isinstance(r["seconds"], (int, float)) and round(r["seconds"], 2) == r["seconds"]
+        for r in rows
+    )
     assert float(found["arti-facts-progress-01-template"].data) == 100.0
     # the plan says per step what was reused, in one artifact (no task run per batch)
     plan = found["arti-facts-plan"].data

@@ -9,23 +9,31 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import make_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nightshift_testops import Count, read_log
 
 from nightshift.core.errors import SpecError
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Map
-from conftest import make_rows, write_jsonl
-from nightshift_testops import Count, read_log
 
 
 def pipeline(tmp: Path, batch_size: int, sizes: list[int | None], fuse: bool) -> Pipeline:
     a, f, c = sizes
     return Pipeline(
-        "sizes", source=str(tmp / "data" / "*.jsonl"),
-        steps=[Count(tag="a", batch_size=a), Filter(where="n % 3 <> 1", batch_size=f),
-               Map(columns={"m": "n * 2"}), Dedup(on=["text"]), Count(tag="c", batch_size=c)],
-        store=f"file://{tmp}/store", batch_size=batch_size, fuse=fuse,
+        "sizes",
+        source=str(tmp / "data" / "*.jsonl"),
+        steps=[
+            Count(tag="a", batch_size=a),
+            Filter(where="n % 3 <> 1", batch_size=f),
+            Map(columns={"m": "n * 2"}),
+            Dedup(on=["text"]),
+            Count(tag="c", batch_size=c),
+        ],
+        store=f"file://{tmp}/store",
+        batch_size=batch_size,
+        fuse=fuse,
     )
 
 
@@ -42,13 +50,21 @@ def expected(pipe: Pipeline, rows: dict[str, list[dict]]) -> pl.DataFrame:
 
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    n_a=st.integers(1, 90), n_b=st.integers(0, 40), batch_size=st.integers(5, 40),
+    n_a=st.integers(1, 90),
+    n_b=st.integers(0, 40),
+    batch_size=st.integers(5, 40),
     sizes=st.lists(st.one_of(st.none(), st.integers(1, 40)), min_size=3, max_size=3),
-    fuse=st.booleans(), seed=st.integers(0, 10_000),
+    fuse=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_any_step_sizes_give_the_plain_answer_and_resume(
-    tmp_path_factory: pytest.TempPathFactory, n_a: int, n_b: int, batch_size: int,
-    sizes: list[int | None], fuse: bool, seed: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    n_a: int,
+    n_b: int,
+    batch_size: int,
+    sizes: list[int | None],
+    fuse: bool,
+    seed: int,
 ) -> None:
     tmp = tmp_path_factory.mktemp("sizes")
     log = tmp / "log.jsonl"
@@ -89,8 +105,9 @@ def test_any_step_sizes_give_the_plain_answer_and_resume(
         mp.undo()
 
 
-def test_pieces_have_their_own_keys_and_a_kill_loses_one_piece(tmp_path: Path,
-                                                              test_log: Path) -> None:
+def test_pieces_have_their_own_keys_and_a_kill_loses_one_piece(
+    tmp_path: Path, test_log: Path
+) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(100, "a"))
     pipe = pipeline(tmp_path, 50, [None, None, 10], fuse=False)
     summary = pipe.run()
@@ -111,11 +128,18 @@ def test_pieces_have_their_own_keys_and_a_kill_loses_one_piece(tmp_path: Path,
 def test_step_sizes_that_cannot_hold_are_refused(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(10, "a"))
     too_big = pipeline(tmp_path, 20, [50, None, None], fuse=True)
-    with pytest.raises(SpecError, match=r"steps\[0\] \(count\)\.batch_size 50 is larger than "
-                                        r"the pipeline's batch_size 20"):
+    with pytest.raises(
+        SpecError,
+        match=r"steps\[0\] \(count\)\.batch_size 50 is larger than "
+        r"the pipeline's batch_size 20",
+    ):
         too_big.plan()
-    barrier = Pipeline("b", source=str(tmp_path / "data" / "a.jsonl"),
-                       steps=[Map(columns={"k": "text"}), Dedup(on=["k"], batch_size=5)],
-                       store=f"file://{tmp_path}/store", batch_size=20)
+    barrier = Pipeline(
+        "b",
+        source=str(tmp_path / "data" / "a.jsonl"),
+        steps=[Map(columns={"k": "text"}), Dedup(on=["k"], batch_size=5)],
+        store=f"file://{tmp_path}/store",
+        batch_size=20,
+    )
     with pytest.raises(SpecError, match=r"steps\[1\] \(dedup\)\.batch_size: a barrier step"):
         barrier.plan()

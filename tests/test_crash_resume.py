@@ -17,7 +17,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-
 from conftest import ROOT, cli_env, make_rows, run_cli, write_jsonl
 from nightshift_testops import read_log
 
@@ -71,8 +70,12 @@ def batch_of(entry: dict, stems: dict[int, str]) -> tuple[str, int]:
 def start_run(spec: Path, api: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env=cli_env(api, log), cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cli_env(api, log),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -104,8 +107,13 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path, prefect_api: str)
     ref_spec = write_spec(tmp_path, tmp_path / "ref-store")
     ref = run_cli(["run", str(ref_spec), "--allow-imports"], prefect_api, ref_log)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert run_cli(["export", str(ref_spec), "--to", str(tmp_path / "ref.parquet"), "--allow-imports"],
-                   prefect_api).returncode == 0
+    assert (
+        run_cli(
+            ["export", str(ref_spec), "--to", str(tmp_path / "ref.parquet"), "--allow-imports"],
+            prefect_api,
+        ).returncode
+        == 0
+    )
 
     # the same pipeline killed three times at different points, then run to the end
     log = tmp_path / "crash.jsonl"
@@ -140,5 +148,9 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path, prefect_api: str)
     assert got.equals(want), "output differs from the uninterrupted run"
     assert got["_row_id"].is_unique().all()
     rows = make_rows(300, "a", dup_every=9) + make_rows(200, "b", dup_every=4)
-    kept = pl.DataFrame(rows).filter(pl.col("n") % 5 != 0).unique("text", keep="first", maintain_order=True)
+    kept = (
+        pl.DataFrame(rows)
+        .filter(pl.col("n") % 5 != 0)
+        .unique("text", keep="first", maintain_order=True)
+    )
     assert got["id"].to_list() == kept["id"].to_list()

@@ -17,20 +17,20 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import ROOT, cli_env, make_rows, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nightshift_testops import Count, read_log
+
 from nightshift import Pipeline, Step
 from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.fingerprints import digest
 from nightshift.flows.cli import main as cli_main
 from nightshift.flows.outputs import read_output
-from nightshift.flows.plan import build_plan
 from nightshift.flows.pipeline import run_spec
-from nightshift.tasks.operators import Filter, Translate
-from nightshift.tasks.operators import ROW_ID, apply_operator
+from nightshift.flows.plan import build_plan
+from nightshift.tasks.operators import ROW_ID, Filter, Translate, apply_operator
 from nightshift.tasks.spec import load_spec
-from nightshift_testops import Count, read_log
 
 FAKE = {"default": {"backend": "fake", "model": "echo"}}
 
@@ -39,18 +39,24 @@ def spec_dict(tmp_path: Path, steps: list[dict], **extra) -> dict:
     data = tmp_path / "data" / "rows.jsonl"
     if not data.exists():
         write_jsonl(data, make_rows(40))
-    return {"name": "dag", "source": {"path": str(data)}, "batch_size": 10,
-            "store": {"url": f"file://{tmp_path / 'store'}"}, "steps": steps, **extra}
+    return {
+        "name": "dag",
+        "source": {"path": str(data)},
+        "batch_size": 10,
+        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "steps": steps,
+        **extra,
+    }
 
 
 # -- linear specs keep their keys ---------------------------------------------------------
 
 LINEAR = [
     {"map": {"columns": {"m": "n * 2"}}},
-    {"filter": {"where": "n % 3 <> 0"}},          # fused with map
-    {"dedup": {"on": ["text"]}},                   # a barrier
+    {"filter": {"where": "n % 3 <> 0"}},  # fused with map
+    {"dedup": {"on": ["text"]}},  # a barrier
     {"template": {"output": "p", "template": "{{ text }}"}},
-    {"map": {"columns": {"k": "m + 1"}, "batch_size": 4}},   # pieces
+    {"map": {"columns": {"k": "m + 1"}, "batch_size": 4}},  # pieces
     {"filter": {"where": "k > 3"}},
 ]
 
@@ -66,18 +72,25 @@ def test_linear_spec_keys_and_layout_unchanged_by_names_and_after(tmp_path: Path
         assert [s.dirname for s in plan.stages] == [s.dirname for s in implicit.stages]
         assert [s.fingerprint for s in plan.stages] == [s.fingerprint for s in implicit.stages]
         assert plan.keys == implicit.keys and plan.barrier_keys == implicit.barrier_keys
-        assert [plan.stage_dir(s.index) for s in plan.stages] == \
-            [implicit.stage_dir(s.index) for s in implicit.stages]
+        assert [plan.stage_dir(s.index) for s in plan.stages] == [
+            implicit.stage_dir(s.index) for s in implicit.stages
+        ]
         assert plan.stage_of_step("k") == implicit.stage_of_step(4) == 3
     # the layout and keys a linear spec always had: NN-<ops> and the chained formula
-    assert [s.dirname for s in implicit.stages] == ["00-map+filter", "01-dedup", "02-template",
-                                                    "03-map", "04-filter"]
+    assert [s.dirname for s in implicit.stages] == [
+        "00-map+filter",
+        "01-dedup",
+        "02-template",
+        "03-map",
+        "04-filter",
+    ]
     assert implicit.stages[0].label == "map+filter[0]"
     ops = implicit.spec.operators()
     fp0 = ops[1].fingerprint(ops[0].fingerprint("source", {"serving": {}}), {"serving": {}})
     assert implicit.stages[0].fingerprint == fp0
-    assert implicit.keys[0] == [digest(fp0, implicit.source_key(b))
-                                for b in range(len(implicit.batches))]
+    assert implicit.keys[0] == [
+        digest(fp0, implicit.source_key(b)) for b in range(len(implicit.batches))
+    ]
     prefix = ""
     for b, key in enumerate(implicit.keys[0]):
         prefix = digest(prefix, key)
@@ -88,33 +101,69 @@ def test_linear_spec_keys_and_layout_unchanged_by_names_and_after(tmp_path: Path
 
 # -- validate ------------------------------------------------------------------------------
 
+
 def m(col: str, expr: str = "n", **step) -> dict:
     return {"map": {"columns": {col: expr}}, **step}
 
 
 BAD = [
-    ([m("a", name="a", after=["c"]), m("b", name="b", after=["a"]), m("c", name="c", after=["b"])],
-     "steps form a cycle: a -> b -> c -> a"),
-    ([m("a"), m("b", name="x", after=["mapp"])],
-     "steps[1] (x).after: no step is named 'mapp' (steps: map, x)"),
+    (
+        [
+            m("a", name="a", after=["c"]),
+            m("b", name="b", after=["a"]),
+            m("c", name="c", after=["b"]),
+        ],
+        "steps form a cycle: a -> b -> c -> a",
+    ),
+    (
+        [m("a"), m("b", name="x", after=["mapp"])],
+        "steps[1] (x).after: no step is named 'mapp' (steps: map, x)",
+    ),
     ([m("a", name="x"), m("b", name="x")], "steps[1]: duplicate step name 'x'"),
-    ([m("a"), m("b")] + [m("a", name="m2", after=["map"])],
-     None),  # map-2 is the default name of steps[1]; m2 is free: valid (fork, no join)
-    ([m("base", name="base"), m("y", "n + 1", name="l", after=["base"]),
-      m("y", "n + 2", name="r", after=["base"]), m("z", name="j", after=["l", "r"])],
-     "steps[3] (j: map): steps 'l' and 'r' both write column 'y' and meet in this join"),
-    ([m("a", name="l"), m("b", name="r", after=[]), {"dedup": {"on": ["text"]}, "after": ["l", "r"]}],
-     "steps[2] (dedup): a barrier step (dedup) cannot be a join (after l, r)"),
-    ([m("a"), {"dedup": {"on": ["text"]}, "after": []}],
-     "steps[1] (dedup): a barrier step (dedup) cannot be a step that reads the source"),
-    ([m("a", name="l"), m("b", name="r", after=[]), m("c", name="j", after=["l", "r"], )
-      | {"map": {"columns": {"c": "n"}, "batch_size": 3}}],
-     "steps[2] (j: map).batch_size: a join runs on whole batches"),
+    (
+        [m("a"), m("b")] + [m("a", name="m2", after=["map"])],
+        None,
+    ),  # map-2 is the default name of steps[1]; m2 is free: valid (fork, no join)
+    (
+        [
+            m("base", name="base"),
+            m("y", "n + 1", name="l", after=["base"]),
+            m("y", "n + 2", name="r", after=["base"]),
+            m("z", name="j", after=["l", "r"]),
+        ],
+        "steps[3] (j: map): steps 'l' and 'r' both write column 'y' and meet in this join",
+    ),
+    (
+        [
+            m("a", name="l"),
+            m("b", name="r", after=[]),
+            {"dedup": {"on": ["text"]}, "after": ["l", "r"]},
+        ],
+        "steps[2] (dedup): a barrier step (dedup) cannot be a join (after l, r)",
+    ),
+    (
+        [m("a"), {"dedup": {"on": ["text"]}, "after": []}],
+        "steps[1] (dedup): a barrier step (dedup) cannot be a step that reads the source",
+    ),
+    (
+        [
+            m("a", name="l"),
+            m("b", name="r", after=[]),
+            m(
+                "c",
+                name="j",
+                after=["l", "r"],
+            )
+            | {"map": {"columns": {"c": "n"}, "batch_size": 3}},
+        ],
+        "steps[2] (j: map).batch_size: a join runs on whole batches",
+    ),
 ]
 
 
-def test_validate_rejects_bad_dags_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validate_rejects_bad_dags_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for steps, message in BAD:
         if message is None:
             build_plan(spec_dict(tmp_path, steps))
@@ -139,6 +188,7 @@ def test_validate_rejects_bad_dags_in_one_line(tmp_path: Path, capsys: pytest.Ca
 
 # -- three translations -----------------------------------------------------------------
 
+
 def translations(tmp_path: Path, de: str = "German", merge: bool = True) -> Pipeline:
     data = tmp_path / "data" / "tri.jsonl"
     if not data.exists():  # a rewritten file is a new file (new keys)
@@ -149,8 +199,16 @@ def translations(tmp_path: Path, de: str = "German", merge: bool = True) -> Pipe
         steps.append(Step(Translate(input="text", to=language, output=tag), name=tag))
     if merge:
         steps.append(Step(Count(tag="merge"), name="merge", after=["fr", "de", "es"]))
-    return Pipeline("tri", source=str(data), steps=steps, store=f"file://{tmp_path / 'store'}",
-                    batch_size=10, serving=FAKE, workers=4, max_in_flight=12)
+    return Pipeline(
+        "tri",
+        source=str(data),
+        steps=steps,
+        store=f"file://{tmp_path / 'store'}",
+        batch_size=10,
+        serving=FAKE,
+        workers=4,
+        max_in_flight=12,
+    )
 
 
 def by_stage(summary: dict) -> dict[str, tuple[int, int]]:
@@ -160,13 +218,20 @@ def by_stage(summary: dict) -> dict[str, tuple[int, int]]:
 def test_three_translations_as_branches(tmp_path: Path, test_log: Path) -> None:
     pipe = translations(tmp_path)
     plan = pipe.plan()
-    assert [s.name for s in plan.stages] == ["filter", "count-fr", "fr", "count-de", "de",
-                                             "count-es", "es", "merge"]
+    assert [s.name for s in plan.stages] == [
+        "filter",
+        "count-fr",
+        "fr",
+        "count-de",
+        "de",
+        "count-es",
+        "es",
+        "merge",
+    ]
     assert [s.parents for s in plan.stages][-1] == [2, 4, 6]
     # each branch's keys depend on its ancestors only
     other = translations(tmp_path / "other", de="Italian").plan()
-    same = [s.name for s in plan.stages
-            if s.fingerprint == other.stages[s.index].fingerprint]
+    same = [s.name for s in plan.stages if s.fingerprint == other.stages[s.index].fingerprint]
     assert same == ["filter", "count-fr", "fr", "count-de", "count-es", "es"]
 
     first = pipe.run()
@@ -179,8 +244,12 @@ def test_three_translations_as_branches(tmp_path: Path, test_log: Path) -> None:
     log = read_log(str(test_log))
     assert sorted(e["tag"] for e in log) == sorted(["fr", "de", "es", "merge"] * 3)
     spans = {t: [(e["start"], e["end"]) for e in log if e["tag"] == t] for t in ("fr", "de", "es")}
-    overlaps = sum(a0 < b1 and b0 < a1 for t, u in (("fr", "de"), ("de", "es"), ("fr", "es"))
-                   for a0, a1 in spans[t] for b0, b1 in spans[u])
+    overlaps = sum(
+        a0 < b1 and b0 < a1
+        for t, u in (("fr", "de"), ("de", "es"), ("fr", "es"))
+        for a0, a1 in spans[t]
+        for b0, b1 in spans[u]
+    )
     assert overlaps > 0, f"branches ran one after the other: {spans}"
     assert [s.done for s in pipe.status(step="de")] == [3]
 
@@ -220,13 +289,21 @@ def crash_spec(tmp_path: Path, store: str) -> Path:
     if not data.exists():
         write_jsonl(data, make_rows(150, dup_every=7))
     spec = {
-        "name": "crash", "source": {"path": str(data)}, "batch_size": BATCH,
-        "store": {"url": f"file://{tmp_path / store}"}, "fuse": False, "workers": 2,
+        "name": "crash",
+        "source": {"path": str(data)},
+        "batch_size": BATCH,
+        "store": {"url": f"file://{tmp_path / store}"},
+        "fuse": False,
+        "workers": 2,
         "max_in_flight": 4,
         "steps": [
             {"filter": {"where": "n % 5 <> 0"}},
             {"nightshift_testops:Count": {"tag": "a", "sleep": 0.15}, "name": "a"},
-            {"nightshift_testops:Count": {"tag": "b", "sleep": 0.3}, "name": "b", "after": ["filter"]},
+            {
+                "nightshift_testops:Count": {"tag": "b", "sleep": 0.3},
+                "name": "b",
+                "after": ["filter"],
+            },
             {"map": {"columns": {"m": "n * 3"}}, "name": "join", "after": ["a", "b"]},
         ],
     }
@@ -258,9 +335,9 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: s
     return capsys.readouterr().out
 
 
-def test_sigkill_mid_branch_then_resume(tmp_path: Path, prefect_api: str,
-                                        monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture) -> None:
+def test_sigkill_mid_branch_then_resume(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     spec = crash_spec(tmp_path, "store")
     plan = build_plan(str(spec), allow_imports=True)
     dirs = {t: plan.stages[plan.stage_of_step(t)].dirname for t in ("a", "b")}
@@ -268,8 +345,13 @@ def test_sigkill_mid_branch_then_resume(tmp_path: Path, prefect_api: str,
     log = tmp_path / "crash-log.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env=cli_env(prefect_api, log), cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=cli_env(prefect_api, log),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while True:  # kill once branch b has done 3 batches: mid-branch
         if sum(e["tag"] == "b" for e in read_log(str(log))) >= 2:
@@ -285,7 +367,8 @@ def test_sigkill_mid_branch_then_resume(tmp_path: Path, prefect_api: str,
     monkeypatch.setenv("NIGHTSHIFT_TEST_LOG", str(log))  # the re-run, in this process
     resumed = run_spec(load_spec(str(spec)), allow_imports=True)
     assert {r["name"]: r["failed"] for r in resumed["steps"]} == dict.fromkeys(
-        ["filter", "a", "b", "join"], 0)
+        ["filter", "a", "b", "join"], 0
+    )
     first_id = zlib.crc32(str(tmp_path / "data" / "crash.jsonl").encode()) << 32
     for entry in read_log(str(log)):
         if entry["pid"] == os.getpid():  # the re-run's computations
@@ -305,11 +388,14 @@ def test_sigkill_mid_branch_then_resume(tmp_path: Path, prefect_api: str,
     out = tmp_path / "out.parquet"
     cli(monkeypatch, capsys, "export", str(spec), "--to", str(out), "--allow-imports")
     assert pl.read_parquet(out).equals(got)
-    cli(monkeypatch, capsys, "export", str(spec), "--to", str(out), "--step", "a", "--allow-imports")
+    cli(
+        monkeypatch, capsys, "export", str(spec), "--to", str(out), "--step", "a", "--allow-imports"
+    )
     assert pl.read_parquet(out).columns == [ROW_ID, "id", "text", "n", "seen_a"]
 
 
 # -- random DAG shapes against the equivalent linear chain ---------------------------------
+
 
 @st.composite
 def dags(draw: st.DrawFn) -> list[dict]:
@@ -318,7 +404,9 @@ def dags(draw: st.DrawFn) -> list[dict]:
     for i in range(draw(st.integers(2, 5))):
         after = sorted(draw(st.sets(st.integers(0, i - 1), max_size=min(i, 2)))) if i else []
         size = draw(st.sampled_from([None, None, 8]))
-        kind = draw(st.sampled_from(["map", "filter", "dedup"] if len(after) == 1 else ["map", "filter"]))
+        kind = draw(
+            st.sampled_from(["map", "filter", "dedup"] if len(after) == 1 else ["map", "filter"])
+        )
         if kind == "map":
             op = {"map": {"columns": {f"c{i}": f"n * {i + 2} + {len(after)}"}}}
         elif kind == "filter":
@@ -335,19 +423,26 @@ def dags(draw: st.DrawFn) -> list[dict]:
     return steps
 
 
-@settings(max_examples=4, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=4,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(steps=dags())
-def test_random_dags_equal_their_linear_chain(tmp_path_factory: pytest.TempPathFactory,
-                                              steps: list[dict]) -> None:
+def test_random_dags_equal_their_linear_chain(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[dict]
+) -> None:
     tmp_path = tmp_path_factory.mktemp("dag")
     spec = load_spec(spec_dict(tmp_path, steps, batch_size=20, fuse=True))
     run_spec(spec)
     got = read_output(build_plan(spec))
     # the linear chain: every step in spec order over the whole source, in one frame
     frame = pl.read_ndjson(tmp_path / "data" / "rows.jsonl").with_row_index(ROW_ID)
-    frame = frame.with_columns(pl.col(ROW_ID).cast(pl.UInt64)
-                               + (zlib.crc32(str(tmp_path / "data" / "rows.jsonl").encode()) << 32))
+    frame = frame.with_columns(
+        pl.col(ROW_ID).cast(pl.UInt64)
+        + (zlib.crc32(str(tmp_path / "data" / "rows.jsonl").encode()) << 32)
+    )
     for op in spec.operators():
         frame = apply_operator(op, frame)
     want = frame.select(sorted(frame.columns))

@@ -9,23 +9,26 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import s3fs
+from conftest import ROOT, TESTS, make_rows, write_jsonl
+from helpers_api import task_run_states
+from nightshift_testops import Count, read_log
+from test_s3_store import free_port, s3, s3_endpoint
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Template
 from nightshift.tasks.sources import SourceSpec
 from nightshift.tasks.spec import StoreSpec
-from conftest import ROOT, TESTS, make_rows, write_jsonl
-from helpers_api import task_run_states
-from nightshift_testops import Count, read_log
-from test_s3_store import free_port, s3, s3_endpoint  # noqa: F401 (fixtures)
 
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1"}
+AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -47,25 +50,56 @@ def dask_cluster(
 
     home = tmp_path_factory.mktemp("dask")
     log = home / "worker-invocations.jsonl"
-    env = dict(os.environ, **AWS, PREFECT_API_URL=prefect_api, NIGHTSHIFT_TEST_LOG=str(log),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
+    env = dict(
+        os.environ,
+        **AWS,
+        PREFECT_API_URL=prefect_api,
+        NIGHTSHIFT_TEST_LOG=str(log),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]),
+    )
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
 
     def spawn(name: str, *args: str) -> None:
         out = open(home / f"{name}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, *args], env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                env=env,
+                cwd=home,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     try:
-        spawn("scheduler", "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-              "--port", str(port), "--no-dashboard")
+        spawn(
+            "scheduler",
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        )
         for i in (1, 2):
-            spawn(f"worker{i}", "-m", "distributed.cli.dask_worker", address, "--name", f"w{i}",
-                  "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1")
+            spawn(
+                f"worker{i}",
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--name",
+                f"w{i}",
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            )
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
         yield address, log
@@ -84,22 +118,30 @@ def steps() -> list:
 
 
 def test_dask_cluster_equals_threads(
-    tmp_path: Path, s3: s3fs.S3FileSystem, s3_endpoint: str,  # noqa: F811
-    dask_cluster: tuple[str, Path], test_log: Path,
+    tmp_path: Path,
+    s3: s3fs.S3FileSystem,
+    s3_endpoint: str,
+    dask_cluster: tuple[str, Path],
+    test_log: Path,
 ) -> None:
     address, worker_log = dask_cluster
     local = write_jsonl(tmp_path / "a.jsonl", make_rows(240, "k", dup_every=7))
     s3.put(str(local), "nightly/dask-in/a.jsonl")
-    source = SourceSpec(path="s3://nightly/dask-in/*.jsonl",
-                        storage_options={"endpoint_url": s3_endpoint})
+    source = SourceSpec(
+        path="s3://nightly/dask-in/*.jsonl", storage_options={"endpoint_url": s3_endpoint}
+    )
 
     def pipeline(prefix: str, **options) -> Pipeline:
-        return Pipeline("dasky", source=source, steps=steps(), batch_size=30,
-                        store=StoreSpec(url=f"s3://nightly/{prefix}", endpoint_url=s3_endpoint),
-                        **options)
+        return Pipeline(
+            "dasky",
+            source=source,
+            steps=steps(),
+            batch_size=30,
+            store=StoreSpec(url=f"s3://nightly/{prefix}", endpoint_url=s3_endpoint),
+            **options,
+        )
 
-    on_dask = pipeline("dask-store", task_runner="dask", dask={"address": address},
-                       max_in_flight=4)
+    on_dask = pipeline("dask-store", task_runner="dask", dask={"address": address}, max_in_flight=4)
     summary = on_dask.run()
     assert summary["batches"] == 8
     assert [s["computed"] for s in summary["steps"]] == [8, 8, 8]

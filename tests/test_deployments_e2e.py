@@ -22,14 +22,16 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import polars as pl
 import pytest
+from conftest import ROOT
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -47,7 +49,6 @@ from prefect.states import Scheduled
 from nightshift.flows.nightly import nightly_spec
 from nightshift.flows.outputs import read_output
 from nightshift.flows.plan import build_plan
-from conftest import ROOT
 
 BIN = Path(sys.executable).parent
 SPEC = "examples/nightly.yaml"
@@ -59,11 +60,11 @@ PARIS = ZoneInfo("Europe/Paris")
 # machine. In the comments: what each took on 2 cores at load average 5-7 (whole test
 # ~200 s, most of it the two vLLM engine starts and the flow-run subprocesses' imports).
 SERVER_START_S = 300  # `prefect server start` healthy: 17 s
-CLI_S = 300           # one `prefect ...` command: 2-5 s (mostly importing prefect)
-SCHEDULER_S = 300     # the scheduler's first runs of a new cron deployment: ~1-5 s
-FLOW_RUN_S = 900      # picked up by the worker and final: 13 s, or 60-90 s with vLLM
-EVENTS_S = 300        # task run states reach the API (events) after the flow run: <1 s
-TEST_S = 1800         # pytest-timeout for the whole scenario, a hang guard
+CLI_S = 300  # one `prefect ...` command: 2-5 s (mostly importing prefect)
+SCHEDULER_S = 300  # the scheduler's first runs of a new cron deployment: ~1-5 s
+FLOW_RUN_S = 900  # picked up by the worker and final: 13 s, or 60-90 s with vLLM
+EVENTS_S = 300  # task run states reach the API (events) after the flow run: <1 s
+TEST_S = 1800  # pytest-timeout for the whole scenario, a hang guard
 
 
 def free_port() -> int:
@@ -121,16 +122,21 @@ class Prefect:
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "w")
         proc = subprocess.Popen(
-            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [str(BIN / "prefect"), *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs.append(proc)
         return proc
 
     def start_server(self, timeout: float = SERVER_START_S) -> None:
         with self.timed("server start"):
-            proc = self.spawn("server", "server", "start", "--host", "127.0.0.1",
-                              "--port", str(self.port))
+            proc = self.spawn(
+                "server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)
+            )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 assert proc.poll() is None, self.log("server")
@@ -141,20 +147,26 @@ class Prefect:
                 except OSError:
                     pass
                 time.sleep(0.2)
-        raise AssertionError(f"server not healthy in {timeout}s ({self.where_the_time_went()})"
-                             f"\n{self.log('server')}")
+        raise AssertionError(
+            f"server not healthy in {timeout}s ({self.where_the_time_went()})\n{self.log('server')}"
+        )
 
     def cli(self, *args: str, timeout: float = CLI_S) -> str:
         with self.timed("prefect " + " ".join([a for a in args if not a.startswith("-")][:2])):
             try:
                 done = subprocess.run(
-                    [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
-                    text=True, timeout=timeout,
+                    [str(BIN / "prefect"), *args],
+                    env=self.env,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
                 )
             except subprocess.TimeoutExpired as exc:
-                raise AssertionError(f"prefect {' '.join(args)}: not done in {timeout}s "
-                                     f"({self.where_the_time_went()})\n{exc.stdout}\n{exc.stderr}"
-                                     ) from None
+                raise AssertionError(
+                    f"prefect {' '.join(args)}: not done in {timeout}s "
+                    f"({self.where_the_time_went()})\n{exc.stdout}\n{exc.stderr}"
+                ) from None
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
@@ -193,8 +205,10 @@ def wait_final(p: Prefect, run_id: str, timeout: float = FLOW_RUN_S, after: int 
             if run.state is not None and run.state.is_final() and run.run_count > after:
                 return run
             time.sleep(0.5)
-    raise AssertionError(f"flow run {run_id} not final in {timeout}s: {run.state} "
-                         f"({p.where_the_time_went()})\n{p.log('worker')}")
+    raise AssertionError(
+        f"flow run {run_id} not final in {timeout}s: {run.state} "
+        f"({p.where_the_time_went()})\n{p.log('worker')}"
+    )
 
 
 def task_states(
@@ -243,8 +257,10 @@ def output(date: str, overrides: dict) -> pl.DataFrame:
 
 def test_nightly_spec_date_partition_and_overrides(tmp_path: Path) -> None:
     spec = tmp_path / "s.yaml"
-    spec.write_text("name: p\nsource: {path: 'raw/{date}/*.jsonl'}\nbatch_size: 10\n"
-                    "steps: [{select: {columns: [a]}}]\n")
+    spec.write_text(
+        "name: p\nsource: {path: 'raw/{date}/*.jsonl'}\nbatch_size: 10\n"
+        "steps: [{select: {columns: [a]}}]\n"
+    )
     got = nightly_spec(spec, "2026-11-22", {"batch_size": 50, "store": {"url": "file:///x"}})
     assert got.source.path == "raw/2026-11-22/*.jsonl"
     assert got.partition == "date=2026-11-22" and got.batch_size == 50
@@ -275,8 +291,9 @@ def test_deploy_schedule_run_fail_retry(
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         assert client.read_deployment_by_name("run-pipeline/run-pipeline").paused is False
     assert deployment.work_pool_name == "nightshift-process"
-    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": str(ROOT)}}]
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ]
     assert deployment.global_concurrency_limit is not None
     assert deployment.global_concurrency_limit.limit == 1
     (schedule,) = deployment.schedules
@@ -287,22 +304,33 @@ def test_deploy_schedule_run_fail_retry(
     with p.timed("scheduler"), p.client() as client:
         while time.monotonic() < deadline and not scheduled:
             scheduled = [
-                r for r in client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                r
+                for r in client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+                )
                 if r.state_name == "Scheduled"
             ]
             if not scheduled:
                 time.sleep(0.5)
-    assert scheduled, (f"the scheduler created no runs for the cron deployment in {SCHEDULER_S}s"
-                       f" ({p.where_the_time_went()})\n{p.log('server')}")
+    assert scheduled, (
+        f"the scheduler created no runs for the cron deployment in {SCHEDULER_S}s"
+        f" ({p.where_the_time_went()})\n{p.log('server')}"
+    )
     starts = sorted(r.expected_start_time.astimezone(PARIS) for r in scheduled)
     assert all((s.hour, s.minute) == (2, 0) for s in starts), starts
     assert len({s.date() for s in starts}) == len(starts)
     assert starts[0] > dt.datetime.now(PARIS)
 
     # -- a clean night, started from the CLI
-    out = p.cli("deployment", "run", DEPLOYMENT, "--param", "date=2026-11-21",
-                "--param", f"overrides={json.dumps(overrides)}")
+    out = p.cli(
+        "deployment",
+        "run",
+        DEPLOYMENT,
+        "--param",
+        "date=2026-11-21",
+        "--param",
+        f"overrides={json.dumps(overrides)}",
+    )
     clean_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
     clean = wait_final(p, clean_id)
     assert clean.state.is_completed(), f"{clean.state}\n{p.log('worker')}"
@@ -312,20 +340,29 @@ def test_deploy_schedule_run_fail_retry(
     assert not (store / "reviews-nightly" / "steps").exists()
     want = output("2026-11-21", overrides)
     assert want.height == 78 and "prompt" in want.columns
-    assert Counter(s for _, s in task_states(p, clean_id, 25)) == Counter(Completed=6 + 1 + 6 + 6 + 6)
-    assert {"reviews-nightly-summary", "reviews-nightly-sample",
-            "reviews-nightly-progress-00-filter-map-template"} <= artifact_keys(p, clean_id)
+    assert Counter(s for _, s in task_states(p, clean_id, 25)) == Counter(
+        Completed=6 + 1 + 6 + 6 + 6
+    )
+    assert {
+        "reviews-nightly-summary",
+        "reviews-nightly-sample",
+        "reviews-nightly-progress-00-filter-map-template",
+    } <= artifact_keys(p, clean_id)
     (rows,) = tables(p, clean_id, "summary")
     assert rows[-1]["name"] == "total (this run)"  # the LLM step adds a totals row
     rows = rows[:-1]
-    assert [r["name"] for r in rows] == ["00-filter+map+template", "01-dedup", "02-select",
-                                         "03-generate"]
+    assert [r["name"] for r in rows] == [
+        "00-filter+map+template",
+        "01-dedup",
+        "02-select",
+        "03-generate",
+    ]
     assert [r["computed"] for r in rows] == [6, 6, 6, 6] and rows[-1]["rows_out"] == 78
     assert want["title"].drop_nulls().len() == 5 and rows[-1]["completion_tokens"] > 0
 
     # -- a failed night: a run due at 23:30 UTC on the 21st, i.e. 00:30 on the 22nd in
     # Paris (no `date`: it comes from the schedule's timezone); batch 4 fails once
-    due = dt.datetime(2026, 11, 21, 23, 30, tzinfo=dt.timezone.utc)
+    due = dt.datetime(2026, 11, 21, 23, 30, tzinfo=dt.UTC)
     with p.client() as client:
         failing = client.create_flow_run_from_deployment(
             deployment.id,

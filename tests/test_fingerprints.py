@@ -8,10 +8,10 @@ import sys
 
 import polars as pl
 import pytest
+from conftest import ROOT
 
 from nightshift.core.fingerprints import code_version
 from nightshift.tasks.operators import Filter, Operator
-from conftest import ROOT
 
 
 class Shout(Operator):
@@ -40,10 +40,16 @@ def test_code_version_follows_the_code() -> None:
 
 def test_code_version_is_stable_across_processes() -> None:
     other = subprocess.run(
-        [sys.executable, "-c",
-         "from nightshift.core.fingerprints import code_version; from nightshift.tasks.operators import Filter;"
-         "print(code_version(Filter))"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from nightshift.core.fingerprints import code_version; from nightshift.tasks.operators import Filter;"
+            "print(code_version(Filter))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert other.stdout.strip() == code_version(Filter)
 

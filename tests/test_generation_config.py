@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_rows, write_jsonl
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.flows.outputs import read_output
@@ -21,14 +22,19 @@ from nightshift.flows.plan import build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.serving.pool import ServingPool
 from nightshift.serving.runner import shared_serving
-from conftest import make_rows, write_jsonl
 
 pytest.importorskip("torch", reason="VLLMBackend needs torch (installed with vllm)")
 
 OPTIONS = {
-    "dtype": "bfloat16", "max_model_len": 777, "gpu_memory_utilization": 0.5,
-    "max_num_seqs": 7, "quantization": "fp8", "seed": 11, "enforce_eager": False,
-    "tensor_parallel_size": 2, "kv_cache_memory_bytes": 12345,
+    "dtype": "bfloat16",
+    "max_model_len": 777,
+    "gpu_memory_utilization": 0.5,
+    "max_num_seqs": 7,
+    "quantization": "fp8",
+    "seed": 11,
+    "enforce_eager": False,
+    "tensor_parallel_size": 2,
+    "kv_cache_memory_bytes": 12345,
 }
 
 
@@ -62,8 +68,10 @@ def model_folder(tmp_path: Path) -> str:
 def spec_with(tmp_path: Path, serving: dict) -> dict:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(6, "c"))
     return {
-        "name": "cfg", "source": {"path": str(tmp_path / "data" / "a.jsonl")},
-        "store": {"url": f"file://{tmp_path}/store"}, "serving": serving,
+        "name": "cfg",
+        "source": {"path": str(tmp_path / "data" / "a.jsonl")},
+        "store": {"url": f"file://{tmp_path}/store"},
+        "serving": serving,
         "steps": [{"generate": {"prompt": "{{ text }}", "output": "out"}}],
     }
 
@@ -77,7 +85,9 @@ def engine_options_of(spec: dict | Path, engine_kwargs: list[dict]) -> dict:
     return engine_kwargs.pop()
 
 
-def test_engine_options_from_yaml_reach_the_engine(tmp_path: Path, engine_kwargs: list[dict]) -> None:
+def test_engine_options_from_yaml_reach_the_engine(
+    tmp_path: Path, engine_kwargs: list[dict]
+) -> None:
     model = model_folder(tmp_path)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec_with(tmp_path, {"default": {"model": model, **OPTIONS}})))
@@ -90,13 +100,17 @@ def test_engine_options_from_a_saved_block_reach_the_engine(
 ) -> None:
     model = model_folder(tmp_path)
     ServingConfig(model=model, **OPTIONS).save("gen-config-test", overwrite=True)
-    got = engine_options_of(spec_with(tmp_path, {"default": {"block": "gen-config-test"}}), engine_kwargs)
+    got = engine_options_of(
+        spec_with(tmp_path, {"default": {"block": "gen-config-test"}}), engine_kwargs
+    )
     assert got == {"model": model, **OPTIONS}
     # and the block's identity is in the step fingerprint: another dtype, other keys
     other = dict(OPTIONS, dtype="float32")
     ServingConfig(model=model, **other).save("gen-config-test-2", overwrite=True)
-    keys = [build_plan(spec_with(tmp_path, {"default": {"block": b}})).keys[0][0]
-            for b in ("gen-config-test", "gen-config-test-2")]
+    keys = [
+        build_plan(spec_with(tmp_path, {"default": {"block": b}})).keys[0][0]
+        for b in ("gen-config-test", "gen-config-test-2")
+    ]
     assert keys[0] != keys[1]
 
 
@@ -115,8 +129,16 @@ def test_cpu_defaults_when_options_are_left_out(tmp_path: Path, engine_kwargs: l
 def test_devices_from_yaml_give_one_bound_replica_each(tmp_path: Path) -> None:
     """``devices: "0,1"`` in the spec: two replica processes, each with its own
     CUDA_VISIBLE_DEVICES, both serving the run's batches (round-robin)."""
-    serving = {"default": {"backend": "fake", "model": "echo", "devices": "0,1",
-                           "max_batch": 2, "batch_timeout_s": 0.0, "tensor_parallel_size": 1}}
+    serving = {
+        "default": {
+            "backend": "fake",
+            "model": "echo",
+            "devices": "0,1",
+            "max_batch": 2,
+            "batch_timeout_s": 0.0,
+            "tensor_parallel_size": 1,
+        }
+    }
     spec = {**spec_with(tmp_path, serving), "batch_size": 2}  # 3 batches: 3 submits
     plan = build_plan(spec)
     assert plan.serving["default"].device_list() == ["0", "1"]
@@ -131,7 +153,8 @@ def test_devices_from_yaml_give_one_bound_replica_each(tmp_path: Path) -> None:
     assert all(c > 0 for c in calls), f"round-robin over both replicas: {calls}"
     assert len(pids) == 2
     assert read_output(build_plan(spec))["out"].to_list() == [
-        f"echo: {r['text']}" for r in make_rows(6, "c")]
+        f"echo: {r['text']}" for r in make_rows(6, "c")
+    ]
 
 
 def test_model_chat_template_sampling_and_seed_are_in_the_fingerprint(tmp_path: Path) -> None:
@@ -152,8 +175,14 @@ def test_model_chat_template_sampling_and_seed_are_in_the_fingerprint(tmp_path: 
 
     first = keys()
     assert keys() == first, "stable"
-    for change in ({"temperature": 0.7}, {"seed": 1}, {"top_p": 0.9}, {"max_tokens": 9},
-                   {"system": "Be brief."}, {"stop": ["\n"]}):
+    for change in (
+        {"temperature": 0.7},
+        {"seed": 1},
+        {"top_p": 0.9},
+        {"max_tokens": 9},
+        {"system": "Be brief."},
+        {"stop": ["\n"]},
+    ):
         other = keys(**change)
         assert other[0] == first[0] and other[1] != first[1], change
     (model / "chat_template.jinja").write_text("{{ messages | tojson }}")
@@ -197,8 +226,12 @@ def test_runners_compare_by_serving_configs_and_check_their_options() -> None:
     assert runner != ServingTaskRunner({"default": {**fake, "model": "y"}}, max_workers=2)
     assert runner != ServingTaskRunner({"other": fake}, max_workers=2)
     assert runner != ServingTaskRunner({"default": fake}, max_workers=3)
-    for bad in ({"serving": {}}, {"serving": {"default": 3}}, {"serving": {"": fake}},
-                {"serving": {"default": fake}, "max_workers": 0}):
+    for bad in (
+        {"serving": {}},
+        {"serving": {"default": 3}},
+        {"serving": {"": fake}},
+        {"serving": {"default": fake}, "max_workers": 0},
+    ):
         with pytest.raises(ValueError):
             ServingTaskRunner(**bad)
     with pytest.warns(DeprecationWarning, match="ServingTaskRunner"):

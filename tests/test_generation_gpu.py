@@ -41,8 +41,9 @@ def test_embedded_model_on_one_gpu() -> None:
     from nightshift.serving.interface import GenerationRequest, SamplingParams
     from nightshift.serving.vllm_backend import VLLMBackend
 
-    with VLLMBackend("smollm2", max_model_len=1024, gpu_memory_utilization=0.3,
-                     enforce_eager=True) as backend:
+    with VLLMBackend(
+        "smollm2", max_model_len=1024, gpu_memory_utilization=0.3, enforce_eager=True
+    ) as backend:
         assert backend.identity()["device"] == "cuda"
         request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16))
         first, second = backend.generate([request]), backend.generate([request])
@@ -61,13 +62,20 @@ def test_poison_request_on_a_gpu_engine_is_quarantined(monkeypatch: pytest.Monke
 
     monkeypatch.setenv(DIE_ON, "NIGHTSHIFT-GPU-POISON")
     loads = VLLMBackend.engine_loads
-    restarting = RestartingBackend(lambda: VLLMBackend(
-        "smollm2", max_model_len=1024, gpu_memory_utilization=0.6, enforce_eager=True))
+    restarting = RestartingBackend(
+        lambda: VLLMBackend(
+            "smollm2", max_model_len=1024, gpu_memory_utilization=0.6, enforce_eager=True
+        )
+    )
     try:
-        ok, poison = restarting.generate([
-            GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16)),
-            GenerationRequest(prompt="NIGHTSHIFT-GPU-POISON", sampling=SamplingParams(max_tokens=4)),
-        ])
+        ok, poison = restarting.generate(
+            [
+                GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16)),
+                GenerationRequest(
+                    prompt="NIGHTSHIFT-GPU-POISON", sampling=SamplingParams(max_tokens=4)
+                ),
+            ]
+        )
     finally:
         restarting.close()
     assert ok.error is None and "Paris" in (ok.text or "")
@@ -81,8 +89,14 @@ def test_replicas_on_two_gpus_are_bound_and_agree() -> None:
     from nightshift.serving.interface import GenerationRequest, SamplingParams
     from nightshift.serving.pool import ServingPool
 
-    config = ServingConfig(model="smollm2", devices="0,1", max_model_len=1024,
-                           gpu_memory_utilization=0.3, enforce_eager=True, batch_timeout_s=0.0)
+    config = ServingConfig(
+        model="smollm2",
+        devices="0,1",
+        max_model_len=1024,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        batch_timeout_s=0.0,
+    )
     pool = ServingPool({"default": config})
     try:
         request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16))
@@ -107,9 +121,15 @@ def test_tensor_parallel_engine() -> None:
     from nightshift.serving.interface import GenerationRequest, SamplingParams
     from nightshift.serving.vllm_backend import VLLMBackend
 
-    with VLLMBackend(model or "smollm2", max_model_len=1024, tensor_parallel_size=tp,
-                     gpu_memory_utilization=0.3, enforce_eager=True) as backend:
+    with VLLMBackend(
+        model or "smollm2",
+        max_model_len=1024,
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+    ) as backend:
         assert backend.identity()["tensor_parallel_size"] == tp
-        [result] = backend.generate([GenerationRequest(messages=QUESTION,
-                                                       sampling=SamplingParams(max_tokens=16))])
+        [result] = backend.generate(
+            [GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_tokens=16))]
+        )
     assert result.error is None and "Paris" in (result.text or "")

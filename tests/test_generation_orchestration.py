@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import make_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,25 +20,36 @@ from nightshift.flows.pipeline import Pipeline
 from nightshift.serving.interface import GenerationRequest
 from nightshift.serving.pool import ServingPool
 from nightshift.tasks.operators import Filter, Generate, Judge
-from conftest import make_rows, write_jsonl
 
 FAKE = {"default": {"backend": "fake", "model": "echo", "max_batch": 7}}
 
 
 def pipe(tmp_path: Path, steps: list, batch_size: int = 20, name: str = "gen", **kw) -> Pipeline:
-    return Pipeline(name, source=str(tmp_path / "data" / "*.jsonl"), steps=steps,
-                    store=f"file://{tmp_path}/store-{name}-{batch_size}", batch_size=batch_size,
-                    serving=FAKE, **kw)
+    return Pipeline(
+        name,
+        source=str(tmp_path / "data" / "*.jsonl"),
+        steps=steps,
+        store=f"file://{tmp_path}/store-{name}-{batch_size}",
+        batch_size=batch_size,
+        serving=FAKE,
+        **kw,
+    )
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch_size=st.integers(1, 60), workers=st.integers(1, 4))
-def test_rows_keep_their_metadata_whatever_the_batch_size(tmp_path_factory, batch_size, workers) -> None:
+def test_rows_keep_their_metadata_whatever_the_batch_size(
+    tmp_path_factory, batch_size, workers
+) -> None:
     tmp_path = tmp_path_factory.mktemp("meta")
     rows = make_rows(47, "m")
     write_jsonl(tmp_path / "data" / "a.jsonl", rows)
-    p = pipe(tmp_path, [Filter(where="n <> 5"), Generate(prompt="Q{{ n }} {{ text }}", output="answer")],
-             batch_size=batch_size, workers=workers)
+    p = pipe(
+        tmp_path,
+        [Filter(where="n <> 5"), Generate(prompt="Q{{ n }} {{ text }}", output="answer")],
+        batch_size=batch_size,
+        workers=workers,
+    )
     p.run()
     out = p.read()
     assert out.height == 46
@@ -69,8 +81,11 @@ def test_batch_fails_only_past_the_error_rate(tmp_path: Path) -> None:
     with pytest.raises(NightshiftError, match=r"20/20 rows failed .* max_error_rate 10%"):
         bad.run()
     assert not list((tmp_path / "store-bad-20").glob("bad/steps/*/*.parquet"))
-    tolerant = pipe(tmp_path, [Generate(input="text", json_schema=schema, output="s",
-                                        max_error_rate=1.0)], name="tolerant")
+    tolerant = pipe(
+        tmp_path,
+        [Generate(input="text", json_schema=schema, output="s", max_error_rate=1.0)],
+        name="tolerant",
+    )
     tolerant.run()
     out = tolerant.read()
     assert out["s"].null_count() == 20
@@ -91,7 +106,9 @@ def test_one_engine_per_run_shared_by_tasks(tmp_path: Path) -> None:
 
 
 def test_replicas_are_bound_to_devices_and_restarted_when_killed() -> None:
-    config = ServingConfig(backend="fake", model="m", devices="0,1", max_batch=4, batch_timeout_s=0.0)
+    config = ServingConfig(
+        backend="fake", model="m", devices="0,1", max_batch=4, batch_timeout_s=0.0
+    )
     pool = ServingPool({"default": config})
     try:
         requests = [GenerationRequest(prompt=f"p{i}") for i in range(3)]
@@ -100,7 +117,11 @@ def test_replicas_are_bound_to_devices_and_restarted_when_killed() -> None:
         served = pool.served("default")
         devices = sorted(b._current().identity()["device"] for b in served.backends)
         assert devices == ["0", "1"]
-        assert [r.text for r in first] == [r.text for r in second] == ["echo: p0", "echo: p1", "echo: p2"]
+        assert (
+            [r.text for r in first]
+            == [r.text for r in second]
+            == ["echo: p0", "echo: p1", "echo: p2"]
+        )
         # kill replica 0's process: the next call on it restarts it and replays the batch
         replica = served.backends[0]._current()
         os.kill(replica.pid, signal.SIGKILL)

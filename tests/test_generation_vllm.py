@@ -26,27 +26,34 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-
 from vllm_shared import SERVING, shared_backend, shared_pool, skip_without_vllm
 
 skip_without_vllm()
 
-from nightshift.core.errors import NightshiftError  # noqa: E402
-from nightshift.flows.pipeline import Pipeline  # noqa: E402
-from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
-from nightshift.serving.pool import ServingPool  # noqa: E402
-from nightshift.serving.runner import shared_serving  # noqa: E402
-from nightshift.serving.vllm_backend import VLLMBackend  # noqa: E402
-from nightshift.tasks.operators import Classify, Filter, Generate, Judge  # noqa: E402
-from conftest import ROOT, cli_env, run_cli, write_jsonl  # noqa: E402
+from conftest import ROOT, cli_env, run_cli, write_jsonl
+
+from nightshift.core.errors import NightshiftError
+from nightshift.flows.pipeline import Pipeline
+from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+from nightshift.serving.pool import ServingPool
+from nightshift.serving.runner import shared_serving
+from nightshift.serving.vllm_backend import VLLMBackend
+from nightshift.tasks.operators import Classify, Filter, Generate, Judge
 
 SYSTEM = "Answer in one short sentence."
 QUESTIONS = [
-    "What is the capital of France?", "Name a primary color.", "What is 2 + 2?",
-    "Say hello in Spanish.", "What animal says meow?", "What is the opposite of hot?",
-    "Name a fruit that is yellow.", "How many days are in a week?",
-    "What do bees make?", "What color is the sky on a clear day?",
-    "Name a planet in our solar system.", "What is frozen water called?",
+    "What is the capital of France?",
+    "Name a primary color.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "What animal says meow?",
+    "What is the opposite of hot?",
+    "Name a fruit that is yellow.",
+    "How many days are in a week?",
+    "What do bees make?",
+    "What color is the sky on a clear day?",
+    "Name a planet in our solar system.",
+    "What is frozen water called?",
 ]
 
 
@@ -56,8 +63,10 @@ class Person(BaseModel):
 
 
 def rows() -> list[dict]:
-    return [{"qid": f"q{i}", "question": q, "meta": i * 10, "tags": [f"t{i}", "x"]}
-            for i, q in enumerate(QUESTIONS)]
+    return [
+        {"qid": f"q{i}", "question": q, "meta": i * 10, "tags": [f"t{i}", "x"]}
+        for i, q in enumerate(QUESTIONS)
+    ]
 
 
 def answer_step(max_tokens: int = 24) -> Generate:
@@ -68,7 +77,10 @@ def reference(max_tokens: int = 24) -> list:
     """What the engine answers for each question, asked directly (no pipeline)."""
     requests = [
         GenerationRequest(
-            messages=[ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=q)],
+            messages=[
+                ChatMessage(role="system", content=SYSTEM),
+                ChatMessage(role="user", content=q),
+            ],
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0),
         )
         for q in QUESTIONS
@@ -85,10 +97,17 @@ def test_one_flow_run_loads_one_engine(tmp_path: Path, expected: list) -> None:
     """A run of 3 batches x 2 LLM steps (6 generation tasks) starts one engine, its own
     (no shared engine here), and answers exactly what the engine answers directly."""
     write_jsonl(tmp_path / "data" / "q.jsonl", rows())
-    pipe = Pipeline("gen", source=str(tmp_path / "data" / "q.jsonl"),
-                    steps=[answer_step(), Judge(input="answer", rubric="helpfulness", output="score",
-                                                max_error_rate=1.0)],
-                    store=f"file://{tmp_path}/store", batch_size=5, serving=SERVING)
+    pipe = Pipeline(
+        "gen",
+        source=str(tmp_path / "data" / "q.jsonl"),
+        steps=[
+            answer_step(),
+            Judge(input="answer", rubric="helpfulness", output="score", max_error_rate=1.0),
+        ],
+        store=f"file://{tmp_path}/store",
+        batch_size=5,
+        serving=SERVING,
+    )
     loads, starts = VLLMBackend.engine_loads, ServingPool.total_starts["default"]
     summary = pipe.run()
     assert VLLMBackend.engine_loads == loads + 1, "one engine for the whole flow run"
@@ -110,7 +129,10 @@ def test_one_flow_run_loads_one_engine(tmp_path: Path, expected: list) -> None:
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch_size=st.integers(1, 12), workers=st.integers(1, 4), in_flight=st.integers(1, 8))
 def test_rows_keep_their_metadata_whatever_the_batch_size(
-    tmp_path_factory: pytest.TempPathFactory, expected: list, batch_size: int, workers: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    expected: list,
+    batch_size: int,
+    workers: int,
     in_flight: int,
 ) -> None:
     """Random batch sizes, worker counts and pipelining depths (so random completion
@@ -118,10 +140,16 @@ def test_rows_keep_their_metadata_whatever_the_batch_size(
     counts, and keeps every column it came with."""
     tmp_path = tmp_path_factory.mktemp("meta")
     write_jsonl(tmp_path / "data" / "q.jsonl", rows())
-    pipe = Pipeline("meta", source=str(tmp_path / "data" / "q.jsonl"),
-                    steps=[Filter(where="meta <> 50"), answer_step()],
-                    store=f"file://{tmp_path}/store", batch_size=batch_size, serving=SERVING,
-                    workers=workers, max_in_flight=in_flight)
+    pipe = Pipeline(
+        "meta",
+        source=str(tmp_path / "data" / "q.jsonl"),
+        steps=[Filter(where="meta <> 50"), answer_step()],
+        store=f"file://{tmp_path}/store",
+        batch_size=batch_size,
+        serving=SERVING,
+        workers=workers,
+        max_in_flight=in_flight,
+    )
     with shared_serving(shared_pool()):
         pipe.run()
     out = pipe.read()
@@ -143,13 +171,29 @@ def test_row_errors_classify_and_structured_output(tmp_path: Path) -> None:
     steps = [
         Generate(input="question", output="a", max_tokens=8, max_error_rate=0.5),
         Classify(input="question", labels=["math", "other"], output="kind", max_error_rate=0.5),
-        Generate(prompt="Invent a person who could ask: {{ question }}", json_schema=Person,
-                 output="person", max_tokens=48, max_error_rate=0.5),
-        Generate(input="qid", json_schema={"type": "object"}, output="cut", max_tokens=2,
-                 max_error_rate=1.0),
+        Generate(
+            prompt="Invent a person who could ask: {{ question }}",
+            json_schema=Person,
+            output="person",
+            max_tokens=48,
+            max_error_rate=0.5,
+        ),
+        Generate(
+            input="qid",
+            json_schema={"type": "object"},
+            output="cut",
+            max_tokens=2,
+            max_error_rate=1.0,
+        ),
     ]
-    pipe = Pipeline("errs", source=str(tmp_path / "data" / "q.jsonl"), steps=steps,
-                    store=f"file://{tmp_path}/s", batch_size=4, serving=SERVING)
+    pipe = Pipeline(
+        "errs",
+        source=str(tmp_path / "data" / "q.jsonl"),
+        steps=steps,
+        store=f"file://{tmp_path}/s",
+        batch_size=4,
+        serving=SERVING,
+    )
     with shared_serving(shared_pool()):
         pipe.run()
     out = pipe.read()
@@ -174,13 +218,22 @@ def test_a_batch_fails_only_past_its_error_rate(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "data" / "q.jsonl", data)
 
     def pipe(rate: float) -> Pipeline:
-        return Pipeline("rate", source=str(tmp_path / "data" / "q.jsonl"),
-                        steps=[Generate(input="question", output="a", max_tokens=8, max_error_rate=rate)],
-                        store=f"file://{tmp_path}/s{rate}", batch_size=2, serving=SERVING)
+        return Pipeline(
+            "rate",
+            source=str(tmp_path / "data" / "q.jsonl"),
+            steps=[Generate(input="question", output="a", max_tokens=8, max_error_rate=rate)],
+            store=f"file://{tmp_path}/s{rate}",
+            batch_size=2,
+            serving=SERVING,
+        )
 
     strict = pipe(0.4)
-    with shared_serving(shared_pool()), pytest.raises(
-            NightshiftError, match=r"1/2 rows failed \(50% > max_error_rate 40%\); first: prompt is"):
+    with (
+        shared_serving(shared_pool()),
+        pytest.raises(
+            NightshiftError, match=r"1/2 rows failed \(50% > max_error_rate 40%\); first: prompt is"
+        ),
+    ):
         strict.run()
     done = list((tmp_path / "s0.4").glob("rate/steps/00-generate/*.parquet"))
     assert len(done) == 1, "the batch under the limit completed and is kept"
@@ -205,9 +258,15 @@ def test_kill_mid_generation_then_resume(tmp_path: Path, prefect_api: str) -> No
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     stage = tmp_path / "store" / "genkill" / "steps" / "00-generate"
-    proc = subprocess.Popen([sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
-                            env=cli_env(prefect_api), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
+        env=cli_env(prefect_api),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(stage.glob("*.parquet"))) < 2:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -227,9 +286,15 @@ def test_kill_mid_generation_then_resume(tmp_path: Path, prefect_api: str) -> No
     out = tmp_path / "out.parquet"
     assert run_cli(["export", str(path), "--to", str(out)], prefect_api).returncode == 0
     got = pl.read_parquet(out)
-    uninterrupted = Pipeline("genref", source=str(tmp_path / "data" / "q.jsonl"),
-                             steps=[answer_step()], store=f"file://{tmp_path}/ref", batch_size=2,
-                             serving=SERVING, workers=1)
+    uninterrupted = Pipeline(
+        "genref",
+        source=str(tmp_path / "data" / "q.jsonl"),
+        steps=[answer_step()],
+        store=f"file://{tmp_path}/ref",
+        batch_size=2,
+        serving=SERVING,
+        workers=1,
+    )
     with shared_serving(shared_pool()):
         uninterrupted.run()
     assert got.equals(uninterrupted.read())

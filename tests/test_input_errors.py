@@ -7,10 +7,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import make_rows, run_cli, write_jsonl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.plan import build_plan
-from conftest import make_rows, run_cli, write_jsonl
 
 
 def spec(tmp_path: Path, **overrides) -> dict:
@@ -42,14 +42,25 @@ def expect(tmp_path: Path, spec_dict: dict, *fragments: str) -> str:
 
 
 def test_a_local_model_folder_that_is_not_there(tmp_path: Path, data: Path) -> None:
-    expect(tmp_path, spec(tmp_path, serving={"default": {"backend": "vllm",
-                                                         "model": str(tmp_path / "nope")}},
-                          steps=[{"generate": {"prompt": "{{ text }}", "output": "o"}}]),
-           "serving.default: model ", "nope: no such folder")
+    expect(
+        tmp_path,
+        spec(
+            tmp_path,
+            serving={"default": {"backend": "vllm", "model": str(tmp_path / "nope")}},
+            steps=[{"generate": {"prompt": "{{ text }}", "output": "o"}}],
+        ),
+        "serving.default: model ",
+        "nope: no such folder",
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "nope.jsonl")}), "nope.jsonl", "no such file")
+    expect(
+        tmp_path,
+        spec(tmp_path, source={"path": str(tmp_path / "nope.jsonl")}),
+        "nope.jsonl",
+        "no such file",
+    )
 
 
 def test_glob_matching_nothing(tmp_path: Path) -> None:
@@ -101,7 +112,12 @@ def test_unwritable_store(tmp_path: Path, data: Path) -> None:
             locked.chmod(0o700)
             locked.rmdir()
             locked.write_text("not a directory")
-        expect(tmp_path, spec(tmp_path, store={"url": f"file://{locked}/store"}), "not writable", str(locked))
+        expect(
+            tmp_path,
+            spec(tmp_path, store={"url": f"file://{locked}/store"}),
+            "not writable",
+            str(locked),
+        )
     finally:
         if locked.is_dir():
             locked.chmod(0o700)
@@ -136,14 +152,23 @@ def test_cli_bad_key_path_in_yaml(tmp_path: Path, data: Path, prefect_api: str) 
     assert not (tmp_path / "s" / "x" / "steps").exists()
 
 
-@pytest.mark.parametrize("extra, place", [
-    ({"serving": {"default": {"backend": "openai_compatible", "api_key": "sk-live-123"}}},
-     "serving.default.api_key"),
-    ({"store": {"url": "s3://bucket/x", "storage_options": {"secret": "s3cr3t"}}},
-     "store.storage_options.secret"),
-    ({"source": {"path": "s3://bucket/x.jsonl", "storage_options": {"key": "AKIA123"}}},
-     "source.storage_options.key"),
-])
+@pytest.mark.parametrize(
+    "extra, place",
+    [
+        (
+            {"serving": {"default": {"backend": "openai_compatible", "api_key": "sk-live-123"}}},
+            "serving.default.api_key",
+        ),
+        (
+            {"store": {"url": "s3://bucket/x", "storage_options": {"secret": "s3cr3t"}}},
+            "store.storage_options.secret",
+        ),
+        (
+            {"source": {"path": "s3://bucket/x.jsonl", "storage_options": {"key": "AKIA123"}}},
+            "source.storage_options.key",
+        ),
+    ],
+)
 def test_secrets_in_a_spec_are_refused(extra: dict, place: str) -> None:
     from nightshift.tasks.spec import load_spec
 
@@ -156,6 +181,7 @@ def test_secrets_in_a_spec_are_refused(extra: dict, place: str) -> None:
 
 
 # -- bad input that used to pass silently, mislead, or hang (issue 10) ---------------------
+
 
 def write_spec(path: Path, spec_dict: dict) -> Path:
     import yaml
@@ -173,14 +199,21 @@ def one_error_line(result) -> str:
     return last
 
 
-@pytest.mark.parametrize("step", [
-    {"map": {"columns": {"_row_id": "n * 2"}}},
-    {"template": {"output": "_row_id", "template": "{{ text }}"}},
-])
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"map": {"columns": {"_row_id": "n * 2"}}},
+        {"template": {"output": "_row_id", "template": "{{ text }}"}},
+    ],
+)
 def test_a_step_writing_row_id_is_refused(tmp_path: Path, data: Path, step: dict) -> None:
     name = next(iter(step))
-    message = expect(tmp_path, spec(tmp_path, steps=[{"filter": {"where": "n > 1"}}, step]),
-                     f"steps[1] ({name})", "writes the reserved column _row_id")
+    message = expect(
+        tmp_path,
+        spec(tmp_path, steps=[{"filter": {"where": "n > 1"}}, step]),
+        f"steps[1] ({name})",
+        "writes the reserved column _row_id",
+    )
     assert "another name" in message
 
 
@@ -206,8 +239,15 @@ def test_jsonl_column_changing_type_names_the_line(tmp_path: Path) -> None:
     rows = [{"id": i, "text": f"text {i}", "n": i} for i in range(49)]
     rows.insert(37, {"id": 99, "text": "odd one", "n": "forty"})
     write_jsonl(tmp_path / "data" / "a.jsonl", rows)
-    message = expect(tmp_path, spec(tmp_path), "a.jsonl line 38", "column 'n'", "a string",
-                     "a number on line 1", "source.schema")
+    message = expect(
+        tmp_path,
+        spec(tmp_path),
+        "a.jsonl line 38",
+        "column 'n'",
+        "a string",
+        "a number on line 1",
+        "source.schema",
+    )
     assert "Traceback" not in message
 
 
@@ -217,34 +257,71 @@ def test_declared_schema_converts_or_names_the_bad_value(tmp_path: Path) -> None
     ]
     write_jsonl(tmp_path / "data" / "a.jsonl", rows)
     steps = [{"map": {"columns": {"m": "n * 2"}}}]
-    plan = build_plan(spec(tmp_path, steps=steps, source={
-        "path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "string", "n": "integer"}}))
+    plan = build_plan(
+        spec(
+            tmp_path,
+            steps=steps,
+            source={
+                "path": str(tmp_path / "data" / "*.jsonl"),
+                "schema": {"id": "string", "n": "integer"},
+            },
+        )
+    )
     staged = pl.read_parquet(plan.batches[0].read_uri)
     assert staged.schema["id"] == pl.String and staged.schema["n"] == pl.Int64
     assert staged["id"].to_list()[:2] == ["0", "1"] and staged["id"][-1] == "x-49"
 
     # the same file declared the other way round: the string id cannot be an integer
-    bad = spec(tmp_path, steps=steps, source={
-        "path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "integer"}})
+    bad = spec(
+        tmp_path,
+        steps=steps,
+        source={"path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "integer"}},
+    )
     expect(tmp_path, bad, "a.jsonl line 50", "column 'id'", "'x-49' is not a valid integer")
     # a declared column that a file lacks, and an unknown type name
-    expect(tmp_path, spec(tmp_path, source={
-        "path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "string", "idd": "string"}}),
-        "a.jsonl", "no column 'idd'", "source.schema")
-    expect(tmp_path, spec(tmp_path, source={
-        "path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "strng"}}),
-        "source.schema", "unknown type 'strng'")
+    expect(
+        tmp_path,
+        spec(
+            tmp_path,
+            source={
+                "path": str(tmp_path / "data" / "*.jsonl"),
+                "schema": {"id": "string", "idd": "string"},
+            },
+        ),
+        "a.jsonl",
+        "no column 'idd'",
+        "source.schema",
+    )
+    expect(
+        tmp_path,
+        spec(
+            tmp_path, source={"path": str(tmp_path / "data" / "*.jsonl"), "schema": {"id": "strng"}}
+        ),
+        "source.schema",
+        "unknown type 'strng'",
+    )
 
 
-@pytest.mark.parametrize("second, fragments", [
-    ([{"id": i, "text": f"t {i}", "n": i} for i in range(5)],
-     ["column 'id' is String in", "a.jsonl but Int64 in", "b.jsonl", "source.schema"]),
-    ([{"id": f"b{i}", "text": f"t {i}", "n": i, "extra": 1} for i in range(5)],
-     ["b.jsonl: column 'extra' is not in", "a.jsonl", "same columns"]),
-    ([{"id": f"b{i}", "text": f"t {i}"} for i in range(5)],
-     ["b.jsonl: no column 'n'", "same columns"]),
-])
-def test_files_of_one_glob_must_agree(tmp_path: Path, data: Path, second: list, fragments: list) -> None:
+@pytest.mark.parametrize(
+    "second, fragments",
+    [
+        (
+            [{"id": i, "text": f"t {i}", "n": i} for i in range(5)],
+            ["column 'id' is String in", "a.jsonl but Int64 in", "b.jsonl", "source.schema"],
+        ),
+        (
+            [{"id": f"b{i}", "text": f"t {i}", "n": i, "extra": 1} for i in range(5)],
+            ["b.jsonl: column 'extra' is not in", "a.jsonl", "same columns"],
+        ),
+        (
+            [{"id": f"b{i}", "text": f"t {i}"} for i in range(5)],
+            ["b.jsonl: no column 'n'", "same columns"],
+        ),
+    ],
+)
+def test_files_of_one_glob_must_agree(
+    tmp_path: Path, data: Path, second: list, fragments: list
+) -> None:
     write_jsonl(tmp_path / "data" / "b.jsonl", second)
     expect(tmp_path, spec(tmp_path), *fragments)
 
@@ -258,10 +335,18 @@ def test_wide_file_validates_and_runs_quickly(tmp_path: Path) -> None:
 
     rows = [{"text": f"row {i} text", **{f"c{j}": j + i for j in range(10_000)}} for i in range(5)]
     write_jsonl(tmp_path / "data" / "wide.jsonl", rows)
-    steps = [Filter(where="length(text) > 3"), Map(columns={"n": "length(text)"}),
-             Template(output="p", template="Hi {{ text }} {{ c9999 }}"), Select(columns=["text", "n", "p"])]
-    pipe = Pipeline("wide", source=str(tmp_path / "data" / "wide.jsonl"), steps=steps,
-                    store=f"file://{tmp_path}/store")
+    steps = [
+        Filter(where="length(text) > 3"),
+        Map(columns={"n": "length(text)"}),
+        Template(output="p", template="Hi {{ text }} {{ c9999 }}"),
+        Select(columns=["text", "n", "p"]),
+    ]
+    pipe = Pipeline(
+        "wide",
+        source=str(tmp_path / "data" / "wide.jsonl"),
+        steps=steps,
+        store=f"file://{tmp_path}/store",
+    )
     cpu = time.process_time()
     pipe.plan()  # validate: staging, the dry run, the sample rendering
     planning = time.process_time() - cpu
@@ -278,32 +363,58 @@ def test_template_without_columns_is_valid(tmp_path: Path, data: Path, template:
     from nightshift.flows.pipeline import Pipeline
     from nightshift.tasks.operators import Template
 
-    pipe = Pipeline("const", source=str(data), steps=[Template(output="p", template=template)],
-                    store=f"file://{tmp_path}/store", batch_size=10)
+    pipe = Pipeline(
+        "const",
+        source=str(data),
+        steps=[Template(output="p", template=template)],
+        store=f"file://{tmp_path}/store",
+        batch_size=10,
+    )
     pipe.run()
     got = pipe.read()["p"].to_list()
     assert got[0].startswith("X" if "upper" in template else "x0") and len(got) == 30
 
 
-@pytest.mark.parametrize("template, fragments", [
-    ("{{ text.title_case }}", ["undefined", "'str object' has no attribute 'title_case'"]),
-    ("{{ text.__class__.__mro__ }}", ["blocked by the sandbox", "__class__"]),
-    ("{{ n + text }}", ["TypeError", "unsupported operand"]),
-])
+@pytest.mark.parametrize(
+    "template, fragments",
+    [
+        ("{{ text.title_case }}", ["undefined", "'str object' has no attribute 'title_case'"]),
+        ("{{ text.__class__.__mro__ }}", ["blocked by the sandbox", "__class__"]),
+        ("{{ n + text }}", ["TypeError", "unsupported operand"]),
+    ],
+)
 def test_validate_renders_templates_on_real_rows(
     tmp_path: Path, data: Path, template: str, fragments: list
 ) -> None:
-    steps = [{"map": {"columns": {"m": "n * 2"}}}, {"template": {"output": "p", "template": template}}]
-    expect(tmp_path, spec(tmp_path, steps=steps), "steps[1] (template)", "a.jsonl",
-           "fails on row 1", *fragments)
+    steps = [
+        {"map": {"columns": {"m": "n * 2"}}},
+        {"template": {"output": "p", "template": template}},
+    ]
+    expect(
+        tmp_path,
+        spec(tmp_path, steps=steps),
+        "steps[1] (template)",
+        "a.jsonl",
+        "fails on row 1",
+        *fragments,
+    )
 
 
 def test_llm_prompt_templates_are_rendered_by_validate(tmp_path: Path, data: Path) -> None:
     steps = [{"generate": {"prompt": "Summarize {{ text.body }}", "output": "s"}}]
-    serving = {"default": {"backend": "openai_compatible", "base_url": "http://127.0.0.1:9/v1",
-                           "model": "m"}}
-    expect(tmp_path, spec(tmp_path, steps=steps, serving=serving), "steps[0] (generate)",
-           "has no attribute 'body'")
+    serving = {
+        "default": {
+            "backend": "openai_compatible",
+            "base_url": "http://127.0.0.1:9/v1",
+            "model": "m",
+        }
+    }
+    expect(
+        tmp_path,
+        spec(tmp_path, steps=steps, serving=serving),
+        "steps[0] (generate)",
+        "has no attribute 'body'",
+    )
 
 
 def test_template_failing_at_run_time_is_one_line_naming_step_and_row(tmp_path: Path) -> None:
@@ -313,31 +424,53 @@ def test_template_failing_at_run_time_is_one_line_naming_step_and_row(tmp_path: 
     rows = make_rows(12)
     rows[8]["text"] = None  # past the rows validate renders on
     write_jsonl(tmp_path / "data" / "a.jsonl", rows)
-    pipe = Pipeline("late", source=str(tmp_path / "data" / "a.jsonl"),
-                    steps=[Template(output="p", template="{{ text.upper() }}")],
-                    store=f"file://{tmp_path}/store", batch_size=4)
+    pipe = Pipeline(
+        "late",
+        source=str(tmp_path / "data" / "a.jsonl"),
+        steps=[Template(output="p", template="{{ text.upper() }}")],
+        store=f"file://{tmp_path}/store",
+        batch_size=4,
+    )
     pipe.plan()  # the first rows render: validate passes
     with pytest.raises(Exception) as info:
         pipe.run()
     message = str(info.value)
     assert "\n" not in message
-    for fragment in ("batch 3/3", "steps[0] (template)", "row 9 of its source file", "_row_id",
-                     "'None' has no attribute 'upper'"):
+    for fragment in (
+        "batch 3/3",
+        "steps[0] (template)",
+        "row 9 of its source file",
+        "_row_id",
+        "'None' has no attribute 'upper'",
+    ):
         assert fragment in message, message
     assert len(list((tmp_path / "store" / "late" / "steps").rglob("*.parquet"))) == 2  # kept
 
 
 def test_source_path_that_is_a_directory_or_a_symlink_loop(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "data")}),
-           "is a directory, not a file", "/*.jsonl")
+    expect(
+        tmp_path,
+        spec(tmp_path, source={"path": str(tmp_path / "data")}),
+        "is a directory, not a file",
+        "/*.jsonl",
+    )
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
-    expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "loop1")}), "loop1",
-           "a symlink loop")
+    expect(
+        tmp_path,
+        spec(tmp_path, source={"path": str(tmp_path / "loop1")}),
+        "loop1",
+        "a symlink loop",
+    )
     (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
-    expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "dangling.jsonl")}),
-           "a symlink to", "gone.jsonl", "does not exist")
+    expect(
+        tmp_path,
+        spec(tmp_path, source={"path": str(tmp_path / "dangling.jsonl")}),
+        "a symlink to",
+        "gone.jsonl",
+        "does not exist",
+    )
 
 
 @pytest.mark.parametrize("path", ["s3://bucket/data/a.jsonl", "s3://bucket/data/*.jsonl"])
@@ -349,28 +482,44 @@ def test_unreachable_s3_endpoint_is_a_connection_error(tmp_path: Path, path: str
         port = probe.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
     source = {"path": path, "storage_options": {"endpoint_url": endpoint, "anon": True}}
-    message = expect(tmp_path, spec(tmp_path, source=source), "cannot connect to endpoint",
-                     endpoint)
+    message = expect(
+        tmp_path, spec(tmp_path, source=source), "cannot connect to endpoint", endpoint
+    )
     assert "no such file" not in message and "no file matches" not in message
 
 
-@pytest.mark.parametrize("name, content, fragments", [
-    ("a.jsonl", b"\n\n  \n", ["a.jsonl: the file is empty", "only blank lines"]),
-    ("a.jsonl", b"", ["a.jsonl: the file is empty", "0 bytes"]),
-    ("a.csv", b"\n\n", ["a.csv: the file is empty"]),
-    ("a.csv", b'id,text,n\nr0,"fine",1\nr1,"broken,2\nr2,ok,3\n',
-     ["a.csv line 3", "bad CSV", "unclosed quote"]),
-    ("a.csv", b'id,text,n\nr0,fine,1\nr1,"odd"quote,2\n', ["a.csv line 3", "bad CSV"]),
-    ("a.csv", b"id,text,n\nr0,fine,1\nr1,fine\nr2,ok,3\n",
-     ["a.csv line 3", "bad CSV", "2 field(s), the header has 3"]),
-    ("a.csv", b"id,text,n\nr0,fine,1\nr1,fine,2,extra\n",
-     ["a.csv line 3", "4 field(s), the header has 3"]),
-])
-def test_bad_text_files_say_what_and_where(tmp_path: Path, name: str, content: bytes, fragments: list) -> None:
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("a.jsonl", b"\n\n  \n", ["a.jsonl: the file is empty", "only blank lines"]),
+        ("a.jsonl", b"", ["a.jsonl: the file is empty", "0 bytes"]),
+        ("a.csv", b"\n\n", ["a.csv: the file is empty"]),
+        (
+            "a.csv",
+            b'id,text,n\nr0,"fine",1\nr1,"broken,2\nr2,ok,3\n',
+            ["a.csv line 3", "bad CSV", "unclosed quote"],
+        ),
+        ("a.csv", b'id,text,n\nr0,fine,1\nr1,"odd"quote,2\n', ["a.csv line 3", "bad CSV"]),
+        (
+            "a.csv",
+            b"id,text,n\nr0,fine,1\nr1,fine\nr2,ok,3\n",
+            ["a.csv line 3", "bad CSV", "2 field(s), the header has 3"],
+        ),
+        (
+            "a.csv",
+            b"id,text,n\nr0,fine,1\nr1,fine,2,extra\n",
+            ["a.csv line 3", "4 field(s), the header has 3"],
+        ),
+    ],
+)
+def test_bad_text_files_say_what_and_where(
+    tmp_path: Path, name: str, content: bytes, fragments: list
+) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / name).write_bytes(content)
-    message = expect(tmp_path, spec(tmp_path, source={"path": str(tmp_path / "data" / name)}),
-                     *fragments)
+    message = expect(
+        tmp_path, spec(tmp_path, source={"path": str(tmp_path / "data" / name)}), *fragments
+    )
     assert "could not infer" not in message and "TapeError" not in message
 
 
@@ -381,15 +530,33 @@ def test_valid_control_bom_blank_lines_and_schema_through_the_cli(
     validate, run and export (twice: the second export replaces the first whole)."""
     (tmp_path / "data").mkdir()
     lines = [f'{{"id": {i}, "text": "text number {i}", "n": {i}}}' for i in range(6)]
-    (tmp_path / "data" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n\n".join(lines).encode() + b"\n")
+    (tmp_path / "data" / "a.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "\n\n".join(lines).encode() + b"\n"
+    )
     csv_rows = "\n".join(f"{10 + i},csv text {i},{i}" for i in range(4))
-    (tmp_path / "data" / "b.csv").write_bytes(b"\xef\xbb\xbfid,text,n\n" + csv_rows.encode() + b"\n\n")
-    source = {"path": [str(tmp_path / "data" / "a.jsonl"), str(tmp_path / "data" / "b.csv")],
-              "schema": {"id": "string"}}
-    path = write_spec(tmp_path / "spec.yaml", spec(tmp_path, source=source, steps=[
-        {"filter": {"where": "length(text) > 3"}},
-        {"template": {"output": "p", "template": "{{ 'id' | upper }} {{ id }}: {{ text }}"}},
-    ]))
+    (tmp_path / "data" / "b.csv").write_bytes(
+        b"\xef\xbb\xbfid,text,n\n" + csv_rows.encode() + b"\n\n"
+    )
+    source = {
+        "path": [str(tmp_path / "data" / "a.jsonl"), str(tmp_path / "data" / "b.csv")],
+        "schema": {"id": "string"},
+    }
+    path = write_spec(
+        tmp_path / "spec.yaml",
+        spec(
+            tmp_path,
+            source=source,
+            steps=[
+                {"filter": {"where": "length(text) > 3"}},
+                {
+                    "template": {
+                        "output": "p",
+                        "template": "{{ 'id' | upper }} {{ id }}: {{ text }}",
+                    }
+                },
+            ],
+        ),
+    )
     checked = run_cli(["validate", str(path)], prefect_api)
     assert checked.returncode == 0 and "ok: 2 file(s)" in checked.stdout, checked.stderr[-2000:]
     ran = run_cli(["run", str(path)], prefect_api)
@@ -397,7 +564,9 @@ def test_valid_control_bom_blank_lines_and_schema_through_the_cli(
     out = tmp_path / "out.parquet"
     for _ in range(2):
         exported = run_cli(["export", str(path), "--to", str(out)], prefect_api)
-        assert exported.returncode == 0 and "wrote 10 rows" in exported.stdout, exported.stderr[-2000:]
+        assert exported.returncode == 0 and "wrote 10 rows" in exported.stdout, exported.stderr[
+            -2000:
+        ]
     got = pl.read_parquet(out)
     assert got["id"].to_list() == [str(i) for i in range(6)] + [str(10 + i) for i in range(4)]
     assert got["p"][0] == "ID 0: text number 0"

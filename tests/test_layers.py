@@ -79,8 +79,9 @@ def imports(path: Path, folder: str, root: Path) -> list[tuple[int, str]]:
             found.append((node.lineno, module))
             # ``from nightshift import flows`` names the folder through the package
             if module == "nightshift":
-                found.extend((node.lineno, f"nightshift.{a.name}") for a in node.names
-                             if a.name in PACKAGE)
+                found.extend(
+                    (node.lineno, f"nightshift.{a.name}") for a in node.names if a.name in PACKAGE
+                )
     return found
 
 
@@ -155,17 +156,25 @@ def test_every_module_belongs_to_a_layer():
 def test_no_module_imports_an_old_top_level_name():
     """One name per module: ``nightshift.flows.cli``, never ``flows.cli`` (in the same
     process the two would be two modules), in the package, the tests and benchmarks."""
-    old = [where for (_, dst), places in sorted(edges(ROOT).items()) if dst == OLD
-           for where in places]
+    old = [
+        where for (_, dst), places in sorted(edges(ROOT).items()) if dst == OLD for where in places
+    ]
     for folder in ("tests", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
             for node in ast.walk(tree):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
-                         else [])
-                old.extend(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
-                           for name in names if name.split(".")[0] in OLD_NAMES)
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else []
+                )
+                old.extend(
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                    for name in names
+                    if name.split(".")[0] in OLD_NAMES
+                )
     assert old == [], "import through the package name, nightshift.<folder>:\n" + "\n".join(old)
 
 
@@ -185,11 +194,15 @@ def test_the_checker_sees_lazy_imports(tmp_path, kind):
     for folder in LAYERS:
         folder_path(tmp_path, folder).mkdir(parents=True, exist_ok=True)
     (tmp_path / "nightshift" / "core" / "a.py").write_text(
-        "def f():\n    from nightshift.tasks import x\n" if kind == "function" else
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from nightshift.tasks import x\n"
+        "def f():\n    from nightshift.tasks import x\n"
+        if kind == "function"
+        else "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from nightshift.tasks import x\n"
     )
     (tmp_path / "nightshift" / "tasks" / "b.py").write_text("from nightshift.core import a\n")
     found = edges(tmp_path)
-    assert upward(found) == ["nightshift/core/a.py:2 imports nightshift.tasks (core sits below tasks)"] \
-        if kind == "function" else ["nightshift/core/a.py:3 imports nightshift.tasks (core sits below tasks)"]
+    assert (
+        upward(found) == ["nightshift/core/a.py:2 imports nightshift.tasks (core sits below tasks)"]
+        if kind == "function"
+        else ["nightshift/core/a.py:3 imports nightshift.tasks (core sits below tasks)"]
+    )
     assert len(cycles(found)) == 1

@@ -13,28 +13,38 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from nightshift.flows.local_api import TemporaryServer, healthy
 from conftest import ROOT, TESTS, make_rows, write_jsonl
 from test_s3_store import free_port
+
+from nightshift.flows.local_api import TemporaryServer, healthy
 
 
 def no_api_env(tmp_path: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_API_PORT=str(port),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_API_PORT=str(port),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     return env
 
 
 def spec(tmp_path: Path, sleep: float) -> Path:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(40, "a"))
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "local-api", "source": {"path": str(tmp_path / "data" / "a.jsonl")},
-        "batch_size": 10, "store": {"url": f"file://{tmp_path}/store"}, "workers": 1,
-        "steps": [{"nightshift_testops:Count": {"tag": "a", "sleep": sleep}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "local-api",
+                "source": {"path": str(tmp_path / "data" / "a.jsonl")},
+                "batch_size": 10,
+                "store": {"url": f"file://{tmp_path}/store"},
+                "workers": 1,
+                "steps": [{"nightshift_testops:Count": {"tag": "a", "sleep": sleep}}],
+            }
+        )
+    )
     return path
 
 
@@ -48,9 +58,20 @@ def servers_under(pid: int) -> list[psutil.Process]:
 
 def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=30)), "--allow-imports"],
-        env=no_api_env(tmp_path, free_port()), cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.flows.cli",
+            "run",
+            str(spec(tmp_path, sleep=30)),
+            "--allow-imports",
+        ],
+        env=no_api_env(tmp_path, free_port()),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 300
     servers: list[psutil.Process] = []
@@ -60,8 +81,11 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
         servers = servers_under(proc.pid)
         time.sleep(0.2)
     server = servers[0]
-    while not any(healthy(f"http://127.0.0.1:{c.laddr.port}/api")
-                  for c in server.net_connections(kind="tcp") if c.status == "LISTEN"):
+    while not any(
+        healthy(f"http://127.0.0.1:{c.laddr.port}/api")
+        for c in server.net_connections(kind="tcp")
+        if c.status == "LISTEN"
+    ):
         assert time.monotonic() < deadline, "temporary server never answered"
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # the run only: not its process group
@@ -77,9 +101,19 @@ def test_a_running_local_server_is_used_without_exporting_anything(tmp_path: Pat
     try:
         server.start(timeout=600, environ=env)
         result = subprocess.run(
-            [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=0)),
-             "--allow-imports"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "nightshift.flows.cli",
+                "run",
+                str(spec(tmp_path, sleep=0)),
+                "--allow-imports",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "temporary server" not in (result.stdout + result.stderr).lower()
@@ -99,8 +133,19 @@ def test_a_server_that_cannot_start_in_time_is_one_line(tmp_path: Path, timeout_
     env = no_api_env(tmp_path, free_port())
     env["NIGHTSHIFT_SERVER_START_TIMEOUT"] = timeout_s
     result = subprocess.run(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec(tmp_path, sleep=0)), "--allow-imports"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.flows.cli",
+            "run",
+            str(spec(tmp_path, sleep=0)),
+            "--allow-imports",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -10,8 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from nightshift.core.locks import UNREADABLE_LOCK_GRACE_S, ProcessAwareLockManager
 from conftest import ROOT
+
+from nightshift.core.locks import UNREADABLE_LOCK_GRACE_S, ProcessAwareLockManager
 
 HOLD = """
 import sys, time
@@ -24,14 +25,16 @@ time.sleep(600)
 
 
 def test_lock_of_a_killed_process_is_broken(tmp_path: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         manager = ProcessAwareLockManager(tmp_path)
         assert manager.is_locked("k")
-        assert not manager.acquire_lock("k", holder="me", acquire_timeout=0.3), \
+        assert not manager.acquire_lock("k", holder="me", acquire_timeout=0.3), (
             "a live holder's lock must be respected"
+        )
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()

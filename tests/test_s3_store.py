@@ -9,13 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 import s3fs
+from conftest import make_rows, write_jsonl
+from nightshift_testops import Count, read_log
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Template
 from nightshift.tasks.sources import SourceSpec
 from nightshift.tasks.spec import StoreSpec
-from conftest import make_rows, write_jsonl
-from nightshift_testops import Count, read_log
 
 
 def free_port() -> int:

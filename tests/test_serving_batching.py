@@ -10,7 +10,12 @@ from pydantic import ValidationError
 
 from nightshift.serving.batching import AutoBatcher, BatcherClosedError
 from nightshift.serving.fake_backend import FakeBackend, FakeBackendError
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, SamplingParams
+from nightshift.serving.interface import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 
 
 def req(text: str, **sampling: object) -> GenerationRequest:
@@ -38,8 +43,12 @@ def test_request_needs_exactly_one_input() -> None:
 def test_fake_backend_echoes_and_fails_chosen_rows() -> None:
     fake = FakeBackend(fail_texts={"bad"}, fail_if=lambda r: r.last_text() == "worse")
     assert isinstance(fake, Backend)
-    chat = GenerationRequest(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "last one"}])
-    results = fake.generate([req("a b"), req("bad"), chat, req("worse"), req("one two three", max_tokens=2)])
+    chat = GenerationRequest(
+        messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "last one"}]
+    )
+    results = fake.generate(
+        [req("a b"), req("bad"), chat, req("worse"), req("one two three", max_tokens=2)]
+    )
     assert [r.text for r in results] == ["echo: a b", None, "echo: last one", None, "echo: one"]
     assert results[1].error and results[3].error
     assert results[4].finish_reason == "length" and results[0].finish_reason == "stop"
@@ -105,7 +114,7 @@ def test_backend_exception_reaches_every_caller_in_that_call() -> None:
         barrier.wait()
         try:
             batcher.submit([req(f"x{t}")], timeout=10)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors[t] = exc
 
     with AutoBatcher(fake, max_batch=100, batch_timeout_s=0.2) as batcher:
@@ -139,7 +148,7 @@ def test_closed_batcher_rejects_and_fails_pending() -> None:
     def worker() -> None:
         try:
             outcome["r"] = batcher.submit([req("first"), req("second")], timeout=10)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome["e"] = exc
 
     th = threading.Thread(target=worker)

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from nightshift.core import embedded_model
-from nightshift.core.embedded_model import EmbeddedModelError, embedded_model_path, model_cache_dir, resolve_model
+from nightshift.core.embedded_model import (
+    EmbeddedModelError,
+    embedded_model_path,
+    model_cache_dir,
+    resolve_model,
+)
 
 
 def test_cache_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -67,7 +72,9 @@ def fake_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
 
 def test_converts_once_atomically_across_threads(fake_package: list[Path]) -> None:
     paths: list[Path] = []
-    threads = [threading.Thread(target=lambda: paths.append(embedded_model_path())) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: paths.append(embedded_model_path())) for _ in range(4)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -81,7 +88,9 @@ def test_converts_once_atomically_across_threads(fake_package: list[Path]) -> No
     assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
 
 
-def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, fake_package: list[Path]) -> None:
+def test_failed_conversion_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, fake_package: list[Path]
+) -> None:
     def broken(gguf: Path, out_dir: Path) -> None:
         (out_dir / "half.bin").write_bytes(b"x")
         raise OSError("disk full")

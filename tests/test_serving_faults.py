@@ -18,37 +18,49 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from vllm_shared import MAX_MODEL_LEN, shared_backend, skip_without_vllm
 
 skip_without_vllm()
 
-from nightshift.blocks.serving_config import ServingConfig  # noqa: E402
-from nightshift.flows.pipeline import Pipeline  # noqa: E402
-from nightshift.serving.engine_faults import BLOCK_ON, DIE_ON  # noqa: E402
-from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
-from nightshift.serving.pool import ServingPool  # noqa: E402
-from nightshift.serving.resilience import POISON_ERROR  # noqa: E402
-from nightshift.serving.runner import shared_serving  # noqa: E402
-from nightshift.serving.vllm_backend import EngineStalledError, VLLMBackend  # noqa: E402
-from nightshift.tasks.operators import Generate  # noqa: E402
+from nightshift.blocks.serving_config import ServingConfig
+from nightshift.flows.pipeline import Pipeline
+from nightshift.serving.engine_faults import BLOCK_ON, DIE_ON
+from nightshift.serving.interface import ChatMessage, GenerationRequest, SamplingParams
+from nightshift.serving.pool import ServingPool
+from nightshift.serving.resilience import POISON_ERROR
+from nightshift.serving.runner import shared_serving
+from nightshift.serving.vllm_backend import EngineStalledError, VLLMBackend
+from nightshift.tasks.operators import Generate
 
 POISON = "NIGHTSHIFT-POISON-3b9e"
 HANG = "NIGHTSHIFT-HANG-51c2"
 STALL_S = 5.0
 # max_batch 4 and a long batch timeout: the four rows of two batches go in one engine call
 # (every test submits four rows, so no call waits for the timeout)
-SERVING = {"default": {"model": "smollm2", "max_model_len": MAX_MODEL_LEN, "max_batch": 4,
-                       "batch_timeout_s": 30.0, "stall_timeout_s": STALL_S}}
+SERVING = {
+    "default": {
+        "model": "smollm2",
+        "max_model_len": MAX_MODEL_LEN,
+        "max_batch": 4,
+        "batch_timeout_s": 30.0,
+        "stall_timeout_s": STALL_S,
+    }
+}
 SERVING_MAX_RESTARTS = ServingConfig(**SERVING["default"]).max_restarts
-QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.",
-             "What is the capital of France?"]
+QUESTIONS = [
+    "What is 2 + 2?",
+    "Name three colours.",
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+]
 
 
 def chat(text: str) -> GenerationRequest:
     """The request a ``generate`` step with ``max_tokens: 12`` makes for ``text``."""
-    return GenerationRequest(messages=[ChatMessage(role="user", content=text)],
-                             sampling=SamplingParams(max_tokens=12, temperature=0.0, seed=0))
+    return GenerationRequest(
+        messages=[ChatMessage(role="user", content=text)],
+        sampling=SamplingParams(max_tokens=12, temperature=0.0, seed=0),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,9 @@ def faulty_pool() -> Iterator[ServingPool]:
                 os.environ[name] = value
 
 
-def test_blocked_engine_is_declared_stalled_restarted_and_the_call_finishes(faulty_pool: ServingPool) -> None:
+def test_blocked_engine_is_declared_stalled_restarted_and_the_call_finishes(
+    faulty_pool: ServingPool,
+) -> None:
     requests = [chat(q if i != 1 else f"{q} {HANG}") for i, q in enumerate(QUESTIONS)]
     expected = shared_backend().generate(requests)
     restarting = faulty_pool.served("default").backends[0]
@@ -97,7 +111,8 @@ def test_blocked_engine_is_declared_stalled_restarted_and_the_call_finishes(faul
 
 
 def test_poison_request_is_quarantined_and_the_rest_answered_through_the_pipeline(
-        faulty_pool: ServingPool, tmp_path: Path) -> None:
+    faulty_pool: ServingPool, tmp_path: Path
+) -> None:
     texts = [*QUESTIONS[:3], f"Tell me a joke. {POISON}"]
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"i": i, "q": t}) + "\n" for i, t in enumerate(texts)))
@@ -107,9 +122,15 @@ def test_poison_request_is_quarantined_and_the_rest_answered_through_the_pipelin
     restarting.backend  # an engine up before the clock: restarts below are the poison's
     loads, restarts, calls = VLLMBackend.engine_loads, restarting.restarts, batcher.backend_calls
 
-    pipe = Pipeline("poison", source=str(source),
-                    steps=[Generate(prompt="{{ q }}", output="a", max_tokens=12, max_error_rate=0.5)],
-                    store=f"file://{tmp_path}/store", batch_size=2, workers=2, serving=SERVING)
+    pipe = Pipeline(
+        "poison",
+        source=str(source),
+        steps=[Generate(prompt="{{ q }}", output="a", max_tokens=12, max_error_rate=0.5)],
+        store=f"file://{tmp_path}/store",
+        batch_size=2,
+        workers=2,
+        serving=SERVING,
+    )
     with shared_serving(faulty_pool):
         pipe.run()
     out = pipe.read().sort("i")
@@ -131,19 +152,27 @@ def test_poison_request_is_quarantined_and_the_rest_answered_through_the_pipelin
 
 
 def test_past_max_restarts_the_rows_fail_with_a_clear_error_instead_of_looping(
-        faulty_pool: ServingPool) -> None:
+    faulty_pool: ServingPool,
+) -> None:
     restarting = faulty_pool.served("default").backends[0]
     restarting.backend  # an engine up before the call
-    loads, restarts, quarantined = VLLMBackend.engine_loads, restarting.restarts, restarting.quarantined
+    loads, restarts, quarantined = (
+        VLLMBackend.engine_loads,
+        restarting.restarts,
+        restarting.quarantined,
+    )
     restarting.max_restarts = 0
     try:
-        results = faulty_pool.submit("default", [chat(q) for q in QUESTIONS[:3]] + [chat(f"Hi {POISON}")])
+        results = faulty_pool.submit(
+            "default", [chat(q) for q in QUESTIONS[:3]] + [chat(f"Hi {POISON}")]
+        )
     finally:
         restarting.max_restarts = SERVING_MAX_RESTARTS
     assert [r.text for r in results] == [None] * 4
     for result in results:
         assert (result.error or "").startswith(
-            "not served: the engine died 1 time(s) while serving this call (max_restarts 0); last: ")
+            "not served: the engine died 1 time(s) while serving this call (max_restarts 0); last: "
+        )
         assert DIE_ON in (result.error or "")
     assert restarting.restarts == restarts + 1 and restarting.quarantined == quarantined
     assert VLLMBackend.engine_loads == loads, "no restart was attempted"

@@ -12,17 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 from pydantic import BaseModel
-
 from vllm_shared import MAX_MODEL_LEN, shared_backend, skip_without_vllm
 
 skip_without_vllm()
 
-from nightshift.serving.batching import AutoBatcher  # noqa: E402
-from nightshift.serving.interface import GenerationRequest, SamplingParams  # noqa: E402
-from nightshift.serving.resilience import RestartingBackend  # noqa: E402
-from nightshift.serving.streaming import stream  # noqa: E402
-from nightshift.serving.structured import schema_of  # noqa: E402
-from nightshift.serving.vllm_backend import EngineDeadError, VLLMBackend  # noqa: E402
+from nightshift.serving.batching import AutoBatcher
+from nightshift.serving.interface import GenerationRequest, SamplingParams
+from nightshift.serving.resilience import RestartingBackend
+from nightshift.serving.streaming import stream
+from nightshift.serving.structured import schema_of
+from nightshift.serving.vllm_backend import EngineDeadError, VLLMBackend
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -67,13 +66,17 @@ QUESTIONS = [
 
 def test_greedy_is_deterministic_and_real(backend: VLLMBackend) -> None:
     requests = [chat(q, max_tokens=48, temperature=0.0) for q in QUESTIONS]
-    requests.append(GenerationRequest(prompt="The capital of France is", sampling=SamplingParams(max_tokens=12)))
+    requests.append(
+        GenerationRequest(prompt="The capital of France is", sampling=SamplingParams(max_tokens=12))
+    )
     start = time.perf_counter()
     first = backend.generate(requests)
     elapsed = time.perf_counter() - start
     second = backend.generate(requests)
     tokens = sum(r.completion_tokens for r in first)
-    print(f"\n[serving] batch of {len(requests)}: {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.0f} tok/s")
+    print(
+        f"\n[serving] batch of {len(requests)}: {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.0f} tok/s"
+    )
 
     assert len(first) == len(requests)
     for a, b in zip(first, second):
@@ -129,7 +132,9 @@ def test_too_long_prompt_is_a_row_error(backend: VLLMBackend) -> None:
 def test_stop_strings_and_length_limit(backend: VLLMBackend) -> None:
     [limited] = backend.generate([chat("Write a long essay about rivers.", max_tokens=5)])
     assert limited.finish_reason == "length" and limited.completion_tokens == 5
-    [stopped] = backend.generate([chat("Count from 1 to 10 separated by commas.", max_tokens=40, stop=["5"])])
+    [stopped] = backend.generate(
+        [chat("Count from 1 to 10 separated by commas.", max_tokens=40, stop=["5"])]
+    )
     assert stopped.error is None and "5" not in (stopped.text or "")
 
 
@@ -139,8 +144,11 @@ def test_json_schema_is_guided_and_validated(backend: VLLMBackend) -> None:
         [
             chat(ask, max_tokens=64, json_schema=PERSON_SCHEMA),
             chat(ask, max_tokens=3, json_schema=PERSON_SCHEMA),
-            chat("Which city is the Eiffel Tower in? Answer in JSON.", max_tokens=48,
-                 json_schema=schema_of(City)),
+            chat(
+                "Which city is the Eiffel Tower in? Answer in JSON.",
+                max_tokens=48,
+                json_schema=schema_of(City),
+            ),
         ]
     )
     # guided decoding: the reply is valid under the schema (not just "JSON-looking")
@@ -227,8 +235,10 @@ def test_no_barrier_a_short_request_is_not_held_behind_a_long_one(backend: VLLMB
             [result] = batcher.submit([request], timeout=300)
             done.append((name, result))
 
-        long = threading.Thread(target=submit, args=(
-            "long", chat("Write a long essay about the history of rivers.", max_tokens=160)))
+        long = threading.Thread(
+            target=submit,
+            args=("long", chat("Write a long essay about the history of rivers.", max_tokens=160)),
+        )
         long.start()
         time.sleep(0.5)  # the long one is decoding now
         short = threading.Thread(target=submit, args=("short", chat(QUESTIONS[3], max_tokens=8)))
@@ -294,7 +304,7 @@ def test_dead_engine_is_restarted_and_its_requests_replayed(backend: VLLMBackend
         results: dict[int, list] = {}
 
         def call(i: int) -> None:  # two calls in flight when the engine dies
-            results[i] = restarting.generate(requests[2 * i: 2 * i + 2])
+            results[i] = restarting.generate(requests[2 * i : 2 * i + 2])
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
         for th in threads:

@@ -5,26 +5,29 @@ The same checks on a local store and on S3 (moto's server through s3fs)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from conftest import make_rows, write_jsonl
+from helpers_api import task_run_states
+from nightshift_testops import Count, read_log
+from test_s3_store import s3, s3_endpoint
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.operators import Map
 from nightshift.tasks.spec import StoreSpec
-from conftest import make_rows, write_jsonl
-from helpers_api import task_run_states
-from nightshift_testops import Count, read_log
-from test_s3_store import s3, s3_endpoint  # noqa: F401 (fixtures)
 
 
 def build(store: str | StoreSpec, source: str) -> Pipeline:
     return Pipeline(
-        "skip", source=source,
+        "skip",
+        source=source,
         steps=[Count(tag="a"), Map(columns={"m": "n * 2"}), Count(tag="c")],
-        store=store, batch_size=20, fuse=False,
+        store=store,
+        batch_size=20,
+        fuse=False,
     )
 
 
@@ -35,8 +38,12 @@ def calls(log: Path, since: int) -> Counter:
 class Files:
     """Byte-level access to the store's objects, local or S3."""
 
-    def __init__(self, read: Callable[[str], bytes], write: Callable[[str, bytes], None],
-                 remove: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        read: Callable[[str], bytes],
+        write: Callable[[str, bytes], None],
+        remove: Callable[[str], None],
+    ) -> None:
         self.read, self.write, self.remove = read, write, remove
 
     def truncate(self, path: str) -> None:
@@ -52,8 +59,11 @@ class Files:
 @pytest.fixture(params=["local", "s3"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str | StoreSpec, Files]:
     if request.param == "local":
-        files = Files(lambda p: Path(p).read_bytes(), lambda p, b: Path(p).write_bytes(b),
-                      lambda p: Path(p).unlink())
+        files = Files(
+            lambda p: Path(p).read_bytes(),
+            lambda p, b: Path(p).write_bytes(b),
+            lambda p: Path(p).unlink(),
+        )
         return f"file://{tmp_path}/store", files
     fs = request.getfixturevalue("s3")
     endpoint = request.getfixturevalue("s3_endpoint")

@@ -15,9 +15,6 @@ import pytest
 
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 
-from nightshift.blocks.step_store import StepStore
-from nightshift.flows.stream import stream
-from nightshift.streams.sinks.store_sink import read_output
 from stream_fixtures import (
     NATS_PASSWORD,
     PG_PASSWORD,
@@ -27,6 +24,10 @@ from stream_fixtures import (
     setup_streams,
     stream_entry,
 )
+
+from nightshift.blocks.step_store import StepStore
+from nightshift.flows.stream import stream
+from nightshift.streams.sinks.store_sink import read_output
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]
@@ -51,17 +52,35 @@ def test_end_to_end_every_sink_and_dead_letters(
     store = tmp_path / "store"
     spec = {
         "store": {"url": f"file://{store}"},
-        "streams": [stream_entry(
-            "e2e", nats_server, "E2E", window={"count": 40, "seconds": 5},
-            steps=[{"map": {"columns": {"n2": "n * 2"}}},
-                   {"filter": {"where": "n % 10 <> 3"}},
-                   {"template": {"output": "prompt", "template": "Say: {{ text }}"}}],
-            sinks=[{"store": {}},
-                   {"postgres": {"connection": {"block": pg_block}, "table": "e2e_out", "mode": "upsert"}},
-                   {"nats": {"subject": "E2E.out"}}],
-            decode={"columns": {"id": "string", "text": "string", "n": "int"}, "required": ["id", "n"],
-                    "metadata": ["subject", "published"]},
-        )],
+        "streams": [
+            stream_entry(
+                "e2e",
+                nats_server,
+                "E2E",
+                window={"count": 40, "seconds": 5},
+                steps=[
+                    {"map": {"columns": {"n2": "n * 2"}}},
+                    {"filter": {"where": "n % 10 <> 3"}},
+                    {"template": {"output": "prompt", "template": "Say: {{ text }}"}},
+                ],
+                sinks=[
+                    {"store": {}},
+                    {
+                        "postgres": {
+                            "connection": {"block": pg_block},
+                            "table": "e2e_out",
+                            "mode": "upsert",
+                        }
+                    },
+                    {"nats": {"subject": "E2E.out"}},
+                ],
+                decode={
+                    "columns": {"id": "string", "text": "string", "n": "int"},
+                    "required": ["id", "n"],
+                    "metadata": ["subject", "published"],
+                },
+            )
+        ],
     }
     summary = run_stream(spec)["streams"][0]
     kept = [e for e in good if e["n"] % 10 != 3]
@@ -81,7 +100,8 @@ def test_end_to_end_every_sink_and_dead_letters(
     published = nats_server.messages("E2E_OUT")
     assert sorted(json.loads(m.data)["id"] for m in published) == sorted(e["id"] for e in kept)
     assert sorted(m.headers["Nats-Msg-Id"] for m in published) == sorted(
-        f"e2e:{s}" for s in out["_row_id"].to_list())
+        f"e2e:{s}" for s in out["_row_id"].to_list()
+    )
 
     dead = nats_server.messages("E2E_DEAD")
     reasons = {m.data: m.headers["Nightshift-Reason"] for m in dead}
@@ -115,10 +135,20 @@ def test_burst_closes_by_count_trickle_by_time_two_streams_one_process(
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
         "streams": [
-            stream_entry("burst", nats_server, "BURST", window={"count": 40, "seconds": 1.5},
-                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
-            stream_entry("trickle", nats_server, "TRICKLE", window={"count": 100, "seconds": 1.0},
-                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+            stream_entry(
+                "burst",
+                nats_server,
+                "BURST",
+                window={"count": 40, "seconds": 1.5},
+                steps=[{"map": {"columns": {"n2": "n * 2"}}}],
+            ),
+            stream_entry(
+                "trickle",
+                nats_server,
+                "TRICKLE",
+                window={"count": 100, "seconds": 1.0},
+                steps=[{"map": {"columns": {"n2": "n * 2"}}}],
+            ),
         ],
     }
 
@@ -138,7 +168,11 @@ def test_burst_closes_by_count_trickle_by_time_two_streams_one_process(
     publisher.join()
     burst, slow = (s["recent_windows"] for s in result["streams"])
 
-    assert [(w["messages"], w["closed_by"]) for w in burst] == [(40, "count"), (40, "count"), (20, "time")]
+    assert [(w["messages"], w["closed_by"]) for w in burst] == [
+        (40, "count"),
+        (40, "count"),
+        (20, "time"),
+    ]
     assert sum(w["messages"] for w in slow) == 8
     assert len(slow) >= 2 and all(w["closed_by"] == "time" for w in slow), slow
     store = StepStore(url=f"file://{tmp_path / 'store'}")
@@ -152,11 +186,18 @@ def test_generation_step_in_a_stream(tmp_path: Path, nats_server: Nats, nats_blo
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
         "serving": {"default": {"backend": "fake", "model": "echo", "max_batch": 8}},
-        "streams": [stream_entry(
-            "gen", nats_server, "GEN", window={"count": 12, "seconds": 2},
-            steps=[{"filter": {"where": "n <> 4"}},
-                   {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "answer"}}],
-        )],
+        "streams": [
+            stream_entry(
+                "gen",
+                nats_server,
+                "GEN",
+                window={"count": 12, "seconds": 2},
+                steps=[
+                    {"filter": {"where": "n <> 4"}},
+                    {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "answer"}},
+                ],
+            )
+        ],
     }
     summary = run_stream(spec)["streams"][0]
     assert summary["rows_out"] == 29
@@ -179,8 +220,15 @@ def test_supervisor_restarts_a_failed_stream_nothing_lost(
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
         "restart": {"backoff_s": 0.2},
-        "streams": [stream_entry("supervised", nats_server, "SUP", window={"count": 25, "seconds": 1},
-                                 steps=[{"fail_once": {"marker": str(marker)}}])],
+        "streams": [
+            stream_entry(
+                "supervised",
+                nats_server,
+                "SUP",
+                window={"count": 25, "seconds": 1},
+                steps=[{"fail_once": {"marker": str(marker)}}],
+            )
+        ],
     }
     summary = run_stream(spec)["streams"][0]
     assert marker.exists(), "the step should have failed once"
@@ -188,8 +236,9 @@ def test_supervisor_restarts_a_failed_stream_nothing_lost(
     assert out["id"].to_list() == [f"s{i}" for i in range(60)]
     assert summary["replayed_windows"] >= 1  # the failed window came back as itself
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=["supervised"])))
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["supervised"]))
+        )
     assert sorted(r.state.type.value for r in runs) == ["COMPLETED", "FAILED"]
     failed = next(r for r in runs if r.state.type.value == "FAILED")
     assert "failure injected once" in (failed.state.message or "")
@@ -205,10 +254,17 @@ def test_step_slower_than_ack_wait_is_not_redelivered(
     # server would redeliver the first window's messages after 1 s without +WPI acks
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
-        "streams": [stream_entry("slow", nats_server, "SLOW", window={"count": 10, "seconds": 4},
-                                 ack_wait_s=1.0,
-                                 steps=[{"nightshift_testops:Count": {"tag": "slow", "sleep": 2.5}}],
-                                 max_windows_in_flight=1)],
+        "streams": [
+            stream_entry(
+                "slow",
+                nats_server,
+                "SLOW",
+                window={"count": 10, "seconds": 4},
+                ack_wait_s=1.0,
+                steps=[{"nightshift_testops:Count": {"tag": "slow", "sleep": 2.5}}],
+                max_windows_in_flight=1,
+            )
+        ],
     }
     state = asyncio.run(stream(spec=spec, until_idle_s=1.5, allow_imports=True, return_state=True))
     assert state.is_completed(), state.message
@@ -217,7 +273,11 @@ def test_step_slower_than_ack_wait_is_not_redelivered(
     consumer = nats_server.consumer("SLOW", "slow-consumer")
     # one delivery per message (the consumer sequence counts deliveries, redeliveries too)
     assert consumer.delivered.consumer_seq == 15 and consumer.num_ack_pending == 0
-    assert read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "slow")["_row_id"].is_unique().all()
+    assert (
+        read_output(StepStore(url=f"file://{tmp_path / 'store'}"), "slow")["_row_id"]
+        .is_unique()
+        .all()
+    )
 
 
 def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
@@ -235,11 +295,21 @@ def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
         "store": {"url": f"file://{tmp_path / 'store'}"},
         "restart": {"backoff_s": 0.05, "max_restarts": 1},
         "streams": [
-            stream_entry("doomed", nats_server, "DOOM", window={"count": 10, "seconds": 1},
-                         steps=[{"map": {"columns": {"n2": "n * 2"}}}, {"fail_always": {}}],
-                         fuse=False),
-            stream_entry("fine", nats_server, "FINE", window={"count": 10, "seconds": 1},
-                         steps=[{"map": {"columns": {"n2": "n * 2"}}}]),
+            stream_entry(
+                "doomed",
+                nats_server,
+                "DOOM",
+                window={"count": 10, "seconds": 1},
+                steps=[{"map": {"columns": {"n2": "n * 2"}}}, {"fail_always": {}}],
+                fuse=False,
+            ),
+            stream_entry(
+                "fine",
+                nats_server,
+                "FINE",
+                window={"count": 10, "seconds": 1},
+                steps=[{"map": {"columns": {"n2": "n * 2"}}}],
+            ),
         ],
     }
     state = asyncio.run(stream(spec=spec, until_idle_s=1.5, return_state=True))
@@ -248,8 +318,10 @@ def test_a_step_that_always_fails_is_given_up_the_other_stream_goes_on(
         asyncio.run(state.aresult())
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("stream doomed: given up after 2 failures in a row without progress "
-                              "(restart.max_restarts: 1); last: doomed fail_always[1] window "), message
+    assert message.startswith(
+        "stream doomed: given up after 2 failures in a row without progress "
+        "(restart.max_restarts: 1); last: doomed fail_always[1] window "
+    ), message
     assert message.endswith(": steps[1] (fail_always): ValueError: this step always fails"), message
     assert message.count("fail_always[1]") == 1, message
     # the other stream went on to the end
@@ -276,12 +348,17 @@ def test_part_of_an_open_window_supersedes_it_in_the_store(
     store = StepStore(url=f"file://{tmp_path / 'store'}")
     whole = JournalEntry(id=window_id([(1, 20)]), ranges=[(1, 20)], key="0" * 64)
     Journal(store, "parted").write(whole)  # as the dead process left it: open, 1..20
-    store.write_frame(store.path("parted", "output", f"w-{whole.id}.parquet"),
-                      pl.DataFrame({"_row_id": list(range(1, 21)), "id": [f"old{i}" for i in range(20)]}))
+    store.write_frame(
+        store.path("parted", "output", f"w-{whole.id}.parquet"),
+        pl.DataFrame({"_row_id": list(range(1, 21)), "id": [f"old{i}" for i in range(20)]}),
+    )
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
-        "streams": [stream_entry("parted", nats_server, "PART", window={"count": 50, "seconds": 1},
-                                 ack_wait_s=1.0)],
+        "streams": [
+            stream_entry(
+                "parted", nats_server, "PART", window={"count": 50, "seconds": 1}, ack_wait_s=1.0
+            )
+        ],
     }
     summary = run_stream(spec, until_idle_s=1.0)["streams"][0]
     assert summary["messages"] == 10 and summary["replayed_windows"] == 1
@@ -289,5 +366,7 @@ def test_part_of_an_open_window_supersedes_it_in_the_store(
     assert len(files) == 1 and files[0].name.startswith("w-000000000001-000000000010-p"), files
     out = read_output(store, "parted")
     assert out["id"].to_list() == [f"p{i}" for i in range(10)]
-    part = json.loads((tmp_path / "store" / "parted" / "windows" / f"{files[0].stem[2:]}.json").read_text())
+    part = json.loads(
+        (tmp_path / "store" / "parted" / "windows" / f"{files[0].stem[2:]}.json").read_text()
+    )
     assert part["state"] == "committed" and part["supersedes"] == [whole.id]

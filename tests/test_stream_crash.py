@@ -22,43 +22,73 @@ import pytest
 
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
-
-from nightshift.blocks.step_store import StepStore
-from nightshift.streams.sinks.store_sink import read_output
 from conftest import ROOT, cli_env
 from nightshift_testops import read_log
 from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
+
+from nightshift.blocks.step_store import StepStore
+from nightshift.streams.sinks.store_sink import read_output
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]
 
 
-def write_spec(tmp_path: Path, nats: Nats, stream: str, table: str, pg_block: str,
-               sleep: float, count: int) -> Path:
+def write_spec(
+    tmp_path: Path, nats: Nats, stream: str, table: str, pg_block: str, sleep: float, count: int
+) -> Path:
     spec = {
         "store": {"url": f"file://{tmp_path / 'store'}"},
         "artifact_every_s": 1,
-        "streams": [stream_entry(
-            stream.lower(), nats, stream, window={"count": count, "seconds": 2},
-            steps=[{"nightshift_testops:Count": {"tag": "w", "sleep": sleep}},
-                   {"map": {"columns": {"n2": "n * 2"}}}],
-            sinks=[{"store": {}},
-                   {"postgres": {"connection": {"block": pg_block}, "table": table, "mode": "insert"}},
-                   {"nats": {"subject": f"{stream}.out"}}],
-            max_windows_in_flight=2, workers=2,
-        )],
+        "streams": [
+            stream_entry(
+                stream.lower(),
+                nats,
+                stream,
+                window={"count": count, "seconds": 2},
+                steps=[
+                    {"nightshift_testops:Count": {"tag": "w", "sleep": sleep}},
+                    {"map": {"columns": {"n2": "n * 2"}}},
+                ],
+                sinks=[
+                    {"store": {}},
+                    {
+                        "postgres": {
+                            "connection": {"block": pg_block},
+                            "table": table,
+                            "mode": "insert",
+                        }
+                    },
+                    {"nats": {"subject": f"{stream}.out"}},
+                ],
+                max_windows_in_flight=2,
+                workers=2,
+            )
+        ],
     }
     path = tmp_path / f"{stream}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def start(spec: Path, api: str, log: Path, *args: str, env: dict[str, str] | None = None
-          ) -> subprocess.Popen:
+def start(
+    spec: Path, api: str, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "stream", str(spec), "--allow-imports", *args],
-        env={**cli_env(api, log), **(env or {})}, cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.flows.cli",
+            "stream",
+            str(spec),
+            "--allow-imports",
+            *args,
+        ],
+        env={**cli_env(api, log), **(env or {})},
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -90,8 +120,9 @@ def summary_of(output: str) -> dict[str, Any]:
     return json.loads(output[start:])["streams"][0]
 
 
-def assert_exactly_once(nats: Nats, postgres: Postgres, stream: str, table: str, store: Path,
-                        ids: list[str]) -> None:
+def assert_exactly_once(
+    nats: Nats, postgres: Postgres, stream: str, table: str, store: Path, ids: list[str]
+) -> None:
     out = read_output(StepStore(url=f"file://{store}"), stream.lower())
     assert out["_row_id"].is_unique().all(), "a message is twice in the store sink"
     assert sorted(out["id"].to_list()) == sorted(ids)
@@ -107,7 +138,11 @@ def assert_exactly_once(nats: Nats, postgres: Postgres, stream: str, table: str,
 
 
 def test_sigkill_mid_window_and_between_sinks_then_exactly_once(
-    tmp_path: Path, prefect_api: str, nats_server: Nats, nats_block: str, postgres: Postgres,
+    tmp_path: Path,
+    prefect_api: str,
+    nats_server: Nats,
+    nats_block: str,
+    postgres: Postgres,
     pg_block: str,
 ) -> None:
     stream, table = "CRASH", "crash_out"
@@ -142,17 +177,25 @@ def test_sigkill_mid_window_and_between_sinks_then_exactly_once(
     assert code == 0, output[-3000:]
     summary = summary_of(output)
     assert summary["stopped_by"].startswith("idle")
-    assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", [e["id"] for e in events])
+    assert_exactly_once(
+        nats_server, postgres, stream, table, tmp_path / "store", [e["id"] for e in events]
+    )
     # each window of the half-written run was replayed as the same window: its finished
     # step was Cached, not computed again
     windows = summary["recent_windows"]
     assert any(w["replay"] and w["cached_steps"] for w in windows), windows
-    journal = [json.loads(p.read_text()) for p in (tmp_path / "store" / "crash" / "windows").glob("*.json")]
+    journal = [
+        json.loads(p.read_text()) for p in (tmp_path / "store" / "crash" / "windows").glob("*.json")
+    ]
     assert all(entry["state"] == "committed" for entry in journal), journal
 
 
 def test_sigterm_finishes_open_windows_then_resume(
-    tmp_path: Path, prefect_api: str, nats_server: Nats, nats_block: str, postgres: Postgres,
+    tmp_path: Path,
+    prefect_api: str,
+    nats_server: Nats,
+    nats_block: str,
+    postgres: Postgres,
     pg_block: str,
 ) -> None:
     stream, table = "GRACE", "grace_out"
@@ -180,7 +223,9 @@ def test_sigterm_finishes_open_windows_then_resume(
     code, output = finish(proc)
     assert code == 0, output[-3000:]
     assert summary_of(output)["messages"] == 200 - summary["messages"]
-    assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", [e["id"] for e in events])
+    assert_exactly_once(
+        nats_server, postgres, stream, table, tmp_path / "store", [e["id"] for e in events]
+    )
 
 
 def _table_exists(postgres: Postgres, table: str) -> bool:

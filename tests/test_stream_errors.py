@@ -12,13 +12,13 @@ import pytest
 
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import yaml
+from conftest import run_cli
+from stream_fixtures import Nats, setup_streams, stream_entry
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.stream import stream
 from nightshift.streams.plan import build_stream_plans
 from nightshift.streams.spec import load_stream_spec
-from conftest import run_cli
-from stream_fixtures import Nats, setup_streams, stream_entry
 
 # the servers are session fixtures of a plugin: started once for every streaming test module
 pytest_plugins = ["stream_fixtures"]
@@ -47,31 +47,60 @@ def with_(path: str, value: Any) -> dict[str, Any]:
 CASES = [
     (with_("window", {}), r"^spec: streams\[0\]\.window: give count, seconds or both$"),
     (with_("window", {"count": 0}), r"streams\[0\]\.window\.count: Input should be greater than 0"),
-    (with_("source.server", "nats://u:secret@h:4222"),
-     r"streams\[0\]\.source\.server: credentials do not go in the URL"),
+    (
+        with_("source.server", "nats://u:secret@h:4222"),
+        r"streams\[0\]\.source\.server: credentials do not go in the URL",
+    ),
     (with_("source.durable", "has space"), r"streams\[0\]\.source\.durable: String should match"),
-    (with_("decode.required", ["nope"]), r"streams\[0\]\.decode: required \['nope'\] not in columns"),
-    (with_("decode.columns", {"id": "uuid"}), r"streams\[0\]\.decode\.columns\.id: Input should be"),
-    (with_("decode.validate", "n + 1"),
-     r"^streams\[0\]\.decode\.validate 'n \+ 1' gives Int64, not a boolean$"),
-    (with_("steps", [{"dedup": {"on": ["text"]}}]),
-     r"^streams\[0\]\.steps\[0\] \(dedup\): a barrier step needs the whole data set"),
-    (with_("steps", [{"filter": {"where": "missing > 1"}}]), r"^streams\[0\]\.steps\[0\] \(filter\): "),
+    (
+        with_("decode.required", ["nope"]),
+        r"streams\[0\]\.decode: required \['nope'\] not in columns",
+    ),
+    (
+        with_("decode.columns", {"id": "uuid"}),
+        r"streams\[0\]\.decode\.columns\.id: Input should be",
+    ),
+    (
+        with_("decode.validate", "n + 1"),
+        r"^streams\[0\]\.decode\.validate 'n \+ 1' gives Int64, not a boolean$",
+    ),
+    (
+        with_("steps", [{"dedup": {"on": ["text"]}}]),
+        r"^streams\[0\]\.steps\[0\] \(dedup\): a barrier step needs the whole data set",
+    ),
+    (
+        with_("steps", [{"filter": {"where": "missing > 1"}}]),
+        r"^streams\[0\]\.steps\[0\] \(filter\): ",
+    ),
     (with_("steps", [{"shout": {}}]), r"^streams\[0\]\.steps\[0\]: unknown operator 'shout'"),
     (with_("sinks", [{"kafka": {}}]), r"^streams\[0\]\.sinks\[0\]: unknown sink 'kafka'"),
-    (with_("sinks", [{"postgres": {"table": "t", "connection": {"url": "postgresql://u:pw@h/db"}}}]),
-     r"^streams\[0\]\.sinks\[0\]\.postgres\.connection: url: no password in the URL"),
-    (with_("sinks", [{"postgres": {"table": "bad name", "connection": {"block": "x"}}}]),
-     r"^streams\[0\]\.sinks\[0\]\.postgres\.table: String should match"),
-    (with_("sinks", [{"postgres": {"table": "t", "key": ["text"], "connection": {"block": "x"}}}]),
-     r"^streams\[0\]\.sinks\[0\]\.postgres\.key: column text may be null; add it to decode\.required$"),
-    (with_("sinks", [{"nats": {"subject": "S.out", "columns": ["nope"]}}]),
-     r"^streams\[0\]\.sinks\[0\]\.nats: column nope is not in the output"),
+    (
+        with_(
+            "sinks", [{"postgres": {"table": "t", "connection": {"url": "postgresql://u:pw@h/db"}}}]
+        ),
+        r"^streams\[0\]\.sinks\[0\]\.postgres\.connection: url: no password in the URL",
+    ),
+    (
+        with_("sinks", [{"postgres": {"table": "bad name", "connection": {"block": "x"}}}]),
+        r"^streams\[0\]\.sinks\[0\]\.postgres\.table: String should match",
+    ),
+    (
+        with_(
+            "sinks", [{"postgres": {"table": "t", "key": ["text"], "connection": {"block": "x"}}}]
+        ),
+        r"^streams\[0\]\.sinks\[0\]\.postgres\.key: column text may be null; add it to decode\.required$",
+    ),
+    (
+        with_("sinks", [{"nats": {"subject": "S.out", "columns": ["nope"]}}]),
+        r"^streams\[0\]\.sinks\[0\]\.nats: column nope is not in the output",
+    ),
 ]
 
 
 @pytest.mark.parametrize("entry,message", CASES, ids=[m[:40] for _, m in CASES])
-def test_bad_stream_spec_is_one_line_naming_the_key(tmp_path: Path, entry: dict, message: str) -> None:
+def test_bad_stream_spec_is_one_line_naming_the_key(
+    tmp_path: Path, entry: dict, message: str
+) -> None:
     spec = {"store": {"url": f"file://{tmp_path}/store"}, "streams": [entry]}
     with pytest.raises(NightshiftError) as info:
         build_stream_plans(load_stream_spec(spec))
@@ -91,7 +120,9 @@ def test_spec_level_errors(tmp_path: Path) -> None:
     with pytest.raises(NightshiftError, match=r"streams\[1\]\.name 'bad' repeats streams\[0\]"):
         load_stream_spec(twice)
     # discovery and export: one line naming the key or option
-    with pytest.raises(NightshiftError, match=r"^spec: streams: give at least one stream, or discover:"):
+    with pytest.raises(
+        NightshiftError, match=r"^spec: streams: give at least one stream, or discover:"
+    ):
         load_stream_spec({"streams": []})
     with pytest.raises(NightshiftError, match=r"^spec: discover\.table: String should match"):
         load_stream_spec({"discover": {"connection": {"block": "pg"}, "table": "no such"}})
@@ -103,20 +134,32 @@ def test_spec_level_errors(tmp_path: Path) -> None:
     static = load_stream_spec({"streams": [BASE]})
     with pytest.raises(NightshiftError, match=r"^discover: --discover needs a discover: section"):
         check_modes(static, discover=True)
-    with pytest.raises(NightshiftError, match=r"^streams: the spec lists no stream; run with "
-                                              r"--discover to poll nightshift_streams$"):
+    with pytest.raises(
+        NightshiftError,
+        match=r"^streams: the spec lists no stream; run with "
+        r"--discover to poll nightshift_streams$",
+    ):
         check_modes(load_stream_spec({"discover": {"connection": {"block": "pg"}}}), discover=False)
     with pytest.raises(NightshiftError, match=r"^--to out\.csv: give a \.parquet or \.jsonl file$"):
         export_stream(static, "bad", Path("out.csv"))
-    with pytest.raises(NightshiftError, match=r"^--stream other: no such stream in the spec "
-                                              r"\(streams: bad\)$"):
+    with pytest.raises(
+        NightshiftError,
+        match=r"^--stream other: no such stream in the spec "
+        r"\(streams: bad\)$",
+    ):
         export_stream(static, "other", tmp_path / "out.jsonl")
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, prefect_api: str) -> None:
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({"store": {"url": f"file://{tmp_path}/store"},
-                                    "streams": [with_("window", {"seconds": -1})]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"url": f"file://{tmp_path}/store"},
+                "streams": [with_("window", {"seconds": -1})],
+            }
+        )
+    )
     result = run_cli(["stream", str(path)], prefect_api)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
@@ -139,17 +182,26 @@ def test_unreachable_parts_fail_before_any_message(
     ok = stream_entry("chk", nats_server, "CHK", window={"count": 5})
     missing = copy.deepcopy(ok)
     missing["source"]["stream"] = "NOPE"
-    assert check(missing) == (f"streams[0].source.stream 'NOPE': no such JetStream stream on "
-                              f"{nats_server.url}")
+    assert check(missing) == (
+        f"streams[0].source.stream 'NOPE': no such JetStream stream on {nats_server.url}"
+    )
     no_dlq = copy.deepcopy(ok)
     no_dlq["dead_letter"] = {"subject": "nowhere.dead"}
-    assert "streams[0].dead_letter.subject 'nowhere.dead': no JetStream stream captures it" in check(no_dlq)
+    assert (
+        "streams[0].dead_letter.subject 'nowhere.dead': no JetStream stream captures it"
+        in check(no_dlq)
+    )
     no_out = copy.deepcopy(ok)
     no_out["sinks"] = [{"nats": {"subject": "nowhere.out"}}]
     assert "streams[0].sinks[0].nats.subject 'nowhere.out': no JetStream stream" in check(no_out)
     anonymous = copy.deepcopy(ok)
     del anonymous["source"]["credentials"]  # the server wants a user: NATS says no
-    assert check(anonymous).startswith(f"streams[0].source.server {nats_server.url}: cannot connect")
-    good = asyncio.run(stream(spec={"store": {"url": f"file://{tmp_path}/store"}, "streams": [ok]},
-                              check_only=True))
+    assert check(anonymous).startswith(
+        f"streams[0].source.server {nats_server.url}: cannot connect"
+    )
+    good = asyncio.run(
+        stream(
+            spec={"store": {"url": f"file://{tmp_path}/store"}, "streams": [ok]}, check_only=True
+        )
+    )
     assert good == {"checked": ["chk"]}

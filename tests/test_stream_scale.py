@@ -28,13 +28,13 @@ import pytest
 pytest.register_assert_rewrite("stream_fixtures")  # also a plugin (below)
 import polars as pl
 import yaml
-
-from nightshift.blocks.step_store import StepStore
-from nightshift.streams.sinks.store_sink import read_output
 from conftest import ROOT, cli_env
 from nightshift_testops import read_log
 from stream_fixtures import Nats, Postgres, event, setup_streams, stream_entry
 from test_stream_crash import assert_exactly_once, start, summary_of, write_spec
+
+from nightshift.blocks.step_store import StepStore
+from nightshift.streams.sinks.store_sink import read_output
 
 pytest_plugins = ["stream_fixtures"]
 # the processes' INFO lines (stream started, discovery) are what the tests wait on; wide
@@ -42,8 +42,13 @@ pytest_plugins = ["stream_fixtures"]
 VERBOSE = {"PREFECT_LOGGING_LEVEL": "INFO", "COLUMNS": "1000"}
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120,
-              procs: tuple[subprocess.Popen, ...] = (), outputs: tuple[Output, ...] = ()) -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    what: str,
+    timeout: float = 120,
+    procs: tuple[subprocess.Popen, ...] = (),
+    outputs: tuple[Output, ...] = (),
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -51,11 +56,15 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120,
             return value
         for proc in procs:
             if proc.poll() is not None:
-                pytest.fail(f"a stream process ended early while waiting for {what}:\n"
-                            + "".join(line for o in outputs for line in o.lines[-30:]))
+                pytest.fail(
+                    f"a stream process ended early while waiting for {what}:\n"
+                    + "".join(line for o in outputs for line in o.lines[-30:])
+                )
         time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}:\n"
-                + "".join(line for o in outputs for line in o.lines[-30:]))
+    pytest.fail(
+        f"timed out waiting for {what}:\n"
+        + "".join(line for o in outputs for line in o.lines[-30:])
+    )
 
 
 class Output:
@@ -75,7 +84,11 @@ class Output:
 
 
 def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
-    tmp_path: Path, prefect_api: str, nats_server: Nats, nats_block: str, postgres: Postgres,
+    tmp_path: Path,
+    prefect_api: str,
+    nats_server: Nats,
+    nats_block: str,
+    postgres: Postgres,
     pg_block: str,
 ) -> None:
     stream, table = "SHARE", "share_out"
@@ -87,8 +100,12 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     out_a, out_b = Output(a), Output(b)
     try:
         # both pulling before anything is published: then they split the messages
-        wait_for(lambda: out_a.count("stream share: nats://") and out_b.count("stream share: nats://"),
-                 "both processes to start their stream", procs=(a, b), outputs=(out_a, out_b))
+        wait_for(
+            lambda: out_a.count("stream share: nats://") and out_b.count("stream share: nats://"),
+            "both processes to start their stream",
+            procs=(a, b),
+            outputs=(out_a, out_b),
+        )
         events = [event(i, "s") for i in range(300)]
         nats_server.publish(f"{stream}.in", events)
         ids = [e["id"] for e in events]
@@ -96,8 +113,12 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
         def windows_of(proc: subprocess.Popen) -> int:
             return sum(e["pid"] == proc.pid for e in read_log(str(log)))
 
-        wait_for(lambda: windows_of(a) and windows_of(b), "both to run their step on a window",
-                 procs=(a, b), outputs=(out_a, out_b))
+        wait_for(
+            lambda: windows_of(a) and windows_of(b),
+            "both to run their step on a window",
+            procs=(a, b),
+            outputs=(out_a, out_b),
+        )
         more = [event(i, "s") for i in range(300, 420)]  # A surely has windows to come
         nats_server.publish(f"{stream}.in", more)
         ids += [e["id"] for e in more]
@@ -130,8 +151,9 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", ids)
     # A's journaled windows came back to B as themselves (the same windows, not new ones)
     assert summary["replayed_windows"] >= 1, summary
-    journal = [json.loads(p.read_text())
-               for p in (tmp_path / "store" / "share" / "windows").glob("*.json")]
+    journal = [
+        json.loads(p.read_text()) for p in (tmp_path / "store" / "share" / "windows").glob("*.json")
+    ]
     assert all(entry["state"] == "committed" for entry in journal), journal
 
 
@@ -139,32 +161,49 @@ DISC_TABLE, OUT_TABLE = "disc_streams", "disc_out"
 
 
 def definition(nats: Nats, pg_block: str, version: str) -> dict[str, Any]:
-    entry = stream_entry("disc", nats, "DISC", window={"count": 20, "seconds": 0.5},
-                         steps=[{"map": {"columns": {"ver": f"'{version}'"}}}],
-                         sinks=[{"store": {}},
-                                {"postgres": {"connection": {"block": pg_block},
-                                              "table": OUT_TABLE, "mode": "insert"}}])
+    entry = stream_entry(
+        "disc",
+        nats,
+        "DISC",
+        window={"count": 20, "seconds": 0.5},
+        steps=[{"map": {"columns": {"ver": f"'{version}'"}}}],
+        sinks=[
+            {"store": {}},
+            {"postgres": {"connection": {"block": pg_block}, "table": OUT_TABLE, "mode": "insert"}},
+        ],
+    )
     del entry["name"]  # the row's name is the stream's name
     return entry
 
 
 def test_discovered_streams_start_change_drain_and_export(
-    tmp_path: Path, prefect_api: str, nats_server: Nats, nats_block: str, postgres: Postgres,
+    tmp_path: Path,
+    prefect_api: str,
+    nats_server: Nats,
+    nats_block: str,
+    postgres: Postgres,
     pg_block: str,
 ) -> None:
     setup_streams(nats_server, "DISC", out=False)
     with postgres.connect() as conn:
         conn.execute(f"DROP TABLE IF EXISTS {DISC_TABLE}")
     spec_path = tmp_path / "discover.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "store": {"url": f"file://{tmp_path / 'store'}"},
-        "discover": {"connection": {"block": pg_block}, "table": DISC_TABLE, "poll_s": 0.5},
-    }))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"url": f"file://{tmp_path / 'store'}"},
+                "discover": {"connection": {"block": pg_block}, "table": DISC_TABLE, "poll_s": 0.5},
+            }
+        )
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "nightshift.flows.cli", "stream", str(spec_path), "--discover"],
-        env={**cli_env(prefect_api, tmp_path / "log.jsonl"), **VERBOSE}, cwd=ROOT,
+        env={**cli_env(prefect_api, tmp_path / "log.jsonl"), **VERBOSE},
+        cwd=ROOT,
         start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     out = Output(proc)
     ids: list[str] = []
@@ -186,41 +225,71 @@ def test_discovered_streams_start_change_drain_and_export(
             return conn.execute(f"SELECT count(*) FROM {OUT_TABLE}").fetchone()[0]
 
     try:
-        wait_for(lambda: out.count("discover: polling"), "discovery to start", procs=(proc,),
-                 outputs=(out,))
+        wait_for(
+            lambda: out.count("discover: polling"),
+            "discovery to start",
+            procs=(proc,),
+            outputs=(out,),
+        )
         bad = definition(nats_server, pg_block, "v0")
         bad["window"] = {}
-        sql(f"INSERT INTO {DISC_TABLE} (name, definition) VALUES ('broken', %s), ('disc', %s)",
-            json.dumps(bad), json.dumps(definition(nats_server, pg_block, "v1")))
+        sql(
+            f"INSERT INTO {DISC_TABLE} (name, definition) VALUES ('broken', %s), ('disc', %s)",
+            json.dumps(bad),
+            json.dumps(definition(nats_server, pg_block, "v1")),
+        )
         first = publish(60)
-        wait_for(lambda: rows_in_pg() == 60, "the discovered stream to sink 60 rows",
-                 procs=(proc,), outputs=(out,))
+        wait_for(
+            lambda: rows_in_pg() == 60,
+            "the discovered stream to sink 60 rows",
+            procs=(proc,),
+            outputs=(out,),
+        )
         # the bad definition: one line naming the row and the key; the good one runs
         broken = [line for line in out.lines if "broken" in line]
-        assert out.count("discover: disc_streams['broken'].window: give count, seconds or both; "
-                         "stream broken not started") == 1, broken
+        assert (
+            out.count(
+                "discover: disc_streams['broken'].window: give count, seconds or both; "
+                "stream broken not started"
+            )
+            == 1
+        ), broken
 
         # changed: drained, then started again with the new steps; messages keep coming
-        sql(f"UPDATE {DISC_TABLE} SET definition = %s WHERE name = 'disc'",
-            json.dumps(definition(nats_server, pg_block, "v2")))
+        sql(
+            f"UPDATE {DISC_TABLE} SET definition = %s WHERE name = 'disc'",
+            json.dumps(definition(nats_server, pg_block, "v2")),
+        )
         publish(40)  # while it changes
-        wait_for(lambda: out.count("discover: stream disc started") == 2, "the restart",
-                 procs=(proc,), outputs=(out,))
+        wait_for(
+            lambda: out.count("discover: stream disc started") == 2,
+            "the restart",
+            procs=(proc,),
+            outputs=(out,),
+        )
         assert out.count("discover: stream disc changed") == 1
         after = publish(40)
         wait_for(lambda: rows_in_pg() == 140, "140 rows", procs=(proc,), outputs=(out,))
 
         # disabled: drained (what it pulled is sunk and acked) and stopped
         sql(f"UPDATE {DISC_TABLE} SET enabled = false WHERE name = 'disc'")
-        wait_for(lambda: out.count("discover: stream disc stopped") == 2, "the drain",
-                 procs=(proc,), outputs=(out,))  # the first: when it changed
+        wait_for(
+            lambda: out.count("discover: stream disc stopped") == 2,
+            "the drain",
+            procs=(proc,),
+            outputs=(out,),
+        )  # the first: when it changed
         consumer = nats_server.consumer("DISC", "disc-consumer")
         assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
         later = publish(30)
         assert nats_server.consumer("DISC", "disc-consumer").num_pending == 30
         sql(f"UPDATE {DISC_TABLE} SET enabled = true WHERE name = 'disc'")
-        wait_for(lambda: rows_in_pg() == 170, "170 rows after enabling it again",
-                 procs=(proc,), outputs=(out,))
+        wait_for(
+            lambda: rows_in_pg() == 170,
+            "170 rows after enabling it again",
+            procs=(proc,),
+            outputs=(out,),
+        )
         assert out.count("discover: disc_streams['broken']") == 1  # said once, not every poll
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -241,10 +310,23 @@ def test_discovered_streams_start_change_drain_and_export(
     # export: one file, each message once, stream order, written atomically
     target = tmp_path / "exports" / "disc.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "nightshift.flows.cli", "stream", "export", str(spec_path),
-         "--stream", "disc", "--to", str(target)],
-        env=cli_env(prefect_api, tmp_path / "log.jsonl"), cwd=ROOT, capture_output=True,
-        text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.flows.cli",
+            "stream",
+            "export",
+            str(spec_path),
+            "--stream",
+            "disc",
+            "--to",
+            str(target),
+        ],
+        env=cli_env(prefect_api, tmp_path / "log.jsonl"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "disc: 170 rows from" in result.stderr
@@ -254,7 +336,11 @@ def test_discovered_streams_start_change_drain_and_export(
     from nightshift.streams.export import export_stream
     from nightshift.streams.spec import load_stream_spec
 
-    rows, _ = export_stream(load_stream_spec(spec_path), "disc", tmp_path / "exports" / "disc.parquet")
+    rows, _ = export_stream(
+        load_stream_spec(spec_path), "disc", tmp_path / "exports" / "disc.parquet"
+    )
     assert rows == 170
-    assert pl.read_parquet(tmp_path / "exports" / "disc.parquet")["_row_id"].to_list() == \
-        stored["_row_id"].to_list()
+    assert (
+        pl.read_parquet(tmp_path / "exports" / "disc.parquet")["_row_id"].to_list()
+        == stored["_row_id"].to_list()
+    )

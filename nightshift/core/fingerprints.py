@@ -41,7 +41,8 @@ def code_version(cls: type) -> str:
             except (OSError, TypeError):
                 parts.append(f"{name}:{func.__code__.co_code.hex()}")
         elif isinstance(value, _PLAIN) or (
-            isinstance(value, (tuple, list, frozenset)) and all(isinstance(v, _PLAIN) for v in value)
+            isinstance(value, (tuple, list, frozenset))
+            and all(isinstance(v, _PLAIN) for v in value)
         ):
             parts.append(f"{name}={value!r}")
     if not parts:

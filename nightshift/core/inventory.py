@@ -65,7 +65,8 @@ class OutputIndex:
             document = _read_json(fs, f"{directory}/{INDEX_NAME}")
             if isinstance(document, dict) and isinstance(document.get("files"), dict):
                 index.recorded = {
-                    name: entry for name, entry in document["files"].items()
+                    name: entry
+                    for name, entry in document["files"].items()
                     if name in index.listing and isinstance(entry, dict)
                 }
                 index.changed = len(index.recorded) != len(document["files"])

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import anyio
 from prefect.locking.filesystem import FileSystemLockManager
@@ -44,13 +43,13 @@ class ProcessAwareLockManager(FileSystemLockManager):
         self,
         key: str,
         holder: str,
-        acquire_timeout: Optional[float] = None,
-        hold_timeout: Optional[float] = None,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
     ) -> bool:
         self._ensure_lock_files_directory_exists()
         path = Path(self._lock_path_for_key(key))
         expiration = (
-            dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=hold_timeout)
+            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=hold_timeout)
             if hold_timeout is not None
             else None
         )
@@ -84,8 +83,8 @@ class ProcessAwareLockManager(FileSystemLockManager):
         self,
         key: str,
         holder: str,
-        acquire_timeout: Optional[float] = None,
-        hold_timeout: Optional[float] = None,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
     ) -> bool:
         return await anyio.to_thread.run_sync(
             self.acquire_lock, key, holder, acquire_timeout, hold_timeout

@@ -37,13 +37,13 @@ class TokenPrice(BaseModel):
 class Usage:
     """Counters of one backend or one call; ``merge`` adds another's."""
 
-    requests: int = 0          #: HTTP attempts sent (first tries and retries)
-    retries: int = 0           #: attempts after the first, for any row
-    answered: int = 0          #: rows that got an answer
-    failed: int = 0            #: rows whose final outcome was an error
-    prompt_tokens: int = 0     #: as reported by the server, answered rows
+    requests: int = 0  #: HTTP attempts sent (first tries and retries)
+    retries: int = 0  #: attempts after the first, for any row
+    answered: int = 0  #: rows that got an answer
+    failed: int = 0  #: rows whose final outcome was an error
+    prompt_tokens: int = 0  #: as reported by the server, answered rows
     completion_tokens: int = 0
-    cached: int = 0            #: rows answered from the batch's answer cache (no request)
+    cached: int = 0  #: rows answered from the batch's answer cache (no request)
     statuses: dict[str, int] = field(default_factory=dict)  #: failed attempts by kind
 
     def add_answer(self, prompt_tokens: int, completion_tokens: int) -> None:

@@ -33,8 +33,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
 
@@ -90,7 +90,9 @@ class AutoBatcher:
         self._pending: deque[tuple[_Ticket, int, GenerationRequest]] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="nightshift-autobatcher", daemon=True)
+        self._worker = threading.Thread(
+            target=self._run, name="nightshift-autobatcher", daemon=True
+        )
         self._worker.start()
 
     def submit(
@@ -178,7 +180,6 @@ class AutoBatcher:
             leftover, self._pending = list(self._pending), deque()
         for ticket in {id(t): t for t, _, _ in leftover}.values():
             ticket.fail(BatcherClosedError("AutoBatcher closed before these requests were served"))
-
 
     def _call(self, batch: list[tuple[_Ticket, int, GenerationRequest]]) -> None:
         try:

@@ -64,7 +64,11 @@ class EngineFaults:
 
     def marks(self, request: GenerationRequest) -> tuple[bool, bool]:
         """Whether ``request`` carries the die marker and the block marker."""
-        text = "\n".join(m.content for m in request.messages) if request.messages else request.prompt or ""
+        text = (
+            "\n".join(m.content for m in request.messages)
+            if request.messages
+            else request.prompt or ""
+        )
         return (
             self.die_on is not None and self.die_on in text,
             self.block_on is not None and self.block_on in text,
@@ -78,12 +82,16 @@ class EngineFaults:
             dying |= die
             blocking |= block
         if dying:
-            raise EngineFault(f"simulated engine failure ({DIE_ON} test hook): a request in the "
-                              f"engine contains {self.die_on!r}")
+            raise EngineFault(
+                f"simulated engine failure ({DIE_ON} test hook): a request in the "
+                f"engine contains {self.die_on!r}"
+            )
         if blocking and self.block_on is not None:
             with _BLOCKED_LOCK:
                 if self.block_on in _BLOCKED:
                     return
                 _BLOCKED.add(self.block_on)
-            logger.warning("%s test hook: the engine loop is blocked until the backend is closed", BLOCK_ON)
+            logger.warning(
+                "%s test hook: the engine loop is blocked until the backend is closed", BLOCK_ON
+            )
             release.wait()

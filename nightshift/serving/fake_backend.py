@@ -65,8 +65,12 @@ class FakeBackend:
         self.closed = False
         self._lock = threading.Lock()
 
-    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-                 usage: Usage | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         """Echo each request; failing rows get ``error``; listed calls raise."""
         with self._lock:
             if self.closed:

@@ -156,8 +156,11 @@ class Backend(Protocol):
 ResultCallback = Callable[[int, GenerationResult], None]
 
 
-def report(results: Sequence[GenerationResult], on_result: ResultCallback | None = None,
-           usage: Usage | None = None) -> None:
+def report(
+    results: Sequence[GenerationResult],
+    on_result: ResultCallback | None = None,
+    usage: Usage | None = None,
+) -> None:
     """The bookkeeping of a ``generate`` call whose rows all finish together: count each
     row into ``usage`` and hand it to ``on_result``, in input order."""
     for index, result in enumerate(results):

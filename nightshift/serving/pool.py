@@ -26,7 +26,13 @@ from typing import Any
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.core.usage import Usage
 from nightshift.serving.batching import AutoBatcher
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
+from nightshift.serving.interface import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    report,
+)
 from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 
 _CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
@@ -59,7 +65,10 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
 
         from nightshift.serving.fake_backend import FakeBackend
 
-        return FakeBackend(delay_s=cfg.fake_delay_s, model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+        return FakeBackend(
+            delay_s=cfg.fake_delay_s,
+            model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
+        )
     from nightshift.serving.vllm_backend import VLLMBackend
 
     return VLLMBackend(cfg.model, stall_timeout_s=cfg.stall_timeout_s, **cfg.engine_options())
@@ -99,8 +108,12 @@ class _ServedDirect:
         self.owned = owned
         self.backends: list[RestartingBackend] = []  # nothing to restart
 
-    def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-               usage: Usage | None = None) -> list[GenerationResult]:
+    def submit(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         return self.backend.generate(requests, on_result=on_result, usage=usage)
 
     def direct(self) -> Backend:
@@ -140,8 +153,12 @@ class _Served:
         self._turn = itertools.cycle(range(len(self.batchers)))
         self._lock = threading.Lock()
 
-    def submit(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-               usage: Usage | None = None) -> list[GenerationResult]:
+    def submit(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         with self._lock:
             batcher = self.batchers[next(self._turn)]
         results = batcher.submit(requests)
@@ -171,8 +188,9 @@ class ServingPool:
     #: Backends started by every pool of this process, by serving name (for tests/logs).
     total_starts: Counter[str] = Counter()
 
-    def __init__(self, configs: dict[str, ServingConfig],
-                 backends: dict[str, Backend] | None = None) -> None:
+    def __init__(
+        self, configs: dict[str, ServingConfig], backends: dict[str, Backend] | None = None
+    ) -> None:
         """``backends``: backends the caller built for some of the names; they are called
         directly (not batched, not restarted) and the caller closes them (preview streams
         its rows through such a backend)."""
@@ -255,8 +273,9 @@ class ServingPool:
         with self._lock:
             if not self._closed:
                 self._final_usage = {n: u for n, s in self._served.items() if (u := s.usage())}
-                self._final_endpoints = {n: e for n, s in self._served.items()
-                                         if len(e := s.endpoint_usage()) > 1}
+                self._final_endpoints = {
+                    n: e for n, s in self._served.items() if len(e := s.endpoint_usage()) > 1
+                }
             self._closed = True
             served, self._served = list(self._served.values()), {}
         for s in served:

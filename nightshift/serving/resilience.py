@@ -39,9 +39,21 @@ from typing import Any
 
 from nightshift.core.errors import one_line
 from nightshift.core.usage import Usage
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
+from nightshift.serving.interface import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    report,
+)
 
-__all__ = ["DEFAULT_MAX_RESTARTS", "POISON_ERROR", "ProcessReplica", "ReplicaDied", "RestartingBackend"]
+__all__ = [
+    "DEFAULT_MAX_RESTARTS",
+    "POISON_ERROR",
+    "ProcessReplica",
+    "ReplicaDied",
+    "RestartingBackend",
+]
 
 logger = logging.getLogger("nightshift.serving")
 
@@ -62,8 +74,12 @@ class RestartingBackend:
         quarantined: requests answered with :data:`POISON_ERROR`.
     """
 
-    def __init__(self, factory: Callable[[], Backend], max_restarts: int = DEFAULT_MAX_RESTARTS,
-                 name: str = "") -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Backend],
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        name: str = "",
+    ) -> None:
         if max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
         self._factory = factory
@@ -94,8 +110,12 @@ class RestartingBackend:
         """The backend serving now (built if the last one was dropped)."""
         return self._current()
 
-    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-                 usage: Usage | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         """Serve ``requests``; if the engine dies, restart it and bisect (quarantining a
         poison request, see the module docstring). The rows are reported once, after
         the call that answered them.
@@ -117,8 +137,9 @@ class RestartingBackend:
         report(results, on_result, usage)
         return results
 
-    def _bisect(self, requests: list[GenerationRequest], generation: int,
-                failure: Exception) -> list[GenerationResult]:
+    def _bisect(
+        self, requests: list[GenerationRequest], generation: int, failure: Exception
+    ) -> list[GenerationResult]:
         """Answer the requests of a call whose engine died: halves run alone on fresh
         engines; a half that dies is split again; a request that dies alone is
         quarantined."""
@@ -132,11 +153,18 @@ class RestartingBackend:
                 group = work.popleft()
                 if deaths > self.max_restarts:
                     rest = [*group, *(i for g in work for i in g)]
-                    error = (f"not served: the engine died {deaths} time(s) while serving this call "
-                             f"(max_restarts {self.max_restarts}); last: {one_line(cause, whole=True)}")
-                    logger.error("serving %s: %d request(s) not served: the engine died %d time(s) "
-                                 "while serving their call (max_restarts %d)",
-                                 self.name, len(rest), deaths, self.max_restarts)
+                    error = (
+                        f"not served: the engine died {deaths} time(s) while serving this call "
+                        f"(max_restarts {self.max_restarts}); last: {one_line(cause, whole=True)}"
+                    )
+                    logger.error(
+                        "serving %s: %d request(s) not served: the engine died %d time(s) "
+                        "while serving their call (max_restarts %d)",
+                        self.name,
+                        len(rest),
+                        deaths,
+                        self.max_restarts,
+                    )
                     for i in rest:
                         results[i] = GenerationResult.failed(error)
                     break
@@ -144,7 +172,9 @@ class RestartingBackend:
                 try:
                     answered = backend.generate([requests[i] for i in group])
                     if len(answered) != len(group):
-                        raise RuntimeError(f"backend returned {len(answered)} results for {len(group)} requests")
+                        raise RuntimeError(
+                            f"backend returned {len(answered)} results for {len(group)} requests"
+                        )
                 except Exception as exc:
                     cause, deaths = exc, deaths + 1
                     self._died(generation, exc, len(group), deaths)
@@ -170,7 +200,11 @@ class RestartingBackend:
         logger.warning(
             "serving %s: engine died serving %d request(s) (%s: %s); restarting it "
             "(restart %d of this call, max_restarts %d)",
-            self.name, n_requests, type(exc).__name__, one_line(exc, whole=True), deaths,
+            self.name,
+            n_requests,
+            type(exc).__name__,
+            one_line(exc, whole=True),
+            deaths,
             self.max_restarts,
         )
         try:
@@ -178,11 +212,18 @@ class RestartingBackend:
         except Exception:  # a dead engine may not close cleanly
             pass
 
-    def _quarantine(self, index: int, exc: Exception, results: list[GenerationResult | None]) -> None:
+    def _quarantine(
+        self, index: int, exc: Exception, results: list[GenerationResult | None]
+    ) -> None:
         self.quarantined += 1
-        logger.error("serving %s: request %d of its call quarantined: the engine died on it twice "
-                     "(%s: %s); the rest of the call is served",
-                     self.name, index, type(exc).__name__, one_line(exc, whole=True))
+        logger.error(
+            "serving %s: request %d of its call quarantined: the engine died on it twice "
+            "(%s: %s); the rest of the call is served",
+            self.name,
+            index,
+            type(exc).__name__,
+            one_line(exc, whole=True),
+        )
         results[index] = GenerationResult.failed(f"{POISON_ERROR}: {one_line(exc, whole=True)}")
 
     def identity(self) -> dict[str, Any]:
@@ -266,7 +307,9 @@ def _replica_main(conn: Any, build: Callable[[], Backend], device: str) -> None:
 class ProcessReplica:
     """A backend in a child process bound to ``device`` through CUDA_VISIBLE_DEVICES."""
 
-    def __init__(self, build: Callable[[], Backend], device: str, start_timeout: float = 600) -> None:
+    def __init__(
+        self, build: Callable[[], Backend], device: str, start_timeout: float = 600
+    ) -> None:
         self.device = device
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
@@ -274,7 +317,9 @@ class ProcessReplica:
         os.environ["CUDA_VISIBLE_DEVICES"] = device  # inherited by the spawned child
         try:
             self.process = ctx.Process(
-                target=_replica_main, args=(child, build, device), daemon=True,
+                target=_replica_main,
+                args=(child, build, device),
+                daemon=True,
                 name=f"nightshift-replica-{device}",
             )
             self.process.start()
@@ -296,8 +341,12 @@ class ProcessReplica:
         except (EOFError, OSError) as exc:
             raise ReplicaDied(f"replica on device {self.device} died") from exc
 
-    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-                 usage: Usage | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         with self._lock:
             try:
                 self._conn.send(list(requests))

@@ -32,10 +32,9 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 from prefect.task_runners import ThreadPoolTaskRunner
-from typing_extensions import Self
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.serving.pool import ServingPool
@@ -49,16 +48,21 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
         serving: dict[str, ServingConfig | dict[str, Any]] | ServingConfig | None = None,
         max_workers: int | None = None,
     ) -> None:
-        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
-                                        or max_workers < 1):
-            raise ValueError(f"max_workers must be a positive whole number or None, not {max_workers!r}")
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+        ):
+            raise ValueError(
+                f"max_workers must be a positive whole number or None, not {max_workers!r}"
+            )
         if serving is None:
             serving = {"default": ServingConfig()}
         elif isinstance(serving, ServingConfig):
             serving = {"default": serving}
         if not isinstance(serving, Mapping) or not serving:
-            raise ValueError("serving must be a ServingConfig or a non-empty mapping of serving "
-                             f"names to configs, not {serving!r}")
+            raise ValueError(
+                "serving must be a ServingConfig or a non-empty mapping of serving "
+                f"names to configs, not {serving!r}"
+            )
         configs: dict[str, ServingConfig] = {}
         for name, cfg in serving.items():
             if not isinstance(name, str) or not name:
@@ -68,7 +72,9 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
             elif isinstance(cfg, Mapping):
                 configs[name] = ServingConfig(**cfg)
             else:
-                raise ValueError(f"serving {name!r}: a ServingConfig or a dict, not {type(cfg).__name__}")
+                raise ValueError(
+                    f"serving {name!r}: a ServingConfig or a dict, not {type(cfg).__name__}"
+                )
         super().__init__(max_workers=max_workers)
         self.serving: dict[str, ServingConfig] = configs
         self.pool: ServingPool | None = None
@@ -86,7 +92,9 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
         return (
             self._max_workers == other._max_workers
             and self.serving.keys() == other.serving.keys()
-            and all(cfg.as_dict() == other.serving[name].as_dict() for name, cfg in self.serving.items())
+            and all(
+                cfg.as_dict() == other.serving[name].as_dict() for name, cfg in self.serving.items()
+            )
         )
 
     def __enter__(self) -> Self:
@@ -156,7 +164,10 @@ def __getattr__(name: str) -> Any:
     """``VLLMTaskRunner``, deprecated: the old name of :class:`ServingTaskRunner` (it also
     runs HTTP and fake backends, not only vLLM); kept so that existing flows still import."""
     if name == "VLLMTaskRunner":
-        warnings.warn("VLLMTaskRunner is now ServingTaskRunner (nightshift.serving.runner)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "VLLMTaskRunner is now ServingTaskRunner (nightshift.serving.runner)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ServingTaskRunner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -231,9 +231,11 @@ class VLLMBackend:
         try:
             self._llm: Any = started.result()  # re-raises a failed start
         except BaseException as exc:
-            _announce(f"vLLM engine: {model} failed to start after "
-                      f"{time.monotonic() - started_at:.1f} s: {one_line(exc, whole=True)}",
-                      logging.ERROR)
+            _announce(
+                f"vLLM engine: {model} failed to start after "
+                f"{time.monotonic() - started_at:.1f} s: {one_line(exc, whole=True)}",
+                logging.ERROR,
+            )
             raise
         type(self).engine_loads += 1
         self._tokenizer: Any = self._llm.get_tokenizer()
@@ -259,12 +261,18 @@ class VLLMBackend:
             f"started in {time.monotonic() - started_at:.1f} s"
         )
         if stall_timeout_s is not None:
-            threading.Thread(target=self._watch, name="nightshift-vllm-watchdog", daemon=True).start()
+            threading.Thread(
+                target=self._watch, name="nightshift-vllm-watchdog", daemon=True
+            ).start()
 
     # -- Backend -----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-                 usage: Usage | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         """Serve ``requests``; results in input order, per-row failures in ``error``
         (``on_result`` and ``usage`` see every row once the call returns).
 
@@ -329,8 +337,11 @@ class VLLMBackend:
         stalled = isinstance(self._dead, EngineStalledError)
         self._thread.join(timeout=30 if stalled else None)
         if self._thread.is_alive():
-            _announce("vLLM engine: the stalled engine thread did not stop; abandoned (its "
-                      "memory is freed when the process exits)", logging.WARNING)
+            _announce(
+                "vLLM engine: the stalled engine thread did not stop; abandoned (its "
+                "memory is freed when the process exits)",
+                logging.WARNING,
+            )
         self._llm = None
         import gc
 
@@ -384,7 +395,9 @@ class VLLMBackend:
     def _dead_error(self) -> EngineDeadError:
         if isinstance(self._dead, EngineDeadError):
             return type(self._dead)(str(self._dead))
-        return EngineDeadError(f"the vLLM engine died: {one_line(self._dead or 'unknown', whole=True)}")
+        return EngineDeadError(
+            f"the vLLM engine died: {one_line(self._dead or 'unknown', whole=True)}"
+        )
 
     def _declare_dead(self, cause: BaseException) -> None:
         """The engine is gone: every job and call not yet answered fails now, later
@@ -410,7 +423,8 @@ class VLLMBackend:
             if busy and quiet > timeout:
                 stalled = EngineStalledError(
                     f"the vLLM engine stalled: no engine step finished in {quiet:.0f} s "
-                    f"(stall_timeout_s {timeout:g}) with {busy} request(s) in it; abandoned")
+                    f"(stall_timeout_s {timeout:g}) with {busy} request(s) in it; abandoned"
+                )
                 _announce(str(stalled), logging.ERROR)
                 self._declare_dead(stalled)
                 return
@@ -485,8 +499,11 @@ class VLLMBackend:
                 outputs = engine.step()
             except BaseException as exc:  # the engine is gone: fail everything, stop
                 if self._dead is None:
-                    self._declare_dead(EngineDeadError(
-                        f"the vLLM engine died: {type(exc).__name__}: {one_line(exc, whole=True)}"))
+                    self._declare_dead(
+                        EngineDeadError(
+                            f"the vLLM engine died: {type(exc).__name__}: {one_line(exc, whole=True)}"
+                        )
+                    )
                 return
             if self._dead is not None:  # declared stalled during this step: abandoned
                 return
@@ -515,8 +532,13 @@ class VLLMBackend:
             try:
                 engine.add_request(request_id, {"prompt_token_ids": ids}, params)
             except Exception as exc:
-                job.finish(index, GenerationResult.failed(
-                    f"engine rejected the request: {one_line(exc, whole=True)}", prompt_tokens=len(ids)))
+                job.finish(
+                    index,
+                    GenerationResult.failed(
+                        f"engine rejected the request: {one_line(exc, whole=True)}",
+                        prompt_tokens=len(ids),
+                    ),
+                )
                 continue
             slot = _Slot(job, index, len(ids))
             if self._faults is not None:
@@ -555,7 +577,10 @@ class VLLMBackend:
             slot.text = [completion.text]
         if output.finished:
             result = self._to_result(
-                "".join(slot.text), completion.finish_reason, slot.prompt_tokens, slot.tokens,
+                "".join(slot.text),
+                completion.finish_reason,
+                slot.prompt_tokens,
+                slot.tokens,
                 slot.job.requests[slot.index].sampling,
             )
             slot.job.finish(slot.index, result)
@@ -714,7 +739,10 @@ def _guard_kernel_rebind_scan() -> None:
         from vllm.triton_utils import dispatcher
     except Exception:  # another vLLM layout: nothing to guard
         return
-    if hasattr(dispatcher, "_rebind_kernels") and getattr(dispatcher, "hasattr", None) is not _safe_hasattr:
+    if (
+        hasattr(dispatcher, "_rebind_kernels")
+        and getattr(dispatcher, "hasattr", None) is not _safe_hasattr
+    ):
         dispatcher.hasattr = _safe_hasattr  # type: ignore[attr-defined]
 
 
@@ -753,7 +781,10 @@ def quiet_engine_kwargs(engine_kwargs: dict[str, Any] | None = None) -> dict[str
     quiet: dict[str, Any] = {}
     if "use_tqdm_on_load" not in given:
         quiet["use_tqdm_on_load"] = False
-    if not ({"logging_config", "log_level"} & set(given)) and "VLLM_LOGGING_LEVEL" not in os.environ:
+    if (
+        not ({"logging_config", "log_level"} & set(given))
+        and "VLLM_LOGGING_LEVEL" not in os.environ
+    ):
         quiet["logging_config"] = LoggingConfig(log_level="ERROR")
     return quiet
 
@@ -770,8 +801,12 @@ def _quiet_engine_noise() -> None:
     if _NOISE_FILTERED:
         return
     _NOISE_FILTERED = True
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(vllm|torch|transformers)(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"(vllm|torch|transformers)(\.|$)"
+    )
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning
+    )
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 

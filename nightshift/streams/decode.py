@@ -10,8 +10,9 @@ JSON object, lacks a required field, has a value of the wrong type, or when the 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import polars as pl
@@ -87,8 +88,8 @@ def _datetime(v: Any) -> dt.datetime:
     except ValueError:
         raise BadValue(f"not an ISO 8601 date-time: {v[:40]!r}") from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 def _json(v: Any) -> str:
@@ -96,14 +97,25 @@ def _json(v: Any) -> str:
 
 
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "string": _string, "int": _int, "float": _float, "bool": _bool,
-    "datetime": _datetime, "json": _json,
+    "string": _string,
+    "int": _int,
+    "float": _float,
+    "bool": _bool,
+    "datetime": _datetime,
+    "json": _json,
 }
 
 
 def _kind(v: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 class Decoder:
@@ -113,18 +125,28 @@ class Decoder:
         self.spec = spec
         self.required = set(spec.required)
         self.converters = [(name, CONVERTERS[kind]) for name, kind in spec.columns.items()]
-        self.validate = sql_expr(spec.validate_expr, "decode.validate") if spec.validate_expr else None
+        self.validate = (
+            sql_expr(spec.validate_expr, "decode.validate") if spec.validate_expr else None
+        )
         schema: dict[str, pl.DataType] = {ROW_ID: pl.UInt64()}
         schema.update({name: DTYPES[kind] for name, kind in spec.columns.items()})
         schema.update(dict(METADATA_COLUMNS[m] for m in spec.metadata))
         self.schema = pl.Schema(schema)
         if self.validate is not None:
             try:
-                dtype = pl.DataFrame(schema=self.schema).lazy().select(self.validate).collect_schema().dtypes()[0]
+                dtype = (
+                    pl.DataFrame(schema=self.schema)
+                    .lazy()
+                    .select(self.validate)
+                    .collect_schema()
+                    .dtypes()[0]
+                )
             except Exception as exc:
                 raise SpecError(f"decode.validate: {one_line(exc)}") from None
             if dtype != pl.Boolean:
-                raise SpecError(f"decode.validate {spec.validate_expr!r} gives {dtype}, not a boolean")
+                raise SpecError(
+                    f"decode.validate {spec.validate_expr!r} gives {dtype}, not a boolean"
+                )
 
     def row(self, message: RawMessage) -> dict[str, Any]:
         """One message's row; raises :class:`BadValue` with the reason."""
@@ -148,12 +170,17 @@ class Decoder:
                 raise BadValue(f"field {name!r}: {exc}") from None
         for m in self.spec.metadata:
             row[METADATA_COLUMNS[m][0]] = (
-                message.subject if m == "subject" else message.published if m == "published"
+                message.subject
+                if m == "subject"
+                else message.published
+                if m == "published"
                 else message.msg_id
             )
         return row
 
-    def decode(self, messages: list[RawMessage]) -> tuple[list[dict[str, Any]], list[tuple[RawMessage, str]]]:
+    def decode(
+        self, messages: list[RawMessage]
+    ) -> tuple[list[dict[str, Any]], list[tuple[RawMessage, str]]]:
         """Rows of the good messages and ``(message, reason)`` for the dead letters."""
         rows: list[dict[str, Any]] = []
         kept: list[RawMessage] = []
@@ -167,12 +194,18 @@ class Decoder:
         if self.validate is not None and rows:
             ok = self.frame(rows).select(self.validate.fill_null(False)).to_series().to_list()
             if not all(ok):
-                bad.extend((m, f"validate {self.spec.validate_expr!r} is not true")
-                           for m, good in zip(kept, ok) if not good)
+                bad.extend(
+                    (m, f"validate {self.spec.validate_expr!r} is not true")
+                    for m, good in zip(kept, ok)
+                    if not good
+                )
                 rows = [r for r, good in zip(rows, ok) if good]
         return rows, bad
 
     def frame(self, rows: list[dict[str, Any]]) -> pl.DataFrame:
         """Rows as a frame of the stream's schema, in stream order."""
-        return pl.DataFrame(sorted(rows, key=lambda r: r[ROW_ID]), schema=self.schema, orient="row"
-                            ) if rows else pl.DataFrame(schema=self.schema)
+        return (
+            pl.DataFrame(sorted(rows, key=lambda r: r[ROW_ID]), schema=self.schema, orient="row")
+            if rows
+            else pl.DataFrame(schema=self.schema)
+        )

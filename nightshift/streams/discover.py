@@ -61,8 +61,9 @@ class Definition:
 
 def definition_digest(definition: Any) -> str:
     """What "changed" means: the SHA-256 of the definition's canonical JSON."""
-    return hashlib.sha256(json.dumps(definition, sort_keys=True, separators=(",", ":"),
-                                     default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(definition, sort_keys=True, separators=(",", ":"), default=str).encode()
+    ).hexdigest()
 
 
 def connection_kwargs(spec: PostgresConnectionSpec, label: str) -> tuple[dict[str, Any], str]:
@@ -80,11 +81,15 @@ def pipeline_spec(definition: Definition, shared: StreamSpec) -> StreamSpec:
     a problem raises one line naming the row and the key."""
     entry = definition.entry
     if not isinstance(entry, dict):
-        raise SpecError(f"{definition.label}.definition: expected a JSON object (one streams: "
-                        f"entry), got {type(entry).__name__}")
+        raise SpecError(
+            f"{definition.label}.definition: expected a JSON object (one streams: "
+            f"entry), got {type(entry).__name__}"
+        )
     if entry.get("name", definition.name) != definition.name:
-        raise SpecError(f"{definition.label}.definition.name: {entry['name']!r} is not the "
-                        f"row's name {definition.name!r}")
+        raise SpecError(
+            f"{definition.label}.definition.name: {entry['name']!r} is not the "
+            f"row's name {definition.name!r}"
+        )
     entry = {**entry, "name": definition.name}
     try:
         stream = StreamPipelineSpec.model_validate(entry)
@@ -110,19 +115,26 @@ class DefinitionTable:
         try:
             self.conn = psycopg.connect(**kwargs, autocommit=True)
         except psycopg.Error as exc:
-            raise SourceError(f"{self.label}.connection: cannot connect to {self.display}: "
-                              f"{one_line(exc)}") from None
+            raise SourceError(
+                f"{self.label}.connection: cannot connect to {self.display}: {one_line(exc)}"
+            ) from None
         table = sql.Identifier(*self.spec.table.split("."))
         try:
             if self.spec.create_table:
-                self.conn.execute(sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, definition jsonb NOT NULL,"
-                    " enabled boolean NOT NULL DEFAULT true,"
-                    " updated_at timestamptz NOT NULL DEFAULT now())").format(table))
-            self.conn.execute(sql.SQL("SELECT name, definition, enabled FROM {} LIMIT 0").format(table))
+                self.conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, definition jsonb NOT NULL,"
+                        " enabled boolean NOT NULL DEFAULT true,"
+                        " updated_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(table)
+                )
+            self.conn.execute(
+                sql.SQL("SELECT name, definition, enabled FROM {} LIMIT 0").format(table)
+            )
         except psycopg.Error as exc:
-            raise SpecError(f"{self.label}.table {self.spec.table} on {self.display}: "
-                            f"{one_line(exc)}") from None
+            raise SpecError(
+                f"{self.label}.table {self.spec.table} on {self.display}: {one_line(exc)}"
+            ) from None
 
     def read(self) -> list[Definition]:
         """Every row, by name."""
@@ -130,19 +142,30 @@ class DefinitionTable:
         from psycopg import sql
 
         query = sql.SQL("SELECT name, definition, enabled FROM {} ORDER BY name").format(
-            sql.Identifier(*self.spec.table.split(".")))
+            sql.Identifier(*self.spec.table.split("."))
+        )
         for attempt in range(2):
             try:
                 if self.conn is None or self.conn.closed:
                     self.open()
                 rows = self.conn.execute(query).fetchall()
-                return [Definition(name, definition, bool(enabled), definition_digest(definition),
-                                   self.spec.table) for name, definition, enabled in rows]
+                return [
+                    Definition(
+                        name,
+                        definition,
+                        bool(enabled),
+                        definition_digest(definition),
+                        self.spec.table,
+                    )
+                    for name, definition, enabled in rows
+                ]
             except psycopg.OperationalError as exc:
                 self.close()
                 if attempt:
-                    raise SourceError(f"{self.label}: cannot read {self.spec.table} on "
-                                      f"{self.display}: {one_line(exc)}") from None
+                    raise SourceError(
+                        f"{self.label}: cannot read {self.spec.table} on "
+                        f"{self.display}: {one_line(exc)}"
+                    ) from None
         raise NightshiftError("unreachable")
 
     def close(self) -> None:

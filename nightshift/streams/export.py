@@ -34,14 +34,18 @@ def export_stream(spec: StreamSpec, name: str, to: Path) -> tuple[int, int]:
     store = spec.store.resolve()
     files = output_files(store, name, path)
     if not files:
-        raise StoreError(f"--stream {name}: no store-sink windows under "
-                         f"{store.display(store.path(name, path))}")
+        raise StoreError(
+            f"--stream {name}: no store-sink windows under {store.display(store.path(name, path))}"
+        )
     if store.is_local:
         frames = [pl.scan_parquet(f) for f in files]
     else:
         frames = [store.read_frame(f).lazy() for f in files]
-    rows = (pl.concat(frames, how="diagonal_relaxed")
-            .unique(subset=ROW_ID, keep="last", maintain_order=True).sort(ROW_ID))
+    rows = (
+        pl.concat(frames, how="diagonal_relaxed")
+        .unique(subset=ROW_ID, keep="last", maintain_order=True)
+        .sort(ROW_ID)
+    )
     to.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".tmp", dir=to.parent)
     os.close(handle)

@@ -79,10 +79,14 @@ class StreamMetrics:
     def summary(self) -> dict[str, Any]:
         values = list(self.latencies_ms)
         return {
-            "windows": self.windows, "messages": self.messages, "rows_out": self.rows_out,
-            "replayed_windows": self.replays, "dead_letters": self.dead_letters,
+            "windows": self.windows,
+            "messages": self.messages,
+            "rows_out": self.rows_out,
+            "replayed_windows": self.replays,
+            "dead_letters": self.dead_letters,
             "acked_again": self.acked_again,
-            "latency_p50_ms": percentile(values, 0.5), "latency_p99_ms": percentile(values, 0.99),
+            "latency_p50_ms": percentile(values, 0.5),
+            "latency_p99_ms": percentile(values, 0.99),
             "first_arrival_at": self.first_arrival_at or None,
             "last_sunk_at": self.last_sunk_at or None,
             "recent_windows": self.table(),

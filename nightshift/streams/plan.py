@@ -68,7 +68,8 @@ class StreamPlan:
     @property
     def max_ack_pending(self) -> int:
         return self.spec.source.max_ack_pending or self.policy.max_count * (
-            self.spec.max_windows_in_flight + 2)
+            self.spec.max_windows_in_flight + 2
+        )
 
     def step_path(self, stage: int, window_id: str, key: str) -> str:
         dirname = self.stages[stage].dirname
@@ -78,12 +79,18 @@ class StreamPlan:
         """What a window's rows depend on besides its sequences: the JetStream stream
         (a re-created stream restarts its sequences) and the decode config."""
         source = self.spec.source
-        return digest("nightshift-stream", source.stream, stream_created, source.subject,
-                      self.spec.decode.model_dump(mode="json", by_alias=True))
+        return digest(
+            "nightshift-stream",
+            source.stream,
+            stream_created,
+            source.subject,
+            self.spec.decode.model_dump(mode="json", by_alias=True),
+        )
 
 
-def build_stream_plans(spec: StreamSpec, allow_imports: bool = False,
-                       where: str = "") -> list[StreamPlan]:
+def build_stream_plans(
+    spec: StreamSpec, allow_imports: bool = False, where: str = ""
+) -> list[StreamPlan]:
     """Every stream's plan; a problem raises one line naming ``streams[i].key`` (or
     ``where.key``: a discovered stream's table row)."""
     store = resolve_store(spec)
@@ -95,8 +102,14 @@ def resolve_store(spec: StreamSpec) -> StepStore:
     return spec.store.resolve()
 
 
-def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepStore,
-          allow_imports: bool, where: str = "") -> StreamPlan:
+def _plan(
+    spec: StreamSpec,
+    index: int,
+    stream: StreamPipelineSpec,
+    store: StepStore,
+    allow_imports: bool,
+    where: str = "",
+) -> StreamPlan:
     label = where or f"streams[{index}]"
     try:
         decoder = Decoder(stream.decode)
@@ -115,24 +128,33 @@ def _plan(spec: StreamSpec, index: int, stream: StreamPipelineSpec, store: StepS
         raise type(exc)(f"{label}.{exc}".replace(": Value error, ", ": ")) from None
     context = {"serving": serving_identities(serving)}  # serving: is a top-level key
     stages = build_stages(operators, stream.fuse, context)
-    return StreamPlan(index, stream, store, decoder, operators, stages, output, sinks, serving,
-                      where)
+    return StreamPlan(
+        index, stream, store, decoder, operators, stages, output, sinks, serving, where
+    )
 
 
 def _check_sinks(sinks: list[SinkSpec], stream: StreamPipelineSpec, output: pl.Schema) -> None:
     nullable = {c for c in stream.decode.columns if c not in stream.decode.required}
     for i, sink in enumerate(sinks):
-        kind = {StoreSinkSpec: "store", NatsSinkSpec: "nats", PostgresSinkSpec: "postgres"}[type(sink)]
+        kind = {StoreSinkSpec: "store", NatsSinkSpec: "nats", PostgresSinkSpec: "postgres"}[
+            type(sink)
+        ]
         columns = getattr(sink, "columns", None) or []
         keys = getattr(sink, "key", [])
         missing = [c for c in [*columns, *keys] if c not in output]
         if missing:
-            raise SpecError(f"sinks[{i}].{kind}: column {', '.join(missing)} is not in the output "
-                            f"(columns: {', '.join(output.names())})")
+            raise SpecError(
+                f"sinks[{i}].{kind}: column {', '.join(missing)} is not in the output "
+                f"(columns: {', '.join(output.names())})"
+            )
         loose = [k for k in keys if k in nullable]
         if loose:
-            raise SpecError(f"sinks[{i}].{kind}.key: column {', '.join(loose)} may be null; "
-                            "add it to decode.required")
+            raise SpecError(
+                f"sinks[{i}].{kind}.key: column {', '.join(loose)} may be null; "
+                "add it to decode.required"
+            )
         if isinstance(sink, NatsSinkSpec) and sink.subject == stream.source.subject:
-            raise SpecError(f"sinks[{i}].nats.subject: {sink.subject!r} is the source subject "
-                            "(the stream would read its own output)")
+            raise SpecError(
+                f"sinks[{i}].nats.subject: {sink.subject!r} is the source subject "
+                "(the stream would read its own output)"
+            )

@@ -37,8 +37,12 @@ class PostgresConnection(Block):
     def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``psycopg.connect`` (the secret unwrapped only here)."""
         kwargs: dict[str, Any] = dict(
-            host=self.host, port=self.port, dbname=self.database, user=self.user,
-            connect_timeout=self.connect_timeout_s, application_name="nightshift-stream",
+            host=self.host,
+            port=self.port,
+            dbname=self.database,
+            user=self.user,
+            connect_timeout=self.connect_timeout_s,
+            application_name="nightshift-stream",
         )
         if self.password is not None:
             kwargs["password"] = self.password.get_secret_value()

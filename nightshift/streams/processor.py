@@ -48,8 +48,14 @@ class WindowResult:
 class WindowProcessor:
     """Runs windows of one stream: steps on ``runner``, then ``sinks``, then commit."""
 
-    def __init__(self, plan: StreamPlan, runner: Any, journal: Journal, sinks: list[Sink],
-                 abandoned: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        plan: StreamPlan,
+        runner: Any,
+        journal: Journal,
+        sinks: list[Sink],
+        abandoned: Callable[[], bool],
+    ) -> None:
         self.plan = plan
         self.runner = runner
         self.journal = journal
@@ -88,8 +94,10 @@ class WindowProcessor:
         fault_point("after-steps")
         out = store.read_frame(ref.path) if plan.stages else frame
         if out.height and out[ROW_ID].is_duplicated().any():
-            raise StepFailed(f"{plan.name}: window {entry.id}: the steps returned several rows "
-                             f"for one message ({ROW_ID} repeats); sinks key rows by message")
+            raise StepFailed(
+                f"{plan.name}: window {entry.id}: the steps returned several rows "
+                f"for one message ({ROW_ID} repeats); sinks key rows by message"
+            )
         steps_s = time.perf_counter() - started
         for sink, lock in zip(self.sinks, self.sink_locks):
             self._check()
@@ -99,28 +107,44 @@ class WindowProcessor:
         sunk_at = time.time()
         self.journal.commit(entry, out.height)
         fault_point("after-commit")
-        return WindowResult(entry, out.height, cached, steps_s,
-                            time.perf_counter() - started - steps_s, sunk_at)
+        return WindowResult(
+            entry, out.height, cached, steps_s, time.perf_counter() - started - steps_s, sunk_at
+        )
 
     def _check(self) -> None:
         if self.abandoned():
             raise Abandoned(f"{self.plan.name}: window abandoned at stop")
 
-    def _run_stage(self, index: int, key: str, entry: JournalEntry, upstream: BatchRef
-                   ) -> tuple[BatchRef, bool]:
+    def _run_stage(
+        self, index: int, key: str, entry: JournalEntry, upstream: BatchRef
+    ) -> tuple[BatchRef, bool]:
         plan, stage = self.plan, self.plan.stages[index]
         ops = "+".join(op.name for op in stage.operators)
         label = f"{plan.name} {ops}[{stage.first_step}] window {entry.id}"
         placeholder = Batch(  # the step task reads ``upstream``; this only names the window
-            index=0, file=SourceFile(f"nats://{plan.spec.source.stream}/{entry.id}", "parquet",
-                                     entry.size, entry.key),
-            read_uri=upstream.path, start=0, stop=upstream.rows, in_store=True,
+            index=0,
+            file=SourceFile(
+                f"nats://{plan.spec.source.stream}/{entry.id}", "parquet", entry.size, entry.key
+            ),
+            read_uri=upstream.path,
+            start=0,
+            stop=upstream.rows,
+            in_store=True,
         )
-        future = self.runner.submit(self.task, dict(
-            label=label, key=key, out_path=plan.step_path(index, entry.id, key),
-            operators=stage.operators, first_step=stage.first_step, store=plan.store,
-            batch=placeholder, source_options={}, upstream=upstream,
-        ))
+        future = self.runner.submit(
+            self.task,
+            dict(
+                label=label,
+                key=key,
+                out_path=plan.step_path(index, entry.id, key),
+                operators=stage.operators,
+                first_step=stage.first_step,
+                store=plan.store,
+                batch=placeholder,
+                source_options={},
+                upstream=upstream,
+            ),
+        )
         future.wait()
         state = future.state
         if not state.is_completed():

@@ -93,10 +93,21 @@ def make_sinks(plan: StreamPlan, loop: asyncio.AbstractEventLoop, nc: Any) -> li
     sinks: list[Sink] = []
     for i, spec in enumerate(plan.sinks):
         if isinstance(spec, StoreSinkSpec):
-            sinks.append(StoreSink(f"{plan.label}.sinks[{i}].store", plan.store, plan.name, spec.path))
+            sinks.append(
+                StoreSink(f"{plan.label}.sinks[{i}].store", plan.store, plan.name, spec.path)
+            )
         elif isinstance(spec, NatsSinkSpec):
-            sinks.append(NatsSink(f"{plan.label}.sinks[{i}].nats", plan.name, spec.subject,
-                                  spec.jetstream, spec.columns, loop, nc))
+            sinks.append(
+                NatsSink(
+                    f"{plan.label}.sinks[{i}].nats",
+                    plan.name,
+                    spec.subject,
+                    spec.jetstream,
+                    spec.columns,
+                    loop,
+                    nc,
+                )
+            )
         elif isinstance(spec, PostgresSinkSpec):
             sinks.append(_postgres_sink(plan, i, spec))
     return sinks
@@ -112,8 +123,17 @@ def _postgres_sink(plan: StreamPlan, i: int, spec: PostgresSinkSpec) -> Postgres
     else:
         kwargs = {"conninfo": spec.connection.url, "application_name": "nightshift-stream"}
         display = spec.connection.url or ""
-    return PostgresSink(label, kwargs, display, spec.table, spec.mode, spec.key, spec.columns,
-                        spec.create_table, plan.output_schema)
+    return PostgresSink(
+        label,
+        kwargs,
+        display,
+        spec.table,
+        spec.mode,
+        spec.key,
+        spec.columns,
+        spec.create_table,
+        plan.output_schema,
+    )
 
 
 def save_result_storage(store: StepStore) -> None:
@@ -121,15 +141,23 @@ def save_result_storage(store: StepStore) -> None:
     ``StepStore.as_result_storage`` would; done here with ``_sync=True`` because this
     flow is async (Prefect would otherwise hand back an unawaited coroutine)."""
     if getattr(store, "_block_document_id", None) is None:
-        store.save(name="auto-" + digest(store.url, store.endpoint_url or "")[:16],
-                   overwrite=True, _sync=True)
+        store.save(
+            name="auto-" + digest(store.url, store.endpoint_url or "")[:16],
+            overwrite=True,
+            _sync=True,
+        )
 
 
 class StreamRuntime:
     """One stream pipeline, from its consumer to its sinks, until stopped."""
 
-    def __init__(self, plan: StreamPlan, control: StopControl, artifact_every_s: float = 30.0,
-                 until_idle_s: float | None = None) -> None:
+    def __init__(
+        self,
+        plan: StreamPlan,
+        control: StopControl,
+        artifact_every_s: float = 30.0,
+        until_idle_s: float | None = None,
+    ) -> None:
         self.plan = plan
         self.control = control
         self.artifact_every_s = artifact_every_s
@@ -153,13 +181,22 @@ class StreamRuntime:
     async def check(self) -> None:
         """Connect to every server and check everything; process nothing."""
         self.logger = get_run_logger()
-        nc = await nats_source.connect(self.plan.spec.source, self.plan.label, self.plan.name, self.logger)
+        nc = await nats_source.connect(
+            self.plan.spec.source, self.plan.label, self.plan.name, self.logger
+        )
         sinks: list[Sink] = []
         try:
             js = nc.jetstream()
-            await nats_source.consumer(js, self.plan.spec.source, self.plan.label, self.plan.max_ack_pending)
-            await nats_source.DeadLetters(self.plan.spec.dead_letter, self.plan.label, self.plan.name,
-                                          self.plan.spec.source.stream, nc).check()
+            await nats_source.consumer(
+                js, self.plan.spec.source, self.plan.label, self.plan.max_ack_pending
+            )
+            await nats_source.DeadLetters(
+                self.plan.spec.dead_letter,
+                self.plan.label,
+                self.plan.name,
+                self.plan.spec.source.stream,
+                nc,
+            ).check()
             sinks = await asyncio.to_thread(make_sinks, self.plan, asyncio.get_running_loop(), nc)
             for sink in sinks:
                 await asyncio.to_thread(sink.open)
@@ -171,43 +208,61 @@ class StreamRuntime:
     async def run(self) -> dict[str, Any]:
         self.logger = get_run_logger()
         spec = self.plan.spec
-        self.nc = await nats_source.connect(spec.source, self.plan.label, self.plan.name, self.logger)
+        self.nc = await nats_source.connect(
+            spec.source, self.plan.label, self.plan.name, self.logger
+        )
         self.sinks: list[Sink] = []
         runner: Any = None
         try:
             js = self.nc.jetstream()
-            stream, consumer = await nats_source.consumer(js, spec.source, self.plan.label,
-                                                          self.plan.max_ack_pending)
+            stream, consumer = await nats_source.consumer(
+                js, spec.source, self.plan.label, self.plan.max_ack_pending
+            )
             self.identity = self.plan.input_identity(str(stream.created))
-            self.dead = nats_source.DeadLetters(spec.dead_letter, self.plan.label, self.plan.name,
-                                                spec.source.stream, self.nc)
+            self.dead = nats_source.DeadLetters(
+                spec.dead_letter, self.plan.label, self.plan.name, spec.source.stream, self.nc
+            )
             await self.dead.check()
-            self.sinks = await asyncio.to_thread(make_sinks, self.plan, asyncio.get_running_loop(),
-                                                 self.nc)
+            self.sinks = await asyncio.to_thread(
+                make_sinks, self.plan, asyncio.get_running_loop(), self.nc
+            )
             for sink in self.sinks:
                 await asyncio.to_thread(sink.open)
                 if isinstance(sink, NatsSink) and sink.duplicate_window_s is not None:
-                    self.logger.info("%s: JetStream drops repeats within %.0f s: a crashed run must "
-                                     "restart within that for no duplicate on %s",
-                                     sink.label, sink.duplicate_window_s, sink.subject)
+                    self.logger.info(
+                        "%s: JetStream drops repeats within %.0f s: a crashed run must "
+                        "restart within that for no duplicate on %s",
+                        sink.label,
+                        sink.duplicate_window_s,
+                        sink.subject,
+                    )
             self.journal = Journal(self.plan.store, self.plan.name)
             self.index = JournalIndex(await asyncio.to_thread(self.journal.load))
             await self._collect(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
             opened = sum(e.state == "open" for e in self.index.entries.values())
-            self.psub = await js.pull_subscribe_bind(durable=spec.source.durable, stream=spec.source.stream)
+            self.psub = await js.pull_subscribe_bind(
+                durable=spec.source.durable, stream=spec.source.stream
+            )
             await asyncio.to_thread(save_result_storage, self.plan.store)
             runner = make_task_runner("thread", spec.workers, None, self.plan.serving)
             runner.__enter__()
-            self.processor = WindowProcessor(self.plan, runner, self.journal, self.sinks,
-                                             self.abandoned)
+            self.processor = WindowProcessor(
+                self.plan, runner, self.journal, self.sinks, self.abandoned
+            )
             self.logger.info(
                 "stream %s: %s stream %s%s, consumer %s; windows of %s%s%s; %d open window(s) "
-                "in the journal; %d step stage(s); sinks: %s", self.plan.name, spec.source.server,
-                spec.source.stream, f" ({spec.source.subject})" if spec.source.subject else "",
-                spec.source.durable, f"{spec.window.count} messages" if spec.window.count else "",
+                "in the journal; %d step stage(s); sinks: %s",
+                self.plan.name,
+                spec.source.server,
+                spec.source.stream,
+                f" ({spec.source.subject})" if spec.source.subject else "",
+                spec.source.durable,
+                f"{spec.window.count} messages" if spec.window.count else "",
                 " or " if spec.window.count and spec.window.seconds else "",
-                f"{spec.window.seconds} s" if spec.window.seconds else "", opened,
-                len(self.plan.stages), ", ".join(s.kind for s in self.sinks),
+                f"{spec.window.seconds} s" if spec.window.seconds else "",
+                opened,
+                len(self.plan.stages),
+                ", ".join(s.kind for s in self.sinks),
             )
             await self._loop()
             await self._drain()
@@ -243,8 +298,9 @@ class StreamRuntime:
                 if fetch is not None:
                     waitables.add(fetch)
                 timeout = max(0.005, min(self._next_deadline() - time.monotonic(), 1.0))
-                done, _ = await asyncio.wait(waitables, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 if fetch is not None and fetch in done:
                     messages, fetch = fetch.result(), None
                     if messages:
@@ -270,7 +326,7 @@ class StreamRuntime:
 
         try:
             return await self.psub.fetch(n, timeout=POLL_S)
-        except (nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
             return []
 
     def _next_deadline(self) -> float:
@@ -315,7 +371,9 @@ class StreamRuntime:
                 dead.append((message, raw, reasons[raw.seq]))
                 continue
             window = self._window_for(entry)
-            window.add(raw.seq, message, row, raw.published.timestamp(), message.metadata.num_pending)
+            window.add(
+                raw.seq, message, row, raw.published.timestamp(), message.metadata.num_pending
+            )
             self.held[raw.seq] = window
             if window.replay_of is not None:
                 if window.complete():
@@ -327,8 +385,13 @@ class StreamRuntime:
             self.metrics.dead_letters += len(dead)
             self.dead_since_window += len(dead)
             for _, raw, reason in dead:
-                self.logger.warning("%s: message seq %d -> dead letter %s: %s", self.plan.name,
-                                    raw.seq, self.plan.spec.dead_letter.subject, reason)
+                self.logger.warning(
+                    "%s: message seq %d -> dead letter %s: %s",
+                    self.plan.name,
+                    raw.seq,
+                    self.plan.spec.dead_letter.subject,
+                    reason,
+                )
 
     def _unknown_redelivery(self, message: Any) -> bool:
         """A redelivered message this process has no up-to-date window for: its window may
@@ -373,9 +436,13 @@ class StreamRuntime:
                 self.logger.warning(
                     "%s: window %s: %d of its %d messages came back within %.0f s; processing "
                     "those as a window of their own (the others went to another process, were "
-                    "acked or left the stream)", self.plan.name,
-                    window.replay_of.id if window.replay_of else "?", window.size,
-                    window.replay_of.size if window.replay_of else 0, now - window.opened)
+                    "acked or left the stream)",
+                    self.plan.name,
+                    window.replay_of.id if window.replay_of else "?",
+                    window.size,
+                    window.replay_of.size if window.replay_of else 0,
+                    now - window.opened,
+                )
                 self._close(window, "replay-timeout")
 
     def _dispatch(self) -> None:
@@ -388,8 +455,12 @@ class StreamRuntime:
                 entry = earlier
                 entry.key, entry.state = key, "open"
             elif earlier is not None:  # part of it: a window of its own that supersedes it
-                entry = JournalEntry(id=part_id(ranges), ranges=ranges, key=key,
-                                     supersedes=[earlier.id, *earlier.supersedes])
+                entry = JournalEntry(
+                    id=part_id(ranges),
+                    ranges=ranges,
+                    key=key,
+                    supersedes=[earlier.id, *earlier.supersedes],
+                )
             else:
                 entry = JournalEntry(id=window_id(ranges), ranges=ranges, key=key)
             rows = [window.rows[s] for s in sorted(window.rows)]
@@ -413,11 +484,17 @@ class StreamRuntime:
         self.index.add(entry)
         latencies = [max(0.0, (result.sunk_at - window.published[s]) * 1000) for s in window.rows]
         metrics = WindowMetrics(
-            window=entry.id, closed_by=window.closed_by, messages=window.size,
-            rows_out=result.rows_out, replay=window.replay_of is not None,
-            cached_steps=result.cached_steps, steps_s=round(result.steps_s, 4),
-            sinks_s=round(result.sinks_s, 4), latency_p50_ms=round(percentile(latencies, 0.5) or 0, 1),
-            latency_max_ms=round(max(latencies, default=0), 1), lag=window.lag,
+            window=entry.id,
+            closed_by=window.closed_by,
+            messages=window.size,
+            rows_out=result.rows_out,
+            replay=window.replay_of is not None,
+            cached_steps=result.cached_steps,
+            steps_s=round(result.steps_s, 4),
+            sinks_s=round(result.sinks_s, 4),
+            latency_p50_ms=round(percentile(latencies, 0.5) or 0, 1),
+            latency_max_ms=round(max(latencies, default=0), 1),
+            lag=window.lag,
             dead_letters=self.dead_since_window,
         )
         self.dead_since_window = 0
@@ -455,13 +532,21 @@ class StreamRuntime:
         superseded = {i for e in self.index.entries.values() for i in e.supersedes}
         for entry in self.index.at_or_below(floor):
             if any(s in self.held for s in range(entry.first, entry.last + 1)) or entry.id in {
-                    e.id for _, e in self.inflight.values()}:
+                e.id for _, e in self.inflight.values()
+            }:
                 continue
             if entry.state == "open" and entry.id not in superseded:
-                self.logger.warning("%s: window %s was never committed but its messages are "
-                                    "acked (consumer reset?); forgetting it", self.plan.name, entry.id)
-            paths = [self.plan.step_path(i, entry.id, k) for i, k in enumerate(entry.stage_keys)
-                     if i < len(self.plan.stages)]
+                self.logger.warning(
+                    "%s: window %s was never committed but its messages are "
+                    "acked (consumer reset?); forgetting it",
+                    self.plan.name,
+                    entry.id,
+                )
+            paths = [
+                self.plan.step_path(i, entry.id, k)
+                for i, k in enumerate(entry.stage_keys)
+                if i < len(self.plan.stages)
+            ]
             await asyncio.to_thread(self.journal.collect, entry, paths, self.plan.spec.keep_steps)
             self.index.remove(entry)
             self.replays.pop(entry.id, None)
@@ -471,19 +556,27 @@ class StreamRuntime:
             return
         try:
             await acreate_table_artifact(
-                key=artifact_key(self.plan.name, "windows"), table=self.metrics.table(),
+                key=artifact_key(self.plan.name, "windows"),
+                table=self.metrics.table(),
                 description=f"stream {self.plan.name}: the last {len(self.metrics.recent)} windows "
-                            f"(size, publish-to-sink latency, consumer lag)",
+                f"(size, publish-to-sink latency, consumer lag)",
             )
             if final:
                 await acreate_table_artifact(
                     key=artifact_key(self.plan.name, "stream-summary"),
-                    table=[{"stream": self.plan.name, "stopped_by": self.stopped_by,
-                            **self.metrics.summary()}],
+                    table=[
+                        {
+                            "stream": self.plan.name,
+                            "stopped_by": self.stopped_by,
+                            **self.metrics.summary(),
+                        }
+                    ],
                     description=f"stream {self.plan.name}: totals of this run",
                 )
         except Exception as exc:  # metrics must never stop a stream
-            self.logger.warning("%s: cannot publish metrics artifact: %s", self.plan.name, one_line(exc))
+            self.logger.warning(
+                "%s: cannot publish metrics artifact: %s", self.plan.name, one_line(exc)
+            )
 
     # -- stopping ----------------------------------------------------------------------------
     async def _drain(self) -> None:
@@ -496,14 +589,18 @@ class StreamRuntime:
         while (self.closed or self.inflight) and not self.abandoned():
             left = deadline - time.monotonic()
             if left <= 0:
-                self.logger.warning("%s: stop_timeout_s %.0f s reached with %d window(s) left: "
-                                    "abandoning them", self.plan.name,
-                                    self.plan.spec.stop_timeout_s, len(self.closed) + len(self.inflight))
+                self.logger.warning(
+                    "%s: stop_timeout_s %.0f s reached with %d window(s) left: abandoning them",
+                    self.plan.name,
+                    self.plan.spec.stop_timeout_s,
+                    len(self.closed) + len(self.inflight),
+                )
                 break
             self._dispatch()
             if self.inflight:
-                await asyncio.wait(set(self.inflight), timeout=min(left, 1.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    set(self.inflight), timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED
+                )
             await self._finish_done()
         await self._settle(abandon=bool(self.closed or self.inflight or self.held))
 
@@ -516,18 +613,25 @@ class StreamRuntime:
             try:
                 await self._finish_done()
             except Exception as exc:
-                self.logger.warning("%s: a window failed while stopping: %s", self.plan.name,
-                                    one_line(exc))
-        held = list({id(m): m for w in {id(w): w for w in self.held.values()}.values()
-                     for m in w.messages.values()}.values())
+                self.logger.warning(
+                    "%s: a window failed while stopping: %s", self.plan.name, one_line(exc)
+                )
+        held = list(
+            {
+                id(m): m
+                for w in {id(w): w for w in self.held.values()}.values()
+                for m in w.messages.values()
+            }.values()
+        )
         for message in held:
             try:
                 await message.nak()
             except Exception:
                 pass
         if held:
-            self.logger.info("%s: %d message(s) left unacked for the next start", self.plan.name,
-                             len(held))
+            self.logger.info(
+                "%s: %d message(s) left unacked for the next start", self.plan.name, len(held)
+            )
             try:
                 await self.nc.flush()
             except Exception:
@@ -535,4 +639,3 @@ class StreamRuntime:
         self.held.clear()
         self.current = None
         self.closed.clear()
-

@@ -48,10 +48,14 @@ async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.L
 
     try:
         nc = await nats.connect(
-            spec.server, name=f"nightshift-{name}", connect_timeout=5,
-            max_reconnect_attempts=-1, reconnect_time_wait=1,
+            spec.server,
+            name=f"nightshift-{name}",
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
             allow_reconnect=False,  # the first connect fails at once (bad URL, bad credentials)
-            error_cb=on_error, disconnected_cb=on_disconnect,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
             **(await asyncio.to_thread(credentials, spec, label)).connect_options(),
         )
         holder.append(nc)
@@ -60,11 +64,15 @@ async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.L
     except SpecError:
         raise
     except Exception as exc:
-        raise SourceError(f"{label}.source.server {spec.server}: cannot connect: "
-                          f"{type(exc).__name__}: {one_line(exc)}") from None
+        raise SourceError(
+            f"{label}.source.server {spec.server}: cannot connect: "
+            f"{type(exc).__name__}: {one_line(exc)}"
+        ) from None
 
 
-async def consumer(js: Any, spec: NatsSourceSpec, label: str, max_ack_pending: int) -> tuple[Any, Any]:
+async def consumer(
+    js: Any, spec: NatsSourceSpec, label: str, max_ack_pending: int
+) -> tuple[Any, Any]:
     """(stream info, consumer info): the durable pull consumer, created when missing."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
     from nats.js.errors import NotFoundError
@@ -72,30 +80,43 @@ async def consumer(js: Any, spec: NatsSourceSpec, label: str, max_ack_pending: i
     try:
         stream = await js.stream_info(spec.stream)
     except NotFoundError:
-        raise SourceError(f"{label}.source.stream {spec.stream!r}: no such JetStream stream on "
-                          f"{spec.server}") from None
+        raise SourceError(
+            f"{label}.source.stream {spec.stream!r}: no such JetStream stream on {spec.server}"
+        ) from None
     try:
         info = await js.consumer_info(spec.stream, spec.durable)
     except NotFoundError:
         if not spec.create_consumer:
-            raise SourceError(f"{label}.source.durable {spec.durable!r}: no such consumer on "
-                              f"stream {spec.stream} (create_consumer is false)") from None
+            raise SourceError(
+                f"{label}.source.durable {spec.durable!r}: no such consumer on "
+                f"stream {spec.stream} (create_consumer is false)"
+            ) from None
         config = ConsumerConfig(
-            durable_name=spec.durable, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, filter_subject=spec.subject,
-            ack_wait=spec.ack_wait_s, max_ack_pending=max_ack_pending, max_deliver=-1,
+            durable_name=spec.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=spec.subject,
+            ack_wait=spec.ack_wait_s,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
         )
         info = await js.add_consumer(spec.stream, config)
     config = info.config
     if config.deliver_subject:
-        raise SourceError(f"{label}.source.durable {spec.durable!r} is a push consumer; "
-                          "Nightshift needs a pull consumer (no deliver_subject)")
+        raise SourceError(
+            f"{label}.source.durable {spec.durable!r} is a push consumer; "
+            "Nightshift needs a pull consumer (no deliver_subject)"
+        )
     if config.ack_policy != AckPolicy.EXPLICIT:
-        raise SourceError(f"{label}.source.durable {spec.durable!r}: ack policy "
-                          f"{config.ack_policy}, Nightshift needs explicit acks")
+        raise SourceError(
+            f"{label}.source.durable {spec.durable!r}: ack policy "
+            f"{config.ack_policy}, Nightshift needs explicit acks"
+        )
     if spec.subject and config.filter_subject not in (spec.subject, None):
-        raise SourceError(f"{label}.source.durable {spec.durable!r} filters "
-                          f"{config.filter_subject!r}, not {spec.subject!r}: use another durable")
+        raise SourceError(
+            f"{label}.source.durable {spec.durable!r} filters "
+            f"{config.filter_subject!r}, not {spec.subject!r}: use another durable"
+        )
     return stream, info
 
 
@@ -104,15 +125,20 @@ def raw(message: Any) -> RawMessage:
     meta = message.metadata
     headers = message.headers or {}
     return RawMessage(
-        seq=meta.sequence.stream, data=message.data, subject=message.subject,
-        published=meta.timestamp, msg_id=headers.get(HEADER_ID),
+        seq=meta.sequence.stream,
+        data=message.data,
+        subject=message.subject,
+        published=meta.timestamp,
+        msg_id=headers.get(HEADER_ID),
     )
 
 
 class DeadLetters:
     """Publish undecodable or invalid messages, with the reason, then terminate them."""
 
-    def __init__(self, spec: DeadLetterSpec, label: str, pipeline: str, stream: str, nc: Any) -> None:
+    def __init__(
+        self, spec: DeadLetterSpec, label: str, pipeline: str, stream: str, nc: Any
+    ) -> None:
         self.spec = spec
         self.label = label
         self.pipeline = pipeline
@@ -129,9 +155,10 @@ class DeadLetters:
         try:
             await self.js.find_stream_name_by_subject(self.spec.subject)
         except NotFoundError:
-            raise SpecError(f"{self.label}.dead_letter.subject {self.spec.subject!r}: no "
-                            "JetStream stream captures it; create one or set jetstream: false"
-                            ) from None
+            raise SpecError(
+                f"{self.label}.dead_letter.subject {self.spec.subject!r}: no "
+                "JetStream stream captures it; create one or set jetstream: false"
+            ) from None
 
     async def send(self, items: list[tuple[Any, RawMessage, str]]) -> None:
         """``(nats message, raw, reason)`` each: publish (confirmed), then ``term``."""
@@ -150,8 +177,10 @@ class DeadLetters:
                 else:
                     await self.nc.publish(self.spec.subject, item.data, headers=headers)
             except Exception as exc:
-                raise NightshiftError(f"{self.label}.dead_letter: cannot publish seq {item.seq} "
-                                      f"to {self.spec.subject}: {one_line(exc)}") from None
+                raise NightshiftError(
+                    f"{self.label}.dead_letter: cannot publish seq {item.seq} "
+                    f"to {self.spec.subject}: {one_line(exc)}"
+                ) from None
         if not self.spec.jetstream:
             await self.nc.flush()
         for message, _, _ in items:

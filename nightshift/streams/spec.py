@@ -233,11 +233,15 @@ class StreamPipelineSpec(_Strict):
         built: list[SinkSpec] = []
         for i, entry in enumerate(self.sinks):
             if len(entry) != 1:
-                raise SpecError(f"sinks[{i}]: expected one sink kind as the only key "
-                                f"({', '.join(SINK_TYPES)}), got {sorted(entry)}")
-            (kind, config), = entry.items()
+                raise SpecError(
+                    f"sinks[{i}]: expected one sink kind as the only key "
+                    f"({', '.join(SINK_TYPES)}), got {sorted(entry)}"
+                )
+            ((kind, config),) = entry.items()
             if kind not in SINK_TYPES:
-                raise SpecError(f"sinks[{i}]: unknown sink '{kind}' (known: {', '.join(SINK_TYPES)})")
+                raise SpecError(
+                    f"sinks[{i}]: unknown sink '{kind}' (known: {', '.join(SINK_TYPES)})"
+                )
             try:
                 built.append(SINK_TYPES[kind].model_validate(config or {}))  # type: ignore[arg-type]
             except ValidationError as exc:
@@ -270,8 +274,9 @@ class DiscoverSpec(_Strict):
     """
 
     connection: PostgresConnectionSpec
-    table: str = Field(default="nightshift_streams",
-                       pattern=r"^([A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*$")
+    table: str = Field(
+        default="nightshift_streams", pattern=r"^([A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*$"
+    )
     #: Seconds between two reads of the table.
     poll_s: PositiveFloat = 5.0
     #: Create the table when it is missing.
@@ -303,8 +308,10 @@ class StreamSpec(_Strict):
         for i, s in enumerate(self.streams):
             key = (s.source.server, s.source.stream, s.source.durable)
             if key in durables:
-                raise ValueError(f"streams[{i}].source.durable {s.source.durable!r}: "
-                                 f"already used by streams[{durables[key]}]")
+                raise ValueError(
+                    f"streams[{i}].source.durable {s.source.durable!r}: "
+                    f"already used by streams[{durables[key]}]"
+                )
             durables[key] = i
         return self
 
@@ -315,8 +322,9 @@ def load_stream_spec(source: str | Path | dict[str, Any] | StreamSpec) -> Stream
         return source
     origin, data = read_spec_mapping(source)
     if not isinstance(data, dict) or ("streams" not in data and "discover" not in data):
-        raise SpecError(f"{origin}: a stream spec must be a mapping with 'streams:' (a list) "
-                        "or 'discover:'")
+        raise SpecError(
+            f"{origin}: a stream spec must be a mapping with 'streams:' (a list) or 'discover:'"
+        )
     try:
         return StreamSpec.model_validate(data)
     except ValidationError as exc:

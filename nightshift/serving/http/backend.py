@@ -58,7 +58,13 @@ from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
 from nightshift.serving.http.fleet import Fleet, Member
 from nightshift.serving.http.limits import RateLimiter
-from nightshift.serving.http.retry import Permanent, Transient, classify_status, retry_after_s, wait_for_server
+from nightshift.serving.http.retry import (
+    Permanent,
+    Transient,
+    classify_status,
+    retry_after_s,
+    wait_for_server,
+)
 from nightshift.serving.http.shared_limit import Mode, SharedLimit
 from nightshift.serving.http.wire import (
     Endpoint,
@@ -73,7 +79,6 @@ from nightshift.serving.interface import GenerationRequest, GenerationResult, Re
 __all__ = ["OpenAIBackend", "ResultCallback"]
 
 logger = logging.getLogger("nightshift.serving.http")
-
 
 
 @dataclass
@@ -148,8 +153,11 @@ class OpenAIBackend:
     ) -> None:
         self.endpoints = _endpoint_specs(base_url, base_urls)
         self.base_url = self.endpoints[0]["url"]
-        self.where = (_without_userinfo(self.base_url) if len(self.endpoints) == 1 else
-                      f"fleet of {len(self.endpoints)} ({', '.join(_without_userinfo(e['url']) for e in self.endpoints)})")
+        self.where = (
+            _without_userinfo(self.base_url)
+            if len(self.endpoints) == 1
+            else f"fleet of {len(self.endpoints)} ({', '.join(_without_userinfo(e['url']) for e in self.endpoints)})"
+        )
         self.model = model
         self.endpoint: Endpoint = endpoint
         self.max_concurrency = max_concurrency
@@ -179,8 +187,10 @@ class OpenAIBackend:
         self._loop = asyncio.new_event_loop()
         # the loop sees the creator's context (Prefect settings, e.g. the API URL)
         self._thread = threading.Thread(
-            target=contextvars.copy_context().run, args=(self._loop.run_forever,),
-            name=f"nightshift-http-{model}", daemon=True,
+            target=contextvars.copy_context().run,
+            args=(self._loop.run_forever,),
+            name=f"nightshift-http-{model}",
+            daemon=True,
         )
         self._thread.start()
         try:
@@ -208,8 +218,12 @@ class OpenAIBackend:
     def identity(self) -> dict[str, Any]:
         """What changes outputs: model name, endpoint kind and extra body fields (not the
         URL: the same model behind another host gives the same answers)."""
-        return {"backend": "openai_compatible", "model": self.model, "endpoint": self.endpoint,
-                "extra_body": self.extra_body}
+        return {
+            "backend": "openai_compatible",
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "extra_body": self.extra_body,
+        }
 
     def usage(self) -> dict[str, float | int]:
         """The backend's totals with the estimated cost."""
@@ -248,21 +262,34 @@ class OpenAIBackend:
         await self.shared.check()
         # each of connect, send, pool wait: timeout_s; read: the longest silence allowed
         # (the stall watchdog, at most timeout_s); a stream must also end within timeout_s
-        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0),
-                                read=min(self.stall_timeout_s, self.timeout_s))
+        timeout = httpx.Timeout(
+            self.timeout_s,
+            connect=min(self.timeout_s, 30.0),
+            read=min(self.stall_timeout_s, self.timeout_s),
+        )
         members = []
         for spec in self.endpoints:
             cap = min(spec.get("max_concurrency") or self.max_concurrency, self.max_concurrency)
-            limiter = self.limiter if len(self.endpoints) == 1 else RateLimiter(
-                spec.get("requests_per_minute"), spec.get("tokens_per_minute"))
+            limiter = (
+                self.limiter
+                if len(self.endpoints) == 1
+                else RateLimiter(spec.get("requests_per_minute"), spec.get("tokens_per_minute"))
+            )
             client = httpx.AsyncClient(
-                base_url=spec["url"], headers=self._headers, timeout=timeout,
+                base_url=spec["url"],
+                headers=self._headers,
+                timeout=timeout,
                 limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
             )
             members.append(Member(_without_userinfo(spec["url"]), client, cap, limiter))
-        self.fleet = Fleet(members, name=self.model, outage_after_s=self._outage_after_s,
-                           probe_initial_s=self._backoff[0], probe_max_s=min(self._backoff[1], 30.0),
-                           probe_timeout_s=min(self.timeout_s, self.stall_timeout_s, 10.0))
+        self.fleet = Fleet(
+            members,
+            name=self.model,
+            outage_after_s=self._outage_after_s,
+            probe_initial_s=self._backoff[0],
+            probe_max_s=min(self._backoff[1], 30.0),
+            probe_timeout_s=min(self.timeout_s, self.stall_timeout_s, 10.0),
+        )
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._lanes = [asyncio.create_task(self._lane()) for _ in range(self.max_concurrency)]
 
@@ -275,8 +302,12 @@ class OpenAIBackend:
         if hasattr(self, "fleet"):
             await self.fleet.close()
 
-    async def _generate(self, requests: list[GenerationRequest], on_result: ResultCallback | None,
-                        usage: Usage | None) -> list[GenerationResult]:
+    async def _generate(
+        self,
+        requests: list[GenerationRequest],
+        on_result: ResultCallback | None,
+        usage: Usage | None,
+    ) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
         jobs = [_Job(i, r, loop.create_future(), usage, on_result) for i, r in enumerate(requests)]
         for job in jobs:
@@ -298,7 +329,9 @@ class OpenAIBackend:
                                 return
             except Exception as exc:  # the shared limit could not be taken
                 if job is not None and not job.future.done():
-                    self._finish(job, GenerationResult.failed(self._redact(f"{type(exc).__name__}: {exc}")))
+                    self._finish(
+                        job, GenerationResult.failed(self._redact(f"{type(exc).__name__}: {exc}"))
+                    )
 
     async def _serve(self, job: _Job) -> None:
         try:
@@ -322,11 +355,15 @@ class OpenAIBackend:
         job.future.set_result(result)
 
     async def _with_retries(self, job: _Job) -> GenerationResult:
-        path, body = request_body(job.request, self.model, self.endpoint, self.extra_body, self.stream)
+        path, body = request_body(
+            job.request, self.model, self.endpoint, self.extra_body, self.stream
+        )
         tokens = estimate_tokens(job.request)
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Transient), stop=stop_after_attempt(self.max_attempts),
-            wait=self._wait, reraise=True,
+            retry=retry_if_exception_type(Transient),
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            reraise=True,
         )
         try:
             async for attempt in retrying:
@@ -337,11 +374,14 @@ class OpenAIBackend:
             return result
         except Transient as exc:
             return GenerationResult.failed(
-                self._redact(f"gave up after {self.max_attempts} attempts: {exc}"))
+                self._redact(f"gave up after {self.max_attempts} attempts: {exc}")
+            )
         except (Permanent, EndpointDown) as exc:
             return GenerationResult.failed(self._redact(str(exc)))
 
-    async def _attempt(self, job: _Job, path: str, body: dict[str, Any], tokens: int) -> GenerationResult:
+    async def _attempt(
+        self, job: _Job, path: str, body: dict[str, Any], tokens: int
+    ) -> GenerationResult:
         self.breaker.check()
         member = await self.fleet.acquire(avoid=job.failed_on)
         try:
@@ -395,13 +435,22 @@ class OpenAIBackend:
                 return reply.result()
         except httpx.ReadTimeout as exc:
             if self.stall_timeout_s < self.timeout_s:
-                raise _Failed("stall", f"stalled: no byte for {self.stall_timeout_s:g}s "
-                              f"({type(exc).__name__}); cancelled") from None
-            raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
+                raise _Failed(
+                    "stall",
+                    f"stalled: no byte for {self.stall_timeout_s:g}s "
+                    f"({type(exc).__name__}); cancelled",
+                ) from None
+            raise _Failed(
+                "timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})"
+            ) from None
         except httpx.TimeoutException as exc:
-            raise _Failed("timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})") from None
+            raise _Failed(
+                "timeout", f"no reply within {self.timeout_s:g}s ({type(exc).__name__})"
+            ) from None
         except httpx.TransportError as exc:
-            raise _Failed("connection", f"connection error: {type(exc).__name__}: {str(exc)[:120]}") from None
+            raise _Failed(
+                "connection", f"connection error: {type(exc).__name__}: {str(exc)[:120]}"
+            ) from None
         except MalformedReply as exc:
             raise _Failed("malformed", str(exc)) from None
 
@@ -443,14 +492,16 @@ class OpenAIBackend:
 class _Failed(Exception):
     """A failed attempt of kind ``kind`` (a status, ``timeout``, ``stall``, ...)."""
 
-    def __init__(self, kind: str, detail: str, retry_after: float | None = None,
-                 status: int | None = None) -> None:
+    def __init__(
+        self, kind: str, detail: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(detail)
         self.kind, self.detail, self.retry_after, self.status = kind, detail, retry_after, status
 
 
-def _endpoint_specs(base_url: str | None,
-                    base_urls: Sequence[str | Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+def _endpoint_specs(
+    base_url: str | None, base_urls: Sequence[str | Mapping[str, Any]] | None
+) -> list[dict[str, Any]]:
     """``base_url`` or ``base_urls`` as a list of ``{url, max_concurrency, ...}`` dicts."""
     if base_url and base_urls:
         raise ValueError("give base_url or base_urls, not both")

@@ -65,13 +65,13 @@ FLAKY_FAILURES_TO_OUT = 3
 class EndpointCounts:
     """What one endpoint of a fleet did (for the usage report and the summary artifact)."""
 
-    requests: int = 0          #: attempts sent to it
-    answered: int = 0          #: rows it answered
-    failed: int = 0            #: attempts that failed on it (any kind but a 4xx row error)
-    resent: int = 0            #: of those, attempts sent again (elsewhere when possible)
+    requests: int = 0  #: attempts sent to it
+    answered: int = 0  #: rows it answered
+    failed: int = 0  #: attempts that failed on it (any kind but a 4xx row error)
+    resent: int = 0  #: of those, attempts sent again (elsewhere when possible)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    taken_out: int = 0         #: times it was taken out of service
+    taken_out: int = 0  #: times it was taken out of service
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -101,8 +101,16 @@ class Member:
 class Fleet:
     """Members serving one model; picks, takes out, probes back (see the module doc)."""
 
-    def __init__(self, members: list[Member], *, name: str, outage_after_s: float,
-                 probe_initial_s: float, probe_max_s: float, probe_timeout_s: float) -> None:
+    def __init__(
+        self,
+        members: list[Member],
+        *,
+        name: str,
+        outage_after_s: float,
+        probe_initial_s: float,
+        probe_max_s: float,
+        probe_timeout_s: float,
+    ) -> None:
         self.members = members
         self.name = name
         self.outage_after_s = outage_after_s
@@ -183,8 +191,11 @@ class Fleet:
         if avoid is not None and any(m is not avoid for m in ready):
             ready = [m for m in ready if m is not avoid]
         now = time.monotonic()  # one that asked us to wait (429) comes last
-        return min(ready, key=lambda m: (m.limiter.paused_until > now, m.load, m.counts.requests),
-                   default=None)
+        return min(
+            ready,
+            key=lambda m: (m.limiter.paused_until > now, m.load, m.counts.requests),
+            default=None,
+        )
 
     def _take_out(self, member: Member, reason: str) -> None:
         member.in_service = False
@@ -194,8 +205,14 @@ class Fleet:
         left = len(self.in_service())
         if left == 0:
             self.all_out_since = member.out_since
-        logger.warning("fleet %s: endpoint %s out (%s); %d of %d in service, probing it",
-                       self.name, member.where, reason[:160], left, len(self.members))
+        logger.warning(
+            "fleet %s: endpoint %s out (%s); %d of %d in service, probing it",
+            self.name,
+            member.where,
+            reason[:160],
+            left,
+            len(self.members),
+        )
         member.probe = asyncio.create_task(self._probe(member))
         self._notify()
 
@@ -204,9 +221,15 @@ class Fleet:
         member.streak = 0
         member.probe = None
         self.all_out_since = None
-        logger.warning("fleet %s: endpoint %s back in after %.1fs (%s); %d of %d in service",
-                       self.name, member.where, time.monotonic() - member.out_since, how,
-                       len(self.in_service()), len(self.members))
+        logger.warning(
+            "fleet %s: endpoint %s back in after %.1fs (%s); %d of %d in service",
+            self.name,
+            member.where,
+            time.monotonic() - member.out_since,
+            how,
+            len(self.in_service()),
+            len(self.members),
+        )
         self._notify()
 
     async def _probe(self, member: Member) -> None:
@@ -214,7 +237,8 @@ class Fleet:
         await asyncio.sleep(self.probe_initial_s)
         status = 0
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((httpx.HTTPError, _NotYet)), stop=stop_never,
+            retry=retry_if_exception_type((httpx.HTTPError, _NotYet)),
+            stop=stop_never,
             wait=wait_exponential(multiplier=self.probe_initial_s, max=self.probe_max_s),
         ):
             with attempt:
@@ -233,8 +257,10 @@ class Fleet:
 
     def _all_down(self, waited: float) -> str:
         last = "; ".join(f"{m.where}: {m.out_reason[:120]}" for m in self.members)
-        return (f"all {len(self.members)} endpoints of {self.name} are down: none has answered "
-                f"for {waited:.0f}s; last: {last}")
+        return (
+            f"all {len(self.members)} endpoints of {self.name} are down: none has answered "
+            f"for {waited:.0f}s; last: {last}"
+        )
 
 
 class _NotYet(Exception):

@@ -79,8 +79,9 @@ class TokenBucket:
 class RateLimiter:
     """Requests and tokens per minute (either may be None), plus server-driven pauses."""
 
-    def __init__(self, requests_per_minute: float | None = None,
-                 tokens_per_minute: float | None = None) -> None:
+    def __init__(
+        self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None
+    ) -> None:
         self.requests = TokenBucket(requests_per_minute) if requests_per_minute else None
         self.tokens = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self.paused_until = 0.0

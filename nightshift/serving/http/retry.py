@@ -36,7 +36,9 @@ RETRIED_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522, 52
 class Transient(Exception):
     """A failed attempt that another attempt may fix; ``retry_after`` from the server."""
 
-    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
@@ -83,7 +85,7 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class wait_for_server:  # noqa: N801 - reads like tenacity's own wait_* helpers
+class wait_for_server:
     """tenacity wait: the server's Retry-After if the last failure carried one, else
     full-jitter exponential backoff from ``initial_s`` up to ``max_wait_s``."""
 

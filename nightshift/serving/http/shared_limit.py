@@ -78,15 +78,23 @@ class SharedLimit:
         from prefect.concurrency.asyncio import concurrency
 
         # a lease renewal that fails once must not fail the rows being served
-        async with concurrency(self.name, occupy=1, strict=True,
-                               lease_duration=max(60.0, 6 * self.hold_s),
-                               raise_on_lease_renewal_failure=False):
+        async with concurrency(
+            self.name,
+            occupy=1,
+            strict=True,
+            lease_duration=max(60.0, 6 * self.hold_s),
+            raise_on_lease_renewal_failure=False,
+        ):
             self.acquisitions += 1
             yield
 
     def hold_deadline(self) -> float:
         """When a lane that just took its slot should give it back (monotonic seconds)."""
-        return time.monotonic() + self.hold_s if self.name and self.mode == "concurrency" else float("inf")
+        return (
+            time.monotonic() + self.hold_s
+            if self.name and self.mode == "concurrency"
+            else float("inf")
+        )
 
     async def before_request(self) -> None:
         """Take one rate-limit slot (mode rate_limit); waits while the limit is full."""

@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
-__all__ = ["Endpoint", "MalformedReply", "StreamReply", "estimate_tokens", "parse_reply", "request_body"]
+__all__ = [
+    "Endpoint",
+    "MalformedReply",
+    "StreamReply",
+    "estimate_tokens",
+    "parse_reply",
+    "request_body",
+]
 
 Endpoint = Literal["auto", "chat", "completions"]
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
@@ -74,8 +81,10 @@ def request_body(
         body["messages"] = [m if isinstance(m, dict) else m.model_dump() for m in messages]
         path = CHAT
     else:
-        body["prompt"] = request.prompt if request.prompt is not None else "\n".join(
-            m.content for m in request.messages or []
+        body["prompt"] = (
+            request.prompt
+            if request.prompt is not None
+            else "\n".join(m.content for m in request.messages or [])
         )
         path = COMPLETIONS
     if stream:
@@ -96,7 +105,9 @@ def parse_reply(path: str, content: bytes) -> GenerationResult:
         finish = choice.get("finish_reason")
         text = choice["message"].get("content") if path == CHAT else choice["text"]
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise MalformedReply(f"malformed reply body ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise MalformedReply(
+            f"malformed reply body ({type(exc).__name__}: {str(exc)[:80]})"
+        ) from None
     if text is None:
         refusal = (choice.get("message") or {}).get("refusal") if path == CHAT else None
         return GenerationResult.failed(
@@ -104,8 +115,10 @@ def parse_reply(path: str, content: bytes) -> GenerationResult:
             prompt_tokens,
         )
     return GenerationResult(
-        text=text, finish_reason=finish or "stop",
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        text=text,
+        finish_reason=finish or "stop",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
     )
 
 
@@ -126,8 +139,11 @@ class StreamReply:
     def feed(self, line: str) -> None:
         """Take one line of the event stream (blank lines and comments are skipped)."""
         if not line.startswith("data:"):
-            if line.strip() and not line.startswith((":", "event:", "id:", "retry:")) \
-                    and len(self.other) < 10_000:
+            if (
+                line.strip()
+                and not line.startswith((":", "event:", "id:", "retry:"))
+                and len(self.other) < 10_000
+            ):
                 self.other.append(line)
             return
         self.events += 1
@@ -141,7 +157,9 @@ class StreamReply:
         try:
             event = json.loads(data)
         except ValueError as exc:
-            raise MalformedReply(f"malformed stream event ({type(exc).__name__}: {data[:80]})") from None
+            raise MalformedReply(
+                f"malformed stream event ({type(exc).__name__}: {data[:80]})"
+            ) from None
         if not isinstance(event, dict):
             raise MalformedReply(f"malformed stream event ({data[:80]})")
         if event.get("error") and not event.get("choices"):
@@ -152,7 +170,9 @@ class StreamReply:
             for choice in event.get("choices") or []:
                 if choice.get("index", 0) != 0:
                     continue
-                piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+                piece = (
+                    (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+                )
                 if piece is not None:
                     self.saw_text = True
                     self.parts.append(piece)
@@ -161,7 +181,9 @@ class StreamReply:
                 if choice.get("finish_reason"):
                     self.finish = choice["finish_reason"]
         except (AttributeError, TypeError) as exc:
-            raise MalformedReply(f"malformed stream event ({type(exc).__name__}: {data[:80]})") from None
+            raise MalformedReply(
+                f"malformed stream event ({type(exc).__name__}: {data[:80]})"
+            ) from None
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
 
@@ -170,19 +192,29 @@ class StreamReply:
         if not self.events and self.other:
             return parse_reply(CHAT if self.chat else COMPLETIONS, "\n".join(self.other).encode())
         if not self.done or self.finish is None:
-            raise MalformedReply("stream ended before its last event" if not self.done
-                                 else "stream ended without a finish reason")
+            raise MalformedReply(
+                "stream ended before its last event"
+                if not self.done
+                else "stream ended without a finish reason"
+            )
         prompt_tokens = int(self.usage.get("prompt_tokens") or 0)
         completion_tokens = int(self.usage.get("completion_tokens") or 0)
         text = "".join(self.parts)
         if self.refusal and not text:
             return GenerationResult.failed(
                 f"reply has no text (finish_reason={self.finish}, refusal: {''.join(self.refusal)[:120]})",
-                prompt_tokens)
+                prompt_tokens,
+            )
         if not self.saw_text and self.finish not in ("stop", "length"):
-            return GenerationResult.failed(f"reply has no text (finish_reason={self.finish})", prompt_tokens)
-        return GenerationResult(text=text, finish_reason=self.finish,
-                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            return GenerationResult.failed(
+                f"reply has no text (finish_reason={self.finish})", prompt_tokens
+            )
+        return GenerationResult(
+            text=text,
+            finish_reason=self.finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
 
 
 def estimate_tokens(request: GenerationRequest) -> int:

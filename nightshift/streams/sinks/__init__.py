@@ -16,7 +16,6 @@ Each sink is keyed by the JetStream stream sequence of the message a row came fr
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import Protocol
 
 import polars as pl

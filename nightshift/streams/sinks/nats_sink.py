@@ -11,9 +11,8 @@ publishes on core NATS: at-least-once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -29,8 +28,14 @@ class NatsSink:
     kind = "nats"
 
     def __init__(
-        self, label: str, pipeline: str, subject: str, jetstream: bool,
-        columns: list[str] | None, loop: asyncio.AbstractEventLoop, nc: Any,
+        self,
+        label: str,
+        pipeline: str,
+        subject: str,
+        jetstream: bool,
+        columns: list[str] | None,
+        loop: asyncio.AbstractEventLoop,
+        nc: Any,
     ) -> None:
         self.label = label
         self.pipeline = pipeline
@@ -83,7 +88,9 @@ class NatsSink:
         for start in range(0, len(payloads), CHUNK):
             futures = [
                 await self.js.publish_async(self.subject, payload, headers=header, wait_stall=30)
-                for payload, header in zip(payloads[start:start + CHUNK], headers[start:start + CHUNK])
+                for payload, header in zip(
+                    payloads[start : start + CHUNK], headers[start : start + CHUNK]
+                )
             ]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
 

@@ -14,9 +14,8 @@ checked at start, before any window).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
@@ -46,8 +45,15 @@ class PostgresSink:
     kind = "postgres"
 
     def __init__(
-        self, label: str, connect_kwargs: dict[str, Any], display: str, table: str,
-        mode: str, key: list[str], columns: list[str] | None, create_table: bool,
+        self,
+        label: str,
+        connect_kwargs: dict[str, Any],
+        display: str,
+        table: str,
+        mode: str,
+        key: list[str],
+        columns: list[str] | None,
+        create_table: bool,
         schema: pl.Schema,
     ) -> None:
         self.label = label
@@ -60,8 +66,10 @@ class PostgresSink:
         self.columns = list(columns) if columns else list(schema.names())
         missing = [c for c in [*self.columns, *key] if c not in schema]
         if missing:
-            raise SpecError(f"{label}: column {', '.join(missing)} not in the stream's output "
-                            f"(columns: {', '.join(schema.names())})")
+            raise SpecError(
+                f"{label}: column {', '.join(missing)} not in the stream's output "
+                f"(columns: {', '.join(schema.names())})"
+            )
         for k in key:
             if k not in self.columns:
                 self.columns.append(k)
@@ -103,27 +111,39 @@ class PostgresSink:
         try:
             self.conn = psycopg.connect(**self.connect_kwargs)
         except psycopg.Error as exc:
-            raise NightshiftError(f"{self.label}: cannot connect to {self.display}: "
-                                  f"{one_line(exc)}") from None
+            raise NightshiftError(
+                f"{self.label}: cannot connect to {self.display}: {one_line(exc)}"
+            ) from None
         try:
             with self.conn.transaction():
                 if self.create_table:
-                    defs = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(pg_type(self.schema[c])))
-                            for c in self.columns]
-                    defs.append(sql.SQL("PRIMARY KEY ({})").format(
-                        sql.SQL(", ").join(map(sql.Identifier, self.key))))
-                    self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-                        self._ident(self.table), sql.SQL(", ").join(defs)))
-            self.conn.execute(sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            ).format(s=sql.Identifier(self._stage), t=self._ident(self.table)))
+                    defs = [
+                        sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(pg_type(self.schema[c])))
+                        for c in self.columns
+                    ]
+                    defs.append(
+                        sql.SQL("PRIMARY KEY ({})").format(
+                            sql.SQL(", ").join(map(sql.Identifier, self.key))
+                        )
+                    )
+                    self.conn.execute(
+                        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+                            self._ident(self.table), sql.SQL(", ").join(defs)
+                        )
+                    )
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                ).format(s=sql.Identifier(self._stage), t=self._ident(self.table))
+            )
             self.conn.commit()
             with self.conn.transaction(force_rollback=True):  # plans the real statement
                 self.conn.execute(self._insert_sql())
         except psycopg.Error as exc:
             self.conn.rollback()
-            raise SpecError(f"{self.label}: table {self.table} on {self.display}: "
-                            f"{one_line(exc)}") from None
+            raise SpecError(
+                f"{self.label}: table {self.table} on {self.display}: {one_line(exc)}"
+            ) from None
 
     def write(self, window_id: str, frame: pl.DataFrame, supersedes: Sequence[str] = ()) -> int:
         from psycopg import sql
@@ -133,33 +153,39 @@ class PostgresSink:
             return 0
         out = frame.select(self.columns)
         if self.key != [ROW_ID]:  # one row per key in a statement: the last in stream order
-            out = out.sort(ROW_ID).unique(subset=self.key, keep="last", maintain_order=True) \
-                if ROW_ID in out.columns else out.unique(subset=self.key, keep="last", maintain_order=True)
+            out = (
+                out.sort(ROW_ID).unique(subset=self.key, keep="last", maintain_order=True)
+                if ROW_ID in out.columns
+                else out.unique(subset=self.key, keep="last", maintain_order=True)
+            )
         nulls = [k for k in self.key if out[k].null_count()]
         if nulls:
-            raise NightshiftError(f"{self.label}: window {window_id}: null key column "
-                                  f"{', '.join(nulls)}")
+            raise NightshiftError(
+                f"{self.label}: window {window_id}: null key column {', '.join(nulls)}"
+            )
         nested = [i for i, c in enumerate(self.columns) if c in self.nested]
         copy_sql = sql.SQL("COPY {s} ({c}) FROM STDIN").format(
-            s=sql.Identifier(self._stage), c=sql.SQL(", ").join(map(sql.Identifier, self.columns)))
+            s=sql.Identifier(self._stage), c=sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        )
         for attempt in range(3):
             try:
-                with self.conn.transaction():
-                    with self.conn.cursor() as cur:
-                        with cur.copy(copy_sql) as copy:
-                            for row in out.iter_rows():
-                                if nested:
-                                    row = list(row)
-                                    for i in nested:
-                                        row[i] = None if row[i] is None else Jsonb(row[i])
-                                copy.write_row(row)
-                        cur.execute(self._insert_sql())
+                with self.conn.transaction(), self.conn.cursor() as cur:
+                    with cur.copy(copy_sql) as copy:
+                        for row in out.iter_rows():
+                            if nested:
+                                row = list(row)
+                                for i in nested:
+                                    row[i] = None if row[i] is None else Jsonb(row[i])
+                            copy.write_row(row)
+                    cur.execute(self._insert_sql())
                 return out.height
             except Exception as exc:
                 import psycopg
 
                 if not isinstance(exc, psycopg.OperationalError) or attempt == 2:
-                    raise NightshiftError(f"{self.label}: window {window_id}: {one_line(exc)}") from None
+                    raise NightshiftError(
+                        f"{self.label}: window {window_id}: {one_line(exc)}"
+                    ) from None
                 time.sleep(0.5 * (attempt + 1))  # connection lost: reconnect and retry
                 self.close()
                 self.open()
