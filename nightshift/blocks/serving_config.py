@@ -1,18 +1,21 @@
-"""LLM serving configuration, as a Prefect block (usable by name) or inline in a spec.
+"""LLM serving configuration: one model per backend, and the Prefect block that saves one.
 
-```yaml
-serving:
-  default: {backend: vllm, model: smollm2, max_model_len: 1024}   # smollm2 = embedded CPU model
-  big:     {block: "gpu-70b"}                                      # a saved block, by name
-```
+A spec names its serving configs inline or by saved block::
 
-``devices: "0,1,2"`` runs one engine replica per device, each in its own process bound to
-it with ``CUDA_VISIBLE_DEVICES``, requests spread round-robin; ``tensor_parallel_size``
-splits one model over several devices. ``backend: fake`` echoes prompts (orchestration
-tests only).
+    serving:
+      default: {backend: vllm, model: smollm2, max_model_len: 1024}   # smollm2 = embedded CPU model
+      big:     {block: "gpu-70b"}                                      # a saved block, by name
 
-``backend: openai_compatible`` serves through an HTTP endpoint (``vllm serve``, SGLang,
-llama.cpp's server, OpenAI, ...); see ``docs/api-serving.md``::
+``backend`` picks the model that validates the entry (a pydantic discriminated union,
+:data:`BackendConfig`); each backend takes only its own settings, and a key it does not
+know is refused at ``validate`` in one line naming it:
+
+* ``vllm`` (the default): :class:`VLLMEngineConfig`, an in-process vLLM engine.
+  ``devices: "0,1,2"`` runs one engine replica per device, each in its own process bound
+  to it with ``CUDA_VISIBLE_DEVICES``, requests spread round-robin;
+  ``tensor_parallel_size`` splits one model over several devices.
+* ``openai_compatible``: :class:`OpenAICompatibleConfig`, an HTTP endpoint (``vllm
+  serve``, SGLang, llama.cpp's server, OpenAI, ...); see ``docs/api-serving.md``::
 
     serving:
       default:
@@ -26,24 +29,75 @@ llama.cpp's server, OpenAI, ...); see ``docs/api-serving.md``::
         global_limit: gpu-fleet              # a Prefect global concurrency limit
         price: {input_per_1m: 0.15, output_per_1m: 0.60}
 
-A fleet of servers serving the same model: ``base_urls`` instead of ``base_url`` (each
-entry a URL or ``{url, max_concurrency, requests_per_minute, tokens_per_minute}``); the
-URLs are not part of the step fingerprint, so adding or removing one recomputes nothing.
+  A fleet of servers serving the same model: ``base_urls`` instead of ``base_url`` (each
+  entry a URL or ``{url, max_concurrency, requests_per_minute, tokens_per_minute}``); the
+  URLs are not part of the step fingerprint, so adding or removing one recomputes
+  nothing. Every URL must be ``http://`` or ``https://`` with a host.
+* ``fake``: :class:`FakeBackendConfig`, echoes prompts (orchestration tests only).
+
+The saved block, :class:`ServingConfig` ("Nightshift LLM Serving"), holds one of these in
+its ``settings`` field; ``ServingConfig(backend=..., model=..., ...)`` builds it from the
+flat keywords, and a block saved in the old flat shape (before the split) still loads.
 
 Never write the key itself in a spec: a spec is a flow-run parameter, shown in the UI.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import hmac
 import os
-from typing import Any, Literal
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Union
+from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from nightshift.core.errors import SpecError
+from nightshift.core.errors import SpecError, validation_message
 from nightshift.core.fingerprints import digest
 from nightshift.core.usage import TokenPrice
+
+__all__ = [
+    "BACKENDS",
+    "BackendConfig",
+    "FakeBackendConfig",
+    "HttpEndpoint",
+    "OpenAICompatibleConfig",
+    "ServingConfig",
+    "ServingLike",
+    "VLLMEngineConfig",
+    "as_backend_config",
+    "check_http_url",
+    "parse_serving",
+]
+
+
+def check_http_url(value: str) -> str:
+    """``value`` if it is an ``http://`` or ``https://`` URL with a host, else a one-line
+    ValueError (``127.0.0.1:8000/v1``, ``localhost:8000/v1`` and ``ftp://...`` are refused
+    at ``validate``, not met at run time in a retry loop)."""
+    text = str(value).strip()
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not host:
+        hint = f"; write http://{text}" if "://" not in text else ""
+        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host{hint}")
+    return text
 
 
 class HttpEndpoint(BaseModel):
@@ -57,20 +111,83 @@ class HttpEndpoint(BaseModel):
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_http_url(value)
 
-class ServingConfig(Block):
-    """How to serve one model: backend, engine options, batching, devices."""
 
-    _block_type_name = "Nightshift LLM Serving"
-    _block_type_slug = "nightshift-llm-serving"
-    _description = (
-        "An LLM backend for Nightshift generation steps: an in-process vLLM engine or an "
-        "OpenAI-compatible HTTP endpoint."
-    )
+# -- the per-backend configs ------------------------------------------------------------
 
-    backend: Literal["vllm", "fake", "openai_compatible"] = "vllm"
+
+class _Serving(BaseModel):
+    """What every backend's config has and does (not used on its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
     model: str = Field(default="smollm2", description="HF folder, hub id, or smollm2 (embedded)")
+    #: Persist each answer as it arrives so a retried batch pays only for missing rows
+    #: (None: on for openai_compatible, off for in-process engines).
+    cache_answers: bool | None = None
+
+    is_http: ClassVar[bool] = False
+
+    @property
+    def answers_cached(self) -> bool:
+        return self.cache_answers if self.cache_answers is not None else self.is_http
+
+    def identity(self) -> dict[str, Any]:
+        """What changes outputs, for step fingerprints and answer keys."""
+        raise NotImplementedError
+
+    def check_credentials(self) -> None:
+        """Raise a one-line SpecError now if a credential this config names cannot be
+        found (HTTP: an unset environment variable, a missing Secret block)."""
+
+    def secret_fingerprint(self) -> str | None:
+        """A keyed hash of the secret this config holds (None: none), never the secret."""
+        return None
+
+    def as_dict(self, *, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The configuration as a plain JSON-able dict (the key masked): what crosses a
+        process boundary or is shown; ``exclude`` leaves more fields out."""
+        return self.model_dump(mode="json", exclude=set(exclude))
+
+    def sharing_key(self) -> str:
+        """What decides whether two configs are one (task-runner equality, the shared
+        pool registry): every setting plus :meth:`secret_fingerprint`, so two configs that
+        differ only in ``api_key`` are two, and never share a pool."""
+        return digest(self.as_dict(), self.secret_fingerprint())
+
+    def key(self) -> str:
+        """A stable name for this configuration (for logs): without the key."""
+        return digest(self.as_dict(exclude={"api_key"}))[:12]
+
+
+class _LocalServing(_Serving):
+    """Backends served in this process (or one process per device), auto-batched and
+    restarted: vLLM and fake."""
+
     devices: str | None = Field(default=None, description='"0,1": one replica per device')
+    #: Auto-batching: most requests per engine call, and how long to wait for more.
+    max_batch: int = Field(default=256, ge=1)
+    batch_timeout_s: float = Field(default=0.02, ge=0)
+    #: Restarts one engine call may cost (a crash, out of memory, a stall; counted per call
+    #: of up to max_batch rows). A request that kills the engine is found by bisection,
+    #: ~log2(max_batch) + 1 restarts (9 for 256), and its row gets "engine died on this
+    #: request twice"; past the limit the call's remaining rows fail with "not served:
+    #: ...". See docs/generation.md.
+    max_restarts: int = Field(default=10, ge=0)
+
+    def device_list(self) -> list[str]:
+        return [d.strip() for d in self.devices.split(",") if d.strip()] if self.devices else []
+
+
+class VLLMEngineConfig(_LocalServing):
+    """An in-process vLLM engine (``backend: vllm``, the default)."""
+
+    backend: Literal["vllm"] = "vllm"  # pyright: ignore[reportIncompatibleVariableOverride] (the tag narrows str)
     tensor_parallel_size: int = Field(default=1, ge=1)
     dtype: str = "auto"
     max_model_len: int = Field(default=2048, ge=16)
@@ -80,29 +197,71 @@ class ServingConfig(Block):
     seed: int = 0
     enforce_eager: bool | None = None
     kv_cache_memory_bytes: int | None = None
-    #: Auto-batching: most requests per engine call, and how long to wait for more.
-    max_batch: int = Field(default=256, ge=1)
-    batch_timeout_s: float = Field(default=0.02, ge=0)
-    #: In-process engines: restarts one engine call may cost (a crash, out of memory, a
-    #: stall; counted per call of up to max_batch rows). A request that kills the engine
-    #: is found by bisection, ~log2(max_batch) + 1 restarts (9 for 256), and its row gets
-    #: "engine died on this request twice"; past the limit the call's remaining rows
-    #: fail with "not served: ...". See docs/generation.md.
-    max_restarts: int = Field(default=10, ge=0)
-    #: Both backends: a request (HTTP) or an engine (vLLM) that produces no token for this
-    #: long is stalled: the request is cancelled and re-sent, the engine restarted.
-    #: HTTP: the longest silence (no byte) within an attempt; ``timeout_s`` bounds the whole.
+    #: An engine that produces no token for this long is stalled and restarted.
     stall_timeout_s: float = Field(default=300.0, gt=0)
-    #: fake backend only: seconds each call takes.
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nightshift.serving.vllm_backend.VLLMBackend``."""
+        return dict(
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_seqs=self.max_num_seqs,
+            quantization=self.quantization,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """Model files, template, dtype, ... Resolving ``smollm2`` converts the embedded
+        model once (cached); the engine itself is not started."""
+        from nightshift.core.model_identity import model_identity
+
+        return {
+            "backend": self.backend,
+            **model_identity(self.model),
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "max_model_len": self.max_model_len,
+            "seed": self.seed,
+        }
+
+
+class FakeBackendConfig(_LocalServing):
+    """The fake backend (``backend: fake``): echoes prompts; orchestration tests only."""
+
+    backend: Literal["fake"] = "fake"  # pyright: ignore[reportIncompatibleVariableOverride] (the tag narrows str)
+    #: Seconds each call takes.
     fake_delay_s: float = Field(default=0.0, ge=0)
 
-    # -- openai_compatible: an HTTP endpoint ------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "fake", "model": self.model}
+
+
+#: A per-process salt for :meth:`OpenAICompatibleConfig.secret_fingerprint`: the
+#: fingerprint tells two keys apart inside this process and reveals nothing of either.
+_SALT = secrets.token_bytes(32)
+
+
+class OpenAICompatibleConfig(_Serving):
+    """An OpenAI-compatible HTTP endpoint, or a fleet of them
+    (``backend: openai_compatible``)."""
+
+    backend: Literal["openai_compatible"] = "openai_compatible"  # pyright: ignore[reportIncompatibleVariableOverride] (the tag narrows str)
+    is_http: ClassVar[bool] = True
+
     base_url: str | None = Field(default=None, description="API root, e.g. http://host:8000/v1")
     #: A fleet: several endpoints serving the same model, used as one (instead of base_url).
     base_urls: list[HttpEndpoint] | None = Field(
-        default=None, description="fleet of API roots serving the same model (instead of base_url)")
+        default=None,
+        description="fleet of API roots serving the same model (instead of base_url)",
+    )
     #: Streamed replies, so the stall watchdog sees every token.
     stream: bool = True
+    #: The longest silence (no byte) within an attempt; ``timeout_s`` bounds the whole.
+    stall_timeout_s: float = Field(default=300.0, gt=0)
     api_key: SecretStr | None = Field(default=None, description="kept secret; or use the next two")
     api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block")
     api_key_env: str | None = Field(default=None, description="environment variable with the key")
@@ -123,11 +282,13 @@ class ServingConfig(Block):
     slot_hold_s: float = Field(default=10.0, gt=0)
     price: TokenPrice | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict, description="e.g. {top_k: 20}")
-    #: Persist each answer as it arrives so a retried batch pays only for missing rows
-    #: (None: on for openai_compatible, off for in-process engines).
-    cache_answers: bool | None = None
     #: Bump to recompute when the server's weights change under the same model name.
     model_revision: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
 
     @field_validator("base_urls", mode="before")
     @classmethod
@@ -138,24 +299,19 @@ class ServingConfig(Block):
         return value
 
     @model_validator(mode="after")
-    def _http_needs_a_url(self) -> ServingConfig:
-        if self.backend == "openai_compatible" and not (self.base_url or self.base_urls):
-            raise ValueError("backend openai_compatible needs base_url (e.g. http://host:8000/v1) "
-                             "or base_urls (a fleet)")
+    def _needs_a_url(self) -> OpenAICompatibleConfig:
+        if not (self.base_url or self.base_urls):
+            raise ValueError(
+                "backend openai_compatible needs base_url (e.g. http://host:8000/v1) "
+                "or base_urls (a fleet)"
+            )
         if self.base_url and self.base_urls:
             raise ValueError("give base_url or base_urls (a fleet), not both")
         urls = [e.url.rstrip("/") for e in self.endpoint_list()]
         if len(set(urls)) != len(urls):
-            raise ValueError(f"base_urls names an endpoint twice: {sorted({u for u in urls if urls.count(u) > 1})[0]}")
+            twice = sorted({u for u in urls if urls.count(u) > 1})[0]
+            raise ValueError(f"base_urls names an endpoint twice: {twice}")
         return self
-
-    @property
-    def is_http(self) -> bool:
-        return self.backend == "openai_compatible"
-
-    @property
-    def answers_cached(self) -> bool:
-        return self.cache_answers if self.cache_answers is not None else self.is_http
 
     def resolve_api_key(self) -> str | None:
         """The key from the SecretStr field, a Prefect Secret block or the environment."""
@@ -165,7 +321,7 @@ class ServingConfig(Block):
             from prefect.blocks.system import Secret
 
             try:
-                return str(Secret.load(self.api_key_secret).get())
+                return str(Secret.load(self.api_key_secret).get())  # type: ignore[union-attr]
             except ValueError:
                 raise SpecError(
                     f"api_key_secret {self.api_key_secret!r}: no such Prefect Secret block"
@@ -173,15 +329,20 @@ class ServingConfig(Block):
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
-                raise SpecError(f"api_key_env {self.api_key_env}: the environment variable is not set")
+                raise SpecError(
+                    f"api_key_env {self.api_key_env}: the environment variable is not set"
+                )
             return value
         return None
 
     def check_credentials(self) -> None:
-        """Raise a one-line SpecError now if the API key this config names cannot be found
-        (an unset environment variable, a missing Secret block); the key is not kept."""
-        if self.is_http:
-            self.resolve_api_key()
+        self.resolve_api_key()
+
+    def secret_fingerprint(self) -> str | None:
+        if self.api_key is None:
+            return None
+        mac = hmac.new(_SALT, self.api_key.get_secret_value().encode(), hashlib.sha256)
+        return mac.hexdigest()[:16]
 
     def endpoint_list(self) -> list[HttpEndpoint]:
         """The endpoints: ``base_urls``, or ``base_url`` as a fleet of one."""
@@ -191,65 +352,222 @@ class ServingConfig(Block):
 
     def http_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nightshift.serving.http.OpenAIBackend`` (the key excluded)."""
-        if not self.base_url and not self.base_urls:
-            raise SpecError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
         return dict(
-            base_url=self.base_url, model=self.model,
+            base_url=self.base_url,
+            model=self.model,
             base_urls=[e.model_dump() for e in self.endpoint_list()] if self.base_urls else None,
-            stall_timeout_s=self.stall_timeout_s, stream=self.stream, api_key_header=self.api_key_header,
-            headers=self.headers, endpoint=self.endpoint, max_concurrency=self.max_concurrency,
-            requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
-            timeout_s=self.timeout_s, max_attempts=self.max_attempts,
-            backoff_initial_s=self.backoff_initial_s, backoff_max_s=self.backoff_max_s,
-            outage_after_s=self.outage_after_s, global_limit=self.global_limit,
-            global_limit_mode=self.global_limit_mode, slot_hold_s=self.slot_hold_s,
-            price=self.price, extra_body=self.extra_body,
-        )
-
-    def device_list(self) -> list[str]:
-        return [d.strip() for d in self.devices.split(",") if d.strip()] if self.devices else []
-
-    def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``nightshift.serving.vllm_backend.VLLMBackend``."""
-        return dict(
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_seqs=self.max_num_seqs,
-            quantization=self.quantization,
-            seed=self.seed,
-            enforce_eager=self.enforce_eager,
-            tensor_parallel_size=self.tensor_parallel_size,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            stall_timeout_s=self.stall_timeout_s,
+            stream=self.stream,
+            api_key_header=self.api_key_header,
+            headers=self.headers,
+            endpoint=self.endpoint,
+            max_concurrency=self.max_concurrency,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            outage_after_s=self.outage_after_s,
+            global_limit=self.global_limit,
+            global_limit_mode=self.global_limit_mode,
+            slot_hold_s=self.slot_hold_s,
+            price=self.price,
+            extra_body=self.extra_body,
         )
 
     def identity(self) -> dict[str, Any]:
-        """What changes outputs, for step fingerprints: model files, template, dtype, ...
-
-        Resolving ``smollm2`` converts the embedded model once (cached); the engine
-        itself is not started.
-        """
-        if self.backend == "fake":
-            return {"backend": "fake", "model": self.model}
-        if self.is_http:  # not the URL, key or limits: they do not change answers
-            return {"backend": self.backend, "model": self.model, "endpoint": self.endpoint,
-                    "extra_body": self.extra_body, "model_revision": self.model_revision}
-        from nightshift.core.model_identity import model_identity
-
+        """Not the URL, key or limits: they do not change answers."""
         return {
             "backend": self.backend,
-            **model_identity(self.model),
-            "dtype": self.dtype,
-            "quantization": self.quantization,
-            "max_model_len": self.max_model_len,
-            "seed": self.seed,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "extra_body": self.extra_body,
+            "model_revision": self.model_revision,
         }
 
-    def as_dict(self, *, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-        """The configuration as a plain JSON-able dict (no block metadata): what crosses a
-        process boundary or is compared; ``exclude`` leaves more fields out."""
-        return self.model_dump(mode="json", exclude={"block_type_slug", *exclude})
 
-    def key(self) -> str:
-        """A stable name for this configuration (for logs and caches)."""
-        return digest(self.as_dict(exclude={"api_key"}))[:12]
+#: One serving config: the model ``backend`` names (a pydantic discriminated union).
+BackendConfig = Annotated[
+    VLLMEngineConfig | OpenAICompatibleConfig | FakeBackendConfig,
+    Field(discriminator="backend"),
+]
+
+#: The config model of each backend, by the name a spec gives it.
+BACKENDS: dict[str, type[VLLMEngineConfig | OpenAICompatibleConfig | FakeBackendConfig]] = {
+    "vllm": VLLMEngineConfig,
+    "openai_compatible": OpenAICompatibleConfig,
+    "fake": FakeBackendConfig,
+}
+
+
+def _backend_class(data: Mapping[str, Any], where: str) -> type[BaseModel]:
+    backend = data.get("backend", "vllm")
+    cls = BACKENDS.get(backend) if isinstance(backend, str) else None
+    if cls is None:
+        raise SpecError(
+            f"{where}.backend: {backend!r} is not a backend (one of: {', '.join(BACKENDS)})"
+        )
+    return cls
+
+
+def _unknown_key(cls: type[BaseModel], data: Mapping[str, Any], where: str) -> str | None:
+    """The one-line message for the first key ``cls`` does not know, or None."""
+    for key in data:
+        if key not in cls.model_fields:
+            backend = cls.model_fields["backend"].default
+            close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            elsewhere = [b for b, c in BACKENDS.items() if b != backend and key in c.model_fields]
+            if elsewhere and not close:
+                hint = f" (it is a setting of backend {' and '.join(elsewhere)})"
+            return f"{where}.{key}: not a setting of backend {backend}{hint}"
+    return None
+
+
+def parse_serving(entry: Mapping[str, Any], where: str = "serving") -> BackendConfig:
+    """The config of one serving entry (a spec's mapping of fields), validated by its
+    backend's model; any problem is one line naming ``where`` and the key."""
+    if not isinstance(entry, Mapping):
+        raise SpecError(f"{where}: a mapping of settings, not {type(entry).__name__}")
+    cls = _backend_class(entry, where)
+    if (message := _unknown_key(cls, entry, where)) is not None:
+        raise SpecError(message)
+    try:
+        return cls.model_validate(dict(entry))  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise SpecError(validation_message(exc, where)) from None
+
+
+#: What a caller may hand over as one serving config (see :func:`as_backend_config`).
+ServingLike = Union[
+    VLLMEngineConfig, OpenAICompatibleConfig, FakeBackendConfig, "ServingConfig", Mapping[str, Any]
+]
+
+
+def as_backend_config(config: ServingLike, where: str = "serving") -> BackendConfig:
+    """A per-backend config from what a caller may hand over: one already, a saved
+    :class:`ServingConfig` block (its ``settings``), or a mapping (:func:`parse_serving`)."""
+    if isinstance(config, (VLLMEngineConfig, OpenAICompatibleConfig, FakeBackendConfig)):
+        return config
+    if isinstance(config, ServingConfig):
+        return config.settings
+    if isinstance(config, Mapping):
+        return parse_serving(config, where)
+    raise SpecError(
+        f"{where}: a serving config (ServingConfig, VLLMEngineConfig, "
+        f"OpenAICompatibleConfig, FakeBackendConfig) or a mapping, not {type(config).__name__}"
+    )
+
+
+# -- the saved block ----------------------------------------------------------------------
+
+#: The defaults of the old flat block (one model for every backend, before the split). A
+#: block saved in that shape stores every field; those of another backend left at these
+#: values mean nothing and are dropped when it loads.
+_FLAT_DEFAULTS: dict[str, Any] = {
+    "backend": "vllm",
+    "model": "smollm2",
+    "devices": None,
+    "tensor_parallel_size": 1,
+    "dtype": "auto",
+    "max_model_len": 2048,
+    "gpu_memory_utilization": 0.9,
+    "max_num_seqs": 256,
+    "quantization": None,
+    "seed": 0,
+    "enforce_eager": None,
+    "kv_cache_memory_bytes": None,
+    "max_batch": 256,
+    "batch_timeout_s": 0.02,
+    "max_restarts": 10,
+    "stall_timeout_s": 300.0,
+    "fake_delay_s": 0.0,
+    "base_url": None,
+    "base_urls": None,
+    "stream": True,
+    "api_key": None,
+    "api_key_secret": None,
+    "api_key_env": None,
+    "api_key_header": "Authorization",
+    "headers": {},
+    "endpoint": "auto",
+    "max_concurrency": 16,
+    "requests_per_minute": None,
+    "tokens_per_minute": None,
+    "timeout_s": 120.0,
+    "max_attempts": 8,
+    "backoff_initial_s": 0.5,
+    "backoff_max_s": 60.0,
+    "outage_after_s": 120.0,
+    "global_limit": None,
+    "global_limit_mode": "concurrency",
+    "slot_hold_s": 10.0,
+    "price": None,
+    "extra_body": {},
+    "cache_answers": None,
+    "model_revision": None,
+}
+
+
+def _from_flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keywords (or an old flat saved block) as one backend's settings: keys of
+    another backend still at their old default are dropped; any other stays, to be
+    refused by the backend's model."""
+    cls = BACKENDS.get(data.get("backend", "vllm"), VLLMEngineConfig)
+    return {
+        k: v
+        for k, v in data.items()
+        if k in cls.model_fields or not (k in _FLAT_DEFAULTS and _FLAT_DEFAULTS[k] == v)
+    }
+
+
+class ServingConfig(Block):
+    """A saved serving config: one backend's settings (``settings``), by name.
+
+    ``ServingConfig(backend="openai_compatible", base_url=..., model=...)`` builds it from
+    flat keywords, as a spec's inline entry; ``ServingConfig(settings=...)`` from a
+    per-backend config. Loading a block saved in the old flat shape converts it."""
+
+    _block_type_name = "Nightshift LLM Serving"
+    _block_type_slug = "nightshift-llm-serving"
+    _description = (
+        "An LLM backend for Nightshift generation steps: an in-process vLLM engine, an "
+        "OpenAI-compatible HTTP endpoint (or a fleet of them), or the fake backend."
+    )
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: BackendConfig = Field(
+        default_factory=VLLMEngineConfig,
+        description="the backend (vllm, openai_compatible or fake) and its settings",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keywords(cls, data: Any) -> Any:
+        """Flat keywords, or a document saved in the old flat shape, become ``settings``."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if k != "block_type_slug"}
+        if "settings" in data:
+            settings = data["settings"]
+            if isinstance(settings, dict) and "backend" not in settings:
+                data["settings"] = {"backend": "vllm", **settings}
+            return data
+        if not data:
+            return data
+        flat = _from_flat(data)
+        cls_ = BACKENDS.get(flat.get("backend", "vllm"))
+        if cls_ is not None and (message := _unknown_key(cls_, flat, "")):
+            raise ValueError(message.lstrip("."))
+        return {"settings": {"backend": flat.get("backend", "vllm"), **flat}}
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings' fields and methods, read through the block (``block.model``,
+        ``block.identity()``), as the old flat block had them."""
+        if not name.startswith("_"):
+            settings = self.__dict__.get("settings")
+            if settings is not None and hasattr(settings, name):
+                return getattr(settings, name)
+        return super().__getattr__(name)  # type: ignore[misc]

@@ -7,6 +7,11 @@ state message.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class NightshiftError(Exception):
     """Base class: ``str(err)`` is the whole, single-line explanation."""
@@ -39,4 +44,34 @@ def one_line(exc: BaseException | str, limit: int = 300, *, whole: bool = False)
     if not str(exc).strip():
         return type(exc).__name__ if isinstance(exc, BaseException) else ""
     text = " ".join(str(exc).split()) if whole else str(exc).strip().splitlines()[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(text, limit)
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` whole if it fits in ``limit`` characters, else cut at a word (never inside
+    one, unless a single word is longer than the limit) and ended with ``...``."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    if space > (limit - 3) // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """One line from a pydantic error: ``key.path: message (and N more problems)``."""
+    first = exc.errors()[0]
+    parts = [prefix] if prefix else []
+    for loc in first["loc"]:
+        if isinstance(loc, str) and ("[" in loc or ("-" in loc and loc.endswith("]"))):
+            continue  # pydantic's union/validator tags, not a key the user wrote
+        if isinstance(loc, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
+        else:
+            parts.append(str(loc))
+    where = ".".join(parts)
+    message = first["msg"].removeprefix("Value error, ")  # a validator's own message
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {message}{tail}" if where else f"{message}{tail}"

@@ -23,7 +23,7 @@ from typing import Any
 
 import polars as pl
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import BackendConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
@@ -61,7 +61,7 @@ class Plan:
     files: list[SourceFile]
     batches: list[Batch]
     stages: list[Stage]
-    serving: dict[str, ServingConfig] = field(default_factory=dict)
+    serving: dict[str, BackendConfig] = field(default_factory=dict)
     #: keys of the stages that no stage with its own batch_size precedes (known at
     #: planning), by stage
     keys: dict[int, list[str]] = field(default_factory=dict)

@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 from rich.console import Console
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import BackendConfig
 from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.usage import Usage
@@ -95,19 +95,17 @@ def preview(
     )
     printer = _Printer(write)
     backends = {name: _StreamingBackend(name, config, printer) for name, config in serving.items()}
-    pool = ServingPool(serving, backends=backends)  # LLM steps find it as the current pool
-    token = pool.activate()
+    pool = ServingPool(serving, backends=backends)  # handed to each LLM step
     df = head
     try:
         for i, op in enumerate(operators[first_llm:], start=first_llm):
             if op.uses_serving:
                 printer.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
             try:
-                df = _apply(op, df)
+                df = _apply(op, df, pool)
             except NightshiftError as exc:
                 raise NightshiftError(f"steps[{i}] ({op.name}): {exc}") from None
     finally:
-        pool.deactivate(token)
         pool.close()
         for backend in backends.values():
             backend.close()
@@ -166,9 +164,9 @@ def _rows_reaching(
         want = min(max_scan, want * 4)
 
 
-def _apply(op: Operator, df: pl.DataFrame) -> pl.DataFrame:
+def _apply(op: Operator, df: pl.DataFrame, pool: ServingPool | None = None) -> pl.DataFrame:
     state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
-    return apply_operator(op, df, state)
+    return apply_operator(op, df, state, pool)
 
 
 class _Printer:
@@ -185,7 +183,7 @@ class _StreamingBackend:
     by the caller (:func:`~nightshift.serving.runner.shared_serving`: tests, notebooks),
     else one it starts on first use and closes at the end."""
 
-    def __init__(self, name: str, config: ServingConfig, printer: _Printer) -> None:
+    def __init__(self, name: str, config: BackendConfig, printer: _Printer) -> None:
         self.name, self.config, self.printer = name, config, printer
         self._inner: Backend | None = None
         self._owned = False

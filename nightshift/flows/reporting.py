@@ -21,6 +21,7 @@ from prefect.artifacts import (
 
 from nightshift.core.naming import artifact_key
 from nightshift.flows.plan import Plan
+from nightshift.serving.pool import ServingPool
 from nightshift.tasks.operators import ROW_ID
 
 
@@ -88,12 +89,12 @@ _SUMMED = ("prompt_tokens", "completion_tokens", "requests", "retries", "cached_
            "cost_usd", "seconds")
 
 
-def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
+def publish_summary(plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | None = None) -> None:
     """The run's summary table: one row per step (batches reused from the store and
     computed by this run), then (with LLM steps) the run's total over its computed
     batches and, per HTTP serving backend, everything it sent in this run (failed
     batches included: those calls were paid too). Per-batch usage of LLM steps goes to a
-    second table, ``<pipeline>-batch-usage``."""
+    second table, ``<pipeline>-batch-usage``. ``pool``: the run's serving pool."""
     table = [{k: r.get(k) for k in SUMMARY_COLUMNS} for r in rows]
     for row in table:
         row["seconds"] = round(row["seconds"] or 0.0, 2)
@@ -105,7 +106,7 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
         total["cost_usd"] = round(total["cost_usd"], 6)
         total["seconds"] = round(total["seconds"], 2)
         table.append(total)
-    for name, usage in serving_usage().items():
+    for name, usage in serving_usage(pool).items():
         row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
         row.update(name=f"serving {name} (all calls)", failed=usage.get("failed"),
                    prompt_tokens=usage.get("prompt_tokens"),
@@ -113,7 +114,7 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
                    requests=usage.get("requests"), retries=usage.get("retries"),
                    cost_usd=usage.get("cost_usd"))
         table.append(row)
-    table.extend(endpoint_rows())
+    table.extend(endpoint_rows(pool))
     create_table_artifact(
         key=artifact_key(plan.spec.name, "summary"),
         table=table,
@@ -134,21 +135,15 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]]) -> None:
         )
 
 
-def serving_usage() -> dict[str, dict[str, float | int]]:
-    """Usage of the running flow's HTTP serving backends, by serving name (or nothing)."""
-    from nightshift.serving.pool import active_pool
-
-    pool = active_pool()
+def serving_usage(pool: ServingPool | None) -> dict[str, dict[str, float | int]]:
+    """Usage of the run's HTTP serving backends, by serving name (or nothing)."""
     return pool.usage() if pool is not None else {}
 
 
-def endpoint_rows() -> list[dict[str, Any]]:
+def endpoint_rows(pool: ServingPool | None) -> list[dict[str, Any]]:
     """One summary row per endpoint of each fleet (``base_urls``): ``requests`` sent there,
     ``rows_out`` it answered, ``failed`` attempts on it, ``retries`` of those re-sent,
     its tokens; the name says whether it was taken out and is in service at the end."""
-    from nightshift.serving.pool import active_pool
-
-    pool = active_pool()
     rows: list[dict[str, Any]] = []
     for name, endpoints in (pool.endpoint_usage() if pool is not None else {}).items():
         for where, c in endpoints.items():

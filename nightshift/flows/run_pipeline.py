@@ -101,7 +101,8 @@ def execute_plan(
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
-            publish_summary(plan, [s.as_row() for s in execution.stats])
+            publish_summary(plan, [s.as_row() for s in execution.stats],
+                            getattr(runner, "pool", None))
     outputs = {plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)]
                for i in plan.sinks}
     output = outputs[plan.stages[plan.sinks[-1]].name]

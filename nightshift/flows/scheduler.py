@@ -270,6 +270,7 @@ class Execution:
             source_options=plan.spec.source.storage_options,
             upstream=upstream,
             **({"join": s.join} if s.join is not None else {}),
+            **({"pool": pool} if (pool := getattr(self.runner, "pool", None)) is not None else {}),
             barrier_state=self._index_refs[stage].path if s.barrier else None,
             force=self._forced(stage),
             fail=self.fail_at == (stage, batch) and unit.piece == 0,

@@ -10,20 +10,34 @@ With ``devices`` there is one replica per device, each in its own process, used 
 An ``openai_compatible`` backend is called directly from every task (it bounds its own
 concurrency, retries per row and reports each answer as it arrives through ``on_result``).
 
-Tasks find the pool of the task runner that runs them with :func:`current_pool`.
+The engine hands the pool to each step task explicitly (``run_stage_batch(pool=...)``,
+from the task runner that owns it). Code of a flow whose task runner is a
+``ServingTaskRunner`` (a user's own tasks) finds it with :func:`current_pool`: a context
+variable set while the runner is entered, copied into its task threads by Prefect; there
+is no process-wide fallback, so a thread that did not inherit the context never gets
+another flow's pool (nor its API key).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import (
+    BackendConfig,
+    FakeBackendConfig,
+    OpenAICompatibleConfig,
+    ServingLike,
+    VLLMEngineConfig,
+    as_backend_config,
+    parse_serving,
+)
 from nightshift.core.usage import Usage
 from nightshift.serving.batching import AutoBatcher
 from nightshift.serving.interface import (
@@ -38,12 +52,11 @@ from nightshift.serving.resilience import ProcessReplica, RestartingBackend
 _CURRENT: contextvars.ContextVar[ServingPool | None] = contextvars.ContextVar(
     "nightshift_serving_pool", default=None
 )
-_ACTIVE: list[ServingPool] = []  # for threads that did not inherit the context
 
 
 def current_pool() -> ServingPool:
-    """The serving pool of the running ``ServingTaskRunner``."""
-    pool = _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
+    """The serving pool of the ``ServingTaskRunner`` this code runs under (its context)."""
+    pool = _CURRENT.get()
     if pool is None:
         raise RuntimeError(
             "no serving pool: generation steps must run under a ServingTaskRunner "
@@ -52,15 +65,10 @@ def current_pool() -> ServingPool:
     return pool
 
 
-def active_pool() -> ServingPool | None:
-    """The serving pool of the running task runner, or None (reporting uses this)."""
-    return _CURRENT.get() or (_ACTIVE[-1] if _ACTIVE else None)
-
-
 def build_local_backend(config: dict[str, Any]) -> Backend:
     """A backend in this process from a serving config (a plain dict: picklable)."""
-    cfg = ServingConfig(**config)
-    if cfg.backend == "fake":
+    cfg = parse_serving(config)
+    if isinstance(cfg, FakeBackendConfig):
         import os
 
         from nightshift.serving.fake_backend import FakeBackend
@@ -69,6 +77,8 @@ def build_local_backend(config: dict[str, Any]) -> Backend:
             delay_s=cfg.fake_delay_s,
             model=f"{cfg.model}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
         )
+    if not isinstance(cfg, VLLMEngineConfig):
+        raise TypeError(f"backend {cfg.backend} is not served in this process")
     from nightshift.serving.vllm_backend import VLLMBackend
 
     return VLLMBackend(cfg.model, stall_timeout_s=cfg.stall_timeout_s, **cfg.engine_options())
@@ -78,7 +88,7 @@ def _build_replica(config: dict[str, Any], device: str) -> Backend:
     return ProcessReplica(functools.partial(build_local_backend, config), device)
 
 
-def build_http_backend(config: ServingConfig) -> Backend:
+def build_http_backend(config: OpenAICompatibleConfig) -> Backend:
     """An ``OpenAIBackend`` from a serving config; the key is resolved here, in the flow
     process, and never leaves it."""
     from nightshift.serving.http import OpenAIBackend
@@ -86,14 +96,14 @@ def build_http_backend(config: ServingConfig) -> Backend:
     return OpenAIBackend(api_key=config.resolve_api_key(), **config.http_options())
 
 
-def plain_config(config: ServingConfig) -> dict[str, Any]:
+def plain_config(config: VLLMEngineConfig | FakeBackendConfig) -> dict[str, Any]:
     """A serving config as a picklable dict for one local engine (devices left out)."""
     return config.as_dict(exclude={"devices"})
 
 
-def build_backend(config: ServingConfig) -> Backend:
+def build_backend(config: BackendConfig) -> Backend:
     """One backend in this process: the HTTP client, or one local engine (no replicas)."""
-    if config.is_http:
+    if isinstance(config, OpenAICompatibleConfig):
         return build_http_backend(config)
     return build_local_backend(plain_config(config))
 
@@ -135,7 +145,7 @@ class _ServedDirect:
 class _Served:
     """The batchers of one serving name (one per replica), used in turn."""
 
-    def __init__(self, name: str, config: ServingConfig) -> None:
+    def __init__(self, name: str, config: VLLMEngineConfig | FakeBackendConfig) -> None:
         plain = plain_config(config)
         devices = config.device_list()
         if devices:
@@ -186,15 +196,18 @@ class ServingPool:
     """Backends by serving name, started on first use, closed together."""
 
     #: Backends started by every pool of this process, by serving name (for tests/logs).
-    total_starts: Counter[str] = Counter()
+    total_starts: ClassVar[Counter[str]] = Counter()
 
     def __init__(
-        self, configs: dict[str, ServingConfig], backends: dict[str, Backend] | None = None
+        self, configs: Mapping[str, ServingLike], backends: dict[str, Backend] | None = None
     ) -> None:
-        """``backends``: backends the caller built for some of the names; they are called
-        directly (not batched, not restarted) and the caller closes them (preview streams
-        its rows through such a backend)."""
-        self.configs = dict(configs)
+        """``configs``: per serving name, a per-backend config, a saved ``ServingConfig``
+        block or a mapping of settings. ``backends``: backends the caller built for some of
+        the names; they are called directly (not batched, not restarted) and the caller
+        closes them (preview streams its rows through such a backend)."""
+        self.configs: dict[str, BackendConfig] = {
+            name: as_backend_config(config, f"serving.{name}") for name, config in configs.items()
+        }
         self.starts: Counter[str] = Counter()
         self._given = dict(backends or {})
         self._served: dict[str, _Served | _ServedDirect] = {}
@@ -214,7 +227,7 @@ class ServingPool:
                 if name in self._given:
                     self._served[name] = _ServedDirect(self._given[name], owned=False)
                     return self._served[name]
-                if config.is_http:
+                if isinstance(config, OpenAICompatibleConfig):
                     self._served[name] = _ServedDirect(build_http_backend(config))
                 else:
                     self._served[name] = _Served(name, config)
@@ -281,11 +294,12 @@ class ServingPool:
         for s in served:
             s.close()
 
-    def activate(self) -> contextvars.Token:
-        _ACTIVE.append(self)
-        return _CURRENT.set(self)
-
-    def deactivate(self, token: contextvars.Token) -> None:
-        _CURRENT.reset(token)
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
+    @contextlib.contextmanager
+    def active(self) -> Iterator[ServingPool]:
+        """This pool as :func:`current_pool` inside the ``with`` block (this context and
+        the tasks Prefect starts from it)."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)

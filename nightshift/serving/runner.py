@@ -8,10 +8,10 @@ the run, is fed large batches gathered from all concurrent tasks, and shuts down
 the runner exits, also when the flow fails::
 
     from prefect import flow
-    from nightshift.blocks.serving_config import ServingConfig
+    from nightshift.blocks.serving_config import VLLMEngineConfig
     from nightshift.serving.runner import ServingTaskRunner
 
-    @flow(task_runner=ServingTaskRunner({"default": ServingConfig(model="smollm2")}))
+    @flow(task_runner=ServingTaskRunner({"default": VLLMEngineConfig(model="smollm2")}))
     def my_flow(): ...
 
 ``run_pipeline`` builds one from the spec's ``serving:`` section when it has LLM steps.
@@ -36,7 +36,15 @@ from typing import Any, Self
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import (
+    BACKENDS,
+    BackendConfig,
+    ServingConfig,
+    ServingLike,
+    VLLMEngineConfig,
+    as_backend_config,
+)
+from nightshift.core.errors import SpecError
 from nightshift.serving.pool import ServingPool
 
 
@@ -45,7 +53,7 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
 
     def __init__(
         self,
-        serving: dict[str, ServingConfig | dict[str, Any]] | ServingConfig | None = None,
+        serving: Mapping[str, ServingLike] | ServingConfig | BackendConfig | None = None,
         max_workers: int | None = None,
     ) -> None:
         if max_workers is not None and (
@@ -55,45 +63,42 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
                 f"max_workers must be a positive whole number or None, not {max_workers!r}"
             )
         if serving is None:
-            serving = {"default": ServingConfig()}
-        elif isinstance(serving, ServingConfig):
-            serving = {"default": serving}
+            serving = {"default": VLLMEngineConfig()}
+        elif isinstance(serving, (ServingConfig, *BACKENDS.values())):
+            serving = {"default": serving}  # type: ignore[dict-item]
         if not isinstance(serving, Mapping) or not serving:
             raise ValueError(
-                "serving must be a ServingConfig or a non-empty mapping of serving "
+                "serving must be a serving config or a non-empty mapping of serving "
                 f"names to configs, not {serving!r}"
             )
-        configs: dict[str, ServingConfig] = {}
+        configs: dict[str, BackendConfig] = {}
         for name, cfg in serving.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"serving names are non-empty strings, not {name!r}")
-            if isinstance(cfg, ServingConfig):
-                configs[name] = cfg
-            elif isinstance(cfg, Mapping):
-                configs[name] = ServingConfig(**cfg)
-            else:
-                raise ValueError(
-                    f"serving {name!r}: a ServingConfig or a dict, not {type(cfg).__name__}"
-                )
+            try:
+                configs[name] = as_backend_config(cfg, f"serving {name!r}")
+            except SpecError as exc:
+                raise ValueError(str(exc)) from None
         super().__init__(max_workers=max_workers)
-        self.serving: dict[str, ServingConfig] = configs
+        self.serving: dict[str, BackendConfig] = configs
         self.pool: ServingPool | None = None
         self._owns_pool = True
-        self._token: Any = None
+        self._active: contextlib.ExitStack | None = None
 
     def duplicate(self) -> Self:
         return type(self)(self.serving, self._max_workers)
 
     def __eq__(self, other: object) -> bool:
-        """Same kind, same workers and the same serving configs (by value), as
-        prefect-dask's ``DaskTaskRunner`` compares its settings."""
+        """Same kind, same workers and the same serving configs (by value, the API key by
+        its fingerprint), as prefect-dask's ``DaskTaskRunner`` compares its settings."""
         if not isinstance(other, ServingTaskRunner):
             return False
         return (
             self._max_workers == other._max_workers
             and self.serving.keys() == other.serving.keys()
             and all(
-                cfg.as_dict() == other.serving[name].as_dict() for name, cfg in self.serving.items()
+                cfg.sharing_key() == other.serving[name].sharing_key()
+                for name, cfg in self.serving.items()
             )
         )
 
@@ -102,7 +107,8 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
         shared = shared_pool_for(self.serving)
         self._owns_pool = shared is None
         self.pool = shared if shared is not None else ServingPool(self.serving)
-        self._token = self.pool.activate()
+        self._active = contextlib.ExitStack()
+        self._active.enter_context(self.pool.active())
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
@@ -112,20 +118,15 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
             if self.pool is not None:
                 if self._owns_pool:
                     self.pool.close()
-                self.pool.deactivate(self._token)
+                if self._active is not None:
+                    self._active.close()
+                    self._active = None
 
 
-ServingSpec = dict[str, ServingConfig | dict[str, Any]]
+ServingSpec = Mapping[str, ServingLike]
 
 _SHARED: list[ServingPool] = []
 _SHARED_LOCK = threading.Lock()
-
-
-def _as_configs(serving: ServingSpec) -> dict[str, ServingConfig]:
-    return {
-        name: cfg if isinstance(cfg, ServingConfig) else ServingConfig(**cfg)
-        for name, cfg in serving.items()
-    }
 
 
 @contextlib.contextmanager
@@ -136,7 +137,7 @@ def shared_serving(serving: ServingSpec | ServingPool) -> Iterator[ServingPool]:
     end of the ``with`` block) or an existing :class:`ServingPool` (left open).
     """
     owned = not isinstance(serving, ServingPool)
-    pool = ServingPool(_as_configs(serving)) if owned else serving  # type: ignore[arg-type]
+    pool = ServingPool(serving) if isinstance(serving, Mapping) else serving
     with _SHARED_LOCK:
         _SHARED.append(pool)
     try:
@@ -148,12 +149,14 @@ def shared_serving(serving: ServingSpec | ServingPool) -> Iterator[ServingPool]:
             pool.close()
 
 
-def shared_pool_for(serving: dict[str, ServingConfig]) -> ServingPool | None:
-    """The innermost shared pool that has every one of these configs, unchanged."""
+def shared_pool_for(serving: Mapping[str, BackendConfig]) -> ServingPool | None:
+    """The innermost shared pool that has every one of these configs, unchanged (every
+    setting, the API key by its fingerprint: a pool holding one key never serves a config
+    that names another)."""
     with _SHARED_LOCK:
         for pool in reversed(_SHARED):
             if all(
-                name in pool.configs and pool.configs[name].as_dict() == cfg.as_dict()
+                name in pool.configs and pool.configs[name].sharing_key() == cfg.sharing_key()
                 for name, cfg in serving.items()
             ):
                 return pool

@@ -245,7 +245,7 @@ class VLLMBackend:
             "backend": "vllm",
             "model": model,
             "model_path": self._model_path,
-            # the same weights and template hashes as the cache key (ServingConfig.identity)
+            # the same weights and template hashes as the cache key (VLLMEngineConfig.identity)
             "weights": files["weights"],
             "chat_template_sha256": files["chat_template_sha256"],
             "dtype": str(self._llm.llm_engine.model_config.dtype).removeprefix("torch."),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import BackendConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.fingerprints import digest
@@ -44,7 +44,7 @@ class StreamPlan:
     stages: list[Stage]
     output_schema: pl.Schema
     sinks: list[SinkSpec]
-    serving: dict[str, ServingConfig] = field(default_factory=dict)
+    serving: dict[str, BackendConfig] = field(default_factory=dict)
     #: How errors and logs name it (``streams[0]``; a discovered one: its table row).
     where: str = ""
 

@@ -143,6 +143,7 @@ class WindowProcessor:
                 batch=placeholder,
                 source_options={},
                 upstream=upstream,
+                **({"pool": pool} if (pool := getattr(self.runner, "pool", None)) is not None else {}),
             ),
         )
         future.wait()

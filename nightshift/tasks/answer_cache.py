@@ -265,5 +265,5 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
     fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
     for i, result in zip(missing, fresh):
         answers[i] = result
-    scope.record(usage, config.price)
+    scope.record(usage, getattr(config, "price", None))
     return [answer for answer in answers if answer is not None]  # every row has one now

@@ -19,6 +19,7 @@ only when the run allows imports). Every error names the key path at fault, in o
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from nightshift.blocks.loading import load_block
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import (
+    BackendConfig,
+    ServingConfig,
+    VLLMEngineConfig,
+    parse_serving,
+)
 from nightshift.blocks.step_store import StepStore
-from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.core.errors import SpecError, StoreError, one_line, validation_message
 from nightshift.tasks.dag import StepNode, build_nodes
 from nightshift.tasks.operators import Operator, resolve_operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
@@ -125,7 +131,8 @@ class PipelineSpec(BaseModel):
     task_runner: RunnerKind = "thread"
     dask: DaskOptions | None = None
     #: LLM backends by name (``default`` is the embedded SmolLM2 on vLLM when absent):
-    #: a ServingConfig as a mapping, or ``{block: NAME}`` for a saved serving block.
+    #: one backend's settings as a mapping (``backend:`` picks which: vllm,
+    #: openai_compatible, fake), or ``{block: NAME}`` for a saved serving block.
     serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Prefect task retries for a failing batch.
     retries: int = Field(default=0, ge=0)
@@ -186,7 +193,7 @@ def build_operators(
 
 
 def resolve_serving(serving: dict[str, dict[str, Any]],
-                    operators: list[Operator]) -> dict[str, ServingConfig]:
+                    operators: list[Operator]) -> dict[str, BackendConfig]:
     """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
     section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
     for a saved config."""
@@ -194,7 +201,7 @@ def resolve_serving(serving: dict[str, dict[str, Any]],
     for i, op in enumerate(operators):
         if op.uses_serving:
             used.setdefault(getattr(op, "serving"), i)
-    configs: dict[str, ServingConfig] = {}
+    configs: dict[str, BackendConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)
         if entry is None:
@@ -203,33 +210,16 @@ def resolve_serving(serving: dict[str, dict[str, Any]],
                     f"steps[{step}]: serving {name!r} is not defined under 'serving:' "
                     f"(defined: {', '.join(sorted(serving)) or 'none'})"
                 )
-            configs[name] = ServingConfig()
-        elif "block" in entry:
-            configs[name] = load_block(ServingConfig, entry["block"], f"serving.{name}.block")
+            configs[name] = VLLMEngineConfig()
+        elif isinstance(entry, Mapping) and "block" in entry:
+            if len(entry) > 1:
+                extra = next(k for k in entry if k != "block")
+                raise SpecError(f"serving.{name}.{extra}: a saved block is named alone "
+                                f"({{block: NAME}}); set {extra} in the block")
+            configs[name] = load_block(ServingConfig, entry["block"], f"serving.{name}.block").settings
         else:
-            try:
-                configs[name] = ServingConfig(**entry)
-            except ValidationError as exc:
-                raise SpecError(validation_message(exc, f"serving.{name}")) from None
+            configs[name] = parse_serving(entry, f"serving.{name}")
     return configs
-
-
-def validation_message(exc: ValidationError, prefix: str = "") -> str:
-    """One line from a pydantic error: ``key.path: message (and N more problems)``."""
-    first = exc.errors()[0]
-    parts = [prefix] if prefix else []
-    for loc in first["loc"]:
-        if isinstance(loc, str) and ("[" in loc or "-" in loc and loc.endswith("]")):
-            continue  # pydantic's union/validator tags, not a key the user wrote
-        if isinstance(loc, int):
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
-        else:
-            parts.append(str(loc))
-    where = ".".join(parts)
-    message = first["msg"].removeprefix("Value error, ")  # a validator's own message
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {message}{tail}" if where else f"{message}{tail}"
 
 
 def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:

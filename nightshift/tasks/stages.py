@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from nightshift.blocks.serving_config import ServingConfig
+from nightshift.blocks.serving_config import BackendConfig
 from nightshift.core.errors import NightshiftError, SpecError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.dag import JoinSpec, StepNode, ancestors, join_schema, plan_join
@@ -165,7 +165,7 @@ def build_dag_stages(
     return stages
 
 
-def serving_identities(serving: dict[str, ServingConfig]) -> dict[str, Any]:
+def serving_identities(serving: dict[str, BackendConfig]) -> dict[str, Any]:
     """What each serving config contributes to the step keys (``build_stages``'s
     ``context["serving"]``); a model that cannot be found (a local path that is not
     there) is a one-line error naming the serving entry."""

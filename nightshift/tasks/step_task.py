@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from prefect import task
@@ -30,6 +30,9 @@ from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import filesystem
+
+if TYPE_CHECKING:
+    from nightshift.serving.pool import ServingPool
 
 
 class BatchRef(BaseModel):
@@ -110,6 +113,7 @@ def run_stage_batch(
     rows: tuple[int, int] | None = None,
     surveyed: bool = False,
     join: JoinSpec | None = None,
+    pool: ServingPool | None = None,
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
@@ -118,6 +122,8 @@ def run_stage_batch(
     with its own, smaller batch_size). ``surveyed`` says the run's survey of the store
     found no readable output for it (so it is not looked for again). ``join``: the step
     has several parents; ``upstream`` holds each one's outputs, joined on ``_row_id``.
+    ``pool``: the serving pool of the run's task runner, for LLM steps (handed over
+    explicitly, never found in a process-wide registry).
     """
     # ``surveyed``: the run's survey found no readable output just now (one less read)
     if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
@@ -142,7 +148,7 @@ def run_stage_batch(
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
         for offset, op in enumerate(operators):
             try:
-                df = apply_operator(op, df, state)
+                df = apply_operator(op, df, state, pool)
             except NightshiftError as exc:
                 raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
             except Exception as exc:

@@ -54,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from nightshift.core.errors import shorten
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
 from nightshift.serving.http.fleet import Fleet, Member
@@ -449,7 +450,7 @@ class OpenAIBackend:
             ) from None
         except httpx.TransportError as exc:
             raise _Failed(
-                "connection", f"connection error: {type(exc).__name__}: {str(exc)[:120]}"
+                "connection", f"connection error: {type(exc).__name__}: {shorten(str(exc), 200)}"
             ) from None
         except MalformedReply as exc:
             raise _Failed("malformed", str(exc)) from None
@@ -468,10 +469,14 @@ class OpenAIBackend:
         raise _Failed(str(response.status_code), detail, retry_after, response.status_code)
 
     def _transient(self, job: _Job, member: Member, failure: _Failed) -> Transient:
-        detail = failure.detail if len(self.endpoints) == 1 else f"{member.where}: {failure.detail}"
-        error = Transient(self._redact(detail), failure.retry_after, failure.status)
+        # the row's error names the endpoint (its URL without credentials), fleet or not;
+        # a lone endpoint's breaker names it already
+        error = Transient(
+            self._redact(f"{member.where}: {failure.detail}"), failure.retry_after, failure.status
+        )
         if error.counts_as_outage:
-            self.breaker.failure(error.args[0])
+            lone = len(self.endpoints) == 1
+            self.breaker.failure(self._redact(failure.detail) if lone else error.args[0])
         self.fleet.failed(member, failure.kind, self._redact(failure.detail))
         # another endpoint is in service: re-send there now, no backoff
         error.elsewhere = self.fleet.watched and self.fleet.has_other(member)
@@ -519,19 +524,20 @@ def _error_detail(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:
-        return response.text[:200] or "(empty body)"
+        return shorten(" ".join(response.text.split()), 200) or "(empty body)"
     if isinstance(data, dict):
         err = data.get("error", data)
         message = err.get("message") if isinstance(err, dict) else err
         if message:
-            return str(message)[:300]
-    return str(data)[:200]
+            return shorten(str(message), 300)
+    return shorten(str(data), 200)
 
 
 def _without_userinfo(url: str) -> str:
+    """``url`` as it may be shown: no ``user:password@``, no query (``?api-key=...``)."""
     parts = urlsplit(url)
-    if parts.username or parts.password:
+    if parts.username or parts.password or parts.query or parts.fragment:
         host = parts.hostname or ""
         netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
+        return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
     return url

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential
 
+from nightshift.core.errors import shorten
 from nightshift.serving.http.breaker import EndpointDown
 from nightshift.serving.http.limits import RateLimiter
 
@@ -209,7 +210,7 @@ class Fleet:
             "fleet %s: endpoint %s out (%s); %d of %d in service, probing it",
             self.name,
             member.where,
-            reason[:160],
+            shorten(reason, 300),
             left,
             len(self.members),
         )
@@ -256,7 +257,7 @@ class Fleet:
                 waiter.set_result(None)
 
     def _all_down(self, waited: float) -> str:
-        last = "; ".join(f"{m.where}: {m.out_reason[:120]}" for m in self.members)
+        last = "; ".join(f"{m.where}: {shorten(m.out_reason, 300)}" for m in self.members)
         return (
             f"all {len(self.members)} endpoints of {self.name} are down: none has answered "
             f"for {waited:.0f}s; last: {last}"

@@ -25,13 +25,16 @@ columns it writes.
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import code_version, digest
+
+if TYPE_CHECKING:
+    from nightshift.serving.pool import ServingPool
 
 ROW_ID = "_row_id"
 
@@ -71,6 +74,11 @@ class Operator(BaseModel):
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         """Transform one batch."""
         raise NotImplementedError
+
+    def process_with(self, df: pl.DataFrame, pool: ServingPool | None) -> pl.DataFrame:
+        """Transform one batch, serving LLM calls through ``pool`` (the step task hands it
+        over explicitly); operators that call no model ignore it."""
+        return self.process(df)
 
     # -- identity -------------------------------------------------------------------
     def import_path(self) -> str:
@@ -152,8 +160,10 @@ def resolve_operator(key: str, allow_imports: bool) -> type[Operator]:
     raise SpecError(f"unknown operator '{key}' (known: {known})")
 
 
-def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``.
+def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None,
+                   pool: ServingPool | None = None) -> pl.DataFrame:
+    """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``;
+    LLM steps are served by ``pool``.
 
     ``_row_id`` belongs to the engine (dedup, resume and the export order depend on it): an
     operator that writes it, changes its type or returns ids its input did not have is
@@ -165,7 +175,10 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
         raise SpecError(
             f"operator {label} writes the reserved column {ROW_ID}; give the column another name"
         )
-    out = op.apply(df, state) if isinstance(op, BarrierOperator) and state is not None else op.process(df)
+    if isinstance(op, BarrierOperator) and state is not None:
+        out = op.apply(df, state)
+    else:
+        out = op.process_with(df, pool)
     if ROW_ID not in out.columns:
         raise SpecError(f"operator {label} dropped the {ROW_ID} column")
     ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)

@@ -30,7 +30,7 @@ writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 from pydantic import Field, model_validator
@@ -41,6 +41,9 @@ from nightshift.tasks.operators.base import Operator
 from nightshift.tasks.operators.llm_inputs import Shape, chat_messages, check_messages_dtype, shape_of
 from nightshift.tasks.operators.sql import sql_expr
 from nightshift.tasks.operators.template import Template
+
+if TYPE_CHECKING:
+    from nightshift.serving.pool import ServingPool
 
 SUFFIXES = ("_error", "_finish_reason", "_prompt_tokens", "_completion_tokens")
 
@@ -140,6 +143,13 @@ class LLMOperator(Operator):
         return digest(super().fingerprint(upstream), serving)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Serve through the pool of the ``ServingTaskRunner`` this runs under (the engine
+        hands its pool over explicitly: :meth:`process_with`)."""
+        return self.process_with(df, None)
+
+    def process_with(self, df: pl.DataFrame, pool: ServingPool | None) -> pl.DataFrame:
+        """``pool`` None: the running ``ServingTaskRunner``'s (looked up only when a row
+        asks for a reply)."""
         from nightshift.serving.pool import current_pool
 
         shape = shape_of(self.n, self.list_input(), df.schema)
@@ -153,7 +163,7 @@ class LLMOperator(Operator):
         )
         todo = [i for i, s in enumerate(skip) if not s]
         slots, requests = self._plan(df, todo, shape)
-        results = self._serve(current_pool(), requests) if requests else []
+        results = self._serve(pool or current_pool(), requests) if requests else []
         return self._collect(df, shape, slots, results)
 
     # -- requests -------------------------------------------------------------------------
