@@ -184,11 +184,7 @@ def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
             session.signal(signal.SIGCONT)
         runner.join(180)
         assert not runner.is_alive()
-        token = pool.activate()  # as the flow's task runner does; undone, or later tests see it
-        try:
-            summary = endpoint_rows()
-        finally:
-            pool.deactivate(token)
+        summary = endpoint_rows(pool)
         pool.close()
         counts = pool.endpoint_usage()["default"]
     finally:

@@ -136,7 +136,6 @@ def test_devices_from_yaml_give_one_bound_replica_each(tmp_path: Path) -> None:
             "devices": "0,1",
             "max_batch": 2,
             "batch_timeout_s": 0.0,
-            "tensor_parallel_size": 1,
         }
     }
     spec = {**spec_with(tmp_path, serving), "batch_size": 2}  # 3 batches: 3 submits

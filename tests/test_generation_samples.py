@@ -297,8 +297,7 @@ def test_failed_samples_bad_chats_and_skipped_rows_fold_into_their_lists() -> No
             ],
         }
     )
-    token = pool.activate()
-    try:
+    try:  # the pool handed over explicitly, as the step task does
         samples = Generate(
             prompt="{{ q }}",
             output="s",
@@ -307,14 +306,14 @@ def test_failed_samples_bad_chats_and_skipped_rows_fold_into_their_lists() -> No
             max_error_rate=0.5,
             skip_if="q = 'skip'",
         )
-        out = apply_operator(samples, df)
+        out = apply_operator(samples, df, pool=pool)
         assert out["s"].to_list() == [["echo: a", None], ["echo: b", None], ["echo: c", None], None]
         assert [e and [x is None for x in e] for e in out["s_error"].to_list()] == [
             [True, False]
         ] * 3 + [None]
         assert out["s_completion_tokens"].to_list() == [2, 2, 2, 0], "summed over the samples"
         with pytest.raises(StepFailed, match=r"^3/6 samples failed \(50% > max_error_rate 40%\)"):
-            apply_operator(samples.model_copy(update={"max_error_rate": 0.4}), df)
+            apply_operator(samples.model_copy(update={"max_error_rate": 0.4}), df, pool=pool)
 
         calls = fake.calls
         chats = apply_operator(
@@ -328,6 +327,7 @@ def test_failed_samples_bad_chats_and_skipped_rows_fold_into_their_lists() -> No
                 max_error_rate=1.0,
             ),
             df,
+            pool=pool,
         )
         assert chats["r"].to_list()[0] == ["echo: hi", "echo: hi"]
         assert chats["r_error"].to_list()[1:] == [
@@ -337,4 +337,4 @@ def test_failed_samples_bad_chats_and_skipped_rows_fold_into_their_lists() -> No
         ]
         assert fake.batch_sizes[calls:] == [2], "only the good chat was asked (seeds 4 and 5)"
     finally:
-        pool.deactivate(token)
+        pool.close()
