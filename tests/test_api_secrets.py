@@ -150,3 +150,46 @@ def test_a_missing_key_source_is_one_clear_line(tmp_path: Path, fault_proxy) -> 
     ):
         pipe.run()
     assert fault_proxy.stats()["received"] == 0
+
+
+def test_the_key_is_in_no_repr_dump_or_comparison_value() -> None:
+    """What a config shows of itself (reprs, dumps, the sharing key, the block as Prefect's
+    UI reads it) never holds the key; two keys still tell the configs apart."""
+    from nightshift.blocks.serving_config import OpenAICompatibleConfig, parse_serving
+    from nightshift.serving.pool import ServingPool
+    from nightshift.serving.runner import ServingTaskRunner
+
+    key = f"sk-nightshift-{uuid.uuid4().hex}"
+    http = {"backend": "openai_compatible", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    config = parse_serving({**http, "api_key": key})
+    assert isinstance(config, OpenAICompatibleConfig) and config.resolve_api_key() == key
+    block = ServingConfig(**http, api_key=key)
+    name = f"secret-repr-{uuid.uuid4().hex[:8]}"
+    block.save(name)
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(
+            name, block_type_slug=ServingConfig.get_block_type_slug(), include_secrets=False
+        )
+    runner = ServingTaskRunner({"default": config})
+    pool = ServingPool({"default": config})
+    shown = [
+        repr(config),
+        str(config),
+        repr(block),
+        str(block),
+        config.model_dump_json(),
+        block.model_dump_json(),
+        repr(config.as_dict()),
+        config.sharing_key(),
+        str(config.secret_fingerprint()),
+        config.key(),
+        repr(config.identity()),
+        repr(config.http_options()),
+        repr(document.data),
+        repr(runner.serving),
+        repr(pool.configs),
+    ]
+    assert not [text for text in shown if key in text]
+    other = parse_serving({**http, "api_key": key + "x"})
+    assert other.sharing_key() != config.sharing_key()
+    assert ServingConfig.load(name).settings == config  # the saved key is the key
