@@ -143,7 +143,11 @@ class WindowProcessor:
                 batch=placeholder,
                 source_options={},
                 upstream=upstream,
-                **({"pool": pool} if (pool := getattr(self.runner, "pool", None)) is not None else {}),
+                **(
+                    {"pool": pool}
+                    if (pool := getattr(self.runner, "pool", None)) is not None
+                    else {}
+                ),
             ),
         )
         future.wait()
