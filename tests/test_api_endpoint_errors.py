@@ -99,3 +99,40 @@ def test_shorten_cuts_at_a_word() -> None:
     assert len(one_line("word " * 100, 50)) <= 50 and one_line("word " * 100, 50).endswith(
         "word..."
     )
+
+
+def test_a_run_against_a_refusing_endpoint_fails_naming_it(tmp_path) -> None:
+    from conftest import make_rows, write_jsonl
+
+    from nightshift.core.errors import NightshiftError
+    from nightshift.flows.pipeline import Pipeline
+    from nightshift.tasks.operators import Generate
+
+    port = _free_port()
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(4, "r"))
+    pipe = Pipeline(
+        "refused",
+        source=str(tmp_path / "data" / "*.jsonl"),
+        steps=[Generate(prompt="{{ text }}", output="a", max_tokens=2)],
+        store=f"file://{tmp_path}/store",
+        batch_size=4,
+        retries=0,
+        serving={
+            "default": {
+                "backend": "openai_compatible",
+                "base_url": f"http://127.0.0.1:{port}/v1",
+                "model": "smollm2",
+                "max_attempts": 1,
+            }
+        },
+    )
+    try:
+        pipe.run()
+    except NightshiftError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("the run did not fail")
+    assert "\n" not in message
+    assert f"first: gave up after 1 attempt: http://127.0.0.1:{port}/v1: connection error: " in (
+        message
+    ), message

@@ -375,7 +375,9 @@ class OpenAIBackend:
             return result
         except Transient as exc:
             return GenerationResult.failed(
-                self._redact(f"gave up after {self.max_attempts} attempts: {exc}")
+                self._redact(
+                    f"gave up after {self.max_attempts} attempt{'s' if self.max_attempts > 1 else ''}: {exc}"
+                )
             )
         except (Permanent, EndpointDown) as exc:
             return GenerationResult.failed(self._redact(str(exc)))
