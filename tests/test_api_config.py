@@ -27,6 +27,7 @@ from nightshift.blocks.serving_config import (
     parse_serving,
 )
 from nightshift.core.errors import SpecError
+from nightshift.core.fingerprints import digest
 from nightshift.flows.plan import build_plan
 
 HTTP = {"backend": "openai_compatible", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
@@ -273,6 +274,15 @@ KEYS_BEFORE_THE_SPLIT = [
 ]
 
 
+#: What each config contributed to the step keys (``digest(identity())``) before the split.
+IDENTITIES_BEFORE_THE_SPLIT = {
+    "local": "397f8f81dace5e6b49f0bb875def8c9e0d845adea13e48d71e4b2fb2ba9eddf3",
+    "api": "65f17cf9571289bf8e6b911508b5b8656567700e6faa215839e1b50c6ae52d8a",
+    "fleet": "c16f43b2920ad5bb8695c9686e7e7e91f23f1a51cd088050d5162897d11b4b28",
+    "echo": "cdde710e3a8bdab6f6e5afec30abc9473b5dc0fd75a80a7b49b56329599b89ca",
+}
+
+
 def test_step_keys_are_those_of_the_flat_config(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", make_rows(3))
     spec = {
@@ -286,7 +296,12 @@ def test_step_keys_are_those_of_the_flat_config(tmp_path: Path) -> None:
         ],
         "serving": KEYED_SERVING,
     }
-    assert [s.fingerprint for s in build_plan(spec).stages] == KEYS_BEFORE_THE_SPLIT
+    plan = build_plan(spec)
+    assert {
+        name: digest(config.identity()) for name, config in plan.serving.items()
+    } == IDENTITIES_BEFORE_THE_SPLIT, "a serving config's contribution to the keys changed"
+    # and so the whole keys (these also change if Generate's own code changes)
+    assert [s.fingerprint for s in plan.stages] == KEYS_BEFORE_THE_SPLIT
 
 
 @pytest.fixture
