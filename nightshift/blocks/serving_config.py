@@ -419,7 +419,7 @@ def _unknown_key(cls: type[BaseModel], data: Mapping[str, Any], where: str) -> s
             close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             elsewhere = [b for b, c in BACKENDS.items() if b != backend and key in c.model_fields]
-            if elsewhere and not close:
+            if elsewhere:  # another backend's field, written exactly: say so
                 hint = f" (it is a setting of backend {' and '.join(elsewhere)})"
             return f"{where}.{key}: not a setting of backend {backend}{hint}"
     return None
