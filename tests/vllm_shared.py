@@ -54,7 +54,7 @@ def shared_pool():  # -> ServingPool
     regression covered whatever the order the tests run in.
     """
     if importlib.util.find_spec("flask") is not None:
-        import flask
+        importlib.import_module("flask")
     cpu_setup()
     from nightshift.blocks.serving_config import ServingConfig
     from nightshift.serving.pool import ServingPool

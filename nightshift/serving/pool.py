@@ -21,7 +21,7 @@ import itertools
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.core.usage import Usage
@@ -186,7 +186,7 @@ class ServingPool:
     """Backends by serving name, started on first use, closed together."""
 
     #: Backends started by every pool of this process, by serving name (for tests/logs).
-    total_starts: Counter[str] = Counter()
+    total_starts: ClassVar[Counter[str]] = Counter()
 
     def __init__(
         self, configs: dict[str, ServingConfig], backends: dict[str, Backend] | None = None

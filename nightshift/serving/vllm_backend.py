@@ -63,6 +63,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -669,10 +670,8 @@ class _Call:
     future: Future[Any]
 
     def fail(self, error: BaseException) -> None:
-        try:
+        with contextlib.suppress(InvalidStateError):  # already answered
             self.future.set_exception(error)
-        except InvalidStateError:  # already answered
-            pass
 
 
 class _Job:

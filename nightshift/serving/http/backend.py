@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -241,10 +242,9 @@ class OpenAIBackend:
             return
         self._closed = True
         if self._loop.is_running():
-            try:
+            # best effort on shutdown
+            with contextlib.suppress(Exception):  # pragma: no cover
                 self._call(self._stop(), timeout=30)
-            except Exception:  # pragma: no cover - best effort on shutdown
-                pass
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
