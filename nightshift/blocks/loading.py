@@ -11,8 +11,7 @@ from nightshift.core.errors import NightshiftError, SpecError, one_line
 B = TypeVar("B", bound=Block)
 
 
-def load_block(cls: type[B], name: str, where: str,
-               error: type[NightshiftError] = SpecError) -> B:
+def load_block(cls: type[B], name: str, where: str, error: type[NightshiftError] = SpecError) -> B:
     """The saved ``cls`` block called ``name``.
 
     Loaded with ``_sync=True``: inside an async flow (the stream flow) Prefect's block

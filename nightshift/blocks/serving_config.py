@@ -100,7 +100,8 @@ class ServingConfig(Block):
     base_url: str | None = Field(default=None, description="API root, e.g. http://host:8000/v1")
     #: A fleet: several endpoints serving the same model, used as one (instead of base_url).
     base_urls: list[HttpEndpoint] | None = Field(
-        default=None, description="fleet of API roots serving the same model (instead of base_url)")
+        default=None, description="fleet of API roots serving the same model (instead of base_url)"
+    )
     #: Streamed replies, so the stall watchdog sees every token.
     stream: bool = True
     api_key: SecretStr | None = Field(default=None, description="kept secret; or use the next two")
@@ -140,13 +141,17 @@ class ServingConfig(Block):
     @model_validator(mode="after")
     def _http_needs_a_url(self) -> ServingConfig:
         if self.backend == "openai_compatible" and not (self.base_url or self.base_urls):
-            raise ValueError("backend openai_compatible needs base_url (e.g. http://host:8000/v1) "
-                             "or base_urls (a fleet)")
+            raise ValueError(
+                "backend openai_compatible needs base_url (e.g. http://host:8000/v1) "
+                "or base_urls (a fleet)"
+            )
         if self.base_url and self.base_urls:
             raise ValueError("give base_url or base_urls (a fleet), not both")
         urls = [e.url.rstrip("/") for e in self.endpoint_list()]
         if len(set(urls)) != len(urls):
-            raise ValueError(f"base_urls names an endpoint twice: {sorted({u for u in urls if urls.count(u) > 1})[0]}")
+            raise ValueError(
+                f"base_urls names an endpoint twice: {sorted({u for u in urls if urls.count(u) > 1})[0]}"
+            )
         return self
 
     @property
@@ -173,7 +178,9 @@ class ServingConfig(Block):
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
-                raise SpecError(f"api_key_env {self.api_key_env}: the environment variable is not set")
+                raise SpecError(
+                    f"api_key_env {self.api_key_env}: the environment variable is not set"
+                )
             return value
         return None
 
@@ -194,16 +201,27 @@ class ServingConfig(Block):
         if not self.base_url and not self.base_urls:
             raise SpecError("backend openai_compatible needs base_url (e.g. http://host:8000/v1)")
         return dict(
-            base_url=self.base_url, model=self.model,
+            base_url=self.base_url,
+            model=self.model,
             base_urls=[e.model_dump() for e in self.endpoint_list()] if self.base_urls else None,
-            stall_timeout_s=self.stall_timeout_s, stream=self.stream, api_key_header=self.api_key_header,
-            headers=self.headers, endpoint=self.endpoint, max_concurrency=self.max_concurrency,
-            requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
-            timeout_s=self.timeout_s, max_attempts=self.max_attempts,
-            backoff_initial_s=self.backoff_initial_s, backoff_max_s=self.backoff_max_s,
-            outage_after_s=self.outage_after_s, global_limit=self.global_limit,
-            global_limit_mode=self.global_limit_mode, slot_hold_s=self.slot_hold_s,
-            price=self.price, extra_body=self.extra_body,
+            stall_timeout_s=self.stall_timeout_s,
+            stream=self.stream,
+            api_key_header=self.api_key_header,
+            headers=self.headers,
+            endpoint=self.endpoint,
+            max_concurrency=self.max_concurrency,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            outage_after_s=self.outage_after_s,
+            global_limit=self.global_limit,
+            global_limit_mode=self.global_limit_mode,
+            slot_hold_s=self.slot_hold_s,
+            price=self.price,
+            extra_body=self.extra_body,
         )
 
     def device_list(self) -> list[str]:
@@ -232,8 +250,13 @@ class ServingConfig(Block):
         if self.backend == "fake":
             return {"backend": "fake", "model": self.model}
         if self.is_http:  # not the URL, key or limits: they do not change answers
-            return {"backend": self.backend, "model": self.model, "endpoint": self.endpoint,
-                    "extra_body": self.extra_body, "model_revision": self.model_revision}
+            return {
+                "backend": self.backend,
+                "model": self.model,
+                "endpoint": self.endpoint,
+                "extra_body": self.extra_body,
+                "model_revision": self.model_revision,
+            }
         from nightshift.core.model_identity import model_identity
 
         return {

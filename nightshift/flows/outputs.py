@@ -33,8 +33,15 @@ def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
     """
     only = None if step is None else plan.stage_of_step(step, "--step")
     return [
-        StepStatus(view.name, list(stage.steps), view.done, view.batches, view.rows,
-                   list(stage.names), [plan.stages[p].name for p in stage.parents])
+        StepStatus(
+            view.name,
+            list(stage.steps),
+            view.done,
+            view.batches,
+            view.rows,
+            list(stage.names),
+            [plan.stages[p].name for p in stage.parents],
+        )
         for stage, view in zip(plan.stages, survey(plan))
         if only is None or stage.index == only
     ]

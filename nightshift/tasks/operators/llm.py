@@ -38,7 +38,12 @@ from pydantic import Field, model_validator
 from nightshift.core.errors import StepFailed
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators.base import Operator
-from nightshift.tasks.operators.llm_inputs import Shape, chat_messages, check_messages_dtype, shape_of
+from nightshift.tasks.operators.llm_inputs import (
+    Shape,
+    chat_messages,
+    check_messages_dtype,
+    shape_of,
+)
 from nightshift.tasks.operators.sql import sql_expr
 from nightshift.tasks.operators.template import Template
 
@@ -157,7 +162,9 @@ class LLMOperator(Operator):
         return self._collect(df, shape, slots, results)
 
     # -- requests -------------------------------------------------------------------------
-    def _plan(self, df: pl.DataFrame, todo: list[int], shape: Shape) -> tuple[list[list[_Slot] | None], list[Any]]:
+    def _plan(
+        self, df: pl.DataFrame, todo: list[int], shape: Shape
+    ) -> tuple[list[list[_Slot] | None], list[Any]]:
         """Per row its slots (None: skipped) and the requests they point at."""
         requests: list[Any] = []
         slots: list[list[_Slot] | None] = [None] * df.height
@@ -171,8 +178,10 @@ class LLMOperator(Operator):
             for r in todo:
                 if lists[r] is not None:
                     prompts = [next(rendered) for _ in lists[r]]
-                    slots[r] = [None if e is None else ask(p or "", self.seed)
-                                for e, p in zip(lists[r], prompts)]
+                    slots[r] = [
+                        None if e is None else ask(p or "", self.seed)
+                        for e, p in zip(lists[r], prompts)
+                    ]
             return slots, requests
         column = self.messages_column()
         contents: list[Any]
@@ -186,7 +195,10 @@ class LLMOperator(Operator):
             if isinstance(content, str) and column is not None:  # a bad message list: its error
                 slots[r] = [content] * self.n
             elif shape == "samples":
-                slots[r] = [ask(content, None if self.seed is None else self.seed + i) for i in range(self.n)]
+                slots[r] = [
+                    ask(content, None if self.seed is None else self.seed + i)
+                    for i in range(self.n)
+                ]
             else:
                 slots[r] = [ask(content, self.seed)]
         return slots, requests
@@ -203,12 +215,18 @@ class LLMOperator(Operator):
         def ask(content: str | list[dict[str, str]], seed: int | None) -> int:
             if seed not in sampling:
                 sampling[seed] = SamplingParams(
-                    max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    seed=seed, stop=self.stop, json_schema=schema,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    seed=seed,
+                    stop=self.stop,
+                    json_schema=schema,
                 )
             params = sampling[seed]
             if isinstance(content, list):
-                request = GenerationRequest(messages=[ChatMessage(**m) for m in content], sampling=params)
+                request = GenerationRequest(
+                    messages=[ChatMessage(**m) for m in content], sampling=params
+                )
             elif self.chat:
                 request = GenerationRequest(
                     messages=[*system, ChatMessage(role="user", content=content)], sampling=params
@@ -228,8 +246,9 @@ class LLMOperator(Operator):
         return serve(pool, self.serving, requests)
 
     # -- results --------------------------------------------------------------------------
-    def _collect(self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None],
-                 results: list[Any]) -> pl.DataFrame:
+    def _collect(
+        self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None], results: list[Any]
+    ) -> pl.DataFrame:
         """Fold the answers back into their rows (lists for ``samples``/``elements``);
         fail the batch past ``max_error_rate`` (counted over slots: samples, elements)."""
         values: list[Any] = []
@@ -303,13 +322,15 @@ def _nest(series: pl.Series, lengths: list[int], slots: list[Any]) -> pl.Series:
     """A per-slot series as one list per row (null for a row that asked nothing)."""
     flat, out, at = series.to_list(), [], 0
     for length, row_slots in zip(lengths, slots):
-        out.append(None if row_slots is None else flat[at:at + length])
+        out.append(None if row_slots is None else flat[at : at + length])
         at += length
     return pl.Series(series.name, out, dtype=pl.List(series.dtype))
 
 
 def _without_hidden_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not (k in _HIDDEN_DEFAULTS and v == _HIDDEN_DEFAULTS[k])}
+    return {
+        k: v for k, v in config.items() if not (k in _HIDDEN_DEFAULTS and v == _HIDDEN_DEFAULTS[k])
+    }
 
 
 class PromptedLLM(LLMOperator):
@@ -327,8 +348,9 @@ class PromptedLLM(LLMOperator):
         if sum(v is not None for v in given) != 1:
             raise ValueError(
                 "give exactly one of 'prompt' (a template), 'input' (a column) or 'messages' "
-                "(a column of chat message lists)" if takes_messages else
-                "give exactly one of 'prompt' (a template) or 'input' (a column)"
+                "(a column of chat message lists)"
+                if takes_messages
+                else "give exactly one of 'prompt' (a template) or 'input' (a column)"
             )
         if not self.chat and self.system:
             raise ValueError("'system' needs chat: true (a raw completion prompt has no roles)")
