@@ -185,7 +185,7 @@ def drop_last_stage(pipe: Any, share: float) -> int:
     n = max(1, math.ceil(len(plan.batches) * share))
     step = len(plan.batches) // n
     for b in range(0, step * n, step):
-        plan.store.delete(plan.out_path(last, b))
+        plan.store.delete_file(plan.out_path(last, b))
     return n
 
 

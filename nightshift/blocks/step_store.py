@@ -21,6 +21,7 @@ environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) as s3fs reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -35,7 +36,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
-from nightshift.core import inventory, file_io
+from nightshift.core import file_io, inventory
 from nightshift.core.errors import StoreError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.core.locks import ProcessAwareLockManager
@@ -144,11 +145,11 @@ class StepStore(WritableFileSystem):
         except FileNotFoundError:
             return None
 
-    def delete(self, path: str) -> None:
-        try:
+    def delete_file(self, path: str) -> None:
+        """Remove one file; a missing file is fine. (Not ``delete``: that is Prefect's
+        ``Block.delete(name)``, which removes a saved block document.)"""
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
     def check_writable(self) -> None:
         """Fail early, naming the store, if a file cannot be written and removed there."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -109,9 +109,9 @@ def _spec(path: Path, batch_size: int | None = None) -> PipelineSpec:
 @app.command()
 def run(
     spec: SpecArg,
-    batch_size: Annotated[Optional[int], typer.Option(help="override batch_size")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override batch_size")] = None,
     resume_step: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="recompute this step (index or name) and the steps that depend on it"),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
@@ -155,7 +155,7 @@ def _print_steps(rows: list[dict]) -> None:
 
 
 StepOpt = Annotated[
-    Optional[str], typer.Option("--step", metavar="NAME", help="a step by name (or index)")
+    str | None, typer.Option("--step", metavar="NAME", help="a step by name (or index)")
 ]
 
 
@@ -169,7 +169,7 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
     dag = not plan.linear
     table = Table("step", "steps", *(["after"] if dag else []), "batches done", "rows")
     for s in step_status(plan, step):
-        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names))
+        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names, strict=True))
         table.add_row(
             s.stage,
             steps,
@@ -185,7 +185,7 @@ def export(
     spec: SpecArg,
     to: Annotated[Path, typer.Option("--to", help="out.parquet or out.jsonl")],
     step: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--step",
             metavar="NAME",
@@ -259,7 +259,7 @@ app.add_typer(stream_app, name="stream")
 def stream_run(
     spec: Annotated[Path, typer.Argument(help="stream spec (YAML, with streams: or discover:)")],
     until_idle: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--until-idle", help="stop once a stream has had nothing to do for this many seconds"
         ),
@@ -276,7 +276,7 @@ def stream_run(
         ),
     ] = False,
     poll: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--poll",
             min=0.1,

@@ -22,7 +22,8 @@ from collections.abc import Collection
 from typing import Any
 
 from nightshift.flows.plan import Plan
-from nightshift.flows.survey import StageSurvey, survey as take_survey
+from nightshift.flows.survey import StageSurvey
+from nightshift.flows.survey import survey as take_survey
 
 
 def explain(

@@ -75,7 +75,8 @@ class TemporaryServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        self.log = tempfile.TemporaryFile()
+        # the server's stdout for as long as it runs; _tail() reads it when it fails
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float, environ: dict[str, str] | None = None) -> None:

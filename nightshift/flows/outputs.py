@@ -42,7 +42,7 @@ def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
             list(stage.names),
             [plan.stages[p].name for p in stage.parents],
         )
-        for stage, view in zip(plan.stages, survey(plan))
+        for stage, view in zip(plan.stages, survey(plan), strict=True)
         if only is None or stage.index == only
     ]
 

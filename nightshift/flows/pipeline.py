@@ -34,7 +34,7 @@ import polars as pl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.local_api import prefect_api
-from nightshift.flows.outputs import export, read_output, step_status, StepStatus
+from nightshift.flows.outputs import StepStatus, export, read_output, step_status
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.operators import Operator, registered_operators

@@ -29,9 +29,9 @@ from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.batches import Batch, cut, with_row_ids
+from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
-from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import (
     DagSchemas,

@@ -82,7 +82,7 @@ def publish_plan(plan: Plan, lines: list[str]) -> None:
                 ),
                 "plan": line.split(": ", 1)[-1],
             }
-            for stage, line in zip(plan.stages, lines)
+            for stage, line in zip(plan.stages, lines, strict=True)
         ],
         description=f"pipeline {plan.spec.name}: per step, batches reused from the store "
         f"and batches to compute, with the reason; {attempt_note()}",

@@ -151,7 +151,7 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
             "steps": [op.spec_entry() for op in s.operators],
             "fingerprint": s.fingerprint,
             "batch_size": s.batch_size,
-            "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "completed_at": dt.datetime.now(dt.UTC).isoformat(),
             "rows": sum(r.rows for _, r in units),
             "batches": [
                 {

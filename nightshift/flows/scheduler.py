@@ -184,7 +184,7 @@ class Execution:
             (unit, ref)
             for batch in range(len(self.plan.batches))
             if (slot := self._slots[stage].get(batch)) is not None and slot.complete
-            for unit, ref in zip(slot.units, slot.refs)
+            for unit, ref in zip(slot.units, slot.refs, strict=True)
             if ref is not None
         ]
 
@@ -224,7 +224,7 @@ class Execution:
         if slot.complete:
             self._complete(batch, stage)
             return
-        self._ready.extend(u for u, r in zip(units, found) if r is None)
+        self._ready.extend(u for u, r in zip(units, found, strict=True) if r is None)
 
     def _open_barrier(self, stage: int) -> None:
         """Every batch is at the barrier: its keys are known; build the index if needed."""

@@ -273,9 +273,7 @@ class Discovery:
                     *tasks,
                 }
                 timeout = max(0.05, next_poll - time.monotonic())
-                done, _ = await asyncio.wait(
-                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waits - tasks:
                     waiter.cancel()
                 self._reap()

@@ -45,7 +45,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from nightshift.blocks.step_store import StepStore
@@ -201,10 +201,8 @@ class AnswerLog:
     def discard(self) -> None:
         """Delete the batch's answers (its output is written: they are no longer needed)."""
         self.close()
-        try:
+        with suppress(FileNotFoundError):
             self.store.fs.rm(self.directory, recursive=True)
-        except FileNotFoundError:
-            pass
 
 
 class BatchScope:
@@ -286,7 +284,7 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
         log.add(keys[missing[index]], result)
 
     fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
-    for i, result in zip(missing, fresh):
+    for i, result in zip(missing, fresh, strict=True):
         answers[i] = result
     scope.record(usage, config.price)
     return [answer for answer in answers if answer is not None]  # every row has one now

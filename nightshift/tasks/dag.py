@@ -157,7 +157,7 @@ def _names(
     seen: dict[str, int] = {}
     taken: dict[str, int] = {}
     names: list[str] = []
-    for i, ((key, _, given, _), op) in enumerate(zip(parsed, operators)):
+    for i, ((key, _, given, _), op) in enumerate(zip(parsed, operators, strict=True)):
         base = _base_name(op, key)
         seen[base] = seen.get(base, 0) + 1
         name = given or (base if seen[base] == 1 else f"{base}-{seen[base]}")
@@ -217,7 +217,7 @@ def _find_cycle(nodes: list[StepNode], left: set[int]) -> list[int]:
     while True:
         current = next(p for p in nodes[current].parents if p in left)
         if current in seen:
-            cycle = path[seen[current] :] + [current]
+            cycle = [*path[seen[current] :], current]
             return list(reversed(cycle))  # parent -> child, as the edges read
         seen[current] = len(path)
         path.append(current)
@@ -250,7 +250,10 @@ def plan_join(
     for s in branch:
         for c in sorted(written.get(s, ())):
             # only a value that reaches the join matters
-            if any(s in anc[p] and c in cols for p, cols in zip(node.parents, parent_columns)):
+            if any(
+                s in anc[p] and c in cols
+                for p, cols in zip(node.parents, parent_columns, strict=True)
+            ):
                 writers.setdefault(c, []).append(s)
     owner: dict[str, int] = {}
     for column, steps in writers.items():
@@ -286,7 +289,7 @@ def plan_join(
 def join_frames(frames: list[pl.DataFrame], join: JoinSpec) -> pl.DataFrame:
     """Inner join of the parents' frames on ``_row_id``, in the first one's row order."""
     out = frames[0].select([ROW_ID, *join.take[0]])
-    for frame, columns in zip(frames[1:], join.take[1:]):
+    for frame, columns in zip(frames[1:], join.take[1:], strict=True):
         out = out.join(
             frame.select([ROW_ID, *columns]), on=ROW_ID, how="inner", maintain_order="left"
         )

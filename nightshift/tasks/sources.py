@@ -18,10 +18,9 @@ have the same columns and types (``flows/plan.py`` checks this across files).
 
 from __future__ import annotations
 
-import functools
-
 import csv
 import errno
+import functools
 import io
 import json
 import os

@@ -34,7 +34,6 @@ from nightshift.tasks.operators import Operator, resolve_operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
-
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
 SECRET_KEYS = frozenset(
     {
@@ -206,7 +205,7 @@ def resolve_serving(
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
-            used.setdefault(getattr(op, "serving"), i)
+            used.setdefault(op.serving, i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)
@@ -232,7 +231,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors()[0]
     parts = [prefix] if prefix else []
     for loc in first["loc"]:
-        if isinstance(loc, str) and ("[" in loc or "-" in loc and loc.endswith("]")):
+        if isinstance(loc, str) and ("[" in loc or ("-" in loc and loc.endswith("]"))):
             continue  # pydantic's union/validator tags, not a key the user wrote
         if isinstance(loc, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
@@ -259,7 +258,7 @@ def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     except OSError as exc:
         raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
     try:
-        return origin, yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        return origin, yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin

@@ -67,7 +67,7 @@ class StepOutputPolicy(CachePolicy):
     ) -> str | None:
         store: StepStore = inputs["store"]
         if store.frame_rows(inputs["out_path"]) is None:
-            store.delete(store.result_record_path(inputs["key"]))
+            store.delete_file(store.result_record_path(inputs["key"]))
         return inputs["key"]
 
 

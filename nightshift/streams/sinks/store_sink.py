@@ -34,7 +34,7 @@ class StoreSink:
         if frame.height or self.store.frame_rows(target) is not None:
             self.store.write_frame(target, frame)
         for earlier in supersedes:  # after the write: a crash in between only repeats rows
-            self.store.delete(self.file(earlier))  # of a window not yet committed (replayed)
+            self.store.delete_file(self.file(earlier))  # of a window not yet committed (replayed)
         return frame.height
 
     def close(self) -> None:

@@ -80,7 +80,7 @@ class LLMOperator(Operator):
     n: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _samples_differ(self) -> "LLMOperator":
+    def _samples_differ(self) -> LLMOperator:
         if self.n > 1 and self.temperature == 0:
             raise ValueError(
                 f"n: {self.n} needs temperature > 0 (greedy decoding would give {self.n} "
@@ -180,7 +180,7 @@ class LLMOperator(Operator):
                     prompts = [next(rendered) for _ in lists[r]]
                     slots[r] = [
                         None if e is None else ask(p or "", self.seed)
-                        for e, p in zip(lists[r], prompts)
+                        for e, p in zip(lists[r], prompts, strict=True)
                     ]
             return slots, requests
         column = self.messages_column()
@@ -191,7 +191,7 @@ class LLMOperator(Operator):
         else:
             subset = df[todo] if todo else df.clear()
             contents = [p or "" for p in self._prompt_op().process(subset)["__prompt__"].to_list()]
-        for r, content in zip(todo, contents):
+        for r, content in zip(todo, contents, strict=True):
             if isinstance(content, str) and column is not None:  # a bad message list: its error
                 slots[r] = [content] * self.n
             elif shape == "samples":
@@ -280,17 +280,17 @@ class LLMOperator(Operator):
                 if error is not None:
                     failed += 1
                     first_error = first_error or error
-                for acc, item in zip(row, (value, error, reason)):
+                for acc, item in zip(row, (value, error, reason), strict=True):
                     acc.append(item)
                 texts.append(text)
             lengths.append(len(row_slots or []))
             if shape == "scalar":
-                for acc, items in zip((values, errors, finish), row):
+                for acc, items in zip((values, errors, finish), row, strict=True):
                     acc.append(items[0] if items else None)
                 if not row_slots:
                     texts.append(None)
             else:
-                for acc, items in zip((values, errors, finish), row):
+                for acc, items in zip((values, errors, finish), row, strict=True):
                     acc.append(None if row_slots is None else items)
         if asked and failed / asked > self.max_error_rate:
             unit = {"scalar": "rows", "samples": "samples", "elements": "list elements"}[shape]
@@ -321,7 +321,7 @@ class LLMOperator(Operator):
 def _nest(series: pl.Series, lengths: list[int], slots: list[Any]) -> pl.Series:
     """A per-slot series as one list per row (null for a row that asked nothing)."""
     flat, out, at = series.to_list(), [], 0
-    for length, row_slots in zip(lengths, slots):
+    for length, row_slots in zip(lengths, slots, strict=True):
         out.append(None if row_slots is None else flat[at : at + length])
         at += length
     return pl.Series(series.name, out, dtype=pl.List(series.dtype))
@@ -342,7 +342,7 @@ class PromptedLLM(LLMOperator):
     input: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "PromptedLLM":
+    def _one_source(self) -> PromptedLLM:
         takes_messages = "messages" in type(self).model_fields
         given = [self.prompt, self.input, self.messages_column()]
         if sum(v is not None for v in given) != 1:
