@@ -141,7 +141,7 @@ class StepStore(WritableFileSystem):
 
     def read_json(self, path: str) -> Any | None:
         try:
-            return json.loads(self.fs.cat_file(path))
+            return json.loads(file_io.read_bytes(self.fs, path))
         except FileNotFoundError:
             return None
 
@@ -161,11 +161,13 @@ class StepStore(WritableFileSystem):
             raise StoreError(f"store {self.url} is not writable: {one_line(exc)}") from None
 
     # -- Prefect integration: the store is also Prefect's result storage ----------------
-    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+    # WritableFileSystem declares read_path/write_path async; Prefect calls aread_path /
+    # awrite_path when a block has them, and its own blocks (LocalFileSystem) are sync here too
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Read a Prefect result record (``WritableFileSystem`` contract)."""
-        return self.fs.cat_file(self.result_record_path(path))
+        return file_io.read_bytes(self.fs, self.result_record_path(path))
 
-    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Write a Prefect result record atomically (``WritableFileSystem`` contract)."""
         target = self.result_record_path(path)
         file_io.write_bytes_atomic(self.fs, target, content)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from nightshift.core.errors import NightshiftError, one_line
 
@@ -235,7 +236,7 @@ def preview(
     run_preview(_spec(spec), rows=rows, allow_imports=allow_imports, console=console)
 
 
-class _StreamGroup(typer.core.TyperGroup):
+class _StreamGroup(TyperGroup):
     """``nightshift stream SPEC ...`` is ``nightshift stream run SPEC ...``: the first word,
     when it is not a subcommand (nor --help), is the spec of the default command."""
 

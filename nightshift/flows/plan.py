@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -263,7 +264,9 @@ def _check_batch_sizes(nodes: list[StepNode], batch_size: int) -> None:
             )
 
 
-def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> Plan:
+def build_plan(
+    spec: PipelineSpec | dict[str, Any] | str | Path, allow_imports: bool = False
+) -> Plan:
     """Validate everything and compute all keys; raises a one-line NightshiftError."""
     spec = load_spec(spec)
     nodes = spec.step_nodes(allow_imports)  # names, edges, cycles, barriers checked
@@ -469,13 +472,14 @@ def _render_sample(
     frames: dict[int, pl.DataFrame | None] = {}  # None: the sample ended before this step
     for i in order:
         node, op = nodes[i], nodes[i].operator
-        inputs = [frames.get(p) for p in node.parents] if node.parents else [sample]
-        if any(f is None or f.height == 0 for f in inputs):
+        given = [frames.get(p) for p in node.parents] if node.parents else [sample]
+        inputs = [f for f in given if f is not None and f.height]
+        if len(inputs) < len(given):
             frames[i] = None
             continue
         if len(inputs) > 1:
             assert dag is not None
-            df = join_frames(inputs, dag.joins[i])  # type: ignore[arg-type]
+            df = join_frames(inputs, dag.joins[i])
         else:
             df = inputs[0]
         frames[i] = None

@@ -8,7 +8,7 @@ numbers and dashes), so the Artifacts page keeps one history per pipeline.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import polars as pl
@@ -45,11 +45,15 @@ class Progress:
         self.interval = interval
         total = len(plan.batches)
         self.ids: list[UUID] = [
-            create_progress_artifact(
-                0.0,
-                key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
-                description=f"step {stage.name}: share of its {total} batches done "
-                f"(reused or computed); {attempt_note()}",
+            cast(
+                UUID,
+                create_progress_artifact(
+                    0.0,
+                    key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
+                    description=f"step {stage.name}: share of its {total} batches done "
+                    f"(reused or computed); {attempt_note()}",
+                    _sync=True,  # pyright: ignore[reportCallIssue] Prefect's async_dispatch takes it
+                ),
             )
             for stage in plan.stages
         ]

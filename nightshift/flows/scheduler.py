@@ -27,8 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.states import State
+from prefect.utilities.annotations import NotSet
 
 from nightshift.core.errors import StepFailed, one_line
 from nightshift.flows.plan import Plan, Unit
@@ -257,7 +258,7 @@ class Execution:
     def _submit(self, unit: Unit) -> None:
         plan, stage, batch = self.plan, unit.stage, unit.batch
         s = plan.stages[stage]
-        task = self._step_task.with_options(refresh_cache=self._forced(stage) or None)
+        task = self._step_task.with_options(refresh_cache=True if self._forced(stage) else NotSet)
         parents = [self.refs[p][batch] or [] for p in s.parents]
         upstream: Any = None
         if len(parents) == 1:
@@ -290,7 +291,7 @@ class Execution:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
-        task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
+        task = self._index_task.with_options(refresh_cache=True if self._forced(stage) else NotSet)
         future = self._submit_task(
             task,
             dict(
@@ -317,7 +318,7 @@ class Execution:
     def _finish(self, unit: Unit | None, stage: int, state: State) -> None:
         stats = self.stats[stage]
         if not state.is_completed():
-            message = state.message or state.name
+            message = state.message or state.name or state.type.value
             try:
                 state.result()
             except Exception as exc:  # the task's own one-line error

@@ -28,10 +28,10 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -41,6 +41,13 @@ from nightshift.streams.discover import Definition, DefinitionTable, pipeline_sp
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
 from nightshift.streams.spec import StreamSpec, load_stream_spec
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
+
+#: What calling one of these async flows with ``return_state=True`` gives. Prefect 3.8's
+#: overloads say ``State[Coroutine]``: its async overload does not match ``CoroutineType``.
+_FlowState: TypeAlias = "Coroutine[Any, Any, State[dict[str, Any]]]"
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the parent flow hands its stream subflows (not flow parameters: not serializable):
@@ -167,13 +174,16 @@ async def _supervise(
     while True:
         started = time.monotonic()
         box.clear()
-        state = await stream_pipeline(
-            spec=payload,
-            index=plan.index,
-            name=plan.name,
-            allow_imports=allow_imports,
-            until_idle_s=until_idle_s,
-            return_state=True,
+        state = await cast(
+            _FlowState,
+            stream_pipeline(
+                spec=payload,
+                index=plan.index,
+                name=plan.name,
+                allow_imports=allow_imports,
+                until_idle_s=until_idle_s,
+                return_state=True,
+            ),
         )
         if state.is_completed():
             return await state.aresult()
@@ -250,10 +260,10 @@ class Discovery:
         await asyncio.to_thread(self.table.open)
         self.logger.info(
             "discover: polling %s on %s every %g s",
-            self.parsed.discover.table,
+            self.table.spec.table,
             self.table.display,
             self.poll_s,
-        )  # type: ignore[union-attr]
+        )
         next_poll, polled = 0.0, False
         try:
             while not self.root.stop.is_set():
@@ -432,7 +442,7 @@ async def stream(
                 await asyncio.to_thread(table.open)
                 await asyncio.to_thread(table.close)
             return {"checked": [p.name for p in plans]}
-        runs = [
+        runs: list[Coroutine[Any, Any, Any]] = [
             _run_one(parsed, plan, control.child(), allow_imports, until_idle_s) for plan in plans
         ]
         finder = (
@@ -464,14 +474,17 @@ def run_stream(
     parsed, _ = plan_streams(str(spec), allow_imports)
     check_modes(parsed, discover)
     state = asyncio.run(
-        stream(
-            spec=parsed.model_dump(mode="json", by_alias=True),
-            allow_imports=allow_imports,
-            until_idle_s=until_idle_s,
-            check_only=check_only,
-            discover=discover,
-            poll_s=poll_s,
-            return_state=True,
+        cast(
+            _FlowState,
+            stream(
+                spec=parsed.model_dump(mode="json", by_alias=True),
+                allow_imports=allow_imports,
+                until_idle_s=until_idle_s,
+                check_only=check_only,
+                discover=discover,
+                poll_s=poll_s,
+                return_state=True,
+            ),
         )
     )
     if not state.is_completed():

@@ -20,8 +20,8 @@ import functools
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.core.usage import Usage
@@ -121,11 +121,11 @@ class _ServedDirect:
 
     def usage(self) -> dict[str, float | int]:
         counters = getattr(self.backend, "usage", None)  # HTTP backends count tokens and cost
-        return counters() if callable(counters) else {}
+        return cast("dict[str, float | int]", counters()) if callable(counters) else {}
 
     def endpoint_usage(self) -> dict[str, dict[str, int | bool]]:
         counters = getattr(self.backend, "endpoint_usage", None)  # HTTP: per endpoint
-        return counters() if callable(counters) else {}
+        return cast("dict[str, dict[str, int | bool]]", counters()) if callable(counters) else {}
 
     def close(self) -> None:
         if self.owned:
@@ -189,7 +189,7 @@ class ServingPool:
     total_starts: ClassVar[Counter[str]] = Counter()
 
     def __init__(
-        self, configs: dict[str, ServingConfig], backends: dict[str, Backend] | None = None
+        self, configs: dict[str, ServingConfig], backends: Mapping[str, Backend] | None = None
     ) -> None:
         """``backends``: backends the caller built for some of the names; they are called
         directly (not batched, not restarted) and the caller closes them (preview streams

@@ -45,7 +45,7 @@ class ServingTaskRunner(ThreadPoolTaskRunner):
 
     def __init__(
         self,
-        serving: dict[str, ServingConfig | dict[str, Any]] | ServingConfig | None = None,
+        serving: Mapping[str, ServingConfig | Mapping[str, Any]] | ServingConfig | None = None,
         max_workers: int | None = None,
     ) -> None:
         if max_workers is not None and (

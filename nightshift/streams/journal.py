@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
 from nightshift.streams import seqs
 from nightshift.streams.seqs import Ranges
 
@@ -89,7 +90,7 @@ class Journal:
     def load(self) -> list[JournalEntry]:
         """Every entry in the store, by first sequence."""
         try:
-            paths = self.store.fs.glob(f"{self.root}/*.json")
+            paths = file_io.glob(self.store.fs, f"{self.root}/*.json")
         except FileNotFoundError:
             return []
         entries: list[JournalEntry] = []

@@ -145,7 +145,7 @@ def save_result_storage(store: StepStore) -> None:
         store.save(
             name="auto-" + digest(store.url, store.endpoint_url or "")[:16],
             overwrite=True,
-            _sync=True,
+            _sync=True,  # pyright: ignore[reportCallIssue] Prefect's async_dispatch takes it
         )
 
 

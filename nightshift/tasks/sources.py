@@ -36,6 +36,7 @@ import polars as pl
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from nightshift.core import file_io
 from nightshift.core.errors import SourceError, one_line
 from nightshift.core.fingerprints import digest
 
@@ -162,7 +163,7 @@ def discover(spec: SourceSpec) -> list[SourceFile]:
         fs, path = filesystem(pattern, spec.storage_options)
         try:
             if _GLOB_CHARS & set(path):
-                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+                matches = sorted(p for p in file_io.glob(fs, path) if fs.isfile(p))
                 if not matches:
                     raise SourceError(f"source.path {pattern!r}: no file matches this pattern")
                 infos = [(match, fs.info(match)) for match in matches]
@@ -290,7 +291,7 @@ def load_text_file(file: SourceFile, options: dict[str, Any]) -> pl.DataFrame:
     """
     fs, path = filesystem(file.uri, options)
     try:
-        data = fs.cat_file(path)
+        data = file_io.read_bytes(fs, path)
     except Exception as exc:
         raise SourceError(f"source file {file.uri}: cannot read: {one_line(exc)}") from None
     data = data.removeprefix(_BOM)

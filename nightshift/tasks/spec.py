@@ -111,6 +111,7 @@ class StoreSpec(BaseModel):
             return StepStore(
                 url=self.url, endpoint_url=self.endpoint_url, storage_options=self.storage_options
             )
+        assert self.block is not None  # the validator: exactly one of url or block
         return load_block(StepStore, self.block, "store.block", StoreError)
 
 
@@ -205,7 +206,8 @@ def resolve_serving(
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
-            used.setdefault(op.serving, i)
+            # an LLM step (uses_serving) declares ``serving``; the base Operator does not
+            used.setdefault(getattr(op, "serving"), i)  # noqa: B009
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)

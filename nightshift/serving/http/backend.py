@@ -370,8 +370,8 @@ class OpenAIBackend:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self._count(job, "retries")
-                    result = await self._attempt(job, path, body, tokens)
-            return result
+                    return await self._attempt(job, path, body, tokens)
+            raise AssertionError("unreachable: the last failed attempt re-raises (reraise=True)")
         except Transient as exc:
             return GenerationResult.failed(
                 self._redact(f"gave up after {self.max_attempts} attempts: {exc}")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
 
 
 class StoreSink:
@@ -43,7 +44,7 @@ class StoreSink:
 
 def output_files(store: StepStore, pipeline: str, path: str = "output") -> list[str]:
     """The store sink's window files, by name (stream order of their first message)."""
-    return sorted(store.fs.glob(f"{store.path(pipeline, path)}/w-*.parquet"))
+    return sorted(file_io.glob(store.fs, f"{store.path(pipeline, path)}/w-*.parquet"))
 
 
 def read_output(store: StepStore, pipeline: str, path: str = "output") -> pl.DataFrame:

@@ -193,7 +193,7 @@ class LLMOperator(Operator):
             contents = [p or "" for p in self._prompt_op().process(subset)["__prompt__"].to_list()]
         for r, content in zip(todo, contents, strict=True):
             if isinstance(content, str) and column is not None:  # a bad message list: its error
-                slots[r] = [content] * self.n
+                slots[r] = [content for _ in range(self.n)]
             elif shape == "samples":
                 slots[r] = [
                     ask(content, None if self.seed is None else self.seed + i)
