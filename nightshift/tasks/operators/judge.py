@@ -29,7 +29,7 @@ class Judge(PromptedLLM):
     max_tokens: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
-    def _range(self) -> Judge:
+    def _range(self) -> "Judge":
         if self.min >= self.max:
             raise ValueError("min must be below max")
         return self

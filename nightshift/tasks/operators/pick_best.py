@@ -43,13 +43,9 @@ class PickBest(Operator):
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         for column in (self.candidates, self.scores):
             if not is_list(df.schema[column]):
-                raise SpecError(
-                    f"pick_best: column '{column}' must be a list column, not {df.schema[column]}"
-                )
+                raise SpecError(f"pick_best: column '{column}' must be a list column, not {df.schema[column]}")
         if not df.schema[self.scores].inner.is_numeric():  # type: ignore[union-attr]
-            raise SpecError(
-                f"pick_best: scores column '{self.scores}' must hold numbers, not {df.schema[self.scores]}"
-            )
+            raise SpecError(f"pick_best: scores column '{self.scores}' must hold numbers, not {df.schema[self.scores]}")
         sizes = pl.col(self.candidates).list.len() != pl.col(self.scores).list.len()
         bad = df.filter(sizes.fill_null(False))
         if bad.height:
