@@ -3,7 +3,7 @@ the stall watchdog, a poison request found by bisection and quarantined (through
 pipeline: ``<output>_error`` in the Parquet output), a call past ``max_restarts``.
 
 The faults come from the real backend's test-only hooks (``NIGHTSHIFT_TEST_BLOCK_ON``,
-``NIGHTSHIFT_TEST_DIE_ON``, serving/engine_faults.py) around the real engine, never a fake
+``NIGHTSHIFT_TEST_DIE_ON``, nightshift/serving/engine_faults.py) around the real engine, never a fake
 engine. Every restart is a real engine start (~6-10 s on 2 cores), so the module shares
 one pool and keeps restarts few; the expected answers come from the session's clean
 shared engine.
