@@ -561,7 +561,7 @@ def _convert(values: pl.Series, name: str) -> pl.Series:
         return text.str.strip_chars().str.to_date(strict=False)
     if name == "datetime":
         return text.str.strip_chars().str.to_datetime(strict=False, time_unit="us")
-    return text.str.strip_chars().cast(SCHEMA_TYPES[name], strict=True)
+    return text.str.strip_chars().cast(SCHEMA_TYPES[name], strict=False)
 
 
 def _convert_declared(
