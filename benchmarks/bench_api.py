@@ -36,6 +36,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import contextlib
+
 import httpx
 import polars as pl
 from rich.console import Console
@@ -53,34 +55,35 @@ def start_server() -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cache = tempfile.mkdtemp(prefix="bench-vllm-")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(embedded_model_path()),
-            "--served-model-name",
-            "smollm2",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "1024",
-            "--enforce-eager",
-            "--kv-cache-memory-bytes",
-            str(256 * 2**20),
-            "--seed",
-            "0",
-        ],
-        env={**os.environ, "VLLM_CACHE_ROOT": cache, "HF_HUB_OFFLINE": "1"},
-        stdout=open(Path(cache) / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(Path(cache) / "server.log", "w") as out:  # the server writes to its own copy
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(embedded_model_path()),
+                "--served-model-name",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "1024",
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(256 * 2**20),
+                "--seed",
+                "0",
+            ],
+            env={**os.environ, "VLLM_CACHE_ROOT": cache, "HF_HUB_OFFLINE": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     proc.cache_dir = cache  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -102,10 +105,8 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     shutil.rmtree(getattr(proc, "cache_dir", ""), ignore_errors=True)
 
 

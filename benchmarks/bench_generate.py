@@ -224,9 +224,10 @@ def measure(
         rows=rows,
         best=best,
         ratio=(p_tok / p_s) / (b_tok / b_s),
-        same=sum(a == b for a, b in zip(b_text, p_text)),
+        same=sum(a == b for a, b in zip(b_text, p_text, strict=True)),
         median=statistics.median(
-            (pt / ps) / (bt / bs) for (_, bs, _, bt), (_, ps, _, pt) in zip(rows[0::2], rows[1::2])
+            (pt / ps) / (bt / bs)
+            for (_, bs, _, bt), (_, ps, _, pt) in zip(rows[0::2], rows[1::2], strict=True)
         ),
     )
     return info

@@ -123,7 +123,7 @@ def main() -> None:
             rows = args.rows[0]
             src = work / f"in-{rows}.parquet"
             store = work / "store-cached"
-            _, first = pipeline_run(src, store, args.cached_batch_size)
+            pipeline_run(src, store, args.cached_batch_size)  # fills the store
             again, summary = pipeline_run(src, store, args.cached_batch_size)
             assert summary["steps"][0]["reused"] == summary["batches"]
             computed = sum(s["units_computed"] for s in summary["steps"])

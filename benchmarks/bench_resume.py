@@ -37,6 +37,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import contextlib
+
 import polars as pl
 from rich.console import Console
 from rich.table import Table
@@ -172,10 +174,8 @@ def floor(pipe: Any) -> float:
         fs.invalidate_cache(directory)
         fs.ls(directory, detail=True)
         for name in ("manifest.json", "outputs.json"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 fs.cat_file(f"{directory}/{name}")
-            except FileNotFoundError:
-                pass
     return time.perf_counter() - started
 
 
@@ -185,7 +185,7 @@ def drop_last_stage(pipe: Any, share: float) -> int:
     n = max(1, math.ceil(len(plan.batches) * share))
     step = len(plan.batches) // n
     for b in range(0, step * n, step):
-        plan.store.delete(plan.out_path(last, b))
+        plan.store.delete_file(plan.out_path(last, b))
     return n
 
 
@@ -284,7 +284,7 @@ def main() -> None:
         with temporary_settings(updates={PREFECT_API_URL: server.url}):
             for kind in args.stores:
 
-                def store_of(name: str) -> Any:
+                def store_of(name: str, kind: str = kind) -> Any:
                     if kind == "local":
                         return f"file://{work}/store-{name}"
                     return StoreSpec(url=f"s3://bench/{name}", endpoint_url=endpoint)

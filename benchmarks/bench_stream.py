@@ -45,6 +45,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
+
 import orjson
 import polars as pl
 from rich.console import Console
@@ -178,10 +180,8 @@ async def plain_consumer(
         deadline = time.monotonic() + seconds
         while len(messages) < count and (not messages or time.monotonic() < deadline):
             wait = max(0.01, min(0.25, deadline - time.monotonic())) if messages else 0.25
-            try:
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                 messages += await psub.fetch(min(256, count - len(messages)), timeout=wait)
-            except (TimeoutError, nats.errors.TimeoutError):
-                pass
             if messages and not first:
                 first = time.time()
                 deadline = time.monotonic() + seconds

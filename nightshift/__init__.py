@@ -1,7 +1,8 @@
 """Nightshift: batched, resumable LLM data-generation pipelines on Prefect.
 
-The public API in one place. The code lives in the repository's top-level folders,
-installed as subpackages of this one (``pyproject.toml``; the layers in docs/layout.md):
+The public API in one place. The code lives in this package's subpackages (the
+repository's top-level ``flows/``, ``tasks/`` and ``blocks/`` are links to three of them;
+the layers in docs/layout.md):
 ``nightshift.core`` (errors, fingerprints, files, locks), ``nightshift.blocks`` (Prefect
 blocks), ``nightshift.serving`` (LLM backends), ``nightshift.tasks`` (operators, sources,
 the step task), ``nightshift.streams`` (the stream engine) and ``nightshift.flows``
@@ -50,7 +51,25 @@ _WHERE = {
     "run_pipeline": "nightshift.flows.run_pipeline",
 }
 
-__all__ = sorted([*_WHERE, "ops"])
+# spelled out for editors and type checkers (tests/test_layout.py: the same names as _WHERE)
+__all__ = [
+    "BarrierOperator",
+    "NightshiftError",
+    "Operator",
+    "Pipeline",
+    "PipelineSpec",
+    "SourceError",
+    "SpecError",
+    "Step",
+    "StepFailed",
+    "StepStore",
+    "StoreError",
+    "build_plan",
+    "load_spec",
+    "ops",
+    "register_operator",
+    "run_pipeline",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ with ``pytest_plugins = ["api_fixtures"]``, so the server starts once per sessio
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -45,10 +46,8 @@ def _stop(proc: subprocess.Popen, grace: float = 15) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
 
 
@@ -56,8 +55,8 @@ class VLLMServer:
     """A vLLM OpenAI API server this test session started: its process (its own session,
     so ``os.killpg(server.proc.pid, sig)`` reaches its engine process too) and URL."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, cache: str, log: Any) -> None:
-        self.proc, self.url, self.cache, self.log = proc, url, cache, log
+    def __init__(self, proc: subprocess.Popen, url: str, cache: str) -> None:
+        self.proc, self.url, self.cache = proc, url, cache
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the server and its children (SIGKILL, SIGSTOP, SIGCONT)."""
@@ -83,12 +82,9 @@ class VLLMServer:
 
     def stop(self) -> None:
         """Stop it by its PID (SIGCONT first: a stopped process ignores SIGTERM until then)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
         _stop(self.proc)
-        self.log.close()
         shutil.rmtree(self.cache, ignore_errors=True)
 
 
@@ -113,36 +109,36 @@ def start_vllm_server() -> VLLMServer:
         "HF_HUB_OFFLINE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
-    log = open(Path(cache) / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(folder),
-            "--served-model-name",
-            MODEL,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "1024",
-            "--enforce-eager",
-            "--kv-cache-memory-bytes",
-            str(256 * 2**20),
-            "--seed",
-            "0",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return VLLMServer(proc, f"http://127.0.0.1:{port}", cache, log)
+    with open(Path(cache) / "server.log", "w") as log:  # the server writes to its own copy
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(folder),
+                "--served-model-name",
+                MODEL,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "1024",
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(256 * 2**20),
+                "--seed",
+                "0",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return VLLMServer(proc, f"http://127.0.0.1:{port}", cache)
 
 
 #: The session's server, when this session started it (tests that signal it need it).

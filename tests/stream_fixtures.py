@@ -232,10 +232,7 @@ def pg_bindir() -> str:
 
 def _reachable_by_others(path: Path) -> bool:
     """Whether a user other than the owner can reach and run ``path`` (o+x up the tree)."""
-    for p in (path, *path.parents):
-        if not p.stat().st_mode & stat.S_IXOTH:
-            return False
-    return True
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
 def _pg_bindir_for(user: pwd.struct_passwd | None, root: str) -> str:
@@ -314,30 +311,30 @@ def postgres() -> Iterator[Postgres]:
         **as_user,
     )
     port = free_port()
-    log = open(os.path.join(root, "log"), "w")
-    proc = subprocess.Popen(
-        [
-            f"{bindir}/postgres",
-            "-D",
-            data,
-            "-k",
-            root,
-            "-p",
-            str(port),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=root,
-        **as_user,
-    )
+    with open(os.path.join(root, "log"), "w") as log:  # postgres writes to its own copy
+        proc = subprocess.Popen(
+            [
+                f"{bindir}/postgres",
+                "-D",
+                data,
+                "-k",
+                root,
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            **as_user,
+        )
     try:
         _wait_port(port, proc, "postgres")
         server = Postgres("127.0.0.1", port, bindir=bindir)
@@ -353,7 +350,6 @@ def postgres() -> Iterator[Postgres]:
         yield server
     finally:
         stop_process(proc, signal.SIGINT)  # fast shutdown
-        log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -96,8 +96,8 @@ def test_a_key_that_cannot_be_found_stops_before_any_work(
     spec["serving"]["default"] = {**HTTP, "api_key_secret": f"missing-{uuid.uuid4().hex[:8]}"}
     with pytest.raises(
         SpecError,
-        match=r"^serving\.default: api_key_secret 'missing-.*': no such "
-        r"Prefect Secret block$",
+        match=r"^serving\.default: api_key_secret 'missing-[0-9a-f]+': no such Secret block "
+        r"\(.*\); create it first \(see README, 'Blocks'\)$",
     ):
         build_plan(spec)
     assert not (tmp_path / "store" / "cfg" / "steps").exists()

@@ -54,7 +54,7 @@ def all_logs():
         yield handler
     finally:
         root.removeHandler(handler)
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 

@@ -189,7 +189,7 @@ def test_usage_error_is_one_line_and_exit_2(args: list[str]) -> None:
 
 
 def test_no_arguments_prints_the_help_and_exits_2() -> None:
-    code, out, err, heavy = _probe([])
+    code, _out, err, heavy = _probe([])
     assert code == 2
     assert "Traceback" not in err and "Usage: nightshift [OPTIONS] COMMAND" in err
     assert all(cmd in err for cmd in COMMANDS)

@@ -64,7 +64,7 @@ LINEAR = [
 def test_linear_spec_keys_and_layout_unchanged_by_names_and_after(tmp_path: Path) -> None:
     implicit = build_plan(spec_dict(tmp_path, LINEAR))
     names = ["m", "f", "d", "t", "k", "last"]
-    named = [{**s, "name": n} for s, n in zip(LINEAR, names)]
+    named = [{**s, "name": n} for s, n in zip(LINEAR, names, strict=True)]
     chained = [{**s, "after": [names[i - 1]] if i else []} for i, s in enumerate(named)]
     for steps in (named, chained):
         plan = build_plan(spec_dict(tmp_path, steps))
@@ -121,7 +121,7 @@ BAD = [
     ),
     ([m("a", name="x"), m("b", name="x")], "steps[1]: duplicate step name 'x'"),
     (
-        [m("a"), m("b")] + [m("a", name="m2", after=["map"])],
+        [m("a"), m("b"), m("a", name="m2", after=["map"])],
         None,
     ),  # map-2 is the default name of steps[1]; m2 is free: valid (fork, no join)
     (

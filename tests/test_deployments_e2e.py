@@ -120,15 +120,15 @@ class Prefect:
         return f"load average {load}; {steps}"
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.home / f"{name}.log", "w")
-        proc = subprocess.Popen(
-            [str(BIN / "prefect"), *args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.home / f"{name}.log", "w") as log:  # the process writes to its own copy
+            proc = subprocess.Popen(
+                [str(BIN / "prefect"), *args],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -388,7 +388,8 @@ def test_deploy_schedule_run_fail_retry(
     batch4 = sorted(s for name, s in states if name == "filter+map+template[0] batch 4/6")
     assert batch4 == ["Completed", "Failed"], batch4  # failed once, computed by the retry
     latest, attempt1 = (rows[:-1] for rows in tables(p, fail_id, "summary"))  # minus the totals
-    assert [(r["reused"], r["computed"], r["failed"]) for r in attempt1][0] == (0, 5, 1)
+    first = attempt1[0]
+    assert (first["reused"], first["computed"], first["failed"]) == (0, 5, 1)
     assert [(r["reused"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
     plan = tables(p, fail_id, "plan")[0]
     assert plan[0]["plan"].startswith("5 of 6 batches done and reused, 1 to compute"), plan

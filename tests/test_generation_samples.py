@@ -55,7 +55,7 @@ N, TEMPERATURE, MAX_TOKENS = 3, 0.9, 8
 
 def source(tmp_path: Path) -> str:
     path = tmp_path / "data" / "q.jsonl"
-    write_jsonl(path, [{"q": q, "chat": c} for q, c in zip(QUESTIONS, CHATS)])
+    write_jsonl(path, [{"q": q, "chat": c} for q, c in zip(QUESTIONS, CHATS, strict=True)])
     return str(path)
 
 
@@ -129,7 +129,7 @@ def test_n_samples_judge_each_pick_best_and_chat_messages_on_the_engine(tmp_path
     # judge over the list: one score (or error) per candidate, from that candidate's request
     for row in out.iter_rows(named=True):
         assert len(row["scores"]) == len(row["scores_error"]) == len(row["scores_raw"]) == N
-        for score, error in zip(row["scores"], row["scores_error"]):
+        for score, error in zip(row["scores"], row["scores_error"], strict=True):
             assert (score is None) != (error is None)
             assert score is None or 1 <= score <= 5
     judge_prompt = steps[1]._prompt_op().process(pl.DataFrame({"answers": [expected[0][1]]}))
@@ -232,7 +232,7 @@ def test_keys_validation_and_dry_run() -> None:
 
     with pytest.raises(ValidationError, match="n: 3 needs temperature > 0"):
         Generate(prompt="x", output="a", n=3)
-    with pytest.raises(ValidationError, match="exactly one of 'prompt'.*'messages'"):
+    with pytest.raises(ValidationError, match=r"exactly one of 'prompt'.*'messages'"):
         Generate(prompt="x", messages="chat", output="a")
 
     schema = pl.Schema({"q": pl.String, "chat": pl.String})

@@ -11,6 +11,7 @@ when the folders' imports form a cycle.
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -132,7 +133,7 @@ def cycles(found: dict[tuple[str, str], list[str]]) -> list[str]:
                 key = frozenset(cycle)
                 if key not in seen:
                     seen.add(key)
-                    detail = "; ".join(found[(a, b)][0] for a, b in zip(cycle, cycle[1:]))
+                    detail = "; ".join(found[(a, b)][0] for a, b in itertools.pairwise(cycle))
                     out.append(f"{' -> '.join(cycle)}: {detail}")
             elif nxt not in path:
                 walk(start, nxt, [*path, nxt])

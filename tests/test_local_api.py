@@ -90,7 +90,7 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # the run only: not its process group
     proc.wait()
-    gone, alive = psutil.wait_procs([server], timeout=60)
+    _, alive = psutil.wait_procs([server], timeout=60)
     assert not alive, f"temporary server {server.pid} outlived the killed run"
 
 

@@ -62,12 +62,12 @@ def test_template_fast_and_jinja_paths_agree(df: pl.DataFrame) -> None:
 
 def test_template_is_sandboxed(df: pl.DataFrame) -> None:
     op = Template(output="p", template="{{ text.__class__.__mro__ }}")
-    with pytest.raises(Exception, match="unsafe|access"):
+    with pytest.raises(Exception, match=r"unsafe|access"):
         apply_operator(op, df)
 
 
 def test_template_strict_undefined(df: pl.DataFrame) -> None:
-    with pytest.raises(SpecError, match="undefined variable.*missing_col"):
+    with pytest.raises(SpecError, match=r"undefined variable.*missing_col"):
         apply_operator(Template(output="p", template="{{ missing_col }}"), df)
 
 

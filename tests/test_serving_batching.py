@@ -135,9 +135,11 @@ def test_wrong_result_count_is_an_error() -> None:
         def generate(self, requests):  # type: ignore[no-untyped-def]
             return super().generate(requests)[:-1]
 
-    with AutoBatcher(Short(), batch_timeout_s=0.0) as batcher:
-        with pytest.raises(RuntimeError, match="returned 1 results for 2"):
-            batcher.submit([req("a"), req("b")])
+    with (
+        AutoBatcher(Short(), batch_timeout_s=0.0) as batcher,
+        pytest.raises(RuntimeError, match="returned 1 results for 2"),
+    ):
+        batcher.submit([req("a"), req("b")])
 
 
 def test_closed_batcher_rejects_and_fails_pending() -> None:

@@ -50,7 +50,7 @@ def fake_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
     (pkg / "Tiny.Q4.gguf").write_bytes(b"GGUF")
 
     class Spec:
-        submodule_search_locations = [str(pkg)]
+        submodule_search_locations = (str(pkg),)
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -3,7 +3,7 @@ the stall watchdog, a poison request found by bisection and quarantined (through
 pipeline: ``<output>_error`` in the Parquet output), a call past ``max_restarts``.
 
 The faults come from the real backend's test-only hooks (``NIGHTSHIFT_TEST_BLOCK_ON``,
-``NIGHTSHIFT_TEST_DIE_ON``, serving/engine_faults.py) around the real engine, never a fake
+``NIGHTSHIFT_TEST_DIE_ON``, nightshift/serving/engine_faults.py) around the real engine, never a fake
 engine. Every restart is a real engine start (~6-10 s on 2 cores), so the module shares
 one pool and keeps restarts few; the expected answers come from the session's clean
 shared engine.
@@ -119,7 +119,7 @@ def test_poison_request_is_quarantined_and_the_rest_answered_through_the_pipelin
     expected = shared_backend().generate([chat(t) for t in texts[:3]])
     served = faulty_pool.served("default")
     restarting, batcher = served.backends[0], served.batchers[0]
-    restarting.backend  # an engine up before the clock: restarts below are the poison's
+    _ = restarting.backend  # an engine up before the clock: restarts below are the poison's
     loads, restarts, calls = VLLMBackend.engine_loads, restarting.restarts, batcher.backend_calls
 
     pipe = Pipeline(
@@ -155,7 +155,7 @@ def test_past_max_restarts_the_rows_fail_with_a_clear_error_instead_of_looping(
     faulty_pool: ServingPool,
 ) -> None:
     restarting = faulty_pool.served("default").backends[0]
-    restarting.backend  # an engine up before the call
+    _ = restarting.backend  # an engine up before the call
     loads, restarts, quarantined = (
         VLLMBackend.engine_loads,
         restarting.restarts,

@@ -79,7 +79,7 @@ def test_greedy_is_deterministic_and_real(backend: VLLMBackend) -> None:
     )
 
     assert len(first) == len(requests)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a.error is None, a.error
         assert a.text and a.text.strip()
         assert a.finish_reason in {"stop", "length"}

@@ -300,7 +300,7 @@ def test_discovered_streams_start_change_drain_and_export(
     # every message exactly once in both sinks; the new steps after the change
     table = postgres.rows(OUT_TABLE)
     assert sorted(table["id"].to_list()) == sorted(ids) and table["id"].is_unique().all()
-    version = dict(zip(table["id"].to_list(), table["ver"].to_list()))
+    version = dict(zip(table["id"].to_list(), table["ver"].to_list(), strict=True))
     assert {version[i] for i in first} == {"v1"}
     assert {version[i] for i in after + later} == {"v2"}
     store = StepStore(url=f"file://{tmp_path / 'store'}")

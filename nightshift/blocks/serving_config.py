@@ -320,12 +320,9 @@ class OpenAICompatibleConfig(_Serving):
         if self.api_key_secret:
             from prefect.blocks.system import Secret
 
-            try:
-                return str(Secret.load(self.api_key_secret).get())  # type: ignore[union-attr]
-            except ValueError:
-                raise SpecError(
-                    f"api_key_secret {self.api_key_secret!r}: no such Prefect Secret block"
-                ) from None
+            from nightshift.blocks.loading import load_block
+
+            return str(load_block(Secret, self.api_key_secret, "api_key_secret").get())
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:

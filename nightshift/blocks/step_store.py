@@ -21,6 +21,7 @@ environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) as s3fs reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -35,7 +36,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from pydantic import Field, SecretStr
 
-from nightshift.core import inventory, file_io
+from nightshift.core import file_io, inventory
 from nightshift.core.errors import StoreError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.core.locks import ProcessAwareLockManager
@@ -48,12 +49,16 @@ class StepStore(WritableFileSystem):
     _block_type_slug = "nightshift-step-store"
     _description = "Where Nightshift keeps one Parquet file per (step, batch)."
 
-    url: str = Field(default="file://./.nightshift", description="file://PATH or s3://BUCKET/PREFIX")
+    url: str = Field(
+        default="file://./.nightshift", description="file://PATH or s3://BUCKET/PREFIX"
+    )
     endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, ...)")
     access_key_id: SecretStr | None = Field(default=None, description="S3 key (or from env)")
     secret_access_key: SecretStr | None = Field(default=None, description="S3 secret (or from env)")
     region: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra fsspec options"
+    )
 
     # -- filesystem ---------------------------------------------------------------
     @property
@@ -136,15 +141,15 @@ class StepStore(WritableFileSystem):
 
     def read_json(self, path: str) -> Any | None:
         try:
-            return json.loads(self.fs.cat_file(path))
+            return json.loads(file_io.read_bytes(self.fs, path))
         except FileNotFoundError:
             return None
 
-    def delete(self, path: str) -> None:
-        try:
+    def delete_file(self, path: str) -> None:
+        """Remove one file; a missing file is fine. (Not ``delete``: that is Prefect's
+        ``Block.delete(name)``, which removes a saved block document.)"""
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
     def check_writable(self) -> None:
         """Fail early, naming the store, if a file cannot be written and removed there."""
@@ -156,11 +161,13 @@ class StepStore(WritableFileSystem):
             raise StoreError(f"store {self.url} is not writable: {one_line(exc)}") from None
 
     # -- Prefect integration: the store is also Prefect's result storage ----------------
-    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+    # WritableFileSystem declares read_path/write_path async; Prefect calls aread_path /
+    # awrite_path when a block has them, and its own blocks (LocalFileSystem) are sync here too
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Read a Prefect result record (``WritableFileSystem`` contract)."""
-        return self.fs.cat_file(self.result_record_path(path))
+        return file_io.read_bytes(self.fs, self.result_record_path(path))
 
-    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Write a Prefect result record atomically (``WritableFileSystem`` contract)."""
         target = self.result_record_path(path)
         file_io.write_bytes_atomic(self.fs, target, content)

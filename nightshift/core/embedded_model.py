@@ -73,7 +73,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedModelError(_INSTALL_HINT)
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise EmbeddedModelError(f"no .gguf file in {folder}; reinstall: {_INSTALL_HINT}")

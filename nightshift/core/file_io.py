@@ -12,6 +12,7 @@ import io
 import os
 import uuid
 from collections.abc import Sequence
+from typing import IO, cast
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -53,13 +54,24 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    """A whole file's bytes (fsspec is untyped; ``cat_file`` reads bytes)."""
+    return cast(bytes, fs.cat_file(path))
+
+
+def glob(fs: AbstractFileSystem, pattern: str) -> list[str]:
+    """The paths matching ``pattern`` (fsspec is untyped; ``glob`` lists paths)."""
+    return cast(list[str], fs.glob(pattern))
+
+
 def read(fs: AbstractFileSystem, path: str, columns: Sequence[str] | None = None) -> pl.DataFrame:
     """Read a whole Parquet file (optionally some columns)."""
     cols = list(columns) if columns is not None else None
     if is_local(fs):
         return pl.read_parquet(path, columns=cols)
     with fs.open(path, "rb") as handle:
-        return pl.read_parquet(handle, columns=cols)
+        # fsspec is untyped: a file opened "rb" is a binary file object
+        return pl.read_parquet(cast(IO[bytes], handle), columns=cols)
 
 
 def read_slice(fs: AbstractFileSystem, path: str, start: int, stop: int) -> pl.DataFrame:

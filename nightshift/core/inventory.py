@@ -31,7 +31,8 @@ def file_tag(info: dict[str, Any]) -> str:
     if etag:
         return str(etag).strip('"')
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
-    return repr(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+    stamp = getattr(mtime, "timestamp", None)  # a datetime (S3, memory): its epoch seconds
+    return repr(stamp() if callable(stamp) else mtime)
 
 
 @dataclass

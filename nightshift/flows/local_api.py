@@ -75,21 +75,43 @@ class TemporaryServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        self.log = tempfile.TemporaryFile()
+        # the server's stdout for as long as it runs; _tail() reads it when it fails
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float, environ: dict[str, str] | None = None) -> None:
         import prefect
 
-        env = {**(environ or os.environ), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get(
-                   "PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+        env = {
+            **(environ or os.environ),
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get(
+                "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
+            ),
+        }
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         atexit.register(self.stop_after_flush)

@@ -119,7 +119,8 @@ def nightly(
     """
     date = date or scheduled_date()
     plan = build_plan(nightly_spec(spec, date, overrides), allow_imports=allow_imports)
-    get_run_logger().info("nightly %s for %s (store partition %s)",
-                          plan.spec.name, date, plan.spec.partition)
+    get_run_logger().info(
+        "nightly %s for %s (store partition %s)", plan.spec.name, date, plan.spec.partition
+    )
     summary = execute_plan(plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step))
     return {**summary, "date": date, "partition": plan.spec.partition}

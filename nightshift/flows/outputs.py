@@ -33,9 +33,16 @@ def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
     """
     only = None if step is None else plan.stage_of_step(step, "--step")
     return [
-        StepStatus(view.name, list(stage.steps), view.done, view.batches, view.rows,
-                   list(stage.names), [plan.stages[p].name for p in stage.parents])
-        for stage, view in zip(plan.stages, survey(plan))
+        StepStatus(
+            view.name,
+            list(stage.steps),
+            view.done,
+            view.batches,
+            view.rows,
+            list(stage.names),
+            [plan.stages[p].name for p in stage.parents],
+        )
+        for stage, view in zip(plan.stages, survey(plan), strict=True)
         if only is None or stage.index == only
     ]
 

@@ -34,7 +34,7 @@ import polars as pl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.local_api import prefect_api
-from nightshift.flows.outputs import export, read_output, step_status, StepStatus
+from nightshift.flows.outputs import StepStatus, export, read_output, step_status
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.operators import Operator, registered_operators
@@ -135,14 +135,16 @@ class Pipeline:
         (an index or a step name) recomputes that step and the steps depending on it."""
         return run_spec(self.spec(batch_size), resume_from_last, resume_step, allow_imports=True)
 
-    def status(self, batch_size: int | None = None,
-               step: int | str | None = None) -> list[StepStatus]:
+    def status(
+        self, batch_size: int | None = None, step: int | str | None = None
+    ) -> list[StepStatus]:
         return step_status(self.plan(batch_size), step)
 
     def read(self, batch_size: int | None = None, step: int | str | None = None) -> pl.DataFrame:
         """The sink's rows (or ``step``'s), in source order."""
         return read_output(self.plan(batch_size), step)
 
-    def export(self, to: str | Path, batch_size: int | None = None,
-               step: int | str | None = None) -> int:
+    def export(
+        self, to: str | Path, batch_size: int | None = None, step: int | str | None = None
+    ) -> int:
         return export(self.plan(batch_size), Path(to), step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -29,12 +30,17 @@ from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.batches import Batch, cut, with_row_ids
+from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
-from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import (
-    DagSchemas, Stage, build_dag_stages, dry_run_dag, serving_identities, step_where,
+    DagSchemas,
+    Stage,
+    build_dag_stages,
+    dry_run_dag,
+    serving_identities,
+    step_where,
 )
 
 
@@ -118,8 +124,9 @@ class Plan:
             return frozenset(self.descendants(force_from))
         return frozenset(force_from)
 
-    def stage_input(self, stage: int, batch: int,
-                    parent_keys: list[list[str]], parent_rows: list[int]) -> tuple[str, int]:
+    def stage_input(
+        self, stage: int, batch: int, parent_keys: list[list[str]], parent_rows: list[int]
+    ) -> tuple[str, int]:
         """A batch's input key at a row-local stage and its row count (-1 for a join,
         whose rows are known once it runs; a join never cuts pieces)."""
         s = self.stages[stage]
@@ -156,8 +163,14 @@ class Plan:
             return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
         starts = range(0, input_rows, s.batch_size) or range(1)
         return [
-            Unit(stage, batch, i, a, min(a + s.batch_size, input_rows),
-                 digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)))
+            Unit(
+                stage,
+                batch,
+                i,
+                a,
+                min(a + s.batch_size, input_rows),
+                digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)),
+            )
             for i, a in enumerate(starts)
         ]
 
@@ -251,7 +264,9 @@ def _check_batch_sizes(nodes: list[StepNode], batch_size: int) -> None:
             )
 
 
-def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> Plan:
+def build_plan(
+    spec: PipelineSpec | dict[str, Any] | str | Path, allow_imports: bool = False
+) -> Plan:
     """Validate everything and compute all keys; raises a one-line NightshiftError."""
     spec = load_spec(spec)
     nodes = spec.step_nodes(allow_imports)  # names, edges, cycles, barriers checked
@@ -284,7 +299,9 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
     return plan
 
 
-def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tuple[str, int, pl.Schema]:
+def _prepare_file(
+    file: SourceFile, spec: PipelineSpec, store: StepStore
+) -> tuple[str, int, pl.Schema]:
     """Where a file's batches are read from, its row count and its schema (carrying the
     file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
@@ -306,12 +323,20 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
         store.write_frame(staged, df)
         rows, head = df.height, df.head(SAMPLE_ROWS)
     schema = file_io.schema(store.fs, staged)
-    return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
-        file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
+    return (
+        staged,
+        rows,
+        _sampled(
+            file,
+            schema,
+            lambda: (
+                head if head is not None else (file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS))
+            ),
+        ),
+    )
 
 
-def _dry_run(nodes: list[StepNode], order: list[int],
-             schemas: dict[str, pl.Schema]) -> DagSchemas:
+def _dry_run(nodes: list[StepNode], order: list[int], schemas: dict[str, pl.Schema]) -> DagSchemas:
     """Check that the files agree (same columns, same types), dry-run every operator on
     each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
     the templates on each file's first rows (when the schema carries them)."""
@@ -340,8 +365,10 @@ def _compute_keys(plan: Plan) -> None:
         if stage.batch_size is not None or any(p not in plan.keys for p in stage.parents):
             continue
         parents = [[[plan.keys[p][b]] for p in stage.parents] for b in range(n)]
-        inputs = [plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
-                  for b in range(n)]
+        inputs = [
+            plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
+            for b in range(n)
+        ]
         if stage.barrier is not None:
             index_key, units = plan.barrier_units(stage.index, inputs)
             plan.barrier_keys[stage.index] = index_key
@@ -422,8 +449,13 @@ def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
                 )
 
 
-def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | None, uri: str,
-                   sample: pl.DataFrame | None) -> None:
+def _render_sample(
+    nodes: list[StepNode],
+    order: list[int],
+    dag: DagSchemas | None,
+    uri: str,
+    sample: pl.DataFrame | None,
+) -> None:
     """Run a file's first rows through the steps and render every template on them (the
     ``template`` steps and the prompts of LLM steps), so that a template that fails on real
     values (a missing attribute, a blocked one) fails validate, naming step, file and row.
@@ -440,13 +472,14 @@ def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | No
     frames: dict[int, pl.DataFrame | None] = {}  # None: the sample ended before this step
     for i in order:
         node, op = nodes[i], nodes[i].operator
-        inputs = [frames.get(p) for p in node.parents] if node.parents else [sample]
-        if any(f is None or f.height == 0 for f in inputs):
+        given = [frames.get(p) for p in node.parents] if node.parents else [sample]
+        inputs = [f for f in given if f is not None and f.height]
+        if len(inputs) < len(given):
             frames[i] = None
             continue
         if len(inputs) > 1:
             assert dag is not None
-            df = join_frames(inputs, dag.joins[i])  # type: ignore[arg-type]
+            df = join_frames(inputs, dag.joins[i])
         else:
             df = inputs[0]
         frames[i] = None
@@ -461,7 +494,8 @@ def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | No
                 known = set(df.columns)
                 df = df.with_columns(
                     pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
-                    for name, dtype in empty.schema.items() if name not in known
+                    for name, dtype in empty.schema.items()
+                    if name not in known
                 )
             elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
                 state = op.index(df.lazy()) if isinstance(op, Dedup) else None

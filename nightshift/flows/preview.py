@@ -41,7 +41,13 @@ from nightshift.blocks.serving_config import BackendConfig
 from nightshift.core import file_io
 from nightshift.core.errors import NightshiftError, SpecError
 from nightshift.core.usage import Usage
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult, ResultCallback, report
+from nightshift.serving.interface import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    report,
+)
 from nightshift.serving.pool import ServingPool, build_backend
 from nightshift.serving.runner import shared_pool_for
 from nightshift.serving.streaming import stream
@@ -85,9 +91,7 @@ def preview(
     files = discover(parsed.source)
     console = console or Console(soft_wrap=True)
 
-    first_llm = next(
-        (i for i, op in enumerate(operators) if op.uses_serving), len(operators)
-    )
+    first_llm = next((i for i, op in enumerate(operators) if op.uses_serving), len(operators))
     head, scanned = _rows_reaching(parsed, files, operators, first_llm, rows, max_scan)
     write(
         f"preview of {parsed.name}: {head.height} row(s) from the first {scanned} source row(s); "
@@ -113,9 +117,7 @@ def preview(
     return df
 
 
-def read_head(
-    spec: PipelineSpec, files: Sequence[SourceFile], n: int
-) -> pl.DataFrame:
+def read_head(spec: PipelineSpec, files: Sequence[SourceFile], n: int) -> pl.DataFrame:
     """The first ``n`` source rows (in batch order), with their ``_row_id``; reads
     sources directly, never the store."""
     frames: list[pl.DataFrame] = []
@@ -194,13 +196,19 @@ class _StreamingBackend:
             if shared is not None:
                 self._inner = shared.backend(self.name)
             else:
-                self.printer.write(f"starting {self.config.backend} backend for serving "
-                                   f"{self.name!r} ({self.config.model})...\n")
+                self.printer.write(
+                    f"starting {self.config.backend} backend for serving "
+                    f"{self.name!r} ({self.config.model})...\n"
+                )
                 self._inner, self._owned = build_backend(self.config), True
         return self._inner
 
-    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None,
-                 usage: Usage | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_result: ResultCallback | None = None,
+        usage: Usage | None = None,
+    ) -> list[GenerationResult]:
         backend = self._backend()
         write = self.printer.write
         results: list[GenerationResult] = []

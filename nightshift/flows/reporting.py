@@ -8,7 +8,7 @@ numbers and dashes), so the Artifacts page keeps one history per pipeline.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import polars as pl
@@ -46,11 +46,15 @@ class Progress:
         self.interval = interval
         total = len(plan.batches)
         self.ids: list[UUID] = [
-            create_progress_artifact(
-                0.0,
-                key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
-                description=f"step {stage.name}: share of its {total} batches done "
-                            f"(reused or computed); {attempt_note()}",
+            cast(
+                UUID,
+                create_progress_artifact(
+                    0.0,
+                    key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
+                    description=f"step {stage.name}: share of its {total} batches done "
+                    f"(reused or computed); {attempt_note()}",
+                    _sync=True,  # pyright: ignore[reportCallIssue] Prefect's async_dispatch takes it
+                ),
             )
             for stage in plan.stages
         ]
@@ -71,25 +75,56 @@ def publish_plan(plan: Plan, lines: list[str]) -> None:
     computes the rest (the same lines as the flow run's log)."""
     create_table_artifact(
         key=artifact_key(plan.spec.name, "plan"),
-        table=[{"step": stage.name,
-                **({} if plan.linear else {"after": ", ".join(
-                    plan.stages[p].name for p in stage.parents) or "source"}),
-                "plan": line.split(": ", 1)[-1]}
-               for stage, line in zip(plan.stages, lines)],
+        table=[
+            {
+                "step": stage.name,
+                **(
+                    {}
+                    if plan.linear
+                    else {
+                        "after": ", ".join(plan.stages[p].name for p in stage.parents) or "source"
+                    }
+                ),
+                "plan": line.split(": ", 1)[-1],
+            }
+            for stage, line in zip(plan.stages, lines, strict=True)
+        ],
         description=f"pipeline {plan.spec.name}: per step, batches reused from the store "
-                    f"and batches to compute, with the reason; {attempt_note()}",
+        f"and batches to compute, with the reason; {attempt_note()}",
     )
 
 
-SUMMARY_COLUMNS = ("name", "batches", "reused", "computed", "failed", "rows_in",
-                   "rows_out", "prompt_tokens", "completion_tokens", "requests", "retries",
-                   "cached_answers", "cost_usd", "seconds")
+SUMMARY_COLUMNS = (
+    "name",
+    "batches",
+    "reused",
+    "computed",
+    "failed",
+    "rows_in",
+    "rows_out",
+    "prompt_tokens",
+    "completion_tokens",
+    "requests",
+    "retries",
+    "cached_answers",
+    "cost_usd",
+    "seconds",
+)
 #: Columns that add up across steps (rows do not: a step's rows_in is the last one's out).
-_SUMMED = ("prompt_tokens", "completion_tokens", "requests", "retries", "cached_answers",
-           "cost_usd", "seconds")
+_SUMMED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "requests",
+    "retries",
+    "cached_answers",
+    "cost_usd",
+    "seconds",
+)
 
 
-def publish_summary(plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | None = None) -> None:
+def publish_summary(
+    plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | None = None
+) -> None:
     """The run's summary table: one row per step (batches reused from the store and
     computed by this run), then (with LLM steps) the run's total over its computed
     batches and, per HTTP serving backend, everything it sent in this run (failed
@@ -108,30 +143,32 @@ def publish_summary(plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | 
         table.append(total)
     for name, usage in serving_usage(pool).items():
         row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
-        row.update(name=f"serving {name} (all calls)", failed=usage.get("failed"),
-                   prompt_tokens=usage.get("prompt_tokens"),
-                   completion_tokens=usage.get("completion_tokens"),
-                   requests=usage.get("requests"), retries=usage.get("retries"),
-                   cost_usd=usage.get("cost_usd"))
+        row.update(
+            name=f"serving {name} (all calls)",
+            failed=usage.get("failed"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            requests=usage.get("requests"),
+            retries=usage.get("retries"),
+            cost_usd=usage.get("cost_usd"),
+        )
         table.append(row)
     table.extend(endpoint_rows(pool))
     create_table_artifact(
         key=artifact_key(plan.spec.name, "summary"),
         table=table,
         description=f"pipeline {plan.spec.name}: per step, batches reused from the store and "
-                    "computed by this run, rows, tokens and estimated cost (USD) of LLM calls; "
-                    f"{attempt_note()}",
+        "computed by this run, rows, tokens and estimated cost (USD) of LLM calls; "
+        f"{attempt_note()}",
     )
-    per_batch = [
-        {"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []
-    ]
+    per_batch = [{"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []]
     if per_batch:
         create_table_artifact(
             key=artifact_key(plan.spec.name, "batch-usage"),
             table=per_batch,
             description=f"pipeline {plan.spec.name}: LLM requests, retries, answers reused from "
-                        "the answer cache, tokens and estimated cost per computed batch; "
-                        f"{attempt_note()}",
+            "the answer cache, tokens and estimated cost per computed batch; "
+            f"{attempt_note()}",
         )
 
 
@@ -149,11 +186,15 @@ def endpoint_rows(pool: ServingPool | None) -> list[dict[str, Any]]:
         for where, c in endpoints.items():
             row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
             state = "in service" if c.get("in_service") else "out"
-            row.update(name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x)",
-                       requests=c.get("requests"), rows_out=c.get("answered"),
-                       failed=c.get("failed"), retries=c.get("resent"),
-                       prompt_tokens=c.get("prompt_tokens"),
-                       completion_tokens=c.get("completion_tokens"))
+            row.update(
+                name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x)",
+                requests=c.get("requests"),
+                rows_out=c.get("answered"),
+                failed=c.get("failed"),
+                retries=c.get("resent"),
+                prompt_tokens=c.get("prompt_tokens"),
+                completion_tokens=c.get("completion_tokens"),
+            )
             rows.append(row)
     return rows
 
@@ -168,8 +209,12 @@ def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:
         return
     sample = pl.concat(frames, how="vertical_relaxed").head(n)
     # what the last steps wrote first, the row id last: the new columns are on screen
-    written = [c for op in reversed([o for s in plan.stages for o in s.operators])
-               for c in op.writes() if c in sample.columns]
+    written = [
+        c
+        for op in reversed([o for s in plan.stages for o in s.operators])
+        for c in op.writes()
+        if c in sample.columns
+    ]
     order = list(dict.fromkeys([*written, *(c for c in sample.columns if c != ROW_ID)]))
     sample = sample.select([*order, *([ROW_ID] if ROW_ID in sample.columns else [])])
     text_cols = [c for c, t in sample.schema.items() if t == pl.String]

@@ -27,8 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.states import State
+from prefect.utilities.annotations import NotSet
 
 from nightshift.core.errors import StepFailed, one_line
 from nightshift.flows.plan import Plan, Unit
@@ -153,8 +154,13 @@ class Execution:
         for stats in self.stats:
             logger.info(
                 "step %s: %d of %d batches reused, %d computed, %d failed; %d rows in, %d out",
-                stats.name, stats.reused, stats.batches, stats.computed, stats.failed,
-                stats.rows_in, stats.rows_out,
+                stats.name,
+                stats.reused,
+                stats.batches,
+                stats.computed,
+                stats.failed,
+                stats.rows_in,
+                stats.rows_out,
             )
         if self.failures:
             raise StepFailed(
@@ -179,7 +185,7 @@ class Execution:
             (unit, ref)
             for batch in range(len(self.plan.batches))
             if (slot := self._slots[stage].get(batch)) is not None and slot.complete
-            for unit, ref in zip(slot.units, slot.refs)
+            for unit, ref in zip(slot.units, slot.refs, strict=True)
             if ref is not None
         ]
 
@@ -219,7 +225,7 @@ class Execution:
         if slot.complete:
             self._complete(batch, stage)
             return
-        self._ready.extend(u for u, r in zip(units, found) if r is None)
+        self._ready.extend(u for u, r in zip(units, found, strict=True) if r is None)
 
     def _open_barrier(self, stage: int) -> None:
         """Every batch is at the barrier: its keys are known; build the index if needed."""
@@ -252,47 +258,57 @@ class Execution:
     def _submit(self, unit: Unit) -> None:
         plan, stage, batch = self.plan, unit.stage, unit.batch
         s = plan.stages[stage]
-        task = self._step_task.with_options(refresh_cache=self._forced(stage) or None)
+        task = self._step_task.with_options(refresh_cache=True if self._forced(stage) else NotSet)
         parents = [self.refs[p][batch] or [] for p in s.parents]
         upstream: Any = None
         if len(parents) == 1:
             upstream = parents[0][0] if len(parents[0]) == 1 else parents[0]
         elif parents:
             upstream = parents
-        future = self._submit_task(task, dict(
-            label=self._label(unit),
-            key=unit.key,
-            out_path=plan.unit_path(unit),
-            operators=s.operators,
-            first_step=s.first_step,
-            store=plan.store,
-            batch=plan.batches[batch],
-            source_options=plan.spec.source.storage_options,
-            upstream=upstream,
-            **({"join": s.join} if s.join is not None else {}),
-            **({"pool": pool} if (pool := getattr(self.runner, "pool", None)) is not None else {}),
-            barrier_state=self._index_refs[stage].path if s.barrier else None,
-            force=self._forced(stage),
-            fail=self.fail_at == (stage, batch) and unit.piece == 0,
-            rows=None if unit.stop is None else (unit.start, unit.stop),
-            surveyed=True,
-        ))
+        future = self._submit_task(
+            task,
+            dict(
+                label=self._label(unit),
+                key=unit.key,
+                out_path=plan.unit_path(unit),
+                operators=s.operators,
+                first_step=s.first_step,
+                store=plan.store,
+                batch=plan.batches[batch],
+                source_options=plan.spec.source.storage_options,
+                upstream=upstream,
+                **({"join": s.join} if s.join is not None else {}),
+                **(
+                    {"pool": pool}
+                    if (pool := getattr(self.runner, "pool", None)) is not None
+                    else {}
+                ),
+                barrier_state=self._index_refs[stage].path if s.barrier else None,
+                force=self._forced(stage),
+                fail=self.fail_at == (stage, batch) and unit.piece == 0,
+                rows=None if unit.stop is None else (unit.start, unit.stop),
+                surveyed=True,
+            ),
+        )
         self._watch(unit, stage, future)
 
     def _submit_index(self, stage: int, index_key: str) -> None:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
-        task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
-        future = self._submit_task(task, dict(
-            label=f"{s.label} index",
-            key=index_key,
-            out_path=plan.barrier_path(stage, index_key),
-            operator=s.barrier,
-            store=plan.store,
-            upstream_paths=upstream,
-            force=self._forced(stage),
-        ))
+        task = self._index_task.with_options(refresh_cache=True if self._forced(stage) else NotSet)
+        future = self._submit_task(
+            task,
+            dict(
+                label=f"{s.label} index",
+                key=index_key,
+                out_path=plan.barrier_path(stage, index_key),
+                operator=s.barrier,
+                store=plan.store,
+                upstream_paths=upstream,
+                force=self._forced(stage),
+            ),
+        )
         self._watch(None, stage, future)
 
     def _submit_task(self, task: Any, parameters: dict[str, Any]) -> Any:
@@ -307,7 +323,7 @@ class Execution:
     def _finish(self, unit: Unit | None, stage: int, state: State) -> None:
         stats = self.stats[stage]
         if not state.is_completed():
-            message = state.message or state.name
+            message = state.message or state.name or state.type.value
             try:
                 state.result()
             except Exception as exc:  # the task's own one-line error
@@ -346,8 +362,10 @@ class Execution:
             stats.reused += 1
         s = self.plan.stages[stage]
         # a join's rows in: its smallest parent's (an upper bound of the joined rows)
-        stats.rows_in += min((sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
-                             default=self.plan.batches[batch].rows)
+        stats.rows_in += min(
+            (sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
+            default=self.plan.batches[batch].rows,
+        )
         stats.rows_out += sum(r.rows for r in refs)
         if self.progress is not None:
             self.progress.batch_done(stage)

@@ -192,7 +192,7 @@ class AutoBatcher:
             for ticket in {id(t): t for t, _, _ in batch}.values():
                 ticket.fail(exc)
         else:
-            for (ticket, index, _), result in zip(batch, results):
+            for (ticket, index, _), result in zip(batch, results, strict=True):
                 ticket.put(index, result)
         finally:
             with self._cond:

@@ -27,7 +27,7 @@ import itertools
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from nightshift.blocks.serving_config import (
     BackendConfig,
@@ -131,11 +131,11 @@ class _ServedDirect:
 
     def usage(self) -> dict[str, float | int]:
         counters = getattr(self.backend, "usage", None)  # HTTP backends count tokens and cost
-        return counters() if callable(counters) else {}
+        return cast("dict[str, float | int]", counters()) if callable(counters) else {}
 
     def endpoint_usage(self) -> dict[str, dict[str, int | bool]]:
         counters = getattr(self.backend, "endpoint_usage", None)  # HTTP: per endpoint
-        return counters() if callable(counters) else {}
+        return cast("dict[str, dict[str, int | bool]]", counters()) if callable(counters) else {}
 
     def close(self) -> None:
         if self.owned:
@@ -199,7 +199,7 @@ class ServingPool:
     total_starts: ClassVar[Counter[str]] = Counter()
 
     def __init__(
-        self, configs: Mapping[str, ServingLike], backends: dict[str, Backend] | None = None
+        self, configs: Mapping[str, ServingLike], backends: Mapping[str, Backend] | None = None
     ) -> None:
         """``configs``: per serving name, a per-backend config, a saved ``ServingConfig``
         block or a mapping of settings. ``backends``: backends the caller built for some of

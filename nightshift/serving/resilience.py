@@ -183,7 +183,7 @@ class RestartingBackend:
                     else:
                         work.extendleft(reversed(_halves(group)))
                 else:
-                    for i, result in zip(group, answered):
+                    for i, result in zip(group, answered, strict=True):
                         results[i] = result
         return [r if r is not None else GenerationResult.failed("not served") for r in results]
 
@@ -207,10 +207,8 @@ class RestartingBackend:
             deaths,
             self.max_restarts,
         )
-        try:
+        with contextlib.suppress(Exception):  # a dead engine may not close cleanly
             dropped.close()
-        except Exception:  # a dead engine may not close cleanly
-            pass
 
     def _quarantine(
         self, index: int, exc: Exception, results: list[GenerationResult | None]
@@ -333,7 +331,7 @@ class ProcessReplica:
         if not self._conn.poll(start_timeout):
             self.close()
             raise ReplicaDied(f"replica on device {device} did not start in {start_timeout:.0f}s")
-        status, self.pid = self._recv()
+        _, self.pid = self._recv()  # ("ready", pid): a failed build ends the child (EOF)
 
     def _recv(self) -> Any:
         try:
@@ -362,10 +360,8 @@ class ProcessReplica:
         return {"device": self.device}
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             self._conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.kill()

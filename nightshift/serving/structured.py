@@ -35,7 +35,9 @@ def schema_of(schema: Any) -> dict[str, Any]:
         return schema
     json_schema = getattr(schema, "model_json_schema", None)
     if isinstance(schema, type) and callable(json_schema):
-        return json_schema()
+        result = json_schema()
+        if isinstance(result, dict):
+            return result
     raise TypeError(f"expected a JSON schema (dict) or a pydantic model class, got {schema!r}")
 
 

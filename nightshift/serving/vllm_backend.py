@@ -63,6 +63,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -599,10 +600,11 @@ class VLLMBackend:
 
     def _sampling_params(self, sampling: SamplingParams) -> Any:
         import vllm
+        from vllm.sampling_params import StructuredOutputsParams
 
         structured = None
         if sampling.json_schema is not None:
-            structured = vllm.sampling_params.StructuredOutputsParams(json=sampling.json_schema)
+            structured = StructuredOutputsParams(json=sampling.json_schema)
         return vllm.SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
@@ -651,14 +653,13 @@ def _shutdown(llm: Any) -> None:
             if not others:
                 llm.llm_engine.engine_core.shutdown()
                 return
+            from unittest import mock
+
             import vllm.v1.engine.core as core
 
-            teardown = core.cleanup_dist_env_and_memory
-            core.cleanup_dist_env_and_memory = lambda *a, **k: None
-            try:
+            # shutdown() calls the teardown through engine.core's module globals
+            with mock.patch.object(core, "cleanup_dist_env_and_memory", lambda *a, **k: None):
                 llm.llm_engine.engine_core.shutdown()
-            finally:
-                core.cleanup_dist_env_and_memory = teardown
         except Exception:  # a dead engine may not shut down cleanly
             pass
 
@@ -669,10 +670,8 @@ class _Call:
     future: Future[Any]
 
     def fail(self, error: BaseException) -> None:
-        try:
+        with contextlib.suppress(InvalidStateError):  # already answered
             self.future.set_exception(error)
-        except InvalidStateError:  # already answered
-            pass
 
 
 class _Job:

@@ -196,10 +196,10 @@ class Decoder:
             if not all(ok):
                 bad.extend(
                     (m, f"validate {self.spec.validate_expr!r} is not true")
-                    for m, good in zip(kept, ok)
+                    for m, good in zip(kept, ok, strict=True)
                     if not good
                 )
-                rows = [r for r, good in zip(rows, ok) if good]
+                rows = [r for r, good in zip(rows, ok, strict=True) if good]
         return rows, bad
 
     def frame(self, rows: list[dict[str, Any]]) -> pl.DataFrame:

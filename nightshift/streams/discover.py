@@ -148,6 +148,7 @@ class DefinitionTable:
             try:
                 if self.conn is None or self.conn.closed:
                     self.open()
+                assert self.conn is not None  # open() connects or raises
                 rows = self.conn.execute(query).fetchall()
                 return [
                     Definition(

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
 from nightshift.streams import seqs
 from nightshift.streams.seqs import Ranges
 
@@ -89,7 +90,7 @@ class Journal:
     def load(self) -> list[JournalEntry]:
         """Every entry in the store, by first sequence."""
         try:
-            paths = self.store.fs.glob(f"{self.root}/*.json")
+            paths = file_io.glob(self.store.fs, f"{self.root}/*.json")
         except FileNotFoundError:
             return []
         entries: list[JournalEntry] = []
@@ -113,13 +114,13 @@ class Journal:
 
     def collect(self, entry: JournalEntry, step_paths: list[str], keep_steps: bool) -> None:
         """Forget a window that can never come back: entry, input, step outputs, records."""
-        self.store.delete(self.input_path(entry))
+        self.store.delete_file(self.input_path(entry))
         if not keep_steps:
             for path in step_paths:
-                self.store.delete(path)
+                self.store.delete_file(path)
             for key in entry.stage_keys:
-                self.store.delete(self.store.result_record_path(key))
-        self.store.delete(self.entry_path(entry.id))
+                self.store.delete_file(self.store.result_record_path(key))
+        self.store.delete_file(self.entry_path(entry.id))
 
 
 class JournalIndex:

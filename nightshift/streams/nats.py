@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from prefect.blocks.core import Block
@@ -62,14 +63,18 @@ def credentials_from_env(env: dict[str, str] | None = None) -> NatsCredentials:
     (a file path) or ``NATS_NKEY_SEED``; empty credentials when none is set."""
     env = dict(os.environ if env is None else env)
     creds_path = env.get("NATS_CREDS")
-    creds = open(creds_path).read() if creds_path else None
+    creds = Path(creds_path).read_text() if creds_path else None
     return NatsCredentials(
         user=env.get("NATS_USER") or None,
-        password=env.get("NATS_PASSWORD") or None,
-        token=env.get("NATS_TOKEN") or None,
-        creds=creds,
-        nkey_seed=env.get("NATS_NKEY_SEED") or None,
+        password=_secret(env.get("NATS_PASSWORD")),
+        token=_secret(env.get("NATS_TOKEN")),
+        creds=_secret(creds),
+        nkey_seed=_secret(env.get("NATS_NKEY_SEED")),
     )
+
+
+def _secret(value: str | None) -> SecretStr | None:
+    return SecretStr(value) if value else None
 
 
 def _private_file(content: str, suffix: str) -> str:

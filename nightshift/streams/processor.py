@@ -99,7 +99,7 @@ class WindowProcessor:
                 f"for one message ({ROW_ID} repeats); sinks key rows by message"
             )
         steps_s = time.perf_counter() - started
-        for sink, lock in zip(self.sinks, self.sink_locks):
+        for sink, lock in zip(self.sinks, self.sink_locks, strict=True):
             self._check()
             with lock:
                 sink.write(entry.id, out, entry.supersedes)

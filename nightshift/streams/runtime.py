@@ -21,6 +21,7 @@ processes, one stream").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -144,7 +145,7 @@ def save_result_storage(store: StepStore) -> None:
         store.save(
             name="auto-" + digest(store.url, store.endpoint_url or "")[:16],
             overwrite=True,
-            _sync=True,
+            _sync=True,  # pyright: ignore[reportCallIssue] Prefect's async_dispatch takes it
         )
 
 
@@ -624,18 +625,14 @@ class StreamRuntime:
             }.values()
         )
         for message in held:
-            try:
+            with contextlib.suppress(Exception):
                 await message.nak()
-            except Exception:
-                pass
         if held:
             self.logger.info(
                 "%s: %d message(s) left unacked for the next start", self.plan.name, len(held)
             )
-            try:
+            with contextlib.suppress(Exception):
                 await self.nc.flush()
-            except Exception:
-                pass
         self.held.clear()
         self.current = None
         self.closed.clear()

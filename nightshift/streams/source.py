@@ -162,7 +162,7 @@ class DeadLetters:
 
     async def send(self, items: list[tuple[Any, RawMessage, str]]) -> None:
         """``(nats message, raw, reason)`` each: publish (confirmed), then ``term``."""
-        for message, item, reason in items:
+        for _, item, reason in items:
             headers = {
                 HEADER_ID: f"{self.pipeline}:dead:{item.seq}",
                 "Nightshift-Pipeline": self.pipeline,

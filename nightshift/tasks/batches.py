@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+
 import polars as pl
 from fsspec import AbstractFileSystem
 

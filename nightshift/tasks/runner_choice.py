@@ -42,7 +42,7 @@ def make_task_runner(
         return ServingTaskRunner(serving, max_workers=workers)
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
 
     options = dask or DaskOptions()
     if options.address:

@@ -40,12 +40,22 @@ from nightshift.tasks.operators import Operator, resolve_operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
-
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
-SECRET_KEYS = frozenset({
-    "api_key", "key", "secret", "token", "password", "session_token", "access_key_id",
-    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-})
+SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "access_key_id",
+        "secret_access_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -67,7 +77,8 @@ class _SpecLoader(yaml.SafeLoader):
                     continue  # an unhashable key: SafeConstructor reports it
                 if earlier is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None,
+                        None,
+                        None,
                         f"duplicate key {key!r} (first given on line {earlier.start_mark.line + 1})",
                         key_node.start_mark,
                     )
@@ -106,6 +117,7 @@ class StoreSpec(BaseModel):
             return StepStore(
                 url=self.url, endpoint_url=self.endpoint_url, storage_options=self.storage_options
             )
+        assert self.block is not None  # the validator: exactly one of url or block
         return load_block(StepStore, self.block, "store.block", StoreError)
 
 
@@ -178,7 +190,7 @@ def build_operators(
             raise SpecError(
                 f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
             )
-        (name, config), = entry.items()
+        ((name, config),) = entry.items()
         try:
             cls = resolve_operator(name, allow_imports)
         except SpecError as exc:
@@ -192,15 +204,17 @@ def build_operators(
     return built
 
 
-def resolve_serving(serving: dict[str, dict[str, Any]],
-                    operators: list[Operator]) -> dict[str, BackendConfig]:
+def resolve_serving(
+    serving: dict[str, dict[str, Any]], operators: list[Operator]
+) -> dict[str, BackendConfig]:
     """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
     section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
     for a saved config."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
-            used.setdefault(getattr(op, "serving"), i)
+            # an LLM step (uses_serving) declares ``serving``; the base Operator does not
+            used.setdefault(getattr(op, "serving"), i)  # noqa: B009
     configs: dict[str, BackendConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)
@@ -214,9 +228,13 @@ def resolve_serving(serving: dict[str, dict[str, Any]],
         elif isinstance(entry, Mapping) and "block" in entry:
             if len(entry) > 1:
                 extra = next(k for k in entry if k != "block")
-                raise SpecError(f"serving.{name}.{extra}: a saved block is named alone "
-                                f"({{block: NAME}}); set {extra} in the block")
-            configs[name] = load_block(ServingConfig, entry["block"], f"serving.{name}.block").settings
+                raise SpecError(
+                    f"serving.{name}.{extra}: a saved block is named alone "
+                    f"({{block: NAME}}); set {extra} in the block"
+                )
+            configs[name] = load_block(
+                ServingConfig, entry["block"], f"serving.{name}.block"
+            ).settings
         else:
             configs[name] = parse_serving(entry, f"serving.{name}")
     return configs
@@ -236,7 +254,7 @@ def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     except OSError as exc:
         raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
     try:
-        return origin, yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        return origin, yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin

@@ -63,7 +63,9 @@ class Stage:
         """Its directory under ``steps/`` and its name in logs, tables and artifacts:
         ``NN-<operators>`` on the trunk, else its steps' names joined by ``+``."""
         if self.trunk or not self.names:
-            return f"{self.index:02d}-" + "+".join(op.name or type(op).__name__ for op in self.operators)
+            return f"{self.index:02d}-" + "+".join(
+                op.name or type(op).__name__ for op in self.operators
+            )
         return "+".join(self.names)
 
     @property
@@ -90,8 +92,10 @@ def build_stages(
     """Group a chain of operators into stages: consecutive fusable ones with the same rows
     per task share one; a step's own ``batch_size`` below the pipeline's makes it cut
     batches. (The linear case of :func:`build_dag_stages`.)"""
-    nodes = [StepNode(i, op.name or type(op).__name__, op, (i - 1,) if i else ())
-             for i, op in enumerate(operators)]
+    nodes = [
+        StepNode(i, op.name or type(op).__name__, op, (i - 1,) if i else ())
+        for i, op in enumerate(operators)
+    ]
     return build_dag_stages(nodes, list(range(len(nodes))), fuse, context, batch_size)
 
 
@@ -130,8 +134,13 @@ def build_dag_stages(
         if fuse and len(node.parents) == 1:
             p = node.parents[0]
             parent = nodes[p]
-            if (children[p] == 1 and p == i - 1 and parent.operator.fusable
-                    and node.operator.fusable and size(parent.operator) == size(node.operator)):
+            if (
+                children[p] == 1
+                and p == i - 1
+                and parent.operator.fusable
+                and node.operator.fusable
+                and size(parent.operator) == size(node.operator)
+            ):
                 groups[group_of[p]].append(node)
                 group_of[i] = group_of[p]
                 continue
@@ -153,12 +162,20 @@ def build_dag_stages(
         for node in group:
             upstream = fingerprints[node.index] = node.operator.fingerprint(upstream, context)
         ids = [n.index for n in group]
-        stages.append(Stage(
-            index, head.index, [n.operator for n in group], upstream, size(head.operator),
-            parents=parents, step_ids=ids if ids != list(range(ids[0], ids[0] + len(ids))) else None,
-            names=[n.name for n in group], trunk=trunk,
-            join=(joins or {}).get(head.index) if len(head.parents) > 1 else None,
-        ))
+        stages.append(
+            Stage(
+                index,
+                head.index,
+                [n.operator for n in group],
+                upstream,
+                size(head.operator),
+                parents=parents,
+                step_ids=ids if ids != list(range(ids[0], ids[0] + len(ids))) else None,
+                names=[n.name for n in group],
+                trunk=trunk,
+                join=(joins or {}).get(head.index) if len(head.parents) > 1 else None,
+            )
+        )
     if stages and not stages[-1].trunk:  # a stream may have no steps
         for stage in stages:
             stage.in_dag = True
@@ -206,8 +223,9 @@ class DagSchemas:
     joins: dict[int, JoinSpec]
 
 
-def dry_run_dag(nodes: list[StepNode], order: list[int], schema: pl.Schema,
-                on: str | None = None) -> DagSchemas:
+def dry_run_dag(
+    nodes: list[StepNode], order: list[int], schema: pl.Schema, on: str | None = None
+) -> DagSchemas:
     """:func:`dry_run` over a DAG: a root step sees the source's schema, a step its parent's
     output, a join the union of its parents' (see ``tasks/dag.py``); two branches that
     write one column and meet are a one-line error naming both steps."""

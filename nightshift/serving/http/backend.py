@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -242,10 +243,9 @@ class OpenAIBackend:
             return
         self._closed = True
         if self._loop.is_running():
-            try:
+            # best effort on shutdown
+            with contextlib.suppress(Exception):  # pragma: no cover
                 self._call(self._stop(), timeout=30)
-            except Exception:  # pragma: no cover - best effort on shutdown
-                pass
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
@@ -371,8 +371,8 @@ class OpenAIBackend:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self._count(job, "retries")
-                    result = await self._attempt(job, path, body, tokens)
-            return result
+                    return await self._attempt(job, path, body, tokens)
+            raise AssertionError("unreachable: the last failed attempt re-raises (reraise=True)")
         except Transient as exc:
             return GenerationResult.failed(
                 self._redact(

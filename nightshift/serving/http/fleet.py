@@ -41,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -147,10 +148,8 @@ class Fleet:
                 timeout = None  # only waiting for room: a release will wake us
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, timeout)
-            except TimeoutError:
-                pass
 
     def release(self, member: Member) -> None:
         member.in_flight -= 1

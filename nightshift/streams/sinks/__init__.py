@@ -35,6 +35,7 @@ class Sink(Protocol):
         ``supersedes``: windows whose sequences this one (a part of them) now holds; a
         sink keyed by window (the store) removes their output, sinks keyed by message
         ignore it."""
+        ...
 
     def close(self) -> None:
         """Release connections."""

@@ -81,7 +81,7 @@ class NatsSink:
             {"Nats-Msg-Id": f"{self.pipeline}:{seq}", "Nightshift-Seq": str(seq)} for seq in ids
         ]
         if not self.jetstream:
-            for payload, header in zip(payloads, headers):
+            for payload, header in zip(payloads, headers, strict=True):
                 await self.nc.publish(self.subject, payload, headers=header)
             await self.nc.flush()
             return
@@ -89,7 +89,7 @@ class NatsSink:
             futures = [
                 await self.js.publish_async(self.subject, payload, headers=header, wait_stall=30)
                 for payload, header in zip(
-                    payloads[start : start + CHUNK], headers[start : start + CHUNK]
+                    payloads[start : start + CHUNK], headers[start : start + CHUNK], strict=True
                 )
             ]
             await asyncio.wait_for(asyncio.gather(*futures), timeout=60)

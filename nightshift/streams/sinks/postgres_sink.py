@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, LiteralString
 
 import polars as pl
 
@@ -24,7 +24,7 @@ from nightshift.core.errors import NightshiftError, SpecError, one_line
 from nightshift.tasks.operators import ROW_ID
 
 
-def pg_type(dtype: pl.DataType) -> str:
+def pg_type(dtype: pl.DataType) -> LiteralString:
     """The PostgreSQL column type for a polars type (nested values become jsonb)."""
     if dtype.is_integer():
         return "bigint"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import file_io
 
 
 class StoreSink:
@@ -34,7 +35,7 @@ class StoreSink:
         if frame.height or self.store.frame_rows(target) is not None:
             self.store.write_frame(target, frame)
         for earlier in supersedes:  # after the write: a crash in between only repeats rows
-            self.store.delete(self.file(earlier))  # of a window not yet committed (replayed)
+            self.store.delete_file(self.file(earlier))  # of a window not yet committed (replayed)
         return frame.height
 
     def close(self) -> None:
@@ -43,7 +44,7 @@ class StoreSink:
 
 def output_files(store: StepStore, pipeline: str, path: str = "output") -> list[str]:
     """The store sink's window files, by name (stream order of their first message)."""
-    return sorted(store.fs.glob(f"{store.path(pipeline, path)}/w-*.parquet"))
+    return sorted(file_io.glob(store.fs, f"{store.path(pipeline, path)}/w-*.parquet"))
 
 
 def read_output(store: StepStore, pipeline: str, path: str = "output") -> pl.DataFrame:

@@ -25,7 +25,7 @@ columns it writes.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, PositiveInt
@@ -126,7 +126,10 @@ class BarrierOperator(Operator):
 _REGISTRY: dict[str, type[Operator]] = {}
 
 
-def register_operator(cls: type[Operator]) -> type[Operator]:
+OperatorT = TypeVar("OperatorT", bound="Operator")
+
+
+def register_operator(cls: type[OperatorT]) -> type[OperatorT]:
     """Class decorator: make ``cls`` usable from YAML specs by its ``name``."""
     if not cls.name:
         raise SpecError(f"operator {cls.__qualname__} needs a class attribute 'name'")
@@ -183,9 +186,9 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
         raise SpecError(f"operator {label} dropped the {ROW_ID} column")
     ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)
     same_rows = out.height == df.height and ids.equals(before, check_dtypes=True)
-    if ids.dtype != before.dtype or not same_rows and (
+    if ids.dtype != before.dtype or (not same_rows and (
         ids.null_count() or not ids.is_in(before.implode()).all()
-    ):
+    )):
         raise SpecError(
             f"operator {label} changed the {ROW_ID} column (it is the engine's row identity: "
             "an operator may drop or reorder rows, never rewrite their ids)"

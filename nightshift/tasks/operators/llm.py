@@ -38,7 +38,12 @@ from pydantic import Field, model_validator
 from nightshift.core.errors import StepFailed
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.operators.base import Operator
-from nightshift.tasks.operators.llm_inputs import Shape, chat_messages, check_messages_dtype, shape_of
+from nightshift.tasks.operators.llm_inputs import (
+    Shape,
+    chat_messages,
+    check_messages_dtype,
+    shape_of,
+)
 from nightshift.tasks.operators.sql import sql_expr
 from nightshift.tasks.operators.template import Template
 
@@ -78,7 +83,7 @@ class LLMOperator(Operator):
     n: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _samples_differ(self) -> "LLMOperator":
+    def _samples_differ(self) -> LLMOperator:
         if self.n > 1 and self.temperature == 0:
             raise ValueError(
                 f"n: {self.n} needs temperature > 0 (greedy decoding would give {self.n} "
@@ -167,7 +172,9 @@ class LLMOperator(Operator):
         return self._collect(df, shape, slots, results)
 
     # -- requests -------------------------------------------------------------------------
-    def _plan(self, df: pl.DataFrame, todo: list[int], shape: Shape) -> tuple[list[list[_Slot] | None], list[Any]]:
+    def _plan(
+        self, df: pl.DataFrame, todo: list[int], shape: Shape
+    ) -> tuple[list[list[_Slot] | None], list[Any]]:
         """Per row its slots (None: skipped) and the requests they point at."""
         requests: list[Any] = []
         slots: list[list[_Slot] | None] = [None] * df.height
@@ -181,8 +188,10 @@ class LLMOperator(Operator):
             for r in todo:
                 if lists[r] is not None:
                     prompts = [next(rendered) for _ in lists[r]]
-                    slots[r] = [None if e is None else ask(p or "", self.seed)
-                                for e, p in zip(lists[r], prompts)]
+                    slots[r] = [
+                        None if e is None else ask(p or "", self.seed)
+                        for e, p in zip(lists[r], prompts, strict=True)
+                    ]
             return slots, requests
         column = self.messages_column()
         contents: list[Any]
@@ -192,11 +201,14 @@ class LLMOperator(Operator):
         else:
             subset = df[todo] if todo else df.clear()
             contents = [p or "" for p in self._prompt_op().process(subset)["__prompt__"].to_list()]
-        for r, content in zip(todo, contents):
+        for r, content in zip(todo, contents, strict=True):
             if isinstance(content, str) and column is not None:  # a bad message list: its error
-                slots[r] = [content] * self.n
+                slots[r] = [content for _ in range(self.n)]
             elif shape == "samples":
-                slots[r] = [ask(content, None if self.seed is None else self.seed + i) for i in range(self.n)]
+                slots[r] = [
+                    ask(content, None if self.seed is None else self.seed + i)
+                    for i in range(self.n)
+                ]
             else:
                 slots[r] = [ask(content, self.seed)]
         return slots, requests
@@ -213,12 +225,18 @@ class LLMOperator(Operator):
         def ask(content: str | list[dict[str, str]], seed: int | None) -> int:
             if seed not in sampling:
                 sampling[seed] = SamplingParams(
-                    max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    seed=seed, stop=self.stop, json_schema=schema,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    seed=seed,
+                    stop=self.stop,
+                    json_schema=schema,
                 )
             params = sampling[seed]
             if isinstance(content, list):
-                request = GenerationRequest(messages=[ChatMessage(**m) for m in content], sampling=params)
+                request = GenerationRequest(
+                    messages=[ChatMessage(**m) for m in content], sampling=params
+                )
             elif self.chat:
                 request = GenerationRequest(
                     messages=[*system, ChatMessage(role="user", content=content)], sampling=params
@@ -238,8 +256,9 @@ class LLMOperator(Operator):
         return serve(pool, self.serving, requests)
 
     # -- results --------------------------------------------------------------------------
-    def _collect(self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None],
-                 results: list[Any]) -> pl.DataFrame:
+    def _collect(
+        self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None], results: list[Any]
+    ) -> pl.DataFrame:
         """Fold the answers back into their rows (lists for ``samples``/``elements``);
         fail the batch past ``max_error_rate`` (counted over slots: samples, elements)."""
         values: list[Any] = []
@@ -271,17 +290,17 @@ class LLMOperator(Operator):
                 if error is not None:
                     failed += 1
                     first_error = first_error or error
-                for acc, item in zip(row, (value, error, reason)):
+                for acc, item in zip(row, (value, error, reason), strict=True):
                     acc.append(item)
                 texts.append(text)
             lengths.append(len(row_slots or []))
             if shape == "scalar":
-                for acc, items in zip((values, errors, finish), row):
+                for acc, items in zip((values, errors, finish), row, strict=True):
                     acc.append(items[0] if items else None)
                 if not row_slots:
                     texts.append(None)
             else:
-                for acc, items in zip((values, errors, finish), row):
+                for acc, items in zip((values, errors, finish), row, strict=True):
                     acc.append(None if row_slots is None else items)
         if asked and failed / asked > self.max_error_rate:
             unit = {"scalar": "rows", "samples": "samples", "elements": "list elements"}[shape]
@@ -312,14 +331,16 @@ class LLMOperator(Operator):
 def _nest(series: pl.Series, lengths: list[int], slots: list[Any]) -> pl.Series:
     """A per-slot series as one list per row (null for a row that asked nothing)."""
     flat, out, at = series.to_list(), [], 0
-    for length, row_slots in zip(lengths, slots):
-        out.append(None if row_slots is None else flat[at:at + length])
+    for length, row_slots in zip(lengths, slots, strict=True):
+        out.append(None if row_slots is None else flat[at : at + length])
         at += length
     return pl.Series(series.name, out, dtype=pl.List(series.dtype))
 
 
 def _without_hidden_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not (k in _HIDDEN_DEFAULTS and v == _HIDDEN_DEFAULTS[k])}
+    return {
+        k: v for k, v in config.items() if not (k in _HIDDEN_DEFAULTS and v == _HIDDEN_DEFAULTS[k])
+    }
 
 
 class PromptedLLM(LLMOperator):
@@ -331,14 +352,15 @@ class PromptedLLM(LLMOperator):
     input: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "PromptedLLM":
+    def _one_source(self) -> PromptedLLM:
         takes_messages = "messages" in type(self).model_fields
         given = [self.prompt, self.input, self.messages_column()]
         if sum(v is not None for v in given) != 1:
             raise ValueError(
                 "give exactly one of 'prompt' (a template), 'input' (a column) or 'messages' "
-                "(a column of chat message lists)" if takes_messages else
-                "give exactly one of 'prompt' (a template) or 'input' (a column)"
+                "(a column of chat message lists)"
+                if takes_messages
+                else "give exactly one of 'prompt' (a template) or 'input' (a column)"
             )
         if not self.chat and self.system:
             raise ValueError("'system' needs chat: true (a raw completion prompt has no roles)")
