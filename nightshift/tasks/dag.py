@@ -15,6 +15,10 @@ ordered chain it always was. ``after: []`` reads the source directly.
   first parent's row order. A column written below the fork in one branch comes from that
   branch; a column written in two branches that meet is an error naming both steps.
 
+:func:`parse_steps` is the one parser of a ``steps:`` list: a batch spec's
+(:func:`build_nodes`, which adds where barriers may stand) and a stream's (which adds that
+its steps form one chain), so both refuse a bad entry with the same line.
+
 Everything here is schema- and graph-level: cheap, run by ``validate`` before any data.
 """
 
@@ -28,6 +32,7 @@ import polars as pl
 from pydantic import BaseModel, ValidationError
 
 from nightshift.core.errors import SpecError, one_line
+from nightshift.core.validation import validation_message
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, resolve_operator
 
 #: Keys of a step entry beside its one operator name.
@@ -88,13 +93,25 @@ def split_entry(entry: Any, i: int) -> tuple[str, dict[str, Any], str | None, li
     if "after" in entry:
         after = [after] if isinstance(after, str) else after
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
-            raise SpecError(f"steps[{i}].after: expected a list of step names, got {entry['after']!r}")
+            raise SpecError(
+                f"steps[{i}].after: expected a list of step names, got {entry['after']!r}"
+            )
     return key, config or {}, name, after
 
 
 def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
-    """The spec's steps as nodes: operators built, names given, edges resolved and checked
-    (duplicate names, unknown names, cycles); errors are one line naming the step."""
+    """A batch spec's steps (:func:`parse_steps`), with where its barrier steps may be
+    checked: each barrier has one parent step, whose batches it sees whole."""
+    nodes = parse_steps(steps, allow_imports)
+    check_barriers(nodes)
+    return nodes
+
+
+def parse_steps(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
+    """The one parser of a ``steps:`` list (a batch spec's and a stream's): each entry
+    split (:func:`split_entry`), its operator looked up in the registry and built, names
+    given, ``after:`` edges resolved and checked (duplicate names, unknown names, cycles);
+    errors are one line naming the step."""
     parsed = [split_entry(entry, i) for i, entry in enumerate(steps)]
     operators: list[Operator] = []
     for i, (key, config, _, _) in enumerate(parsed):
@@ -105,8 +122,6 @@ def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
         try:
             operators.append(cls(**config))
         except ValidationError as exc:
-            from nightshift.tasks.spec import validation_message
-
             raise SpecError(validation_message(exc, f"steps[{i}].{key}")) from None
         except TypeError as exc:
             raise SpecError(f"steps[{i}].{key}: {one_line(exc)}") from None
@@ -129,26 +144,38 @@ def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
             parents = tuple(by_name[a] for a in after)
         nodes.append(StepNode(i, names[i], operators[i], parents))
     topological_order(nodes)  # raises on a cycle
+    return nodes
+
+
+def check_barriers(nodes: list[StepNode]) -> None:
+    """A barrier step (``dedup``) needs one parent step whose batches it sees whole: not
+    the source itself, not a join."""
     for node in nodes:
         if isinstance(node.operator, BarrierOperator) and len(node.parents) != 1:
-            what = "the first step" if node.index == 0 and not node.parents else (
-                "a step that reads the source" if not node.parents else
-                f"a join (after {', '.join(nodes[p].name for p in node.parents)})")
+            what = (
+                "the first step"
+                if node.index == 0 and not node.parents
+                else (
+                    "a step that reads the source"
+                    if not node.parents
+                    else f"a join (after {', '.join(nodes[p].name for p in node.parents)})"
+                )
+            )
             raise SpecError(
                 f"{node.where}: a barrier step ({node.operator.name}) cannot be {what}: it "
                 "needs one parent step whose batches it sees whole; put a row-local step "
                 "(e.g. select) before it"
             )
-    return nodes
 
 
-def _names(parsed: list[tuple[str, dict, str | None, list[str] | None]],
-           operators: list[Operator]) -> list[str]:
+def _names(
+    parsed: list[tuple[str, dict, str | None, list[str] | None]], operators: list[Operator]
+) -> list[str]:
     """Given names, and defaults: the operator's name, ``-2``, ``-3`` for repeats."""
     seen: dict[str, int] = {}
     taken: dict[str, int] = {}
     names: list[str] = []
-    for i, ((key, _, given, _), op) in enumerate(zip(parsed, operators)):
+    for i, ((key, _, given, _), op) in enumerate(zip(parsed, operators, strict=True)):
         base = _base_name(op, key)
         seen[base] = seen.get(base, 0) + 1
         name = given or (base if seen[base] == 1 else f"{base}-{seen[base]}")
@@ -193,7 +220,8 @@ def topological_order(nodes: list[StepNode]) -> list[int]:
     if len(order) < len(nodes):
         cycle = _find_cycle(nodes, set(range(len(nodes))) - set(order))
         raise SpecError(
-            "steps form a cycle: " + " -> ".join(nodes[i].name for i in cycle)
+            "steps form a cycle: "
+            + " -> ".join(nodes[i].name for i in cycle)
             + "; every step's after must name steps that do not depend on it"
         )
     return order
@@ -207,7 +235,7 @@ def _find_cycle(nodes: list[StepNode], left: set[int]) -> list[int]:
     while True:
         current = next(p for p in nodes[current].parents if p in left)
         if current in seen:
-            cycle = path[seen[current]:] + [current]
+            cycle = [*path[seen[current] :], current]
             return list(reversed(cycle))  # parent -> child, as the edges read
         seen[current] = len(path)
         path.append(current)
@@ -221,8 +249,13 @@ def ancestors(nodes: list[StepNode], order: list[int]) -> dict[int, set[int]]:
     return result
 
 
-def plan_join(node: StepNode, nodes: list[StepNode], parent_columns: list[list[str]],
-              written: dict[int, set[str]], anc: dict[int, set[int]]) -> JoinSpec:
+def plan_join(
+    node: StepNode,
+    nodes: list[StepNode],
+    parent_columns: list[list[str]],
+    written: dict[int, set[str]],
+    anc: dict[int, set[int]],
+) -> JoinSpec:
     """The columns each parent of a join contributes (see the module docstring).
 
     ``parent_columns``: each parent's output columns; ``written``: per step, the columns
@@ -235,26 +268,38 @@ def plan_join(node: StepNode, nodes: list[StepNode], parent_columns: list[list[s
     for s in branch:
         for c in sorted(written.get(s, ())):
             # only a value that reaches the join matters
-            if any(s in anc[p] and c in cols for p, cols in zip(node.parents, parent_columns)):
+            if any(
+                s in anc[p] and c in cols
+                for p, cols in zip(node.parents, parent_columns, strict=True)
+            ):
                 writers.setdefault(c, []).append(s)
     owner: dict[str, int] = {}
     for column, steps in writers.items():
         last = [w for w in steps if all(o in anc[w] for o in steps)]
         if not last:
-            a, b = next((a, b) for a in steps for b in steps
-                        if a < b and a not in anc[b] and b not in anc[a])
+            a, b = next(
+                (a, b)
+                for a in steps
+                for b in steps
+                if a < b and a not in anc[b] and b not in anc[a]
+            )
             raise SpecError(
                 f"{node.where}: steps '{nodes[a].name}' and '{nodes[b].name}' both write "
                 f"column {column!r} and meet in this join; write different columns "
                 "(or drop one with select before the join)"
             )
-        holders = [i for i, p in enumerate(node.parents)
-                   if last[0] in anc[p] and column in parent_columns[i]]
+        holders = [
+            i
+            for i, p in enumerate(node.parents)
+            if last[0] in anc[p] and column in parent_columns[i]
+        ]
         if holders:
             owner[column] = holders[0]
     order = list(dict.fromkeys(c for cols in parent_columns for c in cols))
-    source = {c: owner.get(c, next(i for i, cols in enumerate(parent_columns) if c in cols))
-              for c in order}
+    source = {
+        c: owner.get(c, next(i for i, cols in enumerate(parent_columns) if c in cols))
+        for c in order
+    }
     take = [[c for c in order if c != ROW_ID and source[c] == i] for i in range(len(node.parents))]
     return JoinSpec(order=order, take=take)
 
@@ -262,9 +307,10 @@ def plan_join(node: StepNode, nodes: list[StepNode], parent_columns: list[list[s
 def join_frames(frames: list[pl.DataFrame], join: JoinSpec) -> pl.DataFrame:
     """Inner join of the parents' frames on ``_row_id``, in the first one's row order."""
     out = frames[0].select([ROW_ID, *join.take[0]])
-    for frame, columns in zip(frames[1:], join.take[1:]):
-        out = out.join(frame.select([ROW_ID, *columns]), on=ROW_ID, how="inner",
-                       maintain_order="left")
+    for frame, columns in zip(frames[1:], join.take[1:], strict=True):
+        out = out.join(
+            frame.select([ROW_ID, *columns]), on=ROW_ID, how="inner", maintain_order="left"
+        )
     return out.select(join.order)
 
 

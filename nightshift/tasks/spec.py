@@ -23,23 +23,39 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.core.validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    validation_message,
+)
 from nightshift.tasks.dag import StepNode, build_nodes
-from nightshift.tasks.operators import Operator, resolve_operator
+from nightshift.tasks.operators import Operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
-
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
-SECRET_KEYS = frozenset({
-    "api_key", "key", "secret", "token", "password", "session_token", "access_key_id",
-    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-})
+SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "access_key_id",
+        "secret_access_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -61,7 +77,8 @@ class _SpecLoader(yaml.SafeLoader):
                     continue  # an unhashable key: SafeConstructor reports it
                 if earlier is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None,
+                        None,
+                        None,
                         f"duplicate key {key!r} (first given on line {earlier.start_mark.line + 1})",
                         key_node.start_mark,
                     )
@@ -128,8 +145,8 @@ class PipelineSpec(BaseModel):
     #: a ServingConfig as a mapping, or ``{block: NAME}`` for a saved serving block.
     serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Prefect task retries for a failing batch.
-    retries: int = Field(default=0, ge=0)
-    retry_delay_seconds: float = Field(default=2.0, ge=0)
+    retries: NonNegativeInt = 0
+    retry_delay_seconds: NonNegativeFloat = 2.0
     #: A path segment after the pipeline name in every store path (e.g. ``date=2026-11-22``).
     partition: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", max_length=100
@@ -161,39 +178,16 @@ class PipelineSpec(BaseModel):
         return build_nodes(self.steps, allow_imports)
 
 
-def build_operators(
-    steps: list[dict[str, dict[str, Any] | None]], allow_imports: bool = False
-) -> list[Operator]:
-    """The operators of a spec's ``steps:`` list; errors name ``steps[i].name.key``."""
-    built: list[Operator] = []
-    for i, entry in enumerate(steps):
-        if len(entry) != 1:
-            raise SpecError(
-                f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
-            )
-        (name, config), = entry.items()
-        try:
-            cls = resolve_operator(name, allow_imports)
-        except SpecError as exc:
-            raise SpecError(f"steps[{i}]: {exc}") from None
-        try:
-            built.append(cls(**(config or {})))
-        except ValidationError as exc:
-            raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
-        except TypeError as exc:
-            raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
-    return built
-
-
-def resolve_serving(serving: dict[str, dict[str, Any]],
-                    operators: list[Operator]) -> dict[str, ServingConfig]:
+def resolve_serving(
+    serving: dict[str, dict[str, Any]], operators: list[Operator]
+) -> dict[str, ServingConfig]:
     """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
     section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
     for a saved config."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
-            used.setdefault(getattr(op, "serving"), i)
+            used.setdefault(op.serving, i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)
@@ -214,24 +208,6 @@ def resolve_serving(serving: dict[str, dict[str, Any]],
     return configs
 
 
-def validation_message(exc: ValidationError, prefix: str = "") -> str:
-    """One line from a pydantic error: ``key.path: message (and N more problems)``."""
-    first = exc.errors()[0]
-    parts = [prefix] if prefix else []
-    for loc in first["loc"]:
-        if isinstance(loc, str) and ("[" in loc or "-" in loc and loc.endswith("]")):
-            continue  # pydantic's union/validator tags, not a key the user wrote
-        if isinstance(loc, int):
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
-        else:
-            parts.append(str(loc))
-    where = ".".join(parts)
-    message = first["msg"].removeprefix("Value error, ")  # a validator's own message
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {message}{tail}" if where else f"{message}{tail}"
-
-
 def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     """``(origin, data)``: a YAML file's content (origin: its path) or a given mapping.
 
@@ -246,7 +222,7 @@ def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     except OSError as exc:
         raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
     try:
-        return origin, yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        return origin, yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin

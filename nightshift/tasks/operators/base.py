@@ -50,6 +50,11 @@ class Operator(BaseModel):
     #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
     #: or HTTP clients for them. The one answer to "is this an LLM step?".
     uses_serving: ClassVar[bool] = False
+    #: Pure, cheap and without side effects: ``validate`` runs it on each source file's
+    #: first rows (``tasks.stages.sample_run``), so a template or an expression that fails
+    #: on real values fails before any work. Off by default: a custom step may call out
+    #: or write somewhere; the sample ends at it. Subclasses inherit the setting.
+    safe_on_sample: ClassVar[bool] = False
 
     #: Rows per task for this step (a step setting, not config: it is not fingerprinted;
     #: the batch keys carry the row ranges). None: the pipeline's ``batch_size``.
@@ -83,8 +88,9 @@ class Operator(BaseModel):
         ``context`` carries run-level facts an operator's output depends on (the serving
         identities for LLM operators); plain operators ignore it.
         """
-        return digest(_keyed_path(self.import_path()), code_version(type(self)), self.config(),
-                      upstream)
+        return digest(
+            _keyed_path(self.import_path()), code_version(type(self)), self.config(), upstream
+        )
 
     def config(self) -> dict[str, Any]:
         """The fingerprinted configuration: every field but the step's ``batch_size``."""
@@ -152,7 +158,9 @@ def resolve_operator(key: str, allow_imports: bool) -> type[Operator]:
     raise SpecError(f"unknown operator '{key}' (known: {known})")
 
 
-def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None) -> pl.DataFrame:
+def apply_operator(
+    op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """Run ``op`` on one batch and re-attach the columns it did not return, by ``_row_id``.
 
     ``_row_id`` belongs to the engine (dedup, resume and the export order depend on it): an
@@ -165,13 +173,17 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
         raise SpecError(
             f"operator {label} writes the reserved column {ROW_ID}; give the column another name"
         )
-    out = op.apply(df, state) if isinstance(op, BarrierOperator) and state is not None else op.process(df)
+    out = (
+        op.apply(df, state)
+        if isinstance(op, BarrierOperator) and state is not None
+        else op.process(df)
+    )
     if ROW_ID not in out.columns:
         raise SpecError(f"operator {label} dropped the {ROW_ID} column")
     ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)
     same_rows = out.height == df.height and ids.equals(before, check_dtypes=True)
-    if ids.dtype != before.dtype or not same_rows and (
-        ids.null_count() or not ids.is_in(before.implode()).all()
+    if ids.dtype != before.dtype or (
+        not same_rows and (ids.null_count() or not ids.is_in(before.implode()).all())
     ):
         raise SpecError(
             f"operator {label} changed the {ROW_ID} column (it is the engine's row identity: "
