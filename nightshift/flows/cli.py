@@ -8,7 +8,8 @@
 * ``--help``, ``--version`` and usage errors import neither Prefect, polars nor vLLM:
   those imports live in the command bodies (``tests/test_cli.py`` asserts it).
 * A vLLM engine start logs one line; ``--verbose`` (or ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)
-  shows vLLM's whole start-up log (``nightshift.serving.vllm_backend.engine_logs_verbose``).
+  shows vLLM's whole start-up log and the traceback of an unexpected error: one switch,
+  ``nightshift.core.verbose``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from nightshift.core.errors import NightshiftError, one_line
+from nightshift.core.verbose import is_verbose, set_verbose
 
 if TYPE_CHECKING:
     from nightshift.tasks.spec import PipelineSpec
@@ -46,8 +48,11 @@ AllowImports = Annotated[
 ]
 Verbose = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help="show the LLM engine's full start-up log "
-                 "(also: NIGHTSHIFT_LOG_LEVEL=DEBUG)"),
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="show the LLM engine's full start-up log (also: NIGHTSHIFT_LOG_LEVEL=DEBUG)",
+    ),
 ]
 
 
@@ -65,19 +70,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     pass
 
 
 def _verbose(verbose: bool, *, log_to_stderr: bool = False) -> None:
-    """``--verbose`` goes through the environment (``NIGHTSHIFT_LOG_LEVEL=DEBUG``), so
-    that engines started in worker processes of this run see it too. ``log_to_stderr``:
-    show Nightshift's own INFO lines (the one line per engine start) on stderr, for
-    commands that run outside a Prefect flow run (in one, Prefect's loggers show them)."""
+    """``--verbose`` turns on the one verbose switch (``nightshift.core.verbose``, kept in
+    the environment so that engines started in worker processes of this run see it too).
+    ``log_to_stderr``: show Nightshift's own INFO lines (the one line per engine start) on
+    stderr, for commands that run outside a Prefect flow run (in one, Prefect's loggers
+    show them)."""
     if verbose:
-        os.environ["NIGHTSHIFT_LOG_LEVEL"] = "DEBUG"
+        set_verbose()
     if log_to_stderr:
         import logging
 
@@ -102,10 +112,10 @@ def _spec(path: Path, batch_size: int | None = None) -> PipelineSpec:
 @app.command()
 def run(
     spec: SpecArg,
-    batch_size: Annotated[Optional[int], typer.Option(help="override batch_size")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override batch_size")] = None,
     resume_step: Annotated[
-        Optional[str], typer.Option(
-            help="recompute this step (index or name) and the steps that depend on it")
+        str | None,
+        typer.Option(help="recompute this step (index or name) and the steps that depend on it"),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
     allow_imports: AllowImports = False,
@@ -128,11 +138,17 @@ def _print_steps(rows: list[dict]) -> None:
     llm = any(r.get("prompt_tokens") or r.get("completion_tokens") for r in rows)
     priced = any(r.get("cost_usd") for r in rows)
     columns = ["step", "batches", "reused", "computed", "failed", "rows in", "rows out"]
-    table = Table(*columns, *(["tokens in", "tokens out"] if llm else []),
-                  *(["cost $"] if priced else []))
+    table = Table(
+        *columns, *(["tokens in", "tokens out"] if llm else []), *(["cost $"] if priced else [])
+    )
     for r in rows:
-        cells = [r["name"], *(str(r[k]) for k in ("batches", "reused", "computed",
-                                                  "failed", "rows_in", "rows_out"))]
+        cells = [
+            r["name"],
+            *(
+                str(r[k])
+                for k in ("batches", "reused", "computed", "failed", "rows_in", "rows_out")
+            ),
+        ]
         if llm:
             cells += [str(r.get("prompt_tokens", 0)), str(r.get("completion_tokens", 0))]
         if priced:
@@ -141,8 +157,9 @@ def _print_steps(rows: list[dict]) -> None:
     console.print(table)
 
 
-StepOpt = Annotated[Optional[str], typer.Option(
-    "--step", metavar="NAME", help="a step by name (or index)")]
+StepOpt = Annotated[
+    str | None, typer.Option("--step", metavar="NAME", help="a step by name (or index)")
+]
 
 
 @app.command()
@@ -155,9 +172,14 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
     dag = not plan.linear
     table = Table("step", "steps", *(["after"] if dag else []), "batches done", "rows")
     for s in step_status(plan, step):
-        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names))
-        table.add_row(s.stage, steps, *([", ".join(s.after) or "source"] if dag else []),
-                      f"{s.done}/{s.total}", str(s.rows))
+        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names, strict=True))
+        table.add_row(
+            s.stage,
+            steps,
+            *([", ".join(s.after) or "source"] if dag else []),
+            f"{s.done}/{s.total}",
+            str(s.rows),
+        )
     console.print(table)
 
 
@@ -165,9 +187,14 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
 def export(
     spec: SpecArg,
     to: Annotated[Path, typer.Option("--to", help="out.parquet or out.jsonl")],
-    step: Annotated[Optional[str], typer.Option(
-        "--step", metavar="NAME",
-        help="the step whose rows to write (default: the one step nothing comes after)")] = None,
+    step: Annotated[
+        str | None,
+        typer.Option(
+            "--step",
+            metavar="NAME",
+            help="the step whose rows to write (default: the one step nothing comes after)",
+        ),
+    ] = None,
     allow_imports: AllowImports = False,
 ) -> None:
     """Write the final step's rows, in source order, to one file."""
@@ -182,12 +209,13 @@ def export(
 @app.command()
 def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Check the spec, sources, schema and store; run nothing."""
+    from nightshift.flows.parameters import check_parameter_size
     from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    check_parameter_size({"spec": plan.spec.model_dump(mode="json")}, str(spec))
     console.print(
-        f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), "
-        f"{len(plan.stages)} stage(s)"
+        f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), {len(plan.stages)} stage(s)"
     )
     if not plan.linear:
         for s in plan.stages:
@@ -223,9 +251,11 @@ class _StreamGroup(typer.core.TyperGroup):
 
 
 stream_app = typer.Typer(
-    cls=_StreamGroup, no_args_is_help=True, rich_markup_mode=None,
+    cls=_StreamGroup,
+    no_args_is_help=True,
+    rich_markup_mode=None,
     help="Run stream pipelines (NATS JetStream to sinks), or export a stream's store sink.\n\n"
-         "nightshift stream SPEC [OPTIONS] is short for nightshift stream run SPEC [OPTIONS].",
+    "nightshift stream SPEC [OPTIONS] is short for nightshift stream run SPEC [OPTIONS].",
 )
 app.add_typer(stream_app, name="stream")
 
@@ -233,22 +263,44 @@ app.add_typer(stream_app, name="stream")
 @stream_app.command("run")
 def stream_run(
     spec: Annotated[Path, typer.Argument(help="stream spec (YAML, with streams: or discover:)")],
-    until_idle: Annotated[Optional[float], typer.Option(
-        "--until-idle", help="stop once a stream has had nothing to do for this many seconds")] = None,
-    check: Annotated[bool, typer.Option("--check", help="connect and check everything; run nothing")] = False,
-    discover: Annotated[bool, typer.Option(
-        "--discover", help="also run the streams defined in the spec's discover: table, "
-        "started, drained or restarted as its rows change")] = False,
-    poll: Annotated[Optional[float], typer.Option(
-        "--poll", min=0.1, help="seconds between reads of the discover: table "
-        "(default: discover.poll_s)")] = None,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--until-idle", help="stop once a stream has had nothing to do for this many seconds"
+        ),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="connect and check everything; run nothing")
+    ] = False,
+    discover: Annotated[
+        bool,
+        typer.Option(
+            "--discover",
+            help="also run the streams defined in the spec's discover: table, "
+            "started, drained or restarted as its rows change",
+        ),
+    ] = False,
+    poll: Annotated[
+        float | None,
+        typer.Option(
+            "--poll",
+            min=0.1,
+            help="seconds between reads of the discover: table (default: discover.poll_s)",
+        ),
+    ] = None,
     allow_imports: AllowImports = False,
 ) -> None:
     """Run stream pipelines (NATS JetStream to sinks) until stopped."""
     from nightshift.flows.stream import run_stream
 
-    summary = run_stream(spec, until_idle_s=until_idle, check_only=check, allow_imports=allow_imports,
-                         discover=discover, poll_s=poll)
+    summary = run_stream(
+        spec,
+        until_idle_s=until_idle,
+        check_only=check,
+        allow_imports=allow_imports,
+        discover=discover,
+        poll_s=poll,
+    )
     console.print_json(data=summary)
 
 
@@ -266,13 +318,16 @@ def stream_export(
     from nightshift.streams.spec import load_stream_spec
 
     rows, files = export_stream(load_stream_spec(spec), stream, to)
-    err.print(f"{stream}: {rows} rows from {files} window file(s) -> {to}", markup=False,
-              highlight=False)
+    err.print(
+        f"{stream}: {rows} rows from {files} window file(s) -> {to}", markup=False, highlight=False
+    )
 
 
 @app.command()
 def server(
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (runs find it there by itself)")] = 4200,
+    port: Annotated[
+        int, typer.Option(help="port on 127.0.0.1 (runs find it there by itself)")
+    ] = 4200,
 ) -> None:
     """Start a local Prefect server (API and UI) in the foreground.
 
@@ -280,15 +335,29 @@ def server(
     (set PREFECT_SERVER_API_PORT if you choose another port), so no run pays for a
     temporary server.
     """
-    import os
     import sys
 
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
-           "PREFECT_SERVER_API_PORT": str(port),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
-    prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-               "--port", str(port)]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get(
+            "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
+        ),
+    }
+    prefect = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     err.print(f"Prefect server on http://127.0.0.1:{port} (UI and API); Ctrl-C stops it")
     os.execve(sys.executable, prefect, env)
 
@@ -317,10 +386,14 @@ def main() -> None:
 def _unexpected(exc: Exception) -> None:
     """Anything else (an engine that cannot start, a bug): one line and exit 1; the
     traceback with ``--verbose`` (``NIGHTSHIFT_LOG_LEVEL=DEBUG``)."""
-    if os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").upper() == "DEBUG":
+    if is_verbose():
         raise exc
-    err.print(f"error: {type(exc).__name__}: {one_line(exc)} (--verbose shows the traceback)",
-              markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        f"error: {type(exc).__name__}: {one_line(exc)} (--verbose shows the traceback)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     raise SystemExit(1) from None
 
 

@@ -7,8 +7,6 @@ itself as a mapping (what a deployment parameter typed into the UI gives).
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +14,14 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.core.errors import SpecError
 from nightshift.flows.explain import explain
+from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.runner_choice import make_task_runner
-
-
-class OneLineErrors(logging.Filter):
-    """Prefect logs a failed task or flow run with its traceback; for Nightshift's own
-    errors the message is the whole explanation (file, step, row), so the traceback is
-    dropped from the log (kept with ``--verbose`` / ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, NightshiftError) and os.environ.get(
-                "NIGHTSHIFT_LOG_LEVEL", "").upper() != "DEBUG":
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-for _name in ("prefect.task_runs", "prefect.flow_runs"):
-    if not any(isinstance(f, OneLineErrors) for f in logging.getLogger(_name).filters):
-        logging.getLogger(_name).addFilter(OneLineErrors())
 
 
 def resolve_resume(resume_from_last: bool | None, resume_step: int | str | None) -> bool:
@@ -75,18 +56,31 @@ def execute_plan(
     logger = get_run_logger()
     recompute = ""
     if forced:
-        recompute = "; recomputing " + ("every stage" if len(forced) == len(plan.stages) else
-                                        "stages " + ", ".join(plan.stages[i].name for i in sorted(forced)))
+        recompute = "; recomputing " + (
+            "every stage"
+            if len(forced) == len(plan.stages)
+            else "stages " + ", ".join(plan.stages[i].name for i in sorted(forced))
+        )
     logger.info(
         "pipeline %s: %d file(s), %d batch(es) of up to %d rows, %d step(s) in %d task stage(s)%s",
-        plan.spec.name, len(plan.files), len(plan.batches), plan.spec.batch_size,
-        len(plan.spec.steps), len(plan.stages), recompute,
+        plan.spec.name,
+        len(plan.files),
+        len(plan.batches),
+        plan.spec.batch_size,
+        len(plan.spec.steps),
+        len(plan.stages),
+        recompute,
     )
     if not plan.linear:
         for stage in plan.stages:
             after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
-            logger.info("stage %s: steps %s, after %s%s", stage.name, ", ".join(stage.names),
-                        after, " (a join on _row_id)" if len(stage.parents) > 1 else "")
+            logger.info(
+                "stage %s: steps %s, after %s%s",
+                stage.name,
+                ", ".join(stage.names),
+                after,
+                " (a join on _row_id)" if len(stage.parents) > 1 else "",
+            )
     inventory = Inventory(plan)
     lines = explain(plan, force_from, survey(plan, inventory, force_from))
     for line in lines:
@@ -94,16 +88,23 @@ def execute_plan(
     publish_plan(plan, lines)
     spec = plan.spec
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
-        execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,
-                              progress=Progress(plan), inventory=inventory)
+        execution = Execution(
+            plan,
+            force_from_stage=force_from,
+            fail_at=fail_at,
+            runner=runner,
+            progress=Progress(plan),
+            inventory=inventory,
+        )
         try:
             execution.run()
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             publish_summary(plan, [s.as_row() for s in execution.stats])
-    outputs = {plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)]
-               for i in plan.sinks}
+    outputs = {
+        plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
+    }
     output = outputs[plan.stages[plan.sinks[-1]].name]
     publish_sample(plan, output)
     return {
@@ -129,7 +130,7 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
             "steps": [op.spec_entry() for op in s.operators],
             "fingerprint": s.fingerprint,
             "batch_size": s.batch_size,
-            "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "completed_at": dt.datetime.now(dt.UTC).isoformat(),
             "rows": sum(r.rows for _, r in units),
             "batches": [
                 {
@@ -156,15 +157,18 @@ def _run_name() -> str:
     return Path(str(spec)).stem
 
 
-def failure_at(plan: Plan, fail_at_batch: int | None,
-               fail_at_step: int | str) -> tuple[int, int] | None:
+def failure_at(
+    plan: Plan, fail_at_batch: int | None, fail_at_step: int | str
+) -> tuple[int, int] | None:
     """The (stage, batch index) where a rehearsed failure fires: first attempt only.
 
     ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``)."""
     if fail_at_batch is None or (flow_run.run_count or 1) > 1:
         return None
     if not 1 <= fail_at_batch <= len(plan.batches):
-        raise SpecError(f"fail_at_batch {fail_at_batch}: the run has batches 1..{len(plan.batches)}")
+        raise SpecError(
+            f"fail_at_batch {fail_at_batch}: the run has batches 1..{len(plan.batches)}"
+        )
     return plan.stage_of_step(fail_at_step), fail_at_batch - 1
 
 
@@ -191,6 +195,8 @@ def run_pipeline(
             runs' names) fails on the first attempt only, so a Retry succeeds.
         fail_at_step: the step (index, 0-based, or name) where fail_at_batch fails.
     """
+    quiet_nightshift_tracebacks()
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
-    return execute_plan(plan, resume_from_last, resume_step,
-                        failure_at(plan, fail_at_batch, fail_at_step))
+    return execute_plan(
+        plan, resume_from_last, resume_step, failure_at(plan, fail_at_batch, fail_at_step)
+    )

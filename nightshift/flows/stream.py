@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -37,6 +38,8 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from nightshift.core.errors import NightshiftError, SpecError, StepFailed, one_line
+from nightshift.flows.log_filters import quiet_nightshift_tracebacks
+from nightshift.flows.parameters import check_parameter_size, parameters_accepted
 from nightshift.streams.discover import Definition, DefinitionTable, pipeline_spec
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
@@ -47,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the stream's stop control, the plan it built and checked, and a list the subflow puts
 # its runtime in (the supervisor reads its progress after a failure).
 _PARENT: ContextVar[tuple[StopControl, StreamPlan, list[StreamRuntime]] | None] = ContextVar(
-    "nightshift_stream_parent", default=None)
+    "nightshift_stream_parent", default=None
+)
 
 
 def resolve_spec(spec: dict[str, Any] | str) -> StreamSpec:
@@ -77,9 +81,13 @@ def install_stop_handlers(control: StopControl) -> dict[int, Any]:
     def on_signal(sig: signal.Signals) -> None:
         first = not control.stop.is_set()
         control.request_stop(sig.name)
-        logger.warning("%s: %s", sig.name,
-                       "finishing the open windows (send it again to abandon them)" if first
-                       else "abandoning the open windows; their messages stay for the next start")
+        logger.warning(
+            "%s: %s",
+            sig.name,
+            "finishing the open windows (send it again to abandon them)"
+            if first
+            else "abandoning the open windows; their messages stay for the next start",
+        )
 
     def handler(signum: int, frame: Any) -> None:
         loop.call_soon_threadsafe(on_signal, signal.Signals(signum))
@@ -87,8 +95,9 @@ def install_stop_handlers(control: StopControl) -> dict[int, Any]:
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def plan_streams(spec: dict[str, Any] | str | StreamSpec, allow_imports: bool,
-                 where: str = "") -> tuple[StreamSpec, list[StreamPlan]]:
+def plan_streams(
+    spec: dict[str, Any] | str | StreamSpec, allow_imports: bool, where: str = ""
+) -> tuple[StreamSpec, list[StreamPlan]]:
     """The parsed spec and every stream's plan.
 
     CPython 3.11 before 3.11.8 raises ``SystemError: AST constructor recursion depth
@@ -142,8 +151,13 @@ async def stream_pipeline(
     return await runtime.run()
 
 
-async def _supervise(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
-                     allow_imports: bool, until_idle_s: float | None) -> dict[str, Any]:
+async def _supervise(
+    parsed: StreamSpec,
+    plan: StreamPlan,
+    control: StopControl,
+    allow_imports: bool,
+    until_idle_s: float | None,
+) -> dict[str, Any]:
     """Run one stream's subflow; restart it with a growing pause when it fails; give it up
     after ``restart.max_restarts`` failures in a row without progress (a run that
     committed a window, or stayed up ``backoff_max_s``, is progress)."""
@@ -156,9 +170,15 @@ async def _supervise(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
     while True:
         started = time.monotonic()
         box.clear()
-        state = await stream_pipeline(spec=payload, index=plan.index, name=plan.name,
-                                      allow_imports=allow_imports, until_idle_s=until_idle_s,
-                                      return_state=True)
+        with parameters_accepted({"spec": payload}, "stream spec"):
+            state = await stream_pipeline(
+                spec=payload,
+                index=plan.index,
+                name=plan.name,
+                allow_imports=allow_imports,
+                until_idle_s=until_idle_s,
+                return_state=True,
+            )
         if state.is_completed():
             return await state.aresult()
         try:
@@ -172,8 +192,10 @@ async def _supervise(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
             failures, delay = 0, policy.backoff_s  # it had made progress
         failures += 1
         if policy.max_restarts is not None and failures > policy.max_restarts:
-            line = (f"stream {plan.name}: given up after {failures} failures in a row without "
-                    f"progress (restart.max_restarts: {policy.max_restarts}); last: {message}")
+            line = (
+                f"stream {plan.name}: given up after {failures} failures in a row without "
+                f"progress (restart.max_restarts: {policy.max_restarts}); last: {message}"
+            )
             logger.error(line)
             return {"stream": plan.name, "stopped_by": "given up", "given_up": line}
         logger.error("stream %s failed: %s; restarting in %.1f s", plan.name, message, delay)
@@ -184,8 +206,13 @@ async def _supervise(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
         delay = min(delay * 2, policy.backoff_max_s)
 
 
-async def _run_one(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
-                   allow_imports: bool, until_idle_s: float | None) -> dict[str, Any]:
+async def _run_one(
+    parsed: StreamSpec,
+    plan: StreamPlan,
+    control: StopControl,
+    allow_imports: bool,
+    until_idle_s: float | None,
+) -> dict[str, Any]:
     try:
         return await _supervise(parsed, plan, control, allow_imports, until_idle_s)
     finally:
@@ -195,8 +222,15 @@ async def _run_one(parsed: StreamSpec, plan: StreamPlan, control: StopControl,
 class Discovery:
     """Polls the definitions table and starts, drains or restarts discovered streams."""
 
-    def __init__(self, parsed: StreamSpec, root: StopControl, allow_imports: bool,
-                 until_idle_s: float | None, static: list[StreamPlan], poll_s: float | None) -> None:
+    def __init__(
+        self,
+        parsed: StreamSpec,
+        root: StopControl,
+        allow_imports: bool,
+        until_idle_s: float | None,
+        static: list[StreamPlan],
+        poll_s: float | None,
+    ) -> None:
         assert parsed.discover is not None
         self.parsed = parsed
         self.root = root
@@ -214,12 +248,20 @@ class Discovery:
         self.ended: dict[str, str] = {}  # name -> digest of a stream that ended on its own
         self.definitions: list[Definition] = []
         self.results: list[dict[str, Any]] = []
+        #: the flow run's logger once ``run`` starts
+        self.logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = logging.getLogger(
+            __name__
+        )
 
     async def run(self) -> list[dict[str, Any]]:
         self.logger = get_run_logger()
         await asyncio.to_thread(self.table.open)
-        self.logger.info("discover: polling %s on %s every %g s", self.parsed.discover.table,
-                         self.table.display, self.poll_s)  # type: ignore[union-attr]
+        self.logger.info(
+            "discover: polling %s on %s every %g s",
+            self.parsed.discover.table,
+            self.table.display,
+            self.poll_s,
+        )  # type: ignore[union-attr]
         next_poll, polled = 0.0, False
         try:
             while not self.root.stop.is_set():
@@ -234,9 +276,12 @@ class Discovery:
                 if self.until_idle_s is not None and polled and not self.running:
                     break  # every discovered stream ran until idle
                 tasks = {t for *_, t in self.running.values()}
-                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.root.stop.wait()), *tasks}
+                waits: set[asyncio.Future[Any]] = {
+                    asyncio.ensure_future(self.root.stop.wait()),
+                    *tasks,
+                }
                 timeout = max(0.05, next_poll - time.monotonic())
-                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waits - tasks:
                     waiter.cancel()
                 self._reap()
@@ -271,13 +316,24 @@ class Discovery:
                 continue
             new = wanted.get(name)
             if new is None or new.digest != old.digest:
-                why = ("removed" if name not in present else "disabled" if new is None
-                       else f"changed ({old.digest[:12]} -> {new.digest[:12]})")
-                self.logger.info("discover: stream %s %s: draining its windows, then stopping%s",
-                                 name, why, ", then starting it again" if new else "")
+                why = (
+                    "removed"
+                    if name not in present
+                    else "disabled"
+                    if new is None
+                    else f"changed ({old.digest[:12]} -> {new.digest[:12]})"
+                )
+                self.logger.info(
+                    "discover: stream %s %s: draining its windows, then stopping%s",
+                    name,
+                    why,
+                    ", then starting it again" if new else "",
+                )
                 self.stopping.add(name)
                 control.request_stop(f"{why} in {self.table.spec.table}")
-        for name in [n for n in self.ended if wanted.get(n) is None or wanted[n].digest != self.ended[n]]:
+        for name in [
+            n for n in self.ended if wanted.get(n) is None or wanted[n].digest != self.ended[n]
+        ]:
             del self.ended[name]
         for name, definition in wanted.items():
             if name in self.running or self.ended.get(name) == definition.digest:
@@ -298,32 +354,41 @@ class Discovery:
                 continue
             except NightshiftError as exc:  # a server unreachable: again at the next poll
                 if self.retrying.get(name) != definition.digest:
-                    self.logger.warning("discover: %s; stream %s not started, trying again at "
-                                        "every poll", exc, name)
+                    self.logger.warning(
+                        "discover: %s; stream %s not started, trying again at every poll", exc, name
+                    )
                 self.retrying[name] = definition.digest
                 continue
             self.retrying.pop(name, None)
             self.reported.pop(name, None)
             parsed = pipeline_spec(definition, self.parsed)
-            task = asyncio.ensure_future(_run_one(parsed, plan, control, self.allow_imports,
-                                                  self.until_idle_s))
+            task = asyncio.ensure_future(
+                _run_one(parsed, plan, control, self.allow_imports, self.until_idle_s)
+            )
             self.running[name] = (definition, plan, control, task)
-            self.logger.info("discover: stream %s started (definition %s)", name,
-                             definition.digest[:12])
+            self.logger.info(
+                "discover: stream %s started (definition %s)", name, definition.digest[:12]
+            )
 
     async def _plan(self, definition: Definition) -> StreamPlan:
         if definition.name in self.static:
-            raise SpecError(f"{definition.label}: a stream named {definition.name!r} is in the "
-                            "spec file already")
+            raise SpecError(
+                f"{definition.label}: a stream named {definition.name!r} is in the "
+                "spec file already"
+            )
         parsed = pipeline_spec(definition, self.parsed)
-        _, plans = await asyncio.to_thread(plan_streams, parsed, self.allow_imports, definition.label)
+        _, plans = await asyncio.to_thread(
+            plan_streams, parsed, self.allow_imports, definition.label
+        )
         plan = plans[0]
         users = dict(self.static_durables)
         users.update({_durable(p): n for n, (_, p, _, _) in self.running.items() if n != plan.name})
         other = users.get(_durable(plan))
         if other is not None:
-            raise SpecError(f"{definition.label}.source.durable {plan.spec.source.durable!r}: "
-                            f"already used by stream {other!r}")
+            raise SpecError(
+                f"{definition.label}.source.durable {plan.spec.source.durable!r}: "
+                f"already used by stream {other!r}"
+            )
         return plan
 
 
@@ -335,11 +400,14 @@ def _durable(plan: StreamPlan) -> tuple[str, str, str]:
 def check_modes(parsed: StreamSpec, discover: bool) -> None:
     """``--discover`` needs a ``discover:`` section; without it, the spec needs streams."""
     if discover and parsed.discover is None:
-        raise SpecError("discover: --discover needs a discover: section in the spec "
-                        "(connection, table)")
+        raise SpecError(
+            "discover: --discover needs a discover: section in the spec (connection, table)"
+        )
     if not parsed.streams and not discover:
-        raise SpecError("streams: the spec lists no stream; run with --discover to poll "
-                        f"{parsed.discover.table if parsed.discover else 'a table'}")
+        raise SpecError(
+            "streams: the spec lists no stream; run with --discover to poll "
+            f"{parsed.discover.table if parsed.discover else 'a table'}"
+        )
 
 
 @flow(name="nightshift-stream", validate_parameters=True)
@@ -360,6 +428,7 @@ async def stream(
     A stream given up after ``restart.max_restarts`` failures does not stop the others;
     the flow fails at the end, naming it.
     """
+    quiet_nightshift_tracebacks()
     parsed, plans = plan_streams(spec, allow_imports)
     check_modes(parsed, discover)
     control = StopControl()
@@ -372,14 +441,18 @@ async def stream(
                 await asyncio.to_thread(table.open)
                 await asyncio.to_thread(table.close)
             return {"checked": [p.name for p in plans]}
-        runs = [_run_one(parsed, plan, control.child(), allow_imports, until_idle_s)
-                for plan in plans]
-        finder = (Discovery(parsed, control, allow_imports, until_idle_s, plans, poll_s)
-                  if discover else None)
+        runs = [
+            _run_one(parsed, plan, control.child(), allow_imports, until_idle_s) for plan in plans
+        ]
+        finder = (
+            Discovery(parsed, control, allow_imports, until_idle_s, plans, poll_s)
+            if discover
+            else None
+        )
         if finder is not None:
             runs.append(finder.run())
         results = await asyncio.gather(*runs)
-    streams = list(results[:len(plans)])
+    streams = list(results[: len(plans)])
     if finder is not None:
         streams += results[-1]
     given_up = [r["given_up"] for r in streams if r.get("given_up")]
@@ -388,16 +461,28 @@ async def stream(
     return {"streams": streams}
 
 
-def run_stream(spec: Path | str, until_idle_s: float | None = None, check_only: bool = False,
-               allow_imports: bool = False, discover: bool = False,
-               poll_s: float | None = None) -> dict[str, Any]:
+def run_stream(
+    spec: Path | str,
+    until_idle_s: float | None = None,
+    check_only: bool = False,
+    allow_imports: bool = False,
+    discover: bool = False,
+    poll_s: float | None = None,
+) -> dict[str, Any]:
     """The CLI's entry: check the spec before Prefect starts, run, raise a one-line error."""
     parsed, _ = plan_streams(str(spec), allow_imports)
     check_modes(parsed, discover)
-    state = asyncio.run(stream(spec=parsed.model_dump(mode="json", by_alias=True),
-                               allow_imports=allow_imports, until_idle_s=until_idle_s,
-                               check_only=check_only, discover=discover, poll_s=poll_s,
-                               return_state=True))
+    parameters: dict[str, Any] = {
+        "spec": parsed.model_dump(mode="json", by_alias=True),
+        "allow_imports": allow_imports,
+        "until_idle_s": until_idle_s,
+        "check_only": check_only,
+        "discover": discover,
+        "poll_s": poll_s,
+    }
+    check_parameter_size(parameters, str(spec))
+    with parameters_accepted(parameters, str(spec)):
+        state = asyncio.run(stream(**parameters, return_state=True))
     if not state.is_completed():
         try:
             asyncio.run(state.aresult())

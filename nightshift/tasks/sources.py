@@ -13,15 +13,14 @@ Types are never unified silently: a JSONL column whose values change JSON type b
 lines (a number on one line, a string on another) is refused naming the line, unless
 ``source.schema`` declares its type, in which case every value is converted to it (a value
 that cannot be is refused naming its file, line and column). Files of one source must
-have the same columns and types (``flows/plan.py`` checks this across files).
+have the same columns and types (``tasks/staging.py`` checks this across files).
 """
 
 from __future__ import annotations
 
-import functools
-
 import csv
 import errno
+import functools
 import io
 import json
 import os
@@ -67,8 +66,15 @@ SCHEMA_TYPES: dict[str, pl.DataType] = {
     "date": pl.Date(),
     "datetime": pl.Datetime("us"),
 }
-_TYPE_ALIASES = {"str": "string", "text": "string", "int": "integer", "int64": "integer",
-                 "float64": "float", "double": "float", "bool": "boolean"}
+_TYPE_ALIASES = {
+    "str": "string",
+    "text": "string",
+    "int": "integer",
+    "int64": "integer",
+    "float64": "float",
+    "double": "float",
+    "bool": "boolean",
+}
 
 
 class SourceSpec(BaseModel):
@@ -227,9 +233,17 @@ def _is_local(fs: AbstractFileSystem) -> bool:
 
 
 _CONNECTION_ERRORS = {
-    "ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ConnectTimeout",
-    "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError",
-    "ProxyConnectionError", "gaierror", "TimeoutError", "ReadTimeoutError",
+    "ConnectionError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectTimeout",
+    "ClientConnectorError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+    "ProxyConnectionError",
+    "gaierror",
+    "TimeoutError",
+    "ReadTimeoutError",
 }
 
 
@@ -285,7 +299,9 @@ def load_text_file(file: SourceFile, options: dict[str, Any]) -> pl.DataFrame:
         lines, seen = _scan_jsonl(file.uri, data, declared)
         overrides = {c: pl.String for c in declared if c in seen}
         try:
-            df = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None, schema_overrides=overrides)
+            df = pl.read_ndjson(
+                io.BytesIO(data), infer_schema_length=None, schema_overrides=overrides
+            )
         except Exception as exc:
             raise SourceError(f"source file {file.uri}: {one_line(exc)}") from None
         line_of = _row_lines(lines, df.height, "line")
@@ -338,10 +354,20 @@ def _names(columns: Any, limit: int = 20) -> str:
 # -- JSONL -------------------------------------------------------------------------------
 
 _KINDS: dict[type, str] = {
-    bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "list",
+    dict: "object",
 }
-_A = {"boolean": "a boolean", "number": "a number", "string": "a string", "list": "a list",
-      "object": "an object"}
+_A = {
+    "boolean": "a boolean",
+    "number": "a number",
+    "string": "a string",
+    "list": "a list",
+    "object": "an object",
+}
 
 
 class _Mixed(Exception):
@@ -420,8 +446,11 @@ def _scan_jsonl(uri: str, data: bytes, declared: dict[str, str]) -> tuple[array,
                     shapes[key] = (_merge(known[0], shape, key), known[1])
             except _Mixed as mixed:
                 earlier = (
-                    f"on line {known[1]}" if known is not None and mixed.path == key
-                    else "on an earlier line" if known is not None else "in the same line"
+                    f"on line {known[1]}"
+                    if known is not None and mixed.path == key
+                    else "on an earlier line"
+                    if known is not None
+                    else "in the same line"
                 )
                 raise SourceError(
                     f"source file {uri} line {number}: column {mixed.path!r} is "
@@ -436,6 +465,7 @@ def _scan_jsonl(uri: str, data: bytes, declared: dict[str, str]) -> tuple[array,
 
 
 # -- CSV ---------------------------------------------------------------------------------
+
 
 def _csv_text(uri: str, data: bytes) -> str:
     try:
@@ -469,8 +499,11 @@ def _scan_csv(uri: str, data: bytes) -> tuple[list[str], array, array]:
             blanks.append(len(rows) + len(blanks))
             continue
         if len(fields) != len(header):
-            spans = f" (lines {start}-{reader.line_num}: an unclosed quote?)" if (
-                reader.line_num > start) else ""
+            spans = (
+                f" (lines {start}-{reader.line_num}: an unclosed quote?)"
+                if (reader.line_num > start)
+                else ""
+            )
             raise SourceError(
                 f"source file {uri} line {start}: bad CSV: {len(fields)} field(s), the header "
                 f"has {len(header)}{spans}"
@@ -500,6 +533,7 @@ def _csv_strict_error(data: bytes) -> str | None:
 
 # -- declared types ----------------------------------------------------------------------
 
+
 def _row_lines(lines: array, height: int, word: str) -> Callable[[int], str]:
     def line_of(row: int) -> str:
         if len(lines) == height and 0 <= row < height:
@@ -517,8 +551,10 @@ def _convert(values: pl.Series, name: str) -> pl.Series:
     if name == "string":
         return text
     if name == "boolean":
-        return text.str.strip_chars().str.to_lowercase().replace_strict(
-            _BOOLEANS, default=None, return_dtype=pl.Boolean
+        return (
+            text.str.strip_chars()
+            .str.to_lowercase()
+            .replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean)
         )
     if name == "date":
         return text.str.strip_chars().str.to_date(strict=False)

@@ -28,10 +28,11 @@ import importlib
 from typing import Any, ClassVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict
 
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import code_version, digest
+from nightshift.core.validation import PositiveInt
 
 ROW_ID = "_row_id"
 

@@ -21,7 +21,5 @@ class Map(Operator):
         return list(self.columns)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
-        exprs = [
-            sql_expr(text, f"map.columns.{col}").alias(col) for col, text in self.columns.items()
-        ]
+        exprs = [sql_expr(text, f"map.columns.{col}").alias(col) for col, text in self.columns.items()]
         return df.with_columns(exprs)

@@ -86,7 +86,9 @@ class Template(Operator):
         naming it (``_row_id`` and its row in its source file)."""
         compiled = _ENV.from_string(self.template)
         names = self.reads()
-        rows = df.select(names).iter_rows(named=True) if names else ({} for _ in range(df.height))
+        rows = (
+            df.select(names).iter_rows(named=True) if names else ({} for _ in range(df.height))
+        )
         values = []
         for i, row in enumerate(rows):
             try:
@@ -106,8 +108,7 @@ class TemplateRenderError(SpecError):
         #: the row's number in its source file, from 1 (the low 32 bits of ``_row_id``)
         self.row = (row_id & 0xFFFFFFFF) + 1 if row_id is not None else None
         where = (
-            f"row {self.row} of its source file ({ROW_ID} {row_id})"
-            if row_id is not None
+            f"row {self.row} of its source file ({ROW_ID} {row_id})" if row_id is not None
             else f"row {index + 1} of the batch"
         )
         super().__init__(f"template: {where}: {detail}")
