@@ -8,6 +8,7 @@ Write your own operator in a few lines::
     @register_operator
     class Shout(Operator):
         name = "shout"
+        safe_on_sample = True  # pure: validate may run it on each file's first rows
         column: str
 
         def reads(self) -> list[str]:
