@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import make_rows, run_cli, write_jsonl
+import yaml
+from conftest import ROOT, cli_env, make_rows, run_cli, write_jsonl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.plan import build_plan
@@ -101,6 +104,100 @@ def test_bad_operator_config_key_path(tmp_path: Path, data: Path) -> None:
 def test_batch_size_must_be_positive(tmp_path: Path, data: Path) -> None:
     for size in (0, -5):
         expect(tmp_path, spec(tmp_path, batch_size=size), "batch_size", "greater than 0")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"batch_size": True}, "spec: batch_size: expected an integer, got true (a boolean)"),
+        ({"retries": False}, "spec: retries: expected an integer, got false (a boolean)"),
+        ({"max_in_flight": "8"}, "spec: max_in_flight: expected an integer, got '8' (a string)"),
+        ({"batch_size": 2.5}, "spec: batch_size: expected an integer, got 2.5 (a float)"),
+        ({"retry_delay_seconds": True}, "spec: retry_delay_seconds: expected a number, got true"),
+        (
+            {"task_runner": "dask", "dask": {"n_workers": True}},
+            "spec: dask.n_workers: expected an integer, got true (a boolean)",
+        ),
+        (
+            {"steps": [{"filter": {"where": "n > 1", "batch_size": True}}]},
+            "steps[0].filter.batch_size: expected an integer, got true (a boolean)",
+        ),
+        (
+            {"steps": [{"generate": {"prompt": "{{ text }}", "output": "o", "max_tokens": True}}]},
+            "steps[0].generate.max_tokens: expected an integer, got true (a boolean)",
+        ),
+        (
+            {"steps": [{"judge": {"input": "text", "rubric": "r", "output": "s", "max": True}}]},
+            "steps[0].judge.max: expected an integer, got true (a boolean)",
+        ),
+        (
+            {"steps": [{"generate": {"prompt": "x", "output": "o", "temperature": True}}]},
+            "steps[0].generate.temperature: expected a number, got true (a boolean)",
+        ),
+    ],
+)
+def test_booleans_are_not_numbers(
+    tmp_path: Path, data: Path, overrides: dict, fragment: str
+) -> None:
+    """``batch_size: true`` was read as 1; every integer field of a spec takes integers
+    only, every number field numbers only (an integer is one, a boolean is not)."""
+    expect(tmp_path, spec(tmp_path, **overrides), fragment)
+
+
+def test_whole_numbers_still_pass_where_a_float_is_asked(tmp_path: Path, data: Path) -> None:
+    plan = build_plan(spec(tmp_path, retry_delay_seconds=3, batch_size=15))
+    assert plan.spec.retry_delay_seconds == 3.0 and len(plan.batches) == 2
+
+
+def test_cli_batch_size_true_in_yaml_exits_2(tmp_path: Path, data: Path, prefect_api: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"name: x\nsource: {{path: '{tmp_path}/data/*.jsonl'}}\nbatch_size: true\n"
+        "steps:\n  - map: {columns: {m: 'n'}}\n"
+    )
+    result = run_cli(["validate", str(path)], prefect_api)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {path}: batch_size: expected an integer, got true (a boolean)"
+    )
+
+
+def test_a_spec_too_large_for_a_flow_run_parameter_is_one_line(
+    tmp_path: Path, data: Path, prefect_api: str
+) -> None:
+    """Prefect's server refuses flow-run parameters over 512 KiB (HTTP 422): validate says
+    so (this process's limit), and a run against a server whose limit is lower than ours
+    ends in the same line, exit 2, instead of a raw PrefectHTTPStatusError at exit 1."""
+    columns = {f"c{i}": "n * 2 + 1000000000000000" for i in range(20_000)}  # ~700 KB of JSON
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(spec(tmp_path, steps=[{"map": {"columns": columns}}])))
+
+    checked = run_cli(["validate", str(path)], prefect_api)
+    assert checked.returncode == 2, checked.stderr[-2000:]
+    line = checked.stderr.strip()
+    assert "\n" not in line and line.startswith(
+        f"error: {path}: too large to be a Prefect flow-run parameter: "
+    ), line
+    assert "at most 524,288 (PREFECT_SERVER_API_MAX_PARAMETER_SIZE)" in line, line
+    assert "the largest part is steps[0].map.columns (" in line, line
+
+    # no limit here (the check above passes), the session's server keeps its default
+    env = {**cli_env(prefect_api), "PREFECT_SERVER_API_MAX_PARAMETER_SIZE": "0"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "PrefectHTTPStatusError" not in output, output[-3000:]
+    last = ran.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: spec: too large to be a Prefect flow-run parameter: "), last
+    assert "at most 524,288" in last and "steps[0].map.columns" in last, last
+    assert not (tmp_path / "store" / "bad" / "steps").exists(), "no step may run"
 
 
 def test_unwritable_store(tmp_path: Path, data: Path) -> None:
@@ -398,6 +495,31 @@ def test_validate_renders_templates_on_real_rows(
         "fails on row 1",
         *fragments,
     )
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_steps_safe_on_sample_run_on_the_sample(tmp_path: Path, data: Path, safe: bool) -> None:
+    """``Operator.safe_on_sample`` decides whether validate runs a step on the sample
+    rows: a safe custom step's output reaches the template after it (which fails on it);
+    an unsafe one ends the sample (validate cannot see the template's problem)."""
+    from nightshift.tasks.operators import Operator, register_operator
+
+    class Tag(Operator):
+        name = f"tag_{'safe' if safe else 'unsafe'}"
+        safe_on_sample = safe
+
+        def writes(self) -> list[str]:
+            return ["tag"]
+
+        def process(self, df: pl.DataFrame) -> pl.DataFrame:
+            return df.with_columns(pl.lit("x").alias("tag"))
+
+    register_operator(Tag)
+    steps = [{Tag.name: {}}, {"template": {"output": "p", "template": "{{ tag.title_case }}"}}]
+    if safe:
+        expect(tmp_path, spec(tmp_path, steps=steps), "steps[1] (template)", "fails on row 1")
+    else:
+        assert len(build_plan(spec(tmp_path, steps=steps)).stages) == 1
 
 
 def test_llm_prompt_templates_are_rendered_by_validate(tmp_path: Path, data: Path) -> None:

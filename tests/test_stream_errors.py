@@ -73,6 +73,25 @@ CASES = [
         r"^streams\[0\]\.steps\[0\] \(filter\): ",
     ),
     (with_("steps", [{"shout": {}}]), r"^streams\[0\]\.steps\[0\]: unknown operator 'shout'"),
+    (
+        with_("steps", [{"filter": {"where": "missing > 1"}, "name": "keep"}]),
+        r"^streams\[0\]\.steps\[0\] \(keep: filter\): .*missing",
+    ),
+    (
+        with_(
+            "steps", [{"map": {"columns": {"m": "n"}}}, {"filter": {"where": "n > 1"}, "after": []}]
+        ),
+        r"^streams\[0\]\.steps\[1\] \(filter\)\.after: a stream's steps run as one chain, each "
+        r"after the step before it \(after: \[map\]\); remove after, or split the stream$",
+    ),
+    (
+        with_("steps", [{"map": {"columns": {"m": "n"}, "batch_size": True}}]),
+        r"^streams\[0\]\.steps\[0\]\.map\.batch_size: expected an integer, got true \(a boolean\)$",
+    ),
+    (
+        with_("window", {"count": True}),
+        r"^spec: streams\[0\]\.window\.count: expected an integer, got true \(a boolean\)$",
+    ),
     (with_("sinks", [{"kafka": {}}]), r"^streams\[0\]\.sinks\[0\]: unknown sink 'kafka'"),
     (
         with_(
@@ -107,6 +126,45 @@ def test_bad_stream_spec_is_one_line_naming_the_key(
     text = str(info.value)
     assert "\n" not in text and "secret" not in text
     assert pytest.importorskip("re").search(message, text), text
+
+
+#: bad ``steps:`` lists; a batch spec and a stream spec parse them with one parser
+#: (``tasks.dag.parse_steps``), so each is refused with the same line
+BAD_STEPS: list[list[Any]] = [
+    [{"map": {"columns": {"m": "n"}}, "filter": {"where": "n > 1"}}],
+    [{"map": "n * 2"}],
+    [{"map": {"columns": {"m": "n"}}, "name": "1st"}],
+    [{"map": {"columns": {"m": "n"}}, "after": 3}],
+    [{"map": {"columns": {"m": "n"}}, "name": "a"}, {"filter": {"where": "n > 1"}, "name": "a"}],
+    [{"map": {"columns": {"m": "n"}}}, {"filter": {"where": "n > 1"}, "after": ["nope"]}],
+    [{"map": {"colums": {"m": "n"}}}],
+    [{"shout": {}}],
+    [{"nightshift.tasks.operators:Map": {"columns": {"m": "n"}}}],
+]
+
+
+@pytest.mark.parametrize("steps", BAD_STEPS, ids=range(len(BAD_STEPS)))
+def test_stream_steps_are_refused_as_a_batch_specs_are(tmp_path: Path, steps: list[Any]) -> None:
+    from nightshift.tasks.spec import load_spec
+
+    batch = load_spec({"name": "b", "source": {"path": "x.jsonl"}, "steps": steps})
+    with pytest.raises(NightshiftError) as batch_error:
+        batch.step_nodes()
+    spec = {"store": {"url": f"file://{tmp_path}/store"}, "streams": [with_("steps", steps)]}
+    with pytest.raises(NightshiftError) as stream_error:
+        build_stream_plans(load_stream_spec(spec))
+    assert str(stream_error.value) == f"streams[0].{batch_error.value}"
+
+
+def test_stream_steps_take_names(tmp_path: Path) -> None:
+    steps = [
+        {"map": {"columns": {"n2": "n * 2"}}, "name": "double"},
+        {"filter": {"where": "n2 > 1"}, "after": ["double"]},
+    ]
+    spec = {"store": {"url": f"file://{tmp_path}/store"}, "streams": [with_("steps", steps)]}
+    (plan,) = build_stream_plans(load_stream_spec(spec))
+    assert [type(op).__name__ for op in plan.operators] == ["Map", "Filter"]
+    assert [n.name for n in plan.spec.step_nodes()] == ["double", "filter"]
 
 
 def test_spec_level_errors(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ import json
 from typing import Any
 
 _PLAIN = (str, int, float, bool, type(None))
+#: Class attributes that say how ``validate`` may treat an operator, not what it computes:
+#: setting one on an operator keeps its step keys.
+_NOT_CODE = frozenset({"safe_on_sample"})
 
 
 def digest(*parts: Any) -> str:
@@ -22,7 +25,8 @@ def code_version(cls: type) -> str:
     """The operator's declared ``version`` plus a hash of its code.
 
     Editing an operator's methods or its plain class attributes (``name``, ``fusable``,
-    ...) therefore recomputes its steps, like Prefect's ``TASK_SOURCE`` cache policy;
+    ...; not ``safe_on_sample``, a hint to ``validate``) therefore recomputes its steps,
+    like Prefect's ``TASK_SOURCE`` cache policy;
     config fields are fingerprinted separately, with their values. Only the class's own
     functions are read, by line number (``inspect.getsource`` of a *class* parses its
     whole module with ``ast``, and CPython 3.11.7 fails when two threads build ASTs at
@@ -32,7 +36,7 @@ def code_version(cls: type) -> str:
     declared = str(getattr(cls, "version", "1"))
     parts: list[str] = []
     for name, value in sorted(vars(cls).items()):
-        if name.startswith("__"):
+        if name.startswith("__") or name in _NOT_CODE:
             continue
         func = _function_of(value)
         if func is not None:

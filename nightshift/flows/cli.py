@@ -8,7 +8,8 @@
 * ``--help``, ``--version`` and usage errors import neither Prefect, polars nor vLLM:
   those imports live in the command bodies (``tests/test_cli.py`` asserts it).
 * A vLLM engine start logs one line; ``--verbose`` (or ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)
-  shows vLLM's whole start-up log (``nightshift.serving.vllm_backend.engine_logs_verbose``).
+  shows vLLM's whole start-up log and the traceback of an unexpected error: one switch,
+  ``nightshift.core.verbose``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from nightshift.core.errors import NightshiftError, one_line
+from nightshift.core.verbose import is_verbose, set_verbose
 
 if TYPE_CHECKING:
     from nightshift.tasks.spec import PipelineSpec
@@ -80,12 +82,13 @@ def _root(
 
 
 def _verbose(verbose: bool, *, log_to_stderr: bool = False) -> None:
-    """``--verbose`` goes through the environment (``NIGHTSHIFT_LOG_LEVEL=DEBUG``), so
-    that engines started in worker processes of this run see it too. ``log_to_stderr``:
-    show Nightshift's own INFO lines (the one line per engine start) on stderr, for
-    commands that run outside a Prefect flow run (in one, Prefect's loggers show them)."""
+    """``--verbose`` turns on the one verbose switch (``nightshift.core.verbose``, kept in
+    the environment so that engines started in worker processes of this run see it too).
+    ``log_to_stderr``: show Nightshift's own INFO lines (the one line per engine start) on
+    stderr, for commands that run outside a Prefect flow run (in one, Prefect's loggers
+    show them)."""
     if verbose:
-        os.environ["NIGHTSHIFT_LOG_LEVEL"] = "DEBUG"
+        set_verbose()
     if log_to_stderr:
         import logging
 
@@ -207,9 +210,11 @@ def export(
 @app.command()
 def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Check the spec, sources, schema and store; run nothing."""
+    from nightshift.flows.parameters import check_parameter_size
     from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    check_parameter_size({"spec": plan.spec.model_dump(mode="json")}, str(spec))
     console.print(
         f"ok: {len(plan.files)} file(s), {len(plan.batches)} batch(es), {len(plan.stages)} stage(s)"
     )
@@ -331,7 +336,6 @@ def server(
     (set PREFECT_SERVER_API_PORT if you choose another port), so no run pays for a
     temporary server.
     """
-    import os
     import sys
 
     api = f"http://127.0.0.1:{port}/api"
@@ -383,7 +387,7 @@ def main() -> None:
 def _unexpected(exc: Exception) -> None:
     """Anything else (an engine that cannot start, a bug): one line and exit 1; the
     traceback with ``--verbose`` (``NIGHTSHIFT_LOG_LEVEL=DEBUG``)."""
-    if os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").upper() == "DEBUG":
+    if is_verbose():
         raise exc
     err.print(
         f"error: {type(exc).__name__}: {one_line(exc)} (--verbose shows the traceback)",

@@ -28,6 +28,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from nightshift.core.errors import SpecError
+from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import build_plan
 from nightshift.flows.run_pipeline import execute_plan, failure_at
 from nightshift.tasks.spec import PipelineSpec, load_spec
@@ -117,6 +118,7 @@ def nightly(
         fail_at_step: the step index (0-based) where fail_at_batch fails.
         allow_imports: allow operators given as module:Class import paths in the spec.
     """
+    quiet_nightshift_tracebacks()
     date = date or scheduled_date()
     plan = build_plan(nightly_spec(spec, date, overrides), allow_imports=allow_imports)
     get_run_logger().info(

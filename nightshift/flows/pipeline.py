@@ -35,6 +35,7 @@ import polars as pl
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.local_api import prefect_api
 from nightshift.flows.outputs import StepStatus, export, read_output, step_status
+from nightshift.flows.parameters import check_parameter_size, parameters_accepted
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.operators import Operator, registered_operators
@@ -52,14 +53,15 @@ def run_spec(
     ``nightshift.flows.local_api.prefect_api`` finds (configured, already running here, or a
     temporary one); returns the run summary or raises one NightshiftError line."""
     build_plan(spec, allow_imports=allow_imports)  # every check, before any work
-    with prefect_api():
-        state = run_pipeline(
-            spec=spec.model_dump(mode="json"),
-            resume_from_last=resume_from_last,
-            resume_step=resume_step,
-            allow_imports=allow_imports,
-            return_state=True,
-        )
+    parameters: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "resume_from_last": resume_from_last,
+        "resume_step": resume_step,
+        "allow_imports": allow_imports,
+    }
+    check_parameter_size(parameters, "spec")  # before a temporary server starts
+    with prefect_api(), parameters_accepted(parameters, "spec"):
+        state = run_pipeline(**parameters, return_state=True)
         if not state.is_completed():
             try:
                 state.result()

@@ -1,10 +1,12 @@
 """Planning: everything checked and every cache key known before any batch runs.
 
-``build_plan`` lists the source files, stages JSONL/CSV inputs as Parquet, cuts batches,
-groups operators into stages (fusing consecutive cheap row-local operators), dry-runs every
-operator on an empty frame with each source schema (missing columns, wrong types and bad
-expressions fail here, naming the step), and computes the content address of every
-(stage, batch) output:
+``build_plan`` asks the sources layer for the prepared source files
+(``tasks.staging.prepare_sources``: JSONL/CSV staged as Parquet, files checked against
+each other, first rows sampled), cuts batches, groups operators into stages (fusing
+consecutive cheap row-local operators), dry-runs every operator on an empty frame with
+each source schema and runs each file's sample through the steps (missing columns, wrong
+types and bad expressions fail here, naming the step), and computes the content address
+of every (stage, batch) output:
 
 * row-local stage: ``key = H(stage fingerprint, input key)``, the input key of the first
   stage being the batch fingerprint (file identity + row range);
@@ -22,26 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from nightshift.blocks.serving_config import BackendConfig
 from nightshift.blocks.step_store import StepStore
-from nightshift.core import file_io
-from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
-from nightshift.tasks.batches import Batch, cut, with_row_ids
-from nightshift.tasks.dag import StepNode, join_frames, topological_order
-from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
-from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
+from nightshift.tasks.batches import Batch, cut
+from nightshift.tasks.dag import StepNode, topological_order
+from nightshift.tasks.operators import BarrierOperator
+from nightshift.tasks.sources import SourceFile
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import (
     DagSchemas,
     Stage,
     build_dag_stages,
     dry_run_dag,
+    sample_run,
     serving_identities,
     step_where,
 )
+from nightshift.tasks.staging import PreparedFile, prepare_sources
 
 
 @dataclass(frozen=True)
@@ -274,14 +275,10 @@ def build_plan(
     operators = [node.operator for node in nodes]
     store = spec.store.resolve()
     store.check_writable()
-    files = discover(spec.source)
+    prepared = prepare_sources(spec.source, store, store.path(*prefix_of(spec), "sources"))
     batches: list[Batch] = []
-    schemas: dict[str, pl.Schema] = {}
-    for file in files:
-        read_uri, rows, schema = _prepare_file(file, spec, store)
-        schemas[file.uri] = schema
-        in_store = file.format != "parquet"
-        batches.extend(cut(file, read_uri, in_store, rows, spec.batch_size, len(batches)))
+    for p in prepared:
+        batches.extend(cut(p.file, p.read_uri, p.in_store, p.rows, spec.batch_size, len(batches)))
     serving = resolve_serving(spec.serving, operators)
     for name, config in serving.items():
         try:
@@ -290,69 +287,30 @@ def build_plan(
             raise SpecError(f"serving.{name}: {exc}") from None
     if serving and spec.task_runner != "thread":
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
-    dag = _dry_run(nodes, order, schemas)
+    dag = _dry_run(nodes, order, prepared)
     _check_batch_sizes(nodes, spec.batch_size)
     context = {"serving": serving_identities(serving)}
     stages = build_dag_stages(nodes, order, spec.fuse, context, spec.batch_size, dag.joins)
+    files = [p.file for p in prepared]
     plan = Plan(spec, store, files, batches, stages, serving, nodes=nodes)
     _compute_keys(plan)
     return plan
 
 
-def _prepare_file(
-    file: SourceFile, spec: PipelineSpec, store: StepStore
-) -> tuple[str, int, pl.Schema]:
-    """Where a file's batches are read from, its row count and its schema (carrying the
-    file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
-    if file.format == "parquet":
-        fs, path = filesystem(file.uri, spec.source.storage_options)
-        rows = file_io.footer_rows(fs, path)
-        if rows is None:
-            raise SourceError(f"source file {file.uri}: not a readable Parquet file")
-        schema = file_io.schema(fs, path)
-        _check_declared(file, schema)
-        first_rows = lambda: file_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
-        return file.uri, rows, _sampled(file, schema, first_rows)
-    staged = store.path(*prefix_of(spec), "sources", _staged_name(file))
-    rows = store.frame_rows(staged)
-    head = None
-    if rows is None:
-        df = load_text_file(file, spec.source.storage_options)
-        if ROW_ID in df.columns:
-            raise SourceError(f"source file {file.uri}: column {ROW_ID} is reserved")
-        store.write_frame(staged, df)
-        rows, head = df.height, df.head(SAMPLE_ROWS)
-    schema = file_io.schema(store.fs, staged)
-    return (
-        staged,
-        rows,
-        _sampled(
-            file,
-            schema,
-            lambda: (
-                head if head is not None else (file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS))
-            ),
-        ),
-    )
-
-
-def _dry_run(nodes: list[StepNode], order: list[int], schemas: dict[str, pl.Schema]) -> DagSchemas:
-    """Check that the files agree (same columns, same types), dry-run every operator on
-    each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
-    the templates on each file's first rows (when the schema carries them)."""
-    _check_same_columns(schemas)
+def _dry_run(nodes: list[StepNode], order: list[int], files: list[PreparedFile]) -> DagSchemas:
+    """Dry-run every operator on each distinct source schema
+    (:func:`~nightshift.tasks.stages.dry_run_dag`), then run each file's first rows through
+    the steps (:func:`~nightshift.tasks.stages.sample_run`)."""
     seen: set[str] = set()
     first: DagSchemas | None = None
-    for uri, schema in schemas.items():
-        if ROW_ID in schema:
-            raise SourceError(f"source file {uri}: column {ROW_ID} is reserved")
-        if str(schema) in seen:
+    for p in files:
+        if str(p.schema) in seen:
             continue
-        seen.add(str(schema))
-        result = dry_run_dag(nodes, order, schema, on=uri if len(schemas) > 1 else None)
+        seen.add(str(p.schema))
+        result = dry_run_dag(nodes, order, p.schema, on=p.file.uri if len(files) > 1 else None)
         first = first or result
-    for uri, schema in schemas.items():
-        _render_sample(nodes, order, first, uri, getattr(schema, "sample", None))
+    for p in files:
+        sample_run(nodes, order, first, p.file.uri, p.sample)
     assert first is not None  # a source has at least one file
     return first
 
@@ -376,146 +334,3 @@ def _compute_keys(plan: Plan) -> None:
         else:
             keys = [plan.units(stage.index, b, key, 0)[0].key for b, key in enumerate(inputs)]
         plan.keys[stage.index] = keys
-
-
-# -- input checks of validate (helpers of _prepare_file and _dry_run) ---------------------
-
-#: Rows of each source file that validate renders the templates on.
-SAMPLE_ROWS = 5
-#: Bump when JSONL/CSV reading or validation changes, so that files staged under older
-#: rules are read (and checked) again; step keys do not depend on it.
-_STAGING_RULES = "2"
-
-
-class SampledSchema(pl.Schema):
-    """A source file's schema carrying its first rows (with ``_row_id``), or None."""
-
-    sample: pl.DataFrame | None = None
-
-
-def _staged_name(file: SourceFile) -> str:
-    return f"{file.stem}-{digest(file.identity, _STAGING_RULES)[:24]}.parquet"
-
-
-def _check_declared(file: SourceFile, schema: pl.Schema) -> None:
-    from nightshift.tasks.sources import check_declared
-
-    check_declared(file, schema)
-
-
-def _sampled(file: SourceFile, schema: pl.Schema, head: Any) -> SampledSchema:
-    """``schema`` with the file's first rows; rows that cannot be read leave it without."""
-    sampled = SampledSchema(schema)
-    try:
-        rows = head()
-    except Exception:  # the data is read again (and reported) by the batches themselves
-        return sampled
-    if rows is not None and rows.height:
-        sampled.sample = with_row_ids(rows, file)
-    return sampled
-
-
-def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
-    """Every file of a source has the same columns with the same types (a column that is
-    null in every row of a file matches any type); otherwise name the file and column."""
-    if len(schemas) < 2:
-        return
-    (first_uri, first), *others = schemas.items()
-    types = {c: (t, first_uri) for c, t in first.items() if t != pl.Null}
-    for uri, schema in others:
-        extra = [c for c in schema if c not in first]
-        if extra:
-            raise SourceError(
-                f"source file {uri}: column {extra[0]!r} is not in {first_uri}"
-                f"{f' ({len(extra)} such columns)' if len(extra) > 1 else ''}; "
-                "every file of a source must have the same columns"
-            )
-        lacking = [c for c in first if c not in schema]
-        if lacking:
-            raise SourceError(
-                f"source file {uri}: no column {lacking[0]!r}, which {first_uri} has"
-                f"{f' ({len(lacking)} such columns)' if len(lacking) > 1 else ''}; "
-                "every file of a source must have the same columns"
-            )
-        for column, dtype in schema.items():
-            if dtype == pl.Null:
-                continue
-            known = types.setdefault(column, (dtype, uri))
-            if known[0] != dtype:
-                raise SourceError(
-                    f"source files differ: column {column!r} is {known[0]} in {known[1]} but "
-                    f"{dtype} in {uri}; give it one type in every file (JSONL/CSV: or declare "
-                    f"it in source.schema, e.g. schema: {{{column}: string}})"
-                )
-
-
-def _render_sample(
-    nodes: list[StepNode],
-    order: list[int],
-    dag: DagSchemas | None,
-    uri: str,
-    sample: pl.DataFrame | None,
-) -> None:
-    """Run a file's first rows through the steps and render every template on them (the
-    ``template`` steps and the prompts of LLM steps), so that a template that fails on real
-    values (a missing attribute, a blocked one) fails validate, naming step, file and row.
-
-    Only the built-in CPU steps run on the sample; an LLM step's outputs are stand-ins of
-    their type (``""``, ``0``); a custom step ends the sample (it may have side effects).
-    """
-    from nightshift.tasks.operators import Dedup, Filter, LLMOperator, Map, Rename, Select, Template
-    from nightshift.tasks.operators.sql import sql_expr
-    from nightshift.tasks.operators.template import TemplateRenderError
-
-    if sample is None:
-        return
-    frames: dict[int, pl.DataFrame | None] = {}  # None: the sample ended before this step
-    for i in order:
-        node, op = nodes[i], nodes[i].operator
-        given = [frames.get(p) for p in node.parents] if node.parents else [sample]
-        inputs = [f for f in given if f is not None and f.height]
-        if len(inputs) < len(given):
-            frames[i] = None
-            continue
-        if len(inputs) > 1:
-            assert dag is not None
-            df = join_frames(inputs, dag.joins[i])
-        else:
-            df = inputs[0]
-        frames[i] = None
-        where = f"{step_where(node)} on source file {uri}"
-        try:
-            if isinstance(op, LLMOperator):
-                prompts = df
-                if op.skip_if:
-                    prompts = df.filter(~sql_expr(op.skip_if, "skip_if").fill_null(False))
-                op._prompt_op().render_rows(prompts)
-                empty = apply_operator(op, df.clear())
-                known = set(df.columns)
-                df = df.with_columns(
-                    pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
-                    for name, dtype in empty.schema.items()
-                    if name not in known
-                )
-            elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
-                state = op.index(df.lazy()) if isinstance(op, Dedup) else None
-                df = apply_operator(op, df, state)
-            else:
-                continue  # a custom step ends the sample on its branch
-        except TemplateRenderError as exc:
-            raise SpecError(f"{where}: template fails on row {exc.row}: {exc.detail}") from None
-        except NightshiftError as exc:
-            raise SpecError(f"{where}: {exc}") from None
-        except Exception as exc:  # a value the empty-frame dry run could not see
-            raise SpecError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from None
-        frames[i] = df
-
-
-def _stand_in(dtype: pl.DataType) -> Any:
-    if dtype == pl.String:
-        return ""
-    if dtype.is_numeric():
-        return 0
-    if dtype == pl.Boolean:
-        return False
-    return None

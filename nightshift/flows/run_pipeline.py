@@ -7,8 +7,6 @@ itself as a mapping (what a deployment parameter typed into the UI gives).
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +14,14 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from nightshift.core.errors import NightshiftError, SpecError
+from nightshift.core.errors import SpecError
 from nightshift.flows.explain import explain
+from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.runner_choice import make_task_runner
-
-
-class OneLineErrors(logging.Filter):
-    """Prefect logs a failed task or flow run with its traceback; for Nightshift's own
-    errors the message is the whole explanation (file, step, row), so the traceback is
-    dropped from the log (kept with ``--verbose`` / ``NIGHTSHIFT_LOG_LEVEL=DEBUG``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if (
-            isinstance(error, NightshiftError)
-            and os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").upper() != "DEBUG"
-        ):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-for _name in ("prefect.task_runs", "prefect.flow_runs"):
-    if not any(isinstance(f, OneLineErrors) for f in logging.getLogger(_name).filters):
-        logging.getLogger(_name).addFilter(OneLineErrors())
 
 
 def resolve_resume(resume_from_last: bool | None, resume_step: int | str | None) -> bool:
@@ -218,6 +197,7 @@ def run_pipeline(
             runs' names) fails on the first attempt only, so a Retry succeeds.
         fail_at_step: the step (index, 0-based, or name) where fail_at_batch fails.
     """
+    quiet_nightshift_tracebacks()
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
     return execute_plan(
         plan, resume_from_last, resume_step, failure_at(plan, fail_at_batch, fail_at_step)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -37,6 +38,8 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from nightshift.core.errors import NightshiftError, SpecError, StepFailed, one_line
+from nightshift.flows.log_filters import quiet_nightshift_tracebacks
+from nightshift.flows.parameters import check_parameter_size, parameters_accepted
 from nightshift.streams.discover import Definition, DefinitionTable, pipeline_spec
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
@@ -174,17 +177,18 @@ async def _supervise(
     while True:
         started = time.monotonic()
         box.clear()
-        state = await cast(
-            _FlowState,
-            stream_pipeline(
-                spec=payload,
-                index=plan.index,
-                name=plan.name,
-                allow_imports=allow_imports,
-                until_idle_s=until_idle_s,
-                return_state=True,
-            ),
-        )
+        with parameters_accepted({"spec": payload}, "stream spec"):
+            state = await cast(
+                _FlowState,
+                stream_pipeline(
+                    spec=payload,
+                    index=plan.index,
+                    name=plan.name,
+                    allow_imports=allow_imports,
+                    until_idle_s=until_idle_s,
+                    return_state=True,
+                ),
+            )
         if state.is_completed():
             return await state.aresult()
         try:
@@ -254,6 +258,10 @@ class Discovery:
         self.ended: dict[str, str] = {}  # name -> digest of a stream that ended on its own
         self.definitions: list[Definition] = []
         self.results: list[dict[str, Any]] = []
+        #: the flow run's logger once ``run`` starts
+        self.logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = logging.getLogger(
+            __name__
+        )
 
     async def run(self) -> list[dict[str, Any]]:
         self.logger = get_run_logger()
@@ -430,6 +438,7 @@ async def stream(
     A stream given up after ``restart.max_restarts`` failures does not stop the others;
     the flow fails at the end, naming it.
     """
+    quiet_nightshift_tracebacks()
     parsed, plans = plan_streams(spec, allow_imports)
     check_modes(parsed, discover)
     control = StopControl()
@@ -473,20 +482,17 @@ def run_stream(
     """The CLI's entry: check the spec before Prefect starts, run, raise a one-line error."""
     parsed, _ = plan_streams(str(spec), allow_imports)
     check_modes(parsed, discover)
-    state = asyncio.run(
-        cast(
-            _FlowState,
-            stream(
-                spec=parsed.model_dump(mode="json", by_alias=True),
-                allow_imports=allow_imports,
-                until_idle_s=until_idle_s,
-                check_only=check_only,
-                discover=discover,
-                poll_s=poll_s,
-                return_state=True,
-            ),
-        )
-    )
+    parameters: dict[str, Any] = {
+        "spec": parsed.model_dump(mode="json", by_alias=True),
+        "allow_imports": allow_imports,
+        "until_idle_s": until_idle_s,
+        "check_only": check_only,
+        "discover": discover,
+        "poll_s": poll_s,
+    }
+    check_parameter_size(parameters, str(spec))
+    with parameters_accepted(parameters, str(spec)):
+        state = asyncio.run(cast(_FlowState, stream(**parameters, return_state=True)))
     if not state.is_completed():
         try:
             asyncio.run(state.aresult())

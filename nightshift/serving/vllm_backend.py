@@ -81,6 +81,7 @@ from nightshift.core.embedded_model import EMBEDDED_MODEL_ALIAS, model_cache_dir
 from nightshift.core.errors import one_line
 from nightshift.core.model_identity import model_identity
 from nightshift.core.usage import Usage
+from nightshift.core.verbose import is_verbose
 from nightshift.serving.engine_faults import EngineFaults
 from nightshift.serving.interface import (
     GenerationRequest,
@@ -760,7 +761,7 @@ def _set_default_env(quiet: bool = False) -> None:
 def engine_logs_verbose() -> bool:
     """Whether an engine start shows vLLM's whole log: ``NIGHTSHIFT_LOG_LEVEL=DEBUG``
     (what ``nightshift run/preview --verbose`` sets)."""
-    return os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").strip().upper() == "DEBUG"
+    return is_verbose()
 
 
 def quiet_engine_kwargs(engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -34,13 +34,13 @@ from pydantic import ValidationError
 
 from nightshift.blocks.loading import load_block
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.core.validation import validation_message
 from nightshift.streams.spec import (
     DiscoverSpec,
     PostgresConnectionSpec,
     StreamPipelineSpec,
     StreamSpec,
 )
-from nightshift.tasks.spec import validation_message
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from nightshift.streams.spec import (
     StreamSpec,
 )
 from nightshift.streams.windows import WindowPolicy
-from nightshift.tasks.operators import BarrierOperator, Operator
+from nightshift.tasks.operators import Operator
 from nightshift.tasks.spec import resolve_serving
 from nightshift.tasks.stages import Stage, build_stages, dry_run, serving_identities
 
@@ -113,15 +113,10 @@ def _plan(
     label = where or f"streams[{index}]"
     try:
         decoder = Decoder(stream.decode)
-        operators = stream.operators(allow_imports)
-        for i, op in enumerate(operators):
-            if isinstance(op, BarrierOperator):
-                raise SpecError(
-                    f"steps[{i}] ({op.name}): a barrier step needs the whole data set and a "
-                    "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
-                )
+        nodes = stream.step_nodes(allow_imports)  # one chain, no barrier step
+        operators = [node.operator for node in nodes]
         serving = resolve_serving(spec.serving, operators)
-        output = dry_run(operators, decoder.schema)
+        output = dry_run(operators, decoder.schema, where=[node.where for node in nodes])
         sinks = stream.sink_specs()
         _check_sinks(sinks, stream, output)
     except NightshiftError as exc:

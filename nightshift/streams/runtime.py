@@ -1,7 +1,7 @@
 """The loop of one stream pipeline: pull, decode, window, process, sink, ack.
 
 Runs in the flow's event loop. It pulls messages only while the held messages (open
-window + closed windows + windows in flight) stay under ``count × (max_windows_in_flight
+window + closed windows + windows in flight) stay under ``count * (max_windows_in_flight
 + 1)`` — that is the whole buffer; when the steps are slower than the stream, pulling
 stops and the messages wait in JetStream (backpressure). Windows are processed in worker
 threads (:mod:`nightshift.streams.processor`); when one is committed its messages are acked.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -174,6 +175,26 @@ class StreamRuntime:
         self.stopped_by = ""
         self.idle = False
         self.abandon = threading.Event()  # this stream only (a failure); the control's: all
+        #: the flow run's logger once ``check`` or ``run`` starts
+        self.logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = logging.getLogger(
+            __name__
+        )
+        self.journal = Journal(plan.store, plan.name)
+        self.index = JournalIndex()  # the journal's entries, loaded by ``run``
+        # set by ``run`` once connected: the NATS client, the pull subscription, the dead
+        # letters, the sinks, the window processor and the input identity
+        self.nc: Any = None
+        self.psub: Any = None
+        self.dead: nats_source.DeadLetters | None = None
+        self.sinks: list[Sink] = []
+        self.processor: WindowProcessor | None = None
+        self.identity = ""
+        # the loop's clocks (time.monotonic())
+        self.last_arrival = 0.0
+        self.next_heartbeat = 0.0
+        self.next_gc = 0.0
+        self.next_artifact = 0.0
+        self.next_idle_check = 0.0
 
     def abandoned(self) -> bool:
         return self.abandon.is_set() or self.control.abandon.is_set()
@@ -212,7 +233,7 @@ class StreamRuntime:
         self.nc = await nats_source.connect(
             spec.source, self.plan.label, self.plan.name, self.logger
         )
-        self.sinks: list[Sink] = []
+        self.sinks = []
         runner: Any = None
         try:
             js = self.nc.jetstream()
@@ -237,7 +258,6 @@ class StreamRuntime:
                         sink.duplicate_window_s,
                         sink.subject,
                     )
-            self.journal = Journal(self.plan.store, self.plan.name)
             self.index = JournalIndex(await asyncio.to_thread(self.journal.load))
             await self._collect(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
             opened = sum(e.state == "open" for e in self.index.entries.values())
@@ -382,6 +402,7 @@ class StreamRuntime:
             elif window.size >= self.policy.max_count:
                 self._close(window, "count")
         if dead:
+            assert self.dead is not None  # set by run() before the loop
             await self.dead.send(dead)
             self.metrics.dead_letters += len(dead)
             self.dead_since_window += len(dead)
@@ -465,6 +486,7 @@ class StreamRuntime:
             else:
                 entry = JournalEntry(id=window_id(ranges), ranges=ranges, key=key)
             rows = [window.rows[s] for s in sorted(window.rows)]
+            assert self.processor is not None  # set by run() before the loop
             future = asyncio.ensure_future(asyncio.to_thread(self.processor.process, entry, rows))
             self.inflight[future] = (window, entry)
 

@@ -34,20 +34,20 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nightshift.core.errors import SpecError
-from nightshift.tasks.operators import Operator
-from nightshift.tasks.spec import StoreSpec, build_operators, read_spec_mapping, validation_message
+from nightshift.core.validation import (
+    Float,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    validation_message,
+)
+from nightshift.tasks.dag import StepNode, parse_steps
+from nightshift.tasks.operators import BarrierOperator, Operator
+from nightshift.tasks.spec import StoreSpec, read_spec_mapping
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TOKEN = r"^[A-Za-z0-9_-]+$"  # NATS stream and consumer names
@@ -77,7 +77,7 @@ class NatsSourceSpec(_Strict):
     credentials: BlockRef | None = None
     #: Seconds before an unacked message is redelivered; open windows send
     #: in-progress acks every ack_wait/3, so this bounds recovery time, not processing.
-    ack_wait_s: float = Field(default=30.0, ge=1)
+    ack_wait_s: Float = Field(default=30.0, ge=1)
     #: Unacked messages the server lets this consumer hold (default: windows in flight + 2).
     max_ack_pending: PositiveInt | None = None
     #: Messages asked for per pull request.
@@ -209,24 +209,45 @@ class StreamPipelineSpec(_Strict):
     decode: DecodeSpec
     dead_letter: DeadLetterSpec
     window: WindowSpec
-    steps: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+    #: ``{operator: config}`` entries, parsed as a batch spec's (``tasks/dag.py``): an
+    #: optional ``name:``; ``after:`` only as the chain it is (each step after the one before).
+    steps: list[dict[str, Any]] = Field(default_factory=list)
     sinks: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
     #: Windows being processed at once (the open window comes on top).
     max_windows_in_flight: PositiveInt = 2
     fuse: bool = True
     #: Threads running step tasks.
     workers: PositiveInt = 2
-    retries: int = Field(default=0, ge=0)
-    retry_delay_seconds: float = Field(default=2.0, ge=0)
+    retries: NonNegativeInt = 0
+    retry_delay_seconds: NonNegativeFloat = 2.0
     #: Keep each committed window's step outputs (default: only the sinks' data stays).
     keep_steps: bool = False
     #: On SIGINT/SIGTERM, how long to finish the open and in-flight windows before
     #: abandoning them (their messages are then redelivered to the next start).
-    stop_timeout_s: float = Field(default=30.0, ge=0)
+    stop_timeout_s: NonNegativeFloat = 30.0
 
     def operators(self, allow_imports: bool = False) -> list[Operator]:
         """The steps' operators; errors name ``steps[i].name.key``."""
-        return build_operators(self.steps, allow_imports)
+        return [node.operator for node in self.step_nodes(allow_imports)]
+
+    def step_nodes(self, allow_imports: bool = False) -> list[StepNode]:
+        """The steps, parsed as a batch spec's are (``tasks.dag.parse_steps``: the same
+        one-line errors, ``name:`` and ``after:``), checked for what a stream adds: its
+        windows go through the steps as one chain, and no step needs the whole data set."""
+        nodes = parse_steps(self.steps, allow_imports)
+        for node in nodes:
+            if node.parents != ((node.index - 1,) if node.index else ()):
+                before = f"after: [{nodes[node.index - 1].name}]" if node.index else "after: []"
+                raise SpecError(
+                    f"{node.where}.after: a stream's steps run as one chain, each after the "
+                    f"step before it ({before}); remove after, or split the stream"
+                )
+            if isinstance(node.operator, BarrierOperator):
+                raise SpecError(
+                    f"{node.where}: a barrier step needs the whole data set and a stream has "
+                    "no end; deduplicate with a sink key (postgres key: [...]) instead"
+                )
+        return nodes
 
     def sink_specs(self) -> list[SinkSpec]:
         """The sinks, validated; errors name ``sinks[i].kind.key``."""
@@ -261,9 +282,9 @@ class RestartSpec(_Strict):
 
     #: Restarts in a row without progress (no window committed, not healthy for
     #: ``backoff_max_s``) before the stream is given up (null: never give up).
-    max_restarts: int | None = Field(default=DEFAULT_MAX_RESTARTS, ge=0)
-    backoff_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=60.0, gt=0)
+    max_restarts: NonNegativeInt | None = DEFAULT_MAX_RESTARTS
+    backoff_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 60.0
 
 
 class DiscoverSpec(_Strict):
@@ -293,7 +314,7 @@ class StreamSpec(_Strict):
     discover: DiscoverSpec | None = None
     restart: RestartSpec = Field(default_factory=RestartSpec)
     #: Seconds between refreshes of each stream's window-metrics artifact.
-    artifact_every_s: float = Field(default=30.0, ge=0)
+    artifact_every_s: NonNegativeFloat = 30.0
 
     @model_validator(mode="after")
     def _unique(self) -> StreamSpec:

@@ -15,6 +15,10 @@ ordered chain it always was. ``after: []`` reads the source directly.
   first parent's row order. A column written below the fork in one branch comes from that
   branch; a column written in two branches that meet is an error naming both steps.
 
+:func:`parse_steps` is the one parser of a ``steps:`` list: a batch spec's
+(:func:`build_nodes`, which adds where barriers may stand) and a stream's (which adds that
+its steps form one chain), so both refuse a bad entry with the same line.
+
 Everything here is schema- and graph-level: cheap, run by ``validate`` before any data.
 """
 
@@ -28,6 +32,7 @@ import polars as pl
 from pydantic import BaseModel, ValidationError
 
 from nightshift.core.errors import SpecError, one_line
+from nightshift.core.validation import validation_message
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, resolve_operator
 
 #: Keys of a step entry beside its one operator name.
@@ -95,8 +100,18 @@ def split_entry(entry: Any, i: int) -> tuple[str, dict[str, Any], str | None, li
 
 
 def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
-    """The spec's steps as nodes: operators built, names given, edges resolved and checked
-    (duplicate names, unknown names, cycles); errors are one line naming the step."""
+    """A batch spec's steps (:func:`parse_steps`), with where its barrier steps may be
+    checked: each barrier has one parent step, whose batches it sees whole."""
+    nodes = parse_steps(steps, allow_imports)
+    check_barriers(nodes)
+    return nodes
+
+
+def parse_steps(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
+    """The one parser of a ``steps:`` list (a batch spec's and a stream's): each entry
+    split (:func:`split_entry`), its operator looked up in the registry and built, names
+    given, ``after:`` edges resolved and checked (duplicate names, unknown names, cycles);
+    errors are one line naming the step."""
     parsed = [split_entry(entry, i) for i, entry in enumerate(steps)]
     operators: list[Operator] = []
     for i, (key, config, _, _) in enumerate(parsed):
@@ -107,8 +122,6 @@ def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
         try:
             operators.append(cls(**config))
         except ValidationError as exc:
-            from nightshift.tasks.spec import validation_message
-
             raise SpecError(validation_message(exc, f"steps[{i}].{key}")) from None
         except TypeError as exc:
             raise SpecError(f"steps[{i}].{key}: {one_line(exc)}") from None
@@ -131,6 +144,12 @@ def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
             parents = tuple(by_name[a] for a in after)
         nodes.append(StepNode(i, names[i], operators[i], parents))
     topological_order(nodes)  # raises on a cycle
+    return nodes
+
+
+def check_barriers(nodes: list[StepNode]) -> None:
+    """A barrier step (``dedup``) needs one parent step whose batches it sees whole: not
+    the source itself, not a join."""
     for node in nodes:
         if isinstance(node.operator, BarrierOperator) and len(node.parents) != 1:
             what = (
@@ -147,7 +166,6 @@ def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
                 "needs one parent step whose batches it sees whole; put a row-local step "
                 "(e.g. select) before it"
             )
-    return nodes
 
 
 def _names(

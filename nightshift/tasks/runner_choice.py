@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict
+
+from nightshift.core.validation import PositiveInt
 
 
 class DaskOptions(BaseModel):

@@ -13,7 +13,7 @@ Types are never unified silently: a JSONL column whose values change JSON type b
 lines (a number on one line, a string on another) is refused naming the line, unless
 ``source.schema`` declares its type, in which case every value is converted to it (a value
 that cannot be is refused naming its file, line and column). Files of one source must
-have the same columns and types (``flows/plan.py`` checks this across files).
+have the same columns and types (``tasks/staging.py`` checks this across files).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import (
@@ -34,9 +34,15 @@ from nightshift.blocks.serving_config import (
     parse_serving,
 )
 from nightshift.blocks.step_store import StepStore
-from nightshift.core.errors import SpecError, StoreError, one_line, validation_message
+from nightshift.core.errors import SpecError, StoreError, one_line
+from nightshift.core.validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    validation_message,
+)
 from nightshift.tasks.dag import StepNode, build_nodes
-from nightshift.tasks.operators import Operator, resolve_operator
+from nightshift.tasks.operators import Operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
@@ -147,8 +153,8 @@ class PipelineSpec(BaseModel):
     #: openai_compatible, fake), or ``{block: NAME}`` for a saved serving block.
     serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Prefect task retries for a failing batch.
-    retries: int = Field(default=0, ge=0)
-    retry_delay_seconds: float = Field(default=2.0, ge=0)
+    retries: NonNegativeInt = 0
+    retry_delay_seconds: NonNegativeFloat = 2.0
     #: A path segment after the pipeline name in every store path (e.g. ``date=2026-11-22``).
     partition: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", max_length=100
@@ -178,30 +184,6 @@ class PipelineSpec(BaseModel):
     def step_nodes(self, allow_imports: bool = False) -> list[StepNode]:
         """The steps as a DAG (names, parents), checked: ``tasks/dag.py``."""
         return build_nodes(self.steps, allow_imports)
-
-
-def build_operators(
-    steps: list[dict[str, dict[str, Any] | None]], allow_imports: bool = False
-) -> list[Operator]:
-    """The operators of a spec's ``steps:`` list; errors name ``steps[i].name.key``."""
-    built: list[Operator] = []
-    for i, entry in enumerate(steps):
-        if len(entry) != 1:
-            raise SpecError(
-                f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
-            )
-        ((name, config),) = entry.items()
-        try:
-            cls = resolve_operator(name, allow_imports)
-        except SpecError as exc:
-            raise SpecError(f"steps[{i}]: {exc}") from None
-        try:
-            built.append(cls(**(config or {})))
-        except ValidationError as exc:
-            raise SpecError(validation_message(exc, f"steps[{i}].{name}")) from None
-        except TypeError as exc:
-            raise SpecError(f"steps[{i}].{name}: {one_line(exc)}") from None
-    return built
 
 
 def resolve_serving(

@@ -5,7 +5,8 @@ A stage is one Prefect task per unit of work: one operator, or several consecuti
 fusable (cheap, row-local) ones; in a DAG of steps (``tasks/dag.py``) stages have parent
 stages, and fusion stays inside linear chains. :func:`dry_run` runs every operator on an empty frame of
 a schema, so missing columns, wrong types and bad expressions fail before any data is
-read, naming the step.
+read, naming the step; :func:`sample_run` then runs each source file's first rows through
+the steps that are safe on samples (``Operator.safe_on_sample``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import polars as pl
 from nightshift.blocks.serving_config import BackendConfig
 from nightshift.core.errors import NightshiftError, SpecError, one_line
 from nightshift.core.fingerprints import digest
-from nightshift.tasks.dag import JoinSpec, StepNode, ancestors, join_schema, plan_join
+from nightshift.tasks.dag import JoinSpec, StepNode, ancestors, join_frames, join_schema, plan_join
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 
 
@@ -203,13 +204,20 @@ def column_list(columns: list[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def dry_run(operators: list[Operator], schema: pl.Schema, on: str | None = None) -> pl.Schema:
+def dry_run(
+    operators: list[Operator],
+    schema: pl.Schema,
+    on: str | None = None,
+    where: list[str] | None = None,
+) -> pl.Schema:
     """Run every operator on an empty frame of ``schema`` (``_row_id`` added when it lacks
-    one) and return the output schema; a one-line :class:`SpecError` names the step (and
-    ``on``, the source file, when given)."""
+    one) and return the output schema; a one-line :class:`SpecError` names the step (as
+    ``where[i]`` when given, e.g. a :class:`StepNode`'s ``where``; else ``steps[i] (op)``)
+    and ``on``, the source file, when given."""
     df = _empty(schema)
     for i, op in enumerate(operators):
-        df = _dry_step(op, df, f"steps[{i}] ({op.name or op.import_path()})", on)
+        label = where[i] if where else f"steps[{i}] ({op.name or op.import_path()})"
+        df = _dry_step(op, df, label, on)
     return df.schema
 
 
@@ -247,6 +255,79 @@ def dry_run_dag(
         result.out[i] = out.schema
         result.written[i] = set(node.operator.writes()) | (set(out.columns) - set(df.columns))
     return result
+
+
+def sample_run(
+    nodes: list[StepNode],
+    order: list[int],
+    dag: DagSchemas | None,
+    uri: str,
+    sample: pl.DataFrame | None,
+) -> None:
+    """Run a source file's first rows through the steps and render every template on them
+    (the ``template`` steps and the prompts of LLM steps), so that a template that fails on
+    real values (a missing attribute, a blocked one) fails validate, naming step, file and
+    row; ``dag`` is the dry run's (how each join is made).
+
+    Only steps whose class says ``safe_on_sample`` run on the sample; an LLM step's outputs
+    are stand-ins of their type (``""``, ``0``); any other step ends the sample on its
+    branch (it may have side effects).
+    """
+    from nightshift.tasks.operators import LLMOperator
+    from nightshift.tasks.operators.sql import sql_expr
+    from nightshift.tasks.operators.template import TemplateRenderError
+
+    if sample is None:
+        return
+    frames: dict[int, pl.DataFrame | None] = {}  # None: the sample ended before this step
+    for i in order:
+        node, op = nodes[i], nodes[i].operator
+        inputs = [frames.get(p) for p in node.parents] if node.parents else [sample]
+        present = [f for f in inputs if f is not None and f.height]
+        frames[i] = None
+        if len(present) < len(inputs):
+            continue
+        if len(present) > 1:
+            assert dag is not None
+            df = join_frames(present, dag.joins[i])
+        else:
+            df = present[0]
+        where = f"{step_where(node)} on source file {uri}"
+        try:
+            if isinstance(op, LLMOperator):
+                prompts = df
+                if op.skip_if:
+                    prompts = df.filter(~sql_expr(op.skip_if, "skip_if").fill_null(False))
+                op._prompt_op().render_rows(prompts)
+                empty = apply_operator(op, df.clear())
+                known = set(df.columns)
+                df = df.with_columns(
+                    pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
+                    for name, dtype in empty.schema.items()
+                    if name not in known
+                )
+            elif op.safe_on_sample:
+                state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
+                df = apply_operator(op, df, state)
+            else:
+                continue  # a step not safe on samples ends the sample on its branch
+        except TemplateRenderError as exc:
+            raise SpecError(f"{where}: template fails on row {exc.row}: {exc.detail}") from None
+        except NightshiftError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        except Exception as exc:  # a value the empty-frame dry run could not see
+            raise SpecError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from None
+        frames[i] = df
+
+
+def _stand_in(dtype: pl.DataType) -> Any:
+    if dtype == pl.String:
+        return ""
+    if dtype.is_numeric():
+        return 0
+    if dtype == pl.Boolean:
+        return False
+    return None
 
 
 def step_where(node: StepNode) -> str:

@@ -8,6 +8,7 @@ Write your own operator in a few lines::
     @register_operator
     class Shout(Operator):
         name = "shout"
+        safe_on_sample = True  # pure: validate may run it on each file's first rows
         column: str
 
         def reads(self) -> list[str]:
@@ -28,10 +29,11 @@ import importlib
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict
 
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import code_version, digest
+from nightshift.core.validation import PositiveInt
 
 if TYPE_CHECKING:
     from nightshift.serving.pool import ServingPool
@@ -53,6 +55,11 @@ class Operator(BaseModel):
     #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
     #: or HTTP clients for them. The one answer to "is this an LLM step?".
     uses_serving: ClassVar[bool] = False
+    #: Pure, cheap and without side effects: ``validate`` runs it on each source file's
+    #: first rows (``tasks.stages.sample_run``), so a template or an expression that fails
+    #: on real values fails before any work. Off by default: a custom step may call out
+    #: or write somewhere; the sample ends at it. Subclasses inherit the setting.
+    safe_on_sample: ClassVar[bool] = False
 
     #: Rows per task for this step (a step setting, not config: it is not fingerprinted;
     #: the batch keys carry the row ranges). None: the pipeline's ``batch_size``.
@@ -91,8 +98,9 @@ class Operator(BaseModel):
         ``context`` carries run-level facts an operator's output depends on (the serving
         identities for LLM operators); plain operators ignore it.
         """
-        return digest(_keyed_path(self.import_path()), code_version(type(self)), self.config(),
-                      upstream)
+        return digest(
+            _keyed_path(self.import_path()), code_version(type(self)), self.config(), upstream
+        )
 
     def config(self) -> dict[str, Any]:
         """The fingerprinted configuration: every field but the step's ``batch_size``."""

@@ -13,6 +13,7 @@ class Select(Operator):
     """Keep only these columns (plus ``_row_id``): ``select: {columns: [a, b]}``."""
 
     name = "select"
+    safe_on_sample = True
     keeps_untouched_columns = False
     columns: list[str] = Field(min_length=1)
 
@@ -28,6 +29,7 @@ class Rename(Operator):
     """Rename columns: ``rename: {columns: {old: new}}``."""
 
     name = "rename"
+    safe_on_sample = True
     keeps_untouched_columns = False
     columns: dict[str, str] = Field(min_length=1)
 

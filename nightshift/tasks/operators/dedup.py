@@ -19,6 +19,7 @@ class Dedup(BarrierOperator):
     """``dedup: {on: [text]}``: drop rows whose ``on`` values appeared earlier."""
 
     name = "dedup"
+    safe_on_sample = True
     on: list[str] = Field(min_length=1)
 
     def reads(self) -> list[str]:

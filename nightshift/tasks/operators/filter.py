@@ -14,6 +14,7 @@ class Filter(Operator):
     """Keep rows: ``filter: {where: "length(text) > 20"}`` (nulls count as false)."""
 
     name = "filter"
+    safe_on_sample = True
     where: str
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:

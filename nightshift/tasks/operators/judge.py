@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, model_validator
 
+from nightshift.core.validation import Int
 from nightshift.tasks.operators.base import register_operator
 from nightshift.tasks.operators.llm import PromptedLLM
 
@@ -24,9 +25,9 @@ class Judge(PromptedLLM):
     name = "judge"
     output_dtype: ClassVar[Any] = pl.Int64
     rubric: str
-    min: int = 1
-    max: int = 5
-    max_tokens: int = Field(default=16, ge=1)
+    min: Int = 1
+    max: Int = 5
+    max_tokens: Int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _range(self) -> "Judge":
@@ -72,7 +73,7 @@ class Classify(PromptedLLM):
 
     name = "classify"
     labels: list[str] = Field(min_length=2)
-    max_tokens: int = Field(default=32, ge=1)
+    max_tokens: Int = Field(default=32, ge=1)
 
     def user_template(self) -> str:
         options = ", ".join(self.labels)

@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 
 from nightshift.core.errors import StepFailed
 from nightshift.core.fingerprints import digest
+from nightshift.core.validation import Float, Int
 from nightshift.tasks.operators.base import Operator
 from nightshift.tasks.operators.llm_inputs import (
     Shape,
@@ -70,17 +71,17 @@ class LLMOperator(Operator):
     output: str
     serving: str = "default"
     system: str | None = None
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = 0
+    max_tokens: Int = Field(default=256, ge=1)
+    temperature: Float = Field(default=0.0, ge=0)
+    top_p: Float = Field(default=1.0, gt=0, le=1)
+    seed: Int | None = 0
     stop: list[str] | None = None
     skip_if: str | None = None
-    max_error_rate: float = Field(default=0.1, ge=0, le=1)
+    max_error_rate: Float = Field(default=0.1, ge=0, le=1)
     chat: bool = True
     #: samples per row (sample ``i`` is sampled with seed ``seed + i``); above 1 the
     #: output columns are lists of ``n`` samples.
-    n: int = Field(default=1, ge=1)
+    n: Int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _samples_differ(self) -> LLMOperator:

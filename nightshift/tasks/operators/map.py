@@ -14,6 +14,7 @@ class Map(Operator):
     """Add or replace columns: ``map: {columns: {name: "SQL expression", ...}}``."""
 
     name = "map"
+    safe_on_sample = True
     columns: dict[str, str] = Field(min_length=1)
 
     def writes(self) -> list[str]:

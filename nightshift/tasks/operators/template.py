@@ -31,6 +31,7 @@ class Template(Operator):
     """``template: {output: prompt, template: "Translate to French:\\n{{ text }}"}``."""
 
     name = "template"
+    safe_on_sample = True
     output: str
     template: str
 
