@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from test_s3_store import s3, s3_endpoint
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams

@@ -17,7 +17,7 @@ import s3fs
 from conftest import ROOT, TESTS, make_rows, write_jsonl
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from test_s3_store import free_port, s3, s3_endpoint
+from s3_fixtures import free_port
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Template

@@ -6,7 +6,8 @@ batches (no task run) and **computes** the others. Each stage is compared with t
 manifest its last completed run left in the store:
 
 * same fingerprint: the step is unchanged; the batches to compute are new source batches
-  or outputs that are missing or unreadable;
+  or outputs that are missing or unreadable; files present but not trusted (another
+  unit's output copied over one, a truncated or foreign file) are named with the reason;
 * another fingerprint: the steps whose config changed are named (or "operator code, model
   or an upstream step" when the configs are equal), and its batches get new keys;
 * no manifest: no run has finished this step in this store (and partition) yet;
@@ -22,19 +23,20 @@ from collections.abc import Collection
 from typing import Any
 
 from nightshift.flows.plan import Plan
-from nightshift.flows.survey import StageSurvey, survey as take_survey
+from nightshift.flows.survey import StageSurvey
+from nightshift.flows.survey import survey as take_survey
 
 
-def explain(plan: Plan, force_from: int | Collection[int] | None,
-            survey: list[StageSurvey] | None = None) -> list[str]:
+def explain(
+    plan: Plan, force_from: int | Collection[int] | None, survey: list[StageSurvey] | None = None
+) -> list[str]:
     """One line per stage: what this run will reuse and why the rest is computed.
 
     ``force_from``: the stages computed again as asked (``Plan.forced``). In a DAG each
     line names the stages the stage reads (``after ...``)."""
     views = survey if survey is not None else take_survey(plan, force_from=force_from)
     forced = plan.forced(force_from)
-    return [_explain_stage(plan, stage.index, forced, views[stage.index])
-            for stage in plan.stages]
+    return [_explain_stage(plan, stage.index, forced, views[stage.index]) for stage in plan.stages]
 
 
 def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageSurvey) -> str:
@@ -50,8 +52,11 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
         return f"{name}: all {total} batches done, reused"
     manifest = plan.store.read_json(plan.manifest_path(index))
     if not isinstance(manifest, dict):
-        why = ("an earlier run stopped before finishing this step" if view.done
-               else "no run has finished this step in this store yet")
+        why = (
+            "an earlier run stopped before finishing this step"
+            if view.done
+            else "no run has finished this step in this store yet"
+        )
     elif manifest.get("fingerprint") == stage.fingerprint:
         why = "step unchanged: new source batches, or outputs missing or unreadable"
     else:
@@ -60,8 +65,22 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
     if stage.batch_size is not None and view.units_done:
         pieces = f"; {view.units_done} pieces of {stage.batch_size} rows done"
     waiting = f", {view.waiting} of them after an earlier step" if view.waiting else ""
-    return (f"{name}: {view.done} of {total} batches done and reused, "
-            f"{view.to_compute} to compute{waiting} ({why}){pieces}")
+    return (
+        f"{name}: {view.done} of {total} batches done and reused, "
+        f"{view.to_compute} to compute{waiting} ({why}){pieces}{_rejected(view)}"
+    )
+
+
+def _rejected(view: StageSurvey) -> str:
+    """The files present but not trusted, with the first one's reason."""
+    if not view.rejected:
+        return ""
+    name, why = next(iter(view.rejected.items()))
+    more = f" (and {len(view.rejected) - 1} more)" if len(view.rejected) > 1 else ""
+    return (
+        f"; {len(view.rejected)} output file(s) present but not trusted, computed again: "
+        f"{name} {why}{more}"
+    )
 
 
 def _what_changed(stage: Any, manifest: dict[str, Any]) -> str:

@@ -26,15 +26,21 @@ import polars as pl
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import file_io
+from nightshift.core import layout as store_layout
 from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.batches import Batch, cut, with_row_ids
+from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
-from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import (
-    DagSchemas, Stage, build_dag_stages, dry_run_dag, serving_identities, step_where,
+    DagSchemas,
+    Stage,
+    build_dag_stages,
+    dry_run_dag,
+    serving_identities,
+    step_where,
 )
 
 
@@ -118,8 +124,9 @@ class Plan:
             return frozenset(self.descendants(force_from))
         return frozenset(force_from)
 
-    def stage_input(self, stage: int, batch: int,
-                    parent_keys: list[list[str]], parent_rows: list[int]) -> tuple[str, int]:
+    def stage_input(
+        self, stage: int, batch: int, parent_keys: list[list[str]], parent_rows: list[int]
+    ) -> tuple[str, int]:
         """A batch's input key at a row-local stage and its row count (-1 for a join,
         whose rows are known once it runs; a join never cuts pieces)."""
         s = self.stages[stage]
@@ -140,7 +147,7 @@ class Plan:
         label = self.batches[unit.batch].file_label
         if unit.stop is not None:
             label = f"{label}_{unit.start}"
-        return f"{label}-{unit.key[:16]}.parquet"
+        return store_layout.unit_name(label, unit.key)
 
     @staticmethod
     def input_key(upstream_keys: list[str]) -> str:
@@ -156,8 +163,14 @@ class Plan:
             return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
         starts = range(0, input_rows, s.batch_size) or range(1)
         return [
-            Unit(stage, batch, i, a, min(a + s.batch_size, input_rows),
-                 digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)))
+            Unit(
+                stage,
+                batch,
+                i,
+                a,
+                min(a + s.batch_size, input_rows),
+                digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)),
+            )
             for i, a in enumerate(starts)
         ]
 
@@ -170,13 +183,17 @@ class Plan:
             units.append(Unit(stage, batch, 0, 0, None, digest(s.fingerprint, prefix)))
         return digest(s.fingerprint, "index", prefix), units
 
-    # -- paths -------------------------------------------------------------------------
+    # -- paths (built by core/layout.py) ------------------------------------------------
+    @functools.cached_property
+    def layout(self) -> store_layout.PipelineLayout:
+        return self.store.layout.pipeline(self.spec.name, self.spec.partition)
+
     def stage_dir(self, stage: int) -> str:
         return self._stage_dirs[stage]
 
     @functools.cached_property
     def _stage_dirs(self) -> list[str]:
-        return [self.store.path(*prefix_of(self.spec), "steps", s.dirname) for s in self.stages]
+        return [self.layout.stage_dir(s.dirname) for s in self.stages]
 
     def unit_path(self, unit: Unit) -> str:
         return f"{self.stage_dir(unit.stage)}/{self.unit_name(unit)}"
@@ -186,14 +203,14 @@ class Plan:
         return self.unit_path(Unit(stage, batch, 0, 0, None, self.keys[stage][batch]))
 
     def barriers_dir(self) -> str:
-        return self.store.path(*prefix_of(self.spec), "barriers")
+        return self.layout.barriers_dir()
 
     def barrier_path(self, stage: int, index_key: str | None = None) -> str:
         key = index_key or self.barrier_keys[stage]
-        return f"{self.barriers_dir()}/{self.stages[stage].dirname}-{key[:16]}.parquet"
+        return self.layout.barrier_file(self.stages[stage].dirname, key)
 
     def manifest_path(self, stage: int) -> str:
-        return f"{self.stage_dir(stage)}/manifest.json"
+        return store_layout.manifest(self.stage_dir(stage))
 
     def stage_of_step(self, step: int | str, what: str = "resume_step") -> int:
         """The stage of a step given by index, by name or by its stage's name."""
@@ -222,11 +239,6 @@ class Plan:
                 "or set fuse: false"
             )
         return index
-
-
-def prefix_of(spec: PipelineSpec) -> list[str]:
-    """``<pipeline>`` or ``<pipeline>/<partition>``: where a pipeline's files live."""
-    return [spec.name, spec.partition] if spec.partition else [spec.name]
 
 
 def _check_batch_sizes(nodes: list[StepNode], batch_size: int) -> None:
@@ -284,7 +296,9 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
     return plan
 
 
-def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tuple[str, int, pl.Schema]:
+def _prepare_file(
+    file: SourceFile, spec: PipelineSpec, store: StepStore
+) -> tuple[str, int, pl.Schema]:
     """Where a file's batches are read from, its row count and its schema (carrying the
     file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
@@ -296,7 +310,7 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
         _check_declared(file, schema)
         first_rows = lambda: file_io.read_slice(fs, path, 0, SAMPLE_ROWS)  # noqa: E731
         return file.uri, rows, _sampled(file, schema, first_rows)
-    staged = store.path(*prefix_of(spec), "sources", _staged_name(file))
+    staged = store.layout.pipeline(spec.name, spec.partition).staged_source(_staged_name(file))
     rows = store.frame_rows(staged)
     head = None
     if rows is None:
@@ -306,12 +320,20 @@ def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tup
         store.write_frame(staged, df)
         rows, head = df.height, df.head(SAMPLE_ROWS)
     schema = file_io.schema(store.fs, staged)
-    return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
-        file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
+    return (
+        staged,
+        rows,
+        _sampled(
+            file,
+            schema,
+            lambda: (
+                head if head is not None else (file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS))
+            ),
+        ),
+    )
 
 
-def _dry_run(nodes: list[StepNode], order: list[int],
-             schemas: dict[str, pl.Schema]) -> DagSchemas:
+def _dry_run(nodes: list[StepNode], order: list[int], schemas: dict[str, pl.Schema]) -> DagSchemas:
     """Check that the files agree (same columns, same types), dry-run every operator on
     each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
     the templates on each file's first rows (when the schema carries them)."""
@@ -340,8 +362,10 @@ def _compute_keys(plan: Plan) -> None:
         if stage.batch_size is not None or any(p not in plan.keys for p in stage.parents):
             continue
         parents = [[[plan.keys[p][b]] for p in stage.parents] for b in range(n)]
-        inputs = [plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
-                  for b in range(n)]
+        inputs = [
+            plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
+            for b in range(n)
+        ]
         if stage.barrier is not None:
             index_key, units = plan.barrier_units(stage.index, inputs)
             plan.barrier_keys[stage.index] = index_key
@@ -367,7 +391,7 @@ class SampledSchema(pl.Schema):
 
 
 def _staged_name(file: SourceFile) -> str:
-    return f"{file.stem}-{digest(file.identity, _STAGING_RULES)[:24]}.parquet"
+    return f"{store_layout.capped(file.stem)}-{digest(file.identity, _STAGING_RULES)[:24]}.parquet"
 
 
 def _check_declared(file: SourceFile, schema: pl.Schema) -> None:
@@ -422,8 +446,13 @@ def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
                 )
 
 
-def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | None, uri: str,
-                   sample: pl.DataFrame | None) -> None:
+def _render_sample(
+    nodes: list[StepNode],
+    order: list[int],
+    dag: DagSchemas | None,
+    uri: str,
+    sample: pl.DataFrame | None,
+) -> None:
     """Run a file's first rows through the steps and render every template on them (the
     ``template`` steps and the prompts of LLM steps), so that a template that fails on real
     values (a missing attribute, a blocked one) fails validate, naming step, file and row.
@@ -461,7 +490,8 @@ def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | No
                 known = set(df.columns)
                 df = df.with_columns(
                     pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
-                    for name, dtype in empty.schema.items() if name not in known
+                    for name, dtype in empty.schema.items()
+                    if name not in known
                 )
             elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
                 state = op.index(df.lazy()) if isinstance(op, Dedup) else None

@@ -30,19 +30,37 @@ class Inventory:
         self._found: dict[Unit, BatchRef | None] = {}
 
     def done(self, unit: Unit) -> BatchRef | None:
-        """The unit's output as a reference, if it is in the store and readable."""
+        """The unit's output as a reference, if it is in the store and proves to be the
+        unit's (``OutputIndex.rows``)."""
         if unit in self._found:  # the survey asked first; the scheduler asks again
             return self._found[unit]
-        rows = self.stages[unit.stage].rows(self.plan.unit_name(unit))
-        ref = None if rows is None else BatchRef.model_construct(  # no validation: 30,000
-            path=self.plan.unit_path(unit), rows=rows, key=unit.key, reused=True)  # per re-run
+        rows = self.stages[unit.stage].rows(self.plan.unit_name(unit), unit.key)
+        ref = (
+            None
+            if rows is None
+            else BatchRef.model_construct(  # no validation: 30,000
+                path=self.plan.unit_path(unit), rows=rows, key=unit.key, reused=True
+            )
+        )  # per re-run
         self._found[unit] = ref
         return ref
 
     def barrier_done(self, stage: int, index_key: str) -> BatchRef | None:
         path = self.plan.barrier_path(stage, index_key)
-        rows = self.barriers.rows(path.rsplit("/", 1)[-1]) if self.barriers else None
+        rows = self.barriers.rows(path.rsplit("/", 1)[-1], index_key) if self.barriers else None
         return None if rows is None else BatchRef(path=path, rows=rows, key=index_key, reused=True)
+
+    def rejected(self, stage: int) -> dict[str, str]:
+        """The files of a stage found not to be what their names say (name -> why)."""
+        return self.stages[stage].rejected
+
+    def sweep(self) -> int:
+        """Remove the temporary files killed writers left in the directories surveyed (and
+        the staged sources'); a live writer's are kept. Returns how many were removed."""
+        indexes = [*self.stages, *([self.barriers] if self.barriers else [])]
+        indexes.append(OutputIndex.load(self.plan.store.fs, self.plan.layout.sources_dir()))
+        removed = sum(len(index.sweep()) for index in indexes)
+        return removed + self.plan.store.lock_manager().sweep()
 
     def record(self, unit: Unit | None, ref: BatchRef) -> None:
         """Remember an output this run wrote, so the next run trusts it from a listing."""
@@ -65,8 +83,12 @@ class Inventory:
 def stage_units(plan: Plan, stage: int, batch: int, parents: list[list[BatchRef]]) -> list[Unit]:
     """The units of a row-local stage for one batch, given its parents' outputs (none for
     a stage that reads the source; several for a join)."""
-    key, rows = plan.stage_input(stage, batch, [[r.key for r in refs] for refs in parents],
-                                 [sum(r.rows for r in refs) for refs in parents])
+    key, rows = plan.stage_input(
+        stage,
+        batch,
+        [[r.key for r in refs] for refs in parents],
+        [sum(r.rows for r in refs) for refs in parents],
+    )
     return plan.units(stage, batch, key, rows)
 
 
@@ -90,14 +112,18 @@ class StageSurvey:
     waiting: int = 0
     rows: int = 0
     refs: list[list[BatchRef] | None] = field(default_factory=list)
+    #: files of this stage not trusted although present (name -> why): another unit's
+    #: output copied over, a foreign, truncated or unreadable file
+    rejected: dict[str, str] = field(default_factory=dict)
 
     @property
     def to_compute(self) -> int:
         return self.batches - self.done
 
 
-def survey(plan: Plan, inventory: Inventory | None = None,
-           force_from: int | Collection[int] | None = None) -> list[StageSurvey]:
+def survey(
+    plan: Plan, inventory: Inventory | None = None, force_from: int | Collection[int] | None = None
+) -> list[StageSurvey]:
     """Walk every batch through the stages on what the store holds (nothing runs).
 
     A unit's key needs its input's keys, and for a stage that cuts batches also its
@@ -130,8 +156,11 @@ def survey(plan: Plan, inventory: Inventory | None = None,
                 if stage.batch_size is not None and any(r is None for r in parent_rows):
                     continue
                 key, count = plan.stage_input(
-                    stage.index, b, [keys[p][b] for p in stage.parents],  # type: ignore[misc]
-                    [r or 0 for r in parent_rows])
+                    stage.index,
+                    b,
+                    [keys[p][b] for p in stage.parents],  # type: ignore[misc]
+                    [r or 0 for r in parent_rows],
+                )
                 units[b] = plan.units(stage.index, b, key, count)
         refs: list[list[BatchRef] | None] = []
         keys[stage.index], rows[stage.index] = [None] * n, [None] * n
@@ -152,5 +181,6 @@ def survey(plan: Plan, inventory: Inventory | None = None,
             else:
                 refs.append(None)
         view.refs = refs
+        view.rejected = dict(inventory.rejected(stage.index))
         result.append(view)
     return result

@@ -23,23 +23,41 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import ServingConfig
-from nightshift.blocks.step_store import StepStore
+from nightshift.blocks.step_store import StepStore, check_url
 from nightshift.core.errors import SpecError, StoreError, one_line
 from nightshift.tasks.dag import StepNode, build_nodes
 from nightshift.tasks.operators import Operator, resolve_operator
 from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
-
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
-SECRET_KEYS = frozenset({
-    "api_key", "key", "secret", "token", "password", "session_token", "access_key_id",
-    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-})
+SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "access_key_id",
+        "secret_access_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -61,7 +79,8 @@ class _SpecLoader(yaml.SafeLoader):
                     continue  # an unhashable key: SafeConstructor reports it
                 if earlier is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None,
+                        None,
+                        None,
                         f"duplicate key {key!r} (first given on line {earlier.start_mark.line + 1})",
                         key_node.start_mark,
                     )
@@ -88,6 +107,11 @@ class StoreSpec(BaseModel):
     block: str | None = None
     endpoint_url: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url)
 
     @model_validator(mode="after")
     def _one_of(self) -> StoreSpec:
@@ -171,7 +195,7 @@ def build_operators(
             raise SpecError(
                 f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
             )
-        (name, config), = entry.items()
+        ((name, config),) = entry.items()
         try:
             cls = resolve_operator(name, allow_imports)
         except SpecError as exc:
@@ -185,15 +209,16 @@ def build_operators(
     return built
 
 
-def resolve_serving(serving: dict[str, dict[str, Any]],
-                    operators: list[Operator]) -> dict[str, ServingConfig]:
+def resolve_serving(
+    serving: dict[str, dict[str, Any]], operators: list[Operator]
+) -> dict[str, ServingConfig]:
     """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
     section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
     for a saved config."""
     used: dict[str, int] = {}
     for i, op in enumerate(operators):
         if op.uses_serving:
-            used.setdefault(getattr(op, "serving"), i)
+            used.setdefault(str(getattr(op, "serving", "default")), i)
     configs: dict[str, ServingConfig] = {}
     for name, step in used.items():
         entry = serving.get(name)
@@ -219,7 +244,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors()[0]
     parts = [prefix] if prefix else []
     for loc in first["loc"]:
-        if isinstance(loc, str) and ("[" in loc or "-" in loc and loc.endswith("]")):
+        if isinstance(loc, str) and ("[" in loc or ("-" in loc and loc.endswith("]"))):
             continue  # pydantic's union/validator tags, not a key the user wrote
         if isinstance(loc, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
@@ -246,7 +271,7 @@ def read_spec_mapping(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     except OSError as exc:
         raise SpecError(f"{origin}: cannot read spec: {exc.strerror}") from None
     try:
-        return origin, yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        return origin, yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin

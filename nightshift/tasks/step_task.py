@@ -7,7 +7,14 @@ step store under ``_prefect/``; the data never passes through Prefect.
 
 Runs that share a store take a lock per key (Prefect transactions with SERIALIZABLE
 isolation and a file lock manager), so two flow runs never compute the same (step, batch)
-at once; the second one finds the first one's record and is Cached.
+at once; the second one finds the first one's record and is Cached. Holding the lock,
+Prefect reads the record through :meth:`StepStore.read_path`, which vouches for it only
+while its output proves to be the unit (its footer's identity): a stale record makes the
+task compute the unit and write the record again; no run deletes a record.
+
+Every output is written with its unit's identity in its Parquet footer
+(``core/identity.py``): the key, the stage's fingerprint, the source batch and piece,
+the row count and the ``_row_id`` range and digest.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import identity
 from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
@@ -52,10 +60,12 @@ class BatchRef(BaseModel):
 
 
 class StepOutputPolicy(CachePolicy):
-    """Cache key = the output's content address, valid only while the output file is.
+    """Cache key = the output's content address (a pure function of the inputs).
 
-    If the Parquet file behind a cached record is missing or unreadable, the stale record
-    is dropped so the batch is recomputed instead of trusted.
+    A record is valid only while the output file it points to proves to be its unit;
+    that is checked when Prefect reads the record, under the unit's lock
+    (:meth:`StepStore.read_path`), not here: a key is computed before the lock is held,
+    when another run may be writing that very unit.
     """
 
     def compute_key(
@@ -65,9 +75,6 @@ class StepOutputPolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        store: StepStore = inputs["store"]
-        if store.frame_rows(inputs["out_path"]) is None:
-            store.delete(store.result_record_path(inputs["key"]))
         return inputs["key"]
 
 
@@ -85,7 +92,7 @@ def configure_for(store: StepStore, retries: int, retry_delay_seconds: float) ->
 
 
 def _existing(store: StepStore, out_path: str, key: str, label: str) -> BatchRef | None:
-    rows = store.frame_rows(out_path)
+    rows = store.unit_rows(out_path, key)
     if rows is None:
         return None
     get_run_logger().info("%s: output already in the store (%d rows), reused", label, rows)
@@ -110,6 +117,7 @@ def run_stage_batch(
     rows: tuple[int, int] | None = None,
     surveyed: bool = False,
     join: JoinSpec | None = None,
+    fingerprint: str = "",
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
@@ -118,6 +126,7 @@ def run_stage_batch(
     with its own, smaller batch_size). ``surveyed`` says the run's survey of the store
     found no readable output for it (so it is not looked for again). ``join``: the step
     has several parents; ``upstream`` holds each one's outputs, joined on ``_row_id``.
+    ``fingerprint``: the stage's, written into the output's identity.
     """
     # ``surveyed``: the run's survey found no readable output just now (one less read)
     if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
@@ -126,12 +135,15 @@ def run_stage_batch(
         raise StepFailed(f"{label}: failure injected by the run's fail_at parameter")
     started = time.perf_counter()
     if upstream is None:
-        fs, path = (store.fs, batch.read_uri) if batch.in_store else filesystem(
-            batch.read_uri, source_options
+        fs, path = (
+            (store.fs, batch.read_uri)
+            if batch.in_store
+            else filesystem(batch.read_uri, source_options)
         )
         if rows is not None:  # a piece: read only its rows (their _row_ids are absolute)
-            batch = dataclasses.replace(batch, start=batch.start + rows[0],
-                                        stop=batch.start + rows[1])
+            batch = dataclasses.replace(
+                batch, start=batch.start + rows[0], stop=batch.start + rows[1]
+            )
         df = read_batch(batch, fs, path)
     elif join is not None:
         df = join_frames([read_input(store, refs, None) for refs in upstream], join)  # type: ignore[arg-type]
@@ -144,23 +156,46 @@ def run_stage_batch(
             try:
                 df = apply_operator(op, df, state)
             except NightshiftError as exc:
-                raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
+                raise StepFailed(
+                    f"{label}: steps[{first_step + offset}] ({op.name}): {exc}"
+                ) from None
             except Exception as exc:
                 raise StepFailed(
                     f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
                     f"{one_line(exc)}"
                 ) from exc
-        store.write_frame(out_path, df)
+        piece = None if rows is None else list(rows)
+        store.write_frame(
+            out_path,
+            df,
+            identity.of_frame(
+                df,
+                key,
+                out_path.rsplit("/", 1)[-1],
+                fingerprint=fingerprint,
+                source=batch.file.uri,
+                batch=[batch.start, batch.stop],
+                piece=piece,
+            ),
+        )
         scope.completed()
     size, tag = store.stat(out_path)
     return BatchRef(
-        path=out_path, rows=df.height, rows_in=rows_in, key=key,
-        seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
-        usage=scope.as_dict(), size=size, tag=tag,
+        path=out_path,
+        rows=df.height,
+        rows_in=rows_in,
+        key=key,
+        seconds=time.perf_counter() - started,
+        tokens=_token_counts(operators, df),
+        usage=scope.as_dict(),
+        size=size,
+        tag=tag,
     )
 
 
-def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None) -> pl.DataFrame:
+def read_input(
+    store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None
+) -> pl.DataFrame:
     """Rows ``[start, stop)`` (all without ``rows``) of the concatenated ``parts``."""
     if rows is None and len(parts) == 1:
         return store.read_frame(parts[0].path)
@@ -170,7 +205,9 @@ def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | 
         lo, hi = max(start - offset, 0), min(stop - offset, part.rows)
         if lo < hi:
             whole = (lo, hi) == (0, part.rows)
-            frames.append(store.read_frame(part.path) if whole else store.read_rows(part.path, lo, hi))
+            frames.append(
+                store.read_frame(part.path) if whole else store.read_rows(part.path, lo, hi)
+            )
         offset += part.rows
     if not frames:  # an empty input still has its columns
         frames = [store.read_rows(parts[0].path, 0, 0)]
@@ -201,7 +238,17 @@ def build_barrier_index(
     started = time.perf_counter()
     data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
     state: pl.DataFrame = operator.index(data)
-    store.write_frame(out_path, state)
+    store.write_frame(
+        out_path,
+        state,
+        identity.of_frame(state, key, out_path.rsplit("/", 1)[-1], inputs=len(upstream_paths)),
+    )
     size, tag = store.stat(out_path)
-    return BatchRef(path=out_path, rows=state.height, key=key, seconds=time.perf_counter() - started,
-                    size=size, tag=tag)
+    return BatchRef(
+        path=out_path,
+        rows=state.height,
+        key=key,
+        seconds=time.perf_counter() - started,
+        size=size,
+        tag=tag,
+    )
