@@ -378,3 +378,34 @@ def test_display_keeps_the_scheme() -> None:
     assert s3_store.display("bucket/prefix/a") == "s3://bucket/prefix/a"
     local = StepStore(url="file:///tmp/st")
     assert local.display(local.path("a")) == "/tmp/st/a"
+
+
+def test_a_listing_cached_before_another_run_wrote_does_not_hide_its_output(
+    tmp_path: Path, s3: s3fs.S3FileSystem, s3_endpoint: str, test_log: Path
+) -> None:
+    """What made two runs on S3 compute units twice: run B lists a step folder (s3fs
+    caches the listing), run A then writes a unit and its record, and B's check of that
+    unit must see it, and must not delete A's record."""
+    from nightshift.core.inventory import OutputIndex
+    from nightshift.tasks.step_task import StepOutputPolicy
+
+    source = write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(80, "a"))
+    store = StoreSpec(url=f"s3://nightly/stale-{tmp_path.name}", endpoint_url=s3_endpoint)
+    pipe = Pipeline("stale", source=str(source), steps=[Count(tag="a")], store=store, batch_size=40)
+    pipe.run()  # "run A": every unit and record written
+    plan = pipe.plan()  # "run B"
+    out, key = plan.out_path(0, 1), plan.keys[0][1]
+    record = plan.store.result_record_path(key)
+    data = s3.cat_file(out)
+    s3.rm(out)  # as B saw the folder: unit 1 not written yet
+    index = OutputIndex.load(plan.store.fs, plan.stage_dir(0))
+    assert out.rsplit("/", 1)[-1] not in index.listing
+    s3.pipe_file(out, data)  # A writes it (its record is there)
+
+    inputs = {"store": plan.store, "out_path": out, "key": key}
+    assert StepOutputPolicy().compute_key(None, inputs, {}) == key  # type: ignore[arg-type]
+    assert s3.exists(record), "a run deleted a record it did not write"
+    assert plan.store.unit_rows(out, key) == 40
+    assert plan.store.read_path(key), "the record is valid: its output proves to be its unit"
+    n = len(read_log(str(test_log)))
+    assert pipe.run()["steps"][0]["reused"] == 2 and read_log(str(test_log))[n:] == []

@@ -73,8 +73,9 @@ class OutputIndex:
             entries = fs.ls(directory, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return index
-        finally:  # later checks of single files must see other runs' writes (no cache)
-            fs.invalidate_cache(directory)
+        # the listing stays cached for the footer reads of the survey (no HEAD per file);
+        # a check that decides "missing, compute it" later asks the store itself
+        # (``StepStore.unit_rows`` drops the cached listing first)
         names = set()
         for info in entries:
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
