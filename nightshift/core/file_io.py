@@ -53,13 +53,13 @@ def is_temp(name: str) -> bool:
 def stale_temp(name: str, mtime: float | None, now: float | None = None) -> bool:
     """Whether the temporary file ``name`` is a leftover whose writer is gone: its writer
     ran on this machine and its process is dead, or it is older than TEMP_SAFE_AGE_S
-    (another machine's writer, or a name from before writers were named). A live
-    writer's file is never stale."""
+    (another machine's writer, a name from before writers were named, or a process id
+    reused since: writing one file takes seconds). A live writer's file is never stale."""
     match = _TEMP.search(name)
     if match is None:
         return False
-    if match["host"] == _HOST and match["pid"] is not None:
-        return not _alive(int(match["pid"]))
+    if match["host"] == _HOST and match["pid"] is not None and not _alive(int(match["pid"])):
+        return True
     now = time.time() if now is None else now
     return mtime is not None and now - mtime > TEMP_SAFE_AGE_S
 

@@ -217,7 +217,12 @@ class Plan:
         if isinstance(step, str) and step.isdigit():
             step = int(step)
         for stage in self.stages:
-            if step in stage.steps or step in stage.names or step in (stage.dirname, stage.name):
+            folder = self.stage_dir(stage.index).rsplit("/", 1)[-1]
+            if (
+                step in stage.steps
+                or step in stage.names
+                or step in (stage.dirname, stage.name, folder)
+            ):
                 return stage.index
         if isinstance(step, int):
             raise SpecError(f"{what} {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
