@@ -70,16 +70,12 @@ class StepStore(WritableFileSystem):
     _block_type_slug = "nightshift-step-store"
     _description = "Where Nightshift keeps one Parquet file per (step, batch)."
 
-    url: str = Field(
-        default="file://./.nightshift", description="file://PATH or s3://BUCKET/PREFIX"
-    )
+    url: str = Field(default="file://./.nightshift", description="file://PATH or s3://BUCKET/PREFIX")
     endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, ...)")
     access_key_id: SecretStr | None = Field(default=None, description="S3 key (or from env)")
     secret_access_key: SecretStr | None = Field(default=None, description="S3 secret (or from env)")
     region: str | None = None
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="extra fsspec options"
-    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options")
 
     @field_validator("url")
     @classmethod

@@ -23,20 +23,19 @@ from collections.abc import Collection
 from typing import Any
 
 from nightshift.flows.plan import Plan
-from nightshift.flows.survey import StageSurvey
-from nightshift.flows.survey import survey as take_survey
+from nightshift.flows.survey import StageSurvey, survey as take_survey
 
 
-def explain(
-    plan: Plan, force_from: int | Collection[int] | None, survey: list[StageSurvey] | None = None
-) -> list[str]:
+def explain(plan: Plan, force_from: int | Collection[int] | None,
+            survey: list[StageSurvey] | None = None) -> list[str]:
     """One line per stage: what this run will reuse and why the rest is computed.
 
     ``force_from``: the stages computed again as asked (``Plan.forced``). In a DAG each
     line names the stages the stage reads (``after ...``)."""
     views = survey if survey is not None else take_survey(plan, force_from=force_from)
     forced = plan.forced(force_from)
-    return [_explain_stage(plan, stage.index, forced, views[stage.index]) for stage in plan.stages]
+    return [_explain_stage(plan, stage.index, forced, views[stage.index])
+            for stage in plan.stages]
 
 
 def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageSurvey) -> str:
@@ -52,11 +51,8 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
         return f"{name}: all {total} batches done, reused"
     manifest = plan.store.read_json(plan.manifest_path(index))
     if not isinstance(manifest, dict):
-        why = (
-            "an earlier run stopped before finishing this step"
-            if view.done
-            else "no run has finished this step in this store yet"
-        )
+        why = ("an earlier run stopped before finishing this step" if view.done
+               else "no run has finished this step in this store yet")
     elif manifest.get("fingerprint") == stage.fingerprint:
         why = "step unchanged: new source batches, or outputs missing or unreadable"
     else:
@@ -65,10 +61,8 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
     if stage.batch_size is not None and view.units_done:
         pieces = f"; {view.units_done} pieces of {stage.batch_size} rows done"
     waiting = f", {view.waiting} of them after an earlier step" if view.waiting else ""
-    return (
-        f"{name}: {view.done} of {total} batches done and reused, "
-        f"{view.to_compute} to compute{waiting} ({why}){pieces}{_rejected(view)}"
-    )
+    return (f"{name}: {view.done} of {total} batches done and reused, "
+            f"{view.to_compute} to compute{waiting} ({why}){pieces}{_rejected(view)}")
 
 
 def _rejected(view: StageSurvey) -> str:

@@ -35,12 +35,7 @@ from nightshift.tasks.operators import ROW_ID, BarrierOperator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
 from nightshift.tasks.stages import (
-    DagSchemas,
-    Stage,
-    build_dag_stages,
-    dry_run_dag,
-    serving_identities,
-    step_where,
+    DagSchemas, Stage, build_dag_stages, dry_run_dag, serving_identities, step_where,
 )
 
 
@@ -124,9 +119,8 @@ class Plan:
             return frozenset(self.descendants(force_from))
         return frozenset(force_from)
 
-    def stage_input(
-        self, stage: int, batch: int, parent_keys: list[list[str]], parent_rows: list[int]
-    ) -> tuple[str, int]:
+    def stage_input(self, stage: int, batch: int,
+                    parent_keys: list[list[str]], parent_rows: list[int]) -> tuple[str, int]:
         """A batch's input key at a row-local stage and its row count (-1 for a join,
         whose rows are known once it runs; a join never cuts pieces)."""
         s = self.stages[stage]
@@ -163,14 +157,8 @@ class Plan:
             return [Unit(stage, batch, 0, 0, None, digest(s.fingerprint, input_key))]
         starts = range(0, input_rows, s.batch_size) or range(1)
         return [
-            Unit(
-                stage,
-                batch,
-                i,
-                a,
-                min(a + s.batch_size, input_rows),
-                digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)),
-            )
+            Unit(stage, batch, i, a, min(a + s.batch_size, input_rows),
+                 digest(s.fingerprint, input_key, a, min(a + s.batch_size, input_rows)))
             for i, a in enumerate(starts)
         ]
 
@@ -301,9 +289,7 @@ def build_plan(spec: PipelineSpec | dict | str, allow_imports: bool = False) -> 
     return plan
 
 
-def _prepare_file(
-    file: SourceFile, spec: PipelineSpec, store: StepStore
-) -> tuple[str, int, pl.Schema]:
+def _prepare_file(file: SourceFile, spec: PipelineSpec, store: StepStore) -> tuple[str, int, pl.Schema]:
     """Where a file's batches are read from, its row count and its schema (carrying the
     file's first rows, which ``_dry_run`` renders templates on: see ``_sampled``)."""
     if file.format == "parquet":
@@ -325,20 +311,12 @@ def _prepare_file(
         store.write_frame(staged, df)
         rows, head = df.height, df.head(SAMPLE_ROWS)
     schema = file_io.schema(store.fs, staged)
-    return (
-        staged,
-        rows,
-        _sampled(
-            file,
-            schema,
-            lambda: (
-                head if head is not None else (file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS))
-            ),
-        ),
-    )
+    return staged, rows, _sampled(file, schema, lambda: head if head is not None else (
+        file_io.read_slice(store.fs, staged, 0, SAMPLE_ROWS)))
 
 
-def _dry_run(nodes: list[StepNode], order: list[int], schemas: dict[str, pl.Schema]) -> DagSchemas:
+def _dry_run(nodes: list[StepNode], order: list[int],
+             schemas: dict[str, pl.Schema]) -> DagSchemas:
     """Check that the files agree (same columns, same types), dry-run every operator on
     each distinct source schema (:func:`~nightshift.tasks.stages.dry_run`), then render
     the templates on each file's first rows (when the schema carries them)."""
@@ -367,10 +345,8 @@ def _compute_keys(plan: Plan) -> None:
         if stage.batch_size is not None or any(p not in plan.keys for p in stage.parents):
             continue
         parents = [[[plan.keys[p][b]] for p in stage.parents] for b in range(n)]
-        inputs = [
-            plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
-            for b in range(n)
-        ]
+        inputs = [plan.stage_input(stage.index, b, parents[b], [0] * len(stage.parents))[0]
+                  for b in range(n)]
         if stage.barrier is not None:
             index_key, units = plan.barrier_units(stage.index, inputs)
             plan.barrier_keys[stage.index] = index_key
@@ -451,13 +427,8 @@ def _check_same_columns(schemas: dict[str, pl.Schema]) -> None:
                 )
 
 
-def _render_sample(
-    nodes: list[StepNode],
-    order: list[int],
-    dag: DagSchemas | None,
-    uri: str,
-    sample: pl.DataFrame | None,
-) -> None:
+def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | None, uri: str,
+                   sample: pl.DataFrame | None) -> None:
     """Run a file's first rows through the steps and render every template on them (the
     ``template`` steps and the prompts of LLM steps), so that a template that fails on real
     values (a missing attribute, a blocked one) fails validate, naming step, file and row.
@@ -495,8 +466,7 @@ def _render_sample(
                 known = set(df.columns)
                 df = df.with_columns(
                     pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
-                    for name, dtype in empty.schema.items()
-                    if name not in known
+                    for name, dtype in empty.schema.items() if name not in known
                 )
             elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
                 state = op.index(df.lazy()) if isinstance(op, Dedup) else None

@@ -32,10 +32,8 @@ class OneLineErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if (
-            isinstance(error, NightshiftError)
-            and os.environ.get("NIGHTSHIFT_LOG_LEVEL", "").upper() != "DEBUG"
-        ):
+        if isinstance(error, NightshiftError) and os.environ.get(
+                "NIGHTSHIFT_LOG_LEVEL", "").upper() != "DEBUG":
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -77,31 +75,18 @@ def execute_plan(
     logger = get_run_logger()
     recompute = ""
     if forced:
-        recompute = "; recomputing " + (
-            "every stage"
-            if len(forced) == len(plan.stages)
-            else "stages " + ", ".join(plan.stages[i].name for i in sorted(forced))
-        )
+        recompute = "; recomputing " + ("every stage" if len(forced) == len(plan.stages) else
+                                        "stages " + ", ".join(plan.stages[i].name for i in sorted(forced)))
     logger.info(
         "pipeline %s: %d file(s), %d batch(es) of up to %d rows, %d step(s) in %d task stage(s)%s",
-        plan.spec.name,
-        len(plan.files),
-        len(plan.batches),
-        plan.spec.batch_size,
-        len(plan.spec.steps),
-        len(plan.stages),
-        recompute,
+        plan.spec.name, len(plan.files), len(plan.batches), plan.spec.batch_size,
+        len(plan.spec.steps), len(plan.stages), recompute,
     )
     if not plan.linear:
         for stage in plan.stages:
             after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
-            logger.info(
-                "stage %s: steps %s, after %s%s",
-                stage.name,
-                ", ".join(stage.names),
-                after,
-                " (a join on _row_id)" if len(stage.parents) > 1 else "",
-            )
+            logger.info("stage %s: steps %s, after %s%s", stage.name, ", ".join(stage.names),
+                        after, " (a join on _row_id)" if len(stage.parents) > 1 else "")
     inventory = Inventory(plan)
     lines = explain(plan, force_from, survey(plan, inventory, force_from))
     if swept := inventory.sweep():
@@ -111,23 +96,16 @@ def execute_plan(
     publish_plan(plan, lines)
     spec = plan.spec
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
-        execution = Execution(
-            plan,
-            force_from_stage=force_from,
-            fail_at=fail_at,
-            runner=runner,
-            progress=Progress(plan),
-            inventory=inventory,
-        )
+        execution = Execution(plan, force_from_stage=force_from, fail_at=fail_at, runner=runner,
+                              progress=Progress(plan), inventory=inventory)
         try:
             execution.run()
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             publish_summary(plan, [s.as_row() for s in execution.stats])
-    outputs = {
-        plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
-    }
+    outputs = {plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)]
+               for i in plan.sinks}
     output = outputs[plan.stages[plan.sinks[-1]].name]
     publish_sample(plan, output)
     return {
@@ -180,18 +158,15 @@ def _run_name() -> str:
     return Path(str(spec)).stem
 
 
-def failure_at(
-    plan: Plan, fail_at_batch: int | None, fail_at_step: int | str
-) -> tuple[int, int] | None:
+def failure_at(plan: Plan, fail_at_batch: int | None,
+               fail_at_step: int | str) -> tuple[int, int] | None:
     """The (stage, batch index) where a rehearsed failure fires: first attempt only.
 
     ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``)."""
     if fail_at_batch is None or (flow_run.run_count or 1) > 1:
         return None
     if not 1 <= fail_at_batch <= len(plan.batches):
-        raise SpecError(
-            f"fail_at_batch {fail_at_batch}: the run has batches 1..{len(plan.batches)}"
-        )
+        raise SpecError(f"fail_at_batch {fail_at_batch}: the run has batches 1..{len(plan.batches)}")
     return plan.stage_of_step(fail_at_step), fail_at_batch - 1
 
 
@@ -219,6 +194,5 @@ def run_pipeline(
         fail_at_step: the step (index, 0-based, or name) where fail_at_batch fails.
     """
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
-    return execute_plan(
-        plan, resume_from_last, resume_step, failure_at(plan, fail_at_batch, fail_at_step)
-    )
+    return execute_plan(plan, resume_from_last, resume_step,
+                        failure_at(plan, fail_at_batch, fail_at_step))

@@ -153,13 +153,8 @@ class Execution:
         for stats in self.stats:
             logger.info(
                 "step %s: %d of %d batches reused, %d computed, %d failed; %d rows in, %d out",
-                stats.name,
-                stats.reused,
-                stats.batches,
-                stats.computed,
-                stats.failed,
-                stats.rows_in,
-                stats.rows_out,
+                stats.name, stats.reused, stats.batches, stats.computed, stats.failed,
+                stats.rows_in, stats.rows_out,
             )
         if self.failures:
             raise StepFailed(
@@ -265,27 +260,24 @@ class Execution:
             upstream = parents[0][0] if len(parents[0]) == 1 else parents[0]
         elif parents:
             upstream = parents
-        future = self._submit_task(
-            task,
-            dict(
-                label=self._label(unit),
-                key=unit.key,
-                out_path=plan.unit_path(unit),
-                operators=s.operators,
-                first_step=s.first_step,
-                store=plan.store,
-                batch=plan.batches[batch],
-                source_options=plan.spec.source.storage_options,
-                upstream=upstream,
-                **({"join": s.join} if s.join is not None else {}),
-                barrier_state=self._index_refs[stage].path if s.barrier else None,
-                force=self._forced(stage),
-                fail=self.fail_at == (stage, batch) and unit.piece == 0,
-                rows=None if unit.stop is None else (unit.start, unit.stop),
-                surveyed=True,
-                fingerprint=s.fingerprint,
-            ),
-        )
+        future = self._submit_task(task, dict(
+            label=self._label(unit),
+            key=unit.key,
+            out_path=plan.unit_path(unit),
+            operators=s.operators,
+            first_step=s.first_step,
+            store=plan.store,
+            batch=plan.batches[batch],
+            source_options=plan.spec.source.storage_options,
+            upstream=upstream,
+            **({"join": s.join} if s.join is not None else {}),
+            barrier_state=self._index_refs[stage].path if s.barrier else None,
+            force=self._forced(stage),
+            fail=self.fail_at == (stage, batch) and unit.piece == 0,
+            rows=None if unit.stop is None else (unit.start, unit.stop),
+            surveyed=True,
+            fingerprint=s.fingerprint,
+        ))
         self._watch(unit, stage, future)
 
     def _submit_index(self, stage: int, index_key: str) -> None:
@@ -293,18 +285,15 @@ class Execution:
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
         task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
-        future = self._submit_task(
-            task,
-            dict(
-                label=f"{s.label} index",
-                key=index_key,
-                out_path=plan.barrier_path(stage, index_key),
-                operator=s.barrier,
-                store=plan.store,
-                upstream_paths=upstream,
-                force=self._forced(stage),
-            ),
-        )
+        future = self._submit_task(task, dict(
+            label=f"{s.label} index",
+            key=index_key,
+            out_path=plan.barrier_path(stage, index_key),
+            operator=s.barrier,
+            store=plan.store,
+            upstream_paths=upstream,
+            force=self._forced(stage),
+        ))
         self._watch(None, stage, future)
 
     def _submit_task(self, task: Any, parameters: dict[str, Any]) -> Any:
@@ -358,10 +347,8 @@ class Execution:
             stats.reused += 1
         s = self.plan.stages[stage]
         # a join's rows in: its smallest parent's (an upper bound of the joined rows)
-        stats.rows_in += min(
-            (sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
-            default=self.plan.batches[batch].rows,
-        )
+        stats.rows_in += min((sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
+                             default=self.plan.batches[batch].rows)
         stats.rows_out += sum(r.rows for r in refs)
         if self.progress is not None:
             self.progress.batch_done(stage)

@@ -35,13 +35,8 @@ class Inventory:
         if unit in self._found:  # the survey asked first; the scheduler asks again
             return self._found[unit]
         rows = self.stages[unit.stage].rows(self.plan.unit_name(unit), unit.key)
-        ref = (
-            None
-            if rows is None
-            else BatchRef.model_construct(  # no validation: 30,000
-                path=self.plan.unit_path(unit), rows=rows, key=unit.key, reused=True
-            )
-        )  # per re-run
+        ref = None if rows is None else BatchRef.model_construct(  # no validation: 30,000
+            path=self.plan.unit_path(unit), rows=rows, key=unit.key, reused=True)  # per re-run
         self._found[unit] = ref
         return ref
 
@@ -83,12 +78,8 @@ class Inventory:
 def stage_units(plan: Plan, stage: int, batch: int, parents: list[list[BatchRef]]) -> list[Unit]:
     """The units of a row-local stage for one batch, given its parents' outputs (none for
     a stage that reads the source; several for a join)."""
-    key, rows = plan.stage_input(
-        stage,
-        batch,
-        [[r.key for r in refs] for refs in parents],
-        [sum(r.rows for r in refs) for refs in parents],
-    )
+    key, rows = plan.stage_input(stage, batch, [[r.key for r in refs] for refs in parents],
+                                 [sum(r.rows for r in refs) for refs in parents])
     return plan.units(stage, batch, key, rows)
 
 
@@ -121,9 +112,8 @@ class StageSurvey:
         return self.batches - self.done
 
 
-def survey(
-    plan: Plan, inventory: Inventory | None = None, force_from: int | Collection[int] | None = None
-) -> list[StageSurvey]:
+def survey(plan: Plan, inventory: Inventory | None = None,
+           force_from: int | Collection[int] | None = None) -> list[StageSurvey]:
     """Walk every batch through the stages on what the store holds (nothing runs).
 
     A unit's key needs its input's keys, and for a stage that cuts batches also its
@@ -156,11 +146,8 @@ def survey(
                 if stage.batch_size is not None and any(r is None for r in parent_rows):
                     continue
                 key, count = plan.stage_input(
-                    stage.index,
-                    b,
-                    [keys[p][b] for p in stage.parents],  # type: ignore[misc]
-                    [r or 0 for r in parent_rows],
-                )
+                    stage.index, b, [keys[p][b] for p in stage.parents],  # type: ignore[misc]
+                    [r or 0 for r in parent_rows])
                 units[b] = plan.units(stage.index, b, key, count)
         refs: list[list[BatchRef] | None] = []
         keys[stage.index], rows[stage.index] = [None] * n, [None] * n

@@ -55,14 +55,8 @@ from nightshift.core.layout import answers_dir
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
-__all__ = [
-    "AnswerLog",
-    "BatchScope",
-    "answers_dir",
-    "batch_scope",
-    "current_scope",
-    "request_fingerprints",
-]
+__all__ = ["AnswerLog", "BatchScope", "answers_dir", "batch_scope", "current_scope",
+           "request_fingerprints"]
 
 _SCOPE: contextvars.ContextVar[BatchScope | None] = contextvars.ContextVar(
     "nightshift_batch_scope", default=None
@@ -84,9 +78,8 @@ def request_fingerprints(requests: Sequence[GenerationRequest], identity: Any) -
 class AnswerLog:
     """The persisted answers of one (stage, batch); see the module docstring."""
 
-    def __init__(
-        self, store: StepStore, directory: str, flush_rows: int = 64, flush_s: float = 2.0
-    ) -> None:
+    def __init__(self, store: StepStore, directory: str, flush_rows: int = 64,
+                 flush_s: float = 2.0) -> None:
         self.store = store
         self.directory = directory
         self.flush_rows = flush_rows
@@ -129,39 +122,25 @@ class AnswerLog:
         """Persist one answer (errors are not cached). Thread-safe."""
         if not result.ok:
             return
-        line = (
-            json.dumps(
-                {
-                    "fp": fingerprint,
-                    "text": result.text,
-                    "finish_reason": result.finish_reason,
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
+        line = json.dumps({"fp": fingerprint, "text": result.text,
+                           "finish_reason": result.finish_reason,
+                           "prompt_tokens": result.prompt_tokens,
+                           "completion_tokens": result.completion_tokens},
+                          separators=(",", ":")).encode() + b"\n"
         with self._lock:
             self.written += 1
             if self.store.is_local:
                 self._append_local(line)
                 return
             self._buffer.append(line)
-            if (
-                len(self._buffer) >= self.flush_rows
-                or time.monotonic() - self._last_flush >= self.flush_s
-            ):
+            if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_s:
                 self._flush_remote()
 
     def _append_local(self, line: bytes) -> None:
         if self._fd is None:
             os.makedirs(self.directory, exist_ok=True)
-            self._fd = os.open(
-                f"{self.directory}/{self.writer}.jsonl",
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                0o644,
-            )
+            self._fd = os.open(f"{self.directory}/{self.writer}.jsonl",
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(self._fd, line)
 
     def _flush_remote(self) -> None:
@@ -172,9 +151,7 @@ class AnswerLog:
         path = f"{self.directory}/{self.writer}-{self._seq:06d}.jsonl"
         if self._uploads is None:
             self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="answers")
-        self._pending.append(
-            self._uploads.submit(file_io.write_bytes_atomic, self.store.fs, path, data)
-        )
+        self._pending.append(self._uploads.submit(file_io.write_bytes_atomic, self.store.fs, path, data))
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

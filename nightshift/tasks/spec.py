@@ -43,21 +43,10 @@ from nightshift.tasks.runner_choice import DaskOptions, RunnerKind
 from nightshift.tasks.sources import SourceSpec
 
 #: Keys whose values are credentials (fsspec/s3fs options, serving configs).
-SECRET_KEYS = frozenset(
-    {
-        "api_key",
-        "key",
-        "secret",
-        "token",
-        "password",
-        "session_token",
-        "access_key_id",
-        "secret_access_key",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-    }
-)
+SECRET_KEYS = frozenset({
+    "api_key", "key", "secret", "token", "password", "session_token", "access_key_id",
+    "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+})
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -79,8 +68,7 @@ class _SpecLoader(yaml.SafeLoader):
                     continue  # an unhashable key: SafeConstructor reports it
                 if earlier is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
+                        None, None,
                         f"duplicate key {key!r} (first given on line {earlier.start_mark.line + 1})",
                         key_node.start_mark,
                     )
@@ -195,7 +183,7 @@ def build_operators(
             raise SpecError(
                 f"steps[{i}]: expected one operator name as the only key, got {sorted(entry)}"
             )
-        ((name, config),) = entry.items()
+        (name, config), = entry.items()
         try:
             cls = resolve_operator(name, allow_imports)
         except SpecError as exc:
@@ -209,9 +197,8 @@ def build_operators(
     return built
 
 
-def resolve_serving(
-    serving: dict[str, dict[str, Any]], operators: list[Operator]
-) -> dict[str, ServingConfig]:
+def resolve_serving(serving: dict[str, dict[str, Any]],
+                    operators: list[Operator]) -> dict[str, ServingConfig]:
     """The serving configs that the LLM steps use, by name, from a spec's ``serving:``
     section (a pipeline's or a stream spec's): a mapping of fields, or ``{block: NAME}``
     for a saved config."""

@@ -135,15 +135,12 @@ def run_stage_batch(
         raise StepFailed(f"{label}: failure injected by the run's fail_at parameter")
     started = time.perf_counter()
     if upstream is None:
-        fs, path = (
-            (store.fs, batch.read_uri)
-            if batch.in_store
-            else filesystem(batch.read_uri, source_options)
+        fs, path = (store.fs, batch.read_uri) if batch.in_store else filesystem(
+            batch.read_uri, source_options
         )
         if rows is not None:  # a piece: read only its rows (their _row_ids are absolute)
-            batch = dataclasses.replace(
-                batch, start=batch.start + rows[0], stop=batch.start + rows[1]
-            )
+            batch = dataclasses.replace(batch, start=batch.start + rows[0],
+                                        stop=batch.start + rows[1])
         df = read_batch(batch, fs, path)
     elif join is not None:
         df = join_frames([read_input(store, refs, None) for refs in upstream], join)  # type: ignore[arg-type]
@@ -156,9 +153,7 @@ def run_stage_batch(
             try:
                 df = apply_operator(op, df, state)
             except NightshiftError as exc:
-                raise StepFailed(
-                    f"{label}: steps[{first_step + offset}] ({op.name}): {exc}"
-                ) from None
+                raise StepFailed(f"{label}: steps[{first_step + offset}] ({op.name}): {exc}") from None
             except Exception as exc:
                 raise StepFailed(
                     f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
@@ -181,21 +176,13 @@ def run_stage_batch(
         scope.completed()
     size, tag = store.stat(out_path)
     return BatchRef(
-        path=out_path,
-        rows=df.height,
-        rows_in=rows_in,
-        key=key,
-        seconds=time.perf_counter() - started,
-        tokens=_token_counts(operators, df),
-        usage=scope.as_dict(),
-        size=size,
-        tag=tag,
+        path=out_path, rows=df.height, rows_in=rows_in, key=key,
+        seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
+        usage=scope.as_dict(), size=size, tag=tag,
     )
 
 
-def read_input(
-    store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None
-) -> pl.DataFrame:
+def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None) -> pl.DataFrame:
     """Rows ``[start, stop)`` (all without ``rows``) of the concatenated ``parts``."""
     if rows is None and len(parts) == 1:
         return store.read_frame(parts[0].path)
@@ -205,9 +192,7 @@ def read_input(
         lo, hi = max(start - offset, 0), min(stop - offset, part.rows)
         if lo < hi:
             whole = (lo, hi) == (0, part.rows)
-            frames.append(
-                store.read_frame(part.path) if whole else store.read_rows(part.path, lo, hi)
-            )
+            frames.append(store.read_frame(part.path) if whole else store.read_rows(part.path, lo, hi))
         offset += part.rows
     if not frames:  # an empty input still has its columns
         frames = [store.read_rows(parts[0].path, 0, 0)]
@@ -244,11 +229,5 @@ def build_barrier_index(
         identity.of_frame(state, key, out_path.rsplit("/", 1)[-1], inputs=len(upstream_paths)),
     )
     size, tag = store.stat(out_path)
-    return BatchRef(
-        path=out_path,
-        rows=state.height,
-        key=key,
-        seconds=time.perf_counter() - started,
-        size=size,
-        tag=tag,
-    )
+    return BatchRef(path=out_path, rows=state.height, key=key, seconds=time.perf_counter() - started,
+                    size=size, tag=tag)
