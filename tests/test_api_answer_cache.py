@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from test_s3_store import s3, s3_endpoint  # noqa: F401 - pytest fixtures, requested by argument name
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.serving.interface import GenerationRequest, GenerationResult, SamplingParams
@@ -59,7 +58,7 @@ def test_local_answers_survive_without_close_and_torn_lines_are_skipped(tmp_path
     assert not os.path.exists(directory)
 
 
-def test_s3_answers_are_flushed_in_chunks(s3, s3_endpoint) -> None:  # noqa: F811 - the fixtures
+def test_s3_answers_are_flushed_in_chunks(s3, s3_endpoint) -> None:
     store = StepStore(url="s3://nightly/answers-test", endpoint_url=s3_endpoint)
     with batch_scope(store, store.path("p", OUT)) as scope:
         log = scope.answer_log()

@@ -137,6 +137,10 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path, prefect_api: str)
         stage = "00-count" if entry["tag"] == "a" else "02-count"
         assert batch_of(entry, stems) not in before[stage]
 
+    # no litter: the killed writes' temporary files are gone once a run has finished
+    litter = [p.name for p in (tmp_path / "store").rglob("*") if ".tmp" in p.name]
+    assert litter == [], litter
+
     # every batch went through each counted step, at least once, in some run
     seen = {(e["tag"], batch_of(e, stems)) for e in read_log(str(log))}
     assert len(seen) == 2 * total_batches

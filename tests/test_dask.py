@@ -17,7 +17,7 @@ import s3fs
 from conftest import ROOT, TESTS, make_rows, write_jsonl
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from test_s3_store import free_port, s3, s3_endpoint  # noqa: F401 - pytest fixtures, requested by argument name
+from s3_fixtures import free_port
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Template
@@ -119,8 +119,8 @@ def steps() -> list:
 
 def test_dask_cluster_equals_threads(
     tmp_path: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811 - the fixture imported above
-    s3_endpoint: str,  # noqa: F811 - the fixture imported above
+    s3: s3fs.S3FileSystem,
+    s3_endpoint: str,
     dask_cluster: tuple[str, Path],
     test_log: Path,
 ) -> None:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 from conftest import ROOT, TESTS, make_rows, write_jsonl
-from test_s3_store import free_port
+from s3_fixtures import free_port
 
 from nightshift.flows.local_api import TemporaryServer, healthy
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from pathlib import Path
 
 import polars as pl
-import pytest
 import s3fs
 from conftest import make_rows, write_jsonl
 from nightshift_testops import Count, read_log
@@ -16,34 +14,6 @@ from nightshift.flows.pipeline import Pipeline
 from nightshift.tasks.operators import Dedup, Filter, Template
 from nightshift.tasks.sources import SourceSpec
 from nightshift.tasks.spec import StoreSpec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> s3fs.S3FileSystem:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    if not fs.exists("nightly"):
-        fs.mkdir("nightly")
-    return fs
 
 
 def steps() -> list:

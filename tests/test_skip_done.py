@@ -12,7 +12,6 @@ import pytest
 from conftest import make_rows, write_jsonl
 from helpers_api import task_run_states
 from nightshift_testops import Count, read_log
-from test_s3_store import s3, s3_endpoint  # noqa: F401 - pytest fixtures, requested by argument name
 
 from nightshift.flows.pipeline import Pipeline
 from nightshift.flows.survey import Inventory, survey

@@ -1,21 +1,17 @@
 """The step store: where every (step, batch) result lives, as Parquet, local or on S3.
 
-Layout under the root URL (stable; any Parquet tool can read it)::
+Its layout (stable; any Parquet tool can read it) is built in one module,
+``core/layout.py`` (:class:`~nightshift.core.layout.StoreLayout`, ``StepStore.layout``);
+docs/engine.md shows it. Every unit output carries its identity in its Parquet footer
+(``core/identity.py``), so the store trusts a file only if it proves to be the unit its
+name says; Prefect's result records (``_prefect/<key>``) are trusted only while the
+output they point to does (:meth:`StepStore.read_path`).
 
-    <root>/<pipeline>/sources/<file-identity>.parquet   JSONL/CSV inputs staged as Parquet
-    <root>/<pipeline>/steps/<NN>-<ops>/<file>-<start>-<key>.parquet   one file per (step, batch)
-    <root>/<pipeline>/steps/<NN>-<ops>/manifest.json    written when the step completes
-    <root>/<pipeline>/barriers/<NN>-<op>-<key>.parquet  state of a barrier step (dedup index)
-    <root>/<pipeline>/answers/<NN>-<ops>/<file>-<start>-<key>/  LLM answers of a batch in progress
-    <root>/_prefect/<cache key>                          Prefect result records (small refs)
-
-``<key>`` is the content address of the batch at that step: the source file identity and
-row range chained through each step's fingerprint (operator, code version, config).
-
-Register the block with ``prefect block register -m blocks`` and use it by name in a
-spec (``store: {block: prod}``), or give a URL directly (``store: {url: s3://bucket/x}``).
-Credentials are SecretStr fields (kept out of logs and the UI) or come from the
-environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) as s3fs reads them.
+Register the block with ``prefect block register -m nightshift.blocks.step_store`` and
+use it by name in a spec (``store: {block: prod}``), or give a URL directly
+(``store: {url: s3://bucket/x}``). Credentials are SecretStr fields (kept out of logs and
+the UI) or come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) as s3fs
+reads them.
 """
 
 from __future__ import annotations
@@ -34,12 +30,38 @@ import polars as pl
 from fsspec import AbstractFileSystem
 from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
-from nightshift.core import file_io, inventory
+from nightshift.core import file_io, identity, inventory
 from nightshift.core.errors import StoreError, one_line
 from nightshift.core.fingerprints import digest
+from nightshift.core.layout import StoreLayout
 from nightshift.core.locks import ProcessAwareLockManager
+
+#: URL schemes a store may use: local files, and object stores fsspec reaches (their
+#: writes are one PUT, whole or nothing). ``memory://`` is for tests.
+SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+
+
+def check_url(url: str) -> str:
+    """``url`` if a store can live there, else a ValueError saying what is accepted."""
+    if not url or not url.strip():
+        raise ValueError("a store URL is empty; give file://PATH or s3://BUCKET/PREFIX")
+    if "://" not in url:
+        if ":" in url.split("/", 1)[0]:  # host:port/x, c:x, ...
+            raise ValueError(f"{url!r} has no scheme; give file://PATH or s3://BUCKET/PREFIX")
+        return url  # a plain local path
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in SCHEMES:
+        raise ValueError(
+            f"{url!r}: scheme {scheme}:// is not a store; use one of "
+            + ", ".join(f"{s}://" for s in SCHEMES)
+        )
+    if scheme.lower() != "file" and not rest.strip("/"):
+        raise ValueError(f"{url!r} names no bucket; give {scheme}://BUCKET[/PREFIX]")
+    if scheme.lower() == "file" and not rest:
+        raise ValueError(f"{url!r} names no folder; give file://PATH")
+    return url
 
 
 class StepStore(WritableFileSystem):
@@ -59,6 +81,11 @@ class StepStore(WritableFileSystem):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="extra fsspec options"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        return check_url(url)
 
     # -- filesystem ---------------------------------------------------------------
     @property
@@ -98,17 +125,31 @@ class StepStore(WritableFileSystem):
     def root(self) -> str:
         return self._fs_and_root[1]
 
+    @property
+    def layout(self) -> StoreLayout:
+        """Every path of the store (``core/layout.py``)."""
+        return StoreLayout(self.root)
+
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return self.layout.join(*parts)
+
+    @property
+    def scheme(self) -> str:
+        return "file" if self.is_local else self.url.partition("://")[0].lower()
 
     def display(self, path: str) -> str:
-        """A URI for humans and references: ``s3://…`` on S3, the absolute path locally."""
-        return path if self.is_local else f"s3://{path}"
+        """A URI for humans and references: ``<scheme>://bucket/key`` on an object store
+        (``s3://…``, ``memory://…``), the absolute path locally."""
+        return path if self.is_local else f"{self.scheme}://{path.lstrip('/')}"
 
     # -- frames ---------------------------------------------------------------------
-    def write_frame(self, path: str, df: pl.DataFrame) -> None:
+    def write_frame(
+        self, path: str, df: pl.DataFrame, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Write ``df`` atomically; ``metadata`` goes into its Parquet footer (a unit's
+        identity: :func:`nightshift.core.identity.of_frame`)."""
         try:
-            file_io.write_atomic(self.fs, path, df)
+            file_io.write_atomic(self.fs, path, df, metadata)
         except Exception as exc:
             raise StoreError(f"store: cannot write {self.display(path)}: {one_line(exc)}") from None
 
@@ -124,8 +165,20 @@ class StepStore(WritableFileSystem):
         return inventory.stat(self.fs, path)
 
     def frame_rows(self, path: str) -> int | None:
-        """Rows in a stored Parquet file, or None if it is missing or unreadable."""
+        """Rows in a stored Parquet file, or None if it is missing or unreadable (asked of
+        the store itself, never of a cached listing: another run may just have written it)."""
+        self.fs.invalidate_cache(path)
         return file_io.footer_rows(self.fs, path)
+
+    def unit_rows(self, path: str, key: str) -> int | None:
+        """Rows of the output of unit ``key`` at ``path`` if the file is there and proves
+        to be that unit's (its footer's identity), else None: recompute it. Asked of the
+        store itself (a HEAD and a footer read), never of a cached listing."""
+        self.fs.invalidate_cache(path)
+        footer = identity.read_footer(self.fs, path)
+        if footer is None or identity.verify(footer, path.rsplit("/", 1)[-1], key) is not None:
+            return None
+        return footer.rows
 
     def scan_frames(self, paths: list[str], columns: list[str]) -> pl.LazyFrame:
         """The given files as one lazy frame, in order (only ``columns`` are read)."""
@@ -164,8 +217,20 @@ class StepStore(WritableFileSystem):
     # WritableFileSystem declares read_path/write_path async; Prefect calls aread_path /
     # awrite_path when a block has them, and its own blocks (LocalFileSystem) are sync here too
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:  # pyright: ignore[reportIncompatibleMethodOverride]
-        """Read a Prefect result record (``WritableFileSystem`` contract)."""
-        return file_io.read_bytes(self.fs, self.result_record_path(path))
+        """Read a Prefect result record (``WritableFileSystem`` contract).
+
+        A record of a step task points to its output (a ``BatchRef``): it is returned only
+        while that output proves to be the record's unit (:meth:`unit_rows`); else this
+        raises FileNotFoundError, so Prefect sees no record and the task, holding the
+        unit's lock, computes the unit and writes the record again. Nothing is deleted:
+        a record another run wrote is never removed by this one.
+        """
+        content = self.fs.cat_file(self.result_record_path(path))
+        content = content.encode() if isinstance(content, str) else content
+        ref = _record_ref(content)
+        if ref is not None and self.unit_rows(ref[0], ref[1]) is None:
+            raise FileNotFoundError(f"{path}: its output {ref[0]} is missing or not its unit's")
+        return content
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Write a Prefect result record atomically (``WritableFileSystem`` contract)."""
@@ -192,7 +257,7 @@ class StepStore(WritableFileSystem):
         return self
 
     def result_record_path(self, key: str) -> str:
-        return self.path("_prefect", key)
+        return self.layout.result_record(key)
 
     def lock_manager(self) -> ProcessAwareLockManager:
         """File locks for Prefect's SERIALIZABLE transactions (stale ones are broken).
@@ -203,6 +268,21 @@ class StepStore(WritableFileSystem):
         and deterministic, but may compute the same batch twice.
         """
         if self.is_local:
-            return ProcessAwareLockManager(Path(self.path("_locks")))
+            return ProcessAwareLockManager(Path(self.layout.locks_dir()))
         name = self.url.replace("://", "_").replace("/", "_")
         return ProcessAwareLockManager(PREFECT_HOME.value() / "nightshift-locks" / name)
+
+
+def _record_ref(content: bytes) -> tuple[str, str] | None:
+    """``(path, key)`` of the output a step task's result record points to, else None."""
+    try:
+        record = json.loads(content)
+        result = record.get("result")
+        value = json.loads(result) if isinstance(result, str) else result
+        if isinstance(value, dict) and isinstance(value.get("data"), dict):
+            value = value["data"]  # Prefect's JSON envelope of a pydantic model
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and value.get("key"):
+            return value["path"], str(value["key"])
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return None

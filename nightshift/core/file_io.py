@@ -4,14 +4,21 @@ whole files of bytes (the JSON manifests and markers), written atomically.
 Local files are written to a temporary name and renamed (atomic on POSIX); object stores
 get one PUT of the finished file, which is atomic too (an object is visible whole or not
 at all). Readers therefore never see half a file.
+
+A temporary file is named ``<file>.tmp-<host>-<pid>-<random>`` (:func:`temp_path`), so a
+later run can tell a killed writer's leftover from a live writer's (:func:`stale_temp`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
+import socket
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, cast
 
 import polars as pl
@@ -21,35 +28,89 @@ from fsspec.implementations.local import LocalFileSystem
 
 COMPRESSION = "zstd"
 
+#: A temporary file of another machine (or of an unnamed writer) is a killed write's
+#: leftover once it is this old: writing one unit's file takes seconds, not an hour.
+TEMP_SAFE_AGE_S = 3600.0
+
+
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary files' names."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+_HOST = host_tag()
+_TEMP = re.compile(r"\.tmp-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]+$")
+
+
+def temp_path(path: str) -> str:
+    """Where ``path`` is written before it is renamed into place (local files)."""
+    return f"{path}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def is_temp(name: str) -> bool:
+    return _TEMP.search(name) is not None
+
+
+def stale_temp(name: str, mtime: float | None, now: float | None = None) -> bool:
+    """Whether the temporary file ``name`` is a leftover whose writer is gone: its writer
+    ran on this machine and its process is dead, or it is older than TEMP_SAFE_AGE_S
+    (another machine's writer, a name from before writers were named, or a process id
+    reused since: writing one file takes seconds). A live writer's file is never stale."""
+    match = _TEMP.search(name)
+    if match is None:
+        return False
+    if match["host"] == _HOST and match["pid"] is not None and not _alive(int(match["pid"])):
+        return True
+    now = time.time() if now is None else now
+    return mtime is not None and now - mtime > TEMP_SAFE_AGE_S
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def write_atomic(fs: AbstractFileSystem, path: str, df: pl.DataFrame) -> None:
-    """Write ``df`` to ``path`` so that it appears whole or not at all."""
+def write_atomic(
+    fs: AbstractFileSystem, path: str, df: pl.DataFrame, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``df`` to ``path`` so that it appears whole or not at all; ``metadata`` goes
+    into the Parquet footer's key-value metadata."""
+    meta = dict(metadata) if metadata else None
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = temp_path(path)
         try:
-            df.write_parquet(tmp, compression=COMPRESSION, statistics=False)
+            df.write_parquet(tmp, compression=COMPRESSION, statistics=False, metadata=meta)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
     buffer = io.BytesIO()
-    df.write_parquet(buffer, compression=COMPRESSION, statistics=False)
+    df.write_parquet(buffer, compression=COMPRESSION, statistics=False, metadata=meta)
     fs.pipe_file(path, buffer.getvalue())
 
 
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     else:
         fs.pipe_file(path, data)
 

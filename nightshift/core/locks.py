@@ -7,6 +7,10 @@ and process id of its holder (Prefect's own creates the file empty and fills it
 afterwards: a kill in between leaves a lock nobody owns). A lock held by a process of
 this machine that no longer exists is stale: it is removed and the waiter proceeds
 (the batch's output is then recomputed or found whole).
+
+A lock is first written to ``<key>.lock.<host>-<pid>-<thread>.tmp`` and linked into
+place; a waiter killed while it waits leaves that file behind, and :meth:`sweep` removes
+those whose process is gone.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from pathlib import Path
 import anyio
 from prefect.locking.filesystem import FileSystemLockManager
 
+from nightshift.core import file_io
+
 #: A lock file that cannot be read (not one of ours) is trusted for this long.
 UNREADABLE_LOCK_GRACE_S = 30.0
+
+_HOST = file_io.host_tag()
 
 
 def _alive(pid: int) -> bool:
@@ -59,7 +67,7 @@ class ProcessAwareLockManager(FileSystemLockManager):
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        tmp = path.with_name(f"{path.name}.{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(info))
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         try:
@@ -110,6 +118,32 @@ class ProcessAwareLockManager(FileSystemLockManager):
             self._break(key, path)
             return False
         return True
+
+    def sweep(self) -> int:
+        """Remove the lock files' temporary copies that killed waiters left (their process
+        on this machine is gone, or they are older than ``file_io.TEMP_SAFE_AGE_S``)."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.lock_files_directory))
+        except FileNotFoundError:
+            return 0
+        now = time.time()
+        for entry in entries:
+            if not entry.name.endswith(".tmp"):
+                continue
+            host, _, rest = entry.name.removesuffix(".tmp").rpartition(".")[2].partition("-")
+            pid = rest.partition("-")[0]
+            try:
+                if host == _HOST and pid.isdigit():
+                    stale = not _alive(int(pid))
+                else:
+                    stale = now - entry.stat().st_mtime > file_io.TEMP_SAFE_AGE_S
+                if stale:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
     def _unreadable_lock_held(self, key: str, path: Path) -> bool:
         try:

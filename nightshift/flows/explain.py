@@ -6,7 +6,8 @@ batches (no task run) and **computes** the others. Each stage is compared with t
 manifest its last completed run left in the store:
 
 * same fingerprint: the step is unchanged; the batches to compute are new source batches
-  or outputs that are missing or unreadable;
+  or outputs that are missing or unreadable; files present but not trusted (another
+  unit's output copied over one, a truncated or foreign file) are named with the reason;
 * another fingerprint: the steps whose config changed are named (or "operator code, model
   or an upstream step" when the configs are equal), and its batches get new keys;
 * no manifest: no run has finished this step in this store (and partition) yet;
@@ -66,7 +67,19 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
     waiting = f", {view.waiting} of them after an earlier step" if view.waiting else ""
     return (
         f"{name}: {view.done} of {total} batches done and reused, "
-        f"{view.to_compute} to compute{waiting} ({why}){pieces}"
+        f"{view.to_compute} to compute{waiting} ({why}){pieces}{_rejected(view)}"
+    )
+
+
+def _rejected(view: StageSurvey) -> str:
+    """The files present but not trusted, with the first one's reason."""
+    if not view.rejected:
+        return ""
+    name, why = next(iter(view.rejected.items()))
+    more = f" (and {len(view.rejected) - 1} more)" if len(view.rejected) > 1 else ""
+    return (
+        f"; {len(view.rejected)} output file(s) present but not trusted, computed again: "
+        f"{name} {why}{more}"
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from nightshift.blocks.serving_config import BackendConfig
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import layout as store_layout
 from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
 from nightshift.tasks.batches import Batch, cut
@@ -148,7 +149,7 @@ class Plan:
         label = self.batches[unit.batch].file_label
         if unit.stop is not None:
             label = f"{label}_{unit.start}"
-        return f"{label}-{unit.key[:16]}.parquet"
+        return store_layout.unit_name(label, unit.key)
 
     @staticmethod
     def input_key(upstream_keys: list[str]) -> str:
@@ -184,13 +185,17 @@ class Plan:
             units.append(Unit(stage, batch, 0, 0, None, digest(s.fingerprint, prefix)))
         return digest(s.fingerprint, "index", prefix), units
 
-    # -- paths -------------------------------------------------------------------------
+    # -- paths (built by core/layout.py) ------------------------------------------------
+    @functools.cached_property
+    def layout(self) -> store_layout.PipelineLayout:
+        return self.store.layout.pipeline(self.spec.name, self.spec.partition)
+
     def stage_dir(self, stage: int) -> str:
         return self._stage_dirs[stage]
 
     @functools.cached_property
     def _stage_dirs(self) -> list[str]:
-        return [self.store.path(*prefix_of(self.spec), "steps", s.dirname) for s in self.stages]
+        return [self.layout.stage_dir(s.dirname) for s in self.stages]
 
     def unit_path(self, unit: Unit) -> str:
         return f"{self.stage_dir(unit.stage)}/{self.unit_name(unit)}"
@@ -200,21 +205,26 @@ class Plan:
         return self.unit_path(Unit(stage, batch, 0, 0, None, self.keys[stage][batch]))
 
     def barriers_dir(self) -> str:
-        return self.store.path(*prefix_of(self.spec), "barriers")
+        return self.layout.barriers_dir()
 
     def barrier_path(self, stage: int, index_key: str | None = None) -> str:
         key = index_key or self.barrier_keys[stage]
-        return f"{self.barriers_dir()}/{self.stages[stage].dirname}-{key[:16]}.parquet"
+        return self.layout.barrier_file(self.stages[stage].dirname, key)
 
     def manifest_path(self, stage: int) -> str:
-        return f"{self.stage_dir(stage)}/manifest.json"
+        return store_layout.manifest(self.stage_dir(stage))
 
     def stage_of_step(self, step: int | str, what: str = "resume_step") -> int:
         """The stage of a step given by index, by name or by its stage's name."""
         if isinstance(step, str) and step.isdigit():
             step = int(step)
         for stage in self.stages:
-            if step in stage.steps or step in stage.names or step in (stage.dirname, stage.name):
+            folder = self.stage_dir(stage.index).rsplit("/", 1)[-1]
+            if (
+                step in stage.steps
+                or step in stage.names
+                or step in (stage.dirname, stage.name, folder)
+            ):
                 return stage.index
         if isinstance(step, int):
             raise SpecError(f"{what} {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
@@ -236,11 +246,6 @@ class Plan:
                 "or set fuse: false"
             )
         return index
-
-
-def prefix_of(spec: PipelineSpec) -> list[str]:
-    """``<pipeline>`` or ``<pipeline>/<partition>``: where a pipeline's files live."""
-    return [spec.name, spec.partition] if spec.partition else [spec.name]
 
 
 def _check_batch_sizes(nodes: list[StepNode], batch_size: int) -> None:
@@ -275,7 +280,9 @@ def build_plan(
     operators = [node.operator for node in nodes]
     store = spec.store.resolve()
     store.check_writable()
-    prepared = prepare_sources(spec.source, store, store.path(*prefix_of(spec), "sources"))
+    prepared = prepare_sources(
+        spec.source, store, store.layout.pipeline(spec.name, spec.partition).sources_dir()
+    )
     batches: list[Batch] = []
     for p in prepared:
         batches.extend(cut(p.file, p.read_uri, p.in_store, p.rows, spec.batch_size, len(batches)))

@@ -83,6 +83,8 @@ def execute_plan(
             )
     inventory = Inventory(plan)
     lines = explain(plan, force_from, survey(plan, inventory, force_from))
+    if swept := inventory.sweep():
+        logger.info("removed %d temporary file(s) that killed writes left in the store", swept)
     for line in lines:
         logger.info(line)
     publish_plan(plan, lines)
@@ -128,7 +130,7 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
         {
             "pipeline": plan.spec.name,
             "stage": s.name,
-            **({"directory": s.dirname} if s.in_dag else {}),
+            **({"directory": plan.stage_dir(stage).rsplit("/", 1)[-1]} if s.in_dag else {}),
             "steps": [op.spec_entry() for op in s.operators],
             "fingerprint": s.fingerprint,
             "batch_size": s.batch_size,

@@ -236,6 +236,7 @@ class Execution:
         assert self.inventory is not None
         forced = self._forced(stage)
         if not forced and all(self.inventory.done(u) is not None for u in units):
+            self.inventory.barrier_done(stage, index_key)  # keeps the barriers' index whole
             for unit in units:
                 self._place(unit.batch, stage, [unit])
             return
@@ -288,6 +289,7 @@ class Execution:
                 fail=self.fail_at == (stage, batch) and unit.piece == 0,
                 rows=None if unit.stop is None else (unit.start, unit.stop),
                 surveyed=True,
+                fingerprint=s.fingerprint,
             ),
         )
         self._watch(unit, stage, future)

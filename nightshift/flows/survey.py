@@ -30,10 +30,11 @@ class Inventory:
         self._found: dict[Unit, BatchRef | None] = {}
 
     def done(self, unit: Unit) -> BatchRef | None:
-        """The unit's output as a reference, if it is in the store and readable."""
+        """The unit's output as a reference, if it is in the store and proves to be the
+        unit's (``OutputIndex.rows``)."""
         if unit in self._found:  # the survey asked first; the scheduler asks again
             return self._found[unit]
-        rows = self.stages[unit.stage].rows(self.plan.unit_name(unit))
+        rows = self.stages[unit.stage].rows(self.plan.unit_name(unit), unit.key)
         ref = (
             None
             if rows is None
@@ -46,8 +47,20 @@ class Inventory:
 
     def barrier_done(self, stage: int, index_key: str) -> BatchRef | None:
         path = self.plan.barrier_path(stage, index_key)
-        rows = self.barriers.rows(path.rsplit("/", 1)[-1]) if self.barriers else None
+        rows = self.barriers.rows(path.rsplit("/", 1)[-1], index_key) if self.barriers else None
         return None if rows is None else BatchRef(path=path, rows=rows, key=index_key, reused=True)
+
+    def rejected(self, stage: int) -> dict[str, str]:
+        """The files of a stage found not to be what their names say (name -> why)."""
+        return self.stages[stage].rejected
+
+    def sweep(self) -> int:
+        """Remove the temporary files killed writers left in the directories surveyed (and
+        the staged sources'); a live writer's are kept. Returns how many were removed."""
+        indexes = [*self.stages, *([self.barriers] if self.barriers else [])]
+        indexes.append(OutputIndex.load(self.plan.store.fs, self.plan.layout.sources_dir()))
+        removed = sum(len(index.sweep()) for index in indexes)
+        return removed + self.plan.store.lock_manager().sweep()
 
     def record(self, unit: Unit | None, ref: BatchRef) -> None:
         """Remember an output this run wrote, so the next run trusts it from a listing."""
@@ -99,6 +112,9 @@ class StageSurvey:
     waiting: int = 0
     rows: int = 0
     refs: list[list[BatchRef] | None] = field(default_factory=list)
+    #: files of this stage not trusted although present (name -> why): another unit's
+    #: output copied over, a foreign, truncated or unreadable file
+    rejected: dict[str, str] = field(default_factory=dict)
 
     @property
     def to_compute(self) -> int:
@@ -165,5 +181,6 @@ def survey(
             else:
                 refs.append(None)
         view.refs = refs
+        view.rejected = dict(inventory.rejected(stage.index))
         result.append(view)
     return result

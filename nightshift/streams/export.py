@@ -35,7 +35,7 @@ def export_stream(spec: StreamSpec, name: str, to: Path) -> tuple[int, int]:
     files = output_files(store, name, path)
     if not files:
         raise StoreError(
-            f"--stream {name}: no store-sink windows under {store.display(store.path(name, path))}"
+            f"--stream {name}: no store-sink windows under {store.display(store.layout.stream(name).sink_dir(path))}"
         )
     if store.is_local:
         frames = [pl.scan_parquet(f) for f in files]

@@ -78,14 +78,15 @@ class Journal:
     def __init__(self, store: StepStore, pipeline: str) -> None:
         self.store = store
         self.pipeline = pipeline
-        self.root = store.path(pipeline, "windows")
+        self.layout = store.layout.stream(pipeline)
+        self.root = self.layout.windows_dir()
 
     def entry_path(self, window_id: str) -> str:
-        return f"{self.root}/{window_id}.json"
+        return self.layout.window_entry(window_id)
 
     def input_path(self, entry: JournalEntry) -> str:
         """The decoded rows of the window (the first step's input)."""
-        return f"{self.root}/{entry.id}-{entry.key[:16]}.parquet"
+        return self.layout.window_input(entry.id, entry.key)
 
     def load(self) -> list[JournalEntry]:
         """Every entry in the store, by first sequence."""

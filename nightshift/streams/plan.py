@@ -72,8 +72,9 @@ class StreamPlan:
         )
 
     def step_path(self, stage: int, window_id: str, key: str) -> str:
-        dirname = self.stages[stage].dirname
-        return self.store.path(self.name, "steps", dirname, f"w-{window_id}-{key[:16]}.parquet")
+        return self.store.layout.stream(self.name).step_output(
+            self.stages[stage].dirname, window_id, key
+        )
 
     def input_identity(self, stream_created: str) -> str:
         """What a window's rows depend on besides its sequences: the JetStream stream

@@ -51,6 +51,7 @@ from typing import Any
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import file_io
 from nightshift.core.fingerprints import digest
+from nightshift.core.layout import answers_dir
 from nightshift.core.usage import TokenPrice, Usage
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
@@ -66,14 +67,6 @@ __all__ = [
 _SCOPE: contextvars.ContextVar[BatchScope | None] = contextvars.ContextVar(
     "nightshift_batch_scope", default=None
 )
-
-
-def answers_dir(out_path: str) -> str:
-    """``…/steps/NN-ops/file-start-key.parquet`` -> ``…/answers/NN-ops/file-start-key``."""
-    head, sep, tail = out_path.rpartition("/steps/")
-    if not sep:
-        raise ValueError(f"not a step output path: {out_path}")
-    return f"{head}/answers/{tail.removesuffix('.parquet')}"
 
 
 def request_fingerprints(requests: Sequence[GenerationRequest], identity: Any) -> list[str]:

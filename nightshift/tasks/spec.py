@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.serving_config import (
@@ -33,7 +33,7 @@ from nightshift.blocks.serving_config import (
     VLLMEngineConfig,
     parse_serving,
 )
-from nightshift.blocks.step_store import StepStore
+from nightshift.blocks.step_store import StepStore, check_url
 from nightshift.core.errors import SpecError, StoreError, one_line
 from nightshift.core.validation import (
     NonNegativeFloat,
@@ -111,6 +111,11 @@ class StoreSpec(BaseModel):
     block: str | None = None
     endpoint_url: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url)
 
     @model_validator(mode="after")
     def _one_of(self) -> StoreSpec:

@@ -2,7 +2,7 @@
 
 :func:`prepare_sources` is what the planner asks of the sources layer::
 
-    files = prepare_sources(spec.source, store, staging_dir=store.path("demo", "sources"))
+    files = prepare_sources(spec.source, store, staging_dir=store.layout.pipeline("demo").sources_dir())
     for f in files:          # in source order
         f.read_uri, f.rows, f.schema, f.sample
 
@@ -31,6 +31,7 @@ from nightshift.blocks.step_store import StepStore
 from nightshift.core import file_io
 from nightshift.core.errors import SourceError
 from nightshift.core.fingerprints import digest
+from nightshift.core.layout import capped
 from nightshift.tasks.batches import with_row_ids
 from nightshift.tasks.sources import (
     ROW_ID,
@@ -113,7 +114,7 @@ def prepare_file(
 
 def staged_name(file: SourceFile) -> str:
     """The staged copy's file name: the file's stem and a hash of its identity."""
-    return f"{file.stem}-{digest(file.identity, STAGING_RULES)[:24]}.parquet"
+    return f"{capped(file.stem)}-{digest(file.identity, STAGING_RULES)[:24]}.parquet"
 
 
 def check_same_columns(schemas: dict[str, pl.Schema]) -> None:

@@ -7,7 +7,14 @@ step store under ``_prefect/``; the data never passes through Prefect.
 
 Runs that share a store take a lock per key (Prefect transactions with SERIALIZABLE
 isolation and a file lock manager), so two flow runs never compute the same (step, batch)
-at once; the second one finds the first one's record and is Cached.
+at once; the second one finds the first one's record and is Cached. Holding the lock,
+Prefect reads the record through :meth:`StepStore.read_path`, which vouches for it only
+while its output proves to be the unit (its footer's identity): a stale record makes the
+task compute the unit and write the record again; no run deletes a record.
+
+Every output is written with its unit's identity in its Parquet footer
+(``core/identity.py``): the key, the stage's fingerprint, the source batch and piece,
+the row count and the ``_row_id`` range and digest.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from nightshift.blocks.step_store import StepStore
+from nightshift.core import identity
 from nightshift.core.errors import NightshiftError, StepFailed, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
@@ -55,10 +63,12 @@ class BatchRef(BaseModel):
 
 
 class StepOutputPolicy(CachePolicy):
-    """Cache key = the output's content address, valid only while the output file is.
+    """Cache key = the output's content address (a pure function of the inputs).
 
-    If the Parquet file behind a cached record is missing or unreadable, the stale record
-    is dropped so the batch is recomputed instead of trusted.
+    A record is valid only while the output file it points to proves to be its unit;
+    that is checked when Prefect reads the record, under the unit's lock
+    (:meth:`StepStore.read_path`), not here: a key is computed before the lock is held,
+    when another run may be writing that very unit.
     """
 
     def compute_key(
@@ -68,9 +78,6 @@ class StepOutputPolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        store: StepStore = inputs["store"]
-        if store.frame_rows(inputs["out_path"]) is None:
-            store.delete_file(store.result_record_path(inputs["key"]))
         return inputs["key"]
 
 
@@ -88,7 +95,7 @@ def configure_for(store: StepStore, retries: int, retry_delay_seconds: float) ->
 
 
 def _existing(store: StepStore, out_path: str, key: str, label: str) -> BatchRef | None:
-    rows = store.frame_rows(out_path)
+    rows = store.unit_rows(out_path, key)
     if rows is None:
         return None
     get_run_logger().info("%s: output already in the store (%d rows), reused", label, rows)
@@ -114,6 +121,7 @@ def run_stage_batch(
     surveyed: bool = False,
     join: JoinSpec | None = None,
     pool: ServingPool | None = None,
+    fingerprint: str = "",
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
@@ -124,6 +132,7 @@ def run_stage_batch(
     has several parents; ``upstream`` holds each one's outputs, joined on ``_row_id``.
     ``pool``: the serving pool of the run's task runner, for LLM steps (handed over
     explicitly, never found in a process-wide registry).
+    ``fingerprint``: the stage's, written into the output's identity.
     """
     # ``surveyed``: the run's survey found no readable output just now (one less read)
     if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
@@ -161,7 +170,20 @@ def run_stage_batch(
                     f"{label}: steps[{first_step + offset}] ({op.name}): {type(exc).__name__}: "
                     f"{one_line(exc)}"
                 ) from exc
-        store.write_frame(out_path, df)
+        piece = None if rows is None else list(rows)
+        store.write_frame(
+            out_path,
+            df,
+            identity.of_frame(
+                df,
+                key,
+                out_path.rsplit("/", 1)[-1],
+                fingerprint=fingerprint,
+                source=batch.file.uri,
+                batch=[batch.start, batch.stop],
+                piece=piece,
+            ),
+        )
         scope.completed()
     size, tag = store.stat(out_path)
     return BatchRef(
@@ -222,7 +244,11 @@ def build_barrier_index(
     started = time.perf_counter()
     data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
     state: pl.DataFrame = operator.index(data)
-    store.write_frame(out_path, state)
+    store.write_frame(
+        out_path,
+        state,
+        identity.of_frame(state, key, out_path.rsplit("/", 1)[-1], inputs=len(upstream_paths)),
+    )
     size, tag = store.stat(out_path)
     return BatchRef(
         path=out_path,

@@ -22,7 +22,7 @@ class StoreSink:
     def __init__(self, label: str, store: StepStore, pipeline: str, path: str) -> None:
         self.label = label
         self.store = store
-        self.folder = store.path(pipeline, path)
+        self.folder = store.layout.stream(pipeline).sink_dir(path)
 
     def file(self, window_id: str) -> str:
         return f"{self.folder}/w-{window_id}.parquet"
@@ -44,7 +44,9 @@ class StoreSink:
 
 def output_files(store: StepStore, pipeline: str, path: str = "output") -> list[str]:
     """The store sink's window files, by name (stream order of their first message)."""
-    return sorted(file_io.glob(store.fs, f"{store.path(pipeline, path)}/w-*.parquet"))
+    return sorted(
+        file_io.glob(store.fs, f"{store.layout.stream(pipeline).sink_dir(path)}/w-*.parquet")
+    )
 
 
 def read_output(store: StepStore, pipeline: str, path: str = "output") -> pl.DataFrame:
