@@ -16,6 +16,7 @@ from nightshift.tasks.operators.generate import Generate, Translate
 from nightshift.tasks.operators.judge import Classify, Judge, Score
 from nightshift.tasks.operators.llm import LLMOperator
 from nightshift.tasks.operators.map import Map
+from nightshift.tasks.operators.near_dedup import NearDedup
 from nightshift.tasks.operators.pick_best import PickBest
 from nightshift.tasks.operators.template import Template
 
@@ -23,21 +24,22 @@ __all__ = [
     "ROW_ID",
     "BarrierOperator",
     "Classify",
+    "Dedup",
+    "Filter",
     "Generate",
     "Judge",
     "LLMOperator",
-    "Score",
-    "Translate",
-    "Dedup",
-    "Filter",
     "Map",
+    "NearDedup",
     "Operator",
     "PickBest",
     "Rename",
+    "Score",
     "Select",
     "Template",
+    "Translate",
+    "apply_operator",
     "register_operator",
     "registered_operators",
     "resolve_operator",
-    "apply_operator",
 ]
