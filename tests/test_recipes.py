@@ -1,0 +1,169 @@
+"""The three recipes of ``examples/recipes/`` end to end on the embedded model (real vLLM).
+
+Each recipe runs as written (its YAML), with its source, store and batch size pointed at
+the test's folders: ``validate``, a run, the invariants of its output; then a run through
+the CLI in a subprocess that is SIGKILLed once some of its LLM work is in the store, a
+re-run, and the output must equal the uninterrupted run's, with nothing completed before
+the kill recomputed.
+
+The uninterrupted runs and the re-runs use the session's shared engine
+(``tests/vllm_shared.py``: the recipes' ``serving`` is its config); each killed run starts
+its own engine in its subprocess (that is where the kill lands).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from vllm_shared import SERVING, shared_pool, skip_without_vllm
+
+skip_without_vllm()
+
+from conftest import ROOT, cli_env
+
+from nightshift.flows.outputs import read_output
+from nightshift.flows.pipeline import run_spec
+from nightshift.flows.plan import build_plan
+from nightshift.serving.runner import shared_serving
+from nightshift.tasks.operators import ROW_ID
+from nightshift.tasks.operators.near_dedup import NearDedup
+from nightshift.tasks.spec import load_spec
+
+RECIPES = ROOT / "examples" / "recipes"
+NAMES = ["questions-from-documents", "preference-pairs", "consensus"]
+
+
+def recipe(name: str, store: Path) -> dict:
+    """The recipe's spec as a user runs it, with the source made absolute, the store in
+    ``store`` and one row per batch (so a kill lands between batches)."""
+    spec = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    assert spec["serving"] == SERVING, "the recipes run on the shared engine's config"
+    spec["source"]["path"] = str(ROOT / spec["source"]["path"])
+    spec["store"] = {"url": f"file://{store}"}
+    spec.update(batch_size=1, workers=2, max_in_flight=2)
+    return spec
+
+
+def run(spec: dict) -> tuple[dict, pl.DataFrame]:
+    with shared_serving(shared_pool()):
+        summary = run_spec(load_spec(spec))
+    return summary, read_output(build_plan(spec))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, pl.DataFrame]]:
+    """Each recipe run once, uninterrupted (the reference of the kill tests)."""
+    base = tmp_path_factory.mktemp("recipes")
+    return {name: run(recipe(name, base / name)) for name in NAMES}
+
+
+def source(name: str) -> pl.DataFrame:
+    spec = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    return pl.read_ndjson(ROOT / spec["source"]["path"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_validates(name: str, tmp_path: Path) -> None:
+    plan = build_plan(recipe(name, tmp_path / "store"))
+    assert plan.stages, name
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
+
+
+def test_questions_from_documents(uninterrupted: dict) -> None:
+    summary, out = uninterrupted["questions-from-documents"]
+    docs = source("questions-from-documents")
+    assert out.columns == [ROW_ID, "doc_id", "question", "answer", "score"]
+    assert out.height >= 1, summary
+    assert set(out["doc_id"]) <= set(docs["doc_id"])
+    assert out["score"].min() >= 3  # type: ignore[operator]
+    assert out["question"].null_count() == 0 and out["answer"].null_count() == 0
+    assert out[ROW_ID].n_unique() == out.height
+    # no two questions left are near-duplicates, and at most 3 per document (maxItems)
+    dedup = NearDedup(column="question", threshold=0.7)
+    assert dedup.index(out.lazy()).height == 0
+    assert out.group_by("doc_id").len()["len"].max() <= 3  # type: ignore[operator]
+    rows_in = [s.get("rows_in") for s in summary["steps"]]
+    rows_out = [s.get("rows_out") for s in summary["steps"]]
+    assert rows_in[0] == docs.height, summary["steps"]
+    assert max(rows_out) > docs.height, f"the explode multiplies the rows: {rows_out}"
+
+
+def test_preference_pairs(uninterrupted: dict) -> None:
+    _, out = uninterrupted["preference-pairs"]
+    instructions = source("preference-pairs")
+    assert out.columns[:7] == [
+        ROW_ID,
+        "instruction_id",
+        "instruction",
+        "chosen",
+        "rejected",
+        "chosen_score",
+        "rejected_score",
+    ]
+    assert set(out["instruction_id"]) <= set(instructions["instruction_id"])
+    for row in out.iter_rows(named=True):
+        answers, scores = row["answers"], row["scores"]
+        assert len(answers) == 4 and len(scores) == 4
+        valid = [(s, i) for i, s in enumerate(scores) if s is not None]
+        best = min(valid, key=lambda p: (-p[0], p[1]))  # highest, then the earliest
+        worst = min(valid, key=lambda p: (p[0], p[1]))  # lowest, then the earliest
+        assert (row["chosen"], row["chosen_score"]) == (answers[best[1]], best[0])
+        assert (row["rejected"], row["rejected_score"]) == (answers[worst[1]], worst[0])
+        assert row["chosen_score"] > row["rejected_score"]
+
+
+def test_consensus(uninterrupted: dict) -> None:
+    _, out = uninterrupted["consensus"]
+    questions = source("consensus")
+    assert out["qid"].to_list() == questions["qid"].to_list(), "one row per question, in order"
+    assert out["n"].to_list() == [3] * questions.height
+    for row in out.iter_rows(named=True):
+        assert len(row["answers"]) == 3 and len(row["scores"]) == 3
+        scored = [s for s in row["scores"] if s is not None]
+        if scored:
+            assert row["mean_score"] == pytest.approx(sum(scored) / len(scored))
+        assert row["agreement"] is None or 1 <= row["agreement"] <= 5
+    assert out["agreement"].null_count() < out.height, "the consensus judge answered"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_killed_mid_run_then_resumed(
+    name: str, tmp_path: Path, prefect_api: str, uninterrupted: dict
+) -> None:
+    spec = recipe(name, tmp_path / "store")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    steps = tmp_path / "store" / name / "steps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
+        env=cli_env(prefect_api),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # kill once the first LLM step has written one batch (the engine is up, work is half done)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(steps.glob("00-*/*.parquet")):
+        assert proc.poll() is None, (proc.stdout.read() if proc.stdout else "")[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in steps.rglob("*.parquet")}
+    assert done, "the kill must land after some work"
+    finished = list(steps.glob("*/manifest.json"))  # a stage writes one once complete
+    assert len(finished) < len(build_plan(spec).stages), "the kill must land before the end"
+
+    _, resumed = run(spec)
+    for f, identity in done.items():
+        assert (f.stat().st_ino, f.stat().st_mtime_ns) == identity, f"{f.name} was recomputed"
+    assert resumed.equals(uninterrupted[name][1])
