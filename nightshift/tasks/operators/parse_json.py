@@ -141,7 +141,7 @@ class ParseJson(Operator):
                 try:
                     parse_type(text)
                 except ValueError as exc:
-                    raise ValueError(f"into.{name}: {exc}") from None
+                    raise ValueError(f"column {name!r}: {exc}") from None
         return value
 
     def kinds(self) -> dict[str, Kind]:
