@@ -162,12 +162,19 @@ class Plan:
         ]
 
     def barrier_units(self, stage: int, input_keys: list[str]) -> tuple[str, list[Unit]]:
-        """A barrier's index key and its per-batch units: batch j depends on batches 0..j."""
+        """A barrier's index key and its per-batch units: batch j depends on batches 0..j
+        (dedup), or on every batch when its operator's index is global (group)."""
         s = self.stages[stage]
         prefix, units = "", []
         for batch, key in enumerate(input_keys):
             prefix = digest(prefix, key)
             units.append(Unit(stage, batch, 0, 0, None, digest(s.fingerprint, prefix)))
+        barrier = s.barrier
+        if barrier is not None and barrier.global_index:
+            units = [
+                Unit(stage, u.batch, 0, 0, None, digest(s.fingerprint, "all", prefix, u.batch))
+                for u in units
+            ]
         return digest(s.fingerprint, "index", prefix), units
 
     # -- paths -------------------------------------------------------------------------
@@ -428,10 +435,22 @@ def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | No
     ``template`` steps and the prompts of LLM steps), so that a template that fails on real
     values (a missing attribute, a blocked one) fails validate, naming step, file and row.
 
-    Only the built-in CPU steps run on the sample; an LLM step's outputs are stand-ins of
-    their type (``""``, ``0``); a custom step ends the sample (it may have side effects).
+    Only the built-in CPU steps run on the sample; an LLM step's outputs (and a
+    ``parse_json``'s) are stand-ins of their type (``""``, ``0``); a custom step ends the
+    sample (it may have side effects).
     """
-    from nightshift.tasks.operators import Dedup, Filter, LLMOperator, Map, Rename, Select, Template
+    from nightshift.tasks.operators import (
+        Dedup,
+        Explode,
+        Filter,
+        Group,
+        LLMOperator,
+        Map,
+        ParseJson,
+        Rename,
+        Select,
+        Template,
+    )
     from nightshift.tasks.operators.sql import sql_expr
     from nightshift.tasks.operators.template import TemplateRenderError
 
@@ -463,8 +482,17 @@ def _render_sample(nodes: list[StepNode], order: list[int], dag: DagSchemas | No
                     pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
                     for name, dtype in empty.schema.items() if name not in known
                 )
-            elif type(op) in (Dedup, Filter, Map, Rename, Select, Template):
-                state = op.index(df.lazy()) if isinstance(op, Dedup) else None
+            elif isinstance(op, ParseJson):  # its input may be an LLM step's stand-in
+                rows = df
+                assert rows is not None
+                empty = apply_operator(op, rows.clear())
+                df = rows.with_columns(
+                    pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
+                    for name, dtype in empty.schema.items()
+                    if name not in rows.columns or name in op.writes()
+                )
+            elif type(op) in (Dedup, Explode, Filter, Group, Map, Rename, Select, Template):
+                state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None
                 df = apply_operator(op, df, state)
             else:
                 continue  # a custom step ends the sample on its branch

@@ -120,6 +120,11 @@ def _plan(
                     f"steps[{i}] ({op.name}): a barrier step needs the whole data set and a "
                     "stream has no end; deduplicate with a sink key (postgres key: [...]) instead"
                 )
+            if op.makes_rows:
+                raise SpecError(
+                    f"steps[{i}] ({op.name}): makes rows of a new identity, and a stream's rows "
+                    "are its messages (sinks key them by message); run it in a batch pipeline"
+                )
         serving = resolve_serving(spec.serving, operators)
         output = dry_run(operators, decoder.schema)
         sinks = stream.sink_specs()

@@ -25,7 +25,7 @@ columns it writes.
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, PositiveInt
@@ -47,6 +47,11 @@ class Operator(BaseModel):
     fusable: ClassVar[bool] = True
     #: Operators that may drop columns (``select``) opt out of column pass-through.
     keeps_untouched_columns: ClassVar[bool] = True
+    #: Operators that make new rows (``explode``: 1 -> N, ``group``: N -> 1) give them new
+    #: ``_row_id`` values, derived by the one rule in ``tasks/batches.py``; their rows have
+    #: a row identity of their own (a join across it must say whose ids it keeps). Their
+    #: output ids are checked for type and nulls, not against the input's.
+    makes_rows: ClassVar[bool] = False
     #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
     #: or HTTP clients for them. The one answer to "is this an LLM step?".
     uses_serving: ClassVar[bool] = False
@@ -104,6 +109,10 @@ class BarrierOperator(Operator):
     """
 
     fusable: ClassVar[bool] = False
+    #: False (dedup): batch ``j``'s output depends on batches ``0..j`` only, so a new
+    #: later file recomputes only its own batches. True (group): every batch's output
+    #: depends on every batch (its keys hash all of them).
+    global_index: ClassVar[bool] = False
 
     def index(self, data: pl.LazyFrame) -> pl.DataFrame:
         raise NotImplementedError
@@ -116,9 +125,10 @@ class BarrierOperator(Operator):
 
 
 _REGISTRY: dict[str, type[Operator]] = {}
+OperatorType = TypeVar("OperatorType", bound=type[Operator])
 
 
-def register_operator(cls: type[Operator]) -> type[Operator]:
+def register_operator(cls: OperatorType) -> OperatorType:
     """Class decorator: make ``cls`` usable from YAML specs by its ``name``."""
     if not cls.name:
         raise SpecError(f"operator {cls.__qualname__} needs a class attribute 'name'")
@@ -169,6 +179,14 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
     if ROW_ID not in out.columns:
         raise SpecError(f"operator {label} dropped the {ROW_ID} column")
     ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)
+    if op.makes_rows:
+        if ids.dtype != before.dtype or ids.null_count():
+            raise SpecError(
+                f"operator {label} made {ROW_ID} values of type {ids.dtype} with "
+                f"{ids.null_count()} nulls; new rows take ids from tasks/batches.py "
+                "(child_row_ids, group_row_ids)"
+            )
+        return out
     same_rows = out.height == df.height and ids.equals(before, check_dtypes=True)
     if ids.dtype != before.dtype or not same_rows and (
         ids.null_count() or not ids.is_in(before.implode()).all()
