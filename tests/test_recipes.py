@@ -13,6 +13,7 @@ its own engine in its subprocess (that is where the kill lands).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +53,13 @@ def recipe(name: str, store: Path) -> dict:
     return spec
 
 
+def uninterrupted_spec(name: str) -> dict:
+    return recipe(name, UNINTERRUPTED[0] / name)
+
+
+UNINTERRUPTED: list[Path] = []
+
+
 def run(spec: dict) -> tuple[dict, pl.DataFrame]:
     with shared_serving(shared_pool()):
         summary = run_spec(load_spec(spec))
@@ -62,6 +70,7 @@ def run(spec: dict) -> tuple[dict, pl.DataFrame]:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, pl.DataFrame]]:
     """Each recipe run once, uninterrupted (the reference of the kill tests)."""
     base = tmp_path_factory.mktemp("recipes")
+    UNINTERRUPTED[:] = [base]
     return {name: run(recipe(name, base / name)) for name in NAMES}
 
 
@@ -74,32 +83,60 @@ def source(name: str) -> pl.DataFrame:
 def test_recipe_validates(name: str, tmp_path: Path) -> None:
     plan = build_plan(recipe(name, tmp_path / "store"))
     assert plan.stages, name
-    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
+    assert not (tmp_path / "store" / name / "steps").exists(), "validate runs no step"
 
 
 def test_questions_from_documents(uninterrupted: dict) -> None:
     summary, out = uninterrupted["questions-from-documents"]
-    docs = source("questions-from-documents")
-    assert out.columns == [ROW_ID, "doc_id", "question", "answer", "score"]
-    assert out.height >= 1, summary
-    assert set(out["doc_id"]) <= set(docs["doc_id"])
-    assert out["score"].min() >= 3  # type: ignore[operator]
-    assert out["question"].null_count() == 0 and out["answer"].null_count() == 0
-    assert out[ROW_ID].n_unique() == out.height
-    # no two questions left are near-duplicates, and at most 3 per document (maxItems)
+    plan = build_plan(uninterrupted_spec("questions-from-documents"))
+    docs = read_output(plan, step=0)  # the documents with their JSON reply
+    questions = read_output(plan, step="questions")  # one row per question
+    judged = read_output(plan, step="judge")
+    asked = [json.loads(r)["questions"] for r in docs["reply"]]
+    assert docs.height == source("questions-from-documents").height
+    assert questions.height == sum(map(len, asked)) > docs.height, "1 -> N rows"
+    assert questions["question"].to_list() == [q for qs in asked for q in qs], "in order"
+    assert questions["_parent_id"].to_list() == [
+        i for i, qs in zip(docs[ROW_ID], asked, strict=True) for _ in qs
+    ]
+    assert questions[ROW_ID].n_unique() == questions.height
+    scores = [json.loads(v)["score"] if v else None for v in judged["verdict"]]
+    good = judged.with_columns(score=pl.Series(scores, dtype=pl.Int64)).filter(pl.col("score") >= 3)
+    # the near-duplicates among the good questions are gone, the first of each kept
     dedup = NearDedup(column="question", threshold=0.7)
-    assert dedup.index(out.lazy()).height == 0
-    assert out.group_by("doc_id").len()["len"].max() <= 3  # type: ignore[operator]
-    rows_in = [s.get("rows_in") for s in summary["steps"]]
+    near = dedup.index(good.lazy())[ROW_ID].implode()
+    assert out.columns == [ROW_ID, "doc_id", "_parent_id", "question", "answer", "score"]
+    assert out[ROW_ID].to_list() == good.filter(~pl.col(ROW_ID).is_in(near))[ROW_ID].to_list()
+    assert (out["score"] >= 3).all() and dedup.index(out.lazy()).height == 0
     rows_out = [s.get("rows_out") for s in summary["steps"]]
-    assert rows_in[0] == docs.height, summary["steps"]
-    assert max(rows_out) > docs.height, f"the explode multiplies the rows: {rows_out}"
+    assert max(rows_out) > docs.height, f"status shows the multiplication: {rows_out}"
 
 
 def test_preference_pairs(uninterrupted: dict) -> None:
     _, out = uninterrupted["preference-pairs"]
+    grouped = read_output(build_plan(uninterrupted_spec("preference-pairs")), step="grouped")
     instructions = source("preference-pairs")
-    assert out.columns[:7] == [
+    assert grouped["instruction_id"].to_list() == instructions["instruction_id"].to_list()
+    expected = []
+    for row in grouped.iter_rows(named=True):
+        answers, scores = row["answers"], row["scores"]
+        assert len(answers) == 4 and len(scores) == 4, row
+        valid = [(s, i) for i, s in enumerate(scores) if s is not None]
+        if not valid:
+            continue
+        best = min(valid, key=lambda p: (-p[0], p[1]))  # highest, then the earliest sample
+        worst = min(valid, key=lambda p: (p[0], p[1]))  # lowest, then the earliest sample
+        if best[0] > worst[0]:
+            expected.append(
+                {
+                    "instruction_id": row["instruction_id"],
+                    "chosen": answers[best[1]],
+                    "rejected": answers[worst[1]],
+                    "chosen_score": best[0],
+                    "rejected_score": worst[0],
+                }
+            )
+    assert out.columns == [
         ROW_ID,
         "instruction_id",
         "instruction",
@@ -107,17 +144,11 @@ def test_preference_pairs(uninterrupted: dict) -> None:
         "rejected",
         "chosen_score",
         "rejected_score",
+        "answers",
+        "scores",
     ]
-    assert set(out["instruction_id"]) <= set(instructions["instruction_id"])
-    for row in out.iter_rows(named=True):
-        answers, scores = row["answers"], row["scores"]
-        assert len(answers) == 4 and len(scores) == 4
-        valid = [(s, i) for i, s in enumerate(scores) if s is not None]
-        best = min(valid, key=lambda p: (-p[0], p[1]))  # highest, then the earliest
-        worst = min(valid, key=lambda p: (p[0], p[1]))  # lowest, then the earliest
-        assert (row["chosen"], row["chosen_score"]) == (answers[best[1]], best[0])
-        assert (row["rejected"], row["rejected_score"]) == (answers[worst[1]], worst[0])
-        assert row["chosen_score"] > row["rejected_score"]
+    got = out.select("instruction_id", "chosen", "rejected", "chosen_score", "rejected_score")
+    assert got.to_dicts() == expected
 
 
 def test_consensus(uninterrupted: dict) -> None:
@@ -132,6 +163,7 @@ def test_consensus(uninterrupted: dict) -> None:
             assert row["mean_score"] == pytest.approx(sum(scored) / len(scored))
         assert row["agreement"] is None or 1 <= row["agreement"] <= 5
     assert out["agreement"].null_count() < out.height, "the consensus judge answered"
+    assert out["consensus"].null_count() < out.height
 
 
 @pytest.mark.parametrize("name", NAMES)
