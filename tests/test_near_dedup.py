@@ -17,7 +17,31 @@ from nightshift.flows.plan import build_plan
 from nightshift.tasks.operators import ROW_ID, apply_operator
 from nightshift.tasks.operators.near_dedup import NearDedup, cluster_roots
 
-WORDS = ["river", "stone", "lamp", "garden", "quiet", "morning", "paper", "window", "violin", "copper", "harbor", "meadow", "lantern", "signal", "orchard", "velvet", "thunder", "pocket", "marble", "canyon", "ribbon", "saddle", "falcon"]
+WORDS = [
+    "river",
+    "stone",
+    "lamp",
+    "garden",
+    "quiet",
+    "morning",
+    "paper",
+    "window",
+    "violin",
+    "copper",
+    "harbor",
+    "meadow",
+    "lantern",
+    "signal",
+    "orchard",
+    "velvet",
+    "thunder",
+    "pocket",
+    "marble",
+    "canyon",
+    "ribbon",
+    "saddle",
+    "falcon",
+]
 
 
 def sentence(rng: random.Random) -> str:
