@@ -60,6 +60,29 @@ def test_child_ids_follow_the_documented_formula() -> None:
     assert got[0] == 0xE220A8397B1DCDAF  # SplitMix64's first output for seed 0
 
 
+def key_hash(text: str) -> int:
+    """The documented group id formula, written out in plain Python."""
+    data, mask = text.encode(), (1 << 64) - 1
+    a = sum(b * pow(0x100000001B3, i, 1 << 64) for i, b in enumerate(data)) & mask
+    b = sum(b * pow(0x9E3779B97F4A7C15, i, 1 << 64) for i, b in enumerate(data)) & mask
+
+    def mix(z: int) -> int:  # SplitMix64's finalizer: splitmix(z - gamma, 0)
+        return splitmix((z - 0x9E3779B97F4A7C15) & mask, 0)
+
+    return mix(a ^ mix((b + len(data)) & mask))
+
+
+def test_group_ids_follow_the_documented_formula() -> None:
+    keys = pl.DataFrame({"q": ["What is 2+2?", "", None, "héllo " * 50], "n": [1, 2, 3, None]})
+    texts = [
+        '{"q":"What is 2+2?","n":1}',
+        '{"q":"","n":2}',
+        '{"q":null,"n":3}',
+        '{"q":"' + "héllo " * 50 + '","n":null}',
+    ]
+    assert group_row_ids(keys).to_list() == [key_hash(t) for t in texts]
+
+
 def test_group_ids_depend_on_the_key_only() -> None:
     a = group_row_ids(pl.DataFrame({"q": ["x", "y", None]}))
     b = group_row_ids(pl.DataFrame({"q": ["y", "x", None]}))
