@@ -405,6 +405,23 @@ def test_python_api(tmp_path: Path) -> None:
     pipe.run()
     out = pipe.read()
     assert out.select("g", "xs", "total", "t2").rows() == [("a", [1, 2, 3], 6, 12)]
+    joined = Pipeline(
+        "api-join",
+        source=str(data),
+        store=f"file://{tmp_path / 's'}",
+        steps=[
+            Step(ParseJson(column="r", into={"xs": "list[int]"}), name="parsed"),
+            Step(Explode(column="xs"), name="xs"),
+            Step(Map(columns={"g2": "concat(g, '!')"}), name="upper", after=["parsed"]),
+            Step(Map(columns={"y": "xs * 10"}), after=["upper", "xs"], join={"ids": "xs"}),
+        ],
+    )
+    out = joined.read() if joined.run() else None
+    assert out is not None and out.select("xs", "g2", "y").rows() == [
+        (1, "a!", 10),
+        (2, "a!", 20),
+        (3, "a!", 30),
+    ]
 
 
 def test_change_after_an_explode_recomputes_only_what_follows(
