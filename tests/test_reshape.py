@@ -7,16 +7,23 @@ several batches and per-step batch sizes, DAG joins across row identities, and
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write_jsonl
+import yaml
+from conftest import ROOT, cli_env, write_jsonl
 from nightshift_testops import Count, read_log
 
 from nightshift import Pipeline, Step
 from nightshift.core.errors import NightshiftError, SpecError, StepFailed
+from nightshift.flows.cli import main as cli_main
 from nightshift.flows.outputs import read_output
 from nightshift.flows.pipeline import run_spec
 from nightshift.flows.plan import build_plan
@@ -51,6 +58,29 @@ def test_child_ids_follow_the_documented_formula() -> None:
     got = child_row_ids(parents, index).to_list()
     assert got == [splitmix(int(p), int(i)) for p, i in zip(parents, index, strict=True)]
     assert got[0] == 0xE220A8397B1DCDAF  # SplitMix64's first output for seed 0
+
+
+def key_hash(text: str) -> int:
+    """The documented group id formula, written out in plain Python."""
+    data, mask = text.encode(), (1 << 64) - 1
+    a = sum(b * pow(0x100000001B3, i, 1 << 64) for i, b in enumerate(data)) & mask
+    b = sum(b * pow(0x9E3779B97F4A7C15, i, 1 << 64) for i, b in enumerate(data)) & mask
+
+    def mix(z: int) -> int:  # SplitMix64's finalizer: splitmix(z - gamma, 0)
+        return splitmix((z - 0x9E3779B97F4A7C15) & mask, 0)
+
+    return mix(a ^ mix((b + len(data)) & mask))
+
+
+def test_group_ids_follow_the_documented_formula() -> None:
+    keys = pl.DataFrame({"q": ["What is 2+2?", "", None, "héllo " * 50], "n": [1, 2, 3, None]})
+    texts = [
+        '{"q":"What is 2+2?","n":1}',
+        '{"q":"","n":2}',
+        '{"q":null,"n":3}',
+        '{"q":"' + "héllo " * 50 + '","n":null}',
+    ]
+    assert group_row_ids(keys).to_list() == [key_hash(t) for t in texts]
 
 
 def test_group_ids_depend_on_the_key_only() -> None:
@@ -195,7 +225,7 @@ def spec_dict(
         "name": name,
         "source": {"path": str(data)},
         "batch_size": batch_size,
-        "store": {"url": f"file://{tmp_path / 'store'}"},
+        "store": {"url": f"file://{tmp_path / store}"},
         "steps": steps,
         **extra,
     }
@@ -375,6 +405,23 @@ def test_python_api(tmp_path: Path) -> None:
     pipe.run()
     out = pipe.read()
     assert out.select("g", "xs", "total", "t2").rows() == [("a", [1, 2, 3], 6, 12)]
+    joined = Pipeline(
+        "api-join",
+        source=str(data),
+        store=f"file://{tmp_path / 's'}",
+        steps=[
+            Step(ParseJson(column="r", into={"xs": "list[int]"}), name="parsed"),
+            Step(Explode(column="xs"), name="xs"),
+            Step(Map(columns={"g2": "concat(g, '!')"}), name="upper", after=["parsed"]),
+            Step(Map(columns={"y": "xs * 10"}), after=["upper", "xs"], join={"ids": "xs"}),
+        ],
+    )
+    out = joined.read() if joined.run() else None
+    assert out is not None and out.select("xs", "g2", "y").rows() == [
+        (1, "a!", 10),
+        (2, "a!", 20),
+        (3, "a!", 30),
+    ]
 
 
 def test_change_after_an_explode_recomputes_only_what_follows(
@@ -400,3 +447,156 @@ def test_change_after_an_explode_recomputes_only_what_follows(
     computed = {s["name"]: s["computed"] for s in summary["steps"]}
     assert [computed[n] for n in sorted(computed)] == [0, 0, 0, 4, 4]
     assert Count  # the test operators are registered by importing them
+
+
+# -- what the CLI and the UI show --------------------------------------------------------------
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> str:
+    """``nightshift ARGS`` through its entry point, in this process; its stdout."""
+    monkeypatch.setattr(sys, "argv", ["nightshift", *args])
+    capsys.readouterr()
+    cli_main()
+    return capsys.readouterr().out
+
+
+def test_status_export_preview_and_artifacts_know_the_new_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    steps = [
+        {"explode": {"column": "qs"}, "name": "questions"},
+        {"group": {"by": ["topic"], "collect": {"qs": "list(qs)", "n": "count()"}}, "name": "g"},
+    ]
+    spec = tmp_path / "reshape.yaml"
+    spec.write_text(yaml.safe_dump(spec_dict(tmp_path, steps, name="Re_Shape", fuse=False)))
+    n_children = len([q for r in docs(40) for q in r["qs"] or []])
+    status = cli(monkeypatch, capsys, "status", str(spec))
+    assert "0/4" in status and "rows in" in status and "rows out" in status, status
+    summary = run_spec(load_spec(str(spec)))
+    status = cli(monkeypatch, capsys, "status", str(spec))
+    line = next(x for x in status.splitlines() if "explode" in x)
+    assert "4/4" in line and " 40 " in line and f" {n_children} " in line, status
+    line = next(x for x in status.splitlines() if "group" in x)
+    assert "4/4" in line and f" {n_children} " in line and line.rstrip(" │").endswith("3"), status
+
+    out = tmp_path / "questions.parquet"
+    cli(monkeypatch, capsys, "export", str(spec), "--to", str(out), "--step", "questions")
+    exported = pl.read_parquet(out)
+    assert exported.height == n_children and exported.columns[:2] == [ROW_ID, "_parent_id"]
+    assert exported["qs"].to_list() == [q for r in docs(40) for q in r["qs"] or []]
+
+    shown = cli(monkeypatch, capsys, "preview", str(spec), "--rows", "2")
+    assert "t1" in shown and "t2" in shown, shown  # the groups of the first rows
+
+    found = artifacts(summary["flow_run_id"])
+    table = found["re-shape-summary"].data
+    rows = {r["name"]: r for r in (json.loads(table) if isinstance(table, str) else table)}
+    assert (rows["00-explode"]["rows_in"], rows["00-explode"]["rows_out"]) == (40, n_children)
+    assert (rows["01-group"]["rows_in"], rows["01-group"]["rows_out"]) == (n_children, 3)
+    sample = found["re-shape-sample"].data
+    header = next(line for line in sample.splitlines() if line.startswith("| "))
+    assert set(header.strip("| ").split(" | ")) == {"topic", "qs", "n", ROW_ID}, header
+    assert "| t1 |" in sample and "q1.0" in sample
+
+
+def artifacts(flow_run_id: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+# -- SIGKILL, then run again: the same output ----------------------------------------------------
+
+
+def crash_spec(tmp_path: Path, store: str) -> Path:
+    steps = [
+        {"nightshift_testops:Count": {"tag": "a", "sleep": 0.2}},
+        {"explode": {"columns": ["qs", "scores"]}},
+        {"nightshift_testops:Count": {"tag": "mid", "sleep": 0.2}},
+        {"group": {"by": ["topic"], "collect": {"qs": "list(qs)", "best": "max(scores)"}}},
+        {"map": {"columns": {"k": "best + 1"}}},
+    ]
+    spec = spec_dict(
+        tmp_path, steps, batch_size=4, name="crash", store=store, fuse=False, max_in_flight=2
+    )
+    path = tmp_path / f"{store}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def stored_starts(store: Path, step_dir: str) -> set[int]:
+    starts = set()
+    for f in (store / "crash" / "steps" / step_dir).glob("*.parquet"):
+        try:
+            pl.read_parquet_schema(f)
+        except Exception:
+            continue
+        starts.add(int(f.stem.rsplit("-", 2)[1]))
+    return starts
+
+
+def test_sigkill_mid_run_with_explode_and_group_then_resume(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = crash_spec(tmp_path, "store")
+    log = tmp_path / "crash-log.jsonl"
+    for tag, count in (("a", 3), ("mid", 3)):  # two kills: before and after the explode
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
+            env=cli_env(prefect_api, log),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 240
+        while sum(e["tag"] == tag and e["pid"] == proc.pid for e in read_log(str(log))) < count:
+            assert proc.poll() is None, f"run ended before the kill:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_a = stored_starts(tmp_path / "store", "00-count")
+    assert 0 < len(done_a) < 10, done_a
+
+    monkeypatch.setenv("NIGHTSHIFT_TEST_LOG", str(log))  # the re-run, in this process
+    run_spec(load_spec(str(spec)), allow_imports=True)
+    redone = {
+        (e["first"] & 0xFFFFFFFF) // 4 * 4
+        for e in read_log(str(log))
+        if e["pid"] == os.getpid() and e["tag"] == "a"
+    }
+    assert not redone & done_a, (
+        f"batches done before the kill were computed again: {redone & done_a}"
+    )
+    resumed = read_output(build_plan(str(spec), allow_imports=True))
+
+    reference = crash_spec(tmp_path, "reference")
+    run_spec(load_spec(str(reference)), allow_imports=True)
+    expected = read_output(build_plan(str(reference), allow_imports=True))
+    assert resumed.equals(expected)
+    assert resumed["topic"].to_list() == ["t1", "t2", "t0"] and resumed[ROW_ID].is_unique().all()
+    for step_dir in ("01-explode", "02-count", "03-group"):
+        a = pl.concat(
+            [
+                pl.read_parquet(f)
+                for f in sorted(
+                    (tmp_path / "store" / "crash" / "steps" / step_dir).glob("*.parquet")
+                )
+            ]
+        )
+        b = pl.concat(
+            [
+                pl.read_parquet(f)
+                for f in sorted(
+                    (tmp_path / "reference" / "crash" / "steps" / step_dir).glob("*.parquet")
+                )
+            ]
+        )
+        assert sorted(a[ROW_ID].to_list()) == sorted(b[ROW_ID].to_list()), step_dir

@@ -34,7 +34,7 @@ import polars as pl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.local_api import prefect_api
-from nightshift.flows.outputs import export, read_output, step_status, StepStatus
+from nightshift.flows.outputs import StepStatus, export, read_output, step_status
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.operators import Operator, registered_operators
@@ -79,6 +79,9 @@ class Step:
     operator: Operator
     name: str | None = None
     after: list[str] | None = None
+    #: a join across an explode: ``{"ids": "answers"}`` keeps that parent's rows and ids,
+    #: as ``join:`` in YAML (docs/operators.md)
+    join: dict[str, str] | None = None
 
 
 class Pipeline:
@@ -112,6 +115,8 @@ class Pipeline:
                 entry["name"] = item.name
             if isinstance(item, Step) and item.after is not None:
                 entry["after"] = list(item.after)
+            if isinstance(item, Step) and item.join is not None:
+                entry["join"] = dict(item.join)
             entries.append(entry)
         return PipelineSpec(
             name=self.name,

@@ -5,8 +5,8 @@
   (:func:`with_row_ids`);
 * a row ``explode`` makes: the ``index + 1``-th output of SplitMix64 seeded with its
   parent's ``_row_id`` (:func:`child_row_ids`);
-* a row ``group`` makes: the first 8 bytes of BLAKE2b over the group key's JSON
-  (:func:`group_row_ids`).
+* a row ``group`` makes: a 64-bit hash (two polynomial sums, SplitMix64-mixed) of the
+  group key's JSON (:func:`group_row_ids`).
 
 A batch never spans files, so a new file in a source folder adds batches without moving
 the old ones. Its fingerprint is the file identity and the range; no data is read for it.
@@ -15,11 +15,11 @@ the old ones. Its fingerprint is the file identity and the range; no data is rea
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from nightshift.core import file_io
@@ -113,23 +113,67 @@ def child_row_ids(parents: pl.Series | np.ndarray, index: pl.Series | np.ndarray
     return pl.Series(ROW_ID, z, dtype=pl.UInt64)
 
 
+#: The two odd multipliers of the key hash (``group_row_ids``) and their inverses mod 2**64.
+_P1, _P2 = 0x100000001B3, 0x9E3779B97F4A7C15
+_P1_INV, _P2_INV = pow(_P1, -1, 1 << 64), pow(_P2, -1, 1 << 64)
+#: Strings hashed at once (bounds the memory of one chunk of bytes).
+_CHUNK = 65_536
+
+
 def group_row_ids(keys: pl.DataFrame) -> pl.Series:
     """The ``_row_id`` of each group a ``group`` step makes, from its key columns.
 
-    ``id = first 8 bytes (little-endian) of BLAKE2b-64(key JSON, person=b"ns-group")``,
-    the key JSON being the row of key columns as one object, written by polars'
-    ``struct.json_encode`` (``{"question":"What is 2+2?"}``): the id depends on the key's
-    column names and values only, never on where the group's rows were.
+    The key JSON is the row of key columns as one object, written by polars'
+    ``struct.json_encode`` (``{"question":"What is 2+2?"}``); over its UTF-8 bytes
+    ``b_0 .. b_{n-1}``, with ``A = sum(b_i * P1**i)`` and ``B = sum(b_i * P2**i)`` (mod
+    2**64, ``P1 = 0x100000001B3``, ``P2 = 0x9E3779B97F4A7C15``)::
+
+        id = mix64(A ^ mix64(B + n))          # mix64: SplitMix64's finalizer
+
+    The id depends on the key's column names and values only, never on where the group's
+    rows were. Computed for every key at once with numpy (no Python loop per group).
     """
     encoded = keys.select(pl.struct(keys.columns).struct.json_encode()).to_series()
-    ids = np.fromiter(
-        (
-            int.from_bytes(
-                hashlib.blake2b(text.encode(), digest_size=8, person=b"ns-group").digest(), "little"
+    out = np.empty(len(encoded), dtype=np.uint64)
+    for lo in range(0, len(encoded), _CHUNK):
+        out[lo : lo + _CHUNK] = _hash_strings(encoded.slice(lo, _CHUNK))
+    return pl.Series(ROW_ID, out, dtype=pl.UInt64)
+
+
+def _hash_strings(strings: pl.Series) -> np.ndarray:
+    """``mix64(A ^ mix64(B + n))`` of each string (see :func:`group_row_ids`)."""
+    arrow = strings.to_arrow().cast(pa.large_string())
+    offsets = np.frombuffer(arrow.buffers()[1], dtype=np.int64)[
+        arrow.offset : arrow.offset + len(arrow) + 1
+    ]
+    data = np.frombuffer(arrow.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    with np.errstate(over="ignore"):
+        sums = []
+        for p, p_inv in ((_P1, _P1_INV), (_P2, _P2_INV)):
+            # b_i * P**g over global positions g, summed per string, then times
+            # P**-start: sum(b_i * P**(g - start)), all mod 2**64
+            powers = np.full(len(data), p, dtype=np.uint64)
+            powers[0] = 1
+            np.cumprod(powers, out=powers)
+            weighted = data.astype(np.uint64) * powers
+            total = (
+                np.add.reduceat(weighted, starts) if len(data) else np.zeros(len(starts), np.uint64)
             )
-            for text in encoded
-        ),
-        dtype=np.uint64,
-        count=len(encoded),
-    )
-    return pl.Series(ROW_ID, ids, dtype=pl.UInt64)
+            total[lengths == 0] = 0  # reduceat gives an empty string its next byte
+            inverse = np.full(len(data) + 1, p_inv, dtype=np.uint64)
+            inverse[0] = 1
+            np.cumprod(inverse, out=inverse)
+            sums.append(total * inverse[starts])
+        return _mix64(sums[0] ^ _mix64(sums[1] + lengths.astype(np.uint64)))
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, mod 2**64 (a new array)."""
+    with np.errstate(over="ignore"):
+        z = z ^ (z >> np.uint64(30))
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+    return z

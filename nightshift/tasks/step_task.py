@@ -138,7 +138,9 @@ def run_stage_batch(
     else:
         df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)  # type: ignore[arg-type]
     rows_in = df.height
-    state = store.read_frame(barrier_state) if barrier_state else None
+    state = None
+    if barrier_state and isinstance(operators[0], BarrierOperator):
+        state = operators[0].read_state(lambda where: read_state(store, barrier_state, where), df)
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
         for offset, op in enumerate(operators):
             try:
@@ -158,6 +160,16 @@ def run_stage_batch(
         seconds=time.perf_counter() - started, tokens=_token_counts(operators, df),
         usage=scope.as_dict(), size=size, tag=tag,
     )
+
+
+def read_state(store: StepStore, path: str, where: pl.Expr | None) -> pl.DataFrame:
+    """A barrier's stored index, or its rows where ``where`` holds (a local store scans
+    the file, skipping row groups by their statistics)."""
+    if where is None:
+        return store.read_frame(path)
+    if store.is_local:
+        return pl.scan_parquet(path).filter(where).collect()
+    return store.read_frame(path).filter(where)
 
 
 def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None) -> pl.DataFrame:

@@ -25,6 +25,7 @@ columns it writes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import polars as pl
@@ -120,9 +121,18 @@ class BarrierOperator(Operator):
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
         raise NotImplementedError
 
+    def read_state(self, read: StateReader, df: pl.DataFrame) -> pl.DataFrame:
+        """The part of the stored index that ``apply`` needs for batch ``df``: ``read(None)``
+        is all of it, ``read(predicate)`` its rows where ``predicate`` holds (a Parquet
+        reader skips row groups whose statistics rule them out)."""
+        return read(None)
+
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         return self.apply(df, self.index(df.lazy()))
 
+
+#: Reads a barrier's stored index, all of it (None) or the rows where an expression holds.
+StateReader = Callable[[pl.Expr | None], pl.DataFrame]
 
 _REGISTRY: dict[str, type[Operator]] = {}
 OperatorType = TypeVar("OperatorType", bound=type[Operator])

@@ -27,7 +27,12 @@ from typing import ClassVar
 import polars as pl
 from pydantic import Field, model_validator
 
-from nightshift.tasks.operators.base import ROW_ID, BarrierOperator, register_operator
+from nightshift.tasks.operators.base import (
+    ROW_ID,
+    BarrierOperator,
+    StateReader,
+    register_operator,
+)
 
 #: aggregate name -> whether it needs a column
 AGGREGATES: dict[str, bool] = {
@@ -42,8 +47,9 @@ AGGREGATES: dict[str, bool] = {
     "n_unique": True,
 }
 _CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*([^()]*?)\s*\)\s*$")
-#: the index's column naming each group's first row (dropped from the output)
+#: the index's columns: each group's first row and its place in the output (dropped there)
 FIRST = "__first_row_id"
+ORDER = "__order"
 
 
 def parse_aggregate(text: str) -> tuple[str, str | None]:
@@ -107,6 +113,10 @@ class Group(BarrierOperator):
         return [*self.by, *self.collect]
 
     def index(self, data: pl.LazyFrame) -> pl.DataFrame:
+        """Every group with its aggregates, its id, its place in the output order
+        (``ORDER``) and its first row's id (``FIRST``), sorted by ``FIRST`` so that a
+        batch finds its groups by binary search (and a Parquet reader by row-group
+        statistics)."""
         from nightshift.tasks.batches import group_row_ids  # the one rule (imports operators)
 
         aggs = [_expr(f, c).alias(n) for n, (f, c) in self.aggregates().items()]
@@ -115,7 +125,23 @@ class Group(BarrierOperator):
             .agg(pl.col(ROW_ID).first().alias(FIRST), *aggs)
             .collect()
         )
-        return groups.select(group_row_ids(groups.select(self.by)), pl.all())
+        return groups.select(
+            group_row_ids(groups.select(self.by)),
+            pl.all(),
+            pl.int_range(pl.len(), dtype=pl.UInt64).alias(ORDER),
+        ).sort(FIRST)
+
+    def read_state(self, read: StateReader, df: pl.DataFrame) -> pl.DataFrame:
+        """Only the groups whose first row can be in ``df``: its ids' range."""
+        ids = df.get_column(ROW_ID)
+        if ids.is_empty():
+            return read(None).clear()
+        return read(pl.col(FIRST).is_between(ids.min(), ids.max()))
 
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
-        return state.filter(pl.col(FIRST).is_in(df.get_column(ROW_ID).implode())).drop(FIRST)
+        """The groups whose first row is in ``df``, in output order."""
+        if state.is_empty():
+            return state.drop(FIRST, ORDER)
+        firsts, ids = state.get_column(FIRST), df.get_column(ROW_ID)
+        at = firsts.search_sorted(ids).clip(0, state.height - 1)
+        return state.gather(at.filter(firsts.gather(at) == ids)).sort(ORDER).drop(FIRST, ORDER)
