@@ -201,8 +201,18 @@ def test_pipeline_across_files_and_batch_sizes_then_resume_recomputes_nothing(
         )
         first = pipe.run()
         outputs.append(pipe.read())
+        stored = {
+            f: f.stat().st_mtime_ns
+            for f in (tmp_path / "store" / f"nd{batch_size}").rglob("*.parquet")
+        }
+        assert any("barriers" in f.parts for f in stored), "the index is in the store"
         again = pipe.run()
         assert [s["computed"] for s in again["steps"]] == [0, 0], again["steps"]
+        after = {
+            f: f.stat().st_mtime_ns
+            for f in (tmp_path / "store" / f"nd{batch_size}").rglob("*.parquet")
+        }
+        assert after == stored, "the re-run rewrote nothing, the index included"
         assert pipe.read().equals(outputs[-1])
         assert first["steps"][-1]["rows_in"] == len(texts)
     assert outputs[0].equals(outputs[1])
