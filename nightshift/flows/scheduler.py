@@ -282,6 +282,7 @@ class Execution:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
+        batches = [b for b, refs in enumerate(self.refs[parent]) for _ in refs or []]
         task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
         future = self._submit_task(task, dict(
             label=f"{s.label} index",
@@ -290,6 +291,7 @@ class Execution:
             operator=s.barrier,
             store=plan.store,
             upstream_paths=upstream,
+            upstream_batches=batches,
             force=self._forced(stage),
         ))
         self._watch(None, stage, future)

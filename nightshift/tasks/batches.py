@@ -117,7 +117,7 @@ def child_row_ids(parents: pl.Series | np.ndarray, index: pl.Series | np.ndarray
 _P1, _P2 = 0x100000001B3, 0x9E3779B97F4A7C15
 _P1_INV, _P2_INV = pow(_P1, -1, 1 << 64), pow(_P2, -1, 1 << 64)
 #: Strings hashed at once (bounds the memory of one chunk of bytes).
-_CHUNK = 65_536
+_CHUNK = 16_384
 
 
 def group_row_ids(keys: pl.DataFrame) -> pl.Series:

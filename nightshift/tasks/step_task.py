@@ -29,6 +29,7 @@ from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.operators.base import BATCH
 from nightshift.tasks.sources import filesystem
 
 
@@ -140,7 +141,9 @@ def run_stage_batch(
     rows_in = df.height
     state = None
     if barrier_state and isinstance(operators[0], BarrierOperator):
-        state = operators[0].read_state(lambda where: read_state(store, barrier_state, where), df)
+        state = operators[0].read_state(
+            lambda where: read_state(store, barrier_state, where), df, batch.index
+        )
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
         for offset, op in enumerate(operators):
             try:
@@ -206,12 +209,21 @@ def build_barrier_index(
     store: StepStore,
     upstream_paths: list[str],
     force: bool = False,
+    upstream_batches: list[int] | None = None,
 ) -> BatchRef:
-    """The state a barrier operator needs, from every upstream batch in source order."""
+    """The state a barrier operator needs, from every upstream batch in source order;
+    ``upstream_batches`` (the batch of each path) gives its rows a ``BATCH`` column."""
     if not force and (ref := _existing(store, out_path, key, label)):
         return ref
     started = time.perf_counter()
-    data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
+    columns = [ROW_ID, *operator.reads()]
+    if upstream_batches is None:
+        data = store.scan_frames(upstream_paths, columns)
+    else:
+        data = pl.concat(
+            [store.scan_frames([path], columns).with_columns(pl.lit(b, dtype=pl.Int64).alias(BATCH))
+             for path, b in zip(upstream_paths, upstream_batches, strict=True)]
+        ) if upstream_paths else store.scan_frames([], columns)
     state: pl.DataFrame = operator.index(data)
     store.write_frame(out_path, state)
     size, tag = store.stat(out_path)

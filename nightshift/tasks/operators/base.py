@@ -35,6 +35,9 @@ from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import code_version, digest
 
 ROW_ID = "_row_id"
+#: The batch (0-based, source order) each upstream row came from, in the frame a barrier's
+#: ``index`` sees when the engine builds it (not in a dry run or a preview).
+BATCH = "__batch"
 
 
 class Operator(BaseModel):
@@ -121,10 +124,11 @@ class BarrierOperator(Operator):
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
         raise NotImplementedError
 
-    def read_state(self, read: StateReader, df: pl.DataFrame) -> pl.DataFrame:
-        """The part of the stored index that ``apply`` needs for batch ``df``: ``read(None)``
-        is all of it, ``read(predicate)`` its rows where ``predicate`` holds (a Parquet
-        reader skips row groups whose statistics rule them out)."""
+    def read_state(self, read: StateReader, df: pl.DataFrame, batch: int) -> pl.DataFrame:
+        """The part of the stored index that ``apply`` needs for batch number ``batch``
+        (rows ``df``): ``read(None)`` is all of it, ``read(predicate)`` its rows where
+        ``predicate`` holds (a Parquet reader skips row groups whose statistics rule them
+        out, e.g. on a ``BATCH`` column kept in the index)."""
         return read(None)
 
     def process(self, df: pl.DataFrame) -> pl.DataFrame:

@@ -91,6 +91,35 @@ class Explode(Operator):
             if len(cols) > 1
             else pl.lit(False)
         )
+        n = lengths[0]
+        single = bad | (n == 0) if self.keep_empty else bad
+        facts = df.select(n.cast(pl.Int64).alias("n"), single.alias("single"))
+        if not facts.get_column("single").any():  # the common case: explode as it is
+            counts = facts.get_column("n").to_numpy()
+            out = df.with_columns(pl.lit(None, dtype=pl.String).alias(self.error_column)).explode(
+                cols, empty_as_null=False, keep_nulls=False
+            )
+        else:
+            out, counts = self._explode_with_singles(df, cols, bad, lengths, single)
+        # each child's index within its parent: its position minus its parent's first
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        index = np.arange(out.height, dtype=np.int64) - starts
+        parents = out.get_column(ROW_ID)
+        order = [ROW_ID, PARENT_ID, *(c for c in out.columns if c not in (ROW_ID, PARENT_ID))]
+        return out.with_columns(child_row_ids(parents, index), parents.alias(PARENT_ID)).select(
+            order
+        )
+
+    def _explode_with_singles(
+        self,
+        df: pl.DataFrame,
+        cols: list[str],
+        bad: pl.Expr,
+        lengths: list[pl.Expr],
+        single: pl.Expr,
+    ) -> tuple[pl.DataFrame, np.ndarray]:
+        """Explode where some rows give one child with nulls (an error, or an empty list
+        kept); fail past ``max_error_rate``."""
         error = (
             pl.when(bad)
             .then(
@@ -100,9 +129,7 @@ class Explode(Operator):
             )
             .otherwise(pl.lit(None, dtype=pl.String))
         )
-        n = lengths[0]
-        single = bad | (n == 0) if self.keep_empty else bad
-        count = pl.when(single).then(1).otherwise(n)
+        count = pl.when(single).then(1).otherwise(lengths[0])
         marked = df.with_columns(
             error.alias(self.error_column),
             count.cast(pl.Int64).alias("__count"),
@@ -121,11 +148,4 @@ class Explode(Operator):
         )
         counts = kept.get_column("__count").to_numpy()
         out = kept.drop("__count", "__single").explode(cols, empty_as_null=False, keep_nulls=True)
-        # each child's index within its parent: its position minus its parent's first
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        index = np.arange(out.height, dtype=np.int64) - starts
-        parents = out.get_column(ROW_ID)
-        order = [ROW_ID, PARENT_ID, *(c for c in out.columns if c not in (ROW_ID, PARENT_ID))]
-        return out.with_columns(child_row_ids(parents, index), parents.alias(PARENT_ID)).select(
-            order
-        )
+        return out, counts

@@ -14,7 +14,8 @@ gather every answer of one question for a consensus judge.
 * **Row identity**: ``_row_id = group_row_ids(key)`` (``tasks/batches.py``: BLAKE2b of
   the key's JSON), so a group keeps its id whichever rows and batches it came from.
 * **Batches**: the index (every group, aggregated) is built once from every upstream
-  batch; batch ``j`` then writes the groups whose first row is in it. Each batch's output
+  batch; batch ``j`` then writes the groups whose first row is in it (reading only the
+  part of the index in its ids' range). Each batch's output
   depends on every batch (a later row may join an earlier group), so adding a file
   recomputes every batch of this step.
 """
@@ -28,6 +29,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from nightshift.tasks.operators.base import (
+    BATCH,
     ROW_ID,
     BarrierOperator,
     StateReader,
@@ -47,9 +49,8 @@ AGGREGATES: dict[str, bool] = {
     "n_unique": True,
 }
 _CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*([^()]*?)\s*\)\s*$")
-#: the index's columns: each group's first row and its place in the output (dropped there)
+#: the index's column naming each group's first row (dropped from the output)
 FIRST = "__first_row_id"
-ORDER = "__order"
 
 
 def parse_aggregate(text: str) -> tuple[str, str | None]:
@@ -113,35 +114,29 @@ class Group(BarrierOperator):
         return [*self.by, *self.collect]
 
     def index(self, data: pl.LazyFrame) -> pl.DataFrame:
-        """Every group with its aggregates, its id, its place in the output order
-        (``ORDER``) and its first row's id (``FIRST``), sorted by ``FIRST`` so that a
-        batch finds its groups by binary search (and a Parquet reader by row-group
-        statistics)."""
+        """Every group, in output order, with its aggregates, its id and its first row's
+        id (``FIRST``: within one source file those rise with the output order, so a
+        Parquet reader skips most of the index by row-group statistics)."""
         from nightshift.tasks.batches import group_row_ids  # the one rule (imports operators)
 
         aggs = [_expr(f, c).alias(n) for n, (f, c) in self.aggregates().items()]
+        firsts = [pl.col(ROW_ID).first().alias(FIRST)]
+        if BATCH in data.collect_schema():  # built by the engine (not a dry run)
+            firsts.append(pl.col(BATCH).first())
         groups = (
             data.group_by(self.by, maintain_order=True)
-            .agg(pl.col(ROW_ID).first().alias(FIRST), *aggs)
-            .collect()
+            .agg(*firsts, *aggs)
+            .collect(engine="in-memory")
         )
-        return groups.select(
-            group_row_ids(groups.select(self.by)),
-            pl.all(),
-            pl.int_range(pl.len(), dtype=pl.UInt64).alias(ORDER),
-        ).sort(FIRST)
+        return groups.select(group_row_ids(groups.select(self.by)), pl.all())
 
-    def read_state(self, read: StateReader, df: pl.DataFrame) -> pl.DataFrame:
-        """Only the groups whose first row can be in ``df``: its ids' range."""
-        ids = df.get_column(ROW_ID)
-        if ids.is_empty():
-            return read(None).clear()
-        return read(pl.col(FIRST).is_between(ids.min(), ids.max()))
+    def read_state(self, read: StateReader, df: pl.DataFrame, batch: int) -> pl.DataFrame:
+        """Only the groups whose first row is in batch ``batch``: the index keeps its
+        groups in output order with the batch of each one's first row (``BATCH``), which
+        only grows, so a Parquet reader skips the other batches' row groups."""
+        return read(pl.col(BATCH) == batch)
 
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
         """The groups whose first row is in ``df``, in output order."""
-        if state.is_empty():
-            return state.drop(FIRST, ORDER)
-        firsts, ids = state.get_column(FIRST), df.get_column(ROW_ID)
-        at = firsts.search_sorted(ids).clip(0, state.height - 1)
-        return state.gather(at.filter(firsts.gather(at) == ids)).sort(ORDER).drop(FIRST, ORDER)
+        mine = pl.col(FIRST).is_in(df.get_column(ROW_ID).implode())
+        return state.filter(mine).drop(FIRST, BATCH, strict=False)
