@@ -42,22 +42,25 @@ RECIPES = ROOT / "examples" / "recipes"
 NAMES = ["questions-from-documents", "preference-pairs", "consensus"]
 
 
-def recipe(name: str, store: Path) -> dict:
-    """The recipe's spec as a user runs it, with the source made absolute, the store in
-    ``store`` and one row per batch (so a kill lands between batches)."""
+#: Rows of each recipe's data the tests run on (the first ones): few, for the suite's time.
+ROWS = 2
+
+
+def recipe(name: str, work: Path, store: Path) -> dict:
+    """The recipe's spec as a user runs it, with its source the first ``ROWS`` rows of its
+    data (copied into ``work`` once), the store in ``store`` and one row per batch (so a
+    kill lands between batches)."""
     spec = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     assert spec["serving"] == SERVING, "the recipes run on the shared engine's config"
-    spec["source"]["path"] = str(ROOT / spec["source"]["path"])
+    shipped = ROOT / spec["source"]["path"]
+    data = work / "data" / shipped.name
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(shipped.read_text().splitlines(keepends=True)[:ROWS]))
+    spec["source"]["path"] = str(data)
     spec["store"] = {"url": f"file://{store}"}
     spec.update(batch_size=1, workers=2, max_in_flight=2)
     return spec
-
-
-def uninterrupted_spec(name: str) -> dict:
-    return recipe(name, UNINTERRUPTED[0] / name)
-
-
-UNINTERRUPTED: list[Path] = []
 
 
 def run(spec: dict) -> tuple[dict, pl.DataFrame]:
@@ -67,33 +70,40 @@ def run(spec: dict) -> tuple[dict, pl.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, pl.DataFrame]]:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's folder: the recipes' data (their first rows) and the reference runs."""
+    return tmp_path_factory.mktemp("recipes")
+
+
+def reference_spec(name: str, work: Path) -> dict:
+    return recipe(name, work, work / "uninterrupted" / name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work: Path) -> dict[str, tuple[dict, pl.DataFrame]]:
     """Each recipe run once, uninterrupted (the reference of the kill tests)."""
-    base = tmp_path_factory.mktemp("recipes")
-    UNINTERRUPTED[:] = [base]
-    return {name: run(recipe(name, base / name)) for name in NAMES}
+    return {name: run(reference_spec(name, work)) for name in NAMES}
 
 
-def source(name: str) -> pl.DataFrame:
-    spec = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
-    return pl.read_ndjson(ROOT / spec["source"]["path"])
+def source(name: str, work: Path) -> pl.DataFrame:
+    return pl.read_ndjson(recipe(name, work, work / "unused")["source"]["path"])
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_recipe_validates(name: str, tmp_path: Path) -> None:
-    plan = build_plan(recipe(name, tmp_path / "store"))
+def test_recipe_validates(name: str, tmp_path: Path, work: Path) -> None:
+    plan = build_plan(recipe(name, work, tmp_path / "store"))
     assert plan.stages, name
     assert not (tmp_path / "store" / name / "steps").exists(), "validate runs no step"
 
 
-def test_questions_from_documents(uninterrupted: dict) -> None:
+def test_questions_from_documents(uninterrupted: dict, work: Path) -> None:
     summary, out = uninterrupted["questions-from-documents"]
-    plan = build_plan(uninterrupted_spec("questions-from-documents"))
+    plan = build_plan(reference_spec("questions-from-documents", work))
     docs = read_output(plan, step=0)  # the documents with their JSON reply
     questions = read_output(plan, step="questions")  # one row per question
     judged = read_output(plan, step="judge")
     asked = [json.loads(r)["questions"] for r in docs["reply"]]
-    assert docs.height == source("questions-from-documents").height
+    assert docs.height == source("questions-from-documents", work).height
     assert questions.height == sum(map(len, asked)) > docs.height, "1 -> N rows"
     assert questions["question"].to_list() == [q for qs in asked for q in qs], "in order"
     assert questions["_parent_id"].to_list() == [
@@ -112,10 +122,10 @@ def test_questions_from_documents(uninterrupted: dict) -> None:
     assert max(rows_out) > docs.height, f"status shows the multiplication: {rows_out}"
 
 
-def test_preference_pairs(uninterrupted: dict) -> None:
+def test_preference_pairs(uninterrupted: dict, work: Path) -> None:
     _, out = uninterrupted["preference-pairs"]
-    grouped = read_output(build_plan(uninterrupted_spec("preference-pairs")), step="grouped")
-    instructions = source("preference-pairs")
+    grouped = read_output(build_plan(reference_spec("preference-pairs", work)), step="grouped")
+    instructions = source("preference-pairs", work)
     assert grouped["instruction_id"].to_list() == instructions["instruction_id"].to_list()
     expected = []
     for row in grouped.iter_rows(named=True):
@@ -151,9 +161,9 @@ def test_preference_pairs(uninterrupted: dict) -> None:
     assert got.to_dicts() == expected
 
 
-def test_consensus(uninterrupted: dict) -> None:
+def test_consensus(uninterrupted: dict, work: Path) -> None:
     _, out = uninterrupted["consensus"]
-    questions = source("consensus")
+    questions = source("consensus", work)
     assert out["qid"].to_list() == questions["qid"].to_list(), "one row per question, in order"
     assert out["n"].to_list() == [3] * questions.height
     for row in out.iter_rows(named=True):
@@ -168,9 +178,9 @@ def test_consensus(uninterrupted: dict) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_killed_mid_run_then_resumed(
-    name: str, tmp_path: Path, prefect_api: str, uninterrupted: dict
+    name: str, tmp_path: Path, prefect_api: str, uninterrupted: dict, work: Path
 ) -> None:
-    spec = recipe(name, tmp_path / "store")
+    spec = recipe(name, work, tmp_path / "store")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     steps = tmp_path / "store" / name / "steps"
