@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nightshift.tasks.operators import ROW_ID, Explode, Group, apply_operator
-from nightshift.tasks.operators.base import BATCH
+from nightshift.tasks.step_task import batch_numbers
 
 PER_DOC = 10
 
@@ -106,11 +106,8 @@ def main() -> None:
 
     data_parts = batches(data, args.batches)
     # what the index task scans: every batch's output, each row with its batch number
-    scanned = pl.concat(
-        [
-            p.lazy().with_columns(pl.lit(b, dtype=pl.Int64).alias(BATCH))
-            for b, p in enumerate(data_parts)
-        ]
+    scanned = data.lazy().with_columns(
+        batch_numbers(list(range(len(data_parts))), [p.height for p in data_parts])
     )
 
     def operator_group() -> pl.DataFrame:

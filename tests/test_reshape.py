@@ -242,14 +242,20 @@ def test_explode_in_a_pipeline_same_ids_for_every_batch_size(tmp_path: Path) -> 
         {"count": {"tag": "after"}},
     ]
     outputs = []
-    for size in (10, 40):
-        spec = spec_dict(tmp_path, steps, batch_size=size, store=f"store{size}")
-        run_spec(load_spec(spec), allow_imports=True)
+    for size, explode_size in ((10, None), (40, None), (20, 3)):  # 3: the explode cuts pieces
+        run_steps = [dict(s) for s in steps]
+        if explode_size:
+            run_steps[0] = {"explode": {**steps[0]["explode"], "batch_size": explode_size}}
+        spec = spec_dict(tmp_path, run_steps, batch_size=size, store=f"store{size}")
+        summary = run_spec(load_spec(spec), allow_imports=True)
+        if explode_size:  # a 3-row piece exploding to up to 12 rows, cut again in 7s
+            rows = {s["name"]: s["units_computed"] for s in summary["steps"]}
+            assert rows["00-explode"] == 14 and rows["01-map"] > 2, rows
         out = read_output(build_plan(spec))
         outputs.append(out)
         assert list(zip(out["qs"], out["scores"], strict=True)) == expected_children()
         assert (out["double"] == out["scores"] * 2).all() and out[ROW_ID].is_unique().all()
-    assert outputs[0].equals(outputs[1])
+    assert outputs[0].equals(outputs[1]) and outputs[0].equals(outputs[2])
     first = outputs[0]
     assert first["_parent_id"][0] == (first["_parent_id"][0] >> 32 << 32) + 1  # row 1 of the file
     assert first[ROW_ID][0] == splitmix(first["_parent_id"][0], 0)

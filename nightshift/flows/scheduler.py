@@ -283,6 +283,7 @@ class Execution:
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
         batches = [b for b, refs in enumerate(self.refs[parent]) for _ in refs or []]
+        rows = [ref.rows for refs in self.refs[parent] for ref in refs or []]
         task = self._index_task.with_options(refresh_cache=self._forced(stage) or None)
         future = self._submit_task(task, dict(
             label=f"{s.label} index",
@@ -292,6 +293,7 @@ class Execution:
             store=plan.store,
             upstream_paths=upstream,
             upstream_batches=batches,
+            upstream_rows=rows,
             force=self._forced(stage),
         ))
         self._watch(None, stage, future)

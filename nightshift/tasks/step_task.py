@@ -13,6 +13,7 @@ at once; the second one finds the first one's record and is Cached.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any
 
@@ -175,6 +176,16 @@ def read_state(store: StepStore, path: str, where: pl.Expr | None) -> pl.DataFra
     return store.read_frame(path).filter(where)
 
 
+def batch_numbers(batches: list[int], rows: list[int]) -> pl.Expr:
+    """Each row's batch, for rows concatenated from files of ``rows`` rows each, the
+    ``i``-th from batch ``batches[i]``: a binary search of the row's position among the
+    files' ends (no copy of the data)."""
+    ends = pl.Series(list(itertools.accumulate(rows)), dtype=pl.Int64)
+    position = pl.int_range(pl.len(), dtype=pl.Int64)
+    part = pl.lit(ends).search_sorted(position, side="right")
+    return pl.lit(pl.Series(batches, dtype=pl.Int64)).gather(part).alias(BATCH)
+
+
 def read_input(store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None) -> pl.DataFrame:
     """Rows ``[start, stop)`` (all without ``rows``) of the concatenated ``parts``."""
     if rows is None and len(parts) == 1:
@@ -210,20 +221,17 @@ def build_barrier_index(
     upstream_paths: list[str],
     force: bool = False,
     upstream_batches: list[int] | None = None,
+    upstream_rows: list[int] | None = None,
 ) -> BatchRef:
     """The state a barrier operator needs, from every upstream batch in source order;
-    ``upstream_batches`` (the batch of each path) gives its rows a ``BATCH`` column."""
+    ``upstream_batches`` and ``upstream_rows`` (each path's batch and rows) give its rows
+    a ``BATCH`` column."""
     if not force and (ref := _existing(store, out_path, key, label)):
         return ref
     started = time.perf_counter()
-    columns = [ROW_ID, *operator.reads()]
-    if upstream_batches is None:
-        data = store.scan_frames(upstream_paths, columns)
-    else:
-        data = pl.concat(
-            [store.scan_frames([path], columns).with_columns(pl.lit(b, dtype=pl.Int64).alias(BATCH))
-             for path, b in zip(upstream_paths, upstream_batches, strict=True)]
-        ) if upstream_paths else store.scan_frames([], columns)
+    data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
+    if upstream_paths and upstream_batches is not None and upstream_rows is not None:
+        data = data.with_columns(batch_numbers(upstream_batches, upstream_rows))
     state: pl.DataFrame = operator.index(data)
     store.write_frame(out_path, state)
     size, tag = store.stat(out_path)
