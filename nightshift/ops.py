@@ -1,5 +1,27 @@
 """The built-in operators, importable as ``nightshift.ops``."""
 
-from nightshift.tasks.operators import Dedup, Filter, Map, Rename, Select, Template
+from nightshift.tasks.operators import (
+    Dedup,
+    Explode,
+    Filter,
+    Group,
+    Map,
+    NearDedup,
+    ParseJson,
+    Rename,
+    Select,
+    Template,
+)
 
-__all__ = ["Dedup", "Filter", "Map", "Rename", "Select", "Template"]
+__all__ = [
+    "Dedup",
+    "Explode",
+    "Filter",
+    "Group",
+    "Map",
+    "NearDedup",
+    "ParseJson",
+    "Rename",
+    "Select",
+    "Template",
+]

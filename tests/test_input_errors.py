@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -721,3 +722,68 @@ def test_failed_export_keeps_the_earlier_file_and_says_one_line(
     line = one_error_line(run_cli(["export", str(path), "--to", str(out)], prefect_api))
     assert "column 'id' is String in" in line and "b.jsonl" in line, line
     assert out.read_bytes() == good
+
+
+# -- steps that change rows: explode, parse_json, group, joins across row identities -------
+
+RESHAPE_ERRORS = {
+    "explode_non_list": (
+        [{"explode": {"column": "text"}}],
+        ["steps[0] (explode)", "column 'text' is String, not a list"],
+    ),
+    "parse_json_unknown_type": (
+        [{"parse_json": {"column": "text", "into": {"a": "integr"}}}],
+        ["steps[0].parse_json.into", "unknown type 'integr'"],
+    ),
+    "group_missing_column": (
+        [
+            {"map": {"columns": {"m": "n"}}},
+            {"group": {"by": ["nope"], "collect": {"c": "count()"}}},
+        ],
+        ["steps[1] (group)", "missing column nope"],
+    ),
+    "group_unknown_aggregate": (
+        [
+            {"map": {"columns": {"m": "n"}}},
+            {"group": {"by": ["text"], "collect": {"c": "median(n)"}}},
+        ],
+        ["steps[1].group", "unknown aggregate 'median'"],
+    ),
+    "join_across_identities": (
+        [
+            {"map": {"columns": {"m": "n"}}, "name": "base"},
+            {"explode": {"column": "xs"}, "name": "ex"},
+            {"map": {"columns": {"k": "n"}}, "name": "other", "after": ["base"]},
+            {"map": {"columns": {"z": "k"}}, "name": "j", "after": ["other", "ex"]},
+        ],
+        ["steps[3] (j: map)", "'other'", "'ex'", "join: {ids: ex}"],
+    ),
+}
+
+
+@pytest.fixture
+def list_data(tmp_path: Path) -> Path:
+    rows = [{**r, "xs": list(range(r["n"] % 3))} for r in make_rows(30)]
+    return write_jsonl(tmp_path / "data" / "a.jsonl", rows)
+
+
+@pytest.mark.parametrize("case", sorted(RESHAPE_ERRORS))
+def test_reshape_steps_bad_input(tmp_path: Path, list_data: Path, case: str) -> None:
+    steps, fragments = RESHAPE_ERRORS[case]
+    expect(tmp_path, spec(tmp_path, steps=steps), *fragments)
+
+
+def test_cli_validate_reshape_steps_bad_input(
+    tmp_path: Path, list_data: Path, prefect_api: str
+) -> None:
+    """``nightshift validate``: exit 2, one line naming the step, for each case."""
+    for case, (steps, fragments) in sorted(RESHAPE_ERRORS.items()):
+        path = tmp_path / f"{case}.yaml"
+        path.write_text(json.dumps(spec(tmp_path, steps=steps)))  # JSON is YAML
+        result = run_cli(["validate", str(path)], prefect_api)
+        assert result.returncode == 2, (case, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr + result.stdout, lines
+        for fragment in fragments:
+            assert fragment in lines[0], (case, lines[0])
+    assert not (tmp_path / "store" / "bad" / "steps").exists()

@@ -69,6 +69,10 @@ CASES = [
         r"^streams\[0\]\.steps\[0\] \(dedup\): a barrier step needs the whole data set",
     ),
     (
+        with_("steps", [{"map": {"columns": {"xs": "[n, n]"}}}, {"explode": {"column": "xs"}}]),
+        r"^streams\[0\]\.steps\[1\] \(explode\): makes rows of a new identity",
+    ),
+    (
         with_("steps", [{"filter": {"where": "missing > 1"}}]),
         r"^streams\[0\]\.steps\[0\] \(filter\): ",
     ),

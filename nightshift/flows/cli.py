@@ -165,13 +165,15 @@ StepOpt = Annotated[
 
 @app.command()
 def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = False) -> None:
-    """Per step: batches done / total and rows, read from the store."""
+    """Per step: batches done / total, rows in and rows out, read from the store."""
     from nightshift.flows.outputs import step_status
     from nightshift.flows.plan import build_plan
 
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     dag = not plan.linear
-    table = Table("step", "steps", *(["after"] if dag else []), "batches done", "rows")
+    table = Table(
+        "step", "steps", *(["after"] if dag else []), "batches done", "rows in", "rows out"
+    )
     for s in step_status(plan, step):
         steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names, strict=True))
         table.add_row(
@@ -179,6 +181,7 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
             steps,
             *([", ".join(s.after) or "source"] if dag else []),
             f"{s.done}/{s.total}",
+            str(s.rows_in),
             str(s.rows),
         )
     console.print(table)

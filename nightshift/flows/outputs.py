@@ -22,6 +22,10 @@ class StepStatus:
     #: the names of its steps, and the stages it reads (DAGs: ``tasks/dag.py``)
     names: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
+    #: rows its input holds in the store: the source's for a step that reads it, else
+    #: its parent's (a join: its smallest parent's); ``rows`` is its output's, so explode
+    #: and group show their multiplication
+    rows_in: int = 0
 
 
 def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
@@ -32,6 +36,8 @@ def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
     into pieces counts a batch done when every piece is.
     """
     only = None if step is None else plan.stage_of_step(step, "--step")
+    views = survey(plan)
+    source_rows = sum(b.rows for b in plan.batches)
     return [
         StepStatus(
             view.name,
@@ -41,8 +47,9 @@ def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
             view.rows,
             list(stage.names),
             [plan.stages[p].name for p in stage.parents],
+            min((views[p].rows for p in stage.parents), default=source_rows),
         )
-        for stage, view in zip(plan.stages, survey(plan), strict=True)
+        for stage, view in zip(plan.stages, views, strict=True)
         if only is None or stage.index == only
     ]
 

@@ -81,6 +81,9 @@ class Step:
     operator: Operator
     name: str | None = None
     after: list[str] | None = None
+    #: a join across an explode: ``{"ids": "answers"}`` keeps that parent's rows and ids,
+    #: as ``join:`` in YAML (docs/operators.md)
+    join: dict[str, str] | None = None
 
 
 class Pipeline:
@@ -114,6 +117,8 @@ class Pipeline:
                 entry["name"] = item.name
             if isinstance(item, Step) and item.after is not None:
                 entry["after"] = list(item.after)
+            if isinstance(item, Step) and item.join is not None:
+                entry["join"] = dict(item.join)
             entries.append(entry)
         return PipelineSpec(
             name=self.name,

@@ -177,12 +177,19 @@ class Plan:
         ]
 
     def barrier_units(self, stage: int, input_keys: list[str]) -> tuple[str, list[Unit]]:
-        """A barrier's index key and its per-batch units: batch j depends on batches 0..j."""
+        """A barrier's index key and its per-batch units: batch j depends on batches 0..j
+        (dedup), or on every batch when its operator's index is global (group)."""
         s = self.stages[stage]
         prefix, units = "", []
         for batch, key in enumerate(input_keys):
             prefix = digest(prefix, key)
             units.append(Unit(stage, batch, 0, 0, None, digest(s.fingerprint, prefix)))
+        barrier = s.barrier
+        if barrier is not None and barrier.global_index:
+            units = [
+                Unit(stage, u.batch, 0, 0, None, digest(s.fingerprint, "all", prefix, u.batch))
+                for u in units
+            ]
         return digest(s.fingerprint, "index", prefix), units
 
     # -- paths (built by core/layout.py) ------------------------------------------------

@@ -298,6 +298,8 @@ class Execution:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
         upstream = [ref.path for refs in self.refs[parent] for ref in refs or []]
+        batches = [b for b, refs in enumerate(self.refs[parent]) for _ in refs or []]
+        rows = [ref.rows for refs in self.refs[parent] for ref in refs or []]
         task = self._index_task.with_options(refresh_cache=True if self._forced(stage) else NotSet)
         future = self._submit_task(
             task,
@@ -308,6 +310,8 @@ class Execution:
                 operator=s.barrier,
                 store=plan.store,
                 upstream_paths=upstream,
+                upstream_batches=batches,
+                upstream_rows=rows,
                 force=self._forced(stage),
             ),
         )

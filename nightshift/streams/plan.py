@@ -116,6 +116,12 @@ def _plan(
         decoder = Decoder(stream.decode)
         nodes = stream.step_nodes(allow_imports)  # one chain, no barrier step
         operators = [node.operator for node in nodes]
+        for i, op in enumerate(operators):
+            if op.makes_rows:
+                raise SpecError(
+                    f"steps[{i}] ({op.name}): makes rows of a new identity, and a stream's rows "
+                    "are its messages (sinks key them by message); run it in a batch pipeline"
+                )
         serving = resolve_serving(spec.serving, operators)
         output = dry_run(operators, decoder.schema, where=[node.where for node in nodes])
         sinks = stream.sink_specs()

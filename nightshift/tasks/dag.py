@@ -14,6 +14,13 @@ ordered chain it always was. ``after: []`` reads the source directly.
   on ``_row_id`` (a row that a filter dropped in one branch is not in the join), in the
   first parent's row order. A column written below the fork in one branch comes from that
   branch; a column written in two branches that meet is an error naming both steps.
+* **Row identities**: ``explode`` and ``group`` make rows with ids of their own
+  (``tasks/batches.py``), so the rows after them are not the rows before them. A join
+  whose parents have different identities is refused, naming both steps, unless it says
+  whose ids it keeps: ``join: {ids: answers}`` keeps the rows (and ids) of its parent
+  ``answers``, which must come from an ``explode`` of the other parents' rows; each such
+  row is matched with the other parents' row whose ``_row_id`` is its ``_parent_id``
+  (many to one: every child gets its parent's columns), in ``answers``' row order.
 
 :func:`parse_steps` is the one parser of a ``steps:`` list: a batch spec's
 (:func:`build_nodes`, which adds where barriers may stand) and a stream's (which adds that
@@ -24,6 +31,7 @@ Everything here is schema- and graph-level: cheap, run by ``validate`` before an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +44,9 @@ from nightshift.core.validation import validation_message
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, resolve_operator
 
 #: Keys of a step entry beside its one operator name.
-STEP_KEYS = ("name", "after")
+STEP_KEYS = ("name", "after", "join")
+#: The column an ``explode`` child names its parent by (``operators/explode.py``).
+PARENT_ID = "_parent_id"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -49,6 +59,8 @@ class StepNode:
     operator: Operator
     #: spec indexes of the parent steps, in ``after`` order; () reads the source
     parents: tuple[int, ...]
+    #: a join's ``join: {ids: NAME}``: the parent whose rows and ids it keeps
+    join_ids: str | None = None
 
     @property
     def where(self) -> str:
@@ -67,10 +79,14 @@ class JoinSpec(BaseModel):
 
     order: list[str]
     take: list[list[str]]
+    #: ``join: {ids: ...}``: the parent (its position in ``after``) whose rows and ids
+    #: are kept, the others matched on its ``_parent_id``; None: all on ``_row_id``
+    ids: int | None = None
 
 
 def split_entry(entry: Any, i: int) -> tuple[str, dict[str, Any], str | None, list[str] | None]:
-    """``(operator key, config, name, after)`` of one ``steps:`` entry; one-line errors."""
+    """``(operator key, config, name, after)`` of one ``steps:`` entry; one-line errors
+    (its ``join:`` is read by :func:`join_ids`)."""
     if not isinstance(entry, dict):
         raise SpecError(f"steps[{i}]: expected a mapping {{operator: config}}, got {entry!r}")
     ops = [k for k in entry if k not in STEP_KEYS]
@@ -97,6 +113,19 @@ def split_entry(entry: Any, i: int) -> tuple[str, dict[str, Any], str | None, li
                 f"steps[{i}].after: expected a list of step names, got {entry['after']!r}"
             )
     return key, config or {}, name, after
+
+
+def join_ids(entry: dict[str, Any], i: int) -> str | None:
+    """A step entry's ``join: {ids: NAME}``, checked for shape; None without ``join``."""
+    if "join" not in entry:
+        return None
+    join = entry["join"]
+    if not isinstance(join, dict) or set(join) != {"ids"} or not isinstance(join["ids"], str):
+        raise SpecError(
+            f"steps[{i}].join: expected {{ids: STEP}} (the parent whose rows and ids the "
+            f"join keeps), got {join!r}"
+        )
+    return join["ids"]
 
 
 def build_nodes(steps: list[Any], allow_imports: bool = False) -> list[StepNode]:
@@ -142,9 +171,21 @@ def parse_steps(steps: list[Any], allow_imports: bool = False) -> list[StepNode]
             if twice:
                 raise SpecError(f"steps[{i}] ({names[i]}).after: {twice[0]!r} is listed twice")
             parents = tuple(by_name[a] for a in after)
-        nodes.append(StepNode(i, names[i], operators[i], parents))
-    topological_order(nodes)  # raises on a cycle
-    return nodes
+        ids = join_ids(steps[i], i)
+        if ids is not None and len(parents) < 2:
+            raise SpecError(
+                f"steps[{i}] ({names[i]}).join: only a step with several parents "
+                "(after: [a, b]) joins; remove join"
+            )
+        if ids is not None and ids not in [names[p] for p in parents]:
+            raise SpecError(
+                f"steps[{i}] ({names[i]}).join.ids: {ids!r} is not one of its parents "
+                f"({', '.join(names[p] for p in parents)})"
+            )
+        nodes.append(StepNode(i, names[i], operators[i], parents, ids))
+    order = topological_order(nodes)  # raises on a cycle
+    row_identities(nodes, order)  # raises on a join across identities
+    return resolve_auto_json(nodes, order)
 
 
 def check_barriers(nodes: list[StepNode]) -> None:
@@ -241,6 +282,98 @@ def _find_cycle(nodes: list[StepNode], left: set[int]) -> list[int]:
         path.append(current)
 
 
+def resolve_auto_json(nodes: list[StepNode], order: list[int]) -> list[StepNode]:
+    """``parse_json: {into: auto}`` given the ``json_schema`` properties of the nearest
+    ancestor step writing its column (``output``); left unresolved (a one-line error at the
+    dry run) when there is none."""
+    from nightshift.tasks.operators.parse_json import ParseJson
+
+    anc = ancestors(nodes, order)
+    rank = {i: k for k, i in enumerate(order)}
+    result = list(nodes)
+    for node in nodes:
+        op = node.operator
+        if not isinstance(op, ParseJson) or op.into != "auto" or op.resolved is not None:
+            continue
+        for a in sorted(anc[node.index] - {node.index}, key=lambda a: -rank[a]):
+            upstream = nodes[a].operator
+            if getattr(upstream, "output", None) != op.column:
+                continue
+            schema = getattr(upstream, "json_schema", None)
+            if isinstance(schema, dict) and isinstance(schema.get("properties"), dict):
+                resolved = op.model_copy(update={"resolved": schema["properties"]})
+                result[node.index] = dataclasses.replace(node, operator=resolved)
+            break
+    return result
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Whose rows a step's output holds: the source's (``maker`` None) or those an
+    ``explode``/``group`` step made (``maker``, with ``parent`` the identity it exploded;
+    None for a group, whose rows have no one parent)."""
+
+    maker: int | None = None
+    parent: Identity | None = None
+
+
+def row_identities(nodes: list[StepNode], order: list[int]) -> dict[int, Identity]:
+    """Each step's output row identity; a join across identities without (or with an
+    impossible) ``join: {ids: ...}`` is a one-line error naming both steps."""
+    from nightshift.tasks.operators.explode import Explode
+
+    result: dict[int, Identity] = {}
+    for i in order:
+        node = nodes[i]
+        parents = [result[p] for p in node.parents]
+        if not parents:
+            identity = Identity()
+        elif len(parents) == 1 or all(p == parents[0] for p in parents):
+            identity = parents[0]
+        else:
+            identity = _joined_identity(node, nodes, parents)
+        if node.operator.makes_rows:
+            explodes = isinstance(node.operator, Explode)
+            identity = Identity(i, identity if explodes else None)
+        result[i] = identity
+    return result
+
+
+def _joined_identity(node: StepNode, nodes: list[StepNode], parents: list[Identity]) -> Identity:
+    def origin(identity: Identity) -> str:
+        return (
+            "the source's rows"
+            if identity.maker is None
+            else (f"the rows step '{nodes[identity.maker].name}' made")
+        )
+
+    if node.join_ids is None:
+        a, b = next(
+            (a, b)
+            for a in range(len(parents))
+            for b in range(a + 1, len(parents))
+            if parents[a] != parents[b]
+        )
+        pa, pb = nodes[node.parents[a]], nodes[node.parents[b]]
+        raise SpecError(
+            f"{node.where}: joins steps '{pa.name}' ({origin(parents[a])}) and '{pb.name}' "
+            f"({origin(parents[b])}), whose rows differ (explode/group make new rows); say "
+            f"whose rows and ids it keeps, e.g. join: {{ids: {pb.name}}}, or join rows of one "
+            "identity"
+        )
+    kept = next(k for k, p in enumerate(node.parents) if nodes[p].name == node.join_ids)
+    keeper = parents[kept]
+    for k, other in enumerate(parents):
+        if k != kept and other != keeper and (keeper.parent is None or other != keeper.parent):
+            pa, pb = nodes[node.parents[kept]], nodes[node.parents[k]]
+            raise SpecError(
+                f"{node.where}: join: {{ids: {pa.name}}} needs '{pa.name}' to hold rows an "
+                f"explode made from '{pb.name}''s rows (matched on {PARENT_ID}), but "
+                f"'{pa.name}' has {origin(keeper)} and '{pb.name}' {origin(other)}"
+            )
+    return keeper
+
+
 def ancestors(nodes: list[StepNode], order: list[int]) -> dict[int, set[int]]:
     """Each step's ancestors and itself."""
     result: dict[int, set[int]] = {}
@@ -300,12 +433,30 @@ def plan_join(
         c: owner.get(c, next(i for i, cols in enumerate(parent_columns) if c in cols))
         for c in order
     }
+    ids = None
+    if node.join_ids is not None:
+        ids = next(k for k, p in enumerate(node.parents) if nodes[p].name == node.join_ids)
+        if PARENT_ID not in parent_columns[ids]:
+            raise SpecError(
+                f"{node.where}: join: {{ids: {node.join_ids}}}: step '{node.join_ids}' has "
+                f"no {PARENT_ID} column to match rows on"
+            )
+        source[PARENT_ID] = ids  # the kept side's parent ids are the ones matched on
     take = [[c for c in order if c != ROW_ID and source[c] == i] for i in range(len(node.parents))]
-    return JoinSpec(order=order, take=take)
+    return JoinSpec(order=order, take=take, ids=ids)
 
 
 def join_frames(frames: list[pl.DataFrame], join: JoinSpec) -> pl.DataFrame:
-    """Inner join of the parents' frames on ``_row_id``, in the first one's row order."""
+    """Inner join of the parents' frames on ``_row_id``, in the first one's row order; with
+    ``join.ids``, that parent's rows matched with the others' on its ``_parent_id``."""
+    if join.ids is not None:
+        keep = join.ids
+        out = frames[keep].select([ROW_ID, *join.take[keep]])
+        for k, (frame, columns) in enumerate(zip(frames, join.take, strict=True)):
+            if k != keep:
+                other = frame.select([ROW_ID, *columns]).rename({ROW_ID: PARENT_ID})
+                out = out.join(other, on=PARENT_ID, how="inner", maintain_order="left")
+        return out.select(join.order)
     out = frames[0].select([ROW_ID, *join.take[0]])
     for frame, columns in zip(frames[1:], join.take[1:], strict=True):
         out = out.join(

@@ -270,10 +270,10 @@ def sample_run(
     row; ``dag`` is the dry run's (how each join is made).
 
     Only steps whose class says ``safe_on_sample`` run on the sample; an LLM step's outputs
-    are stand-ins of their type (``""``, ``0``); any other step ends the sample on its
+    (and a ``parse_json``'s) are stand-ins of their type (``""``, ``0``); any other step ends the sample on its
     branch (it may have side effects).
     """
-    from nightshift.tasks.operators import LLMOperator
+    from nightshift.tasks.operators import LLMOperator, ParseJson
     from nightshift.tasks.operators.sql import sql_expr
     from nightshift.tasks.operators.template import TemplateRenderError
 
@@ -305,6 +305,13 @@ def sample_run(
                     pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
                     for name, dtype in empty.schema.items()
                     if name not in known
+                )
+            elif isinstance(op, ParseJson):  # its input may be an LLM step's stand-in
+                empty = apply_operator(op, df.clear())
+                df = df.with_columns(
+                    pl.lit(_stand_in(dtype), dtype=dtype).alias(name)
+                    for name, dtype in empty.schema.items()
+                    if name not in df.columns or name in op.writes()
                 )
             elif op.safe_on_sample:
                 state = op.index(df.lazy()) if isinstance(op, BarrierOperator) else None

@@ -20,6 +20,7 @@ the row count and the ``_row_id`` range and digest.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
+from nightshift.tasks.operators.base import BATCH
 from nightshift.tasks.sources import filesystem
 
 if TYPE_CHECKING:
@@ -156,7 +158,11 @@ def run_stage_batch(
     else:
         df = read_input(store, upstream if isinstance(upstream, list) else [upstream], rows)  # type: ignore[arg-type]
     rows_in = df.height
-    state = store.read_frame(barrier_state) if barrier_state else None
+    state = None
+    if barrier_state and isinstance(operators[0], BarrierOperator):
+        state = operators[0].read_state(
+            lambda where: read_state(store, barrier_state, where), df, batch.index
+        )
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
         for offset, op in enumerate(operators):
             try:
@@ -199,6 +205,26 @@ def run_stage_batch(
     )
 
 
+def read_state(store: StepStore, path: str, where: pl.Expr | None) -> pl.DataFrame:
+    """A barrier's stored index, or its rows where ``where`` holds (a local store scans
+    the file, skipping row groups by their statistics)."""
+    if where is None:
+        return store.read_frame(path)
+    if store.is_local:
+        return pl.scan_parquet(path).filter(where).collect()
+    return store.read_frame(path).filter(where)
+
+
+def batch_numbers(batches: list[int], rows: list[int]) -> pl.Expr:
+    """Each row's batch, for rows concatenated from files of ``rows`` rows each, the
+    ``i``-th from batch ``batches[i]``: a binary search of the row's position among the
+    files' ends (no copy of the data)."""
+    ends = pl.Series(list(itertools.accumulate(rows)), dtype=pl.Int64)
+    position = pl.int_range(pl.len(), dtype=pl.Int64)
+    part = pl.lit(ends).search_sorted(position, side="right")
+    return pl.lit(pl.Series(batches, dtype=pl.Int64)).gather(part).alias(BATCH)
+
+
 def read_input(
     store: StepStore, parts: list[BatchRef], rows: tuple[int, int] | None
 ) -> pl.DataFrame:
@@ -237,12 +263,18 @@ def build_barrier_index(
     store: StepStore,
     upstream_paths: list[str],
     force: bool = False,
+    upstream_batches: list[int] | None = None,
+    upstream_rows: list[int] | None = None,
 ) -> BatchRef:
-    """The state a barrier operator needs, from every upstream batch in source order."""
+    """The state a barrier operator needs, from every upstream batch in source order;
+    ``upstream_batches`` and ``upstream_rows`` (each path's batch and rows) give its rows
+    a ``BATCH`` column."""
     if not force and (ref := _existing(store, out_path, key, label)):
         return ref
     started = time.perf_counter()
     data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
+    if upstream_paths and upstream_batches is not None and upstream_rows is not None:
+        data = data.with_columns(batch_numbers(upstream_batches, upstream_rows))
     state: pl.DataFrame = operator.index(data)
     store.write_frame(
         out_path,

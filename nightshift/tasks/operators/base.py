@@ -26,6 +26,7 @@ columns it writes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import polars as pl
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from nightshift.serving.pool import ServingPool
 
 ROW_ID = "_row_id"
+#: The batch (0-based, source order) each upstream row came from, in the frame a barrier's
+#: ``index`` sees when the engine builds it (not in a dry run or a preview).
+BATCH = "__batch"
 
 
 class Operator(BaseModel):
@@ -52,6 +56,11 @@ class Operator(BaseModel):
     fusable: ClassVar[bool] = True
     #: Operators that may drop columns (``select``) opt out of column pass-through.
     keeps_untouched_columns: ClassVar[bool] = True
+    #: Operators that make new rows (``explode``: 1 -> N, ``group``: N -> 1) give them new
+    #: ``_row_id`` values, derived by the one rule in ``tasks/batches.py``; their rows have
+    #: a row identity of their own (a join across it must say whose ids it keeps). Their
+    #: output ids are checked for type and nulls, not against the input's.
+    makes_rows: ClassVar[bool] = False
     #: LLM steps: they call a serving config (``serving:``), so the flow starts engines
     #: or HTTP clients for them. The one answer to "is this an LLM step?".
     uses_serving: ClassVar[bool] = False
@@ -120,6 +129,10 @@ class BarrierOperator(Operator):
     """
 
     fusable: ClassVar[bool] = False
+    #: False (dedup): batch ``j``'s output depends on batches ``0..j`` only, so a new
+    #: later file recomputes only its own batches. True (group): every batch's output
+    #: depends on every batch (its keys hash all of them).
+    global_index: ClassVar[bool] = False
 
     def index(self, data: pl.LazyFrame) -> pl.DataFrame:
         raise NotImplementedError
@@ -127,13 +140,21 @@ class BarrierOperator(Operator):
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
         raise NotImplementedError
 
+    def read_state(self, read: StateReader, df: pl.DataFrame, batch: int) -> pl.DataFrame:
+        """The part of the stored index that ``apply`` needs for batch number ``batch``
+        (rows ``df``): ``read(None)`` is all of it, ``read(predicate)`` its rows where
+        ``predicate`` holds (a Parquet reader skips row groups whose statistics rule them
+        out, e.g. on a ``BATCH`` column kept in the index)."""
+        return read(None)
+
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         return self.apply(df, self.index(df.lazy()))
 
 
+#: Reads a barrier's stored index, all of it (None) or the rows where an expression holds.
+StateReader = Callable[[pl.Expr | None], pl.DataFrame]
+
 _REGISTRY: dict[str, type[Operator]] = {}
-
-
 OperatorT = TypeVar("OperatorT", bound="Operator")
 
 
@@ -193,6 +214,14 @@ def apply_operator(op: Operator, df: pl.DataFrame, state: pl.DataFrame | None = 
     if ROW_ID not in out.columns:
         raise SpecError(f"operator {label} dropped the {ROW_ID} column")
     ids, before = out.get_column(ROW_ID), df.get_column(ROW_ID)
+    if op.makes_rows:
+        if ids.dtype != before.dtype or ids.null_count():
+            raise SpecError(
+                f"operator {label} made {ROW_ID} values of type {ids.dtype} with "
+                f"{ids.null_count()} nulls; new rows take ids from tasks/batches.py "
+                "(child_row_ids, group_row_ids)"
+            )
+        return out
     same_rows = out.height == df.height and ids.equals(before, check_dtypes=True)
     if ids.dtype != before.dtype or (not same_rows and (
         ids.null_count() or not ids.is_in(before.implode()).all()
