@@ -181,6 +181,18 @@ def _spec(tmp_path: Path, serving: dict) -> dict:
             {"block": "x", "model": "m"},
             r"serving\.default\.model: a saved block is named alone",
         ),
+        (  # booleans and strings of digits are not numbers here
+            {**HTTP, "max_concurrency": True},
+            r"serving\.default\.max_concurrency: expected an integer, got true \(a boolean\)",
+        ),
+        (
+            {"model": "smollm2", "max_model_len": "1024"},
+            r"serving\.default\.max_model_len: expected an integer, got '1024' \(a string\)",
+        ),
+        (
+            {**HTTP, "timeout_s": False},
+            r"serving\.default\.timeout_s: expected a number, got false \(a boolean\)",
+        ),
     ],
 )
 def test_each_backend_refuses_what_is_not_its_own_at_validate(

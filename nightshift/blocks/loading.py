@@ -7,7 +7,8 @@ from typing import TypeVar
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
-from nightshift.core.errors import NightshiftError, SpecError, one_line, validation_message
+from nightshift.core.errors import NightshiftError, SpecError, one_line
+from nightshift.core.validation import validation_message
 
 B = TypeVar("B", bound=Block)
 

@@ -64,9 +64,10 @@ from pydantic import (
     model_validator,
 )
 
-from nightshift.core.errors import SpecError, validation_message
+from nightshift.core.errors import SpecError
 from nightshift.core.fingerprints import digest
 from nightshift.core.usage import TokenPrice
+from nightshift.core.validation import Float, Int, validation_message
 
 __all__ = [
     "BACKENDS",
@@ -107,9 +108,9 @@ class HttpEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(description="API root, e.g. http://gpu-2:8000/v1")
-    max_concurrency: int | None = Field(default=None, ge=1, le=4096)
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_concurrency: Int | None = Field(default=None, ge=1, le=4096)
+    requests_per_minute: Float | None = Field(default=None, gt=0)
+    tokens_per_minute: Float | None = Field(default=None, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -171,14 +172,14 @@ class _LocalServing(_Serving):
 
     devices: str | None = Field(default=None, description='"0,1": one replica per device')
     #: Auto-batching: most requests per engine call, and how long to wait for more.
-    max_batch: int = Field(default=256, ge=1)
-    batch_timeout_s: float = Field(default=0.02, ge=0)
+    max_batch: Int = Field(default=256, ge=1)
+    batch_timeout_s: Float = Field(default=0.02, ge=0)
     #: Restarts one engine call may cost (a crash, out of memory, a stall; counted per call
     #: of up to max_batch rows). A request that kills the engine is found by bisection,
     #: ~log2(max_batch) + 1 restarts (9 for 256), and its row gets "engine died on this
     #: request twice"; past the limit the call's remaining rows fail with "not served:
     #: ...". See docs/generation.md.
-    max_restarts: int = Field(default=10, ge=0)
+    max_restarts: Int = Field(default=10, ge=0)
 
     def device_list(self) -> list[str]:
         return [d.strip() for d in self.devices.split(",") if d.strip()] if self.devices else []
@@ -188,17 +189,17 @@ class VLLMEngineConfig(_LocalServing):
     """An in-process vLLM engine (``backend: vllm``, the default)."""
 
     backend: Literal["vllm"] = "vllm"  # pyright: ignore[reportIncompatibleVariableOverride] (the tag narrows str)
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: Int = Field(default=1, ge=1)
     dtype: str = "auto"
-    max_model_len: int = Field(default=2048, ge=16)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    max_num_seqs: int = Field(default=256, ge=1)
+    max_model_len: Int = Field(default=2048, ge=16)
+    gpu_memory_utilization: Float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: Int = Field(default=256, ge=1)
     quantization: str | None = None
-    seed: int = 0
+    seed: Int = 0
     enforce_eager: bool | None = None
-    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_bytes: Int | None = None
     #: An engine that produces no token for this long is stalled and restarted.
-    stall_timeout_s: float = Field(default=300.0, gt=0)
+    stall_timeout_s: Float = Field(default=300.0, gt=0)
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nightshift.serving.vllm_backend.VLLMBackend``."""
@@ -234,7 +235,7 @@ class FakeBackendConfig(_LocalServing):
 
     backend: Literal["fake"] = "fake"  # pyright: ignore[reportIncompatibleVariableOverride] (the tag narrows str)
     #: Seconds each call takes.
-    fake_delay_s: float = Field(default=0.0, ge=0)
+    fake_delay_s: Float = Field(default=0.0, ge=0)
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "fake", "model": self.model}
@@ -261,25 +262,25 @@ class OpenAICompatibleConfig(_Serving):
     #: Streamed replies, so the stall watchdog sees every token.
     stream: bool = True
     #: The longest silence (no byte) within an attempt; ``timeout_s`` bounds the whole.
-    stall_timeout_s: float = Field(default=300.0, gt=0)
+    stall_timeout_s: Float = Field(default=300.0, gt=0)
     api_key: SecretStr | None = Field(default=None, description="kept secret; or use the next two")
     api_key_secret: str | None = Field(default=None, description="name of a Prefect Secret block")
     api_key_env: str | None = Field(default=None, description="environment variable with the key")
     api_key_header: str = Field(default="Authorization", description='"api-key" for Azure')
     headers: dict[str, str] = Field(default_factory=dict, description="extra, non-secret headers")
     endpoint: Literal["auto", "chat", "completions"] = "auto"
-    max_concurrency: int = Field(default=16, ge=1, le=4096)
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
-    backoff_initial_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=60.0, ge=0)
-    outage_after_s: float = Field(default=120.0, gt=0)
+    max_concurrency: Int = Field(default=16, ge=1, le=4096)
+    requests_per_minute: Float | None = Field(default=None, gt=0)
+    tokens_per_minute: Float | None = Field(default=None, gt=0)
+    timeout_s: Float = Field(default=120.0, gt=0)
+    max_attempts: Int = Field(default=8, ge=1)
+    backoff_initial_s: Float = Field(default=0.5, ge=0)
+    backoff_max_s: Float = Field(default=60.0, ge=0)
+    outage_after_s: Float = Field(default=120.0, gt=0)
     #: A Prefect global concurrency limit shared by every flow run using this endpoint.
     global_limit: str | None = None
     global_limit_mode: Literal["concurrency", "rate_limit"] = "concurrency"
-    slot_hold_s: float = Field(default=10.0, gt=0)
+    slot_hold_s: Float = Field(default=10.0, gt=0)
     price: TokenPrice | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict, description="e.g. {top_k: 20}")
     #: Bump to recompute when the server's weights change under the same model name.

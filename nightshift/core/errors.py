@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
+    pass
 
 
 class NightshiftError(Exception):
@@ -57,21 +57,3 @@ def shorten(text: str, limit: int = 300) -> str:
     if space > (limit - 3) // 2:
         cut = cut[:space]
     return cut.rstrip(" ,;:") + "..."
-
-
-def validation_message(exc: ValidationError, prefix: str = "") -> str:
-    """One line from a pydantic error: ``key.path: message (and N more problems)``."""
-    first = exc.errors()[0]
-    parts = [prefix] if prefix else []
-    for loc in first["loc"]:
-        if isinstance(loc, str) and ("[" in loc or ("-" in loc and loc.endswith("]"))):
-            continue  # pydantic's union/validator tags, not a key the user wrote
-        if isinstance(loc, int):
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]"]
-        else:
-            parts.append(str(loc))
-    where = ".".join(parts)
-    message = first["msg"].removeprefix("Value error, ")  # a validator's own message
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {message}{tail}" if where else f"{message}{tail}"
