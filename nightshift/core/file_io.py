@@ -59,13 +59,14 @@ def stale_temp(name: str, mtime: float | None, now: float | None = None) -> bool
     match = _TEMP.search(name)
     if match is None:
         return False
-    if match["host"] == _HOST and match["pid"] is not None and not _alive(int(match["pid"])):
+    if match["host"] == _HOST and match["pid"] is not None and not process_alive(int(match["pid"])):
         return True
     now = time.time() if now is None else now
     return mtime is not None and now - mtime > TEMP_SAFE_AGE_S
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one that exists but is not ours counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

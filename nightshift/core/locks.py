@@ -34,16 +34,6 @@ UNREADABLE_LOCK_GRACE_S = 30.0
 _HOST = file_io.host_tag()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ProcessAwareLockManager(FileSystemLockManager):
     """``FileSystemLockManager`` whose locks name their process and die with it."""
 
@@ -114,7 +104,11 @@ class ProcessAwareLockManager(FileSystemLockManager):
         except (OSError, ValueError):
             return self._unreadable_lock_held(key, path)
         pid = info.get("pid")
-        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        if (
+            info.get("host") == socket.gethostname()
+            and isinstance(pid, int)
+            and not file_io.process_alive(pid)
+        ):
             self._break(key, path)
             return False
         return True
@@ -135,7 +129,7 @@ class ProcessAwareLockManager(FileSystemLockManager):
             pid = rest.partition("-")[0]
             try:
                 if host == _HOST and pid.isdigit():
-                    stale = not _alive(int(pid))
+                    stale = not file_io.process_alive(int(pid))
                 else:
                     stale = now - entry.stat().st_mtime > file_io.TEMP_SAFE_AGE_S
                 if stale:
