@@ -6,9 +6,13 @@ the CLI in a subprocess that is SIGKILLed once some of its LLM work is in the st
 re-run, and the output must equal the uninterrupted run's, with nothing completed before
 the kill recomputed.
 
-The uninterrupted runs and the re-runs use the session's shared engine
-(``tests/vllm_shared.py``: the recipes' ``serving`` is its config); each killed run starts
-its own engine in its subprocess (that is where the kill lands).
+Every run reaches the model through the session's vLLM OpenAI API server
+(``tests/api_fixtures.py``: real vLLM, the same embedded model, the same per-request seeds
+and guided JSON decoding as the in-process engine the recipes' ``serving`` names; that
+config is checked, and ``validate`` runs on it as written). The killed CLI subprocess so
+starts no engine of its own (~20 s on 2 cores each), and the reference, the killed run and
+its re-run all reach the model the same way (the backend is part of the step
+fingerprints). Engine-path runs of the operators are covered in ``tests/test_generation_vllm.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from vllm_shared import SERVING, shared_pool, skip_without_vllm
+from vllm_shared import SERVING, skip_without_vllm
 
 skip_without_vllm()
 
@@ -33,10 +37,11 @@ from conftest import ROOT, cli_env
 from nightshift.flows.outputs import read_output
 from nightshift.flows.pipeline import run_spec
 from nightshift.flows.plan import build_plan
-from nightshift.serving.runner import shared_serving
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.operators.near_dedup import NearDedup
 from nightshift.tasks.spec import load_spec
+
+pytest_plugins = ["api_fixtures"]
 
 RECIPES = ROOT / "examples" / "recipes"
 NAMES = ["questions-from-documents", "preference-pairs", "consensus"]
@@ -63,9 +68,23 @@ def recipe(name: str, work: Path, store: Path) -> dict:
     return spec
 
 
+def over_http(spec: dict, url: str) -> dict:
+    """``spec`` with its one serving config the vLLM OpenAI API server at ``url``."""
+    return {
+        **spec,
+        "serving": {
+            "default": {
+                "backend": "openai_compatible",
+                "base_url": f"{url}/v1",
+                "model": "smollm2",
+                "max_concurrency": 32,
+            }
+        },
+    }
+
+
 def run(spec: dict) -> tuple[dict, pl.DataFrame]:
-    with shared_serving(shared_pool()):
-        summary = run_spec(load_spec(spec))
+    summary = run_spec(load_spec(spec))
     return summary, read_output(build_plan(spec))
 
 
@@ -75,14 +94,15 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("recipes")
 
 
-def reference_spec(name: str, work: Path) -> dict:
-    return recipe(name, work, work / "uninterrupted" / name)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(work: Path) -> dict[str, tuple[dict, pl.DataFrame]]:
-    """Each recipe run once, uninterrupted (the reference of the kill tests)."""
-    return {name: run(reference_spec(name, work)) for name in NAMES}
+def uninterrupted(work: Path, vllm_server: str) -> dict[str, tuple[dict, pl.DataFrame, dict]]:
+    """Each recipe run once, uninterrupted, through the API server (the reference of the
+    kill tests): its summary, its output and its spec."""
+    out = {}
+    for name in NAMES:
+        spec = over_http(recipe(name, work, work / "uninterrupted" / name), vllm_server)
+        out[name] = (*run(spec), spec)
+    return out
 
 
 def source(name: str, work: Path) -> pl.DataFrame:
@@ -97,8 +117,8 @@ def test_recipe_validates(name: str, tmp_path: Path, work: Path) -> None:
 
 
 def test_questions_from_documents(uninterrupted: dict, work: Path) -> None:
-    summary, out = uninterrupted["questions-from-documents"]
-    plan = build_plan(reference_spec("questions-from-documents", work))
+    summary, out, spec = uninterrupted["questions-from-documents"]
+    plan = build_plan(spec)
     docs = read_output(plan, step=0)  # the documents with their JSON reply
     questions = read_output(plan, step="questions")  # one row per question
     judged = read_output(plan, step="judge")
@@ -123,8 +143,8 @@ def test_questions_from_documents(uninterrupted: dict, work: Path) -> None:
 
 
 def test_preference_pairs(uninterrupted: dict, work: Path) -> None:
-    _, out = uninterrupted["preference-pairs"]
-    grouped = read_output(build_plan(reference_spec("preference-pairs", work)), step="grouped")
+    _, out, spec = uninterrupted["preference-pairs"]
+    grouped = read_output(build_plan(spec), step="grouped")
     instructions = source("preference-pairs", work)
     assert grouped["instruction_id"].to_list() == instructions["instruction_id"].to_list()
     expected = []
@@ -162,7 +182,7 @@ def test_preference_pairs(uninterrupted: dict, work: Path) -> None:
 
 
 def test_consensus(uninterrupted: dict, work: Path) -> None:
-    _, out = uninterrupted["consensus"]
+    _, out, _ = uninterrupted["consensus"]
     questions = source("consensus", work)
     assert out["qid"].to_list() == questions["qid"].to_list(), "one row per question, in order"
     assert out["n"].to_list() == [3] * questions.height
@@ -178,9 +198,9 @@ def test_consensus(uninterrupted: dict, work: Path) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_killed_mid_run_then_resumed(
-    name: str, tmp_path: Path, prefect_api: str, uninterrupted: dict, work: Path
+    name: str, tmp_path: Path, prefect_api: str, uninterrupted: dict, vllm_server: str, work: Path
 ) -> None:
-    spec = recipe(name, work, tmp_path / "store")
+    spec = over_http(recipe(name, work, tmp_path / "store"), vllm_server)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     steps = tmp_path / "store" / name / "steps"
@@ -193,11 +213,11 @@ def test_recipe_killed_mid_run_then_resumed(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    # kill once the first LLM step has written one batch (the engine is up, work is half done)
+    # kill once the first LLM step has written one batch (half of the work is still to do)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(steps.glob("00-*/*.parquet")):
         assert proc.poll() is None, (proc.stdout.read() if proc.stdout else "")[-3000:]
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in steps.rglob("*.parquet")}

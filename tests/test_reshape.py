@@ -519,11 +519,13 @@ def artifacts(flow_run_id: str) -> dict:
 # -- SIGKILL, then run again: the same output ----------------------------------------------------
 
 
-def crash_spec(tmp_path: Path, store: str) -> Path:
+def crash_spec(tmp_path: Path, store: str, sleep: float = 0.2) -> Path:
+    """``sleep``: the counted steps' seconds per batch (the kill's window; the reference
+    needs none, and ``sleep`` changes no output)."""
     steps = [
-        {"nightshift_testops:Count": {"tag": "a", "sleep": 0.2}},
+        {"nightshift_testops:Count": {"tag": "a", "sleep": sleep}},
         {"explode": {"columns": ["qs", "scores"]}},
-        {"nightshift_testops:Count": {"tag": "mid", "sleep": 0.2}},
+        {"nightshift_testops:Count": {"tag": "mid", "sleep": sleep}},
         {"group": {"by": ["topic"], "collect": {"qs": "list(qs)", "best": "max(scores)"}}},
         {"map": {"columns": {"k": "best + 1"}}},
     ]
@@ -583,7 +585,7 @@ def test_sigkill_mid_run_with_explode_and_group_then_resume(
     )
     resumed = read_output(build_plan(str(spec), allow_imports=True))
 
-    reference = crash_spec(tmp_path, "reference")
+    reference = crash_spec(tmp_path, "reference", sleep=0.0)
     run_spec(load_spec(str(reference)), allow_imports=True)
     expected = read_output(build_plan(str(reference), allow_imports=True))
     assert resumed.equals(expected)
