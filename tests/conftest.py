@@ -3,8 +3,11 @@ source data files, and a helper to run the ``nightshift`` CLI in a subprocess.""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +57,22 @@ def test_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "invocations.jsonl"
     monkeypatch.setenv("NIGHTSHIFT_TEST_LOG", str(path))
     return path
+
+
+@functools.cache
+def moto_endpoint() -> str:
+    """``http://127.0.0.1:PORT`` of moto's S3 server (a thread of this process), started on
+    first use and shared by every module of the session (each test uses its own prefix);
+    stopped at exit."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    atexit.register(server.stop)
+    return f"http://127.0.0.1:{port}"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import s3fs
-from conftest import make_rows, write_jsonl
+from conftest import make_rows, moto_endpoint, write_jsonl
 from nightshift_testops import Count, read_log
 
 from nightshift.flows.pipeline import Pipeline
@@ -25,14 +25,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+def s3_endpoint() -> str:
+    """moto's S3 server: one for the session, whichever modules use it (conftest)."""
+    return moto_endpoint()
 
 
 @pytest.fixture
