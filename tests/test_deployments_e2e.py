@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -299,11 +300,19 @@ def test_deploy_schedule_run_fail_retry(
     }
     overrides = {"store": {"url": f"file://{store}"}, "batch_size": 50, "serving": serving}
 
-    # -- what `make deploy` does, then `make worker`
-    p.cli("work-pool", "create", "nightshift-process", "--type", "process")
+    # -- what `make deploy` does, then `make worker`: the pool and the two block types are
+    # independent, so the three commands run side by side (each mostly imports Prefect)
+    with ThreadPoolExecutor(3) as side_by_side:
+        for done in [
+            side_by_side.submit(p.cli, *args)
+            for args in (
+                ("work-pool", "create", "nightshift-process", "--type", "process"),
+                ("block", "register", "-m", "nightshift.blocks.step_store"),
+                ("block", "register", "-m", "nightshift.blocks.serving_config"),
+            )
+        ]:
+            done.result()
     p.spawn("worker", "worker", "start", "--pool", "nightshift-process")  # starts meanwhile
-    p.cli("block", "register", "-m", "nightshift.blocks.step_store")
-    p.cli("block", "register", "-m", "nightshift.blocks.serving_config")
     p.cli("--no-prompt", "deploy", "--all")
     with p.client() as client:
         slugs = {t.slug for t in client.read_block_types()}
