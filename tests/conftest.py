@@ -21,6 +21,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need a vLLM API server run last (stable order otherwise): the server
+    starts in the background at collection, and boots while the other tests run; the one
+    that needs a spare server runs after them (its spare boots while they run)."""
+
+    def rank(item: pytest.Item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return 2 if "spare_vllm_server" in names else 1 if "vllm_server" in names else 0
+
+    items.sort(key=rank)  # list.sort is stable: the order within each group is kept
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    used = {n for item in session.items for n in getattr(item, "fixturenames", ())}
+    if "vllm_server" in used and not session.config.option.collectonly:
+        import api_fixtures
+
+        api_fixtures.start_early(spare="spare_vllm_server" in used)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api() -> str:
     """A real Prefect API server (subprocess, SQLite) for the whole session."""

