@@ -87,6 +87,20 @@ def cli_env(api_url: str, log: Path | None = None) -> dict[str, str]:
     return env
 
 
+def start_cli(args: list[str], api_url: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """Start ``nightshift ARGS`` in its own process group (``os.killpg`` kills the run and
+    its children), output and errors together on ``stdout``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nightshift.flows.cli", *args],
+        env=cli_env(api_url, log),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def run_cli(args: list[str], api_url: str, log: Path | None = None, timeout: float = 300):
     """Run ``nightshift ARGS`` in a subprocess against the test Prefect API."""
     return subprocess.run(

@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, cli_env, make_rows, write_jsonl
+from conftest import ROOT, cli_env, make_rows, start_cli, write_jsonl
 from test_artifacts import artifacts
 
 from nightshift.core.errors import NightshiftError
@@ -167,15 +167,7 @@ def test_killed_mid_batch_the_rerun_asks_only_for_missing_rows(
 ) -> None:
     write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(300, "k"))
     spec = write_spec(tmp_path, fault_proxy.base_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
-        env=cli_env(prefect_api),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(["run", str(spec)], prefect_api)
     # past 120 requests the proxy holds every request unanswered: the kill surely lands
     # mid-batch (150 rows), however slow the machine is
     fault_proxy.configure(hold_after=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, cli_env, make_rows, run_cli, write_jsonl
+from conftest import make_rows, run_cli, start_cli, write_jsonl
 from nightshift_testops import read_log
 
 from nightshift.flows.outputs import read_output
@@ -73,15 +72,7 @@ def batch_of(entry: dict, stems: dict[int, str]) -> tuple[str, int]:
 
 
 def start_run(spec: Path, api: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env=cli_env(api, log),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return start_cli(["run", str(spec), "--allow-imports"], api, log)
 
 
 def kill_after(proc: subprocess.Popen, log: Path, invocations: int, timeout: float = 180) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import zlib
@@ -17,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, cli_env, make_rows, write_jsonl
+from conftest import make_rows, start_cli, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nightshift_testops import Count, read_log
@@ -343,15 +342,7 @@ def test_sigkill_mid_branch_then_resume(
     dirs = {t: plan.stages[plan.stage_of_step(t)].dirname for t in ("a", "b")}
     assert dirs == {"a": "01-count", "b": "b"}  # the trunk keeps its linear name
     log = tmp_path / "crash-log.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env=cli_env(prefect_api, log),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(["run", str(spec), "--allow-imports"], prefect_api, log)
     deadline = time.monotonic() + 240
     while True:  # kill once branch b has done 3 batches: mid-branch
         if sum(e["tag"] == "b" for e in read_log(str(log))) >= 2:

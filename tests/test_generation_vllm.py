@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from vllm_shared import SERVING, shared_backend, shared_pool, skip_without_vllm
 
 skip_without_vllm()
 
-from conftest import ROOT, cli_env, write_jsonl
+from conftest import start_cli, write_jsonl
 
 from nightshift.core.errors import NightshiftError
 from nightshift.flows.outputs import read_output
@@ -260,15 +258,7 @@ def test_kill_mid_generation_then_resume(tmp_path: Path, prefect_api: str) -> No
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     stage = tmp_path / "store" / "genkill" / "steps" / "00-generate"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
-        env=cli_env(prefect_api),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(["run", str(path)], prefect_api)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(stage.glob("*.parquet"))) < 2:
         assert proc.poll() is None, proc.stdout.read()[-3000:]

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from vllm_shared import SERVING, skip_without_vllm
 
 skip_without_vllm()
 
-from conftest import ROOT, cli_env
+from conftest import ROOT, start_cli
 
 from nightshift.flows.outputs import read_output
 from nightshift.flows.pipeline import run_spec
@@ -204,15 +202,7 @@ def test_recipe_killed_mid_run_then_resumed(
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     steps = tmp_path / "store" / name / "steps"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(path)],
-        env=cli_env(prefect_api),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(["run", str(path)], prefect_api)
     # kill once the first LLM step has written one batch (half of the work is still to do)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(steps.glob("00-*/*.parquet")):

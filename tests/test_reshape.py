@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import ROOT, cli_env, write_jsonl
+from conftest import start_cli, write_jsonl
 from nightshift_testops import Count, read_log
 
 from nightshift import Pipeline, Step
@@ -554,15 +553,7 @@ def test_sigkill_mid_run_with_explode_and_group_then_resume(
     spec = crash_spec(tmp_path, "store")
     log = tmp_path / "crash-log.jsonl"
     for tag, count in (("a", 3), ("mid", 3)):  # two kills: before and after the explode
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-            env=cli_env(prefect_api, log),
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = start_cli(["run", str(spec), "--allow-imports"], prefect_api, log)
         deadline = time.monotonic() + 240
         while sum(e["tag"] == tag and e["pid"] == proc.pid for e in read_log(str(log))) < count:
             assert proc.poll() is None, f"run ended before the kill:\n{proc.stdout.read()[-3000:]}"

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import s3fs
 import yaml
-from conftest import ROOT, cli_env, make_rows, write_jsonl
+from conftest import ROOT, make_rows, start_cli, write_jsonl
 from nightshift_testops import Count, read_log
 
 from nightshift.core import file_io
@@ -228,15 +228,7 @@ def _expected_ids(name: str, rows: int) -> list[str]:
 
 
 def _start(spec: Path, api: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec), "--allow-imports"],
-        env=cli_env(api, log),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return start_cli(["run", str(spec), "--allow-imports"], api, log)
 
 
 def _output_ids(spec: Path) -> list[str]:
