@@ -148,8 +148,8 @@ def test_no_logging_filter_is_installed_at_import_time() -> None:
         "import nightshift.flows.run_pipeline, nightshift.flows.stream\n"
         "names = ('prefect.task_runs', 'prefect.flow_runs')\n"
         "print([len(logging.getLogger(n).filters) for n in names])\n"
-        "from nightshift.flows.log_filters import quiet_nightshift_tracebacks\n"
-        "quiet_nightshift_tracebacks(); quiet_nightshift_tracebacks()\n"
+        "from nightshift.flows.log_filters import install_log_filters\n"
+        "install_log_filters(); install_log_filters()\n"
         "print([len(logging.getLogger(n).filters) for n in names])\n"
     )
     result = subprocess.run(

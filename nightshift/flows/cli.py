@@ -52,7 +52,8 @@ Verbose = Annotated[
     typer.Option(
         "--verbose",
         "-v",
-        help="show the LLM engine's full start-up log (also: NIGHTSHIFT_LOG_LEVEL=DEBUG)",
+        help="show every task run's state line, the LLM engine's full start-up log and "
+        "tracebacks (also: NIGHTSHIFT_LOG_LEVEL=DEBUG)",
     ),
 ]
 
@@ -116,22 +117,32 @@ def run(
     batch_size: Annotated[int | None, typer.Option(help="override batch_size")] = None,
     resume_step: Annotated[
         str | None,
-        typer.Option(help="recompute this step (index or name) and the steps that depend on it"),
+        typer.Option(
+            help="recompute this step (its number NN as in NN-name, or a name) and the steps "
+            "that depend on it"
+        ),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
     allow_imports: AllowImports = False,
     verbose: Verbose = False,
 ) -> None:
-    """Run the pipeline; batches done in the store are not recomputed."""
+    """Run the pipeline; batches done in the store are not recomputed.
+
+    On a terminal, one live bar per step; otherwise a progress line per running step now
+    and then (docs/engine.md, "Watching a run"). Task runs' "Finished in state" lines
+    only with --verbose.
+    """
+    from nightshift.flows.live import live_progress
     from nightshift.flows.pipeline import run_spec
 
     _verbose(verbose)
-    summary = run_spec(
-        _spec(spec, batch_size),
-        resume_from_last=False if (fresh or resume_step is not None) else None,
-        resume_step=resume_step,
-        allow_imports=allow_imports,
-    )
+    with live_progress():
+        summary = run_spec(
+            _spec(spec, batch_size),
+            resume_from_last=False if (fresh or resume_step is not None) else None,
+            resume_step=resume_step,
+            allow_imports=allow_imports,
+        )
     _print_steps(summary["steps"])
 
 

@@ -45,7 +45,8 @@ def _explain_stage(plan: Plan, index: int, forced: Collection[int], view: StageS
     name = f"step {stage.name}"
     if not plan.linear:
         after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
-        name = f"{name} (after {after})"
+        join = ", a join on _row_id" if len(stage.parents) > 1 else ""
+        name = f"{name} (after {after}{join})"
     if index in forced:
         return f"{name}: computing all {total} batches, as asked (resume_step / --fresh)"
     if view.done == total:

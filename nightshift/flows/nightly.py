@@ -28,9 +28,9 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from nightshift.core.errors import SpecError
-from nightshift.flows.log_filters import quiet_nightshift_tracebacks
+from nightshift.flows.log_filters import install_log_filters
 from nightshift.flows.plan import build_plan
-from nightshift.flows.run_pipeline import execute_plan, failure_at
+from nightshift.flows.run_pipeline import execute_plan, failure_at, pipeline_name
 from nightshift.tasks.spec import PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,13 +88,17 @@ def scheduled_date() -> str:
 
 
 def _night_name() -> str:
-    """``<spec name> date=YYYY-MM-DD``: what a night is called in the UI."""
+    """``<pipeline> date=YYYY-MM-DD``: what a night is called in the UI (the pipeline's
+    ``name`` from its spec, as its store and artifacts are)."""
     params = flow_run.parameters
     try:
         date = params.get("date") or scheduled_date()
     except Exception:  # the name is a courtesy; the run itself reports a bad date
         date = params.get("date") or "?"
-    return f"{Path(str(params.get('spec'))).stem} date={date}"
+    spec = Path(str(params.get("spec")))
+    if not spec.is_absolute() and not spec.exists():
+        spec = ROOT / spec
+    return f"{pipeline_name(spec)} date={date}"
 
 
 @flow(name="nightly-pipeline", flow_run_name=_night_name, validate_parameters=True)
@@ -103,7 +107,7 @@ def nightly(
     date: str | None = None,
     overrides: dict[str, Any] = {},  # noqa: B006 (a JSON parameter; never mutated)
     fail_at_batch: int | None = None,
-    fail_at_step: int = 0,
+    fail_at_step: int | str = 0,
     allow_imports: bool = False,
 ) -> dict[str, Any]:
     """Run one night of a pipeline in its own date partition of the store.
@@ -115,10 +119,11 @@ def nightly(
         overrides: top-level spec keys to replace, e.g. {"batch_size": 50}.
         fail_at_batch: rehearse a failure: this batch (counted from 1, as in the task
             runs' names) fails on the first attempt only, so a Retry succeeds.
-        fail_at_step: the step index (0-based) where fail_at_batch fails.
+        fail_at_step: the step (its number NN, as in the NN-name of task runs, logs and
+            artifacts, or a step's name) where fail_at_batch fails.
         allow_imports: allow operators given as module:Class import paths in the spec.
     """
-    quiet_nightshift_tracebacks()
+    install_log_filters()
     date = date or scheduled_date()
     plan = build_plan(nightly_spec(spec, date, overrides), allow_imports=allow_imports)
     get_run_logger().info(

@@ -222,21 +222,25 @@ class Plan:
         return store_layout.manifest(self.stage_dir(stage))
 
     def stage_of_step(self, step: int | str, what: str = "resume_step") -> int:
-        """The stage of a step given by index, by name or by its stage's name."""
+        """The stage of a step given by its number (the ``NN`` of ``NN-name``, as in task
+        runs, logs, artifacts and ``status``), by its stage's name or a step's name."""
         if isinstance(step, str) and step.isdigit():
             step = int(step)
         for stage in self.stages:
             folder = self.stage_dir(stage.index).rsplit("/", 1)[-1]
             if (
-                step in stage.steps
+                step == stage.index
                 or step in stage.names
                 or step in (stage.dirname, stage.name, folder)
             ):
                 return stage.index
+        names = ", ".join(s.name for s in self.stages)
         if isinstance(step, int):
-            raise SpecError(f"{what} {step}: the pipeline has steps 0..{len(self.spec.steps) - 1}")
-        names = ", ".join(n.name for n in self.nodes)
-        raise SpecError(f"{what} {step!r}: no step has that name (steps: {names})")
+            raise SpecError(
+                f"{what} {step}: the run's steps are numbered 0..{len(self.stages) - 1} ({names})"
+            )
+        steps = ", ".join(n.name for n in self.nodes)
+        raise SpecError(f"{what} {step!r}: no step has that name (steps: {steps}; or {names})")
 
     def stage_of_output(self, step: int | str | None, what: str = "--step") -> int:
         """The stage whose stored output is ``step``'s (default: the sink); a step fused
@@ -245,7 +249,7 @@ class Plan:
             return self.sink()
         index = self.stage_of_step(step, what)
         stage = self.stages[index]
-        node = next((n for n in self.nodes if step in (n.index, n.name, str(n.index))), None)
+        node = next((n for n in self.nodes if step == n.name), None)
         if node is not None and node.index != stage.steps[-1]:
             raise SpecError(
                 f"{what} {step}: step {node.name} runs fused with {stage.names[-1]} in stage "

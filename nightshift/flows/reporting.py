@@ -1,81 +1,29 @@
-"""What a run shows in the Prefect UI: progress per step, a summary table (with LLM token
-usage and estimated cost), per-batch LLM usage, sample rows.
+"""What a run shows in the Prefect UI: the plan, a summary table (with LLM token usage
+and estimated cost), per-batch LLM usage, sample rows; progress per step is
+``flows/progress.py``'s. One artifact per kind per flow run (``flows/artifacts.py``).
 
-Artifact keys are ``<pipeline>-<what>`` slugged to Prefect's rules (lowercase letters,
-numbers and dashes), so the Artifacts page keeps one history per pipeline.
+Tables are for people: headers in words, counts with thousands separators (so the
+values are text), a step that never started says so.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, cast
-from uuid import UUID
+from typing import Any
 
 import polars as pl
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 
-from nightshift.core.naming import artifact_key
+from nightshift.flows.artifacts import RunArtifacts
 from nightshift.flows.plan import Plan
 from nightshift.serving.pool import ServingPool
 from nightshift.tasks.operators import ROW_ID
 
 
-def attempt_note() -> str:
-    """Which attempt of the flow run wrote an artifact (a UI Retry is attempt 2, ...)."""
-    from prefect.runtime import flow_run
-
-    count = flow_run.run_count or 1
-    return f"attempt {count} of flow run {flow_run.name}" if flow_run.name else f"attempt {count}"
-
-
-class Progress:
-    """One progress artifact per stage: the share of its batches that are done.
-
-    Batches reused from the store count as done from the start. Updates are throttled
-    (at most one API call per stage every ``interval`` seconds, and one at the end of the
-    stage), so a run of 10,000 batches does not make 10,000 calls.
-    """
-
-    def __init__(self, plan: Plan, interval: float = 2.0) -> None:
-        self.plan = plan
-        self.interval = interval
-        total = len(plan.batches)
-        self.ids: list[UUID] = [
-            cast(
-                UUID,
-                create_progress_artifact(
-                    0.0,
-                    key=artifact_key(plan.spec.name, f"progress-{stage.name}"),
-                    description=f"step {stage.name}: share of its {total} batches done "
-                    f"(reused or computed); {attempt_note()}",
-                    _sync=True,  # pyright: ignore[reportCallIssue] Prefect's async_dispatch takes it
-                ),
-            )
-            for stage in plan.stages
-        ]
-        self.done = [0] * len(plan.stages)
-        self.sent = [0.0] * len(plan.stages)
-
-    def batch_done(self, stage: int) -> None:
-        self.done[stage] += 1
-        total = max(len(self.plan.batches), 1)
-        now = time.monotonic()
-        if self.done[stage] >= total or now - self.sent[stage] >= self.interval:
-            self.sent[stage] = now
-            update_progress_artifact(self.ids[stage], 100.0 * self.done[stage] / total)
-
-
-def publish_plan(plan: Plan, lines: list[str]) -> None:
-    """The plan, one row per stage: what this run reuses from the store and why it
+def publish_plan(plan: Plan, lines: list[str], artifacts: RunArtifacts) -> None:
+    """The plan, one row per step: what this run reuses from the store and why it
     computes the rest (the same lines as the flow run's log)."""
-    create_table_artifact(
-        key=artifact_key(plan.spec.name, "plan"),
-        table=[
+    artifacts.table(
+        "plan",
+        [
             {
                 "step": stage.name,
                 **(
@@ -89,28 +37,33 @@ def publish_plan(plan: Plan, lines: list[str]) -> None:
             }
             for stage, line in zip(plan.stages, lines, strict=True)
         ],
-        description=f"pipeline {plan.spec.name}: per step, batches reused from the store "
-        f"and batches to compute, with the reason; {attempt_note()}",
+        f"pipeline {plan.spec.name}: per step, batches reused from the store "
+        "and batches to compute, with the reason",
     )
 
 
+#: The summary's columns: (header, key in a step's row); LLM columns only with LLM usage.
 SUMMARY_COLUMNS = (
-    "name",
-    "batches",
-    "reused",
-    "computed",
-    "failed",
-    "rows_in",
-    "rows_out",
-    "prompt_tokens",
-    "completion_tokens",
-    "requests",
-    "retries",
-    "cached_answers",
-    "cost_usd",
-    "seconds",
+    ("step", "name"),
+    ("status", "status"),
+    ("batches", "batches"),
+    ("reused", "reused"),
+    ("computed", "computed"),
+    ("failed", "failed"),
+    ("rows in", "rows_in"),
+    ("rows out", "rows_out"),
 )
-#: Columns that add up across steps (rows do not: a step's rows_in is the last one's out).
+LLM_COLUMNS = (
+    ("prompt tokens", "prompt_tokens"),
+    ("completion tokens", "completion_tokens"),
+    ("requests", "requests"),
+    ("retries", "retries"),
+    ("cached answers", "cached_answers"),
+    ("cost (USD)", "cost_usd"),
+)
+#: per step, the seconds its computed batches took, added up (they overlap in time)
+SECONDS = ("batch time, summed (s)", "seconds")
+#: Columns that add up across steps (rows do not: a step's rows in is the last one's out).
 _SUMMED = (
     "prompt_tokens",
     "completion_tokens",
@@ -122,27 +75,52 @@ _SUMMED = (
 )
 
 
-def publish_summary(
-    plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | None = None
-) -> None:
-    """The run's summary table: one row per step (batches reused from the store and
-    computed by this run), then (with LLM steps) the run's total over its computed
-    batches and, per HTTP serving backend, everything it sent in this run (failed
-    batches included: those calls were paid too). Per-batch usage of LLM steps goes to a
-    second table, ``<pipeline>-batch-usage``. ``pool``: the run's serving pool."""
-    table = [{k: r.get(k) for k in SUMMARY_COLUMNS} for r in rows]
-    for row in table:
-        row["seconds"] = round(row["seconds"] or 0.0, 2)
-    if any(r.get("prompt_tokens") or r.get("requests") for r in rows):
-        total: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
+def step_status(row: dict[str, Any]) -> str:
+    """``done``, ``3 failed``, ``stopped at 120 of 300`` or ``not started``."""
+    done = (row.get("reused") or 0) + (row.get("computed") or 0)
+    if row.get("failed"):
+        return f"{row['failed']} failed"
+    if done >= (row.get("batches") or 0):
+        return "done"
+    return f"stopped at {done} of {row['batches']}" if done else "not started"
+
+
+def cell(key: str, value: Any) -> Any:
+    """A table cell for people: thousands separators, costs to 4 decimals, seconds to 1."""
+    if value is None:
+        return ""
+    if key == "cost_usd":
+        return f"{value:,.4f}"
+    if key == "seconds":
+        return f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return value
+
+
+def summary_table(
+    rows: list[dict[str, Any]], pool: ServingPool | None = None
+) -> list[dict[str, Any]]:
+    """The summary's rows (header -> cell), as :func:`publish_summary` publishes them."""
+    llm = any(r.get("prompt_tokens") or r.get("requests") for r in rows) or bool(
+        serving_usage(pool)
+    )
+    columns = [*SUMMARY_COLUMNS, *(LLM_COLUMNS if llm else ()), SECONDS]
+    raw: list[dict[str, Any]] = []
+    for r in rows:
+        row = {key: r.get(key) for _, key in columns}
+        row["status"] = step_status(r)
+        if row["status"] == "not started":  # nothing of it ran: no zeros to misread
+            row.update({key: None for _, key in columns[3:]})
+        raw.append(row)
+    if llm:
+        total: dict[str, Any] = {key: None for _, key in columns}
         total["name"] = "total (this run)"
         for k in _SUMMED:
-            total[k] = sum(r.get(k) or 0 for r in table)
-        total["cost_usd"] = round(total["cost_usd"], 6)
-        total["seconds"] = round(total["seconds"], 2)
-        table.append(total)
+            total[k] = sum(r.get(k) or 0 for r in raw)
+        raw.append(total)
     for name, usage in serving_usage(pool).items():
-        row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
+        row: dict[str, Any] = {key: None for _, key in columns}
         row.update(
             name=f"serving {name} (all calls)",
             failed=usage.get("failed"),
@@ -152,23 +130,42 @@ def publish_summary(
             retries=usage.get("retries"),
             cost_usd=usage.get("cost_usd"),
         )
-        table.append(row)
-    table.extend(endpoint_rows(pool))
-    create_table_artifact(
-        key=artifact_key(plan.spec.name, "summary"),
-        table=table,
-        description=f"pipeline {plan.spec.name}: per step, batches reused from the store and "
-        "computed by this run, rows, tokens and estimated cost (USD) of LLM calls; "
-        f"{attempt_note()}",
-    )
+        raw.append(row)
+    raw.extend(endpoint_rows(pool))
+    return [{header: cell(key, r.get(key)) for header, key in columns} for r in raw]
+
+
+def publish_summary(
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    artifacts: RunArtifacts,
+    pool: ServingPool | None = None,
+    elapsed: float | None = None,
+) -> None:
+    """The run's summary artifact (``<pipeline>-summary``): one row per step (batches
+    reused from the store and computed by this run, its status), then (with LLM steps)
+    the run's total over its computed batches and, per HTTP serving backend, everything
+    it sent in this run (failed batches included: those calls were paid too). Per-batch
+    usage of LLM steps goes to a second table, ``<pipeline>-batch-usage``. ``pool``: the
+    run's serving pool; ``elapsed``: the run's seconds so far.
+
+    Everything the summary card says is built here, in one place: a line added to
+    ``notes`` shows in the card's description."""
+    notes = [
+        f"pipeline {plan.spec.name}: per step, batches reused from the store and computed "
+        "by this run, rows, tokens and estimated cost (USD) of LLM calls",
+        f"{SECONDS[0]!r} adds up the seconds of each batch a step computed in this run; "
+        "batches run concurrently, so it can exceed the run's own time"
+        + (f" ({elapsed:,.1f} s so far)" if elapsed is not None else ""),
+    ]
+    artifacts.table("summary", summary_table(rows, pool), "; ".join(notes))
     per_batch = [{"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []]
     if per_batch:
-        create_table_artifact(
-            key=artifact_key(plan.spec.name, "batch-usage"),
-            table=per_batch,
-            description=f"pipeline {plan.spec.name}: LLM requests, retries, answers reused from "
-            "the answer cache, tokens and estimated cost per computed batch; "
-            f"{attempt_note()}",
+        artifacts.table(
+            "batch-usage",
+            per_batch,
+            f"pipeline {plan.spec.name}: LLM requests, retries, answers reused from "
+            "the answer cache, tokens and estimated cost per computed batch",
         )
 
 
@@ -184,7 +181,7 @@ def endpoint_rows(pool: ServingPool | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, endpoints in (pool.endpoint_usage() if pool is not None else {}).items():
         for where, c in endpoints.items():
-            row: dict[str, Any] = {k: None for k in SUMMARY_COLUMNS}
+            row: dict[str, Any] = {}
             state = "in service" if c.get("in_service") else "out"
             row.update(
                 name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x)",
@@ -199,7 +196,10 @@ def endpoint_rows(pool: ServingPool | None) -> list[dict[str, Any]]:
     return rows
 
 
-def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:
+def publish_sample(plan: Plan, last_paths: list[str], artifacts: RunArtifacts, n: int = 5) -> None:
+    """The first ``n`` output rows as a markdown table: the source's columns first (the
+    key and the text the steps read), then the columns the steps wrote, in step order;
+    ``_row_id`` is left out (it is in every stored file)."""
     frames: list[pl.DataFrame] = []
     for path in last_paths:  # the first batches may be empty after a filter
         frames.append(plan.store.read_frame(path).head(n))
@@ -208,24 +208,26 @@ def publish_sample(plan: Plan, last_paths: list[str], n: int = 5) -> None:
     if not frames:
         return
     sample = pl.concat(frames, how="vertical_relaxed").head(n)
-    # what the last steps wrote first, the row id last: the new columns are on screen
     written = [
         c
-        for op in reversed([o for s in plan.stages for o in s.operators])
+        for op in (o for s in plan.stages for o in s.operators)
         for c in op.writes()
         if c in sample.columns
     ]
-    order = list(dict.fromkeys([*written, *(c for c in sample.columns if c != ROW_ID)]))
-    sample = sample.select([*order, *([ROW_ID] if ROW_ID in sample.columns else [])])
-    text_cols = [c for c, t in sample.schema.items() if t == pl.String]
-    shown = sample.with_columns(pl.col(text_cols).str.slice(0, 200)) if text_cols else sample
+    written = list(dict.fromkeys(written))
+    source = [c for c in sample.columns if c != ROW_ID and c not in written]
+    shown = sample.select([*source, *written])
+    text_cols = [c for c, t in shown.schema.items() if t == pl.String]
+    shown = shown.with_columns(pl.col(text_cols).str.slice(0, 200)) if text_cols else shown
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join(
         "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |\n"
         for row in shown.iter_rows()
     )
-    create_markdown_artifact(
-        key=artifact_key(plan.spec.name, "sample"),
-        markdown=f"### {plan.spec.name}: first {shown.height} output rows\n\n{header}{body}",
-        description=f"sample rows of the last step; {attempt_note()}",
+    artifacts.markdown(
+        "sample",
+        f"### {plan.spec.name}: first {shown.height} output rows\n\n"
+        "Source columns first, then the columns the steps wrote.\n\n"
+        f"{header}{body}",
+        f"pipeline {plan.spec.name}: sample rows of the last step",
     )

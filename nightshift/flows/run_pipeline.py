@@ -15,10 +15,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from nightshift.core.errors import SpecError
+from nightshift.flows.artifacts import RunArtifacts
 from nightshift.flows.explain import explain
-from nightshift.flows.log_filters import quiet_nightshift_tracebacks
+from nightshift.flows.log_filters import install_log_filters
 from nightshift.flows.plan import Plan, build_plan
-from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
+from nightshift.flows.progress import RunProgress
+from nightshift.flows.reporting import publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.runner_choice import make_task_runner
@@ -43,9 +45,13 @@ def execute_plan(
     """Run a plan inside the current flow run; returns the run summary.
 
     The store is surveyed first (one listing per stage directory): the plan's log lines
-    and its ``<pipeline>-plan`` artifact say per stage what is reused and why the rest is
+    (one per step; in a DAG each names the steps it comes after) and its
+    ``<pipeline>-plan`` artifact say per step what is reused and why the rest is
     computed, and task runs are created only for the units left to compute.
     """
+    import time
+
+    started = time.monotonic()
     resume = resolve_resume(resume_from_last, resume_step)
     force_from: int | set[int] | None = None
     if resume_step is not None:
@@ -71,23 +77,14 @@ def execute_plan(
         len(plan.stages),
         recompute,
     )
-    if not plan.linear:
-        for stage in plan.stages:
-            after = ", ".join(plan.stages[p].name for p in stage.parents) or "the source"
-            logger.info(
-                "stage %s: steps %s, after %s%s",
-                stage.name,
-                ", ".join(stage.names),
-                after,
-                " (a join on _row_id)" if len(stage.parents) > 1 else "",
-            )
     inventory = Inventory(plan)
     lines = explain(plan, force_from, survey(plan, inventory, force_from))
     if swept := inventory.sweep():
         logger.info("removed %d temporary file(s) that killed writes left in the store", swept)
     for line in lines:
         logger.info(line)
-    publish_plan(plan, lines)
+    artifacts = RunArtifacts(plan.spec.name)
+    publish_plan(plan, lines, artifacts)
     spec = plan.spec
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(
@@ -95,7 +92,7 @@ def execute_plan(
             force_from_stage=force_from,
             fail_at=fail_at,
             runner=runner,
-            progress=Progress(plan),
+            progress=RunProgress(plan, artifacts),
             inventory=inventory,
         )
         try:
@@ -104,13 +101,17 @@ def execute_plan(
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             publish_summary(
-                plan, [s.as_row() for s in execution.stats], getattr(runner, "pool", None)
+                plan,
+                [s.as_row() for s in execution.stats],
+                artifacts,
+                getattr(runner, "pool", None),
+                elapsed=time.monotonic() - started,
             )
     outputs = {
         plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
     }
     output = outputs[plan.stages[plan.sinks[-1]].name]
-    publish_sample(plan, output)
+    publish_sample(plan, output, artifacts)
     return {
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "pipeline": plan.spec.name,
@@ -152,13 +153,34 @@ def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
     )
 
 
-def _run_name() -> str:
-    """``<pipeline>`` (and its partition): what the flow run is called in the UI."""
-    spec = flow_run.parameters.get("spec")
+def pipeline_name(spec: Any) -> str:
+    """The pipeline's ``name``, from a spec mapping or (cheaply, without validating it) a
+    YAML path; the path's stem when the file does not say."""
     if isinstance(spec, dict):
-        name, partition = spec.get("name") or "pipeline", spec.get("partition")
-        return f"{name} {partition}" if partition else str(name)
-    return Path(str(spec)).stem
+        return str(spec.get("name") or "pipeline")
+    path = Path(str(spec))
+    try:
+        import yaml
+
+        found = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except Exception:  # the name is a courtesy; the run reports a bad spec itself
+        found = None
+    name = found.get("name") if isinstance(found, dict) else None
+    return str(name or path.stem)
+
+
+def started_at() -> str:
+    """The flow run's expected start (UTC, to the second): kept by a retry, and two runs
+    of one spec started at different times differ by it."""
+    start = flow_run.scheduled_start_time
+    return dt.datetime.fromtimestamp(start.timestamp(), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _run_name() -> str:
+    """``<pipeline> [<partition>] <start, UTC>``: what the flow run is called in the UI."""
+    spec = flow_run.parameters.get("spec")
+    partition = spec.get("partition") if isinstance(spec, dict) else None
+    return " ".join(p for p in (pipeline_name(spec), partition, started_at()) if p)
 
 
 def failure_at(
@@ -166,7 +188,8 @@ def failure_at(
 ) -> tuple[int, int] | None:
     """The (stage, batch index) where a rehearsed failure fires: first attempt only.
 
-    ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``)."""
+    ``fail_at_batch`` counts from 1, like the task runs' names (``batch 4/6``);
+    ``fail_at_step`` is a step's number (the ``NN`` of ``NN-name``) or a name."""
     if fail_at_batch is None or (flow_run.run_count or 1) > 1:
         return None
     if not 1 <= fail_at_batch <= len(plan.batches):
@@ -192,14 +215,16 @@ def run_pipeline(
             as a mapping (name, source, store, steps, ...).
         resume_from_last: reuse the batches already in the store (the default); False
             alone computes everything again.
-        resume_step: compute again from this step (its index, 0-based, or its name) on:
-            that step and every step that depends on it; the others are reused.
+        resume_step: compute again from this step on (its number, the NN of the NN-name
+            that task runs, logs and artifacts show, or a step's name): that step and
+            every step that depends on it; the others are reused.
         allow_imports: allow operators given as module:Class import paths in the spec.
         fail_at_batch: rehearse a failure: this batch (counted from 1, as in the task
             runs' names) fails on the first attempt only, so a Retry succeeds.
-        fail_at_step: the step (index, 0-based, or name) where fail_at_batch fails.
+        fail_at_step: the step (its number NN, as in NN-name, or a name) where
+            fail_at_batch fails.
     """
-    quiet_nightshift_tracebacks()
+    install_log_filters()
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
     return execute_plan(
         plan, resume_from_last, resume_step, failure_at(plan, fail_at_batch, fail_at_step)

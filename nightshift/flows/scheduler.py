@@ -57,6 +57,9 @@ class StageStats:
     units_computed: int = 0
     rows_in: int = 0
     rows_out: int = 0
+    #: rows read by the batches this run computed (what the progress's rows/s counts)
+    rows_computed: int = 0
+    #: seconds of the units computed in this run, added up (they run concurrently)
     seconds: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -106,7 +109,7 @@ class Execution:
     force_from_stage: int | set[int] | frozenset[int] | None = None
     fail_at: tuple[int, int] | None = None
     runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
-    progress: Any = None  # nightshift.flows.reporting.Progress, or None
+    progress: Any = None  # nightshift.flows.progress.RunProgress, or None
     inventory: Inventory | None = None
     #: per stage, per batch: the batch's outputs once every unit is done
     refs: list[list[list[BatchRef] | None]] = field(init=False)
@@ -138,7 +141,6 @@ class Execution:
 
     # -- public ---------------------------------------------------------------------
     def run(self) -> None:
-        logger = get_run_logger()
         try:
             self._fill()
             while self._running:
@@ -151,17 +153,8 @@ class Execution:
                     self.save_index()
         finally:
             self.save_index()
-        for stats in self.stats:
-            logger.info(
-                "step %s: %d of %d batches reused, %d computed, %d failed; %d rows in, %d out",
-                stats.name,
-                stats.reused,
-                stats.batches,
-                stats.computed,
-                stats.failed,
-                stats.rows_in,
-                stats.rows_out,
-            )
+            if self.progress is not None:  # every step's last numbers, a failure included
+                self.progress.close(self.stats)
         if self.failures:
             raise StepFailed(
                 f"{len(self.failures)} task(s) failed, first: {self.failures[0]}; completed "
@@ -340,6 +333,8 @@ class Execution:
             elif not (slot := self._slots[stage][unit.batch]).failed:
                 slot.failed = True
                 stats.failed += 1
+            if self.progress is not None:
+                self.progress.update(stage, stats)
             return
         ref: BatchRef = state.result()
         assert self.inventory is not None
@@ -362,19 +357,21 @@ class Execution:
         refs = [r for r in slot.refs if r is not None]
         self.refs[stage][batch] = refs
         stats = self.stats[stage]
-        if slot.computed:
-            stats.computed += 1
-        else:
-            stats.reused += 1
         s = self.plan.stages[stage]
         # a join's rows in: its smallest parent's (an upper bound of the joined rows)
-        stats.rows_in += min(
+        rows_in = min(
             (sum(r.rows for r in self.refs[p][batch] or []) for p in s.parents),
             default=self.plan.batches[batch].rows,
         )
+        if slot.computed:
+            stats.computed += 1
+            stats.rows_computed += rows_in
+        else:
+            stats.reused += 1
+        stats.rows_in += rows_in
         stats.rows_out += sum(r.rows for r in refs)
         if self.progress is not None:
-            self.progress.batch_done(stage)
+            self.progress.update(stage, stats)
         for child in self.plan.children[stage]:
             if all(self.refs[p][batch] is not None for p in self.plan.stages[child].parents):
                 self._arrivals.append((batch, child))

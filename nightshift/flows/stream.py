@@ -38,7 +38,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from nightshift.core.errors import NightshiftError, SpecError, StepFailed, one_line
-from nightshift.flows.log_filters import quiet_nightshift_tracebacks
+from nightshift.flows.log_filters import install_log_filters
 from nightshift.flows.parameters import check_parameter_size, parameters_accepted
 from nightshift.streams.discover import Definition, DefinitionTable, pipeline_spec
 from nightshift.streams.plan import StreamPlan, build_stream_plans
@@ -438,7 +438,7 @@ async def stream(
     A stream given up after ``restart.max_restarts`` failures does not stop the others;
     the flow fails at the end, naming it.
     """
-    quiet_nightshift_tracebacks()
+    install_log_filters()
     parsed, plans = plan_streams(spec, allow_imports)
     check_modes(parsed, discover)
     control = StopControl()

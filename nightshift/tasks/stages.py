@@ -71,17 +71,18 @@ class Stage:
 
     @property
     def name(self) -> str:
-        """How logs, tables, artifacts and ``status`` name it: its directory in a linear
-        plan (``00-filter+template``, as always), its steps' names in a DAG."""
-        return "+".join(self.names) if self.in_dag and self.names else self.dirname
+        """How task runs, logs, tables, artifacts and ``status`` name it: its number, then
+        its operators (its directory in a linear plan: ``00-filter+template``) or, in a
+        DAG, its steps' names (``02-fr``). The number is the one numbering of a run's
+        steps: ``resume_step`` and ``fail_at_step`` take it too."""
+        if self.in_dag and self.names:
+            return f"{self.index:02d}-" + "+".join(self.names)
+        return self.dirname
 
     @property
     def label(self) -> str:
-        """The start of its task runs' names: ``template+filter[0]`` in a linear plan (as
-        always), else its name."""
-        if self.in_dag and self.names:
-            return self.name
-        return "+".join(op.name for op in self.operators) + f"[{self.first_step}]"
+        """The start of its task runs' names: its :attr:`name`."""
+        return self.name
 
 
 def build_stages(
