@@ -43,23 +43,34 @@ def test_summary_progress_and_sample_artifacts(tmp_path: Path) -> None:
     } <= set(found)
     table = found["arti-facts-summary"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert [r["name"] for r in rows] == ["00-filter", "01-template"]
-    assert [r["reused"] for r in rows] == [3, 3] and [r["computed"] for r in rows] == [0, 0]
-    assert rows[0]["rows_in"] == 90 and rows[0]["rows_out"] == 60
-    assert all(
-        isinstance(r["seconds"], (int, float)) and round(r["seconds"], 2) == r["seconds"]
-        for r in rows
-    )
+    # headers in words, counts as text with thousands separators, a status per step
+    assert list(rows[0]) == [
+        "step",
+        "status",
+        "batches",
+        "reused",
+        "computed",
+        "failed",
+        "rows in",
+        "rows out",
+        "batch time, summed (s)",
+    ]
+    assert [r["step"] for r in rows] == ["00-filter", "01-template"]
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert [r["reused"] for r in rows] == ["3", "3"] and [r["computed"] for r in rows] == ["0"] * 2
+    assert rows[0]["rows in"] == "90" and rows[0]["rows out"] == "60"
+    assert "adds up the seconds of each batch" in found["arti-facts-summary"].description
     assert float(found["arti-facts-progress-01-template"].data) == 100.0
     # the plan says per step what was reused, in one artifact (no task run per batch)
     plan = found["arti-facts-plan"].data
     plan_rows = json.loads(plan) if isinstance(plan, str) else plan
     assert [r["plan"] for r in plan_rows] == ["all 3 batches done, reused"] * 2
-    # the sample shows the generated column first, the row id last; which attempt wrote it
+    # the sample shows the source's columns (the key first), then the generated ones;
+    # no row id; which attempt wrote it
     sample = found["arti-facts-sample"].data
     assert "P: a text number 30" in sample
     header = next(line for line in sample.splitlines() if line.startswith("| "))
-    assert header.startswith("| prompt |") and header.endswith("| _row_id |"), header
+    assert header == "| id | text | n | prompt |", header
     assert "attempt 1" in found["arti-facts-sample"].description
     first_rows = json.loads(artifacts(first["flow_run_id"])["arti-facts-summary"].data)
-    assert [r["computed"] for r in first_rows] == [3, 3]
+    assert [r["computed"] for r in first_rows] == ["3", "3"]

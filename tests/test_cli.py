@@ -95,7 +95,7 @@ def test_a_failing_batch_is_one_line_without_traceback(
     assert "Traceback" not in output, output[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert (
-        last.startswith("error: 1 task(s) failed, first: count[0] batch 2/2")
+        last.startswith("error: 1 task(s) failed, first: 00-count batch 2/2")
         and "bad value in row" in last
     ), last
 

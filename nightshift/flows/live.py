@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.theme import Theme
 
 from nightshift.flows.progress import LOGGER, MARK, StepProgress, seconds
 
@@ -41,7 +42,8 @@ def prefect_console() -> tuple[logging.Handler, Console] | None:
 def detail(step: StepProgress) -> str:
     """The numbers after a step's bar."""
     parts = [
-        f"{step.reused:,} reused, {step.computed:,} computed, {step.failed:,} failed",
+        f"{step.reused:,} reused, {step.computed:,} computed"
+        + (f", [red]{step.failed:,} failed[/]" if step.failed else ""),
         f"rows {step.rows_in:,} -> {step.rows_out:,}",
     ]
     if step.computed:
@@ -66,7 +68,7 @@ class _Bars(logging.Handler):
         super().__init__()
         self.progress = Progress(
             TextColumn("{task.description}", style="bold"),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             console=console,
@@ -75,7 +77,12 @@ class _Bars(logging.Handler):
         self.tasks: dict[str, TaskID] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        steps: list[StepProgress] = getattr(record, "steps", [])
+        try:
+            self._draw(getattr(record, "steps", []))
+        except Exception:  # a display problem never fails the run
+            self.handleError(record)
+
+    def _draw(self, steps: list[StepProgress]) -> None:
         for step in steps:
             task = self.tasks.get(step.name)
             if task is None:
@@ -100,8 +107,12 @@ def live_progress() -> Iterator[bool]:
     quiet = _NotProgressLines()
     logger = logging.getLogger(LOGGER)
     logger.propagate = False
+    # Prefect's console has its log styles only (no inheritance): add rich's defaults,
+    # which the bars use, for as long as they show
+    console.push_theme(Theme())
     handler.addFilter(quiet)
     logger.addHandler(bars)
+    logger.setLevel(logging.INFO)
     bars.progress.start()
     try:
         yield True
@@ -109,3 +120,4 @@ def live_progress() -> Iterator[bool]:
         bars.progress.stop()
         logger.removeHandler(bars)
         handler.removeFilter(quiet)
+        console.pop_theme()

@@ -96,7 +96,9 @@ class StepProgress:
 
     def line(self) -> str:
         """The plain progress line of the run's log."""
-        state = "done, " if self.ended and not self.failed else "stopped, " if self.ended else ""
+        state = ""
+        if self.ended:
+            state = "done, " if self.done >= self.total else "failed, " if self.failed else "stopped, "
         parts = [
             f"step {self.name}: {state}{self.done}/{self.total} batches "
             f"({self.reused} reused, {self.computed} computed, {self.failed} failed)",
@@ -155,6 +157,7 @@ class RunProgress:
             ]
         self._live = logging.getLogger(LOGGER)
         self._live.propagate = False
+        self._live.setLevel(logging.INFO)  # Prefect sets the root logger to WARNING
 
     def update(self, stage: int, stats: StageStats) -> None:
         """A batch of ``stage`` completed or failed (``stats``: the stage's so far)."""
