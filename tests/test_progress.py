@@ -160,3 +160,21 @@ def test_a_retried_run_has_one_artifact_per_kind(tmp_path: Path) -> None:
     rows = json.loads(by_key["retried-summary"].data)
     assert [r["status"] for r in rows] == ["done"] * 3
     assert float(by_key["retried-progress-02-template"].data) == 100.0
+
+
+def test_deployment_parameters_have_descriptions_and_no_none_switch() -> None:
+    """What the UI's run form shows: every parameter of the three deployed flows has a
+    description, and an optional text or number is a plain field, not Prefect's
+    "Property is type 'None'" switch (``anyOf`` with ``null``); ``resume_from_last``
+    keeps its three states (unset, true, false) on purpose."""
+    from prefect.utilities.callables import parameter_schema
+
+    from nightshift.flows.nightly import nightly
+    from nightshift.flows.stream import stream
+
+    for flow in (nightly, run_pipeline, stream):
+        properties = parameter_schema(flow.fn).model_dump()["properties"]
+        for name, schema in properties.items():
+            assert schema.get("description"), (flow.name, name)
+            if name != "resume_from_last":
+                assert "null" not in json.dumps(schema.get("anyOf", [])), (flow.name, name)

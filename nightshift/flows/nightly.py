@@ -29,6 +29,7 @@ from prefect.runtime import deployment, flow_run
 
 from nightshift.core.errors import SpecError
 from nightshift.flows.log_filters import install_log_filters
+from nightshift.flows.parameters import OptionalInt, OptionalText, StepRef
 from nightshift.flows.plan import build_plan
 from nightshift.flows.run_pipeline import execute_plan, failure_at, pipeline_name
 from nightshift.tasks.spec import PipelineSpec, load_spec
@@ -104,10 +105,10 @@ def _night_name() -> str:
 @flow(name="nightly-pipeline", flow_run_name=_night_name, validate_parameters=True)
 def nightly(
     spec: str,
-    date: str | None = None,
+    date: OptionalText = None,
     overrides: dict[str, Any] = {},  # noqa: B006 (a JSON parameter; never mutated)
-    fail_at_batch: int | None = None,
-    fail_at_step: int | str = 0,
+    fail_at_batch: OptionalInt = None,
+    fail_at_step: StepRef = 0,
     allow_imports: bool = False,
 ) -> dict[str, Any]:
     """Run one night of a pipeline in its own date partition of the store.

@@ -21,9 +21,26 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import WithJsonSchema
 
 from nightshift.core.errors import SpecError
+
+# Optional flow parameters as the UI should show them: a plain field, left empty for
+# None. Prefect renders ``str | None`` (JSON schema ``anyOf: [string, null]``) as a
+# type switch ("Property is type 'None'"); these keep Python's type and validation and
+# give the schema the one type a person types. Only the schema changes.
+#: ``str | None``, a text field
+OptionalText = Annotated[str | None, WithJsonSchema({"type": "string"})]
+#: ``int | None``, a whole number
+OptionalInt = Annotated[int | None, WithJsonSchema({"type": "integer"})]
+#: ``float | None``, a number
+OptionalFloat = Annotated[float | None, WithJsonSchema({"type": "number"})]
+#: a step: its number or a name (``int | str``), a text field ("2", "01-dedup")
+StepRef = Annotated[int | str, WithJsonSchema({"type": "string"})]
+#: the same, optional
+OptionalStep = Annotated[int | str | None, WithJsonSchema({"type": "string"})]
 
 SETTING = "PREFECT_SERVER_API_MAX_PARAMETER_SIZE"
 

@@ -98,7 +98,9 @@ class StepProgress:
         """The plain progress line of the run's log."""
         state = ""
         if self.ended:
-            state = "done, " if self.done >= self.total else "failed, " if self.failed else "stopped, "
+            state = (
+                "done, " if self.done >= self.total else "failed, " if self.failed else "stopped, "
+            )
         parts = [
             f"step {self.name}: {state}{self.done}/{self.total} batches "
             f"({self.reused} reused, {self.computed} computed, {self.failed} failed)",

@@ -18,6 +18,7 @@ from nightshift.core.errors import SpecError
 from nightshift.flows.artifacts import RunArtifacts
 from nightshift.flows.explain import explain
 from nightshift.flows.log_filters import install_log_filters
+from nightshift.flows.parameters import OptionalInt, OptionalStep, StepRef
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.progress import RunProgress
 from nightshift.flows.reporting import publish_plan, publish_sample, publish_summary
@@ -203,10 +204,10 @@ def failure_at(
 def run_pipeline(
     spec: dict[str, Any] | str,
     resume_from_last: bool | None = None,
-    resume_step: int | str | None = None,
+    resume_step: OptionalStep = None,
     allow_imports: bool = False,
-    fail_at_batch: int | None = None,
-    fail_at_step: int | str = 0,
+    fail_at_batch: OptionalInt = None,
+    fail_at_step: StepRef = 0,
 ) -> dict[str, Any]:
     """Run a pipeline spec, resuming from the batches already in its store.
 

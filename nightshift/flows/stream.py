@@ -39,7 +39,11 @@ from prefect.logging import get_run_logger
 
 from nightshift.core.errors import NightshiftError, SpecError, StepFailed, one_line
 from nightshift.flows.log_filters import install_log_filters
-from nightshift.flows.parameters import check_parameter_size, parameters_accepted
+from nightshift.flows.parameters import (
+    OptionalFloat,
+    check_parameter_size,
+    parameters_accepted,
+)
 from nightshift.streams.discover import Definition, DefinitionTable, pipeline_spec
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
@@ -424,19 +428,29 @@ def check_modes(parsed: StreamSpec, discover: bool) -> None:
 async def stream(
     spec: dict[str, Any] | str,
     allow_imports: bool = False,
-    until_idle_s: float | None = None,
+    until_idle_s: OptionalFloat = None,
     check_only: bool = False,
     discover: bool = False,
-    poll_s: float | None = None,
+    poll_s: OptionalFloat = None,
 ) -> dict[str, Any]:
     """Run every stream of a stream spec (a YAML path or a mapping) until stopped.
 
-    ``until_idle_s``: a stream stops (gracefully) once it has had nothing to do for that
-    long and its consumer has nothing pending. ``check_only``: connect to every server
-    and check everything, then return. ``discover``: also run the streams defined in the
-    spec's ``discover:`` table, polled every ``poll_s`` (default: ``discover.poll_s``).
     A stream given up after ``restart.max_restarts`` failures does not stop the others;
     the flow fails at the end, naming it.
+
+    Args:
+        spec: a stream spec's YAML path (relative to the repository root) or the spec
+            itself as a mapping (streams:, and optionally discover:).
+        allow_imports: allow operators given as module:Class import paths in the spec.
+        until_idle_s: stop a stream (gracefully) once it has had nothing to do for this
+            many seconds and its consumer has nothing pending; empty: run until
+            cancelled.
+        check_only: connect to every server and check everything (the spec, NATS, the
+            streams and consumers, the sinks), then return without running.
+        discover: also run the streams defined in the spec's discover: table, started,
+            drained or restarted as its rows change.
+        poll_s: seconds between reads of the discover: table; empty: the spec's
+            discover.poll_s.
     """
     install_log_filters()
     parsed, plans = plan_streams(spec, allow_imports)
