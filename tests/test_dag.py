@@ -74,7 +74,8 @@ def test_linear_spec_keys_and_layout_unchanged_by_names_and_after(tmp_path: Path
         assert [plan.stage_dir(s.index) for s in plan.stages] == [
             implicit.stage_dir(s.index) for s in implicit.stages
         ]
-        assert plan.stage_of_step("k") == implicit.stage_of_step(4) == 3
+        # one numbering: a step is numbered as its stage (k is 03-map)
+        assert plan.stage_of_step("k") == implicit.stage_of_step(3) == 3
     # the layout and keys a linear spec always had: NN-<ops> and the chained formula
     assert [s.dirname for s in implicit.stages] == [
         "00-map+filter",
@@ -83,7 +84,7 @@ def test_linear_spec_keys_and_layout_unchanged_by_names_and_after(tmp_path: Path
         "03-map",
         "04-filter",
     ]
-    assert implicit.stages[0].label == "map+filter[0]"
+    assert implicit.stages[0].label == "00-map+filter"  # task runs: the stage's name
     ops = implicit.spec.operators()
     fp0 = ops[1].fingerprint(ops[0].fingerprint("source", {"serving": {}}), {"serving": {}})
     assert implicit.stages[0].fingerprint == fp0
@@ -217,21 +218,22 @@ def by_stage(summary: dict) -> dict[str, tuple[int, int]]:
 def test_three_translations_as_branches(tmp_path: Path, test_log: Path) -> None:
     pipe = translations(tmp_path)
     plan = pipe.plan()
+    # a DAG's steps by their names, numbered as everywhere (task runs, logs, artifacts)
     assert [s.name for s in plan.stages] == [
-        "filter",
-        "count-fr",
-        "fr",
-        "count-de",
-        "de",
-        "count-es",
-        "es",
-        "merge",
+        "00-filter",
+        "01-count-fr",
+        "02-fr",
+        "03-count-de",
+        "04-de",
+        "05-count-es",
+        "06-es",
+        "07-merge",
     ]
     assert [s.parents for s in plan.stages][-1] == [2, 4, 6]
     # each branch's keys depend on its ancestors only
     other = translations(tmp_path / "other", de="Italian").plan()
     same = [s.name for s in plan.stages if s.fingerprint == other.stages[s.index].fingerprint]
-    assert same == ["filter", "count-fr", "fr", "count-de", "count-es", "es"]
+    assert same == ["00-filter", "01-count-fr", "02-fr", "03-count-de", "05-count-es", "06-es"]
 
     first = pipe.run()
     assert set(by_stage(first).values()) == {(0, 3)}
@@ -256,7 +258,7 @@ def test_three_translations_as_branches(tmp_path: Path, test_log: Path) -> None:
     changed = translations(tmp_path, de="Italian")
     second = changed.run()
     stages = by_stage(second)
-    assert stages.pop("de") == (0, 3) and stages.pop("merge") == (0, 3)
+    assert stages.pop("04-de") == (0, 3) and stages.pop("07-merge") == (0, 3)
     assert set(stages.values()) == {(3, 0)}, stages
     assert [e["tag"] for e in read_log(str(test_log))[12:]] == ["merge"] * 3
     after = changed.read()
@@ -266,7 +268,7 @@ def test_three_translations_as_branches(tmp_path: Path, test_log: Path) -> None:
     # resume_step by name: that step and what depends on it
     third = changed.run(resume_step="de")
     stages = by_stage(third)
-    assert stages.pop("de") == (0, 3) and stages.pop("merge") == (0, 3)
+    assert stages.pop("04-de") == (0, 3) and stages.pop("07-merge") == (0, 3)
     assert set(stages.values()) == {(3, 0)}, stages
     assert [e["tag"] for e in read_log(str(test_log))[15:]] == ["merge"] * 3
     assert changed.read(step="fr")["fr"].equals(out["fr"])
@@ -358,7 +360,7 @@ def test_sigkill_mid_branch_then_resume(
     monkeypatch.setenv("NIGHTSHIFT_TEST_LOG", str(log))  # the re-run, in this process
     resumed = run_spec(load_spec(str(spec)), allow_imports=True)
     assert {r["name"]: r["failed"] for r in resumed["steps"]} == dict.fromkeys(
-        ["filter", "a", "b", "join"], 0
+        ["00-filter", "01-a", "02-b", "03-join"], 0
     )
     first_id = zlib.crc32(str(tmp_path / "data" / "crash.jsonl").encode()) << 32
     for entry in read_log(str(log)):
@@ -375,7 +377,7 @@ def test_sigkill_mid_branch_then_resume(
 
     # status and export by step name; export defaults to the sink (the join)
     status = cli(monkeypatch, capsys, "status", str(spec), "--step", "b", "--allow-imports")
-    assert " b " in status and "6/6" in status and "01-count" not in status, status
+    assert " 02-b " in status and "6/6" in status and "01-count" not in status, status
     out = tmp_path / "out.parquet"
     cli(monkeypatch, capsys, "export", str(spec), "--to", str(out), "--allow-imports")
     assert pl.read_parquet(out).equals(got)

@@ -237,8 +237,8 @@ def task_states(
 
 
 def tables(p: Prefect, run_id: str, what: str) -> list[list[dict]]:
-    """The run's ``reviews-nightly-<what>`` tables, newest first (a retried run has one
-    per attempt): ``summary`` (per step: reused, computed, ...), ``plan`` (per step: what
+    """The run's ``reviews-nightly-<what>`` tables (one per run: a retry updates it):
+    ``summary`` (per step: reused, computed, ...), ``plan`` (per step: what
     is reused and why the rest is computed)."""
     with p.client() as client:
         found = client.read_artifacts(
@@ -253,7 +253,7 @@ def tables(p: Prefect, run_id: str, what: str) -> list[list[dict]]:
 
 def step_rows(rows: list[dict]) -> list[dict]:
     """A summary table's rows of the steps (without the totals and serving rows)."""
-    return [r for r in rows if not r["name"].startswith(("total ", "serving "))]
+    return [r for r in rows if not r["step"].startswith(("total ", "serving "))]
 
 
 def artifact_keys(p: Prefect, run_id: str) -> set[str]:
@@ -363,6 +363,7 @@ def test_deploy_schedule_run_fail_retry(
     clean_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
     clean = wait_final(p, clean_id)
     assert clean.state.is_completed(), f"{clean.state}\n{p.log('worker')}"
+    assert clean.name == "reviews-nightly date=2026-11-21"  # the pipeline's name, the night
     part = store / "reviews-nightly" / "date=2026-11-21"
     assert len(list((part / "steps" / "02-select").glob("*.parquet"))) == 6
     assert (part / "steps" / "02-select" / "manifest.json").exists()
@@ -379,16 +380,17 @@ def test_deploy_schedule_run_fail_retry(
     } <= artifact_keys(p, clean_id)
     (rows,) = tables(p, clean_id, "summary")
     # after the steps, the LLM step's totals row and the HTTP serving's row (all its calls)
-    assert [r["name"] for r in rows[-2:]] == ["total (this run)", "serving default (all calls)"]
+    assert [r["step"] for r in rows[-2:]] == ["total (this run)", "serving default (all calls)"]
     rows = step_rows(rows)
-    assert [r["name"] for r in rows] == [
+    assert [r["step"] for r in rows] == [
         "00-filter+map+template",
         "01-dedup",
         "02-select",
         "03-generate",
     ]
-    assert [r["computed"] for r in rows] == [6, 6, 6, 6] and rows[-1]["rows_out"] == 78
-    assert want["title"].drop_nulls().len() == 5 and rows[-1]["completion_tokens"] > 0
+    assert [r["computed"] for r in rows] == ["6"] * 4 and rows[-1]["rows out"] == "78"
+    assert want["title"].drop_nulls().len() == 5
+    assert int(rows[-1]["completion tokens"].replace(",", "")) > 0
 
     # -- a failed night: a run due at 23:30 UTC on the 21st, i.e. 00:30 on the 22nd in
     # Paris (no `date`: it comes from the schedule's timezone); batch 4 fails once
@@ -415,12 +417,16 @@ def test_deploy_schedule_run_fail_retry(
     assert retried.run_count == 2
     states = task_states(p, fail_id, 26)
     assert Counter(s for _, s in states) == Counter(Completed=5 + 1 + 1 + 6 + 6 + 6, Failed=1)
-    batch4 = sorted(s for name, s in states if name == "filter+map+template[0] batch 4/6")
+    batch4 = sorted(s for name, s in states if name == "00-filter+map+template batch 4/6")
     assert batch4 == ["Completed", "Failed"], batch4  # failed once, computed by the retry
-    latest, attempt1 = (step_rows(rows) for rows in tables(p, fail_id, "summary"))
-    first = attempt1[0]
-    assert (first["reused"], first["computed"], first["failed"]) == (0, 5, 1)
-    assert [(r["reused"], r["computed"]) for r in latest] == [(5, 1), (0, 6), (0, 6), (0, 6)]
+    # one summary for the run (attempt 2's; attempt 1's replaced, not a second card)
+    (latest,) = (step_rows(rows) for rows in tables(p, fail_id, "summary"))
+    assert [(r["reused"], r["computed"]) for r in latest] == [
+        ("5", "1"),
+        ("0", "6"),
+        ("0", "6"),
+        ("0", "6"),
+    ]
     plan = tables(p, fail_id, "plan")[0]
     assert plan[0]["plan"].startswith("5 of 6 batches done and reused, 1 to compute"), plan
     got = output("2026-11-22", overrides)

@@ -495,12 +495,15 @@ def test_status_export_preview_and_artifacts_know_the_new_steps(
 
     found = artifacts(summary["flow_run_id"])
     table = found["re-shape-summary"].data
-    rows = {r["name"]: r for r in (json.loads(table) if isinstance(table, str) else table)}
-    assert (rows["00-explode"]["rows_in"], rows["00-explode"]["rows_out"]) == (40, n_children)
-    assert (rows["01-group"]["rows_in"], rows["01-group"]["rows_out"]) == (n_children, 3)
+    rows = {r["step"]: r for r in (json.loads(table) if isinstance(table, str) else table)}
+    assert (rows["00-explode"]["rows in"], rows["00-explode"]["rows out"]) == (
+        "40",
+        f"{n_children:,}",
+    )
+    assert (rows["01-group"]["rows in"], rows["01-group"]["rows out"]) == (f"{n_children:,}", "3")
     sample = found["re-shape-sample"].data
     header = next(line for line in sample.splitlines() if line.startswith("| "))
-    assert set(header.strip("| ").split(" | ")) == {"topic", "qs", "n", ROW_ID}, header
+    assert set(header.strip("| ").split(" | ")) == {"topic", "qs", "n"}, header  # no _row_id
     assert "| t1 |" in sample and "q1.0" in sample
 
 

@@ -186,7 +186,7 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
         "step", "steps", *(["after"] if dag else []), "batches done", "rows in", "rows out"
     )
     for s in step_status(plan, step):
-        steps = ", ".join(f"{i} {n}" for i, n in zip(s.steps, s.names, strict=True))
+        steps = ", ".join(s.names)
         table.add_row(
             s.stage,
             steps,
