@@ -29,7 +29,7 @@ class StepStatus:
 
 
 def step_status(plan: Plan, step: int | str | None = None) -> list[StepStatus]:
-    """For each stage (or the one of ``step``, by index or name): batches whose output is
+    """For each stage (or the one of ``step``, by number or name): batches whose output is
     in the store (and readable), and rows.
 
     One listing per stage directory (see flows/survey.py); a stage that cuts batches
