@@ -170,7 +170,8 @@ def _print_steps(rows: list[dict]) -> None:
 
 
 StepOpt = Annotated[
-    str | None, typer.Option("--step", metavar="NAME", help="a step by name or number (NN, as in NN-name)")
+    str | None,
+    typer.Option("--step", metavar="NAME", help="a step by name or number (NN, as in NN-name)"),
 ]
 
 
