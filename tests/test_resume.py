@@ -162,7 +162,7 @@ def test_failed_batch_fails_the_run_and_keeps_the_others(
     )
     failing_row = (pipe.plan().batches[2].file.row_key << 32) + 60
     monkeypatch.setenv("NIGHTSHIFT_TEST_FAIL_B", str(failing_row))
-    with pytest.raises(Exception, match=r"count\[1\] batch 3/4.*bad value in row"):
+    with pytest.raises(Exception, match=r"01-count batch 3/4.*bad value in row"):
         pipe.run()
     assert calls(test_log) == Counter(a=4, b=3)
     # the cause is gone: the re-run computes only the failed batch's step b
