@@ -112,13 +112,13 @@ def test_run_table_shows_tokens_and_cost_only_for_llm_runs(capsys: pytest.Captur
         failed=0,
         rows_in=10,
         rows_out=10,
-        prompt_tokens=512,
+        prompt_tokens=5120,
         completion_tokens=77,
         cost_usd=0.0123,
     )
     _print_steps([row])
     out = capsys.readouterr().out
-    assert "tokens in" in out and "512" in out and "77" in out and "0.0123" in out
+    assert "tokens in" in out and "5,120" in out and "77" in out and "0.0123" in out
     _print_steps([{**row, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}])
     assert "tokens" not in capsys.readouterr().out
 

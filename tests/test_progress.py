@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -178,3 +179,56 @@ def test_deployment_parameters_have_descriptions_and_no_none_switch() -> None:
             assert schema.get("description"), (flow.name, name)
             if name != "resume_from_last":
                 assert "null" not in json.dumps(schema.get("anyOf", [])), (flow.name, name)
+
+
+def test_a_terminal_gets_live_bars_instead_of_progress_lines(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    """``nightshift run`` on a terminal (a pseudo-terminal here): one bar per step drawn
+    on Prefect's console, the plain progress lines kept off it."""
+    import os
+    import pty
+
+    write_jsonl(tmp_path / "in.jsonl", make_rows(12, "t"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: bars\n"
+        f"source: {{path: '{tmp_path}/in.jsonl'}}\n"
+        "batch_size: 2\n"
+        "fuse: false\n"
+        f"store: {{url: 'file://{tmp_path}/store'}}\n"
+        "steps:\n"
+        '  - filter: {where: "n >= 0"}\n'
+        "  - template: {output: prompt, template: 'Say {{ text }}'}\n"
+    )
+    master, slave = pty.openpty()
+    env = {**cli_env(prefect_api), "PREFECT_LOGGING_LEVEL": "INFO", "COLUMNS": "160"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nightshift.flows.cli", "run", str(spec)],
+        env=env,
+        cwd=ROOT,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    chunks = []
+    while True:  # read until the child closes the terminal (it exited)
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", b"".join(chunks).decode(errors="replace"))
+    for step in ("00-filter", "01-template"):
+        assert any(
+            step in line and "6/6" in line and "6 computed" in line and "━" in line
+            for line in screen.splitlines()
+        ), screen[-3000:]
+    assert "batches (0 reused" not in screen, screen[-3000:]  # no plain progress line
+    assert "Finished in state Completed()" in screen  # the flow run's own line stays

@@ -157,12 +157,12 @@ def _print_steps(rows: list[dict]) -> None:
         cells = [
             r["name"],
             *(
-                str(r[k])
+                f"{r[k]:,}"
                 for k in ("batches", "reused", "computed", "failed", "rows_in", "rows_out")
             ),
         ]
         if llm:
-            cells += [str(r.get("prompt_tokens", 0)), str(r.get("completion_tokens", 0))]
+            cells += [f"{r.get('prompt_tokens', 0):,}", f"{r.get('completion_tokens', 0):,}"]
         if priced:
             cells.append(f"{r.get('cost_usd', 0.0):.4f}")
         table.add_row(*cells)
