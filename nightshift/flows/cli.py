@@ -211,6 +211,28 @@ def export(
 
 
 @app.command()
+def report(
+    spec: SpecArg,
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="the HTML file to write (default: <pipeline>-report.html)"),
+    ] = None,
+    allow_imports: AllowImports = False,
+) -> None:
+    """Write the run report: one HTML file with charts and samples that opens offline."""
+    from nightshift.flows.plan import build_plan
+    from nightshift.flows.report import write_report
+
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    target = to or Path(f"{plan.spec.name}-report.html")
+    built = write_report(plan, target)
+    console.print(
+        f"wrote {target} ({len(built.charts)} charts; {built.attempts} recorded attempt(s), "
+        f"{built.units:,} unit records; built in {built.seconds:.1f} s)"
+    )
+
+
+@app.command()
 def validate(spec: SpecArg, allow_imports: AllowImports = False) -> None:
     """Check the spec, sources, schema and store; run nothing."""
     from nightshift.flows.parameters import check_parameter_size

@@ -123,13 +123,17 @@ _SUMMED = (
 
 
 def publish_summary(
-    plan: Plan, rows: list[dict[str, Any]], pool: ServingPool | None = None
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    pool: ServingPool | None = None,
+    report: str | None = None,
 ) -> None:
     """The run's summary table: one row per step (batches reused from the store and
     computed by this run), then (with LLM steps) the run's total over its computed
     batches and, per HTTP serving backend, everything it sent in this run (failed
     batches included: those calls were paid too). Per-batch usage of LLM steps goes to a
-    second table, ``<pipeline>-batch-usage``. ``pool``: the run's serving pool."""
+    second table, ``<pipeline>-batch-usage``. ``pool``: the run's serving pool.
+    ``report``: where the run report (``flows/report.py``) was saved in the store."""
     table = [{k: r.get(k) for k in SUMMARY_COLUMNS} for r in rows]
     for row in table:
         row["seconds"] = round(row["seconds"] or 0.0, 2)
@@ -159,7 +163,7 @@ def publish_summary(
         table=table,
         description=f"pipeline {plan.spec.name}: per step, batches reused from the store and "
         "computed by this run, rows, tokens and estimated cost (USD) of LLM calls; "
-        f"{attempt_note()}",
+        f"{attempt_note()}" + (f"\n\nRun report (HTML, charts): `{report}`" if report else ""),
     )
     per_batch = [{"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []]
     if per_batch:

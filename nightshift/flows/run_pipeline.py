@@ -18,6 +18,8 @@ from nightshift.core.errors import SpecError
 from nightshift.flows.explain import explain
 from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import Plan, build_plan
+from nightshift.flows.recording import Recorder
+from nightshift.flows.report import save_report
 from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
@@ -89,6 +91,7 @@ def execute_plan(
         logger.info(line)
     publish_plan(plan, lines)
     spec = plan.spec
+    recorder = Recorder.start(plan, sorted(forced))
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(
             plan,
@@ -97,14 +100,22 @@ def execute_plan(
             runner=runner,
             progress=Progress(plan),
             inventory=inventory,
+            recorder=recorder,
         )
+        status = "failed"
         try:
             execution.run()
+            status = "completed"
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
+            recorder.close([s.totals() for s in execution.stats], status)
+            report = save_report(plan, recorder.attempt)
             publish_summary(
-                plan, [s.as_row() for s in execution.stats], getattr(runner, "pool", None)
+                plan,
+                [s.as_row() for s in execution.stats],
+                getattr(runner, "pool", None),
+                report=report,
             )
     outputs = {
         plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
