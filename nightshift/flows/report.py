@@ -23,22 +23,26 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import html
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import altair as alt
 import polars as pl
+from fsspec.implementations.local import LocalFileSystem
 
 from nightshift.core import file_io
 from nightshift.core.errors import one_line
 from nightshift.flows.plan import Plan
-from nightshift.flows.recording import RunRecords, warn, load_records
+from nightshift.flows.recording import RunRecords, load_records, warn
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.operators.llm import SUFFIXES
 
@@ -116,6 +120,7 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
             body += f"<p class=empty>{html.escape(empty)}</p>"
         else:
             spec = chart.to_dict()
+            spec["datasets"] = {n: data.datasets[n] for n in _data_names(spec)}
             ids.append(key)
             specs.append(
                 f'<script type="application/json" id="spec-{key}">{_script_json(spec)}</script>'
@@ -150,14 +155,41 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
 @functools.cache
 def vega_bundle() -> str:
     """vega, vega-lite and vega-embed as one script (from ``vl-convert-python``), for the
-    Vega-Lite version altair writes; ``</script`` escaped so it can sit inline."""
+    Vega-Lite version altair writes; ``</script`` escaped so it can sit inline.
+
+    Bundling takes a second or more, so the script is kept in the user's cache folder
+    (``$XDG_CACHE_HOME/nightshift``, else ``~/.cache/nightshift``) under the versions it
+    was made from; a cache that cannot be written is skipped."""
     import vl_convert as vlc
 
     wanted = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
     version = wanted if wanted in vlc.get_vegalite_versions() else None
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cached = Path(
+        home,
+        "nightshift",
+        f"vega-{metadata.version('vl-convert-python')}-{version or 'default'}.js",
+    )
+    with contextlib.suppress(OSError):
+        return cached.read_text(encoding="utf-8")
     # the stub types snippet as str; None (its default) sets window.vegaEmbed, vega, vegaLite
     bundle = vlc.javascript_bundle(None, version)  # pyright: ignore[reportArgumentType]
-    return bundle.replace("</script", "<\\/script")
+    bundle = bundle.replace("</script", "<\\/script")
+    with contextlib.suppress(OSError):
+        file_io.write_bytes_atomic(LocalFileSystem(), str(cached), bundle.encode())
+    return bundle
+
+
+def _data_names(spec: Any) -> set[str]:
+    """The named data a chart's spec refers to (``{"data": {"name": ...}}``, any depth)."""
+    if isinstance(spec, dict):
+        found = {spec["name"]} if set(spec) == {"name"} and isinstance(spec["name"], str) else set()
+        for value in spec.values():
+            found |= _data_names(value)
+        return found
+    if isinstance(spec, list):
+        return set().union(*(_data_names(v) for v in spec)) if spec else set()
+    return set()
 
 
 def _script_json(value: Any) -> str:
@@ -215,6 +247,15 @@ class _ReportData:
             .iter_rows(named=True)
         }
         self._frames: dict[int, pl.DataFrame | None] = {}
+        #: the charts' data by name: a chart names its data (``alt.Data(name=...)``) and the
+        #: values go into its spec's top-level ``datasets`` unvalidated (altair's schema
+        #: check of inline values costs seconds for a few thousand rows)
+        self.datasets: dict[str, list[dict[str, Any]]] = {}
+
+    def data(self, values: list[dict[str, Any]]) -> alt.Data:
+        name = f"d{len(self.datasets)}"
+        self.datasets[name] = values
+        return alt.Data(name=name)
 
     # -- the pipeline ---------------------------------------------------------------------
     def _rows_in(self, stage: int) -> int:
@@ -272,16 +313,16 @@ class _ReportData:
         height = max(90 * (max(lanes.values(), default=0) + 1), 120)
         xs = alt.X("x:Q", axis=None, scale=alt.Scale(domain=[-1.4, max(depth.values()) + 0.4]))
         ys = alt.Y("y:Q", axis=None, scale=alt.Scale(domain=[-0.6, max(lanes.values()) + 0.6]))
-        base_nodes = alt.Chart(alt.Data(values=nodes)).encode(x=xs, y=ys)
+        base_nodes = alt.Chart(self.data(nodes)).encode(x=xs, y=ys)
         tooltip = ["step:N", "ops:N", "rows_in:Q", "rows_out:Q", "kept:Q", "done:N"]
         chart = alt.layer(
-            alt.Chart(alt.Data(values=edges))
+            alt.Chart(self.data(edges))
             .mark_rule(color="#999", strokeWidth=2)
             .encode(x=xs, y=ys, x2="x2:Q", y2="y2:Q"),
-            alt.Chart(alt.Data(values=[source]))
+            alt.Chart(self.data([source]))
             .mark_point(shape="triangle-right", size=500, filled=True, color="#666")
             .encode(x=xs, y=ys),
-            alt.Chart(alt.Data(values=[source]))
+            alt.Chart(self.data([source]))
             .mark_text(dy=26, fontSize=11)
             .encode(x=xs, y=ys, text="label:N"),
             base_nodes.mark_square(size=900, opacity=1).encode(
@@ -308,7 +349,7 @@ class _ReportData:
             for which, key in (("rows in", "rows_in"), ("rows out", "rows_out"))
         ]
         return (
-            alt.Chart(alt.Data(values=long))
+            alt.Chart(self.data(long))
             .mark_bar()
             .encode(
                 y=alt.Y("step:N", sort=self.stage_names, title=None),
@@ -346,7 +387,7 @@ class _ReportData:
             .sort(["order", "stage_index"])
         )
         return (
-            alt.Chart(alt.Data(values=spans.drop("order").to_dicts()))
+            alt.Chart(self.data(spans.drop("order").to_dicts()))
             .mark_bar(height={"band": 0.7})
             .encode(
                 x=alt.X("start:T", title="time (UTC)", scale=alt.Scale(type="utc")),
@@ -393,7 +434,7 @@ class _ReportData:
             .select(["run", "stage", "time", "rows_per_s", "rows_out"])
         )
         return (
-            alt.Chart(alt.Data(values=binned.to_dicts()))
+            alt.Chart(self.data(binned.to_dicts()))
             .mark_line(point=True)
             .encode(
                 x=alt.X("time:T", title="time (UTC)", scale=alt.Scale(type="utc")),
@@ -420,7 +461,7 @@ class _ReportData:
             .with_columns(rows_per_s=(pl.col("rows_out") / pl.col("seconds")).round(1))
         )
         return (
-            alt.Chart(alt.Data(values=per.to_dicts()))
+            alt.Chart(self.data(per.to_dicts()))
             .mark_bar()
             .encode(
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
@@ -455,7 +496,7 @@ class _ReportData:
             value_name="tokens",
         ).with_columns(pl.col("kind").str.replace("_tokens", ""))
         return (
-            alt.Chart(alt.Data(values=long.filter(pl.col("tokens") > 0).to_dicts()))
+            alt.Chart(self.data(long.filter(pl.col("tokens") > 0).to_dicts()))
             .mark_bar()
             .encode(
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
@@ -471,7 +512,7 @@ class _ReportData:
         if usage.is_empty() or not usage["cost_usd"].sum():
             return None  # no prices known: no chart (the docs say where prices go)
         return (
-            alt.Chart(alt.Data(values=usage.filter(pl.col("cost_usd") > 0).to_dicts()))
+            alt.Chart(self.data(usage.filter(pl.col("cost_usd") > 0).to_dicts()))
             .mark_bar()
             .encode(
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
@@ -518,7 +559,7 @@ class _ReportData:
             self.empty_notes["errors"] = "No errors: no unit failed and no row's LLM call failed."
             return None
         return (
-            alt.Chart(alt.Data(values=errors.drop("example").to_dicts()))
+            alt.Chart(self.data(errors.drop("example").to_dicts()))
             .mark_bar()
             .encode(
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
@@ -615,7 +656,7 @@ class _ReportData:
             self.empty_notes["lengths"] = "No LLM step wrote text in the store's outputs."
             return None
         return (
-            alt.Chart(alt.Data(values=values))
+            alt.Chart(self.data(values))
             .mark_bar()
             .encode(
                 x=alt.X("length:Q", bin=alt.Bin(maxbins=40), title="characters"),
@@ -633,7 +674,7 @@ class _ReportData:
             self.empty_notes["scores"] = "No judge or score step in the pipeline's outputs."
             return None
         return (
-            alt.Chart(alt.Data(values=values))
+            alt.Chart(self.data(values))
             .mark_bar()
             .encode(
                 x=alt.X("value:O", title="score"),

@@ -19,7 +19,6 @@ from nightshift.flows.explain import explain
 from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.recording import Recorder
-from nightshift.flows.report import save_report
 from nightshift.flows.reporting import Progress, publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
@@ -110,6 +109,8 @@ def execute_plan(
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             recorder.close([s.totals() for s in execution.stats], status)
+            from nightshift.flows.report import save_report  # altair: imported when used
+
             report = save_report(plan, recorder.attempt)
             publish_summary(
                 plan,
