@@ -45,7 +45,9 @@ def make_plan(root: Path, batches: int) -> Plan:
     data = root / "data.jsonl"
     with open(data, "w") as handle:
         for i in range(batches):
-            handle.write(json.dumps({"id": i, "text": f"document {i} " + "lorem " * (i % 40)}) + "\n")
+            handle.write(
+                json.dumps({"id": i, "text": f"document {i} " + "lorem " * (i % 40)}) + "\n"
+            )
     spec = {
         "name": "bench",
         "source": {"path": str(data)},
@@ -102,7 +104,7 @@ def write_records(plan: Plan) -> int:
         layout = plan.layout
         records = []
         clock = started
-        failing = set(rng.sample(range(n), failures)) if failures else set()
+        failing = set(rng.sample(range(n), min(failures, n))) if failures else set()
         for batch in range(int(n * share)):
             for stage, name in enumerate(names):
                 base = {"attempt": attempt, "stage": name, "stage_index": stage, "batch": batch}

@@ -32,6 +32,14 @@ FAKE = {"default": {"backend": "fake", "model": "echo", "max_batch": 8}}
 FAIL_BATCH, FAIL_STEP = 3, "answer"
 
 
+def test_error_kinds() -> None:
+    assert error_kind("gen batch 2/9: steps[1] (generate): ValueError: bad") == "ValueError"
+    assert error_kind("HTTP 429: too many requests") == "HTTP 429"
+    assert error_kind("3/20 rows failed (15% > max_error_rate 10%); first: x") == "N/M rows failed"
+    label = "gen batch 2/9"
+    assert error_kind(f"{label}: failure injected", label) == "failure injected"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two attempts of one pipeline (the first fails, the second resumes) and the report
@@ -188,11 +196,3 @@ def test_report_shows_every_chart_in_a_browser(runs: dict) -> None:
         assert chart["width"] > 50 and chart["height"] > 50 and chart["marks"] > 0, chart
     errors = [m for m in messages if m.startswith(("error", "pageerror"))]
     assert not errors, errors
-
-
-def test_error_kinds() -> None:
-    assert error_kind("gen batch 2/9: steps[1] (generate): ValueError: bad") == "ValueError"
-    assert error_kind("HTTP 429: too many requests") == "HTTP 429"
-    assert error_kind("3/20 rows failed (15% > max_error_rate 10%); first: x") == "N/M rows failed"
-    label = "gen batch 2/9"
-    assert error_kind(f"{label}: failure injected", label) == "failure injected"

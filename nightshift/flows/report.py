@@ -119,7 +119,7 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
                 continue
             body += f"<p class=empty>{html.escape(empty)}</p>"
         else:
-            spec = chart.to_dict()
+            spec = chart.to_dict(validate=False)
             spec["datasets"] = {n: data.datasets[n] for n in _data_names(spec)}
             ids.append(key)
             specs.append(
