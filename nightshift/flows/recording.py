@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class Recorder:
             "totals": [],
         }
         recorder = cls(plan, meta["attempt"], meta)
-        recorder._write_meta()
+        recorder.flush()  # attempt.json now: a killed attempt still shows
         return recorder
 
     # -- what the scheduler tells it ------------------------------------------------------
@@ -297,9 +298,16 @@ def load_records(plan: Plan) -> RunRecords:
 
 
 def warn(message: str) -> None:
-    try:
-        get_run_logger().warning(message)
-    except Exception:  # outside a flow run
-        import logging
+    _log(logging.WARNING, message)
 
-        logging.getLogger("nightshift").warning(message)
+
+def info(message: str) -> None:
+    _log(logging.INFO, message)
+
+
+def _log(level: int, message: str) -> None:
+    try:
+        logger: Any = get_run_logger()
+    except Exception:  # outside a flow run
+        logger = logging.getLogger("nightshift")
+    logger.log(level, message)

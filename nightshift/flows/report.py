@@ -42,7 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 from nightshift.core import file_io
 from nightshift.core.errors import one_line
 from nightshift.flows.plan import Plan
-from nightshift.flows.recording import RunRecords, load_records, warn
+from nightshift.flows.recording import RunRecords, info, load_records, warn
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.operators.llm import SUFFIXES
 
@@ -77,7 +77,9 @@ def save_report(plan: Plan, attempt: str) -> str | None:
         report = build_report(plan)
         path = plan.layout.report_file(attempt)
         file_io.write_bytes_atomic(plan.store.fs, path, report.html.encode())
-        return plan.store.display(path)
+        shown = plan.store.display(path)
+        info(f"run report: {shown} (built in {report.seconds:.1f} s)")
+        return shown
     except Exception as exc:
         warn(f"could not write the run report: {one_line(exc)}")
         return None
