@@ -196,3 +196,47 @@ def test_report_shows_every_chart_in_a_browser(runs: dict) -> None:
         assert chart["width"] > 50 and chart["height"] > 50 and chart["marks"] > 0, chart
     errors = [m for m in messages if m.startswith(("error", "pageerror"))]
     assert not errors, errors
+
+
+def test_a_killed_attempt_keeps_its_chunks_and_shows(tmp_path: Path) -> None:
+    """An attempt that never closed (killed) leaves chunks and a 'running' attempt.json;
+    the records and the report still show it, next to a later attempt that closed."""
+    from nightshift.flows import recording
+    from nightshift.flows.plan import Unit, build_plan
+    from nightshift.flows.report import build_report
+    from nightshift.tasks.step_task import BatchRef
+
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(30, "k"))
+    plan = build_plan(
+        {
+            "name": "killed",
+            "source": {"path": str(tmp_path / "data" / "*.jsonl")},
+            "store": {"url": f"file://{tmp_path}/store"},
+            "batch_size": 10,
+            "steps": [{"filter": {"where": "n > 2"}}],
+        }
+    )
+    killed = recording.Recorder.start(plan)
+    for batch in range(2):  # two flushes while running, then SIGKILL: no close()
+        unit = Unit(0, batch, 0, 0, None, plan.keys[0][batch])
+        killed.submitted(unit)
+        ref = BatchRef(path=f"x/{batch}.parquet", rows=9, rows_in=10, key=unit.key, started=1.0)
+        killed.computed(unit, 0, ref)
+        killed.flush()
+    folder = tmp_path / "store" / "killed" / "runs" / killed.attempt
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "attempt.json",
+        "units-000001.parquet",
+        "units-000002.parquet",
+    ]
+    later = recording.Recorder.start(plan)
+    later.failed(Unit(0, 2, 0, 0, None, plan.keys[0][2]), 0, "HTTP 503: down", None)
+    later.close([], "failed")
+    records = recording.load_records(plan)
+    assert [a["status"] for a in records.attempts] == ["running", "failed"]
+    assert records.units.group_by("status").len().sort("status").rows() == [
+        ("computed", 2),
+        ("failed", 1),
+    ]
+    page = build_report(plan, records).html
+    assert "did not end (killed?)" in page and "HTTP 503" in page
