@@ -316,17 +316,24 @@ class _ReportData:
         xs = alt.X("x:Q", axis=None, scale=alt.Scale(domain=[-1.4, max(depth.values()) + 0.4]))
         ys = alt.Y("y:Q", axis=None, scale=alt.Scale(domain=[-0.6, max(lanes.values()) + 0.6]))
         base_nodes = alt.Chart(self.data(nodes)).encode(x=xs, y=ys)
-        tooltip = ["step:N", "ops:N", "rows_in:Q", "rows_out:Q", "kept:Q", "done:N"]
+        tooltip = [
+            alt.Tooltip("step:N"),
+            alt.Tooltip("ops:N"),
+            alt.Tooltip("rows_in:Q"),
+            alt.Tooltip("rows_out:Q"),
+            alt.Tooltip("kept:Q"),
+            alt.Tooltip("done:N"),
+        ]
         chart = alt.layer(
             alt.Chart(self.data(edges))
             .mark_rule(color="#999", strokeWidth=2)
-            .encode(x=xs, y=ys, x2="x2:Q", y2="y2:Q"),
+            .encode(x=xs, y=ys, x2=alt.X2("x2"), y2=alt.Y2("y2")),
             alt.Chart(self.data([source]))
             .mark_point(shape="triangle-right", size=500, filled=True, color="#666")
             .encode(x=xs, y=ys),
             alt.Chart(self.data([source]))
             .mark_text(dy=26, fontSize=11)
-            .encode(x=xs, y=ys, text="label:N"),
+            .encode(x=xs, y=ys, text=alt.Text("label:N")),
             base_nodes.mark_square(size=900, opacity=1).encode(
                 color=alt.Color(
                     "kept:Q",
@@ -335,8 +342,8 @@ class _ReportData:
                 ),
                 tooltip=tooltip,
             ),
-            base_nodes.mark_text(dy=-28, fontWeight="bold").encode(text="step:N"),
-            base_nodes.mark_text(dy=30, fontSize=11).encode(text="label:N"),
+            base_nodes.mark_text(dy=-28, fontWeight="bold").encode(text=alt.Text("step:N")),
+            base_nodes.mark_text(dy=30, fontSize=11).encode(text=alt.Text("label:N")),
         )
         return chart.properties(width=width, height=height)
 
@@ -358,7 +365,11 @@ class _ReportData:
                 yOffset=alt.YOffset("which:N"),
                 x=alt.X("rows:Q", title="rows"),
                 color=alt.Color("which:N", title=None, scale=alt.Scale(range=["#bbb", "#3b7dd8"])),
-                tooltip=["step:N", "which:N", alt.Tooltip("rows:Q", format=",")],
+                tooltip=[
+                    alt.Tooltip("step:N"),
+                    alt.Tooltip("which:N"),
+                    alt.Tooltip("rows:Q", format=","),
+                ],
             )
             .properties(width=560)
         )
@@ -393,16 +404,16 @@ class _ReportData:
             .mark_bar(height={"band": 0.7})
             .encode(
                 x=alt.X("start:T", title="time (UTC)", scale=alt.Scale(type="utc")),
-                x2="end:T",
+                x2=alt.X2("end"),
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
                 color=alt.Color("run:N", title="attempt"),
                 tooltip=[
-                    "run:N",
-                    "stage:N",
-                    "computed:Q",
-                    "failed:Q",
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("computed:Q"),
+                    alt.Tooltip("failed:Q"),
                     alt.Tooltip("rows_out:Q", format=","),
-                    "compute_s:Q",
+                    alt.Tooltip("compute_s:Q"),
                 ],
             )
             .properties(width=640)
@@ -442,7 +453,12 @@ class _ReportData:
                 x=alt.X("time:T", title="time (UTC)", scale=alt.Scale(type="utc")),
                 y=alt.Y("rows_per_s:Q", title="rows out / s"),
                 color=alt.Color("stage:N", sort=self.stage_names, title="step"),
-                tooltip=["run:N", "stage:N", "rows_per_s:Q", "rows_out:Q"],
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("rows_per_s:Q"),
+                    alt.Tooltip("rows_out:Q"),
+                ],
             )
             .properties(width=640, height=160)
             .facet(row=alt.Row("run:N", title=None))
@@ -469,7 +485,13 @@ class _ReportData:
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
                 x=alt.X("seconds:Q", title="seconds of work (summed over units)", stack=True),
                 color=alt.Color("run:N", title="attempt"),
-                tooltip=["run:N", "stage:N", "seconds:Q", "units:Q", "rows_per_s:Q"],
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("seconds:Q"),
+                    alt.Tooltip("units:Q"),
+                    alt.Tooltip("rows_per_s:Q"),
+                ],
             )
             .properties(width=560)
         )
@@ -504,7 +526,12 @@ class _ReportData:
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
                 x=alt.X("sum(tokens):Q", title="tokens"),
                 color=alt.Color("kind:N", title=None),
-                tooltip=["run:N", "stage:N", "kind:N", alt.Tooltip("sum(tokens):Q", format=",")],
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("kind:N"),
+                    alt.Tooltip("sum(tokens):Q", format=","),
+                ],
             )
             .properties(width=560)
         )
@@ -520,7 +547,11 @@ class _ReportData:
                 y=alt.Y("stage:N", sort=self.stage_names, title=None),
                 x=alt.X("sum(cost_usd):Q", title="USD"),
                 color=alt.Color("run:N", title="attempt"),
-                tooltip=["run:N", "stage:N", alt.Tooltip("sum(cost_usd):Q", format=".4f")],
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("sum(cost_usd):Q", format=".4f"),
+                ],
             )
             .properties(width=560)
         )
@@ -568,7 +599,13 @@ class _ReportData:
                 x=alt.X("sum(count):Q", title="count"),
                 color=alt.Color("kind:N", title="kind"),
                 column=alt.Column("what:N", title=None),
-                tooltip=["run:N", "stage:N", "what:N", "kind:N", "sum(count):Q"],
+                tooltip=[
+                    alt.Tooltip("run:N"),
+                    alt.Tooltip("stage:N"),
+                    alt.Tooltip("what:N"),
+                    alt.Tooltip("kind:N"),
+                    alt.Tooltip("sum(count):Q"),
+                ],
             )
             .properties(width=300)
         )
@@ -663,7 +700,7 @@ class _ReportData:
             .encode(
                 x=alt.X("length:Q", bin=alt.Bin(maxbins=40), title="characters"),
                 y=alt.Y("count():Q", title="rows"),
-                tooltip=[alt.Tooltip("length:Q", bin=True), "count():Q"],
+                tooltip=[alt.Tooltip("length:Q", bin=True), alt.Tooltip("count():Q")],
             )
             .properties(width=300, height=160)
             .facet(facet=alt.Facet("column:N", title=None), columns=2)
@@ -681,7 +718,7 @@ class _ReportData:
             .encode(
                 x=alt.X("value:O", title="score"),
                 y=alt.Y("count():Q", title="rows"),
-                tooltip=["value:O", "count():Q"],
+                tooltip=[alt.Tooltip("value:O"), alt.Tooltip("count():Q")],
             )
             .properties(width=300, height=160)
             .facet(facet=alt.Facet("column:N", title=None), columns=2)
