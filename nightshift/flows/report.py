@@ -13,6 +13,11 @@ and is inlined, so the file opens offline. Each chart is a ``<div class="chart">
 the page sets ``data-rendered`` on each one drawn and ``data-charts="done"`` on its body
 when all are (what ``tests/test_report.py`` waits for in headless Chromium).
 
+Two rules keep a report cheap enough for every run to write one (docs/report.md): a
+chart's data goes into its spec's ``datasets`` by name (``_ReportData.data``), never as
+inline values altair would validate; and encodings are channel objects
+(``alt.X("rows:Q")``), never bare shorthand strings (40 ms a chart to resolve).
+
 Example::
 
     from nightshift.flows.plan import build_plan
