@@ -139,6 +139,7 @@ def test_summary_artifact_names_the_saved_report(runs: dict) -> None:
         )
     [summary] = [a for a in found if a.key == "reported-summary"]
     saved = sorted(runs["runs"].glob("*/report.html"))[-1]
+    assert runs["summary"]["report"] == str(saved)
     assert f"`{saved}`" in (summary.description or "")
 
 

@@ -133,6 +133,8 @@ def run(
         allow_imports=allow_imports,
     )
     _print_steps(summary["steps"])
+    if summary.get("report"):
+        console.print(f"run report: {summary['report']}")
 
 
 def _print_steps(rows: list[dict]) -> None:

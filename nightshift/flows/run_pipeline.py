@@ -131,6 +131,8 @@ def execute_plan(
         # the (last) sink's output; every sink's by stage name in ``outputs``
         "output": output,
         "outputs": outputs,
+        # the run report saved in the store (flows/report.py), or None if it failed
+        "report": report,
     }
 
 
