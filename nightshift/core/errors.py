@@ -7,6 +7,7 @@ state message.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,3 +58,29 @@ def shorten(text: str, limit: int = 300) -> str:
     if space > (limit - 3) // 2:
         cut = cut[:space]
     return cut.rstrip(" ,;:") + "..."
+
+
+#: What a unit's failure message starts with when a step raised (``tasks/step_task.py``):
+#: ``<task label>: steps[<i>] (<operator>): ``; the kind is read after it.
+_STEP_PREFIX = re.compile(r"^.*?steps\[\d+\] \([^)]*\): ")
+
+
+def error_kind(message: str, label: str | None = None) -> str:
+    """A short, stable name for the kind of an error, to count errors by kind (the run
+    report): the message's head before its first ``:``, ``(`` or ``[`` (an exception's
+    type, ``HTTP 429``, ``output is not valid JSON for the schema``), without a unit's
+    ``label`` and ``steps[i] (op)`` prefix, counts such as ``3/20`` as ``N/M``, at most
+    60 characters.
+
+    Example::
+
+        error_kind("gen batch 2/9: steps[1] (generate): ValueError: bad")   # 'ValueError'
+        error_kind("HTTP 429: rate limited")                                # 'HTTP 429'
+    """
+    text = message.strip()
+    if label and text.startswith(f"{label}: "):
+        text = text[len(label) + 2 :]
+    text = _STEP_PREFIX.sub("", text, count=1)
+    head = re.split(r"[:(\[\n]", text, maxsplit=1)[0].strip()
+    head = re.sub(r"\d+/\d+", "N/M", head)
+    return shorten(head, 60) if head else "error"

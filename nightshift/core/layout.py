@@ -8,6 +8,9 @@ Layout under the root (stable; any Parquet tool can read it)::
     <root>/<pipeline>/steps/<stage>/outputs.json       output index (core/inventory.py)
     <root>/<pipeline>/barriers/<stage>-<key16>.parquet state of a barrier step (dedup index)
     <root>/<pipeline>/answers/<stage>/<stem>-<start>-<key16>/   LLM answers of a unit in progress
+    <root>/<pipeline>/runs/<attempt>/attempt.json     one run attempt: who, when, per-stage totals
+    <root>/<pipeline>/runs/<attempt>/units[-<seq>].parquet   its per-unit records (timings, tokens, errors)
+    <root>/<pipeline>/runs/<attempt>/report.html       the run report written at its end
     <root>/<stream>/windows/<first>-<last>.json        stream window journal
     <root>/<stream>/windows/<id>-<key16>.parquet       a window's decoded rows
     <root>/<stream>/steps/<stage>/w-<id>-<key16>.parquet   a window's output at a stage
@@ -33,6 +36,9 @@ MAX_NAME_BYTES = 120
 RECORDS = "_prefect"
 LOCKS = "_locks"
 INDEX_NAME = "outputs.json"
+RUNS = "runs"
+ATTEMPT_NAME = "attempt.json"
+REPORT_NAME = "report.html"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -104,6 +110,26 @@ class PipelineLayout:
 
     def barrier_file(self, stage_name: str, key: str) -> str:
         return f"{self.barriers_dir()}/{capped(stage_name)}-{key[:16]}.parquet"
+
+    def runs_dir(self) -> str:
+        """Where run attempts record what they did (``flows/recording.py``)."""
+        return f"{self.base}/{RUNS}"
+
+    def attempt_dir(self, attempt: str) -> str:
+        """One attempt of a flow run: ``<UTC start>-<flow run id, 8 hex>-a<attempt>``."""
+        return f"{self.runs_dir()}/{attempt}"
+
+    def attempt_file(self, attempt: str) -> str:
+        return f"{self.attempt_dir(attempt)}/{ATTEMPT_NAME}"
+
+    def unit_records(self, attempt: str, seq: int | None = None) -> str:
+        """An attempt's unit records: chunks ``units-<seq>.parquet`` written while it
+        runs, compacted into ``units.parquet`` when it ends."""
+        name = "units.parquet" if seq is None else f"units-{seq:06d}.parquet"
+        return f"{self.attempt_dir(attempt)}/{name}"
+
+    def report_file(self, attempt: str) -> str:
+        return f"{self.attempt_dir(attempt)}/{REPORT_NAME}"
 
 
 @dataclass(frozen=True)

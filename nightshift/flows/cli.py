@@ -144,6 +144,8 @@ def run(
             allow_imports=allow_imports,
         )
     _print_steps(summary["steps"])
+    if summary.get("report"):
+        console.print(f"run report: {summary['report']}")
 
 
 def _print_steps(rows: list[dict]) -> None:
@@ -220,6 +222,28 @@ def export(
     plan = build_plan(_spec(spec), allow_imports=allow_imports)
     rows = export_output(plan, to, step)
     console.print(f"wrote {rows} rows to {to}")
+
+
+@app.command()
+def report(
+    spec: SpecArg,
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="the HTML file to write (default: <pipeline>-report.html)"),
+    ] = None,
+    allow_imports: AllowImports = False,
+) -> None:
+    """Write the run report: one HTML file with charts and samples that opens offline."""
+    from nightshift.flows.plan import build_plan
+    from nightshift.flows.report import write_report
+
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    target = to or Path(f"{plan.spec.name}-report.html")
+    built = write_report(plan, target)
+    console.print(
+        f"wrote {target} ({len(built.charts)} charts; {built.attempts} recorded attempt(s), "
+        f"{built.units:,} unit records; built in {built.seconds:.1f} s)"
+    )
 
 
 @app.command()

@@ -141,13 +141,15 @@ def publish_summary(
     artifacts: RunArtifacts,
     pool: ServingPool | None = None,
     elapsed: float | None = None,
+    report: str | None = None,
 ) -> None:
     """The run's summary artifact (``<pipeline>-summary``): one row per step (batches
     reused from the store and computed by this run, its status), then (with LLM steps)
     the run's total over its computed batches and, per HTTP serving backend, everything
     it sent in this run (failed batches included: those calls were paid too). Per-batch
     usage of LLM steps goes to a second table, ``<pipeline>-batch-usage``. ``pool``: the
-    run's serving pool; ``elapsed``: the run's seconds so far.
+    run's serving pool; ``elapsed``: the run's seconds so far; ``report``: where the run
+    report (``flows/report.py``) was saved in the store.
 
     Everything the summary card says is built here, in one place: a line added to
     ``notes`` shows in the card's description."""
@@ -158,6 +160,8 @@ def publish_summary(
         "batches run concurrently, so it can exceed the run's own time"
         + (f" ({elapsed:,.1f} s so far)" if elapsed is not None else ""),
     ]
+    if report:
+        notes.append(f"run report (HTML, charts): `{report}`")
     artifacts.table("summary", summary_table(rows, pool), "; ".join(notes))
     per_batch = [{"step": r["name"], **u} for r in rows for u in r.get("batch_usage") or []]
     if per_batch:

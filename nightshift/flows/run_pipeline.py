@@ -21,6 +21,7 @@ from nightshift.flows.log_filters import install_log_filters
 from nightshift.flows.parameters import OptionalInt, OptionalStep, StepRef
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.progress import RunProgress
+from nightshift.flows.recording import Recorder
 from nightshift.flows.reporting import publish_plan, publish_sample, publish_summary
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
@@ -87,6 +88,7 @@ def execute_plan(
     artifacts = RunArtifacts(plan.spec.name)
     publish_plan(plan, lines, artifacts)
     spec = plan.spec
+    recorder = Recorder.start(plan, sorted(forced))
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         execution = Execution(
             plan,
@@ -95,18 +97,26 @@ def execute_plan(
             runner=runner,
             progress=RunProgress(plan, artifacts),
             inventory=inventory,
+            recorder=recorder,
         )
+        status = "failed"
         try:
             execution.run()
+            status = "completed"
         finally:
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
+            recorder.close([s.totals() for s in execution.stats], status)
+            from nightshift.flows.report import save_report  # altair: imported when used
+
+            report = save_report(plan, recorder.attempt)
             publish_summary(
                 plan,
                 [s.as_row() for s in execution.stats],
                 artifacts,
                 getattr(runner, "pool", None),
                 elapsed=time.monotonic() - started,
+                report=report,
             )
     outputs = {
         plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
@@ -121,6 +131,8 @@ def execute_plan(
         # the (last) sink's output; every sink's by stage name in ``outputs``
         "output": output,
         "outputs": outputs,
+        # the run report saved in the store (flows/report.py), or None if it failed
+        "report": report,
     }
 
 

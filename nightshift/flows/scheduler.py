@@ -74,6 +74,10 @@ class StageStats:
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def totals(self) -> dict[str, Any]:
+        """Its numbers without the per-unit usage list (the run's record)."""
+        return {k: v for k, v in self.__dict__.items() if k != "batch_usage"}
+
     def add_computed(self, batch: int, ref: BatchRef) -> None:
         self.units_computed += 1
         self.seconds += ref.seconds
@@ -110,6 +114,7 @@ class Execution:
     fail_at: tuple[int, int] | None = None
     runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
     progress: Any = None  # nightshift.flows.progress.RunProgress, or None
+    recorder: Any = None  # nightshift.flows.recording.Recorder, or None
     inventory: Inventory | None = None
     #: per stage, per batch: the batch's outputs once every unit is done
     refs: list[list[list[BatchRef] | None]] = field(init=False)
@@ -151,6 +156,8 @@ class Execution:
                 self._fill()
                 if time.monotonic() - self._saved_at > INDEX_SAVE_SECONDS:
                     self.save_index()
+                if self.recorder is not None and self.recorder.due():
+                    self.recorder.flush([s.totals() for s in self.stats])
         finally:
             self.save_index()
             if self.progress is not None:  # every step's last numbers, a failure included
@@ -215,6 +222,10 @@ class Execution:
         found = [None if self._forced(stage) else self.inventory.done(u) for u in units]
         slot = self._slots[stage][batch] = _Slot(units, found)
         self.stats[stage].units_reused += sum(r is not None for r in found)
+        if self.recorder is not None:
+            for unit, ref in zip(units, found, strict=True):
+                if ref is not None:
+                    self.recorder.reused(unit, ref)
         if slot.complete:
             self._complete(batch, stage)
             return
@@ -285,6 +296,8 @@ class Execution:
                 fingerprint=s.fingerprint,
             ),
         )
+        if self.recorder is not None:
+            self.recorder.submitted(unit)
         self._watch(unit, stage, future)
 
     def _submit_index(self, stage: int, index_key: str) -> None:
@@ -328,6 +341,8 @@ class Execution:
             except Exception as exc:  # the task's own one-line error
                 message = one_line(exc)
             self.failures.append(message)
+            if self.recorder is not None:
+                self.recorder.failed(unit, stage, message, unit and self._label(unit))
             if unit is None:  # the barrier's index: none of its batches can go on
                 stats.failed += len(self.plan.batches)
             elif not (slot := self._slots[stage][unit.batch]).failed:
@@ -339,6 +354,12 @@ class Execution:
         ref: BatchRef = state.result()
         assert self.inventory is not None
         self.inventory.record(unit, ref)
+        if self.recorder is not None:
+            cached = ref.reused or state.name == "Cached"
+            if cached and unit is not None:
+                self.recorder.reused(unit, ref, "cached")
+            elif not cached:
+                self.recorder.computed(unit, stage, ref)
         if unit is None:
             self._release_barrier(stage, ref)
             return

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import identity
-from nightshift.core.errors import NightshiftError, StepFailed, one_line
+from nightshift.core.errors import NightshiftError, StepFailed, error_kind, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
@@ -53,12 +53,16 @@ class BatchRef(BaseModel):
     rows_in: int = 0
     key: str
     seconds: float = 0.0
+    #: when the computation started (Unix time, seconds): the run report's timeline
+    started: float = 0.0
     reused: bool = False
     #: LLM token counts of this batch: {"prompt": n, "completion": n}.
     tokens: dict[str, int] = {}
     #: Serving usage of this computation (HTTP backends): requests, retries, tokens paid,
     #: answers reused from the answer cache, estimated cost_usd (tasks/answer_cache.py).
     usage: dict[str, float] = {}
+    #: Rows whose LLM call (or parse) failed, by kind (``core.errors.error_kind``).
+    errors: dict[str, int] = {}
     #: Byte size and tag (ETag or mtime) of the file written: the output index's entry.
     size: int = 0
     tag: str = ""
@@ -141,6 +145,7 @@ def run_stage_batch(
         return ref
     if fail:
         raise StepFailed(f"{label}: failure injected by the run's fail_at parameter")
+    started_at = time.time()
     started = time.perf_counter()
     if upstream is None:
         fs, path = (
@@ -198,8 +203,10 @@ def run_stage_batch(
         rows_in=rows_in,
         key=key,
         seconds=time.perf_counter() - started,
+        started=started_at,
         tokens=_token_counts(operators, df),
         usage=scope.as_dict(),
+        errors=row_errors(operators, df),
         size=size,
         tag=tag,
     )
@@ -246,6 +253,25 @@ def read_input(
     return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
 
 
+def row_errors(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
+    """Rows (or samples, list elements) of LLM steps whose answer is an error, by kind:
+    the non-null values of their ``<output>_error`` columns."""
+    counts: dict[str, int] = {}
+    for op in operators:
+        if not op.uses_serving:
+            continue
+        for column in op.writes():
+            if not column.endswith("_error") or column not in df.columns:
+                continue
+            values = df.get_column(column)
+            if isinstance(values.dtype, pl.List):
+                values = values.explode()
+            for message in values.drop_nulls().to_list():
+                kind = error_kind(str(message))
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def _token_counts(operators: list[Operator], df: pl.DataFrame) -> dict[str, int]:
     counts = {"prompt": 0, "completion": 0}
     for op in operators:
@@ -271,6 +297,7 @@ def build_barrier_index(
     a ``BATCH`` column."""
     if not force and (ref := _existing(store, out_path, key, label)):
         return ref
+    started_at = time.time()
     started = time.perf_counter()
     data = store.scan_frames(upstream_paths, [ROW_ID, *operator.reads()])
     if upstream_paths and upstream_batches is not None and upstream_rows is not None:
@@ -287,6 +314,7 @@ def build_barrier_index(
         rows=state.height,
         key=key,
         seconds=time.perf_counter() - started,
+        started=started_at,
         size=size,
         tag=tag,
     )
