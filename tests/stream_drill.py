@@ -310,6 +310,9 @@ def main(out: Path, api_url: str) -> int:
             shutil.rmtree(pg_root, ignore_errors=True)
         text = (out / "stream.log").read_text() if (out / "stream.log").exists() else ""
         result["log"] = text
+        if '{\n  "streams"' in text:  # the summary the CLI prints at the end
+            start = text.index('{\n  "streams"')
+            result["summary"] = json.JSONDecoder().raw_decode(text[start:])[0]["streams"][0]
         result["log_tail"] = text[-6000:]
         me, children = (
             resource.getrusage(resource.RUSAGE_SELF),

@@ -173,7 +173,16 @@ def _check_drill(result: dict[str, Any]) -> None:
     assert "given up" not in log
     pg_sink = "streams[0].sinks[1].postgres"
     # one line when each outage starts, one when it ends; not one per try
-    assert log.count(f"waiting for {pg_sink}:") == 1, result["log_tail"]
-    assert log.count(f"{pg_sink} is back after") == 1, result["log_tail"]
+    nats = "NATS nats://"
+    for what in (pg_sink, nats):
+        assert log.count(f"waiting for {what}") - log.count(f"still waiting for {what}") == 1, (
+            result["log_tail"]
+        )
+        assert log.count(f"{what}") == log.count(f"waiting for {what}") + 1, result["log_tail"]
+    # the run's summary: what it waited for, how long, how many messages were waiting
+    outages = {o["what"].split(" nats://")[0]: o for o in result["summary"]["outages"]}
+    assert outages[pg_sink]["seconds"] > 100 and outages["NATS"]["seconds"] > 45, outages
+    assert result["summary"]["waiting_for"] == []
+    assert log.count(f"{pg_sink}: {pg_sink}") == 0  # the sink named once per line
     assert log.count("still waiting for") <= 6, result["log_tail"]
     assert "Traceback" not in log

@@ -67,6 +67,7 @@ class Outages:
     def failed(self, what: str, cause: str) -> Outage:
         """A try failed on a transient cause: a line when the outage starts, then one a minute."""
         now = time.monotonic()
+        cause = cause[len(what) + 2 :] if cause.startswith(f"{what}: ") else cause
         with self._lock:
             outage = self.current.get(what)
             if outage is None:

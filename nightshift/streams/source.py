@@ -55,7 +55,8 @@ async def connect(
     what = server_name(spec)
 
     async def on_error(exc: Exception) -> None:
-        if outages is not None and holder and not holder[0].is_connected:
+        lost = bool(holder) and not holder[0].is_connected
+        if outages is not None and (lost or unreachable(exc)):
             outages.failed(what, f"{type(exc).__name__}: {one_line(exc)}")
         else:
             logger.warning("%s: NATS %s: %s", name, spec.server, one_line(exc))
