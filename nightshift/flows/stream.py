@@ -10,11 +10,14 @@
 Everything is checked first (the spec, the steps on the decoded schema, NATS, the
 stream and consumer, the dead-letter subject, every sink): a problem is one line. Then
 each stream runs as its own subflow run (``stream-pipeline``, named after the stream),
-concurrently in this process, with its windows' step tasks under it in the UI. A
-supervisor restarts a stream whose run failed (NATS or PostgreSQL gone, a step failing)
-after a pause that doubles up to ``restart.backoff_max_s``, and gives it up after
-``restart.max_restarts`` failures in a row without progress (default 5: one error line
-naming the step and the last error); the others go on. Nothing is lost in between:
+concurrently in this process, with its windows' step tasks under it in the UI. An
+outage (a sink, NATS or the Prefect API unreachable) is waited out, for as long as it
+lasts (``restart.max_outage_s``), with one log line when it starts, one a minute and one
+when it ends. A supervisor restarts a stream whose run failed otherwise (a step failing
+for most of a window's messages, a sink refusing rows) after a pause that doubles up to
+``restart.backoff_max_s``, and gives it up after ``restart.max_restarts`` such failures in
+a row without progress (default 5: one error line naming the step and the last error);
+the others go on. Nothing is lost in between:
 unacked messages wait in JetStream. With ``--discover`` the stream definitions of a
 PostgreSQL table (``discover:``) are polled: started, drained and stopped, or restarted
 with their new steps while the process runs (:mod:`nightshift.streams.discover`).
