@@ -62,13 +62,18 @@ def stream_drill(
     """The streams' outage drill (``tests/stream_drill.py``: minutes of mostly idle
     waiting while servers are down), started in the background when the session starts if
     a collected test uses it; that test is collected last and waits for it. None when no
-    collected test needs it."""
+    collected test needs it. Under pytest-xdist every worker sees every collected test, so
+    there it starts only when its test asks (on the worker that runs it)."""
     if not any("stream_drill" in getattr(i, "fixturenames", ()) for i in request.session.items):
         yield None
         return
     from stream_drill import DrillProcess
 
-    drill = DrillProcess(tmp_path_factory.mktemp("stream-drill"), prefect_api)
+    drill = DrillProcess(
+        tmp_path_factory.mktemp("stream-drill"),
+        prefect_api,
+        start="PYTEST_XDIST_WORKER" not in os.environ,
+    )
     try:
         yield drill
     finally:

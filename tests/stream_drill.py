@@ -53,13 +53,20 @@ STREAM = "DRILL"
 class DrillProcess:
     """The drill running in a subprocess (its output in ``out/drill.log``)."""
 
-    def __init__(self, out: Path, api_url: str) -> None:
+    def __init__(self, out: Path, api_url: str, start: bool = True) -> None:
         self.out = out
+        self.api_url = api_url
+        self.proc: subprocess.Popen[Any] | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        out = self.out
         out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
         with open(out / "drill.log", "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__)), str(out), api_url],
+                [sys.executable, str(Path(__file__)), str(out), self.api_url],
                 env=env,
                 cwd=ROOT,
                 start_new_session=True,
@@ -68,7 +75,10 @@ class DrillProcess:
             )
 
     def wait(self, timeout: float = 900) -> dict[str, Any]:
-        """The drill's result (``result.json``) once it ends."""
+        """The drill's result (``result.json``) once it ends (started now if it was not)."""
+        if self.proc is None:
+            self.start()
+        assert self.proc is not None
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -84,7 +94,7 @@ class DrillProcess:
         return json.loads(path.read_text())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # the drill stops its servers
             try:
                 self.proc.wait(60)
@@ -111,12 +121,16 @@ class Producer:
         import nats
         from stream_fixtures import NATS_PASSWORD, NATS_USER, event
 
+        async def quiet(exc: Exception) -> None:  # NATS down is what the drill is about
+            pass
+
         nc = await nats.connect(
             self.url,
             user=NATS_USER,
             password=NATS_PASSWORD,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            error_cb=quiet,
         )
         js = nc.jetstream()
         i = 0
@@ -173,7 +187,7 @@ def main(out: Path, api_url: str) -> int:
         pg_root = tempfile.mkdtemp(prefix="nightshift-drill-pg-")
         install = init_postgres(pg_root)
         pg_port = free_port()
-        procs["postgres"], pg = launch_postgres(install, pg_port)
+        procs["postgres"], pg = launch_postgres(install, pg_port, durable=True)
         for name, subject in [(STREAM, "in"), (f"{STREAM}_DEAD", "dead"), (f"{STREAM}_OUT", "out")]:
             nats.add_stream(name, [f"{STREAM}.{subject}"], duplicate_window=600)
         entry = stream_entry(
@@ -258,7 +272,7 @@ def main(out: Path, api_url: str) -> int:
         procs["nats"] = launch_nats(binary, nats_port, nats_store)
         producer.phase["nats"] = False
         at(PG_UP)
-        procs["postgres"], pg = launch_postgres(install, pg_port)
+        procs["postgres"], pg = launch_postgres(install, pg_port, durable=True)
         producer.phase["postgres"] = False
         back = time.monotonic()
         at(STOP_PUBLISHING)

@@ -143,6 +143,38 @@ def _cli(
 
 
 @pytest.mark.timeout(960)  # alone, it waits for the whole drill (about 3 minutes)
+def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """However many tries fail: the lines of the drill's outages, without the servers."""
+    import logging
+
+    from nightshift.streams import outage
+
+    log = logging.getLogger("test-outages")
+    outages = outage.Outages("s", 60, log)
+    outages.backlog = lambda: 42
+    with caplog.at_level(logging.INFO, "test-outages"):
+        for _ in range(100):
+            outages.failed("sinks[1].postgres", "sinks[1].postgres: connection refused")
+        assert outages.waiting_for() == ["sinks[1].postgres"]
+        outages.current["sinks[1].postgres"].next_line = 0  # a minute later, say
+        outages.failed("sinks[1].postgres", "connection refused")
+        outages.recovered("sinks[1].postgres")
+        outages.recovered("sinks[1].postgres")  # no outage: no line
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "s: waiting for sinks[1].postgres: connection refused; retrying (up to every 60 s)",
+        "s: still waiting for sinks[1].postgres after 0 s (101 tries, 42 messages waiting): "
+        "connection refused",
+        "s: sinks[1].postgres is back after 0 s (101 tries); 42 messages waiting",
+    ]
+    assert outages.waiting_for() == [] and outages.ended[0]["messages_waiting"] == 42
+    assert [outage.duration(s) for s in (59.4, 123, 3725)] == ["59 s", "2 min 3 s", "1 h 2 min"]
+    backoff = outage.Backoff(0.5, 2)
+    assert [backoff.pause() for _ in range(5)] == [0.5, 1, 2, 2, 2]
+
+
 def test_outage_drill_every_message_once_in_every_sink(stream_drill: Any) -> None:
     """Waits for the drill started at session start (see the module docstring)."""
     result = stream_drill.wait()
