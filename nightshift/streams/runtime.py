@@ -52,7 +52,7 @@ from nightshift.streams.sinks import Sink
 from nightshift.streams.sinks.nats_sink import NatsSink
 from nightshift.streams.sinks.postgres_sink import PostgresSink
 from nightshift.streams.sinks.store_sink import StoreSink
-from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
+from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, RestartSpec, StoreSinkSpec
 from nightshift.streams.windows import Window
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.runner_choice import make_task_runner
@@ -166,10 +166,8 @@ class StreamRuntime:
         artifact_every_s: float = 30.0,
         until_idle_s: float | None = None,
         outages: Outages | None = None,
-        restart: Any = None,
+        restart: RestartSpec | None = None,
     ) -> None:
-        from nightshift.streams.spec import RestartSpec
-
         self.plan = plan
         #: the restart policy: its backoff paces the retries of an unreachable server
         self.restart: RestartSpec = restart or RestartSpec()
