@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     def rank(item: pytest.Item) -> int:
         names = getattr(item, "fixturenames", ())
+        if "stream_drill" in names:  # waits for the drill that ran beside all the others
+            return 3
         return 2 if "spare_vllm_server" in names else 1 if "vllm_server" in names else 0
 
     items.sort(key=rank)  # list.sort is stable: the order within each group is kept
@@ -49,6 +53,31 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stream_drill(
+    request: pytest.FixtureRequest, prefect_api: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The streams' outage drill (``tests/stream_drill.py``: minutes of mostly idle
+    waiting while servers are down), started in the background when the session starts if
+    a collected test uses it; that test is collected last and waits for it. None when no
+    collected test needs it. Under pytest-xdist every worker sees every collected test, so
+    there it starts only when its test asks (on the worker that runs it)."""
+    if not any("stream_drill" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        yield None
+        return
+    from stream_drill import DrillProcess
+
+    drill = DrillProcess(
+        tmp_path_factory.mktemp("stream-drill"),
+        prefect_api,
+        start="PYTEST_XDIST_WORKER" not in os.environ,
+    )
+    try:
+        yield drill
+    finally:
+        drill.stop()
 
 
 @pytest.fixture

@@ -99,14 +99,22 @@ class Nats:
 
         self.run(go)
 
-    def publish(self, subject: str, payloads: list[bytes | dict], gap_s: float = 0.0) -> list[int]:
-        """Publish through JetStream (confirmed); the stream sequences."""
+    def publish(
+        self,
+        subject: str,
+        payloads: list[bytes | dict],
+        gap_s: float = 0.0,
+        msg_ids: list[str] | None = None,
+    ) -> list[int]:
+        """Publish through JetStream (confirmed); the stream sequences. ``msg_ids``: a
+        ``Nats-Msg-Id`` per message (JetStream drops a repeat: safe to retry)."""
 
         async def go(js: Any) -> list[int]:
             seqs = []
-            for p in payloads:
+            for i, p in enumerate(payloads):
                 data = json.dumps(p).encode() if isinstance(p, dict) else p
-                seqs.append((await js.publish(subject, data)).seq)
+                headers = {"Nats-Msg-Id": msg_ids[i]} if msg_ids else None
+                seqs.append((await js.publish(subject, data, headers=headers)).seq)
                 if gap_s:
                     await asyncio.sleep(gap_s)
             return seqs
@@ -149,12 +157,9 @@ def nats_binary() -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def nats_server() -> Iterator[Nats]:
-    binary = nats_binary()
-    server_log.info("nats-server: %s", binary)
-    port = free_port()
-    store = tempfile.mkdtemp(prefix="nightshift-nats-")
+def launch_nats(binary: str, port: int, store: str) -> subprocess.Popen:
+    """``nats-server -js`` on 127.0.0.1:``port``, JetStream files in ``store`` (a restart
+    on the same folder keeps the streams, consumers and messages), listening on return."""
     proc = subprocess.Popen(
         [
             binary,
@@ -173,8 +178,18 @@ def nats_server() -> Iterator[Nats]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    _wait_port(port, proc, "nats-server")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[Nats]:
+    binary = nats_binary()
+    server_log.info("nats-server: %s", binary)
+    port = free_port()
+    store = tempfile.mkdtemp(prefix="nightshift-nats-")
+    proc = launch_nats(binary, port, store)
     try:
-        _wait_port(port, proc, "nats-server")
         yield Nats(f"nats://127.0.0.1:{port}", binary=binary)
     finally:
         stop_process(proc)
@@ -277,10 +292,19 @@ def _pg_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("nightshift-pg")
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+@dataclass
+class PgInstall:
+    """A PostgreSQL data folder made by ``initdb``, and how to start a server on it."""
+
+    root: str
+    bindir: str
+    data: str
+    as_user: dict[str, Any]
+
+
+def init_postgres(root: str) -> PgInstall:
+    """``initdb`` in ``root`` (owned by the server user when the tests run as root)."""
     user = _pg_user()
-    root = tempfile.mkdtemp(prefix="nightshift-pg-")  # owned by the server user below
     bindir = _pg_bindir_for(user, root)
     server_log.info("PostgreSQL: %s/postgres", bindir)
     pwfile = os.path.join(root, "pw")
@@ -310,15 +334,24 @@ def postgres() -> Iterator[Postgres]:
         cwd=root,
         **as_user,
     )
-    port = free_port()
-    with open(os.path.join(root, "log"), "w") as log:  # postgres writes to its own copy
+    return PgInstall(root, bindir, data, as_user)
+
+
+def launch_postgres(
+    install: PgInstall, port: int, durable: bool = False
+) -> tuple[subprocess.Popen, Postgres]:
+    """``postgres`` on ``install``'s data, 127.0.0.1:``port``, accepting connections on
+    return. ``durable``: a commit returns once its WAL is written (``synchronous_commit``
+    on), so a killed server recovers every commit it acknowledged at its restart; off
+    (faster), the commits of its last fraction of a second are lost with it."""
+    with open(os.path.join(install.root, "log"), "a") as log:  # postgres writes to its own copy
         proc = subprocess.Popen(
             [
-                f"{bindir}/postgres",
+                f"{install.bindir}/postgres",
                 "-D",
-                data,
+                install.data,
                 "-k",
-                root,
+                install.root,
                 "-p",
                 str(port),
                 "-c",
@@ -326,27 +359,34 @@ def postgres() -> Iterator[Postgres]:
                 "-c",
                 "fsync=off",
                 "-c",
-                "synchronous_commit=off",
+                f"synchronous_commit={'on' if durable else 'off'}",
                 "-c",
                 "full_page_writes=off",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=root,
-            **as_user,
+            cwd=install.root,
+            **install.as_user,
         )
+    _wait_port(port, proc, "postgres")
+    server = Postgres("127.0.0.1", port, bindir=install.bindir)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.connect().close()
+            return proc, server
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    root = tempfile.mkdtemp(prefix="nightshift-pg-")  # owned by the server user below
+    install = init_postgres(root)
+    proc, server = launch_postgres(install, free_port())
     try:
-        _wait_port(port, proc, "postgres")
-        server = Postgres("127.0.0.1", port, bindir=bindir)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                server.connect().close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
         yield server
     finally:
         stop_process(proc, signal.SIGINT)  # fast shutdown
@@ -437,20 +477,6 @@ def setup_streams(nats: Nats, stream: str, out: bool = True) -> None:
 
 # -- test operators -----------------------------------------------------------------------------
 @register_operator
-class FailOnce(Operator):
-    """Fails the first batch it sees (leaves ``marker``), then passes rows through."""
-
-    name = "fail_once"
-    marker: str
-
-    def process(self, df: pl.DataFrame) -> pl.DataFrame:
-        if df.height and not os.path.exists(self.marker):
-            Path(self.marker).write_text("failed once")
-            raise ValueError("failure injected once by the test")
-        return df
-
-
-@register_operator
 class FailAlways(Operator):
     """Fails every non-empty batch: a step that can never succeed."""
 
@@ -459,4 +485,17 @@ class FailAlways(Operator):
     def process(self, df: pl.DataFrame) -> pl.DataFrame:
         if df.height:
             raise ValueError("this step always fails")
+        return df
+
+
+@register_operator
+class FailOn(Operator):
+    """Fails any batch holding a row whose ``n`` is ``value``: one poison message."""
+
+    name = "fail_on"
+    value: int
+
+    def process(self, df: pl.DataFrame) -> pl.DataFrame:
+        if df.height and (df["n"] == self.value).any():
+            raise ValueError(f"cannot take n = {self.value}")
         return df

@@ -122,9 +122,8 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
         more = [event(i, "s") for i in range(300, 420)]  # A surely has windows to come
         nats_server.publish(f"{stream}.in", more)
         ids += [e["id"] for e in more]
-        done_by_a = windows_of(a)
-        wait_for(lambda: windows_of(a) > done_by_a, "A to finish one more window", procs=(a,))
-        os.killpg(a.pid, signal.SIGKILL)  # mid-window: its next windows are in their steps
+        # mid-window, for sure: at a moment A owns a window journaled open (in flight)
+        owned = kill_with_an_open_window(a, tmp_path / "store" / "share" / "windows")
         assert a.wait(60) == -signal.SIGKILL
         more = [event(i, "s") for i in range(420, 480)]
         nats_server.publish(f"{stream}.in", more)  # B goes on and takes over A's unacked ones
@@ -150,11 +149,42 @@ def test_two_processes_share_a_stream_one_sigkilled_every_message_once(
     assert summary["stopped_by"] == "SIGTERM"
     assert_exactly_once(nats_server, postgres, stream, table, tmp_path / "store", ids)
     # A's journaled windows came back to B as themselves (the same windows, not new ones)
-    assert summary["replayed_windows"] >= 1, summary
+    assert summary["replayed_windows"] >= 1, (summary, owned)
     journal = [
         json.loads(p.read_text()) for p in (tmp_path / "store" / "share" / "windows").glob("*.json")
     ]
     assert all(entry["state"] == "committed" for entry in journal), journal
+
+
+def kill_with_an_open_window(
+    proc: subprocess.Popen, journal: Path, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """SIGKILL ``proc``'s process group at a moment it owns a window journaled open (the
+    journal names each open window's owner, ``host:pid``); its entries then.
+
+    The group is frozen first (SIGSTOP), so the journal read is what the kill leaves: a
+    window cannot commit between the read and the kill. Owning none at that moment, it is
+    resumed (SIGCONT) and looked at again a moment later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        owned = []
+        for path in journal.glob("*.json"):
+            try:
+                entry = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            if entry["state"] == "open" and entry.get("owner", "").endswith(f":{proc.pid}"):
+                owned.append(entry)
+        if owned:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return owned
+        os.killpg(proc.pid, signal.SIGCONT)
+        if proc.poll() is not None:
+            pytest.fail("the process ended before it owned an open window")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"the process owned no open window within {timeout} s")
 
 
 DISC_TABLE, OUT_TABLE = "disc_streams", "disc_out"

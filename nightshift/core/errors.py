@@ -30,6 +30,21 @@ class StoreError(NightshiftError):
     """The step store cannot be used (unwritable, unreachable, incomplete step)."""
 
 
+class Unavailable(NightshiftError):
+    """A server cannot be reached now: a connection-class failure of a sink, the source or
+    the Prefect API. Transient: a stream waits it out (retries with capped backoff, one log
+    line when the outage starts, one a minute, one when it ends) instead of counting it as
+    a failure. ``what`` names the server for those lines (``streams[0].sinks[1].postgres``).
+    """
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what or message.split(":", 1)[0]
+
+    def __reduce__(self) -> tuple[type[Unavailable], tuple[str, str]]:  # pickles by message
+        return (type(self), (str(self), self.what))
+
+
 class StepFailed(NightshiftError):
     """One or more batches failed in a step; completed batches stay in the store."""
 

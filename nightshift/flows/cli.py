@@ -329,9 +329,20 @@ def stream_run(
         ),
     ] = None,
     allow_imports: AllowImports = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="show the traceback of a failed check or a failed stream run "
+            "(also: NIGHTSHIFT_LOG_LEVEL=DEBUG)",
+        ),
+    ] = False,
 ) -> None:
     """Run stream pipelines (NATS JetStream to sinks) until stopped."""
     from nightshift.flows.stream import run_stream
+
+    _verbose(verbose)
 
     summary = run_stream(
         spec,
@@ -406,6 +417,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False, prog_name="nightshift")
     except NightshiftError as exc:
+        if is_verbose():  # the one line stays last
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):

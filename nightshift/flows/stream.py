@@ -10,11 +10,14 @@
 Everything is checked first (the spec, the steps on the decoded schema, NATS, the
 stream and consumer, the dead-letter subject, every sink): a problem is one line. Then
 each stream runs as its own subflow run (``stream-pipeline``, named after the stream),
-concurrently in this process, with its windows' step tasks under it in the UI. A
-supervisor restarts a stream whose run failed (NATS or PostgreSQL gone, a step failing)
-after a pause that doubles up to ``restart.backoff_max_s``, and gives it up after
-``restart.max_restarts`` failures in a row without progress (default 5: one error line
-naming the step and the last error); the others go on. Nothing is lost in between:
+concurrently in this process, with its windows' step tasks under it in the UI. An
+outage (a sink, NATS or the Prefect API unreachable) is waited out, for as long as it
+lasts (``restart.max_outage_s``), with one log line when it starts, one a minute and one
+when it ends. A supervisor restarts a stream whose run failed otherwise (a step failing
+for most of a window's messages, a sink refusing rows) after a pause that doubles up to
+``restart.backoff_max_s``, and gives it up after ``restart.max_restarts`` such failures in
+a row without progress (default 5: one error line naming the step and the last error);
+the others go on. Nothing is lost in between:
 unacked messages wait in JetStream. With ``--discover`` the stream definitions of a
 PostgreSQL table (``discover:``) are polled: started, drained and stopped, or restarted
 with their new steps while the process runs (:mod:`nightshift.streams.discover`).
@@ -37,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from nightshift.core.errors import NightshiftError, SpecError, StepFailed, one_line
+from nightshift.core.errors import NightshiftError, SpecError, StepFailed, Unavailable, one_line
 from nightshift.flows.log_filters import install_log_filters
 from nightshift.flows.parameters import (
     OptionalFloat,
@@ -45,6 +48,7 @@ from nightshift.flows.parameters import (
     parameters_accepted,
 )
 from nightshift.streams.discover import Definition, DefinitionTable, pipeline_spec
+from nightshift.streams.outage import Outages
 from nightshift.streams.plan import StreamPlan, build_stream_plans
 from nightshift.streams.runtime import StopControl, StreamRuntime
 from nightshift.streams.spec import StreamSpec, load_stream_spec
@@ -60,8 +64,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # What the parent flow hands its stream subflows (not flow parameters: not serializable):
 # the stream's stop control, the plan it built and checked, and a list the subflow puts
 # its runtime in (the supervisor reads its progress after a failure).
-_PARENT: ContextVar[tuple[StopControl, StreamPlan, list[StreamRuntime]] | None] = ContextVar(
-    "nightshift_stream_parent", default=None
+_PARENT: ContextVar[tuple[StopControl, StreamPlan, list[StreamRuntime], Outages] | None] = (
+    ContextVar("nightshift_stream_parent", default=None)
 )
 
 
@@ -154,10 +158,14 @@ async def stream_pipeline(
         control = StopControl()
         plan = plan_streams(spec, allow_imports)[1][index]
         with stop_signals(control):
-            return await StreamRuntime(plan, control, parsed.artifact_every_s, until_idle_s).run()
-    control, plan, box = parent
+            return await StreamRuntime(
+                plan, control, parsed.artifact_every_s, until_idle_s, restart=parsed.restart
+            ).run()
+    control, plan, box, outages = parent
     install_stop_handlers(control.root)  # over Prefect's, for this subflow run (Prefect restores)
-    runtime = StreamRuntime(plan, control, parsed.artifact_every_s, until_idle_s)
+    runtime = StreamRuntime(
+        plan, control, parsed.artifact_every_s, until_idle_s, outages, parsed.restart
+    )
     box.append(runtime)
     return await runtime.run()
 
@@ -171,11 +179,14 @@ async def _supervise(
 ) -> dict[str, Any]:
     """Run one stream's subflow; restart it with a growing pause when it fails; give it up
     after ``restart.max_restarts`` failures in a row without progress (a run that
-    committed a window, or stayed up ``backoff_max_s``, is progress)."""
+    committed a window, or stayed up ``backoff_max_s``, is progress). A failure on a
+    server that cannot be reached (:class:`Unavailable`) is an outage: waited out (up to
+    ``restart.max_outage_s``), not counted, logged once per outage."""
     logger = get_run_logger()
     box: list[StreamRuntime] = []
-    _PARENT.set((control, plan, box))
     policy = parsed.restart
+    outages = Outages(plan.name, policy.backoff_max_s, logger)
+    _PARENT.set((control, plan, box, outages))
     failures, delay = 0, policy.backoff_s
     payload = parsed.model_dump(mode="json", by_alias=True)
     while True:
@@ -195,15 +206,28 @@ async def _supervise(
             )
         if state.is_completed():
             return await state.aresult()
+        transient: Unavailable | None = None
         try:
             await state.aresult()
             message = state.message or state.name
+        except Unavailable as exc:
+            message, transient = one_line(exc), exc
         except Exception as exc:
             message = one_line(exc)
         if control.stop.is_set():
             return {"stream": plan.name, "stopped_by": f"failed while stopping: {message}"}
         if any(r.metrics.windows for r in box) or time.monotonic() - started > policy.backoff_max_s:
             failures, delay = 0, policy.backoff_s  # it had made progress
+        if transient is not None and (
+            policy.max_outage_s is None or outages.lasted(transient.what) <= policy.max_outage_s
+        ):  # an outage: not a failure of the stream; one line per outage, not per try
+            outages.failed(transient.what, message or "unreachable")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(control.stop.wait(), timeout=delay)
+            if control.stop.is_set():
+                return {"stream": plan.name, "stopped_by": f"{control.reason} while waiting"}
+            delay = min(delay * 2, policy.backoff_max_s)
+            continue
         failures += 1
         if policy.max_restarts is not None and failures > policy.max_restarts:
             line = (

@@ -25,6 +25,8 @@ files), so no sequence is ever in two committed windows' files.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -51,6 +53,12 @@ class JournalEntry:
     #: Windows (ids) this one replaces: it holds part of their sequences, the rest is in
     #: other windows; their store files must go.
     supersedes: list[str] = field(default_factory=list)
+    #: The process that wrote it open (``host:pid``): who is working on it now.
+    owner: str = ""
+    #: Messages (sequences) of the window that failed a step alone: dead letters.
+    poison: list[int] = field(default_factory=list)
+    #: Step outputs of the pieces a failed window was split into (paths), for collect.
+    pieces: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> int:
@@ -109,6 +117,11 @@ class Journal:
     def write(self, entry: JournalEntry) -> None:
         self.store.write_json(self.entry_path(entry.id), asdict(entry))
 
+    def open(self, entry: JournalEntry) -> None:
+        """Write ``entry`` open, owned by this process: a crash from here on replays it."""
+        entry.state, entry.owner = "open", f"{socket.gethostname()}:{os.getpid()}"
+        self.write(entry)
+
     def commit(self, entry: JournalEntry, rows_out: int) -> None:
         entry.state, entry.committed_at, entry.rows_out = "committed", _now(), rows_out
         self.write(entry)
@@ -117,7 +130,7 @@ class Journal:
         """Forget a window that can never come back: entry, input, step outputs, records."""
         self.store.delete_file(self.input_path(entry))
         if not keep_steps:
-            for path in step_paths:
+            for path in [*step_paths, *entry.pieces]:
                 self.store.delete_file(path)
             for key in entry.stage_keys:
                 self.store.delete_file(self.store.result_record_path(key))

@@ -11,6 +11,11 @@ closed and finished with the windows in flight, within ``stop_timeout_s``; past 
 on a second signal, the rest is abandoned and its messages are nak'ed, so the next start
 gets them at once. Nothing unacked is ever lost: JetStream keeps it.
 
+A server that goes away (a sink, NATS) is waited for, not failed on: windows wait for
+their sink (retried with a capped backoff, their messages kept by in-progress acks),
+pulling waits for NATS (the client reconnects by itself), and the outage is logged once
+when it starts, once a minute, and once when it ends (:mod:`nightshift.streams.outage`).
+
 Several processes may run the same stream (one durable consumer, one store): a
 redelivered message this process has no window for is looked up in the shared journal
 again (its window may be another process's), and a replay that only gets part of a
@@ -33,12 +38,13 @@ from prefect.logging import get_run_logger
 
 from nightshift.blocks.loading import load_block
 from nightshift.blocks.step_store import StepStore
-from nightshift.core.errors import one_line
+from nightshift.core.errors import NightshiftError, Unavailable, one_line
 from nightshift.core.fingerprints import digest
 from nightshift.core.naming import artifact_key
 from nightshift.streams import source as nats_source
 from nightshift.streams.journal import Journal, JournalEntry, JournalIndex
 from nightshift.streams.metrics import StreamMetrics, WindowMetrics, percentile
+from nightshift.streams.outage import Backoff, Outages
 from nightshift.streams.plan import StreamPlan
 from nightshift.streams.processor import Abandoned, WindowProcessor, WindowResult
 from nightshift.streams.seqs import part_id, window_id
@@ -46,7 +52,7 @@ from nightshift.streams.sinks import Sink
 from nightshift.streams.sinks.nats_sink import NatsSink
 from nightshift.streams.sinks.postgres_sink import PostgresSink
 from nightshift.streams.sinks.store_sink import StoreSink
-from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, StoreSinkSpec
+from nightshift.streams.spec import NatsSinkSpec, PostgresSinkSpec, RestartSpec, StoreSinkSpec
 from nightshift.streams.windows import Window
 from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.runner_choice import make_task_runner
@@ -159,8 +165,20 @@ class StreamRuntime:
         control: StopControl,
         artifact_every_s: float = 30.0,
         until_idle_s: float | None = None,
+        outages: Outages | None = None,
+        restart: RestartSpec | None = None,
     ) -> None:
         self.plan = plan
+        #: the restart policy: its backoff paces the retries of an unreachable server
+        self.restart: RestartSpec = restart or RestartSpec()
+        #: the servers this stream waits for (shared with its supervisor across restarts)
+        self.outages = outages or Outages(plan.name, self.restart.backoff_max_s)
+        self.outages.backlog = self.backlog
+        self.source_name = nats_source.server_name(plan.spec.source)
+        self.pending = 0  # messages waiting in JetStream for this consumer (last seen)
+        #: whether each of the last messages was poison (the poison rate of small windows)
+        self.recent_poison: deque[bool] = deque(maxlen=10)
+        self.waiting_shown: list[str] = []  # the waiting_for the last artifact showed
         self.control = control
         self.artifact_every_s = artifact_every_s
         self.until_idle_s = until_idle_s
@@ -189,6 +207,7 @@ class StreamRuntime:
         self.sinks: list[Sink] = []
         self.processor: WindowProcessor | None = None
         self.identity = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
         # the loop's clocks (time.monotonic())
         self.last_arrival = 0.0
         self.next_heartbeat = 0.0
@@ -198,6 +217,10 @@ class StreamRuntime:
 
     def abandoned(self) -> bool:
         return self.abandon.is_set() or self.control.abandon.is_set()
+
+    def backlog(self) -> int:
+        """Messages waiting for this stream: held here and pending in JetStream."""
+        return len(self.held) + self.pending
 
     # -- setup and teardown ------------------------------------------------------------------
     async def check(self) -> None:
@@ -229,38 +252,22 @@ class StreamRuntime:
 
     async def run(self) -> dict[str, Any]:
         self.logger = get_run_logger()
-        spec = self.plan.spec
-        self.nc = await nats_source.connect(
-            spec.source, self.plan.label, self.plan.name, self.logger
-        )
-        self.sinks = []
+        self.outages.logger = self.logger
         runner: Any = None
         try:
-            js = self.nc.jetstream()
-            stream, consumer = await nats_source.consumer(
-                js, spec.source, self.plan.label, self.plan.max_ack_pending
-            )
-            self.identity = self.plan.input_identity(str(stream.created))
-            self.dead = nats_source.DeadLetters(
-                spec.dead_letter, self.plan.label, self.plan.name, spec.source.stream, self.nc
-            )
-            await self.dead.check()
-            self.sinks = await asyncio.to_thread(
-                make_sinks, self.plan, asyncio.get_running_loop(), self.nc
-            )
-            for sink in self.sinks:
-                await asyncio.to_thread(sink.open)
-                if isinstance(sink, NatsSink) and sink.duplicate_window_s is not None:
-                    self.logger.info(
-                        "%s: JetStream drops repeats within %.0f s: a crashed run must "
-                        "restart within that for no duplicate on %s",
-                        sink.label,
-                        sink.duplicate_window_s,
-                        sink.subject,
-                    )
+            consumer = await self._start()
+            if consumer is None:  # stopped while waiting for a server
+                return {
+                    "stream": self.plan.name,
+                    "stopped_by": self.stopped_by,
+                    **self.metrics.summary(),
+                    "waiting_for": self.outages.waiting_for(),
+                }
+            spec = self.plan.spec
             self.index = JournalIndex(await asyncio.to_thread(self.journal.load))
             await self._collect(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
             opened = sum(e.state == "open" for e in self.index.entries.values())
+            js = self.nc.jetstream()
             self.psub = await js.pull_subscribe_bind(
                 durable=spec.source.durable, stream=spec.source.stream
             )
@@ -268,7 +275,15 @@ class StreamRuntime:
             runner = make_task_runner("thread", spec.workers, None, self.plan.serving)
             runner.__enter__()
             self.processor = WindowProcessor(
-                self.plan, runner, self.journal, self.sinks, self.abandoned
+                self.plan,
+                runner,
+                self.journal,
+                self.sinks,
+                self.abandoned,
+                self.outages,
+                self._publish_dead_letters,
+                (self.restart.backoff_s, self.restart.backoff_max_s),
+                self.restart.max_outage_s,
             )
             self.logger.info(
                 "stream %s: %s stream %s%s, consumer %s; windows of %s%s%s; %d open window(s) "
@@ -294,14 +309,105 @@ class StreamRuntime:
             if runner is not None:  # in the context it was entered in (the serving pool's)
                 runner.__exit__(None, None, None)
             for sink in self.sinks:
-                await asyncio.to_thread(sink.close)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(sink.close)
             await self._publish_metrics(final=True)
-            await self.nc.close()
-        return {"stream": self.plan.name, "stopped_by": self.stopped_by, **self.metrics.summary()}
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+        return {
+            "stream": self.plan.name,
+            "stopped_by": self.stopped_by,
+            **self.metrics.summary(),
+            "waiting_for": self.outages.waiting_for(),
+            "outages": list(self.outages.ended),
+        }
+
+    async def _start(self) -> Any:
+        """Connect, check the consumer and open the sinks; while a server cannot be
+        reached (:class:`Unavailable`), wait for it (capped backoff, one line per outage)
+        instead of failing. The consumer's info, or None when stopped while waiting."""
+        backoff = Backoff(self.restart.backoff_s, self.restart.backoff_max_s)
+        while True:
+            what = self.source_name
+            try:
+                if self.nc is None:
+                    self.nc = await nats_source.connect(
+                        self.plan.spec.source,
+                        self.plan.label,
+                        self.plan.name,
+                        self.logger,
+                        self.outages,
+                    )
+                consumer = await self._setup()
+                self.outages.recovered(self.source_name)
+                return consumer
+            except Unavailable as exc:
+                what = exc.what
+                self.outages.failed(what, one_line(exc))
+                lasted = self.outages.lasted(what)
+                if self.restart.max_outage_s is not None and lasted > self.restart.max_outage_s:
+                    raise NightshiftError(
+                        f"{exc} (unreachable for {lasted:.0f} s, longer than "
+                        f"restart.max_outage_s: {self.restart.max_outage_s:g})"
+                    ) from None
+            for sink in self.sinks:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(sink.close)
+            self.sinks = []
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.control.stop.wait(), timeout=backoff.pause())
+            if self.control.stop.is_set():
+                self.stopped_by = f"{self.control.reason} while waiting for {what}"
+                return None
+
+    async def _setup(self) -> Any:
+        """The consumer, the dead letters and the sinks, checked; the consumer's info."""
+        spec = self.plan.spec
+        js = self.nc.jetstream()
+        stream, consumer = await nats_source.consumer(
+            js, spec.source, self.plan.label, self.plan.max_ack_pending
+        )
+        self.identity = self.plan.input_identity(str(stream.created))
+        self.dead = nats_source.DeadLetters(
+            spec.dead_letter, self.plan.label, self.plan.name, spec.source.stream, self.nc
+        )
+        await self.dead.check()
+        self.sinks = await asyncio.to_thread(
+            make_sinks, self.plan, asyncio.get_running_loop(), self.nc
+        )
+        for sink in self.sinks:
+            await asyncio.to_thread(sink.open)
+            self.outages.recovered(sink.label)
+            if isinstance(sink, NatsSink) and sink.duplicate_window_s is not None:
+                self.logger.info(
+                    "%s: JetStream drops repeats within %.0f s: a crashed run must "
+                    "restart within that for no duplicate on %s",
+                    sink.label,
+                    sink.duplicate_window_s,
+                    sink.subject,
+                )
+        return consumer
+
+    def _publish_dead_letters(self, items: list[tuple[Any, str, dict[str, str]]]) -> None:
+        """From a window's thread: publish poison messages on the loop (confirmed)."""
+        assert self.dead is not None and self.loop is not None
+        future = asyncio.run_coroutine_threadsafe(self.dead.publish(items), self.loop)
+        try:
+            future.result(60)
+        except BaseException as exc:
+            future.cancel()
+            if isinstance(exc, NightshiftError):
+                raise
+            raise Unavailable(
+                f"{self.plan.label}.dead_letter: {type(exc).__name__}: {one_line(exc)}",
+                f"{self.plan.label}.dead_letter",
+            ) from None
 
     # -- the loop ----------------------------------------------------------------------------
     async def _loop(self) -> None:
         spec = self.plan.spec
+        self.loop = asyncio.get_running_loop()
         fetch: asyncio.Task[list[Any]] | None = None
         stop = asyncio.ensure_future(self.control.stop.wait())
         self.last_arrival = time.monotonic()
@@ -345,10 +451,25 @@ class StreamRuntime:
         import nats.errors
         import nats.js.errors
 
+        if not self.nc.is_connected:  # no pull requests piling up in the client's buffer
+            self.outages.failed(self.source_name, "disconnected, reconnecting")
+            await asyncio.sleep(1.0)
+            return []
         try:
-            return await self.psub.fetch(n, timeout=POLL_S)
+            messages = await self.psub.fetch(n, timeout=POLL_S)
         except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
             return []
+        except Exception as exc:
+            if self.nc.is_connected and not nats_source.unreachable(exc):
+                raise
+            # NATS restarting, JetStream not ready yet: the client reconnects by itself
+            self.outages.failed(self.source_name, f"{type(exc).__name__}: {one_line(exc)}")
+            await asyncio.sleep(1.0)
+            return []
+        if messages:
+            self.outages.recovered(self.source_name)
+            self.pending = messages[-1].metadata.num_pending
+        return messages
 
     def _next_deadline(self) -> float:
         now = time.monotonic()
@@ -403,7 +524,11 @@ class StreamRuntime:
                 self._close(window, "count")
         if dead:
             assert self.dead is not None  # set by run() before the loop
-            await self.dead.send(dead)
+            try:
+                await self.dead.send(dead)
+            except Unavailable as exc:  # not terminated: they come back after ack_wait
+                self.outages.failed(exc.what, one_line(exc))
+                return
             self.metrics.dead_letters += len(dead)
             self.dead_since_window += len(dead)
             for _, raw, reason in dead:
@@ -486,8 +611,13 @@ class StreamRuntime:
             else:
                 entry = JournalEntry(id=window_id(ranges), ranges=ranges, key=key)
             rows = [window.rows[s] for s in sorted(window.rows)]
+            raws = {s: nats_source.raw(m) for s, m in window.messages.items()}
             assert self.processor is not None  # set by run() before the loop
-            future = asyncio.ensure_future(asyncio.to_thread(self.processor.process, entry, rows))
+            future = asyncio.ensure_future(
+                asyncio.to_thread(
+                    self.processor.process, entry, rows, raws, tuple(self.recent_poison)
+                )
+            )
             self.inflight[future] = (window, entry)
 
     async def _finish_done(self) -> None:
@@ -500,10 +630,28 @@ class StreamRuntime:
             await self._ack(window, entry, result)
 
     async def _ack(self, window: Window, entry: JournalEntry, result: WindowResult) -> None:
+        poison = {p.seq for p in result.poison}
+        lost = 0
         for seq, message in window.messages.items():
-            await message.ack()
+            try:  # poison: dead-lettered already; terminated, never redelivered
+                await (message.term() if seq in poison else message.ack())
+            except Exception:  # NATS gone: redelivered later, found committed, acked then
+                lost += 1
             self.held.pop(seq, None)
-        await self.nc.flush()
+        try:
+            await asyncio.wait_for(self.nc.flush(), timeout=10)
+        except Exception:
+            lost = lost or len(window.messages)
+        if lost:
+            self.logger.info(
+                "%s: window %s committed; its acks wait for NATS (the messages will be "
+                "acked when they come back)",
+                self.plan.name,
+                entry.id,
+            )
+        self.recent_poison.extend(seq in poison for seq in sorted(window.rows))
+        self.metrics.dead_letters += len(poison)
+        self.dead_since_window += len(poison)
         self.index.add(entry)
         latencies = [max(0.0, (result.sunk_at - window.published[s]) * 1000) for s in window.rows]
         metrics = WindowMetrics(
@@ -526,15 +674,24 @@ class StreamRuntime:
 
     # -- housekeeping ------------------------------------------------------------------------
     async def _housekeeping(self, now: float) -> None:
+        connected = self.nc.is_connected
         if now >= self.next_heartbeat:  # in-progress acks: held messages are not redelivered
             self.next_heartbeat = now + self.plan.spec.source.ack_wait_s / 3
-            for window in {id(w): w for w in self.held.values()}.values():
-                for message in window.messages.values():
-                    await message.in_progress()
-        if now >= self.next_gc:
+            if connected:  # (else the server redelivers them; we keep the newest handle)
+                with contextlib.suppress(Exception):
+                    for window in {id(w): w for w in self.held.values()}.values():
+                        for message in window.messages.values():
+                            await message.in_progress()
+        if now >= self.next_gc and connected:
             self.next_gc = now + max(10.0, self.plan.spec.source.ack_wait_s)
-            info = await self.psub.consumer_info()
-            await self._collect(info.ack_floor.stream_seq if info.ack_floor else 0)
+            info = await self._consumer_info()
+            if info is not None:
+                self.pending = info.num_pending
+                await self._collect(info.ack_floor.stream_seq if info.ack_floor else 0)
+        waiting = self.outages.waiting_for()
+        if waiting != self.waiting_shown:  # an outage began or ended: show it now
+            self.waiting_shown = waiting
+            self.next_artifact = now
         if now >= self.next_artifact and self.artifact_every_s:
             self.next_artifact = now + self.artifact_every_s
             await self._publish_metrics()
@@ -542,11 +699,21 @@ class StreamRuntime:
             quiet = now - self.last_arrival >= self.until_idle_s
             if quiet and not self.held and not self.inflight and not self.closed:
                 self.next_idle_check = now + 0.5
-                info = await self.psub.consumer_info()
-                if not info.num_pending and not info.num_ack_pending:
+                info = await self._consumer_info() if connected else None
+                if info is not None and not info.num_pending and not info.num_ack_pending:
                     self.replays.clear()  # nothing can come back for them
                     self.stopped_by = f"idle for {self.until_idle_s:g} s"
                     self.idle = True
+
+    async def _consumer_info(self) -> Any:
+        """The consumer's info, or None while NATS does not answer."""
+        try:
+            return await self.psub.consumer_info()
+        except Exception as exc:
+            if self.nc.is_connected and not nats_source.unreachable(exc):
+                raise
+            self.outages.failed(self.source_name, f"{type(exc).__name__}: {one_line(exc)}")
+            return None
 
     async def _collect(self, floor: int) -> None:
         """Forget windows whose messages can never be redelivered (at or below the ack floor)."""
@@ -575,13 +742,19 @@ class StreamRuntime:
             self.replays.pop(entry.id, None)
 
     async def _publish_metrics(self, final: bool = False) -> None:
-        if not self.metrics.recent:
+        if not self.metrics.recent and not self.outages.waiting_for():
             return
         try:
             await acreate_table_artifact(
                 key=artifact_key(self.plan.name, "windows"),
                 table=self.metrics.table(),
-                description=f"stream {self.plan.name}: the last {len(self.metrics.recent)} windows "
+                description=f"stream {self.plan.name}: "
+                + (
+                    f"**waiting for {', '.join(waiting)}**; "
+                    if (waiting := self.outages.waiting_for())
+                    else ""
+                )
+                + f"the last {len(self.metrics.recent)} windows "
                 f"(size, publish-to-sink latency, consumer lag)",
             )
             if final:

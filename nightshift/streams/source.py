@@ -15,9 +15,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from nightshift.blocks.loading import load_block
-from nightshift.core.errors import NightshiftError, SourceError, SpecError, one_line
+from nightshift.core.errors import SourceError, SpecError, Unavailable, one_line
 from nightshift.streams.decode import RawMessage
 from nightshift.streams.nats import NatsCredentials, credentials_from_env
+from nightshift.streams.outage import Outages
 
 if TYPE_CHECKING:
     from nightshift.streams.spec import DeadLetterSpec, NatsSourceSpec
@@ -33,18 +34,43 @@ def credentials(spec: NatsSourceSpec, label: str) -> NatsCredentials:
     return load_block(NatsCredentials, spec.credentials.block, f"{label}.source.credentials.block")
 
 
-async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.Logger | Any) -> Any:
-    """A NATS connection that reconnects on its own; errors name the server, no secret."""
+def server_name(spec: NatsSourceSpec) -> str:
+    """How outage lines name the NATS server (``NATS nats://host:4222``)."""
+    return f"NATS {spec.server}"
+
+
+async def connect(
+    spec: NatsSourceSpec,
+    label: str,
+    name: str,
+    logger: logging.Logger | Any,
+    outages: Outages | None = None,
+) -> Any:
+    """A NATS connection that reconnects on its own, forever; errors name the server, no
+    secret. With ``outages``, a lost connection is one outage (a line when it is lost,
+    one a minute, one when it is back), not a line per reconnect attempt."""
     import nats
 
     holder: list[Any] = []
+    what = server_name(spec)
 
     async def on_error(exc: Exception) -> None:
-        logger.warning("%s: NATS %s: %s", name, spec.server, one_line(exc))
+        lost = bool(holder) and not holder[0].is_connected
+        if outages is not None and (lost or unreachable(exc)):
+            outages.failed(what, f"{type(exc).__name__}: {one_line(exc)}")
+        else:
+            logger.warning("%s: NATS %s: %s", name, spec.server, one_line(exc))
 
     async def on_disconnect() -> None:
         if holder and not (holder[0].is_closed or holder[0].is_draining):
-            logger.warning("%s: disconnected from %s, reconnecting", name, spec.server)
+            if outages is not None:
+                outages.failed(what, "disconnected, reconnecting")
+            else:
+                logger.warning("%s: disconnected from %s, reconnecting", name, spec.server)
+
+    async def on_reconnect() -> None:
+        if outages is not None:
+            outages.recovered(what)
 
     try:
         nc = await nats.connect(
@@ -56,6 +82,7 @@ async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.L
             allow_reconnect=False,  # the first connect fails at once (bad URL, bad credentials)
             error_cb=on_error,
             disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
             **(await asyncio.to_thread(credentials, spec, label)).connect_options(),
         )
         holder.append(nc)
@@ -64,10 +91,36 @@ async def connect(spec: NatsSourceSpec, label: str, name: str, logger: logging.L
     except SpecError:
         raise
     except Exception as exc:
-        raise SourceError(
+        message = (
             f"{label}.source.server {spec.server}: cannot connect: "
             f"{type(exc).__name__}: {one_line(exc)}"
-        ) from None
+        )
+        if unreachable(exc):  # refused, timed out: the server may be restarting
+            raise Unavailable(message, what) from None
+        raise SourceError(message) from None
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A connection-class failure (the server is down or restarting), not a refusal."""
+    import nats.errors
+
+    if "authorization" in str(exc).lower() or "permissions" in str(exc).lower():
+        return False
+    return isinstance(
+        exc,
+        (
+            OSError,
+            TimeoutError,
+            asyncio.TimeoutError,
+            nats.errors.NoServersError,
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.errors.UnexpectedEOF,
+        ),
+    ) or getattr(exc, "code", None) in (503,)
 
 
 async def consumer(
@@ -83,6 +136,14 @@ async def consumer(
         raise SourceError(
             f"{label}.source.stream {spec.stream!r}: no such JetStream stream on {spec.server}"
         ) from None
+    except Exception as exc:
+        if unreachable(exc):
+            raise Unavailable(
+                f"{label}.source.stream {spec.stream!r} on {spec.server}: "
+                f"{type(exc).__name__}: {one_line(exc)}",
+                server_name(spec),
+            ) from None
+        raise
     try:
         info = await js.consumer_info(spec.stream, spec.durable)
     except NotFoundError:
@@ -159,10 +220,28 @@ class DeadLetters:
                 f"{self.label}.dead_letter.subject {self.spec.subject!r}: no "
                 "JetStream stream captures it; create one or set jetstream: false"
             ) from None
+        except Exception as exc:
+            if unreachable(exc):
+                raise Unavailable(
+                    f"{self.label}.dead_letter.subject {self.spec.subject!r}: "
+                    f"{type(exc).__name__}: {one_line(exc)}",
+                    f"{self.label}.dead_letter",
+                ) from None
+            raise
 
     async def send(self, items: list[tuple[Any, RawMessage, str]]) -> None:
         """``(nats message, raw, reason)`` each: publish (confirmed), then ``term``."""
-        for _, item, reason in items:
+        await self.publish([(raw, reason, {}) for _, raw, reason in items])
+        for message, _, _ in items:
+            await message.term()
+
+    async def publish(self, items: list[tuple[RawMessage, str, dict[str, str]]]) -> None:
+        """``(raw, reason, more headers)`` each, published (confirmed by JetStream).
+
+        NATS unreachable raises :class:`Unavailable`: nothing was terminated, so the
+        messages come back (after ``ack_wait``) and are published again, deduplicated
+        by their ``Nats-Msg-Id``."""
+        for item, reason, more in items:
             headers = {
                 HEADER_ID: f"{self.pipeline}:dead:{item.seq}",
                 "Nightshift-Pipeline": self.pipeline,
@@ -170,6 +249,8 @@ class DeadLetters:
                 "Nightshift-Seq": str(item.seq),
                 "Nightshift-Subject": item.subject,
                 "Nightshift-Reason": " ".join(reason.split())[:500],
+                **({"Nightshift-Msg-Id": item.msg_id} if item.msg_id else {}),
+                **more,
             }
             try:
                 if self.spec.jetstream:
@@ -177,12 +258,11 @@ class DeadLetters:
                 else:
                     await self.nc.publish(self.spec.subject, item.data, headers=headers)
             except Exception as exc:
-                raise NightshiftError(
+                raise Unavailable(
                     f"{self.label}.dead_letter: cannot publish seq {item.seq} "
-                    f"to {self.spec.subject}: {one_line(exc)}"
+                    f"to {self.spec.subject}: {type(exc).__name__}: {one_line(exc)}",
+                    f"{self.label}.dead_letter",
                 ) from None
         if not self.spec.jetstream:
             await self.nc.flush()
-        for message, _, _ in items:
-            await message.term()
         self.count += len(items)

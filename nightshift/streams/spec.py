@@ -222,6 +222,11 @@ class StreamPipelineSpec(_Strict):
     retry_delay_seconds: NonNegativeFloat = 2.0
     #: Keep each committed window's step outputs (default: only the sinks' data stays).
     keep_steps: bool = False
+    #: A window whose step fails is split until the failing messages are alone (they go
+    #: to the dead letters with the step and the error; the rest is written). The stream
+    #: fails instead when more than this share of its messages fail (counted over the
+    #: window and the windows just before it, at least 10 messages).
+    max_poison_rate: float = Field(default=0.5, ge=0, le=1)
     #: On SIGINT/SIGTERM, how long to finish the open and in-flight windows before
     #: abandoning them (their messages are then redelivered to the next start).
     stop_timeout_s: NonNegativeFloat = 30.0
@@ -281,10 +286,17 @@ class RestartSpec(_Strict):
     """The supervisor: a failed stream pipeline restarts after a growing pause."""
 
     #: Restarts in a row without progress (no window committed, not healthy for
-    #: ``backoff_max_s``) before the stream is given up (null: never give up).
+    #: ``backoff_max_s``) before the stream is given up (null: never give up). Only
+    #: failures that are not transient count: an outage of a sink, NATS or the Prefect
+    #: API is waited out (see ``max_outage_s``).
     max_restarts: NonNegativeInt | None = DEFAULT_MAX_RESTARTS
+    #: The first pause before a restart or a retry of an unreachable server; it doubles
+    #: up to ``backoff_max_s`` (the longest a stream takes to notice a server is back).
     backoff_s: PositiveFloat = 1.0
     backoff_max_s: PositiveFloat = 60.0
+    #: How long one outage (a sink, NATS, the Prefect API unreachable) is waited out
+    #: before it counts as a failure (null: as long as it lasts).
+    max_outage_s: PositiveFloat | None = None
 
 
 class DiscoverSpec(_Strict):

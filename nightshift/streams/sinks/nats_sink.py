@@ -18,10 +18,11 @@ from typing import Any
 import orjson
 import polars as pl
 
-from nightshift.core.errors import SpecError
+from nightshift.core.errors import SpecError, Unavailable, one_line
 from nightshift.tasks.operators import ROW_ID
 
 CHUNK = 1000  # publishes awaited together
+PUBACK_TIMEOUT_S = 30  # no PubAck within it: NATS is taken as unreachable, the window retried
 
 
 class NatsSink:
@@ -47,12 +48,26 @@ class NatsSink:
         self.js = nc.jetstream()
         self.duplicate_window_s: float | None = None
 
-    def _run(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def _run(self, coro: Any, timeout: float = 90) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     def open(self) -> None:
         if self.jetstream:
-            self._run(self._check_stream())
+            try:
+                self._run(self._check_stream(), timeout=30)
+            except SpecError:
+                raise
+            except Exception as exc:
+                raise Unavailable(
+                    f"{self.label}: cannot look up the stream of {self.subject}: "
+                    f"{type(exc).__name__}: {one_line(exc)}",
+                    self.label,
+                ) from None
 
     async def _check_stream(self) -> None:
         from nats.js.errors import NotFoundError
@@ -73,7 +88,17 @@ class NatsSink:
         out = frame.select(self.columns) if self.columns else frame
         ids = frame[ROW_ID].to_list()
         payloads = [orjson.dumps(row, default=str) for row in out.iter_rows(named=True)]
-        self._run(self._publish(ids, payloads))
+        try:
+            self._run(self._publish(ids, payloads))
+        except Exception as exc:
+            # NATS gone, or JetStream not answering (a restart, a leader election): the
+            # window is published again once it answers; its repeats are dropped by
+            # Nats-Msg-Id within the target stream's duplicate_window
+            raise Unavailable(
+                f"{self.label}: window {window_id}: cannot publish to {self.subject}: "
+                f"{type(exc).__name__}: {one_line(exc)}",
+                self.label,
+            ) from None
         return frame.height
 
     async def _publish(self, ids: list[int], payloads: list[bytes]) -> None:
@@ -92,7 +117,7 @@ class NatsSink:
                     payloads[start : start + CHUNK], headers[start : start + CHUNK], strict=True
                 )
             ]
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=PUBACK_TIMEOUT_S)
 
     def close(self) -> None:
         pass

@@ -14,13 +14,12 @@ checked at start, before any window).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any, LiteralString
 
 import polars as pl
 
-from nightshift.core.errors import NightshiftError, SpecError, one_line
+from nightshift.core.errors import NightshiftError, SpecError, Unavailable, one_line
 from nightshift.tasks.operators import ROW_ID
 
 
@@ -108,8 +107,13 @@ class PostgresSink:
         import psycopg
         from psycopg import sql
 
+        self.close()
         try:
-            self.conn = psycopg.connect(**self.connect_kwargs)
+            self.conn = psycopg.connect(**{"connect_timeout": 10, **self.connect_kwargs})
+        except psycopg.OperationalError as exc:  # refused, timed out, starting up: transient
+            raise Unavailable(
+                f"{self.label}: cannot connect to {self.display}: {one_line(exc)}", self.label
+            ) from None
         except psycopg.Error as exc:
             raise NightshiftError(
                 f"{self.label}: cannot connect to {self.display}: {one_line(exc)}"
@@ -139,6 +143,11 @@ class PostgresSink:
             self.conn.commit()
             with self.conn.transaction(force_rollback=True):  # plans the real statement
                 self.conn.execute(self._insert_sql())
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # connection lost
+            self.close()
+            raise Unavailable(
+                f"{self.label}: {self.display}: {one_line(exc)}", self.label
+            ) from None
         except psycopg.Error as exc:
             self.conn.rollback()
             raise SpecError(
@@ -167,33 +176,38 @@ class PostgresSink:
         copy_sql = sql.SQL("COPY {s} ({c}) FROM STDIN").format(
             s=sql.Identifier(self._stage), c=sql.SQL(", ").join(map(sql.Identifier, self.columns))
         )
-        for attempt in range(3):
-            try:
-                with self.conn.transaction(), self.conn.cursor() as cur:
-                    with cur.copy(copy_sql) as copy:
-                        for row in out.iter_rows():
-                            if nested:
-                                row = list(row)
-                                for i in nested:
-                                    row[i] = None if row[i] is None else Jsonb(row[i])
-                            copy.write_row(row)
-                    cur.execute(self._insert_sql())
-                return out.height
-            except Exception as exc:
-                import psycopg
+        import psycopg
 
-                if not isinstance(exc, psycopg.OperationalError) or attempt == 2:
-                    raise NightshiftError(
-                        f"{self.label}: window {window_id}: {one_line(exc)}"
-                    ) from None
-                time.sleep(0.5 * (attempt + 1))  # connection lost: reconnect and retry
-                self.close()
-                self.open()
+        if self.conn is None or self.conn.closed:  # lost in an outage: connect again
+            self.open()
+        conn = self.conn
+        assert conn is not None  # open() connected or raised
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(copy_sql) as copy:
+                    for row in out.iter_rows():
+                        if nested:
+                            row = list(row)
+                            for i in nested:
+                                row[i] = None if row[i] is None else Jsonb(row[i])
+                        copy.write_row(row)
+                cur.execute(self._insert_sql())
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # the connection is gone (a restart, a failover): the transaction did not
+            # commit; the window is written again, whole, once the server answers
+            self.close()
+            raise Unavailable(
+                f"{self.label}: window {window_id}: {self.display}: {one_line(exc)}", self.label
+            ) from None
+        except Exception as exc:
+            raise NightshiftError(f"{self.label}: window {window_id}: {one_line(exc)}") from None
         return out.height
 
     def close(self) -> None:
         if self.conn is not None:
             try:
                 self.conn.close()
+            except Exception:  # a connection lost in an outage: nothing to release
+                pass
             finally:
                 self.conn = None
