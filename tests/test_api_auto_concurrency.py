@@ -115,7 +115,7 @@ def test_auto_backs_off_a_gateway_that_answers_429() -> None:
         (
             {"max_concurrency": "fast"},
             "serving.default.max_concurrency: expected an integer from 1 to 4096 or auto, "
-            "got 'fast'",
+            "got 'fast' (a string)",
         ),
         (
             {"max_concurrency": 0},
@@ -127,7 +127,7 @@ def test_auto_backs_off_a_gateway_that_answers_429() -> None:
                 "base_urls": ["http://a:1/v1", {"url": "http://b:1/v1", "max_concurrency": 2.5}],
             },
             "serving.default.base_urls[1].max_concurrency: expected an integer from 1 to 4096 "
-            "or auto, got 2.5",
+            "or auto, got 2.5 (a float)",
         ),
         (
             {"auto_concurrency": {"initial": 500}},

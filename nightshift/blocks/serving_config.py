@@ -110,7 +110,8 @@ def _concurrency(value: Any) -> Any:
     ):
         return value
     shown = str(value).lower() if isinstance(value, bool) else repr(value)
-    raise ValueError(f"expected an integer from 1 to 4096 or auto, got {shown}")
+    kind = {bool: " (a boolean)", str: " (a string)", float: " (a float)"}.get(type(value), "")
+    raise ValueError(f"expected an integer from 1 to 4096 or auto, got {shown}{kind}")
 
 
 #: ``max_concurrency``: requests in flight, or ``auto`` (an adaptive limit per endpoint).

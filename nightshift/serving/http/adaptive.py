@@ -6,7 +6,7 @@ decrease per round trip), on an LLM server's signals:
 
 * **Latency.** Every answered attempt gives a sample: its duration divided by one plus
   the tokens it generated (seconds per token, so that long and short generations compare).
-  Samples are gathered in *windows* of ``max(8, limit)`` answers (about one round trip);
+  Samples are gathered in *windows* of ``max(4, limit)`` answers (about one round trip);
   a window's median is its latency. The *baseline* is the lowest window latency seen
   (what the server does when it is not crowded). It is never forgotten: a baseline that
   followed the recent windows would follow the latency the limit itself causes, and the
@@ -14,14 +14,16 @@ decrease per round trip), on an LLM server's signals:
   that becomes slower for reasons of its own (another tenant) is therefore sent less, as
   TCP Vegas does.
 * **Growing.** A window whose latency is within ``tolerance`` x the baseline grows the
-  limit: doubled while in *slow start* (until the first sign of crowding), then by
+  limit: in *slow start* (until the first sign of crowding) by one per answer within the
+  tolerance, so that it doubles per round trip (TCP's slow start); then by
   ``sqrt(limit)`` per window, as Gradient2's queue allowance does, but by one per window
   where that step would reach the limit at which the server last refused (probing a known
   ceiling slowly, as TCP CUBIC's plateau does). A window in which the
   requests in flight never reached half the limit does not grow it (nothing was learnt
   about a higher limit: the pipeline had no more work).
 * **Shrinking on latency.** A window whose latency is above the tolerance shrinks the
-  limit by the gradient ``tolerance x baseline / latency`` (at most halving it), so the
+  limit by half the way to the gradient ``tolerance x baseline / latency`` (the gradient at
+  least 0.5; a smoothing, as Gradient2's, so one noisy window cuts little), so the
   limit settles where latency is ``tolerance`` x the uncrowded latency: past the point
   where the server's throughput stops growing with concurrency, before the queue grows.
 * **Shrinking on refusals.** A 429 or 503 answer, a timeout or a stall multiplies the
@@ -50,7 +52,9 @@ from dataclasses import dataclass
 __all__ = ["AdaptiveLimit", "AutoConcurrency"]
 
 #: Answers in a window at least (a window is ``max(MIN_WINDOW, limit)`` answers).
-MIN_WINDOW = 8
+MIN_WINDOW = 4
+#: The share of the gradient's cut applied per window.
+SMOOTHING = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,21 +95,30 @@ class AdaptiveLimit:
         self._window: list[float] = []
         self._window_peak = 0
         self._window_started = time.monotonic()
+        self._window_size = max(MIN_WINDOW, self.limit)
         self._decreased_at = float("-inf")
 
     @property
     def limit(self) -> int:
         """Requests that may be in flight now."""
-        return max(self.params.min, min(self.params.max, int(self.value)))
+        return max(self.params.min, min(self.params.max, round(self.value)))
 
     def answered(self, started: float, elapsed_s: float, tokens: int, in_flight: int) -> None:
         """An answer to an attempt sent at ``started`` (monotonic), ``elapsed_s`` after,
         with ``tokens`` generated, ``in_flight`` at the endpoint when it was sent."""
         if started < self._window_started:
             return  # sent under an older limit: it says nothing about this one
-        self._window.append(elapsed_s / (1 + max(tokens, 0)))
+        sample = elapsed_s / (1 + max(tokens, 0))
+        self._window.append(sample)
         self._window_peak = max(self._window_peak, in_flight)
-        if len(self._window) >= max(MIN_WINDOW, self.limit):
+        if (
+            self.slow_start
+            and 2 * in_flight >= self.limit
+            and (self.baseline_s is None or sample <= self.params.tolerance * self.baseline_s)
+        ):
+            # TCP's slow start: one more per answer, so the limit doubles per round trip
+            self.value = min(float(self.params.max), self.value + 1.0)
+        if len(self._window) >= self._window_size:
             self._close_window()
 
     def refused(self, started: float) -> None:
@@ -125,8 +138,11 @@ class AdaptiveLimit:
         self.baseline_s = latency if self.baseline_s is None else min(self.baseline_s, latency)
         limit = self.value
         if latency <= self.params.tolerance * self.baseline_s:
-            if 2 * peak >= self.limit:  # the limit was used: a higher one may pay
-                step = limit if self.slow_start else math.sqrt(limit)
+            if self.slow_start:  # it grew with each answer
+                self.history.append((time.monotonic(), self.limit))
+                self._restart_window()
+            elif 2 * peak >= self.limit:  # the limit was used: a higher one may pay
+                step = math.sqrt(limit)
                 if self.ceiling is not None and limit + step >= self.ceiling:
                     step = 1.0  # near where the server refused last: probe slowly
                 self._set(limit + step)
@@ -135,7 +151,9 @@ class AdaptiveLimit:
         else:
             self.slow_start = False
             gradient = max(0.5, self.params.tolerance * self.baseline_s / latency)
-            self._set(limit * gradient, decrease=True)
+            # half the step (Gradient2 smooths every change): one noisy window on a busy
+            # machine must not halve the limit
+            self._set(limit * (1 - SMOOTHING * (1 - gradient)), decrease=True)
 
     def _set(self, value: float, decrease: bool = False) -> None:
         now = time.monotonic()
@@ -150,3 +168,4 @@ class AdaptiveLimit:
         self._window = []
         self._window_peak = 0
         self._window_started = time.monotonic()
+        self._window_size = max(MIN_WINDOW, self.limit)  # answers: the limit it started at
