@@ -126,7 +126,7 @@ class AutoConcurrencyConfig(BaseModel):
     initial: Int = Field(default=8, ge=1, description="the limit before anything is known")
     min: Int = Field(default=1, ge=1, description="never below")
     max: Int = Field(default=256, ge=1, le=4096, description="never above")
-    tolerance: Float = Field(default=2.0, gt=1, description="latency allowed over the baseline")
+    tolerance: Float = Field(default=1.5, gt=1, description="latency allowed over the baseline")
     backoff: Float = Field(default=0.7, gt=0, lt=1, description="the cut on a 429/503/timeout")
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ class AutoConcurrency:
     initial: int = 8  #: the limit before anything is known
     min: int = 1  #: never below
     max: int = 256  #: never above
-    tolerance: float = 2.0  #: latency allowed over the uncrowded baseline
+    tolerance: float = 1.5  #: latency allowed over the uncrowded baseline
     backoff: float = 0.7  #: the limit is multiplied by this on a 429/503/timeout
 
     def __post_init__(self) -> None:
