@@ -218,6 +218,7 @@ def pipeline_run(
 # -- max_concurrency: auto ------------------------------------------------------------------
 
 SWEEP: list[int | str] = [8, 16, 32, 64, 128, "auto"]
+AUTO_PARAMS: dict = {}  # auto_concurrency for the auto runs (--auto-tolerance)
 
 
 def backend_run(
@@ -260,7 +261,8 @@ def sweep(
         for setting in order:
             if proxy is not None:
                 proxy.reset()
-            out = backend_run(base_url, setting, rows, max_tokens, run, **options)
+            extra = {"auto_concurrency": AUTO_PARAMS} if setting == "auto" else {}
+            out = backend_run(base_url, setting, rows, max_tokens, run, **options, **extra)
             run += 1
             if proxy is not None:
                 out["429s"] = proxy.stats()["faults"].get("429", 0)
@@ -334,23 +336,26 @@ def main_auto(args: argparse.Namespace) -> None:
         backend_run(base_url, 16, 32, args.max_tokens, -1, **options)  # warm-up
         print(f"sweep on the server: {args.rows} rows a run", flush=True)
         plain = sweep(base_url, args.rows, args.max_tokens, args.rounds, 0, **options)
-        proxy = start_proxy(base_url)
-        proxy.configure(rate_per_s=args.rate, retry_after=1.0)
-        print(
-            f"sweep behind a rate limit of {args.rate:g} requests/s: {args.rate_rows} rows a run",
-            flush=True,
-        )
-        limited = sweep(
-            proxy.url,
-            args.rate_rows,
-            args.max_tokens,
-            args.rounds,
-            1000,
-            proxy=proxy,
-            max_attempts=100,
-            backoff_max_s=5.0,
-            **options,
-        )
+        limited = None
+        if not args.no_rate:
+            proxy = start_proxy(base_url)
+            proxy.configure(rate_per_s=args.rate, retry_after=1.0)
+            print(
+                f"sweep behind a rate limit of {args.rate:g} requests/s: "
+                f"{args.rate_rows} rows a run",
+                flush=True,
+            )
+            limited = sweep(
+                proxy.url,
+                args.rate_rows,
+                args.max_tokens,
+                args.rounds,
+                1000,
+                proxy=proxy,
+                max_attempts=100,
+                backoff_max_s=5.0,
+                **options,
+            )
     finally:
         if proxy is not None:
             _stop(proxy.proc)
@@ -367,6 +372,8 @@ def main_auto(args: argparse.Namespace) -> None:
     auto_table(
         console, f"same server, {args.rows} rows, max_tokens {args.max_tokens}", plain, False
     )
+    if limited is None:
+        return
     auto_table(
         console,
         f"rate-limited endpoint (fault proxy, {args.rate:g} requests/s, Retry-After 1 s), "
@@ -676,11 +683,18 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=1000, help="prefix: template size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server", choices=["vllm", "sim"], default="vllm", help="auto")
+    parser.add_argument("--auto-tolerance", type=float, help="auto: auto_concurrency.tolerance")
+    parser.add_argument("--settings", help="auto: the sweep, e.g. 8,128,auto (auto last)")
+    parser.add_argument("--no-rate", action="store_true", help="auto: skip the rate-limited sweep")
     parser.add_argument("--sim-knee", type=int, default=24, help="auto, sim: batch size")
     parser.add_argument("--sim-base-s", type=float, default=0.25, help="auto, sim: latency")
     parser.add_argument("--with-fifo", action="store_true", help="prefix: also send_order fifo")
     args = parser.parse_args()
     if args.mode == "auto":
+        if args.auto_tolerance:
+            AUTO_PARAMS["tolerance"] = args.auto_tolerance
+        if args.settings:
+            SWEEP[:] = [x if x == "auto" else int(x) for x in args.settings.split(",")]
         return main_auto(args)
     if args.mode == "prefix":
         return main_prefix(args)
