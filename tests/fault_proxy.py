@@ -23,7 +23,10 @@ requests), ``script`` (faults for the next requests in order, ``null`` to pass o
 ``require_key`` (else 401, echoing the header received, as OpenAI does), ``retry_after``, ``hang_s``, ``seed``,
 ``hold_after`` (requests past that many upstream get no answer until the next reset or
 ``hold_after: null``, then their connection is cut; they never reach the server: a run
-killed while they hang is surely killed mid-batch)), ``POST /_proxy/reset``
+killed while they hang is surely killed mid-batch), ``rate_per_s`` (a provider's rate
+limit: a token bucket of that many requests per second, holding one second's worth;
+a request finding it empty gets 429 with ``Retry-After: retry_after``, counted in
+``faults["429"]``; ``null``: none)), ``POST /_proxy/reset``
 (counters to zero, held requests let go).
 """
 
@@ -35,6 +38,7 @@ import hashlib
 import json
 import random
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -64,6 +68,7 @@ class Proxy:
             "retry_after": 0.2,
             "hang_s": 3.0,
             "hold_after": None,
+            "rate_per_s": None,
             "seed": 0,
             **config,
         }
@@ -84,6 +89,7 @@ class Proxy:
         self.unauthorized = 0
         self.inflight = 0
         self.inflight_max = 0
+        self.bucket = (0.0, 0.0)  # (level, monotonic time of the level)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -109,6 +115,18 @@ class Proxy:
         if rng.random() >= cfg["fault_rate"]:
             return None
         return rng.choice(cfg["kinds"])
+
+    def within_rate(self) -> bool:
+        """Take one request from the ``rate_per_s`` bucket (True when there was one)."""
+        rate = self.config["rate_per_s"]
+        if not rate:
+            return True
+        now = time.monotonic()
+        level, stamp = self.bucket
+        level = rate if stamp == 0.0 else min(rate, level + (now - stamp) * rate)
+        ok = level >= 1.0
+        self.bucket = (level - 1.0 if ok else level, now)
+        return ok
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -163,6 +181,8 @@ class Proxy:
             return await self.send(writer, 401, echo.encode())
         sha = hashlib.sha256(body).hexdigest()[:16]
         fault = self.draw(sha)
+        if fault is None and not self.within_rate():
+            fault = "429"
         if fault is not None:
             self.faults[fault] += 1
         if fault == "outage":

@@ -183,7 +183,8 @@ def _spec(tmp_path: Path, serving: dict) -> dict:
         ),
         (  # booleans and strings of digits are not numbers here
             {**HTTP, "max_concurrency": True},
-            r"serving\.default\.max_concurrency: expected an integer, got true \(a boolean\)",
+            r"serving\.default\.max_concurrency: expected an integer from 1 to 4096 or auto, "
+            r"got true \(a boolean\)",
         ),
         (
             {"model": "smollm2", "max_model_len": "1024"},

@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from prefect.blocks.core import Block
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -71,6 +72,7 @@ from nightshift.core.validation import Float, Int, validation_message
 
 __all__ = [
     "BACKENDS",
+    "AutoConcurrencyConfig",
     "BackendConfig",
     "FakeBackendConfig",
     "HttpEndpoint",
@@ -101,6 +103,41 @@ def check_http_url(value: str) -> str:
     return text
 
 
+def _concurrency(value: Any) -> Any:
+    """``max_concurrency``: an integer from 1 to 4096, or ``auto``; else one line."""
+    if value == "auto" or (
+        isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096
+    ):
+        return value
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    kind = {bool: " (a boolean)", str: " (a string)", float: " (a float)"}.get(type(value), "")
+    raise ValueError(f"expected an integer from 1 to 4096 or auto, got {shown}{kind}")
+
+
+#: ``max_concurrency``: requests in flight, or ``auto`` (an adaptive limit per endpoint).
+Concurrency = Annotated[Int | Literal["auto"], BeforeValidator(_concurrency)]
+
+
+class AutoConcurrencyConfig(BaseModel):
+    """Parameters of ``max_concurrency: auto`` (``nightshift.serving.http.adaptive``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    initial: Int = Field(default=8, ge=1, description="the limit before anything is known")
+    min: Int = Field(default=1, ge=1, description="never below")
+    max: Int = Field(default=256, ge=1, le=4096, description="never above")
+    tolerance: Float = Field(default=1.5, gt=1, description="latency allowed over the baseline")
+    backoff: Float = Field(default=0.7, gt=0, lt=1, description="the cut on a 429/503/timeout")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoConcurrencyConfig:
+        if not self.min <= self.initial <= self.max:
+            raise ValueError(
+                f"need min ({self.min}) <= initial ({self.initial}) <= max ({self.max})"
+            )
+        return self
+
+
 class HttpEndpoint(BaseModel):
     """One endpoint of a fleet (``base_urls``) with its own limits (None: only the
     serving entry's fleet-wide ones)."""
@@ -108,7 +145,7 @@ class HttpEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(description="API root, e.g. http://gpu-2:8000/v1")
-    max_concurrency: Int | None = Field(default=None, ge=1, le=4096)
+    max_concurrency: Concurrency | None = None
     requests_per_minute: Float | None = Field(default=None, gt=0)
     tokens_per_minute: Float | None = Field(default=None, gt=0)
 
@@ -269,7 +306,13 @@ class OpenAICompatibleConfig(_Serving):
     api_key_header: str = Field(default="Authorization", description='"api-key" for Azure')
     headers: dict[str, str] = Field(default_factory=dict, description="extra, non-secret headers")
     endpoint: Literal["auto", "chat", "completions"] = "auto"
-    max_concurrency: Int = Field(default=16, ge=1, le=4096)
+    #: Requests in flight from one flow run, or ``auto``: an adaptive limit per endpoint.
+    max_concurrency: Concurrency = 16
+    #: Parameters of ``max_concurrency: auto`` (docs/api-serving.md, "Concurrency: auto").
+    auto_concurrency: AutoConcurrencyConfig = Field(default_factory=AutoConcurrencyConfig)
+    #: ``prefix``: rows sharing a prompt prefix are sent together (the server's prefix
+    #: cache serves them); ``fifo``: arrival order.
+    send_order: Literal["prefix", "fifo"] = "prefix"
     requests_per_minute: Float | None = Field(default=None, gt=0)
     tokens_per_minute: Float | None = Field(default=None, gt=0)
     timeout_s: Float = Field(default=120.0, gt=0)
@@ -360,6 +403,8 @@ class OpenAICompatibleConfig(_Serving):
             headers=self.headers,
             endpoint=self.endpoint,
             max_concurrency=self.max_concurrency,
+            auto_concurrency=self.auto_concurrency.model_dump(),
+            send_order=self.send_order,
             requests_per_minute=self.requests_per_minute,
             tokens_per_minute=self.tokens_per_minute,
             timeout_s=self.timeout_s,
@@ -491,6 +536,8 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "headers": {},
     "endpoint": "auto",
     "max_concurrency": 16,
+    "auto_concurrency": AutoConcurrencyConfig().model_dump(),
+    "send_order": "prefix",
     "requests_per_minute": None,
     "tokens_per_minute": None,
     "timeout_s": 120.0,

@@ -187,8 +187,9 @@ def endpoint_rows(pool: ServingPool | None) -> list[dict[str, Any]]:
         for where, c in endpoints.items():
             row: dict[str, Any] = {}
             state = "in service" if c.get("in_service") else "out"
+            auto = f", auto limit {c['concurrency_limit']}" if "concurrency_limit" in c else ""
             row.update(
-                name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x)",
+                name=f"serving {name} @ {where} ({state}, taken out {c.get('taken_out', 0)}x{auto})",
                 requests=c.get("requests"),
                 rows_out=c.get("answered"),
                 failed=c.get("failed"),

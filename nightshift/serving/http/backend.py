@@ -44,12 +44,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -57,6 +58,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from nightshift.core.errors import shorten
 from nightshift.core.usage import TokenPrice, Usage
+from nightshift.serving.http.adaptive import AdaptiveLimit, AutoConcurrency
 from nightshift.serving.http.breaker import EndpointDown, OutageBreaker
 from nightshift.serving.http.fleet import Fleet, Member
 from nightshift.serving.http.limits import RateLimiter
@@ -67,6 +69,7 @@ from nightshift.serving.http.retry import (
     retry_after_s,
     wait_for_server,
 )
+from nightshift.serving.http.send_queue import SendOrder, SendQueue, prompt_text
 from nightshift.serving.http.shared_limit import Mode, SharedLimit
 from nightshift.serving.http.wire import (
     Endpoint,
@@ -81,6 +84,10 @@ from nightshift.serving.interface import GenerationRequest, GenerationResult, Re
 __all__ = ["OpenAIBackend", "ResultCallback"]
 
 logger = logging.getLogger("nightshift.serving.http")
+
+#: Failed attempts that tell ``max_concurrency: auto`` to send less: the server refused
+#: (429, 503) or did not answer in time.
+REFUSAL_KINDS = frozenset({"429", "503", "timeout", "stall"})
 
 
 @dataclass
@@ -107,7 +114,15 @@ class OpenAIBackend:
         headers: extra request headers (not secret: they may be shown).
         endpoint: ``auto`` (chat for messages, completions for raw prompts), ``chat`` or
             ``completions``.
-        max_concurrency: requests in flight at once (lanes).
+        max_concurrency: requests in flight at once (lanes), or ``"auto"``: an adaptive
+            limit per endpoint that follows the server's latency and refusals
+            (:mod:`nightshift.serving.http.adaptive`); an endpoint's own
+            ``max_concurrency`` (an int or ``"auto"``) wins over this one for it, within
+            this one when it is an int.
+        auto_concurrency: the adaptive rule's parameters
+            (:class:`~nightshift.serving.http.adaptive.AutoConcurrency` or its fields).
+        send_order: ``prefix`` (rows sharing a prompt prefix go together, for the
+            server's prefix cache) or ``fifo`` (:mod:`nightshift.serving.http.send_queue`).
         requests_per_minute, tokens_per_minute: client-side limits (None: none, unless the
             server's headers give one).
         timeout_s: per attempt: connecting, sending, waiting for the reply (a streamed
@@ -137,7 +152,9 @@ class OpenAIBackend:
         api_key_header: str = "Authorization",
         headers: dict[str, str] | None = None,
         endpoint: Endpoint = "auto",
-        max_concurrency: int = 16,
+        max_concurrency: int | Literal["auto"] = 16,
+        auto_concurrency: AutoConcurrency | Mapping[str, Any] | None = None,
+        send_order: SendOrder = "prefix",
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         timeout_s: float = 120.0,
@@ -163,6 +180,12 @@ class OpenAIBackend:
         self.model = model
         self.endpoint: Endpoint = endpoint
         self.max_concurrency = max_concurrency
+        self.auto_concurrency = (
+            auto_concurrency
+            if isinstance(auto_concurrency, AutoConcurrency)
+            else AutoConcurrency(**(auto_concurrency or {}))
+        )
+        self.send_order: SendOrder = send_order
         self.timeout_s = timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.stream = stream
@@ -270,7 +293,7 @@ class OpenAIBackend:
         )
         members = []
         for spec in self.endpoints:
-            cap = min(spec.get("max_concurrency") or self.max_concurrency, self.max_concurrency)
+            cap, adaptive = self._endpoint_limit(spec.get("max_concurrency"))
             limiter = (
                 self.limiter
                 if len(self.endpoints) == 1
@@ -282,7 +305,7 @@ class OpenAIBackend:
                 timeout=timeout,
                 limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
             )
-            members.append(Member(_without_userinfo(spec["url"]), client, cap, limiter))
+            members.append(Member(_without_userinfo(spec["url"]), client, cap, limiter, adaptive))
         self.fleet = Fleet(
             members,
             name=self.model,
@@ -291,14 +314,32 @@ class OpenAIBackend:
             probe_max_s=min(self._backoff[1], 30.0),
             probe_timeout_s=min(self.timeout_s, self.stall_timeout_s, 10.0),
         )
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._lanes = [asyncio.create_task(self._lane()) for _ in range(self.max_concurrency)]
+        self._queue: SendQueue[_Job] = SendQueue(self.send_order)
+        lanes = (
+            self.max_concurrency
+            if isinstance(self.max_concurrency, int)
+            else sum(m.max_cap for m in members)
+        )
+        self._lanes = [asyncio.create_task(self._lane()) for _ in range(lanes)]
+
+    def _endpoint_limit(self, own: int | str | None) -> tuple[int, AdaptiveLimit | None]:
+        """An endpoint's ceiling and its adaptive limit (None: a fixed one)."""
+        top = self.max_concurrency
+        if isinstance(own, int):
+            return (min(own, top) if isinstance(top, int) else own), None
+        if own is None and isinstance(top, int):
+            return top, None
+        params = self.auto_concurrency  # auto, bounded by the fleet's int if there is one
+        if isinstance(top, int) and params.max > top:
+            params = dataclasses.replace(
+                params, max=top, initial=min(params.initial, top), min=min(params.min, top)
+            )
+        return params.max, AdaptiveLimit(params)
 
     async def _stop(self) -> None:
         lanes = getattr(self, "_lanes", [])  # absent when _start failed
-        for _ in lanes:
-            self._queue.put_nowait(None)
         if lanes:
+            self._queue.close()
             await asyncio.wait(lanes, timeout=20)
         if hasattr(self, "fleet"):
             await self.fleet.close()
@@ -312,7 +353,7 @@ class OpenAIBackend:
         loop = asyncio.get_running_loop()
         jobs = [_Job(i, r, loop.create_future(), usage, on_result) for i, r in enumerate(requests)]
         for job in jobs:
-            self._queue.put_nowait(job)
+            self._queue.put(job, prompt_text(job.request))
         return list(await asyncio.gather(*(job.future for job in jobs)))
 
     async def _lane(self) -> None:
@@ -324,10 +365,8 @@ class OpenAIBackend:
                     while job is not None:
                         await self._serve(job)
                         job = None
-                        if time.monotonic() < deadline and not self._queue.empty():
+                        if time.monotonic() < deadline:
                             job = self._queue.get_nowait()
-                            if job is None:  # closing
-                                return
             except Exception as exc:  # the shared limit could not be taken
                 if job is not None and not job.future.done():
                     self._finish(
@@ -398,10 +437,13 @@ class OpenAIBackend:
             if job.failed_on is not None:  # this attempt re-sends what failed there
                 job.failed_on.counts.resent += 1
                 job.failed_on = None
+            started, in_flight = time.monotonic(), member.in_flight
             try:
                 result = await self._exchange(member, path, body)
             except _Failed as failure:
                 job.failed_on = member
+                if member.adaptive is not None and failure.kind in REFUSAL_KINDS:
+                    member.adaptive.refused(started)
                 raise self._transient(job, member, failure) from None
             except Permanent:
                 self.breaker.success()  # it answered: it is up
@@ -409,6 +451,10 @@ class OpenAIBackend:
                 raise
             self.breaker.success()
             self.fleet.succeeded(member)
+            if member.adaptive is not None:
+                member.adaptive.answered(
+                    started, time.monotonic() - started, result.completion_tokens, in_flight
+                )
             if result.ok:
                 member.counts.answered += 1
                 member.counts.prompt_tokens += result.prompt_tokens

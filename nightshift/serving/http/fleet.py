@@ -25,8 +25,9 @@ decides):
 
 Example::
 
-    fleet = Fleet([Member("http://gpu-1:8000/v1", client_1, cap=32, limiter=RateLimiter()),
-                   Member("http://gpu-2:8000/v1", client_2, cap=32, limiter=RateLimiter())],
+    fleet = Fleet([Member("http://gpu-1:8000/v1", client_1, max_cap=32, limiter=RateLimiter()),
+                   Member("http://gpu-2:8000/v1", client_2, max_cap=32, limiter=RateLimiter(),
+                          adaptive=AdaptiveLimit(AutoConcurrency(max=32)))],
                   name="smollm2", outage_after_s=120, probe_initial_s=0.5, probe_max_s=30)
     member = await fleet.acquire(avoid=None)
     try:
@@ -44,12 +45,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential
 
 from nightshift.core.errors import shorten
+from nightshift.serving.http.adaptive import AdaptiveLimit
 from nightshift.serving.http.breaker import EndpointDown
 from nightshift.serving.http.limits import RateLimiter
 
@@ -81,12 +84,15 @@ class EndpointCounts:
 
 @dataclass
 class Member:
-    """One endpoint of a fleet. ``where`` is its URL without credentials (for logs)."""
+    """One endpoint of a fleet. ``where`` is its URL without credentials (for logs).
+    With ``adaptive`` (``max_concurrency: auto``), its cap is the adaptive limit's current
+    value and ``max_cap`` its ceiling; else ``max_cap`` is the fixed cap."""
 
     where: str
     client: httpx.AsyncClient
-    cap: int
+    max_cap: int
     limiter: RateLimiter
+    adaptive: AdaptiveLimit | None = None
     in_flight: int = 0
     in_service: bool = True
     out_since: float = 0.0
@@ -94,6 +100,11 @@ class Member:
     streak: int = 0
     counts: EndpointCounts = field(default_factory=EndpointCounts)
     probe: asyncio.Task | None = None
+
+    @property
+    def cap(self) -> int:
+        """Requests it may have in flight now."""
+        return self.adaptive.limit if self.adaptive is not None else self.max_cap
 
     @property
     def load(self) -> float:
@@ -120,7 +131,7 @@ class Fleet:
         self.probe_max_s = max(probe_max_s, self.probe_initial_s)
         self.probe_timeout_s = probe_timeout_s
         self.all_out_since: float | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def watched(self) -> bool:
@@ -174,8 +185,16 @@ class Fleet:
         return any(m.in_service and m is not member for m in self.members)
 
     def counts(self) -> dict[str, dict[str, int | bool]]:
-        """Per endpoint (URL without credentials): counters and whether it is in service."""
-        return {m.where: {**m.counts.as_dict(), "in_service": m.in_service} for m in self.members}
+        """Per endpoint (URL without credentials): counters, whether it is in service and,
+        with ``max_concurrency: auto``, its in-flight limit now."""
+        return {
+            m.where: {
+                **m.counts.as_dict(),
+                "in_service": m.in_service,
+                **({"concurrency_limit": m.cap} if m.adaptive is not None else {}),
+            }
+            for m in self.members
+        }
 
     async def close(self) -> None:
         for m in self.members:
@@ -249,11 +268,19 @@ class Fleet:
         self._put_back(member, f"GET /models answered {status}")
 
     def _notify(self) -> None:
-        """Wake every attempt waiting in :meth:`acquire` (they pick again)."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        """Wake attempts waiting in :meth:`acquire`, oldest first, as many as there is room
+        for (all of them while every member is out: they watch the outage clock). Waking
+        them all on every release would cost O(waiters) per answer with
+        ``max_concurrency: auto``, whose lanes outnumber the limit."""
+        if self.all_out_since is not None:
+            room = len(self._waiters)
+        else:
+            room = sum(max(0, m.cap - m.in_flight) for m in self.members if m.in_service)
+        while room > 0 and self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                room -= 1
 
     def _all_down(self, waited: float) -> str:
         last = "; ".join(f"{m.where}: {shorten(m.out_reason, 300)}" for m in self.members)
