@@ -119,6 +119,10 @@ def run(
         typer.Option(help="recompute this step (index or name) and the steps that depend on it"),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="the most this run may spend on LLM calls, US dollars"),
+    ] = None,
     allow_imports: AllowImports = False,
     verbose: Verbose = False,
 ) -> None:
@@ -131,8 +135,13 @@ def run(
         resume_from_last=False if (fresh or resume_step is not None) else None,
         resume_step=resume_step,
         allow_imports=allow_imports,
+        budget=budget,
     )
     _print_steps(summary["steps"])
+    if summary.get("left"):
+        from nightshift.flows.run_pipeline import pending_message
+
+        console.print(pending_message(summary), markup=False, highlight=False)
 
 
 def _print_steps(rows: list[dict]) -> None:
@@ -185,6 +194,45 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
             str(s.rows),
         )
     console.print(table)
+    _print_provider_batches(plan)
+
+
+def _print_provider_batches(plan: Any) -> None:
+    """The pipeline's provider batches not collected yet (``mode: batch``), if any."""
+    from nightshift.flows.provider_status import provider_batches
+
+    rows = provider_batches(plan, pending_only=True)
+    if not rows:
+        return
+    table = Table("step", "unit", "provider batch", "attempt", "requests", "status", "done")
+    for r in rows:
+        table.add_row(
+            r["stage"],
+            r["unit"],
+            r["batch_id"],
+            str(r["attempt"]),
+            str(r["requests"]),
+            r["status"],
+            f"{r['completed']}/{r['requests']}",
+        )
+    console.print(f"{len(rows)} provider batch(es) pending:", markup=False, highlight=False)
+    console.print(table)
+
+
+@app.command()
+def cancel(spec: SpecArg, allow_imports: AllowImports = False) -> None:
+    """Cancel the pipeline's provider batches (mode: batch) not finished yet.
+
+    What the provider answered before the cancel is still collected by the next run; the
+    rest become row errors ("cancelled") and are not sent again."""
+    from nightshift.flows.plan import build_plan
+    from nightshift.flows.provider_status import cancel_pending
+
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    cancelled = cancel_pending(plan)
+    for batch_id, state in cancelled:
+        console.print(f"{batch_id}: {state}", markup=False, highlight=False)
+    console.print(f"{len(cancelled)} provider batch(es) cancelled", markup=False, highlight=False)
 
 
 @app.command()

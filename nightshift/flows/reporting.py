@@ -154,6 +154,7 @@ def publish_summary(
         )
         table.append(row)
     table.extend(endpoint_rows(pool))
+    add_cost_columns(table, rows)
     create_table_artifact(
         key=artifact_key(plan.spec.name, "summary"),
         table=table,
@@ -170,6 +171,76 @@ def publish_summary(
             "the answer cache, tokens and estimated cost per computed batch; "
             f"{attempt_note()}",
         )
+
+
+#: The cost columns :func:`add_cost_columns` adds after ``cost_usd``.
+COST_COLUMNS = ("online_cost_usd", "saved_usd")
+
+
+def add_cost_columns(table: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Next to ``cost_usd``: what the same tokens cost through the online API and what
+    the batch API saved, per step and on the total row (only when some step was priced).
+    ``table``: the summary's rows (one per step first, in ``rows``' order, then the
+    total); a separate function so the summary's own layout can change around it."""
+    if not any(r.get("online_cost_usd") for r in rows):
+        return
+    for i, row in enumerate(table):
+        if i < len(rows):
+            online = rows[i].get("online_cost_usd") or 0.0
+        elif row.get("name") == "total (this run)":
+            online = sum(r.get("online_cost_usd") or 0.0 for r in rows)
+        else:
+            continue
+        cost = row.get("cost_usd") or 0.0
+        extra = {"online_cost_usd": round(online, 6), "saved_usd": round(online - cost, 6)}
+        items = list(row.items())
+        at = next((j + 1 for j, (k, _) in enumerate(items) if k == "cost_usd"), len(items))
+        row.clear()
+        row.update(items[:at])
+        row.update(extra)
+        row.update(items[at:])
+
+
+def cost_line(
+    rows: list[dict[str, Any]],
+    budget: Any = None,
+    left: dict[str, int] | None = None,
+    pending: int = 0,
+) -> str:
+    """The run's last log line: its cost per step and in total, the online price of the
+    same tokens, the budget left, and what is left to do."""
+    priced = [r for r in rows if r.get("cost_usd") or r.get("online_cost_usd")]
+    total = sum(r.get("cost_usd") or 0.0 for r in rows)
+    online = sum(r.get("online_cost_usd") or 0.0 for r in rows)
+    steps = ", ".join(f"{r['name']} ${r.get('cost_usd') or 0.0:.4f}" for r in priced)
+    text = f"cost: ${total:.4f} this run ({steps or 'no priced LLM calls'})"
+    if online > total + 1e-9:
+        text += f"; online price ${online:.4f} (saved ${online - total:.4f})"
+    if budget is not None:
+        text += f"; budget ${budget.cap_usd:g}, ${budget.left_usd:.4f} left"
+        if budget.exhausted:
+            text += " (reached)"
+    if pending:
+        text += f"; {pending} provider batch(es) pending"
+    if left:
+        text += "; left for the next run: " + ", ".join(
+            f"{name} {n} batch(es)" for name, n in left.items()
+        )
+    return text
+
+
+def publish_provider_batches(plan: Plan, records: list[dict[str, Any]]) -> None:
+    """One row per provider batch of this pipeline still recorded in the store (``mode:
+    batch``): its step, unit, id, attempt, status (submitted / validating / in_progress /
+    completed, ...), request counts, and whether its answers were collected."""
+    if not records:
+        return
+    create_table_artifact(
+        key=artifact_key(plan.spec.name, "provider-batches"),
+        table=records,
+        description=f"pipeline {plan.spec.name}: provider batches (mode: batch) of units not "
+        f"written yet, with their state at the provider; {attempt_note()}",
+    )
 
 
 def serving_usage(pool: ServingPool | None) -> dict[str, dict[str, float | int]]:

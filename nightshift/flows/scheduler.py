@@ -31,7 +31,13 @@ from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import NotSet
 
-from nightshift.core.errors import StepFailed, one_line
+from nightshift.core.errors import (
+    BudgetReached,
+    Deferred,
+    ProviderBatchesPending,
+    StepFailed,
+    one_line,
+)
 from nightshift.flows.plan import Plan, Unit
 from nightshift.flows.survey import Inventory, barrier_input_keys, stage_units
 from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
@@ -66,6 +72,11 @@ class StageStats:
     retries: int = 0
     cached_answers: int = 0
     cost_usd: float = 0.0
+    #: what the same tokens cost through the online API (differs in ``mode: batch``)
+    online_cost_usd: float = 0.0
+    #: batches left for a later run: provider batches pending, or the budget reached
+    deferred: int = 0
+    pending_batches: int = 0
     batch_usage: list[dict[str, Any]] = field(default_factory=list)
 
     def as_row(self) -> dict[str, Any]:
@@ -82,6 +93,7 @@ class StageStats:
         self.retries += int(ref.usage.get("retries", 0))
         self.cached_answers += int(ref.usage.get("cached", 0))
         self.cost_usd += float(ref.usage.get("cost_usd", 0.0))
+        self.online_cost_usd += float(ref.usage.get("online_cost_usd", 0.0))
         self.batch_usage.append({"batch": batch + 1, "rows": ref.rows, **ref.usage})
 
 
@@ -108,10 +120,15 @@ class Execution:
     runner: Any = None  # a started TaskRunner; None submits through the flow's own runner
     progress: Any = None  # nightshift.flows.reporting.Progress, or None
     inventory: Inventory | None = None
+    #: the run's budget (``nightshift.core.usage.Budget``): once exhausted, nothing new
+    #: is submitted; what is in flight finishes
+    budget: Any = None
     #: per stage, per batch: the batch's outputs once every unit is done
     refs: list[list[list[BatchRef] | None]] = field(init=False)
     stats: list[StageStats] = field(init=False)
     failures: list[str] = field(default_factory=list)
+    #: units left for a later run, with why (provider batches pending, budget reached)
+    deferred: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n, stages = len(self.plan.batches), self.plan.stages
@@ -153,12 +170,13 @@ class Execution:
             self.save_index()
         for stats in self.stats:
             logger.info(
-                "step %s: %d of %d batches reused, %d computed, %d failed; %d rows in, %d out",
+                "step %s: %d of %d batches reused, %d computed, %d failed%s; %d rows in, %d out",
                 stats.name,
                 stats.reused,
                 stats.batches,
                 stats.computed,
                 stats.failed,
+                f", {stats.deferred} left for a later run" if stats.deferred else "",
                 stats.rows_in,
                 stats.rows_out,
             )
@@ -175,6 +193,23 @@ class Execution:
             self.inventory.save()
         except Exception as exc:  # an optimisation: the next run verifies footers instead
             get_run_logger().warning("could not save the output index: %s", one_line(exc))
+
+    @property
+    def stopped(self) -> bool:
+        """The budget is reached: submit nothing new."""
+        return bool(self.budget is not None and self.budget.exhausted)
+
+    def left(self) -> dict[str, int]:
+        """Per stage with work left (its batches not done), how many batches."""
+        out = {}
+        for s, stats in zip(self.plan.stages, self.stats, strict=True):
+            done = sum(r is not None for r in self.refs[s.index])
+            if done < stats.batches:
+                out[s.name] = stats.batches - done
+        return out
+
+    def pending_batches(self) -> int:
+        return sum(s.pending_batches for s in self.stats)
 
     def complete_stages(self) -> list[int]:
         return [s.index for s in self.plan.stages if all(r is not None for r in self.refs[s.index])]
@@ -198,9 +233,9 @@ class Execution:
         while True:
             if self._arrivals:
                 self._arrive(*self._arrivals.popleft())
-            elif self._running < limit and self._ready:
+            elif self._running < limit and self._ready and not self.stopped:
                 self._submit(self._ready.popleft())
-            elif self._running < limit and self._new:
+            elif self._running < limit and self._new and not self.stopped:
                 batch = self._new.popleft()
                 self._arrivals.extend((batch, root) for root in self._roots)
             else:
@@ -332,6 +367,14 @@ class Execution:
             message = state.message or state.name or state.type.value
             try:
                 state.result()
+            except Deferred as exc:  # left for a later run: not a failure
+                stats.deferred += 1
+                if isinstance(exc, ProviderBatchesPending):
+                    stats.pending_batches += exc.pending
+                self.deferred.append(one_line(exc))
+                if isinstance(exc, BudgetReached) and self.budget is not None:
+                    self.budget.exhausted = True
+                return
             except Exception as exc:  # the task's own one-line error
                 message = one_line(exc)
             self.failures.append(message)
