@@ -16,7 +16,7 @@ its faults directly on :class:`Provider`:
   holds those);
 * ``error_every``: every n-th line of a batch goes to its error file (a 400), unsent;
 * ``windows``: the completion windows accepted (others: 400);
-* :meth:`Provider.cancel_all`: cancel every live batch from outside.
+* :meth:`Provider.cancel_outside`: cancel a live batch (or all) from outside.
 
 Batch states: ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed``, or
 ``expired``, ``failed`` (an input file with no valid line), ``cancelling`` ->
@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import uvicorn
@@ -72,8 +72,10 @@ class Provider:
     def live(self) -> list[dict[str, Any]]:
         return [b for b in self.batches.values() if b["status"] not in FINAL]
 
-    def cancel_all(self) -> int:
-        live = self.live()
+    def cancel_outside(self, batch_id: str | None = None) -> int:
+        """Cancel a live batch (all of them without ``batch_id``), as a person in the
+        provider's console would."""
+        live = [b for b in self.live() if batch_id in (None, b["id"])]
         for batch in live:
             self._cancel.add(batch["id"])
             batch["status"] = "cancelling"
@@ -84,7 +86,9 @@ class Provider:
         app = FastAPI()
 
         @app.post("/v1/files")
-        async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> Any:
+        async def upload(
+            file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+        ) -> Any:
             self.calls["upload"] += 1
             data = await file.read()
             file_id = f"file-{uuid.uuid4().hex[:12]}"
@@ -241,7 +245,12 @@ class ProviderServer:
         self.url = f"http://127.0.0.1:{port}"
         self.base_url = f"{self.url}/v1"
         config = uvicorn.Config(
-            self.provider.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+            self.provider.app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,  # hung creates (a fault) do not hold the exit
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

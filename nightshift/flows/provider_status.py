@@ -80,7 +80,8 @@ def _config_for(plan: Plan, base_url: str) -> OpenAICompatibleConfig:
 
 def cancel_pending(plan: Plan) -> list[tuple[str, str]]:
     """Cancel every provider batch of the pipeline not finished at the provider;
-    ``(batch id, status after the cancel)`` each."""
+    ``(batch id, status after the cancel)`` of each one cancelled (one finished already
+    is left alone; its record is brought up to date)."""
     done: list[tuple[str, str]] = []
     for _, _, directory, record in _records(plan):
         if record.collected or record.batch_id is None:
@@ -89,11 +90,13 @@ def cancel_pending(plan: Plan) -> list[tuple[str, str]]:
         with batch_api_for(config) as api:
             try:
                 batch = api.retrieve(record.batch_id)
-                if batch.get("status") not in FINAL:
+                live = batch.get("status") not in FINAL
+                if live:
                     batch = api.cancel(record.batch_id)
             except BatchAPIError as exc:
                 raise NightshiftError(f"batch {record.batch_id}: {one_line(exc)}") from None
         record.status = str(batch.get("status"))
         plan.store.write_json(f"{directory}/{record.name}", record.as_dict())
-        done.append((record.batch_id, record.status))
+        if live:
+            done.append((record.batch_id, record.status))
     return done

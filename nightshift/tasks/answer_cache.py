@@ -208,6 +208,7 @@ class BatchScope:
         self.out_path = out_path
         self.usage = Usage()
         self.cost_usd = 0.0
+        self.online_cost_usd = 0.0
         self._log: AnswerLog | None = None
 
     def answer_log(self) -> AnswerLog:
@@ -219,13 +220,16 @@ class BatchScope:
         """Add one LLM call's usage (and its cost at ``price``) to the batch's."""
         self.usage.merge(usage)
         self.cost_usd += usage.cost_usd(price)
+        self.online_cost_usd += usage.online_cost_usd(price)
 
     def as_dict(self) -> dict[str, float | int]:
         """Requests, retries, tokens paid, cached rows and cost; empty without LLM calls."""
-        if not (self.usage.requests or self.usage.cached or self.usage.failed):
+        u = self.usage
+        if not (u.requests or u.cached or u.failed or u.answered):
             return {}
-        out = self.usage.as_dict()
+        out = u.as_dict()
         out["cost_usd"] = round(self.cost_usd, 6)
+        out["online_cost_usd"] = round(self.online_cost_usd, 6)
         return out
 
     def completed(self) -> None:

@@ -289,13 +289,8 @@ class _Unit:
             record.file_id = self.api.upload(f"{self.label}-{record.name[:-5]}.jsonl", data)
             self._save(record)
         if record.batch_id is None:
-            found = self.api.find(record.file_id)
-            if found is None:
-                found = self.api.create(
-                    record.file_id, record.endpoint, record.window, {"nightshift": record.tag}
-                )
-                self.usage.requests += len(record.ids)
-                record.batch_id = str(found["id"])
+            found = self._create(record, record.file_id)
+            record.batch_id = str(found["id"])
             record.status = str(found.get("status") or "validating")
             self._save(record)
             logger.info(
