@@ -22,9 +22,11 @@ from conftest import make_rows, run_cli, start_cli, write_jsonl
 from test_artifacts import artifacts
 
 from nightshift.core.errors import SpecError
+from nightshift.core.usage import Budget
 from nightshift.flows.outputs import read_output
 from nightshift.flows.plan import build_plan
 from nightshift.flows.provider_status import provider_batches
+from nightshift.flows.reporting import add_cost_columns, cost_line
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.spec import load_spec
 
@@ -195,6 +197,30 @@ def test_budget_stops_an_online_run_within_one_batch_and_the_next_run_finishes(
     assert output_rows(spec) == 12
 
 
+def test_cost_columns_and_the_last_log_line() -> None:
+    rows = [
+        {"name": "00-generate", "cost_usd": 0.5, "online_cost_usd": 1.0},
+        {"name": "01-judge", "cost_usd": 0.25, "online_cost_usd": 0.5},
+    ]
+    table = [{"name": r["name"], "cost_usd": r["cost_usd"], "seconds": 1.0} for r in rows]
+    table.append({"name": "total (this run)", "cost_usd": 0.75, "seconds": 2.0})
+    table.append({"name": "serving default (all calls)", "cost_usd": 0.75, "seconds": None})
+    add_cost_columns(table, rows)
+    assert list(table[0]) == ["name", "cost_usd", "online_cost_usd", "saved_usd", "seconds"]
+    assert table[2]["online_cost_usd"] == 1.5 and table[2]["saved_usd"] == 0.75
+    assert "saved_usd" not in table[3]
+    budget = Budget(2.0)
+    assert budget.reserve(1.0)
+    budget.settle(1.0, 0.75)
+    assert not budget.reserve(1.5) and budget.exhausted and budget.left_usd == 1.25
+    line = cost_line(rows, budget, {"01-judge": 3}, pending=2)
+    assert line == (
+        "cost: $0.7500 this run (00-generate $0.5000, 01-judge $0.2500); online price "
+        "$1.5000 (saved $0.7500); budget $2, $1.2500 left (reached); 2 provider batch(es) "
+        "pending; left for the next run: 01-judge 3 batch(es)"
+    )
+
+
 def output_rows(spec: dict[str, Any]) -> int:
     return read_output(build_plan(load_spec(spec))).height
 
@@ -312,6 +338,9 @@ def test_wait_false_ends_pending_and_a_collector_run_finishes(
     assert "2 provider batch(es) pending" in (state.message or ""), state.message
     pending = provider_batches(build_plan(load_spec(spec)), pending_only=True)
     assert len(pending) == 2 and {r["status"] for r in pending} <= {"validating", "in_progress"}
+    table = artifacts(state.result()["flow_run_id"])["nightly-batch-provider-batches"].data
+    shown = json.loads(table) if isinstance(table, str) else table
+    assert sorted(r["batch_id"] for r in shown) == sorted(r["batch_id"] for r in pending)
     p.hold = False
     wait_for(lambda: not p.live(), "the provider finished")
     collector = run_pipeline(spec=spec, return_state=True)

@@ -147,9 +147,14 @@ def run(
 def _print_steps(rows: list[dict]) -> None:
     llm = any(r.get("prompt_tokens") or r.get("completion_tokens") for r in rows)
     priced = any(r.get("cost_usd") for r in rows)
+    # mode: batch: what the same tokens cost online, next to what they cost
+    discounted = any((r.get("online_cost_usd") or 0) > (r.get("cost_usd") or 0) for r in rows)
     columns = ["step", "batches", "reused", "computed", "failed", "rows in", "rows out"]
     table = Table(
-        *columns, *(["tokens in", "tokens out"] if llm else []), *(["cost $"] if priced else [])
+        *columns,
+        *(["tokens in", "tokens out"] if llm else []),
+        *(["cost $"] if priced else []),
+        *(["online $"] if discounted else []),
     )
     for r in rows:
         cells = [
@@ -163,6 +168,8 @@ def _print_steps(rows: list[dict]) -> None:
             cells += [str(r.get("prompt_tokens", 0)), str(r.get("completion_tokens", 0))]
         if priced:
             cells.append(f"{r.get('cost_usd', 0.0):.4f}")
+        if discounted:
+            cells.append(f"{r.get('online_cost_usd') or 0.0:.4f}")
         table.add_row(*cells)
     console.print(table)
 

@@ -26,11 +26,12 @@ from zoneinfo import ZoneInfo
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
 from nightshift.core.errors import SpecError
 from nightshift.flows.log_filters import quiet_nightshift_tracebacks
 from nightshift.flows.plan import build_plan
-from nightshift.flows.run_pipeline import execute_plan, failure_at
+from nightshift.flows.run_pipeline import execute_plan, failure_at, pending_message
 from nightshift.tasks.spec import PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +106,8 @@ def nightly(
     fail_at_batch: int | None = None,
     fail_at_step: int = 0,
     allow_imports: bool = False,
-) -> dict[str, Any]:
+    budget: float | None = None,
+) -> Any:
     """Run one night of a pipeline in its own date partition of the store.
 
     Args:
@@ -117,6 +119,9 @@ def nightly(
             runs' names) fails on the first attempt only, so a Retry succeeds.
         fail_at_step: the step index (0-based) where fail_at_batch fails.
         allow_imports: allow operators given as module:Class import paths in the spec.
+        budget: the most this run may spend on LLM calls (US dollars; overrides the
+            spec's). A run that leaves work for the next (budget reached, provider
+            batches pending) ends Completed named ``Pending`` (see ``run_pipeline``).
     """
     quiet_nightshift_tracebacks()
     date = date or scheduled_date()
@@ -124,5 +129,10 @@ def nightly(
     get_run_logger().info(
         "nightly %s for %s (store partition %s)", plan.spec.name, date, plan.spec.partition
     )
-    summary = execute_plan(plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step))
-    return {**summary, "date": date, "partition": plan.spec.partition}
+    summary = execute_plan(
+        plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step), budget=budget
+    )
+    summary = {**summary, "date": date, "partition": plan.spec.partition}
+    if summary["left"]:
+        return Completed(name="Pending", message=pending_message(summary), data=summary)
+    return summary

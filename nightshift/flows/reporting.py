@@ -41,9 +41,14 @@ class Progress:
     stage), so a run of 10,000 batches does not make 10,000 calls.
     """
 
-    def __init__(self, plan: Plan, interval: float = 2.0) -> None:
+    def __init__(self, plan: Plan, interval: float = 2.0, batches_every: float = 30.0) -> None:
         self.plan = plan
         self.interval = interval
+        #: ``mode: batch``: the provider batches' table is refreshed this often while
+        #: the run waits on them (:meth:`tick`)
+        self.batch_mode = any(getattr(c, "mode", "") == "batch" for c in plan.serving.values())
+        self.batches_every = batches_every
+        self._batches_at = time.monotonic()
         total = len(plan.batches)
         self.ids: list[UUID] = [
             cast(
@@ -60,6 +65,17 @@ class Progress:
         ]
         self.done = [0] * len(plan.stages)
         self.sent = [0.0] * len(plan.stages)
+
+    def tick(self) -> None:
+        """Nothing finished for a while: refresh the provider batches' table (submitted /
+        validating / in progress / completed, per provider batch), at most every
+        ``batches_every`` seconds."""
+        if not self.batch_mode or time.monotonic() - self._batches_at < self.batches_every:
+            return
+        self._batches_at = time.monotonic()
+        from nightshift.flows.provider_status import provider_batches
+
+        publish_provider_batches(self.plan, provider_batches(self.plan))
 
     def batch_done(self, stage: int) -> None:
         self.done[stage] += 1

@@ -45,6 +45,9 @@ from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most
 #: this much of the index: those outputs are then verified by their footer, not redone).
 INDEX_SAVE_SECONDS = 30.0
+#: Seconds without a finished task after which the progress reporter is ticked (it
+#: refreshes the provider batches' table, ``mode: batch``).
+TICK_SECONDS = 5.0
 
 
 @dataclass
@@ -159,7 +162,12 @@ class Execution:
         try:
             self._fill()
             while self._running:
-                unit, stage, future = self._events.get()
+                try:
+                    unit, stage, future = self._events.get(timeout=TICK_SECONDS)
+                except queue.Empty:  # nothing finished for a while (provider batches)
+                    if self.progress is not None and hasattr(self.progress, "tick"):
+                        self.progress.tick()
+                    continue
                 self._running -= 1
                 future.wait()
                 self._finish(unit, stage, future.state)
