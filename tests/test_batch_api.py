@@ -294,6 +294,24 @@ def test_batch_run_survives_three_kill_points_and_equals_the_online_run(
     assert json.loads(stats.read_text())["steps"][0]["cost_usd"] == step["cost_usd"]
 
 
+def test_waiting_run_submits_every_unit_at_once(
+    tmp_path: Path, provider: ProviderServer, prefect_api: str
+) -> None:
+    """One worker thread, one unit in flight: both units' batches are still submitted
+    while the provider holds them (the run polls; no thread waits), then collected."""
+    p = provider.provider
+    spec = {**spec_for(tmp_path, provider.base_url), "workers": 1, "max_in_flight": 1}
+    path = write_spec(tmp_path, spec)
+    p.hold = True
+    proc = start_cli(["run", str(path)], prefect_api)
+    wait_for(lambda: len(p.live()) == 2, "both units submitted", proc)
+    p.hold = False
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "ERROR" not in out, "a unit waiting for its batches is not an error"
+    assert len(p.answered) == 8 and max(p.answered.values()) == 1
+
+
 def test_expired_batch_resends_only_its_unanswered_half(
     tmp_path: Path, provider: ProviderServer
 ) -> None:
@@ -389,6 +407,7 @@ def test_budget_in_batch_mode_submits_what_fits_and_the_next_run_finishes(
     assert state.name == "Pending" and "budget" in (state.message or ""), state.message
     summary = state.result()
     assert summary["left"] == {"00-generate": 1}, summary["left"]
+    assert summary["budget"]["reached"] and summary["budget"]["spent_usd"] <= 0.00003
     assert len(p.answered) == 4
     assert run_pipeline(spec=spec, return_state=True).name == "Completed"
     assert len(p.answered) == 8 and max(p.answered.values()) == 1

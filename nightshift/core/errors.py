@@ -39,12 +39,23 @@ class Deferred(NightshiftError):
 
 
 class ProviderBatchesPending(Deferred):
-    """A unit's requests are in provider batches not finished yet (``wait: false``): a
-    later run (the collector) picks their answers up."""
+    """A unit's requests are in provider batches not finished yet: the run polls them and
+    runs the unit again (``wait: true``), or a later run (the collector) picks their
+    answers up (``wait: false``)."""
 
-    def __init__(self, message: str, pending: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        pending: int,
+        wait: bool = False,
+        poll_s: tuple[float, float] = (5.0, 300.0),
+    ) -> None:
         super().__init__(message)
         self.pending = pending
+        #: the run waits for them (``batch.wait``): the scheduler polls the provider every
+        #: ``poll_s`` (first, longest; doubling) and runs the unit again once they are done
+        self.wait = wait
+        self.poll_s = poll_s
 
 
 class BudgetReached(Deferred):

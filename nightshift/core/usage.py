@@ -118,8 +118,8 @@ class Budget:
     does not fit waits while other reservations are outstanding (they may settle lower),
     then is refused, and from then on the budget is :attr:`exhausted` (the run sends
     nothing new). ``settle(projected, actual)`` replaces a reservation by what the
-    requests cost; ``settle(projected, None)`` keeps it held as spent (a provider batch
-    left pending: it will be paid).
+    requests cost; :meth:`hold` keeps it aside for requests waiting in provider batches
+    (they will be paid) until the unit comes back for them (:meth:`take_held`).
 
     Example::
 
@@ -136,14 +136,20 @@ class Budget:
         self.exhausted = False
         #: what the first refused reservation asked for (how far the run was from its cap)
         self.refused_usd: float | None = None
+        #: projections of requests in provider batches still pending, by unit: they will
+        #: be paid (:meth:`hold`, :meth:`take_held`)
+        self.held: dict[str, float] = {}
         self._cond = threading.Condition()
+
+    def _committed(self) -> float:
+        return self.spent_usd + self.reserved_usd + sum(self.held.values())
 
     def reserve(self, projected_usd: float) -> bool:
         with self._cond:
             while True:
                 if self.exhausted:
                     return False
-                if self.spent_usd + self.reserved_usd + projected_usd <= self.cap_usd + 1e-12:
+                if self._committed() + projected_usd <= self.cap_usd + 1e-12:
                     self.reserved_usd += projected_usd
                     return True
                 if self.reserved_usd <= 1e-12:
@@ -159,13 +165,22 @@ class Budget:
             self.spent_usd += projected_usd if actual_usd is None else actual_usd
             self._cond.notify_all()
 
-    def add_spent(self, amount_usd: float) -> None:
-        """Spend that needed no reservation (answers of batches submitted earlier)."""
+    def hold(self, key: str, projected_usd: float) -> None:
+        """A reservation whose requests wait in provider batches: kept, under ``key``,
+        until :meth:`take_held` (they will be paid; nothing else may use it)."""
         with self._cond:
-            self.spent_usd += amount_usd
+            self.reserved_usd = max(self.reserved_usd - projected_usd, 0.0)
+            self.held[key] = self.held.get(key, 0.0) + projected_usd
             self._cond.notify_all()
+
+    def take_held(self, key: str) -> float:
+        """What :meth:`hold` kept under ``key``, reserved again for the caller (0: none)."""
+        with self._cond:
+            amount = self.held.pop(key, 0.0)
+            self.reserved_usd += amount
+            return amount
 
     @property
     def left_usd(self) -> float:
         with self._cond:
-            return max(self.cap_usd - self.spent_usd - self.reserved_usd, 0.0)
+            return max(self.cap_usd - self._committed(), 0.0)

@@ -19,13 +19,22 @@ from nightshift.core.verbose import is_verbose
 LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 
 
+#: Exceptions that end a task run without anything going wrong: its unit is left for
+#: later (provider batches pending, the run's budget reached; ``core/errors.py``).
+DEFERRED = ("ProviderBatchesPending", "BudgetReached")
+
+
 class OneLineErrors(logging.Filter):
     """Drops the traceback of a record whose exception is a NightshiftError (unless
-    verbose); every record passes."""
+    verbose), and makes Prefect's ERROR lines about a deferred unit INFO lines (a unit
+    waiting for its provider batches is not an error); every record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, NightshiftError) and not is_verbose():
+            record.exc_info, record.exc_text = None, None
+        if record.levelno >= logging.ERROR and any(d in record.getMessage() for d in DEFERRED):
+            record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -20,11 +20,12 @@ from typing import Any
 
 from nightshift.blocks.serving_config import OpenAICompatibleConfig
 from nightshift.core.errors import NightshiftError, one_line
+from nightshift.core.layout import provider_batches_dir
 from nightshift.flows.plan import Plan
 from nightshift.serving.http.batch_api import FINAL, BatchAPIError
 from nightshift.tasks.provider_batches import BatchRecord, batch_api_for, load_records
 
-__all__ = ["cancel_pending", "provider_batches"]
+__all__ = ["cancel_pending", "provider_batches", "unit_settled"]
 
 
 def _records(plan: Plan) -> list[tuple[str, str, str, BatchRecord]]:
@@ -76,6 +77,29 @@ def _config_for(plan: Plan, base_url: str) -> OpenAICompatibleConfig:
     raise NightshiftError(
         f"no serving config of this spec sends to {base_url}: cannot cancel its batches"
     )
+
+
+def unit_settled(plan: Plan, out_path: str) -> bool:
+    """True when the unit's step task has something to do: each of its live provider
+    batches is finished at the provider (or was never created). One ``GET`` per live
+    batch; the records are brought up to date (state, request counts) for ``nightshift
+    status`` and the run's table."""
+    directory = provider_batches_dir(out_path)
+    for record in load_records(plan.store, directory):
+        if record.collected:
+            continue
+        if record.batch_id is None:
+            return True
+        with batch_api_for(_config_for(plan, record.base_url)) as api:
+            batch = api.retrieve(record.batch_id)
+        status = str(batch.get("status"))
+        counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items()}
+        if (status, counts) != (record.status, record.counts):
+            record.status, record.counts = status, counts
+            plan.store.write_json(f"{directory}/{record.name}", record.as_dict())
+        if status not in FINAL:
+            return False
+    return True
 
 
 def cancel_pending(plan: Plan) -> list[tuple[str, str]]:

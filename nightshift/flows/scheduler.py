@@ -101,6 +101,16 @@ class StageStats:
 
 
 @dataclass
+class _Waiting:
+    """A unit whose requests are in provider batches the run waits for."""
+
+    unit: Unit
+    due: float
+    delay: float
+    longest: float
+
+
+@dataclass
 class _Slot:
     """One batch at one stage: its units and, as they finish, their outputs."""
 
@@ -147,6 +157,7 @@ class Execution:
         self._barrier_units: dict[int, list[Unit]] = {}
         self._index_refs: dict[int, BatchRef] = {}
         self._running = 0
+        self._waiting: list[_Waiting] = []
         self._saved_at = time.monotonic()
         options = configure_for(
             self.plan.store, self.plan.spec.retries, self.plan.spec.retry_delay_seconds
@@ -161,16 +172,22 @@ class Execution:
         logger = get_run_logger()
         try:
             self._fill()
-            while self._running:
+            while self._running or self._waiting:
+                timeout = TICK_SECONDS
+                if self._waiting:
+                    due = min(w.due for w in self._waiting) - time.monotonic()
+                    timeout = min(timeout, max(due, 0.0))
                 try:
-                    unit, stage, future = self._events.get(timeout=TICK_SECONDS)
+                    unit, stage, future = self._events.get(timeout=timeout)
                 except queue.Empty:  # nothing finished for a while (provider batches)
                     if self.progress is not None and hasattr(self.progress, "tick"):
                         self.progress.tick()
+                    self._poll_waiting()
                     continue
                 self._running -= 1
                 future.wait()
                 self._finish(unit, stage, future.state)
+                self._poll_waiting()
                 self._fill()
                 if time.monotonic() - self._saved_at > INDEX_SAVE_SECONDS:
                     self.save_index()
@@ -337,6 +354,28 @@ class Execution:
         )
         self._watch(unit, stage, future)
 
+    def _poll_waiting(self) -> None:
+        """Ask the provider about the units whose batches are due a look; run each unit
+        whose batches are finished again (it collects them), however full the run is:
+        its requests are paid already."""
+        from nightshift.flows.provider_status import unit_settled
+
+        now = time.monotonic()
+        for waiting in [w for w in self._waiting if w.due <= now]:
+            try:
+                settled = unit_settled(self.plan, self.plan.unit_path(waiting.unit))
+            except Exception as exc:  # the provider is down: look again later
+                get_run_logger().warning(
+                    "%s: could not ask the provider: %s", self._label(waiting.unit), one_line(exc)
+                )
+                settled = False
+            if settled:
+                self._waiting.remove(waiting)
+                self._submit(waiting.unit)
+            else:
+                waiting.delay = min(waiting.delay * 2, waiting.longest)
+                waiting.due = time.monotonic() + waiting.delay
+
     def _submit_index(self, stage: int, index_key: str) -> None:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
@@ -375,10 +414,17 @@ class Execution:
             message = state.message or state.name or state.type.value
             try:
                 state.result()
+            except ProviderBatchesPending as exc:
+                if exc.wait and unit is not None:  # this run polls them, then goes on
+                    first, longest = exc.poll_s
+                    self._waiting.append(_Waiting(unit, time.monotonic() + first, first, longest))
+                    return
+                stats.deferred += 1
+                stats.pending_batches += exc.pending
+                self.deferred.append(one_line(exc))
+                return
             except Deferred as exc:  # left for a later run: not a failure
                 stats.deferred += 1
-                if isinstance(exc, ProviderBatchesPending):
-                    stats.pending_batches += exc.pending
                 self.deferred.append(one_line(exc))
                 if isinstance(exc, BudgetReached) and self.budget is not None:
                     self.budget.exhausted = True

@@ -8,10 +8,14 @@ For the requests of one (step, batch) that the answer cache does not hold yet:
 2. per part, write its **record** to the step store (atomically) *before* anything is
    sent, then upload the file (its id into the record), create the batch (``metadata:
    {nightshift: <record tag>}``; its id into the record);
-3. poll every live batch with backoff (``batch.poll_initial_s`` doubling up to
-   ``batch.poll_max_s``); a finished batch's output lines go through the answer cache like
-   online answers, its error lines become those rows' ``<output>_error``; the record is
-   marked collected;
+3. look at every live batch once: a finished batch's output lines go through the answer
+   cache like online answers, its error lines become those rows' ``<output>_error``; the
+   record is marked collected. If any is still running the task ends with
+   :class:`~nightshift.core.errors.ProviderBatchesPending`: with ``batch.wait`` (the
+   default) the run's scheduler polls the provider (``flows/provider_status.py``, every
+   ``batch.poll_initial_s`` doubling up to ``batch.poll_max_s``, no task run and no
+   worker thread held meanwhile) and runs the unit again once they are finished, so every
+   unit is submitted at once however many there are;
 4. an expired or failed batch sends only its unanswered requests again in a new batch
    (attempt + 1, at most ``batch.max_batch_attempts``); a cancelled one is reported (its
    unanswered rows get "provider batch … was cancelled") and not sent again.
@@ -23,9 +27,8 @@ file id but no batch id is looked up at the provider by its input file
 (``GET /batches``) before a batch is created, one with a batch id is polled. Nothing sent
 is sent twice, so nothing answered is paid twice.
 
-With ``batch.wait: false`` the unit submits what it must, looks once, and raises
-:class:`~nightshift.core.errors.ProviderBatchesPending`: the flow run ends saying how
-many batches are pending and a later run (the collector) collects them.
+With ``batch.wait: false`` the run does not wait: it ends saying how many batches are
+pending and a later run (the collector) collects them.
 """
 
 from __future__ import annotations
@@ -180,7 +183,8 @@ class _Unit:
         self.budget = budget
         self.results: dict[str, GenerationResult] = {}
         self.records = load_records(store, self.directory)
-        self.reserved = 0.0
+        # what an earlier look of this run held for this unit's pending batches
+        self.reserved = budget.take_held(self.directory) if budget is not None else 0.0
 
     # -- the whole unit -------------------------------------------------------------------
     def run(self) -> list[GenerationResult]:
@@ -198,7 +202,7 @@ class _Unit:
                 if not refused:
                     self._submit(fresh, attempt=1)
             try:
-                self._wait()
+                self._look()
             finally:
                 self._settle()
             if refused:
@@ -226,9 +230,12 @@ class _Unit:
         if self.budget is None:
             return
         spent = self.usage.cost_usd(self.config.price)
-        live = any(not r.collected for r in self.records)
-        # batches left pending will be paid: their projection stays spent
-        self.budget.settle(self.reserved, spent + (self.reserved if live else 0.0))
+        if any(not r.collected for r in self.records):
+            # batches left pending will be paid: their projection stays held
+            self.budget.settle(0.0, spent)
+            self.budget.hold(self.directory, self.reserved)
+        else:
+            self.budget.settle(self.reserved, spent)
         self.reserved = 0.0
 
     # -- submitting -----------------------------------------------------------------------
@@ -329,43 +336,39 @@ class _Unit:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     # -- waiting and collecting -------------------------------------------------------
-    def _wait(self) -> None:
-        delay = self.settings.poll_initial_s
-        while True:
-            live = [r for r in self.records if not r.collected]
-            if not live:
-                return
-            for record in live:
-                if record.batch_id is None:  # a run killed before create wrote it down
-                    self._send(record)
-                assert record.batch_id is not None
-                batch = self.api.retrieve(record.batch_id)
-                status = str(batch.get("status"))
-                counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items()}
-                if (status, counts) != (record.status, record.counts):
-                    record.status, record.counts = status, counts
-                    self._save(record)
-                    logger.info(
-                        "%s: provider batch %s %s (%s)",
-                        self.label,
-                        record.batch_id,
-                        status,
-                        ", ".join(f"{k} {v}" for k, v in counts.items()) or "no counts yet",
-                    )
-                if status in FINAL:
-                    self._collect(record, batch)
-            live = [r for r in self.records if not r.collected]
-            if not live:
-                return
-            if not self.settings.wait:
-                raise ProviderBatchesPending(
-                    f"{self.label}: {len(live)} provider batch(es) pending "
-                    f"({', '.join(f'{r.batch_id} {r.status}' for r in live)}); a later run "
-                    "collects them",
-                    pending=len(live),
+    def _look(self) -> None:
+        """One look at every live batch: collect the finished ones; raise
+        :class:`ProviderBatchesPending` if any is left (the task does not sleep: the
+        scheduler polls and runs the unit again, or a later run does)."""
+        for record in [r for r in self.records if not r.collected]:
+            if record.batch_id is None:  # a run killed before create wrote it down
+                self._send(record)
+            assert record.batch_id is not None
+            batch = self.api.retrieve(record.batch_id)
+            status = str(batch.get("status"))
+            counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items()}
+            if (status, counts) != (record.status, record.counts):
+                record.status, record.counts = status, counts
+                self._save(record)
+                logger.info(
+                    "%s: provider batch %s %s (%s)",
+                    self.label,
+                    record.batch_id,
+                    status,
+                    ", ".join(f"{k} {v}" for k, v in counts.items()) or "no counts yet",
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, self.settings.poll_max_s)
+            if status in FINAL:
+                self._collect(record, batch)  # may send the unanswered again: live next
+        live = [r for r in self.records if not r.collected]
+        if live:
+            then = "the run waits for them" if self.settings.wait else "a later run collects them"
+            raise ProviderBatchesPending(
+                f"{self.label}: {len(live)} provider batch(es) pending "
+                f"({', '.join(f'{r.batch_id} {r.status}' for r in live)}); {then}",
+                pending=len(live),
+                wait=self.settings.wait,
+                poll_s=(self.settings.poll_initial_s, self.settings.poll_max_s),
+            )
 
     def _collect(self, record: BatchRecord, batch: dict[str, Any]) -> None:
         ids = set(record.ids)
