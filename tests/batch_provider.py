@@ -63,6 +63,7 @@ class Provider:
     def reset_faults(self) -> None:
         self.hold = self.hang_create = self.create_then_hang = False
         self.expire_after = self.error_every = None
+        self.windows = ["24h"]
 
     def reset(self) -> None:
         self.reset_faults()

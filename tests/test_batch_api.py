@@ -345,6 +345,18 @@ def test_error_file_lines_become_row_errors_and_parts_split_at_the_limit(
     assert len(p.answered) == 1, "error lines were not sent to the model, nor sent again"
 
 
+def test_a_window_the_provider_refuses_fails_the_unit_in_one_line(
+    tmp_path: Path, provider: ProviderServer
+) -> None:
+    p = provider.provider
+    p.windows = ["1h"]  # validate accepts 24h (the config's windows); this provider does not
+    state = run_pipeline(spec=spec_for(tmp_path, provider.base_url, rows=4), return_state=True)
+    assert state.is_failed()
+    message = state.message or ""
+    assert "the provider refused the batch" in message and "completion_window must be" in message
+    assert "\n" not in message and not p.answered
+
+
 def test_wait_false_ends_pending_and_a_collector_run_finishes(
     tmp_path: Path, provider: ProviderServer
 ) -> None:

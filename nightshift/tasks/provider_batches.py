@@ -412,7 +412,7 @@ class _Unit:
             else:
                 why = (
                     f"not answered after {record.attempt} provider batch(es) "
-                    f"(the last, {record.batch_id}, {status})"
+                    f"(the last, {record.batch_id}, {status}{_batch_errors(batch)})"
                 )
             for key in [] if again else unanswered:
                 record.errors[key] = why
@@ -445,3 +445,12 @@ class _Unit:
 
     def _save(self, record: BatchRecord) -> None:
         self.store.write_json(f"{self.directory}/{record.name}", record.as_dict())
+
+
+def _batch_errors(batch: dict[str, Any]) -> str:
+    """``: <the provider's first message>`` of a failed batch (``errors.data``), or ""."""
+    errors = batch.get("errors") or {}
+    data = errors.get("data") if isinstance(errors, dict) else None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return f": {one_line(str(data[0].get('message') or data[0]), 200)}"
+    return ""
