@@ -33,7 +33,15 @@ know is refused at ``validate`` in one line naming it:
   entry a URL or ``{url, max_concurrency, requests_per_minute, tokens_per_minute}``); the
   URLs are not part of the step fingerprint, so adding or removing one recomputes
   nothing. Every URL must be ``http://`` or ``https://`` with a host.
+  ``mode: batch`` sends the requests through the provider's batch API (``/v1/files`` and
+  ``/v1/batches``: about half price, answers within ``batch.completion_window``) instead
+  of one HTTP request per row; ``batch:`` (:class:`BatchAPISettings`) holds its settings.
+  See docs/generation.md, "Batch APIs".
 * ``fake``: :class:`FakeBackendConfig`, echoes prompts (orchestration tests only).
+
+Every backend takes ``price: {input_per_1m, output_per_1m, batch_discount}`` (US dollars
+per million tokens; the share the batch API takes off): the run's summary shows the cost
+per step and in total, and what the same tokens cost online.
 
 The saved block, :class:`ServingConfig` ("Nightshift LLM Serving"), holds one of these in
 its ``settings`` field; ``ServingConfig(backend=..., model=..., ...)`` builds it from the
@@ -74,6 +82,7 @@ __all__ = [
     "BACKENDS",
     "AutoConcurrencyConfig",
     "BackendConfig",
+    "BatchAPISettings",
     "FakeBackendConfig",
     "HttpEndpoint",
     "OpenAICompatibleConfig",
@@ -155,6 +164,39 @@ class HttpEndpoint(BaseModel):
         return check_http_url(value)
 
 
+class BatchAPISettings(BaseModel):
+    """How ``mode: batch`` uses a provider's batch API (OpenAI's Files and Batches
+    endpoints, which other providers and proxies copy). The defaults are OpenAI's limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: How long the provider may take (the batch then expires with what it answered).
+    completion_window: str = "24h"
+    #: The windows this provider accepts: another ``completion_window`` is refused at
+    #: ``validate`` (OpenAI accepts only 24h).
+    windows: list[str] = Field(default_factory=lambda: ["24h"], min_length=1)
+    #: Provider limits per batch: a unit's requests are split over several batches past them.
+    max_requests: Int = Field(default=50_000, ge=1)
+    max_bytes: Int = Field(default=200 * 1024 * 1024, ge=1024)
+    #: Batches per request: an expired or failed batch sends its unanswered requests
+    #: again in a new one, at most this many times in all.
+    max_batch_attempts: Int = Field(default=3, ge=1)
+    #: Polling: first wait, then doubled up to the longest.
+    poll_initial_s: Float = Field(default=5.0, gt=0)
+    poll_max_s: Float = Field(default=300.0, gt=0)
+    #: False: submit and end the run (the unit is left pending; a later run collects).
+    wait: bool = True
+
+    @model_validator(mode="after")
+    def _window_accepted(self) -> BatchAPISettings:
+        if self.completion_window not in self.windows:
+            raise ValueError(
+                f"completion_window {self.completion_window!r} is not a window the provider "
+                f"accepts ({', '.join(self.windows)}); set batch.windows if yours takes others"
+            )
+        return self
+
+
 # -- the per-backend configs ------------------------------------------------------------
 
 
@@ -168,8 +210,21 @@ class _Serving(BaseModel):
     #: Persist each answer as it arrives so a retried batch pays only for missing rows
     #: (None: on for openai_compatible, off for in-process engines).
     cache_answers: bool | None = None
+    #: US dollars per million tokens (and the batch API's discount), for cost and budget.
+    price: TokenPrice | None = None
+    #: ``online``: one request per row; ``batch``: the provider's batch API.
+    mode: Literal["online", "batch"] = "online"
 
     is_http: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _batch_needs_an_api(self) -> _Serving:
+        if self.mode == "batch" and not self.is_http:
+            raise ValueError(
+                f"mode: batch needs a provider batch API (backend openai_compatible); "
+                f"backend {self.backend} has none"
+            )
+        return self
 
     @property
     def answers_cached(self) -> bool:
@@ -324,8 +379,9 @@ class OpenAICompatibleConfig(_Serving):
     global_limit: str | None = None
     global_limit_mode: Literal["concurrency", "rate_limit"] = "concurrency"
     slot_hold_s: Float = Field(default=10.0, gt=0)
-    price: TokenPrice | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict, description="e.g. {top_k: 20}")
+    #: ``mode: batch`` settings (window, provider limits, polling, wait).
+    batch: BatchAPISettings = Field(default_factory=BatchAPISettings)
     #: Bump to recompute when the server's weights change under the same model name.
     model_revision: str | None = None
 
@@ -351,6 +407,8 @@ class OpenAICompatibleConfig(_Serving):
             )
         if self.base_url and self.base_urls:
             raise ValueError("give base_url or base_urls (a fleet), not both")
+        if self.mode == "batch" and self.base_urls:
+            raise ValueError("mode: batch sends to one provider: give base_url, not base_urls")
         urls = [e.url.rstrip("/") for e in self.endpoint_list()]
         if len(set(urls)) != len(urls):
             twice = sorted({u for u in urls if urls.count(u) > 1})[0]
@@ -549,6 +607,7 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "global_limit_mode": "concurrency",
     "slot_hold_s": 10.0,
     "price": None,
+    "mode": "online",
     "extra_body": {},
     "cache_answers": None,
     "model_revision": None,

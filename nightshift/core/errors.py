@@ -49,6 +49,36 @@ class StepFailed(NightshiftError):
     """One or more batches failed in a step; completed batches stay in the store."""
 
 
+class Deferred(NightshiftError):
+    """A unit left for a later run, not failed: nothing of it is lost, nothing is retried
+    by Prefect now (the scheduler counts it apart from failures)."""
+
+
+class ProviderBatchesPending(Deferred):
+    """A unit's requests are in provider batches not finished yet: the run polls them and
+    runs the unit again (``wait: true``), or a later run (the collector) picks their
+    answers up (``wait: false``)."""
+
+    def __init__(
+        self,
+        message: str,
+        pending: int,
+        wait: bool = False,
+        poll_s: tuple[float, float] = (5.0, 300.0),
+    ) -> None:
+        super().__init__(message)
+        self.pending = pending
+        #: the run waits for them (``batch.wait``): the scheduler polls the provider every
+        #: ``poll_s`` (first, longest; doubling) and runs the unit again once they are done
+        self.wait = wait
+        self.poll_s = poll_s
+
+
+class BudgetReached(Deferred):
+    """Sending a unit's requests would pass the run's ``budget``: the unit is left for
+    the next run."""
+
+
 def one_line(exc: BaseException | str, limit: int = 300, *, whole: bool = False) -> str:
     """An exception message (or a text) as one shortened line, for error messages: the
     one rule every layer uses.

@@ -11,6 +11,9 @@ Layout under the root (stable; any Parquet tool can read it)::
     <root>/<pipeline>/runs/<attempt>/attempt.json     one run attempt: who, when, per-stage totals
     <root>/<pipeline>/runs/<attempt>/units[-<seq>].parquet   its per-unit records (timings, tokens, errors)
     <root>/<pipeline>/runs/<attempt>/report.html       the run report written at its end
+    <root>/<pipeline>/provider-batches/<stage>/<stem>-<start>-<key16>/<part>-<attempt>.json
+                                                       a unit's provider batches (mode: batch)
+    <root>/<pipeline>/runs/<started>-<run>.json        a run's per-step stats and cost
     <root>/<stream>/windows/<first>-<last>.json        stream window journal
     <root>/<stream>/windows/<id>-<key16>.parquet       a window's decoded rows
     <root>/<stream>/steps/<stage>/w-<id>-<key16>.parquet   a window's output at a stage
@@ -67,6 +70,18 @@ def answers_dir(out_path: str) -> str:
     return f"{head}/answers/{tail.removesuffix('.parquet')}"
 
 
+PROVIDER_BATCHES = "provider-batches"
+
+
+def provider_batches_dir(out_path: str) -> str:
+    """``…/steps/<stage>/<unit>.parquet`` -> ``…/provider-batches/<stage>/<unit>``: the
+    records of the provider batches holding that unit's requests (``mode: batch``)."""
+    head, sep, tail = out_path.rpartition("/steps/")
+    if not sep:
+        raise ValueError(f"not a step output path: {out_path}")
+    return f"{head}/{PROVIDER_BATCHES}/{tail.removesuffix('.parquet')}"
+
+
 @dataclass(frozen=True)
 class StoreLayout:
     """The paths under one store root (a local path or ``bucket/prefix``)."""
@@ -107,6 +122,14 @@ class PipelineLayout:
 
     def barriers_dir(self) -> str:
         return f"{self.base}/barriers"
+
+    def provider_batches_dir(self) -> str:
+        """Every unit's provider batch records: ``<stage>/<unit>/<part>-<attempt>.json``."""
+        return f"{self.base}/{PROVIDER_BATCHES}"
+
+    def run_stats(self, started: str, run: str) -> str:
+        """One run's stats (per step: batches, rows, tokens, cost): ``runs/<started>-<run>.json``."""
+        return f"{self.runs_dir()}/{started}-{capped(run, 60)}.json"
 
     def barrier_file(self, stage_name: str, key: str) -> str:
         return f"{self.barriers_dir()}/{capped(stage_name)}-{key[:16]}.parquet"

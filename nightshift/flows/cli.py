@@ -123,6 +123,10 @@ def run(
         ),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="recompute every step")] = False,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="the most this run may spend on LLM calls, US dollars"),
+    ] = None,
     allow_imports: AllowImports = False,
     verbose: Verbose = False,
 ) -> None:
@@ -142,8 +146,13 @@ def run(
             resume_from_last=False if (fresh or resume_step is not None) else None,
             resume_step=resume_step,
             allow_imports=allow_imports,
+            budget=budget,
         )
     _print_steps(summary["steps"])
+    if summary.get("left"):
+        from nightshift.flows.run_pipeline import pending_message
+
+        console.print(pending_message(summary), markup=False, highlight=False)
     if summary.get("report"):
         console.print(f"run report: {summary['report']}")
 
@@ -151,9 +160,14 @@ def run(
 def _print_steps(rows: list[dict]) -> None:
     llm = any(r.get("prompt_tokens") or r.get("completion_tokens") for r in rows)
     priced = any(r.get("cost_usd") for r in rows)
+    # mode: batch: what the same tokens cost online, next to what they cost
+    discounted = any((r.get("online_cost_usd") or 0) > (r.get("cost_usd") or 0) for r in rows)
     columns = ["step", "batches", "reused", "computed", "failed", "rows in", "rows out"]
     table = Table(
-        *columns, *(["tokens in", "tokens out"] if llm else []), *(["cost $"] if priced else [])
+        *columns,
+        *(["tokens in", "tokens out"] if llm else []),
+        *(["cost $"] if priced else []),
+        *(["online $"] if discounted else []),
     )
     for r in rows:
         cells = [
@@ -167,6 +181,8 @@ def _print_steps(rows: list[dict]) -> None:
             cells += [f"{r.get('prompt_tokens', 0):,}", f"{r.get('completion_tokens', 0):,}"]
         if priced:
             cells.append(f"{r.get('cost_usd', 0.0):.4f}")
+        if discounted:
+            cells.append(f"{r.get('online_cost_usd') or 0.0:.4f}")
         table.add_row(*cells)
     console.print(table)
 
@@ -199,6 +215,45 @@ def status(spec: SpecArg, step: StepOpt = None, allow_imports: AllowImports = Fa
             str(s.rows),
         )
     console.print(table)
+    _print_provider_batches(plan)
+
+
+def _print_provider_batches(plan: Any) -> None:
+    """The pipeline's provider batches not collected yet (``mode: batch``), if any."""
+    from nightshift.flows.provider_status import provider_batches
+
+    rows = provider_batches(plan, pending_only=True)
+    if not rows:
+        return
+    table = Table("step", "unit", "provider batch", "attempt", "requests", "status", "done")
+    for r in rows:
+        table.add_row(
+            r["stage"],
+            r["unit"],
+            r["batch_id"],
+            str(r["attempt"]),
+            str(r["requests"]),
+            r["status"],
+            f"{r['completed']}/{r['requests']}",
+        )
+    console.print(f"{len(rows)} provider batch(es) pending:", markup=False, highlight=False)
+    console.print(table)
+
+
+@app.command()
+def cancel(spec: SpecArg, allow_imports: AllowImports = False) -> None:
+    """Cancel the pipeline's provider batches (mode: batch) not finished yet.
+
+    What the provider answered before the cancel is still collected by the next run; the
+    rest become row errors ("cancelled") and are not sent again."""
+    from nightshift.flows.plan import build_plan
+    from nightshift.flows.provider_status import cancel_pending
+
+    plan = build_plan(_spec(spec), allow_imports=allow_imports)
+    cancelled = cancel_pending(plan)
+    for batch_id, state in cancelled:
+        console.print(f"{batch_id}: {state}", markup=False, highlight=False)
+    console.print(f"{len(cancelled)} provider batch(es) cancelled", markup=False, highlight=False)
 
 
 @app.command()

@@ -35,15 +35,24 @@ LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 ENGINE_EXIT = "Engine execution exited with unexpected exception"
 
 
+#: Exceptions that end a task run without anything going wrong: its unit is left for
+#: later (provider batches pending, the run's budget reached; ``core/errors.py``).
+DEFERRED = ("ProviderBatchesPending", "BudgetReached")
+
+
 class OneLineErrors(logging.Filter):
     """Drops the traceback of a record whose exception is a NightshiftError (unless
-    verbose), and Prefect's engine-exit record for one."""
+    verbose), and Prefect's engine-exit record for one; makes Prefect's ERROR lines about
+    a deferred unit INFO lines (a unit waiting for its provider batches is not an error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, NightshiftError) and not is_verbose():
             if record.msg == ENGINE_EXIT:
                 return False
+            record.exc_info, record.exc_text = None, None
+        if record.levelno >= logging.ERROR and any(d in record.getMessage() for d in DEFERRED):
+            record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -26,12 +26,18 @@ from zoneinfo import ZoneInfo
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
 from nightshift.core.errors import SpecError
 from nightshift.flows.log_filters import install_log_filters
-from nightshift.flows.parameters import OptionalInt, OptionalText, StepRef
+from nightshift.flows.parameters import OptionalFloat, OptionalInt, OptionalText, StepRef
 from nightshift.flows.plan import build_plan
-from nightshift.flows.run_pipeline import execute_plan, failure_at, pipeline_name
+from nightshift.flows.run_pipeline import (
+    execute_plan,
+    failure_at,
+    pending_message,
+    pipeline_name,
+)
 from nightshift.tasks.spec import PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +116,8 @@ def nightly(
     fail_at_batch: OptionalInt = None,
     fail_at_step: StepRef = 0,
     allow_imports: bool = False,
-) -> dict[str, Any]:
+    budget: OptionalFloat = None,
+) -> Any:
     """Run one night of a pipeline in its own date partition of the store.
 
     Args:
@@ -123,6 +130,9 @@ def nightly(
         fail_at_step: the step (its number NN, as in the NN-name of task runs, logs and
             artifacts, or a step's name) where fail_at_batch fails.
         allow_imports: allow operators given as module:Class import paths in the spec.
+        budget: the most this run may spend on LLM calls (US dollars; overrides the
+            spec's). A run that leaves work for the next (budget reached, provider
+            batches pending) ends Completed named ``Pending`` (see ``run_pipeline``).
     """
     install_log_filters()
     date = date or scheduled_date()
@@ -130,5 +140,10 @@ def nightly(
     get_run_logger().info(
         "nightly %s for %s (store partition %s)", plan.spec.name, date, plan.spec.partition
     )
-    summary = execute_plan(plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step))
-    return {**summary, "date": date, "partition": plan.spec.partition}
+    summary = execute_plan(
+        plan, fail_at=failure_at(plan, fail_at_batch, fail_at_step), budget=budget
+    )
+    summary = {**summary, "date": date, "partition": plan.spec.partition}
+    if summary["left"]:
+        return Completed(name="Pending", message=pending_message(summary), data=summary)
+    return summary

@@ -48,6 +48,7 @@ def run_spec(
     resume_from_last: bool | None = None,
     resume_step: int | str | None = None,
     allow_imports: bool = False,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Check everything, then run the ``run-pipeline`` flow on the Prefect API that
     ``nightshift.flows.local_api.prefect_api`` finds (configured, already running here, or a
@@ -58,6 +59,7 @@ def run_spec(
         "resume_from_last": resume_from_last,
         "resume_step": resume_step,
         "allow_imports": allow_imports,
+        **({"budget": budget} if budget is not None else {}),
     }
     check_parameter_size(parameters, "spec")  # before a temporary server starts
     with prefect_api(), parameters_accepted(parameters, "spec"):

@@ -303,6 +303,13 @@ def build_plan(
             config.check_credentials()
         except SpecError as exc:
             raise SpecError(f"serving.{name}: {exc}") from None
+    if spec.budget is not None:
+        for name, config in serving.items():
+            if config.price is None:
+                raise SpecError(
+                    f"serving.{name}.price: budget {spec.budget:g} needs a price for every "
+                    "serving config the LLM steps use (input_per_1m, output_per_1m)"
+                )
     if serving and spec.task_runner != "thread":
         raise SpecError("task_runner: LLM steps run on the vLLM task runner (thread); use it")
     dag = _dry_run(nodes, order, prepared)

@@ -48,6 +48,8 @@ MARK = "nightshift_progress"
 FIRST_TICK, MIN_INTERVAL, MAX_INTERVAL = 10.0, 10.0, 600.0
 #: Seconds between two updates of a step's progress artifact.
 ARTIFACT_INTERVAL = 2.0
+#: ``mode: batch``: seconds between refreshes of the provider batches' table while a run waits
+PROVIDER_BATCHES_EVERY = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,11 @@ class RunProgress:
                 )
                 for stage in plan.stages
             ]
+        #: ``mode: batch``: the provider batches' table is refreshed this often while the
+        #: run waits on them (:meth:`tick`)
+        self.batch_mode = any(getattr(c, "mode", "") == "batch" for c in plan.serving.values())
+        self.batches_every = PROVIDER_BATCHES_EVERY
+        self._batches_at = self.started
         self._live = logging.getLogger(LOGGER)
         self._live.propagate = False
         self._live.setLevel(logging.INFO)  # Prefect sets the root logger to WARNING
@@ -180,6 +187,18 @@ class RunProgress:
                 if s.started and not s.ended:
                     self._log(replace(s, elapsed=elapsed))
         self._show()
+
+    def tick(self) -> None:
+        """Nothing finished for a while: refresh the provider batches' table (submitted /
+        validating / in progress / completed, per provider batch), at most every
+        ``batches_every`` seconds."""
+        if not self.batch_mode or time.monotonic() - self._batches_at < self.batches_every:
+            return
+        self._batches_at = time.monotonic()
+        from nightshift.flows.provider_status import provider_batches
+        from nightshift.flows.reporting import publish_provider_batches
+
+        publish_provider_batches(self.plan, provider_batches(self.plan), self._artifacts)
 
     def close(self, stats: list[StageStats]) -> None:
         """The run ends (completed or not): every step's last numbers, everywhere."""

@@ -89,7 +89,7 @@ def cell(key: str, value: Any) -> Any:
     """A table cell for people: thousands separators, costs to 4 decimals, seconds to 1."""
     if value is None:
         return ""
-    if key == "cost_usd":
+    if key.endswith("_usd"):
         return f"{value:,.4f}"
     if key == "seconds":
         return f"{value:,.1f}"
@@ -132,6 +132,9 @@ def summary_table(
         )
         raw.append(row)
     raw.extend(endpoint_rows(pool))
+    if add_cost_columns(raw, rows):
+        at = next(i for i, (_, key) in enumerate(columns) if key == "cost_usd") + 1
+        columns[at:at] = COST_COLUMNS
     return [{header: cell(key, r.get(key)) for header, key in columns} for r in raw]
 
 
@@ -171,6 +174,77 @@ def publish_summary(
             f"pipeline {plan.spec.name}: LLM requests, retries, answers reused from "
             "the answer cache, tokens and estimated cost per computed batch",
         )
+
+
+#: The cost columns :func:`add_cost_columns` adds after ``cost_usd``.
+COST_COLUMNS = ("online_cost_usd", "saved_usd")
+
+
+COST_COLUMNS = (("online cost (USD)", "online_cost_usd"), ("saved (USD)", "saved_usd"))
+
+
+def add_cost_columns(table: list[dict[str, Any]], rows: list[dict[str, Any]]) -> bool:
+    """What the same tokens cost through the online API and what the batch API saved,
+    per step and on the total row (only when some step was priced; then True, and the
+    summary shows :data:`COST_COLUMNS` next to the cost). ``table``: the summary's rows
+    (one per step first, in ``rows``' order, then the total); a separate function so the
+    summary's own layout can change around it."""
+    if not any(r.get("online_cost_usd") for r in rows):
+        return False
+    for i, row in enumerate(table):
+        if i < len(rows):
+            online = rows[i].get("online_cost_usd") or 0.0
+        elif row.get("name") == "total (this run)":
+            online = sum(r.get("online_cost_usd") or 0.0 for r in rows)
+        else:
+            continue
+        cost = row.get("cost_usd") or 0.0
+        row.update(online_cost_usd=round(online, 6), saved_usd=round(online - cost, 6))
+    return True
+
+
+def cost_line(
+    rows: list[dict[str, Any]],
+    budget: Any = None,
+    left: dict[str, int] | None = None,
+    pending: int = 0,
+) -> str:
+    """The run's last log line: its cost per step and in total, the online price of the
+    same tokens, the budget left, and what is left to do."""
+    priced = [r for r in rows if r.get("cost_usd") or r.get("online_cost_usd")]
+    total = sum(r.get("cost_usd") or 0.0 for r in rows)
+    online = sum(r.get("online_cost_usd") or 0.0 for r in rows)
+    steps = ", ".join(f"{r['name']} ${r.get('cost_usd') or 0.0:.4f}" for r in priced)
+    text = f"cost: ${total:.4f} this run ({steps or 'no priced LLM calls'})"
+    if online > total + 1e-9:
+        text += f"; online price ${online:.4f} (saved ${online - total:.4f})"
+    if budget is not None:
+        text += f"; budget ${budget.cap_usd:g}, ${budget.left_usd:.4f} left"
+        if budget.exhausted:
+            text += " (reached)"
+    if pending:
+        text += f"; {pending} provider batch(es) pending"
+    if left:
+        text += "; left for the next run: " + ", ".join(
+            f"{name} {n} batch(es)" for name, n in left.items()
+        )
+    return text
+
+
+def publish_provider_batches(
+    plan: Plan, records: list[dict[str, Any]], artifacts: RunArtifacts | None = None
+) -> None:
+    """One row per provider batch of this pipeline still recorded in the store (``mode:
+    batch``): its step, unit, id, attempt, status (submitted / validating / in_progress /
+    completed, ...), request counts, and whether its answers were collected."""
+    if not records:
+        return
+    (artifacts or RunArtifacts(plan.spec.name)).table(
+        "provider-batches",
+        records,
+        f"pipeline {plan.spec.name}: provider batches (mode: batch) of units not "
+        "written yet, with their state at the provider",
+    )
 
 
 def serving_usage(pool: ServingPool | None) -> dict[str, dict[str, float | int]]:

@@ -13,16 +13,25 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from nightshift.core.errors import SpecError
+from nightshift.core.usage import Budget
 from nightshift.flows.artifacts import RunArtifacts
 from nightshift.flows.explain import explain
 from nightshift.flows.log_filters import install_log_filters
-from nightshift.flows.parameters import OptionalInt, OptionalStep, StepRef
+from nightshift.flows.parameters import OptionalFloat, OptionalInt, OptionalStep, StepRef
 from nightshift.flows.plan import Plan, build_plan
 from nightshift.flows.progress import RunProgress
+from nightshift.flows.provider_status import provider_batches
 from nightshift.flows.recording import Recorder
-from nightshift.flows.reporting import publish_plan, publish_sample, publish_summary
+from nightshift.flows.reporting import (
+    cost_line,
+    publish_plan,
+    publish_provider_batches,
+    publish_sample,
+    publish_summary,
+)
 from nightshift.flows.scheduler import Execution
 from nightshift.flows.survey import Inventory, survey
 from nightshift.tasks.runner_choice import make_task_runner
@@ -43,8 +52,13 @@ def execute_plan(
     resume_from_last: bool | None = None,
     resume_step: int | str | None = None,
     fail_at: tuple[int, int] | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Run a plan inside the current flow run; returns the run summary.
+
+    ``budget`` (US dollars; default: the spec's): the run sends no new LLM requests past
+    it. Work left for a later run (the budget, provider batches pending) is in the
+    summary's ``left`` (batches per step) and ``pending_batches``.
 
     The store is surveyed first (one listing per stage directory): the plan's log lines
     (one per step; in a DAG each names the steps it comes after) and its
@@ -89,7 +103,14 @@ def execute_plan(
     publish_plan(plan, lines, artifacts)
     spec = plan.spec
     recorder = Recorder.start(plan, sorted(forced))
+    cap = budget if budget is not None else spec.budget
+    run_budget = Budget(cap) if cap is not None else None
+    batch_mode = any(getattr(c, "mode", "online") == "batch" for c in plan.serving.values())
+    run_started = dt.datetime.now(dt.UTC)
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
+        pool = getattr(runner, "pool", None)
+        if pool is not None:
+            pool.budget = run_budget
         execution = Execution(
             plan,
             force_from_stage=force_from,
@@ -98,26 +119,34 @@ def execute_plan(
             progress=RunProgress(plan, artifacts),
             inventory=inventory,
             recorder=recorder,
+            budget=run_budget,
         )
         status = "failed"
         try:
             execution.run()
             status = "completed"
         finally:
+            if pool is not None:
+                pool.budget = None
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
             recorder.close([s.totals() for s in execution.stats], status)
             from nightshift.flows.report import save_report  # altair: imported when used
 
             report = save_report(plan, recorder.attempt)
+            rows = [s.as_row() for s in execution.stats]
             publish_summary(
                 plan,
-                [s.as_row() for s in execution.stats],
+                rows,
                 artifacts,
-                getattr(runner, "pool", None),
+                pool,
                 elapsed=time.monotonic() - started,
                 report=report,
             )
+            if batch_mode:
+                publish_provider_batches(plan, provider_batches(plan), artifacts)
+            _write_run_stats(plan, run_started, rows, run_budget, execution)
+            logger.info(cost_line(rows, run_budget, execution.left(), execution.pending_batches()))
     outputs = {
         plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
     }
@@ -133,7 +162,54 @@ def execute_plan(
         "outputs": outputs,
         # the run report saved in the store (flows/report.py), or None if it failed
         "report": report,
+        # work left for a later run: batches per step, provider batches pending
+        "left": execution.left(),
+        "pending_batches": execution.pending_batches(),
+        "budget": _budget_summary(run_budget),
     }
+
+
+def _budget_summary(budget: Budget | None) -> dict[str, Any] | None:
+    if budget is None:
+        return None
+    return {
+        "cap_usd": budget.cap_usd,
+        "spent_usd": round(budget.spent_usd, 6),
+        "left_usd": round(budget.left_usd, 6),
+        "reached": budget.exhausted,
+    }
+
+
+def _write_run_stats(
+    plan: Plan,
+    started: dt.datetime,
+    rows: list[dict[str, Any]],
+    budget: Budget | None,
+    execution: Execution,
+) -> None:
+    """The run's stats in the store, ``<pipeline>/runs/<started>-<run>.json``: per step
+    its batches, rows, tokens, requests, ``cost_usd`` and ``online_cost_usd`` (what the
+    same tokens cost online), the budget and what is left (docs/generation.md)."""
+    run = str(flow_run.id) if flow_run.id else "local"
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    try:
+        plan.store.write_json(
+            plan.layout.run_stats(stamp, run),
+            {
+                "pipeline": plan.spec.name,
+                "flow_run_id": None if run == "local" else run,
+                "started_at": started.isoformat(),
+                "ended_at": dt.datetime.now(dt.UTC).isoformat(),
+                "steps": [{k: v for k, v in row.items() if k != "batch_usage"} for row in rows],
+                "cost_usd": round(sum(r.get("cost_usd") or 0.0 for r in rows), 6),
+                "online_cost_usd": round(sum(r.get("online_cost_usd") or 0.0 for r in rows), 6),
+                "budget": _budget_summary(budget),
+                "left": execution.left(),
+                "pending_batches": execution.pending_batches(),
+            },
+        )
+    except Exception as exc:  # a report; the run's work is in the store already
+        get_run_logger().warning("could not write the run's stats: %s", exc)
 
 
 def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
@@ -220,7 +296,8 @@ def run_pipeline(
     allow_imports: bool = False,
     fail_at_batch: OptionalInt = None,
     fail_at_step: StepRef = 0,
-) -> dict[str, Any]:
+    budget: OptionalFloat = None,
+) -> Any:
     """Run a pipeline spec, resuming from the batches already in its store.
 
     Args:
@@ -236,9 +313,33 @@ def run_pipeline(
             runs' names) fails on the first attempt only, so a Retry succeeds.
         fail_at_step: the step (its number NN, as in NN-name, or a name) where
             fail_at_batch fails.
+        budget: the most this run may spend on LLM calls (US dollars; overrides the
+            spec's ``budget``).
+
+    A run that leaves work for a later one (provider batches pending with ``wait:
+    false``, or its budget reached) ends Completed with the name ``Pending`` and a
+    message saying what is left; its result is the summary all the same.
     """
     install_log_filters()
     plan = build_plan(Path(spec) if isinstance(spec, str) else spec, allow_imports=allow_imports)
-    return execute_plan(
-        plan, resume_from_last, resume_step, failure_at(plan, fail_at_batch, fail_at_step)
+    summary = execute_plan(
+        plan,
+        resume_from_last,
+        resume_step,
+        failure_at(plan, fail_at_batch, fail_at_step),
+        budget=budget,
     )
+    if summary["left"]:
+        return Completed(name="Pending", message=pending_message(summary), data=summary)
+    return summary
+
+
+def pending_message(summary: dict[str, Any]) -> str:
+    """What a run left for a later one, in one line."""
+    parts = []
+    if summary.get("pending_batches"):
+        parts.append(f"{summary['pending_batches']} provider batch(es) pending")
+    if (budget := summary.get("budget")) and budget.get("reached"):
+        parts.append(f"budget ${budget['cap_usd']:g} reached (${budget['spent_usd']:.4f} spent)")
+    left = ", ".join(f"{k} {v}" for k, v in summary["left"].items())
+    return f"{'; '.join(parts) or 'work left'}; batches left per step: {left}; run again to go on"

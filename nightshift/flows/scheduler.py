@@ -31,7 +31,13 @@ from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import NotSet
 
-from nightshift.core.errors import StepFailed, one_line
+from nightshift.core.errors import (
+    BudgetReached,
+    Deferred,
+    ProviderBatchesPending,
+    StepFailed,
+    one_line,
+)
 from nightshift.flows.plan import Plan, Unit
 from nightshift.flows.survey import Inventory, barrier_input_keys, stage_units
 from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
@@ -39,6 +45,9 @@ from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most
 #: this much of the index: those outputs are then verified by their footer, not redone).
 INDEX_SAVE_SECONDS = 30.0
+#: Seconds without a finished task after which the progress reporter is ticked (it
+#: refreshes the provider batches' table, ``mode: batch``).
+TICK_SECONDS = 5.0
 
 
 @dataclass
@@ -69,6 +78,11 @@ class StageStats:
     retries: int = 0
     cached_answers: int = 0
     cost_usd: float = 0.0
+    #: what the same tokens cost through the online API (differs in ``mode: batch``)
+    online_cost_usd: float = 0.0
+    #: batches left for a later run: provider batches pending, or the budget reached
+    deferred: int = 0
+    pending_batches: int = 0
     batch_usage: list[dict[str, Any]] = field(default_factory=list)
 
     def as_row(self) -> dict[str, Any]:
@@ -89,7 +103,18 @@ class StageStats:
         self.retries += int(ref.usage.get("retries", 0))
         self.cached_answers += int(ref.usage.get("cached", 0))
         self.cost_usd += float(ref.usage.get("cost_usd", 0.0))
+        self.online_cost_usd += float(ref.usage.get("online_cost_usd", 0.0))
         self.batch_usage.append({"batch": batch + 1, "rows": ref.rows, **ref.usage})
+
+
+@dataclass
+class _Waiting:
+    """A unit whose requests are in provider batches the run waits for."""
+
+    unit: Unit
+    due: float
+    delay: float
+    longest: float
 
 
 @dataclass
@@ -116,10 +141,15 @@ class Execution:
     progress: Any = None  # nightshift.flows.progress.RunProgress, or None
     recorder: Any = None  # nightshift.flows.recording.Recorder, or None
     inventory: Inventory | None = None
+    #: the run's budget (``nightshift.core.usage.Budget``): once exhausted, nothing new
+    #: is submitted; what is in flight finishes
+    budget: Any = None
     #: per stage, per batch: the batch's outputs once every unit is done
     refs: list[list[list[BatchRef] | None]] = field(init=False)
     stats: list[StageStats] = field(init=False)
     failures: list[str] = field(default_factory=list)
+    #: units left for a later run, with why (provider batches pending, budget reached)
+    deferred: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n, stages = len(self.plan.batches), self.plan.stages
@@ -135,6 +165,7 @@ class Execution:
         self._barrier_units: dict[int, list[Unit]] = {}
         self._index_refs: dict[int, BatchRef] = {}
         self._running = 0
+        self._waiting: list[_Waiting] = []
         self._saved_at = time.monotonic()
         options = configure_for(
             self.plan.store, self.plan.spec.retries, self.plan.spec.retry_delay_seconds
@@ -148,11 +179,22 @@ class Execution:
     def run(self) -> None:
         try:
             self._fill()
-            while self._running:
-                unit, stage, future = self._events.get()
+            while self._running or self._waiting:
+                timeout = TICK_SECONDS
+                if self._waiting:
+                    due = min(w.due for w in self._waiting) - time.monotonic()
+                    timeout = min(timeout, max(due, 0.0))
+                try:
+                    unit, stage, future = self._events.get(timeout=timeout)
+                except queue.Empty:  # nothing finished for a while (provider batches)
+                    if self.progress is not None and hasattr(self.progress, "tick"):
+                        self.progress.tick()
+                    self._poll_waiting()
+                    continue
                 self._running -= 1
                 future.wait()
                 self._finish(unit, stage, future.state)
+                self._poll_waiting()
                 self._fill()
                 if time.monotonic() - self._saved_at > INDEX_SAVE_SECONDS:
                     self.save_index()
@@ -176,6 +218,23 @@ class Execution:
         except Exception as exc:  # an optimisation: the next run verifies footers instead
             get_run_logger().warning("could not save the output index: %s", one_line(exc))
 
+    @property
+    def stopped(self) -> bool:
+        """The budget is reached: submit nothing new."""
+        return bool(self.budget is not None and self.budget.exhausted)
+
+    def left(self) -> dict[str, int]:
+        """Per stage with work left (its batches not done), how many batches."""
+        out = {}
+        for s, stats in zip(self.plan.stages, self.stats, strict=True):
+            done = sum(r is not None for r in self.refs[s.index])
+            if done < stats.batches:
+                out[s.name] = stats.batches - done
+        return out
+
+    def pending_batches(self) -> int:
+        return sum(s.pending_batches for s in self.stats)
+
     def complete_stages(self) -> list[int]:
         return [s.index for s in self.plan.stages if all(r is not None for r in self.refs[s.index])]
 
@@ -198,9 +257,9 @@ class Execution:
         while True:
             if self._arrivals:
                 self._arrive(*self._arrivals.popleft())
-            elif self._running < limit and self._ready:
+            elif self._running < limit and self._ready and not self.stopped:
                 self._submit(self._ready.popleft())
-            elif self._running < limit and self._new:
+            elif self._running < limit and self._new and not self.stopped:
                 batch = self._new.popleft()
                 self._arrivals.extend((batch, root) for root in self._roots)
             else:
@@ -300,6 +359,28 @@ class Execution:
             self.recorder.submitted(unit)
         self._watch(unit, stage, future)
 
+    def _poll_waiting(self) -> None:
+        """Ask the provider about the units whose batches are due a look; run each unit
+        whose batches are finished again (it collects them), however full the run is:
+        its requests are paid already."""
+        from nightshift.flows.provider_status import unit_settled
+
+        now = time.monotonic()
+        for waiting in [w for w in self._waiting if w.due <= now]:
+            try:
+                settled = unit_settled(self.plan, self.plan.unit_path(waiting.unit))
+            except Exception as exc:  # the provider is down: look again later
+                get_run_logger().warning(
+                    "%s: could not ask the provider: %s", self._label(waiting.unit), one_line(exc)
+                )
+                settled = False
+            if settled:
+                self._waiting.remove(waiting)
+                self._submit(waiting.unit)
+            else:
+                waiting.delay = min(waiting.delay * 2, waiting.longest)
+                waiting.due = time.monotonic() + waiting.delay
+
     def _submit_index(self, stage: int, index_key: str) -> None:
         plan, s = self.plan, self.plan.stages[stage]
         (parent,) = s.parents
@@ -338,6 +419,21 @@ class Execution:
             message = state.message or state.name or state.type.value
             try:
                 state.result()
+            except ProviderBatchesPending as exc:
+                if exc.wait and unit is not None:  # this run polls them, then goes on
+                    first, longest = exc.poll_s
+                    self._waiting.append(_Waiting(unit, time.monotonic() + first, first, longest))
+                    return
+                stats.deferred += 1
+                stats.pending_batches += exc.pending
+                self.deferred.append(one_line(exc))
+                return
+            except Deferred as exc:  # left for a later run: not a failure
+                stats.deferred += 1
+                self.deferred.append(one_line(exc))
+                if isinstance(exc, BudgetReached) and self.budget is not None:
+                    self.budget.exhausted = True
+                return
             except Exception as exc:  # the task's own one-line error
                 message = one_line(exc)
             self.failures.append(message)

@@ -38,7 +38,7 @@ from nightshift.blocks.serving_config import (
     as_backend_config,
     parse_serving,
 )
-from nightshift.core.usage import Usage
+from nightshift.core.usage import Budget, Usage
 from nightshift.serving.batching import AutoBatcher
 from nightshift.serving.interface import (
     Backend,
@@ -215,6 +215,8 @@ class ServingPool:
         self._closed = False
         self._final_usage: dict[str, dict[str, float | int]] = {}
         self._final_endpoints: dict[str, dict[str, dict[str, int | bool]]] = {}
+        #: The run's spending cap, shared by its tasks (None: none); the flow sets it.
+        self.budget: Budget | None = None
 
     def served(self, name: str) -> _Served | _ServedDirect:
         with self._lock:

@@ -50,9 +50,10 @@ from typing import Any
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import file_io
+from nightshift.core.errors import BudgetReached
 from nightshift.core.fingerprints import digest
-from nightshift.core.layout import answers_dir
-from nightshift.core.usage import TokenPrice, Usage
+from nightshift.core.layout import answers_dir, provider_batches_dir
+from nightshift.core.usage import Budget, TokenPrice, Usage
 from nightshift.serving.interface import GenerationRequest, GenerationResult
 
 __all__ = [
@@ -207,6 +208,7 @@ class BatchScope:
         self.out_path = out_path
         self.usage = Usage()
         self.cost_usd = 0.0
+        self.online_cost_usd = 0.0
         self._log: AnswerLog | None = None
 
     def answer_log(self) -> AnswerLog:
@@ -218,19 +220,27 @@ class BatchScope:
         """Add one LLM call's usage (and its cost at ``price``) to the batch's."""
         self.usage.merge(usage)
         self.cost_usd += usage.cost_usd(price)
+        self.online_cost_usd += usage.online_cost_usd(price)
 
     def as_dict(self) -> dict[str, float | int]:
         """Requests, retries, tokens paid, cached rows and cost; empty without LLM calls."""
-        if not (self.usage.requests or self.usage.cached or self.usage.failed):
+        u = self.usage
+        if not (u.requests or u.cached or u.failed or u.answered):
             return {}
-        out = self.usage.as_dict()
+        out = u.as_dict()
         out["cost_usd"] = round(self.cost_usd, 6)
+        out["online_cost_usd"] = round(self.online_cost_usd, 6)
         return out
 
     def completed(self) -> None:
-        """The batch's output is written: drop its answer log."""
+        """The batch's output is written: drop its answer log (and its provider batch
+        records, ``mode: batch``)."""
         if self._log is not None:  # only LLM operators open it
             self._log.discard()
+            with suppress(FileNotFoundError):
+                directory = provider_batches_dir(self.out_path)
+                if self.store.fs.exists(directory):
+                    self.store.fs.rm(directory, recursive=True)
 
     def close(self) -> None:
         if self._log is not None:
@@ -257,27 +267,84 @@ def current_scope() -> BatchScope | None:
 def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
     """Answers for ``requests`` on the pool's backend ``serving``: from the running
     batch's answer cache where there is one, the rest from the backend (each persisted as
-    it arrives); the call's usage is recorded on the batch's scope."""
+    it arrives) or, with ``mode: batch``, through the provider's batch API
+    (``tasks/provider_batches.py``); the call's usage is recorded on the batch's scope.
+
+    With a run ``budget`` (``pool.budget``), the projected cost of the requests left to
+    send is reserved first; if it would pass the budget, nothing is sent and
+    :class:`~nightshift.core.errors.BudgetReached` leaves the unit for the next run."""
     config = pool.configs.get(serving)
     scope = current_scope()
     usage = Usage()
-    if scope is None or config is None or not config.answers_cached:
-        results = pool.submit(serving, requests, usage=usage)
+    price = getattr(config, "price", None)
+    budget: Budget | None = getattr(pool, "budget", None)
+    batch_mode = getattr(config, "mode", "online") == "batch" and scope is not None
+    if not batch_mode and (scope is None or config is None or not config.answers_cached):
+        with _reserved(budget, requests, price, usage):
+            results = pool.submit(serving, requests, usage=usage)
         if scope is not None:
-            scope.record(usage, getattr(config, "price", None))
+            scope.record(usage, price)
         return results
+    assert scope is not None and config is not None
     log = scope.answer_log()
     keys = request_fingerprints(requests, config.identity())
     cached = log.load()
     answers: list[GenerationResult | None] = [cached.get(k) for k in keys]
     missing = [i for i, r in enumerate(answers) if r is None]
     usage.cached = len(requests) - len(missing)
+    if batch_mode and missing:
+        from nightshift.tasks.provider_batches import serve_batch
+
+        try:
+            fresh = serve_batch(
+                config,  # type: ignore[arg-type] - mode: batch is openai_compatible only
+                scope.store,
+                scope.out_path,
+                [requests[i] for i in missing],
+                [keys[i] for i in missing],
+                log.add,
+                usage,
+                budget,
+            )
+        finally:
+            scope.record(usage, price)
+        for i, result in zip(missing, fresh, strict=True):
+            answers[i] = result
+        return [answer for answer in answers if answer is not None]
 
     def persist(index: int, result: GenerationResult) -> None:
         log.add(keys[missing[index]], result)
 
-    fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
+    with _reserved(budget, [requests[i] for i in missing], price, usage):
+        fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
     for i, result in zip(missing, fresh, strict=True):
         answers[i] = result
-    scope.record(usage, getattr(config, "price", None))
+    scope.record(usage, price)
     return [answer for answer in answers if answer is not None]  # every row has one now
+
+
+@contextmanager
+def _reserved(
+    budget: Budget | None,
+    requests: Sequence[GenerationRequest],
+    price: TokenPrice | None,
+    usage: Usage,
+) -> Iterator[None]:
+    """Hold the projected online cost of ``requests`` on ``budget`` while they are sent,
+    then settle it with what they cost; refused: :class:`BudgetReached`, nothing sent."""
+    if budget is None or not requests:
+        yield
+        return
+    from nightshift.tasks.provider_batches import projected_cost
+
+    projected = projected_cost(requests, price, batch=False)
+    if not budget.reserve(projected):
+        raise BudgetReached(
+            f"budget ${budget.cap_usd:g}: sending {len(requests)} request(s) (projected "
+            f"${projected:.4f}) would pass it (${budget.spent_usd:.4f} spent); left for the "
+            "next run"
+        )
+    try:
+        yield
+    finally:
+        budget.settle(projected, usage.cost_usd(price))

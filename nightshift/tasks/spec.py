@@ -157,6 +157,10 @@ class PipelineSpec(BaseModel):
     #: one backend's settings as a mapping (``backend:`` picks which: vllm,
     #: openai_compatible, fake), or ``{block: NAME}`` for a saved serving block.
     serving: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: The most one run may spend on LLM calls (US dollars, at the serving configs'
+    #: ``price``): past it the run sends nothing new, finishes what is in flight and ends
+    #: saying what is left; the next run resumes. None: no cap.
+    budget: NonNegativeFloat | None = None
     #: Prefect task retries for a failing batch.
     retries: NonNegativeInt = 0
     retry_delay_seconds: NonNegativeFloat = 2.0

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from nightshift.blocks.step_store import StepStore
 from nightshift.core import identity
-from nightshift.core.errors import NightshiftError, StepFailed, error_kind, one_line
+from nightshift.core.errors import Deferred, NightshiftError, StepFailed, error_kind, one_line
 from nightshift.tasks.answer_cache import batch_scope
 from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
@@ -97,7 +97,14 @@ def configure_for(store: StepStore, retries: int, retry_delay_seconds: float) ->
         result_storage=store.as_result_storage(),
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=not_deferred,
     )
+
+
+def not_deferred(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failure, never a unit left for a later
+    run (provider batches pending, the budget reached): a retry now would only wait."""
+    return not isinstance(state.data, Deferred)
 
 
 def _existing(store: StepStore, out_path: str, key: str, label: str) -> BatchRef | None:
@@ -172,6 +179,8 @@ def run_stage_batch(
         for offset, op in enumerate(operators):
             try:
                 df = apply_operator(op, df, state, pool)
+            except Deferred:
+                raise
             except NightshiftError as exc:
                 raise StepFailed(
                     f"{label}: steps[{first_step + offset}] ({op.name}): {exc}"
