@@ -26,7 +26,7 @@ from nightshift.core.usage import Budget
 from nightshift.flows.outputs import read_output
 from nightshift.flows.plan import build_plan
 from nightshift.flows.provider_status import provider_batches
-from nightshift.flows.reporting import add_cost_columns, cost_line
+from nightshift.flows.reporting import add_cost_columns, cost_line, summary_table
 from nightshift.flows.run_pipeline import run_pipeline
 from nightshift.tasks.spec import load_spec
 
@@ -205,10 +205,15 @@ def test_cost_columns_and_the_last_log_line() -> None:
     table = [{"name": r["name"], "cost_usd": r["cost_usd"], "seconds": 1.0} for r in rows]
     table.append({"name": "total (this run)", "cost_usd": 0.75, "seconds": 2.0})
     table.append({"name": "serving default (all calls)", "cost_usd": 0.75, "seconds": None})
-    add_cost_columns(table, rows)
-    assert list(table[0]) == ["name", "cost_usd", "online_cost_usd", "saved_usd", "seconds"]
+    assert add_cost_columns(table, rows)
+    assert table[0]["online_cost_usd"] == 1.0 and table[0]["saved_usd"] == 0.5
     assert table[2]["online_cost_usd"] == 1.5 and table[2]["saved_usd"] == 0.75
     assert "saved_usd" not in table[3]
+    assert not add_cost_columns([dict(r) for r in table], [{"name": "x", "cost_usd": 1.0}])
+    # in the summary card: next to the cost, in people's words
+    headers = list(summary_table([{**r, "batches": 1, "computed": 1} for r in rows])[0])
+    at = headers.index("cost (USD)")
+    assert headers[at : at + 3] == ["cost (USD)", "online cost (USD)", "saved (USD)"]
     budget = Budget(2.0)
     assert budget.reserve(1.0)
     budget.settle(1.0, 0.75)
@@ -283,13 +288,20 @@ def test_batch_run_survives_three_kill_points_and_equals_the_online_run(
     assert step["cost_usd"] > 0 and step["online_cost_usd"] == pytest.approx(2 * step["cost_usd"])
     table = artifacts(summary["flow_run_id"])["nightly-batch-summary"].data
     rows = json.loads(table) if isinstance(table, str) else table
+    headers = {"cost (USD)": "cost_usd", "online cost (USD)": "online_cost_usd"}
+    headers["saved (USD)"] = "saved_usd"
     total = {
-        k: float(v)
-        for k, v in next(r for r in rows if r["name"] == "total (this run)").items()
-        if k in ("cost_usd", "online_cost_usd", "saved_usd")
+        headers[k]: float(v.replace(",", ""))
+        for k, v in next(r for r in rows if r["step"] == "total (this run)").items()
+        if k in headers
     }
-    assert total["saved_usd"] == pytest.approx(total["online_cost_usd"] - total["cost_usd"])
-    assert total["saved_usd"] > 0 and total["cost_usd"] == pytest.approx(step["cost_usd"])
+    cents = 2e-6  # the card shows amounts below a cent to 6 decimals
+    assert total["saved_usd"] == pytest.approx(
+        total["online_cost_usd"] - total["cost_usd"], abs=cents
+    )
+    assert total["saved_usd"] > 0 and total["cost_usd"] == pytest.approx(
+        step["cost_usd"], abs=cents
+    )
     [stats] = list((tmp_path / "store").glob("nightly-batch/runs/*.json"))[-1:]
     assert json.loads(stats.read_text())["steps"][0]["cost_usd"] == step["cost_usd"]
 

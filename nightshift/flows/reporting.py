@@ -86,11 +86,12 @@ def step_status(row: dict[str, Any]) -> str:
 
 
 def cell(key: str, value: Any) -> Any:
-    """A table cell for people: thousands separators, costs to 4 decimals, seconds to 1."""
+    """A table cell for people: thousands separators, costs to 4 decimals (below a cent to
+    6), seconds to 1."""
     if value is None:
         return ""
-    if key.endswith("_usd"):
-        return f"{value:,.4f}"
+    if key.endswith("_usd"):  # to 4 decimals; amounts below a cent to 6
+        return f"{value:,.4f}" if abs(value) >= 0.01 else f"{value:.6f}"
     if key == "seconds":
         return f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -102,9 +103,9 @@ def summary_table(
     rows: list[dict[str, Any]], pool: ServingPool | None = None
 ) -> list[dict[str, Any]]:
     """The summary's rows (header -> cell), as :func:`publish_summary` publishes them."""
-    llm = any(r.get("prompt_tokens") or r.get("requests") for r in rows) or bool(
-        serving_usage(pool)
-    )
+    llm = any(
+        r.get("prompt_tokens") or r.get("requests") or r.get("cost_usd") for r in rows
+    ) or bool(serving_usage(pool))
     columns = [*SUMMARY_COLUMNS, *(LLM_COLUMNS if llm else ()), SECONDS]
     raw: list[dict[str, Any]] = []
     for r in rows:
@@ -133,8 +134,8 @@ def summary_table(
         raw.append(row)
     raw.extend(endpoint_rows(pool))
     if add_cost_columns(raw, rows):
-        at = next(i for i, (_, key) in enumerate(columns) if key == "cost_usd") + 1
-        columns[at:at] = COST_COLUMNS
+        at = next((i for i, (_, key) in enumerate(columns) if key == "cost_usd"), len(columns) - 1)
+        columns[at + 1 : at + 1] = COST_COLUMNS
     return [{header: cell(key, r.get(key)) for header, key in columns} for r in raw]
 
 
