@@ -40,6 +40,7 @@ from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.operators.base import BATCH
 from nightshift.tasks.sources import filesystem
+from nightshift.tasks.stages import output_compression
 
 if TYPE_CHECKING:
     from nightshift.serving.pool import ServingPool
@@ -189,6 +190,7 @@ def run_stage_batch(
                 batch=[batch.start, batch.stop],
                 piece=piece,
             ),
+            compression=output_compression(operators),
         )
         scope.completed()
     size, tag = store.stat(out_path)
