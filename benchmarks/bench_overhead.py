@@ -1,10 +1,16 @@
 """Orchestration overhead: a 3-operator CPU pipeline vs a plain polars script.
 
 Both do the same work on the same synthetic Parquet input — ``map`` (a length column),
-``filter`` (on it), ``template`` (a prompt column) — and write zstd Parquet. The pipeline
-runs as a Prefect flow against a real Prefect API (the test harness's server), one task
-per batch, outputs in the step store. Also measured: a fully done re-run (every batch
-reused from the store, no task run), per batch.
+``filter`` (on it), ``template`` (a prompt column) — and write Parquet (the script: one
+zstd file). The pipeline runs as a Prefect flow against a real Prefect API (the test
+harness's server), one task per batch, outputs in the step store, written with the codec
+the engine chooses for a CPU step (``lz4``: ``tasks.stages.output_compression``) and, for
+comparison in the same run, with ``zstd`` (every step's codec before). Runs alternate
+(script, pipeline, pipeline with zstd) and the best of ``--repeats`` of each is kept, so
+all three see the same load on a shared machine. Also measured: the store's size per
+codec, a resume that recomputes the last step from the stored outputs of the one before
+(``fuse: false``, the template changed), and a fully done re-run (every batch reused
+from the store, no task run), per batch.
 
     python benchmarks/bench_overhead.py                      # 1M and 10M rows
     python benchmarks/bench_overhead.py --rows 200000 --batch-size 20000   # quick
@@ -13,12 +19,14 @@ reused from the store, no task run), per batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -62,7 +70,9 @@ def plain_script(src: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
+def pipeline_run(
+    src: Path, store: Path, batch_size: int, template: str = TEMPLATE, fuse: bool = True
+) -> tuple[float, dict]:
     from nightshift.flows.run_pipeline import run_pipeline
 
     spec = {
@@ -72,10 +82,11 @@ def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
         "store": {"url": f"file://{store}"},
         "workers": 2,
         "max_in_flight": 4,
+        "fuse": fuse,
         "steps": [
             {"map": {"columns": {"n_chars": "length(text)"}}},
             {"filter": {"where": "n_chars > 20"}},
-            {"template": {"output": "prompt", "template": TEMPLATE}},
+            {"template": {"output": "prompt", "template": template}},
         ],
     }
     started = time.perf_counter()
@@ -83,10 +94,28 @@ def pipeline_run(src: Path, store: Path, batch_size: int) -> tuple[float, dict]:
     return time.perf_counter() - started, summary
 
 
+@contextlib.contextmanager
+def cpu_codec(codec: str) -> Iterator[None]:
+    """Step outputs of CPU stages written with ``codec`` (the engine's choice otherwise)."""
+    from nightshift.tasks import stages
+
+    before = stages.CPU_OUTPUT_COMPRESSION
+    stages.CPU_OUTPUT_COMPRESSION = codec
+    try:
+        yield
+    finally:
+        stages.CPU_OUTPUT_COMPRESSION = before
+
+
+def store_mb(store: Path) -> float:
+    return sum(f.stat().st_size for f in (store / "bench" / "steps").rglob("*.parquet")) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--batch-size", type=int, default=500_000)
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many of each")
     parser.add_argument(
         "--cached-batch-size",
         type=int,
@@ -97,29 +126,72 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from nightshift.tasks.stages import CPU_OUTPUT_COMPRESSION as CODEC
+
     work = Path(tempfile.mkdtemp(prefix="nightshift-bench-"))
-    table = Table("rows", "batches", "plain script s", "pipeline s", "ratio", "rows/s pipeline")
+    table = Table(
+        "rows",
+        "batches",
+        "plain script s",
+        f"pipeline s ({CODEC})",
+        "ratio",
+        "pipeline s (zstd)",
+        "ratio",
+        f"store MB ({CODEC} / zstd)",
+    )
+    resumes = Table(
+        "rows", "codec", "resume: last step again s", "its input read MB", "vs plain script"
+    )
     cached = Table("rows", "batches", "done re-run s", "ms per reused batch", "task runs")
+    load = [os.getloadavg()[0]]
     try:
         with prefect_test_harness(server_startup_timeout=180):
             pipeline_run(*_small_warmup(work))  # first flow start pays migrations
             for rows in args.rows:
                 src = work / f"in-{rows}.parquet"
                 make_input(src, rows)
-                plain = min(plain_script(src, work / "plain.parquet") for _ in range(2))
-                store = work / f"store-{rows}"
-                pipe, summary = pipeline_run(src, store, args.batch_size)
-                shutil.rmtree(store)
+                best = {"plain": float("inf"), CODEC: float("inf"), "zstd": float("inf")}
+                sizes: dict[str, float] = {}
+                for _ in range(args.repeats):
+                    best["plain"] = min(best["plain"], plain_script(src, work / "plain.parquet"))
+                    for codec in (CODEC, "zstd"):
+                        store = work / f"store-{rows}-{codec}"
+                        with cpu_codec(codec):
+                            seconds, summary = pipeline_run(src, store, args.batch_size)
+                        best[codec] = min(best[codec], seconds)
+                        sizes[codec] = store_mb(store)
+                        shutil.rmtree(store)
+                    load.append(os.getloadavg()[0])
                 expected = pl.scan_parquet(work / "plain.parquet").select(pl.len()).collect().item()
                 assert summary["steps"][-1]["rows_out"] == expected, "pipeline and script disagree"
+                plain = best["plain"]
                 table.add_row(
                     f"{rows:,}",
                     str(summary["batches"]),
                     f"{plain:.2f}",
-                    f"{pipe:.2f}",
-                    f"{pipe / plain:.2f}x",
-                    f"{rows / pipe:,.0f}",
+                    f"{best[CODEC]:.2f}",
+                    f"{best[CODEC] / plain:.2f}x",
+                    f"{best['zstd']:.2f}",
+                    f"{best['zstd'] / plain:.2f}x",
+                    f"{sizes[CODEC]:.1f} / {sizes['zstd']:.1f}",
                 )
+            # resume: the template changed, so only the last stage runs again, reading
+            # the stored outputs of the stage before it (fuse off: one stage per step)
+            rows = args.rows[-1]
+            src = work / f"in-{rows}.parquet"
+            for codec in (CODEC, "zstd"):
+                store = work / f"store-resume-{codec}"
+                with cpu_codec(codec):
+                    pipeline_run(src, store, args.batch_size, fuse=False)
+                    again = min(
+                        pipeline_run(src, store, args.batch_size, f"{TEMPLATE} ({i})", False)[0]
+                        for i in range(args.repeats)
+                    )
+                read_mb = _stage_mb(store, 1)
+                resumes.add_row(
+                    f"{rows:,}", codec, f"{again:.2f}", f"{read_mb:.1f}", f"{again / plain:.2f}x"
+                )
+                shutil.rmtree(store)
             rows = args.rows[0]
             src = work / f"in-{rows}.parquet"
             store = work / "store-cached"
@@ -136,13 +208,22 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    console = Console(width=120)
+    console = Console(width=140)
     console.print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-        f"polars {pl.__version__}"
+        f"polars {pl.__version__}, load {min(load):.1f}-{max(load):.1f}; best of {args.repeats}"
     )
     console.print(table)
+    console.print(resumes)
     console.print(cached)
+
+
+def _stage_mb(store: Path, stage: int) -> float:
+    """MB of the Parquet outputs of stage ``stage`` (its directory ``NN-...``)."""
+    folders = [
+        d for d in (store / "bench" / "steps").iterdir() if d.name.startswith(f"{stage:02d}-")
+    ]
+    return sum(f.stat().st_size for d in folders for f in d.rglob("*.parquet")) / 1e6
 
 
 def _small_warmup(work: Path) -> tuple[Path, Path, int]:

@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+#: Parquet compression of what the store writes unless a caller chooses (the step task
+#: chooses per stage: ``tasks.stages.output_compression``).
 COMPRESSION = "zstd"
 
 #: A temporary file of another machine (or of an unnamed writer) is a killed write's
@@ -81,23 +83,28 @@ def is_local(fs: AbstractFileSystem) -> bool:
 
 
 def write_atomic(
-    fs: AbstractFileSystem, path: str, df: pl.DataFrame, metadata: Mapping[str, str] | None = None
+    fs: AbstractFileSystem,
+    path: str,
+    df: pl.DataFrame,
+    metadata: Mapping[str, str] | None = None,
+    compression: str = COMPRESSION,
 ) -> None:
     """Write ``df`` to ``path`` so that it appears whole or not at all; ``metadata`` goes
-    into the Parquet footer's key-value metadata."""
+    into the Parquet footer's key-value metadata; ``compression`` is Parquet's codec
+    (``zstd``, ``lz4``, ...)."""
     meta = dict(metadata) if metadata else None
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = temp_path(path)
         try:
-            df.write_parquet(tmp, compression=COMPRESSION, statistics=False, metadata=meta)
+            df.write_parquet(tmp, compression=compression, statistics=False, metadata=meta)  # type: ignore[arg-type]
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
     buffer = io.BytesIO()
-    df.write_parquet(buffer, compression=COMPRESSION, statistics=False, metadata=meta)
+    df.write_parquet(buffer, compression=compression, statistics=False, metadata=meta)  # type: ignore[arg-type]
     fs.pipe_file(path, buffer.getvalue())
 
 

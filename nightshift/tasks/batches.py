@@ -15,6 +15,9 @@ the old ones. Its fingerprint is the file identity and the range; no data is rea
 from __future__ import annotations
 
 import functools
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,7 +118,7 @@ def child_row_ids(parents: pl.Series | np.ndarray, index: pl.Series | np.ndarray
 
 #: The two odd multipliers of the key hash (``group_row_ids``) and their inverses mod 2**64.
 _P1, _P2 = 0x100000001B3, 0x9E3779B97F4A7C15
-_P1_INV, _P2_INV = pow(_P1, -1, 1 << 64), pow(_P2, -1, 1 << 64)
+_PRIMES = [(p, pow(p, -1, 1 << 64)) for p in (_P1, _P2)]
 #: Strings hashed at once (bounds the memory of one chunk of bytes).
 _CHUNK = 16_384
 
@@ -131,40 +134,65 @@ def group_row_ids(keys: pl.DataFrame) -> pl.Series:
         id = mix64(A ^ mix64(B + n))          # mix64: SplitMix64's finalizer
 
     The id depends on the key's column names and values only, never on where the group's
-    rows were. Computed for every key at once with numpy (no Python loop per group).
+    rows were. Computed with numpy (no Python loop per group), in chunks of keys hashed
+    on every core.
     """
     encoded = keys.select(pl.struct(keys.columns).struct.json_encode()).to_series()
-    out = np.empty(len(encoded), dtype=np.uint64)
-    for lo in range(0, len(encoded), _CHUNK):
-        out[lo : lo + _CHUNK] = _hash_strings(encoded.slice(lo, _CHUNK))
-    return pl.Series(ROW_ID, out, dtype=pl.UInt64)
-
-
-def _hash_strings(strings: pl.Series) -> np.ndarray:
-    """``mix64(A ^ mix64(B + n))`` of each string (see :func:`group_row_ids`)."""
-    arrow = strings.to_arrow().cast(pa.large_string())
+    arrow = encoded.to_arrow().cast(pa.large_string())
     offsets = np.frombuffer(arrow.buffers()[1], dtype=np.int64)[
         arrow.offset : arrow.offset + len(arrow) + 1
     ]
-    data = np.frombuffer(arrow.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    data = np.frombuffer(arrow.buffers()[2], dtype=np.uint8)
+    bounds = [*range(0, len(encoded), _CHUNK), len(encoded)]
+    longest = max((int(offsets[b] - offsets[a]) for a, b in itertools.pairwise(bounds)), default=0)
+    tables = [(_powers(p, longest), _powers(p_inv, longest)) for p, p_inv in _PRIMES]
+    out = np.empty(len(encoded), dtype=np.uint64)
+
+    def chunk(lo: int, hi: int) -> None:
+        out[lo:hi] = _hash_strings(data, offsets[lo : hi + 1], tables)
+
+    pieces = list(itertools.pairwise(bounds))
+    if len(pieces) > 1:  # numpy lets go of the GIL: chunks hash on every core
+        with ThreadPoolExecutor(min(len(pieces), os.cpu_count() or 1)) as pool:
+            list(pool.map(chunk, *zip(*pieces, strict=True)))
+    else:
+        for lo, hi in pieces:
+            chunk(lo, hi)
+    return pl.Series(ROW_ID, out, dtype=pl.UInt64)
+
+
+def _powers(p: int, n: int) -> np.ndarray:
+    """``p**0 .. p**n`` mod 2**64."""
+    powers = np.full(n + 1, p, dtype=np.uint64)
+    powers[0] = 1
     with np.errstate(over="ignore"):
-        sums = []
-        for p, p_inv in ((_P1, _P1_INV), (_P2, _P2_INV)):
-            # b_i * P**g over global positions g, summed per string, then times
+        np.cumprod(powers, out=powers)
+    return powers
+
+
+def _hash_strings(
+    data: np.ndarray, offsets: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """``mix64(A ^ mix64(B + n))`` of the strings at ``offsets`` into ``data`` (see
+    :func:`group_row_ids`); ``tables`` holds each multiplier's powers and inverse powers,
+    as long as the longest chunk of bytes."""
+    chunk = data[offsets[0] : offsets[-1]].astype(np.uint64)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    empty = lengths == 0
+    sums = []
+    with np.errstate(over="ignore"):
+        for powers, inverse in tables:
+            # b_i * P**g over positions g in the chunk, summed per string, then times
             # P**-start: sum(b_i * P**(g - start)), all mod 2**64
-            powers = np.full(len(data), p, dtype=np.uint64)
-            powers[0] = 1
-            np.cumprod(powers, out=powers)
-            weighted = data.astype(np.uint64) * powers
+            weighted = chunk * powers[: len(chunk)]
             total = (
-                np.add.reduceat(weighted, starts) if len(data) else np.zeros(len(starts), np.uint64)
+                np.add.reduceat(weighted, starts)
+                if len(chunk)
+                else np.zeros(len(starts), np.uint64)
             )
-            total[lengths == 0] = 0  # reduceat gives an empty string its next byte
-            inverse = np.full(len(data) + 1, p_inv, dtype=np.uint64)
-            inverse[0] = 1
-            np.cumprod(inverse, out=inverse)
-            sums.append(total * inverse[starts])
+            total[empty] = 0  # reduceat gives an empty string its next byte
+            total *= inverse[starts]
+            sums.append(total)
         return _mix64(sums[0] ^ _mix64(sums[1] + lengths.astype(np.uint64)))
 
 

@@ -85,6 +85,22 @@ class Stage:
         return self.name
 
 
+#: Parquet codecs of step outputs: LLM answers cost money and minutes to make again, so
+#: they are stored compact; a CPU step's output is cheap to recompute and is mostly read
+#: once, by the next step, so it is written and read fast.
+LLM_OUTPUT_COMPRESSION = "zstd"
+CPU_OUTPUT_COMPRESSION = "lz4"
+
+
+def output_compression(operators: list[Operator]) -> str:
+    """The Parquet codec of a stage's outputs: ``zstd`` when one of its operators calls a
+    model (``Operator.uses_serving``), else ``lz4``. The codec is not part of a step's
+    key: outputs written with either are read and reused alike."""
+    if any(op.uses_serving for op in operators):
+        return LLM_OUTPUT_COMPRESSION
+    return CPU_OUTPUT_COMPRESSION
+
+
 def build_stages(
     operators: list[Operator],
     fuse: bool,

@@ -11,13 +11,13 @@ gather every answer of one question for a consensus judge.
 * **Order**: groups in order of their first row in source order (files sorted by path,
   then row order), members in source order inside ``list``/``first``/``last``. Null keys
   form a group of their own.
-* **Row identity**: ``_row_id = group_row_ids(key)`` (``tasks/batches.py``: BLAKE2b of
-  the key's JSON), so a group keeps its id whichever rows and batches it came from.
+* **Row identity**: ``_row_id = group_row_ids(key)`` (``tasks/batches.py``: a 64-bit
+  hash of the key's JSON), so a group keeps its id whichever rows and batches it came from.
 * **Batches**: the index (every group, aggregated) is built once from every upstream
   batch; batch ``j`` then writes the groups whose first row is in it (reading only the
-  part of the index in its ids' range). Each batch's output
-  depends on every batch (a later row may join an earlier group), so adding a file
-  recomputes every batch of this step.
+  part of the index that names batch ``j``). Each batch's output depends on every
+  batch (a later row may join an earlier group), so adding a file recomputes every
+  batch of this step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ AGGREGATES: dict[str, bool] = {
     "n_unique": True,
 }
 _CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*([^()]*?)\s*\)\s*$")
-#: the index's column naming each group's first row (dropped from the output)
+#: the column of an index built without batches naming each group's first row
 FIRST = "__first_row_id"
 
 
@@ -115,29 +115,28 @@ class Group(BarrierOperator):
         return [*self.by, *self.collect]
 
     def index(self, data: pl.LazyFrame) -> pl.DataFrame:
-        """Every group, in output order, with its aggregates, its id and its first row's
-        id (``FIRST``: within one source file those rise with the output order, so a
-        Parquet reader skips most of the index by row-group statistics)."""
+        """Every group, in output order, with its aggregates, its id and where its first
+        row is: the batch (``BATCH``) when the engine built ``data``, which only grows in
+        output order, so a Parquet reader skips the other batches' row groups; its
+        ``_row_id`` (``FIRST``) otherwise (a dry run, a preview, a caller's own frame)."""
         from nightshift.tasks.batches import group_row_ids  # the one rule (imports operators)
 
         aggs = [_expr(f, c).alias(n) for n, (f, c) in self.aggregates().items()]
-        firsts = [pl.col(ROW_ID).first().alias(FIRST)]
-        if BATCH in data.collect_schema():  # built by the engine (not a dry run)
-            firsts.append(pl.col(BATCH).first())
-        groups = (
-            data.group_by(self.by, maintain_order=True)
-            .agg(*firsts, *aggs)
-            .collect(engine="in-memory")
-        )
+        if BATCH in data.collect_schema():
+            aggs.insert(0, pl.col(BATCH).first())
+        else:
+            aggs.insert(0, pl.col(ROW_ID).first().alias(FIRST))
+        groups = data.group_by(self.by, maintain_order=True).agg(*aggs).collect(engine="in-memory")
         return groups.select(group_row_ids(groups.select(self.by)), pl.all())
 
     def read_state(self, read: StateReader, df: pl.DataFrame, batch: int) -> pl.DataFrame:
-        """Only the groups whose first row is in batch ``batch``: the index keeps its
-        groups in output order with the batch of each one's first row (``BATCH``), which
-        only grows, so a Parquet reader skips the other batches' row groups."""
+        """Only the groups whose first row is in batch ``batch`` (a barrier step runs on
+        whole batches, so those are the groups whose first row is in ``df``)."""
         return read(pl.col(BATCH) == batch)
 
     def apply(self, df: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
-        """The groups whose first row is in ``df``, in output order."""
-        mine = pl.col(FIRST).is_in(df.get_column(ROW_ID).implode())
-        return state.filter(mine).drop(FIRST, BATCH, strict=False)
+        """The groups whose first row is in ``df``, in output order. An index the engine
+        built (with ``BATCH``) comes through ``read_state``: those groups already."""
+        if FIRST in state.columns:
+            state = state.filter(pl.col(FIRST).is_in(df.get_column(ROW_ID).implode()))
+        return state.drop(FIRST, BATCH, strict=False)
