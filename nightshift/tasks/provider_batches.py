@@ -185,11 +185,18 @@ class _Unit:
         self.records = load_records(store, self.directory)
         # what an earlier look of this run held for this unit's pending batches
         self.reserved = budget.take_held(self.directory) if budget is not None else 0.0
+        #: the provider's API while :meth:`run` runs (a client opened there)
+        self._api: BatchAPI | None = None
+
+    @property
+    def api(self) -> BatchAPI:
+        assert self._api is not None, "the provider's API is open only while run() runs"
+        return self._api
 
     # -- the whole unit -------------------------------------------------------------------
     def run(self) -> list[GenerationResult]:
         with batch_api_for(self.config) as api:
-            self.api = api
+            self._api = api
             for record in self.records:
                 if record.collected:
                     for key, error in record.errors.items():
