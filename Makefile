@@ -56,8 +56,11 @@ demo: venv
 	head -n 3 out/nightly.jsonl
 	$(BIN)/nightshift preview examples/nightly.yaml --rows 2   # streams tokens; store untouched
 
+# Two pytest-xdist workers: the tests that need vLLM's API server on one, every other on
+# the other (tests/conftest.py, suite_part); most tests wait on servers and subprocesses,
+# so two halves side by side fit 2 cores. One file alone: .venv/bin/python -m pytest FILE
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # Static checks, run by .ci/run before the tests: ruff (lint + format) over the code, the
 # tests and the benchmarks; basedpyright (standard mode) over the package. 0 errors.

@@ -23,22 +23,99 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
+#: Under pytest-xdist (``make test`` runs two workers), the tests of a real model (vLLM's
+#: API server, the in-process engine) run on this worker, first; every other test on
+#: whichever worker is free: the API server boots once, on the worker that uses it, while
+#: its first tests run (:func:`suite_part`).
+API_WORKER = "gw0"
+#: the fixtures that mean "needs the session's vLLM API server"
+API_FIXTURES = {"vllm_server", "spare_vllm_server", "fault_proxy", "vllm_server_process"}
+#: the modules of tests on the real engine (the session's shared one or their own)
+ENGINE_MODULES = ("test_generation_", "test_serving_", "test_preview")
+
+
+def suite_part(item: pytest.Item) -> str | None:
+    """``models`` (vLLM's API server or the engine: one worker's, :data:`API_WORKER`),
+    ``drill`` (waits for the streams' outage drill, started on the other worker: run there,
+    last), or None (any worker, as they free up). ``make test`` runs two workers
+    (Makefile); the halves take about the same time (README, Tests)."""
+    names = set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("outage_drill"):
+        return "drill"
+    if API_FIXTURES & names or item.path.name.startswith(ENGINE_MODULES):
+        return "models"
+    return None
+
+
+def xdist_worker() -> str | None:
+    """``gw0``, ``gw1``, ... in a pytest-xdist worker; None in a plain pytest process."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names the groups in the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that need a vLLM API server run last (stable order otherwise): the server
     starts in the background at collection, and boots while the other tests run; the one
-    that needs a spare server runs after them (its spare boots while they run)."""
+    that needs a spare server runs after them (its spare boots while they run). Under
+    xdist the tests pinned to a worker are marked (:func:`suite_part`)."""
 
     def rank(item: pytest.Item) -> int:
         names = getattr(item, "fixturenames", ())
-        if "stream_drill" in names:  # waits for the drill that ran beside all the others
+        if item.get_closest_marker("outage_drill"):  # waits for the drill run beside the others
             return 3
         return 2 if "spare_vllm_server" in names else 1 if "vllm_server" in names else 0
 
     items.sort(key=rank)  # list.sort is stable: the order within each group is kept
+    if xdist_worker() is not None:
+        for item in items:
+            if (part := suite_part(item)) is not None:
+                item.add_marker(pytest.mark.xdist_group(part))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own (registered after this conftest)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``, with the ``models`` tests on :data:`API_WORKER` first (it
+    started the vLLM API server as it collected), the ``drill`` test on the other worker
+    once nothing else is left (the drill has run there since the session started), and
+    every other test on whichever worker frees up first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Pinned(LoadGroupScheduling):
+        def _pick(self, node: Any) -> str | None:
+            if len(self.nodes) == 1:  # -n 1: everything on it, in order
+                return next(iter(self.workqueue), None)
+            free = [k for k in self.workqueue if k not in ("models", "drill")]
+            order = ["models", *free] if node.gateway.id == API_WORKER else [*free, "drill"]
+            return next((k for k in order if k in self.workqueue), None)
+
+        def _assign_work_unit(self, node: Any) -> None:
+            scope = self._pick(node)
+            if scope is None:  # what is left is the other worker's
+                return
+            self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node: Any) -> None:
+            if node.shutting_down:
+                return
+            if self._pick(node) is None:
+                if not self._pending_of(self.assigned_work.get(node, {})):
+                    node.shutdown()
+                return
+            super()._reschedule(node)
+
+    return Pinned(config, log)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    used = {n for item in session.items for n in getattr(item, "fixturenames", ())}
+    items = session.items
+    if xdist_worker() not in (None, API_WORKER):
+        return  # the API server is the other worker's
+    if xdist_worker() == API_WORKER:
+        items = [i for i in items if suite_part(i) != "drill"]
+    used = {n for item in items for n in getattr(item, "fixturenames", ())}
     if "vllm_server" in used and not session.config.option.collectonly:
         import api_fixtures
 
@@ -61,10 +138,10 @@ def stream_drill(
 ) -> Iterator[Any]:
     """The streams' outage drill (``tests/stream_drill.py``: minutes of mostly idle
     waiting while servers are down), started in the background when the session starts if
-    a collected test uses it; that test is collected last and waits for it. None when no
-    collected test needs it. Under pytest-xdist every worker sees every collected test, so
-    there it starts only when its test asks (on the worker that runs it)."""
-    if not any("stream_drill" in getattr(i, "fixturenames", ()) for i in request.session.items):
+    a collected test is marked ``outage_drill``; that test runs last and waits for it. None
+    when no collected test is. Under pytest-xdist it starts at once on the worker that is
+    not :data:`API_WORKER` (which runs that test, last), else only when its test asks."""
+    if not any(i.get_closest_marker("outage_drill") for i in request.session.items):
         yield None
         return
     from stream_drill import DrillProcess
@@ -72,7 +149,7 @@ def stream_drill(
     drill = DrillProcess(
         tmp_path_factory.mktemp("stream-drill"),
         prefect_api,
-        start="PYTEST_XDIST_WORKER" not in os.environ,
+        start=xdist_worker() != API_WORKER,
     )
     try:
         yield drill

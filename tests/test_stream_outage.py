@@ -175,6 +175,7 @@ def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
     assert [backoff.pause() for _ in range(5)] == [0.5, 1, 2, 2, 2]
 
 
+@pytest.mark.outage_drill  # the session starts the drill when this test is collected
 def test_outage_drill_every_message_once_in_every_sink(stream_drill: Any) -> None:
     """Waits for the drill started at session start (see the module docstring)."""
     result = stream_drill.wait()
