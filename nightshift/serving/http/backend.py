@@ -75,6 +75,7 @@ from nightshift.serving.http.wire import (
     Endpoint,
     MalformedReply,
     StreamReply,
+    error_detail,
     estimate_tokens,
     parse_reply,
     request_body,
@@ -508,7 +509,7 @@ class OpenAIBackend:
         kind = classify_status(response.status_code)
         if kind is None:
             return
-        detail = f"{response.status_code} {response.reason_phrase}: {_error_detail(response)}"
+        detail = f"{response.status_code} {response.reason_phrase}: {error_detail(response)}"
         if kind is Permanent:
             raise Permanent(detail)
         retry_after = retry_after_s(response.headers)
@@ -565,20 +566,6 @@ def _endpoint_specs(
     for spec in specs:
         spec["url"] = str(spec["url"]).rstrip("/")
     return specs
-
-
-def _error_detail(response: httpx.Response) -> str:
-    """The server's own message (``{"error": {"message": …}}`` or ``{"message": …}``)."""
-    try:
-        data = response.json()
-    except ValueError:
-        return shorten(" ".join(response.text.split()), 200) or "(empty body)"
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        message = err.get("message") if isinstance(err, dict) else err
-        if message:
-            return shorten(str(message), 300)
-    return shorten(str(data), 200)
 
 
 def _without_userinfo(url: str) -> str:

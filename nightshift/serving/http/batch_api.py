@@ -35,6 +35,7 @@ from nightshift.serving.http.wire import (
     CHAT,
     Endpoint,
     MalformedReply,
+    error_detail,
     parse_reply,
     request_body,
 )
@@ -216,7 +217,7 @@ class BatchAPI:
                 except ValueError:
                     last = "malformed reply body"
                     continue
-            detail = self._redact(f"{response.status_code}: {_message(response)}")
+            detail = self._redact(f"{response.status_code}: {error_detail(response)}")
             if response.status_code < 500 and response.status_code not in (408, 409, 429):
                 raise BatchAPIError(f"{method} {self.base_url}{path}: {detail}")
             last = detail
@@ -226,16 +227,3 @@ class BatchAPI:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return shorten(" ".join(response.text.split()), 200) or "(empty body)"
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        message = err.get("message") if isinstance(err, dict) else err
-        if message:
-            return shorten(str(message), 300)
-    return shorten(str(data), 200)

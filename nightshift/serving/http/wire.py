@@ -29,9 +29,13 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from nightshift.core.errors import shorten
 from nightshift.serving.interface import GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "Endpoint",
@@ -222,3 +226,18 @@ def estimate_tokens(request: GenerationRequest) -> int:
     for tokens-per-minute budgeting before the server reports real usage."""
     chars = len(request.prompt or "") + sum(len(m.content) + 8 for m in request.messages or [])
     return chars // 4 + 1 + request.sampling.max_tokens
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The server's own message in an error answer (``{"error": {"message": …}}`` or
+    ``{"message": …}``; else its body), shortened for one log line."""
+    try:
+        data = response.json()
+    except ValueError:
+        return shorten(" ".join(response.text.split()), 200) or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        message = err.get("message") if isinstance(err, dict) else err
+        if message:
+            return shorten(str(message), 300)
+    return shorten(str(data), 200)
