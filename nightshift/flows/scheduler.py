@@ -187,7 +187,7 @@ class Execution:
                 try:
                     unit, stage, future = self._events.get(timeout=timeout)
                 except queue.Empty:  # nothing finished for a while (provider batches)
-                    if self.progress is not None and hasattr(self.progress, "tick"):
+                    if self.progress is not None:  # RunProgress
                         self.progress.tick()
                     self._poll_waiting()
                     continue
