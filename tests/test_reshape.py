@@ -59,6 +59,21 @@ def test_child_ids_follow_the_documented_formula() -> None:
     assert got[0] == 0xE220A8397B1DCDAF  # SplitMix64's first output for seed 0
 
 
+def test_child_ids_of_many_rows_in_blocks_on_every_core() -> None:
+    """Past one block (65,536 ids) the ids are mixed in blocks across threads: every block
+    and every edge between two gives the formula's id, for a strided (sliced) input too."""
+    rng = np.random.default_rng(7)
+    n = 3 * 65_536 + 11
+    parents = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    index = rng.integers(0, 50, n)
+    got = child_row_ids(pl.Series(parents[::-1]), pl.Series(index[::-1])).to_numpy()
+    picks = [0, 1, 65_535, 65_536, 65_537, 2 * 65_536, n - 12, n - 1]
+    picks += rng.integers(0, n, 200).tolist()
+    for k in picks:
+        assert int(got[k]) == splitmix(int(parents[::-1][k]), int(index[::-1][k])), k
+    assert len(got) == n
+
+
 def key_hash(text: str) -> int:
     """The documented group id formula, written out in plain Python."""
     data, mask = text.encode(), (1 << 64) - 1
