@@ -189,8 +189,9 @@ def test_budget_stops_an_online_run_within_one_batch_and_the_next_run_finishes(
     unit_cost = max(u["cost_usd"] for u in step["batch_usage"])
     assert step["computed"] == 1 and summary["left"] == {step["name"]: 2}, summary
     assert 0.06 - budget["spent_usd"] < unit_cost, "stopped within one unit of the cap"
-    runs = list((tmp_path / "store").glob("budget-online/runs/*.json"))
-    assert len(runs) == 1, "the run's stats are in the store"
+    [record] = list((tmp_path / "store").glob("budget-online/runs/*/attempt.json"))
+    stats = json.loads(record.read_text())  # the run's one record: cost, budget, what is left
+    assert stats["budget"] == budget and stats["left"] == summary["left"], stats
     again = run_pipeline(spec=spec, return_state=True)
     assert again.name == "Completed", again
     assert again.result()["left"] == {}
@@ -302,8 +303,10 @@ def test_batch_run_survives_three_kill_points_and_equals_the_online_run(
     assert total["saved_usd"] > 0 and total["cost_usd"] == pytest.approx(
         step["cost_usd"], abs=cents
     )
-    [stats] = list((tmp_path / "store").glob("nightly-batch/runs/*.json"))[-1:]
-    assert json.loads(stats.read_text())["steps"][0]["cost_usd"] == step["cost_usd"]
+    record = sorted((tmp_path / "store").glob("nightly-batch/runs/*/attempt.json"))[-1]
+    stats = json.loads(record.read_text())
+    assert stats["totals"][0]["cost_usd"] == step["cost_usd"]
+    assert stats["cost_usd"] == pytest.approx(total["cost_usd"], abs=cents)
 
 
 def test_waiting_run_submits_every_unit_at_once(

@@ -8,12 +8,11 @@ Layout under the root (stable; any Parquet tool can read it)::
     <root>/<pipeline>/steps/<stage>/outputs.json       output index (core/inventory.py)
     <root>/<pipeline>/barriers/<stage>-<key16>.parquet state of a barrier step (dedup index)
     <root>/<pipeline>/answers/<stage>/<stem>-<start>-<key16>/   LLM answers of a unit in progress
-    <root>/<pipeline>/runs/<attempt>/attempt.json     one run attempt: who, when, per-stage totals
+    <root>/<pipeline>/runs/<attempt>/attempt.json     one run attempt: who, when, per-stage totals, cost
     <root>/<pipeline>/runs/<attempt>/units[-<seq>].parquet   its per-unit records (timings, tokens, errors)
     <root>/<pipeline>/runs/<attempt>/report.html       the run report written at its end
     <root>/<pipeline>/provider-batches/<stage>/<stem>-<start>-<key16>/<part>-<attempt>.json
                                                        a unit's provider batches (mode: batch)
-    <root>/<pipeline>/runs/<started>-<run>.json        a run's per-step stats and cost
     <root>/<stream>/windows/<first>-<last>.json        stream window journal
     <root>/<stream>/windows/<id>-<key16>.parquet       a window's decoded rows
     <root>/<stream>/steps/<stage>/w-<id>-<key16>.parquet   a window's output at a stage
@@ -126,10 +125,6 @@ class PipelineLayout:
     def provider_batches_dir(self) -> str:
         """Every unit's provider batch records: ``<stage>/<unit>/<part>-<attempt>.json``."""
         return f"{self.base}/{PROVIDER_BATCHES}"
-
-    def run_stats(self, started: str, run: str) -> str:
-        """One run's stats (per step: batches, rows, tokens, cost): ``runs/<started>-<run>.json``."""
-        return f"{self.runs_dir()}/{started}-{capped(run, 60)}.json"
 
     def barrier_file(self, stage_name: str, key: str) -> str:
         return f"{self.barriers_dir()}/{capped(stage_name)}-{key[:16]}.parquet"

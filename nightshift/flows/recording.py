@@ -4,8 +4,10 @@ Each attempt of a flow run (a first run, a UI Retry, a later ``nightshift run`` 
 resumes) gets a folder in the store, ``<pipeline>/runs/<attempt>/`` (``core/layout.py``):
 
 * ``attempt.json``: the flow run (id, name, attempt number), start and end, its status,
-  the plan's stages (names, fingerprints, parents) and per-stage totals; written when the
-  attempt starts and again at each flush, so a killed attempt leaves what it had;
+  the plan's stages (names, fingerprints, parents) and per-stage totals (batches, rows,
+  tokens, requests, cost); written when the attempt starts and again at each flush, so a
+  killed attempt leaves what it had; at its end also the run's ``cost_usd``,
+  ``online_cost_usd``, ``budget`` and what is ``left`` (the one record of a run);
 * ``units-<seq>.parquet``: one record per unit (a (stage, batch[, piece]) task's worth
   of work), flushed every :data:`FLUSH_SECONDS` while the attempt runs; compacted into
   one ``units.parquet`` when it ends (a killed attempt keeps its chunks).
@@ -228,10 +230,13 @@ class Recorder:
         except Exception as exc:  # the record is an aid; the run goes on without it
             warn(f"could not record the run's progress: {one_line(exc)}")
 
-    def close(self, totals: list[dict[str, Any]], status: str) -> None:
-        """The attempt ended (``completed`` or ``failed``): flush, then compact its
-        chunks into ``units.parquet``."""
-        self.meta.update(ended=time.time(), status=status)
+    def close(
+        self, totals: list[dict[str, Any]], status: str, outcome: dict[str, Any] | None = None
+    ) -> None:
+        """The attempt ended (``completed`` or ``failed``): flush (with ``outcome``: the
+        run's cost, budget and what is left), then compact its chunks into
+        ``units.parquet``."""
+        self.meta.update(ended=time.time(), status=status, **(outcome or {}))
         self.flush(totals)
         layout, store = self.plan.layout, self.plan.store
         chunks = [layout.unit_records(self.attempt, i) for i in range(1, self._seq + 1)]

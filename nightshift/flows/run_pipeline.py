@@ -106,7 +106,6 @@ def execute_plan(
     cap = budget if budget is not None else spec.budget
     run_budget = Budget(cap) if cap is not None else None
     batch_mode = any(getattr(c, "mode", "online") == "batch" for c in plan.serving.values())
-    run_started = dt.datetime.now(dt.UTC)
     with make_task_runner(spec.task_runner, spec.workers, spec.dask, plan.serving) as runner:
         pool = getattr(runner, "pool", None)
         if pool is not None:
@@ -130,7 +129,8 @@ def execute_plan(
                 pool.budget = None
             for stage in execution.complete_stages():
                 _write_manifest(plan, execution, stage)
-            recorder.close([s.totals() for s in execution.stats], status)
+            totals = [s.totals() for s in execution.stats]
+            recorder.close(totals, status, _outcome(totals, run_budget, execution))
             from nightshift.flows.report import save_report  # altair: imported when used
 
             report = save_report(plan, recorder.attempt)
@@ -145,7 +145,6 @@ def execute_plan(
             )
             if batch_mode:
                 publish_provider_batches(plan, provider_batches(plan), artifacts)
-            _write_run_stats(plan, run_started, rows, run_budget, execution)
             logger.info(cost_line(rows, run_budget, execution.left(), execution.pending_batches()))
     outputs = {
         plan.stages[i].name: [ref.path for _, ref in execution.units_of(i)] for i in plan.sinks
@@ -180,36 +179,19 @@ def _budget_summary(budget: Budget | None) -> dict[str, Any] | None:
     }
 
 
-def _write_run_stats(
-    plan: Plan,
-    started: dt.datetime,
-    rows: list[dict[str, Any]],
-    budget: Budget | None,
-    execution: Execution,
-) -> None:
-    """The run's stats in the store, ``<pipeline>/runs/<started>-<run>.json``: per step
-    its batches, rows, tokens, requests, ``cost_usd`` and ``online_cost_usd`` (what the
-    same tokens cost online), the budget and what is left (docs/generation.md)."""
-    run = str(flow_run.id) if flow_run.id else "local"
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    try:
-        plan.store.write_json(
-            plan.layout.run_stats(stamp, run),
-            {
-                "pipeline": plan.spec.name,
-                "flow_run_id": None if run == "local" else run,
-                "started_at": started.isoformat(),
-                "ended_at": dt.datetime.now(dt.UTC).isoformat(),
-                "steps": [{k: v for k, v in row.items() if k != "batch_usage"} for row in rows],
-                "cost_usd": round(sum(r.get("cost_usd") or 0.0 for r in rows), 6),
-                "online_cost_usd": round(sum(r.get("online_cost_usd") or 0.0 for r in rows), 6),
-                "budget": _budget_summary(budget),
-                "left": execution.left(),
-                "pending_batches": execution.pending_batches(),
-            },
-        )
-    except Exception as exc:  # a report; the run's work is in the store already
-        get_run_logger().warning("could not write the run's stats: %s", exc)
+def _outcome(
+    totals: list[dict[str, Any]], budget: Budget | None, execution: Execution
+) -> dict[str, Any]:
+    """What the attempt's record (``runs/<attempt>/attempt.json``) adds at its end, beside
+    the per-stage ``totals`` (with each step's ``cost_usd`` and ``online_cost_usd``): the
+    run's cost, the budget, and what is left for a later run (docs/generation.md)."""
+    return {
+        "cost_usd": round(sum(t.get("cost_usd") or 0.0 for t in totals), 6),
+        "online_cost_usd": round(sum(t.get("online_cost_usd") or 0.0 for t in totals), 6),
+        "budget": _budget_summary(budget),
+        "left": execution.left(),
+        "pending_batches": execution.pending_batches(),
+    }
 
 
 def _write_manifest(plan: Plan, execution: Execution, stage: int) -> None:
