@@ -137,6 +137,7 @@ def pipeline(
         "store": {"url": f"file://{work}/store-{name}"},
         "workers": opts["workers"],
         "max_in_flight": 2 * opts["workers"],
+        "handover": bool(opts.get("handover", True)),
         "serving": serving,
         "steps": operators(opts["max_tokens"], opts["judge_tokens"]),
     }
