@@ -129,6 +129,8 @@ class AutoBatcher:
             deadline = None if timeout is None else time.monotonic() + timeout
             for index, result in ticket.rows_as_answered(deadline):
                 on_row(index, result)
+            if deadline is not None:
+                timeout = max(deadline - time.monotonic(), 0.0)
         return ticket.wait(timeout)
 
     def submit_nowait(self, requests: Sequence[GenerationRequest]) -> Pending:
