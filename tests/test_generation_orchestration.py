@@ -132,3 +132,27 @@ def test_replicas_are_bound_to_devices_and_restarted_when_killed() -> None:
         assert served.backends[0]._current().pid != replica.pid
     finally:
         pool.close()
+
+
+def test_rows_are_handed_over_to_the_next_llm_step(tmp_path: Path) -> None:
+    """generate -> judge on one in-process engine: each answered row's judge request is
+    prefetched by the generation task (row-level hand-over), the judge task takes those
+    answers, and the stored judge output is what the engine answers for the judge's
+    requests over the stored generation output (as without the hand-over). A row the
+    judge skips is not prefetched."""
+    from nightshift.serving.fake_backend import FakeBackend
+    from nightshift.serving.runner import shared_serving
+
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(24, "h"))
+    judge = Judge(input="a", rubric="r", output="s", skip_if="id = 'h3'", max_error_rate=1.0)
+    steps = [Generate(prompt="{{ text }}", output="a"), judge]
+    p = pipe(tmp_path, steps, batch_size=8, name="handover")
+    with shared_serving(FAKE) as pool:
+        p.run()
+        assert pool.handover() == {"prefetched": 23, "taken": 23}
+    out, generated = p.read(), p.read(step=0)
+    asked = judge.requests_for(generated)
+    assert len(asked) == 23
+    expected = [r.text for r in FakeBackend(model="echo").generate(asked)]
+    assert out["s_raw"].drop_nulls().to_list() == expected
+    assert out.filter(pl.col("id") == "h3")["s_raw"].to_list() == [None]

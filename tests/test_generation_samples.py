@@ -106,7 +106,11 @@ def test_n_samples_judge_each_pick_best_and_chat_messages_on_the_engine(tmp_path
             pipe.run()
         return pipe.read()
 
+    handed = shared_pool().handover()["taken"]
     out = run("first")
+    # row-level hand-over: every candidate's judge request was prefetched by the sampling
+    # task as its row was answered, and taken by the judge (its answers checked below)
+    assert shared_pool().handover()["taken"] - handed == len(QUESTIONS) * N
     assert out.height == len(QUESTIONS)
     assert (out["_row_id"] & 0xFFFFFFFF).to_list() == [0, 1, 2], "row ids are the source's"
     assert out.schema["answers"] == pl.List(pl.String)

@@ -162,3 +162,74 @@ def test_closed_batcher_rejects_and_fails_pending() -> None:
     with pytest.raises(BatcherClosedError):
         batcher.submit([req("late")])
     assert batcher.submit([]) == []
+
+
+# -- row-level hand-over: rows as answered, prefetch ------------------------------------
+
+
+class _Gated:
+    """A backend that hands row 0 over at once, then holds the call until ``release``."""
+
+    rows_early = True
+    max_concurrent_calls = 4
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def generate(self, requests, on_result=None, usage=None, on_row=None):
+        self.calls.append([r.last_text() for r in requests])
+        results = [
+            GenerationResult(text=f"re: {r.last_text()}", finish_reason="stop") for r in requests
+        ]
+        if len(requests) > 1:
+            assert on_row is not None
+            on_row(0, results[0])
+            assert self.release.wait(10)
+        return results
+
+
+def test_rows_are_handed_over_before_their_call_returns_and_prefetches_are_taken() -> None:
+    """``submit(on_row=...)`` sees row 0 while the call still runs; a request queued
+    from that callback (``submit_nowait``) reaches the backend in a call of its own
+    before the first call returns; the pool answers an equal request from a prefetch
+    without asking the backend again."""
+    gated = _Gated()
+    with AutoBatcher(gated, max_batch=8, batch_timeout_s=0.0) as batcher:
+        seen: list[tuple[int, str | None, bool]] = []
+        later = []
+
+        def on_row(index: int, result: GenerationResult) -> None:
+            seen.append((index, result.text, gated.release.is_set()))
+            if index == 0:
+                later.append(batcher.submit_nowait([req(f"judge {result.text}")]))
+                deadline = time.monotonic() + 10
+                while len(gated.calls) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                gated.release.set()
+
+        results = batcher.submit([req("a"), req("b")], on_row=on_row)
+        assert [r.text for r in results] == ["re: a", "re: b"]
+        assert seen == [(0, "re: a", False), (1, "re: b", True)], "row 0 early, each once"
+        assert gated.calls[1] == ["judge re: a"], "the next request went in mid-call"
+        assert [r.text for r in later[0].wait(10)] == ["re: judge re: a"]
+
+    from nightshift.serving.pool import ServingPool
+
+    pool = ServingPool({"default": {"backend": "fake", "model": "m"}})
+    try:
+        fake = pool.served("default").backends[0].backend
+        assert pool.prefetch("default", [req("x"), req("x")], group="run-1") == 2
+        assert pool.prefetch("default", [req("y")], group="run-2") == 1
+        pool.drop_prefetched("run-2")  # another run's leftovers: forgotten
+        rows: list[int] = []
+        out = pool.submit(
+            "default", [req("x"), req("y"), req("x")], on_row=lambda i, r: rows.append(i)
+        )
+        assert [r.text for r in out] == ["echo: x", "echo: y", "echo: x"]
+        assert sorted(rows) == [0, 1, 2]
+        # x, x and the dropped y were sent when prefetched; of the three asked, only y again
+        assert sum(fake.batch_sizes) == 3 + 1, "the prefetched x answers were taken"
+        assert pool.handover() == {"prefetched": 3, "taken": 2}
+    finally:
+        pool.close()

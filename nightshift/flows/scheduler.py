@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import queue
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import NotSet
 
+from nightshift.blocks.serving_config import FakeBackendConfig, VLLMEngineConfig
 from nightshift.core.errors import (
     BudgetReached,
     Deferred,
@@ -40,6 +42,7 @@ from nightshift.core.errors import (
 )
 from nightshift.flows.plan import Plan, Unit
 from nightshift.flows.survey import Inventory, barrier_input_keys, stage_units
+from nightshift.tasks.operators.llm import Handover, LLMOperator
 from nightshift.tasks.step_task import BatchRef, build_barrier_index, configure_for, run_stage_batch
 
 #: Seconds between saves of the output indexes while a run goes (a kill loses at most
@@ -174,6 +177,9 @@ class Execution:
         self._forced_stages = self.plan.forced(self.force_from_stage)
         self._roots = [s.index for s in stages if not s.parents]
         self._index_task = build_barrier_index.with_options(**options)
+        self._pool = getattr(self.runner, "pool", None)
+        self._handover_group = uuid.uuid4().hex
+        self._handover_to = self._handover_targets()
 
     # -- public ---------------------------------------------------------------------
     def run(self) -> None:
@@ -201,6 +207,8 @@ class Execution:
                 if self.recorder is not None and self.recorder.due():
                     self.recorder.flush([s.totals() for s in self.stats])
         finally:
+            if self._handover_to and self._pool is not None:
+                self._pool.drop_prefetched(self._handover_group)
             self.save_index()
             if self.progress is not None:  # every step's last numbers, a failure included
                 self.progress.close(self.stats)
@@ -251,6 +259,48 @@ class Execution:
     # -- scheduling -------------------------------------------------------------------
     def _forced(self, stage: int) -> bool:
         return stage in self._forced_stages
+
+    def _handover_targets(self) -> dict[int, list[tuple[int, LLMOperator]]]:
+        """Per stage whose last step is an LLM step: the next stages (their only parent
+        is it) whose first step is an LLM step on an in-process engine, with that step:
+        the row-level hand-over (``operators.llm.Handover``)."""
+        if not self.plan.spec.handover or self._pool is None:
+            return {}
+        configs = getattr(self._pool, "configs", {})
+        targets: dict[int, list[tuple[int, LLMOperator]]] = {}
+        for s in self.plan.stages:
+            if s.barrier is not None or not s.operators:
+                continue
+            if not isinstance(s.operators[-1], LLMOperator):
+                continue
+            for child in self.plan.children[s.index]:
+                c = self.plan.stages[child]
+                first = c.operators[0] if c.operators else None
+                if (
+                    c.parents == [s.index]
+                    and c.barrier is None
+                    and isinstance(first, LLMOperator)
+                    and isinstance(configs.get(first.serving), VLLMEngineConfig | FakeBackendConfig)
+                ):
+                    targets.setdefault(s.index, []).append((child, first))
+        return targets
+
+    def _handover(self, unit: Unit) -> Handover | None:
+        """What ``unit``'s rows are handed over to: the next stages' LLM steps whose
+        output for this batch is not in the store already."""
+        targets = self._handover_to.get(unit.stage)
+        if not targets:
+            return None
+        assert self.inventory is not None
+        keys = [u.key for u in self._slots[unit.stage][unit.batch].units]
+        to = []
+        for child, op in targets:
+            if self.plan.stages[child].batch_size is None and not self._forced(child):
+                units = self.plan.units(child, unit.batch, self.plan.input_key(keys), 0)
+                if all(self.inventory.done(u) is not None for u in units):
+                    continue  # reused: prefetching would be wasted engine work
+            to.append(op)
+        return Handover(to=to, group=self._handover_group) if to else None
 
     def _fill(self) -> None:
         limit = self.plan.spec.max_in_flight
@@ -353,6 +403,7 @@ class Execution:
                 rows=None if unit.stop is None else (unit.start, unit.stop),
                 surveyed=True,
                 fingerprint=s.fingerprint,
+                **({"handover": h} if (h := self._handover(unit)) is not None else {}),
             ),
         )
         if self.recorder is not None:

@@ -13,7 +13,12 @@ gathered batch as soon as it is formed, up to that many calls at once: no batch 
 for the previous call's longest sequence. Other backends get one call at a time.
 
 A submission larger than ``max_batch`` is split across calls; results always come
-back to their caller in the caller's order. If ``backend.generate`` raises (or returns
+back to their caller in the caller's order. ``submit(..., on_row=f)`` also hands each
+row to ``f`` on the caller's thread as soon as it is answered (as the engine finishes
+it, for backends with ``rows_early``; else when its call returns), and
+``submit_nowait`` queues requests without waiting (a :class:`Pending` to wait on
+later): together they are the row-level hand-over between LLM steps
+(``ServingPool.prefetch``). If ``backend.generate`` raises (or returns
 the wrong number of results), every caller with a request in that call gets the
 exception from ``submit``. Behind a
 :class:`~nightshift.serving.resilience.RestartingBackend` an engine death does not
@@ -30,15 +35,21 @@ Example::
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from nightshift.serving.interface import Backend, GenerationRequest, GenerationResult
+from nightshift.serving.interface import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+)
 
-__all__ = ["AutoBatcher", "BatcherClosedError"]
+__all__ = ["AutoBatcher", "BatcherClosedError", "Pending"]
 
 
 class BatcherClosedError(RuntimeError):
@@ -87,7 +98,8 @@ class AutoBatcher:
             if max_concurrent_calls > 1
             else None
         )
-        self._pending: deque[tuple[_Ticket, int, GenerationRequest]] = deque()
+        self._rows_early = bool(getattr(backend, "rows_early", False))
+        self._pending: deque[tuple[Pending, int, GenerationRequest]] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(
@@ -96,9 +108,13 @@ class AutoBatcher:
         self._worker.start()
 
     def submit(
-        self, requests: Sequence[GenerationRequest], timeout: float | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        timeout: float | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
         """Queue ``requests`` and block until all are served; results in input order.
+        ``on_row(index, result)`` sees each row on this thread as soon as it is answered.
 
         Raises:
             Exception: whatever ``backend.generate`` raised for a call that held one of
@@ -106,19 +122,35 @@ class AutoBatcher:
             BatcherClosedError: the batcher was closed before they were served.
             TimeoutError: ``timeout`` seconds passed first (the requests may still run).
         """
-        ticket = _Ticket(len(requests))
         if not requests:
             return []
+        ticket = self._queue(requests, rows=on_row is not None)
+        if on_row is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for index, result in ticket.rows_as_answered(deadline):
+                on_row(index, result)
+            if deadline is not None:
+                timeout = max(deadline - time.monotonic(), 0.0)
+        return ticket.wait(timeout)
+
+    def submit_nowait(self, requests: Sequence[GenerationRequest]) -> Pending:
+        """Queue ``requests`` and return at once; :meth:`Pending.wait` gives the results.
+
+        Raises:
+            BatcherClosedError: the batcher is closed.
+        """
+        return self._queue(requests, rows=False)
+
+    def _queue(self, requests: Sequence[GenerationRequest], rows: bool) -> Pending:
+        ticket = Pending(len(requests), rows)
+        if not requests:
+            return ticket
         with self._cond:
             if self._closed:
                 raise BatcherClosedError("AutoBatcher is closed")
             self._pending.extend((ticket, i, r) for i, r in enumerate(requests))
             self._cond.notify_all()
-        if not ticket.done.wait(timeout):
-            raise TimeoutError(f"{len(requests)} requests not served within {timeout} s")
-        if ticket.error is not None:
-            raise ticket.error
-        return list(ticket.results)  # type: ignore[arg-type]
+        return ticket
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the worker after the calls in progress; pending submissions fail with
@@ -138,7 +170,7 @@ class AutoBatcher:
 
     # -- worker ------------------------------------------------------------------
 
-    def _take_batch(self) -> list[tuple[_Ticket, int, GenerationRequest]] | None:
+    def _take_batch(self) -> list[tuple[Pending, int, GenerationRequest]] | None:
         """Wait for the first request, then up to ``batch_timeout_s`` for a full batch.
         None when closed."""
         with self._cond:
@@ -181,9 +213,17 @@ class AutoBatcher:
         for ticket in {id(t): t for t, _, _ in leftover}.values():
             ticket.fail(BatcherClosedError("AutoBatcher closed before these requests were served"))
 
-    def _call(self, batch: list[tuple[_Ticket, int, GenerationRequest]]) -> None:
+    def _call(self, batch: list[tuple[Pending, int, GenerationRequest]]) -> None:
+        def hint(position: int, result: GenerationResult) -> None:
+            ticket, index, _ = batch[position]
+            ticket.hint(index, result)
+
         try:
-            results = self.backend.generate([r for _, _, r in batch])
+            requests = [r for _, _, r in batch]
+            if self._rows_early and any(t.wants_rows for t, _, _ in batch):
+                results = self.backend.generate(requests, on_row=hint)  # type: ignore[call-arg]
+            else:
+                results = self.backend.generate(requests)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"backend returned {len(results)} results for {len(batch)} requests"
@@ -200,30 +240,79 @@ class AutoBatcher:
             self._slots.release()
 
 
-class _Ticket:
-    """One submit call's slots; ``done`` is set when all are filled or it failed."""
+class Pending:
+    """One submission's slots (``submit_nowait`` returns it): :meth:`wait` for them."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, rows: bool = False) -> None:
         self.results: list[GenerationResult | None] = [None] * n
         self.remaining = n
         self.error: BaseException | None = None
         self.done = threading.Event()
+        if n == 0:
+            self.done.set()
+        #: rows handed to ``submit``'s ``on_row``: ``(index, result)``, then None
+        self.wants_rows = rows
+        self._rows: queue.SimpleQueue[tuple[int, GenerationResult] | None] | None = (
+            queue.SimpleQueue() if rows else None
+        )
+        self._hinted: set[int] = set()
         self._lock = threading.Lock()
+
+    def wait(self, timeout: float | None = None) -> list[GenerationResult]:
+        """Block until every row is answered; results in input order.
+
+        Raises:
+            Exception: what the backend raised for a call holding one of these rows.
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"{len(self.results)} requests not served within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return list(self.results)  # type: ignore[arg-type]
+
+    def rows_as_answered(self, deadline: float | None) -> Iterator[tuple[int, GenerationResult]]:
+        """Each row once, as it is answered, until all are (or the submission failed)."""
+        assert self._rows is not None
+        while True:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                item = self._rows.get(timeout=timeout)
+            except queue.Empty:
+                return  # wait() raises the TimeoutError
+            if item is None:
+                return
+            yield item
+
+    def hint(self, index: int, result: GenerationResult) -> None:
+        """Row ``index`` is answered (its call may still be running)."""
+        with self._lock:
+            self._hint(index, result)
+
+    def _hint(self, index: int, result: GenerationResult) -> None:
+        if self._rows is not None and self.error is None and index not in self._hinted:
+            self._hinted.add(index)
+            self._rows.put((index, result))
 
     def put(self, index: int, result: GenerationResult) -> None:
         with self._lock:
             if self.error is not None:
                 return
+            self._hint(index, result)
             self.results[index] = result
             self.remaining -= 1
             if self.remaining == 0:
                 self.done.set()
+                if self._rows is not None:
+                    self._rows.put(None)
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
             if self.error is None:
                 self.error = error
+                if self._rows is not None:
+                    self._rows.put(None)
             self.done.set()
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"_Ticket(remaining={self.remaining}, error={self.error!r})"
+        return f"Pending(remaining={self.remaining}, error={self.error!r})"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from nightshift.core.usage import Usage
 from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback, report
@@ -65,11 +65,15 @@ class FakeBackend:
         self.closed = False
         self._lock = threading.Lock()
 
+    #: ``generate`` takes ``on_row`` (each row once it is answered, in input order).
+    rows_early: ClassVar[bool] = True
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
         """Echo each request; failing rows get ``error``; listed calls raise."""
         with self._lock:
@@ -83,6 +87,9 @@ class FakeBackend:
         if call in self.fail_calls:
             raise FakeBackendError(f"fake failure on call {call}")
         results = [self._one(r) for r in requests]
+        if on_row is not None:
+            for index, result in enumerate(results):
+                on_row(index, result)
         report(results, on_result, usage)
         return results
 

@@ -35,6 +35,7 @@ __all__ = [
     "ChatMessage",
     "GenerationRequest",
     "GenerationResult",
+    "RowCallback",
     "SamplingParams",
 ]
 
@@ -154,6 +155,16 @@ class Backend(Protocol):
 
 #: ``on_result(index, result)``: a row of a ``generate`` call has its answer.
 ResultCallback = Callable[[int, GenerationResult], None]
+
+#: ``on_row(index, result)``: an early look at a row's answer, as soon as the engine has
+#: it, while the rest of the call is still being served (backends whose class sets
+#: ``rows_early = True`` take it as ``generate``'s ``on_row`` keyword: the in-process vLLM
+#: engine, the fake). Called at most once per row, on the calling thread; a hint only:
+#: the call's returned results are the answers (``on_result`` and ``usage`` count
+#: them), and a row's hint may be missing (the call raised) but never differs from
+#: its result in a call that returns. The serving pool uses it for the row-level
+#: hand-over between LLM steps (``ServingPool.prefetch``).
+RowCallback = ResultCallback
 
 
 def report(

@@ -10,6 +10,17 @@ With ``devices`` there is one replica per device, each in its own process, used 
 An ``openai_compatible`` backend is called directly from every task (it bounds its own
 concurrency, retries per row and reports each answer as it arrives through ``on_result``).
 
+**Row-level hand-over** (in-process engines: vLLM, fake): :meth:`ServingPool.prefetch`
+queues requests now, before the step that will ask them runs; when that step's
+:meth:`ServingPool.submit` asks a request equal to a prefetched one (the same messages
+or prompt and sampling, compared whole), it takes the prefetched answer instead of
+asking again. The engine task of a ``generate -> judge`` chain prefetches each row's
+judge request as soon as the engine has that row's reply (``on_row``, ahead of the
+rest of the batch), so the judge's requests join the running engine batch row by row.
+A prefetched request no step asks is wasted engine work, nothing else: answers are
+only ever taken by an equal request. :meth:`ServingPool.drop_prefetched` forgets a
+run's leftovers.
+
 The engine hands the pool to each step task explicitly (``run_stage_batch(pool=...)``,
 from the task runner that owns it). Code of a flow whose task runner is a
 ``ServingTaskRunner`` (a user's own tasks) finds it with :func:`current_pool`: a context
@@ -25,7 +36,7 @@ import contextvars
 import functools
 import itertools
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
@@ -39,7 +50,7 @@ from nightshift.blocks.serving_config import (
     parse_serving,
 )
 from nightshift.core.usage import Budget, Usage
-from nightshift.serving.batching import AutoBatcher
+from nightshift.serving.batching import AutoBatcher, Pending
 from nightshift.serving.interface import (
     Backend,
     GenerationRequest,
@@ -123,8 +134,19 @@ class _ServedDirect:
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
-        return self.backend.generate(requests, on_result=on_result, usage=usage)
+        results = self.backend.generate(requests, on_result=on_result, usage=usage)
+        if on_row is not None:
+            for index, result in enumerate(results):
+                on_row(index, result)
+        return results
+
+    def prefetch(self, requests: Sequence[GenerationRequest], group: str) -> int:
+        return 0  # a direct backend (HTTP: paid per request) is only asked what a step asks
+
+    def drop_prefetched(self, group: str) -> None:
+        return None
 
     def direct(self) -> Backend:
         return self.backend
@@ -162,18 +184,100 @@ class _Served:
         ]
         self._turn = itertools.cycle(range(len(self.batchers)))
         self._lock = threading.Lock()
+        #: prefetched requests (their JSON) -> (submission, row in it, run group), oldest first
+        self._prefetched: dict[str, deque[tuple[Pending, int, str]]] = {}
+        self.prefetched = 0
+        """Requests prefetched so far (row-level hand-over)."""
+        self.prefetch_hits = 0
+        """Requests answered from a prefetch instead of being asked again."""
+
+    def _batcher(self) -> AutoBatcher:
+        with self._lock:
+            return self.batchers[next(self._turn)]
+
+    def prefetch(self, requests: Sequence[GenerationRequest], group: str) -> int:
+        """Queue ``requests`` now for a later :meth:`submit` of equal requests."""
+        if not requests:
+            return 0
+        pending = self._batcher().submit_nowait(requests)
+        keys = [r.model_dump_json() for r in requests]
+        with self._lock:
+            for index, key in enumerate(keys):
+                self._prefetched.setdefault(key, deque()).append((pending, index, group))
+            self.prefetched += len(requests)
+        return len(requests)
+
+    def drop_prefetched(self, group: str) -> None:
+        """Forget the prefetches of run ``group`` that nothing took."""
+        with self._lock:
+            for key in list(self._prefetched):
+                left = deque(e for e in self._prefetched[key] if e[2] != group)
+                if left:
+                    self._prefetched[key] = left
+                else:
+                    del self._prefetched[key]
+
+    def _take(self, requests: Sequence[GenerationRequest]) -> list[tuple[Pending, int] | None]:
+        """Per request, a prefetch of an equal request (taken: used once), or None."""
+        if not self._prefetched:  # no lock: a prefetch made just now is not missed by
+            return [None] * len(requests)  # a step that cannot have asked for it yet
+        keys = [r.model_dump_json() for r in requests]
+        taken: list[tuple[Pending, int] | None] = []
+        with self._lock:
+            for key in keys:
+                entries = self._prefetched.get(key)
+                if not entries:
+                    taken.append(None)
+                    continue
+                pending, index, _ = entries.popleft()
+                if not entries:
+                    del self._prefetched[key]
+                taken.append((pending, index))
+        return taken
 
     def submit(
         self,
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
-        with self._lock:
-            batcher = self.batchers[next(self._turn)]
-        results = batcher.submit(requests)
-        report(results, on_result, usage)
-        return results
+        taken = self._take(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        waiting: list[int] = []
+        for i, entry in enumerate(taken):  # prefetched and answered already: hand over now
+            if entry is not None and entry[0].done.is_set() and entry[0].error is None:
+                results[i] = entry[0].results[entry[1]]
+                if on_row is not None:
+                    on_row(i, results[i])  # type: ignore[arg-type]
+            elif entry is not None:
+                waiting.append(i)
+        ask = [i for i, entry in enumerate(taken) if entry is None]
+        for i in waiting:  # still in the engine: wait; a failed prefetch is asked again
+            entry = taken[i]
+            assert entry is not None
+            try:
+                results[i] = entry[0].wait()[entry[1]]
+            except Exception:
+                ask.append(i)
+            else:
+                if on_row is not None:
+                    on_row(i, results[i])  # type: ignore[arg-type]
+        hits = len(requests) - len(ask)
+        if ask:
+            ask.sort()
+            answered = self._batcher().submit(
+                [requests[i] for i in ask],
+                on_row=None if on_row is None else (lambda j, r: on_row(ask[j], r)),
+            )
+            for i, result in zip(ask, answered, strict=True):
+                results[i] = result
+        if hits:
+            with self._lock:
+                self.prefetch_hits += hits
+        final: list[GenerationResult] = results  # type: ignore[assignment]
+        report(final, on_result, usage)
+        return final
 
     def direct(self) -> Backend:
         """The first replica's backend as it serves now, for calls that bypass the batcher."""
@@ -249,15 +353,45 @@ class ServingPool:
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
         """Serve ``requests`` on backend ``name``; blocks until they are answered.
 
         ``on_result(index, result)`` is called for each row as it finishes (HTTP backends)
         or once the call returns (engines); ``usage`` accumulates this call's counters.
+        ``on_row(index, result)`` sees each row on this thread as soon as it is answered
+        (in-process engines: as the engine finishes it; the row-level hand-over).
+        Requests equal to prefetched ones take their answers (:meth:`prefetch`).
         """
         if not requests:
             return []
-        return self.served(name).submit(requests, on_result, usage)
+        return self.served(name).submit(requests, on_result, usage, on_row)
+
+    def prefetch(self, name: str, requests: Sequence[GenerationRequest], group: str) -> int:
+        """Queue ``requests`` on backend ``name`` now, for a later :meth:`submit` of equal
+        requests (row-level hand-over, see the module docstring); ``group`` names the run
+        for :meth:`drop_prefetched`. Returns how many were queued: 0 where the backend is
+        not an in-process engine (HTTP backends are only asked what a step asks)."""
+        if not requests:
+            return 0
+        return self.served(name).prefetch(requests, group)
+
+    def drop_prefetched(self, group: str) -> None:
+        """Forget run ``group``'s prefetches that no step took (their answers are dropped
+        as they come)."""
+        with self._lock:
+            served = list(self._served.values())
+        for s in served:
+            s.drop_prefetched(group)
+
+    def handover(self) -> dict[str, int]:
+        """Requests prefetched and prefetches taken, over every serving name."""
+        with self._lock:
+            served = list(self._served.values())
+        return {
+            "prefetched": sum(getattr(s, "prefetched", 0) for s in served),
+            "taken": sum(getattr(s, "prefetch_hits", 0) for s in served),
+        }
 
     def usage(self) -> dict[str, dict[str, float | int]]:
         """Per serving name started in this pool: requests, retries, tokens, cost (HTTP)."""

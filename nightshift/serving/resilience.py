@@ -110,32 +110,63 @@ class RestartingBackend:
         """The backend serving now (built if the last one was dropped)."""
         return self._current()
 
+    #: ``generate`` takes ``on_row`` (forwarded to an engine that hands rows over early;
+    #: otherwise each row once the call is answered).
+    rows_early = True
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
         """Serve ``requests``; if the engine dies, restart it and bisect (quarantining a
         poison request, see the module docstring). The rows are reported once, after
-        the call that answered them.
+        the call that answered them; ``on_row`` sees each row once, as early as the
+        engine hands it over (a row hinted before an engine death may be served again
+        in the bisection: with unseeded sampling its answer may then differ).
 
         Raises:
             Exception: the engine could not be (re)built.
         """
         requests = list(requests)
+        hinted: set[int] = set()
+
+        def hint(index: int, result: GenerationResult) -> None:
+            hinted.add(index)
+            if on_row is not None:
+                on_row(index, result)
+
         with self._gate.shared():
             backend, generation = self._serving()
             try:
-                results = backend.generate(requests)
+                if on_row is not None and getattr(backend, "rows_early", False):
+                    results = backend.generate(requests, on_row=hint)  # type: ignore[call-arg]
+                else:
+                    results = backend.generate(requests)
             except Exception as exc:
                 failure: Exception = exc
             else:
-                report(results, on_result, usage)
+                self._finish(results, on_result, usage, on_row, hinted)
                 return results
         results = self._bisect(requests, generation, failure)
-        report(results, on_result, usage)
+        self._finish(results, on_result, usage, on_row, hinted)
         return results
+
+    @staticmethod
+    def _finish(
+        results: list[GenerationResult],
+        on_result: ResultCallback | None,
+        usage: Usage | None,
+        on_row: ResultCallback | None,
+        hinted: set[int],
+    ) -> None:
+        if on_row is not None:
+            for index, result in enumerate(results):
+                if index not in hinted:
+                    on_row(index, result)
+        report(results, on_result, usage)
 
     def _bisect(
         self, requests: list[GenerationRequest], generation: int, failure: Exception

@@ -147,6 +147,10 @@ class VLLMBackend:
     """``generate`` may be called from this many threads at once: their requests join
     the running engine batch (see :class:`~nightshift.serving.batching.AutoBatcher`)."""
 
+    rows_early: ClassVar[bool] = True
+    """``generate`` takes ``on_row``: each row is handed to it as soon as the engine
+    finishes it (:data:`~nightshift.serving.interface.RowCallback`)."""
+
     def __init__(
         self,
         model: str = EMBEDDED_MODEL_ALIAS,
@@ -274,9 +278,11 @@ class VLLMBackend:
         requests: Sequence[GenerationRequest],
         on_result: ResultCallback | None = None,
         usage: Usage | None = None,
+        on_row: ResultCallback | None = None,
     ) -> list[GenerationResult]:
         """Serve ``requests``; results in input order, per-row failures in ``error``
-        (``on_result`` and ``usage`` see every row once the call returns).
+        (``on_result`` and ``usage`` see every row once the call returns; ``on_row``
+        sees each row, on this thread, as soon as the engine has finished it).
 
         Thread-safe; concurrent calls share the engine's running batch.
 
@@ -286,10 +292,14 @@ class VLLMBackend:
         """
         if not requests:
             return []
-        job = _Job(list(requests), stream=False)
+        job = _Job(list(requests), stream=False, notify=on_row is not None)
         self._send(job)
         try:
-            job.done.wait()
+            if on_row is None:
+                job.done.wait()
+            else:
+                for index, result in job.finished_rows():
+                    on_row(index, result)
         finally:
             self._forget(job)
         if job.error is not None:
@@ -678,9 +688,13 @@ class _Call:
 class _Job:
     """One ``generate``/``stream`` call: its requests, results and (streaming) events."""
 
-    def __init__(self, requests: list[GenerationRequest], stream: bool) -> None:
+    def __init__(
+        self, requests: list[GenerationRequest], stream: bool, notify: bool = False
+    ) -> None:
         self.requests = requests
         self.stream = stream
+        #: each finished row also goes to ``events`` (``generate``'s ``on_row``)
+        self.notify = notify
         self.results: list[GenerationResult | None] = [None] * len(requests)
         self.remaining = len(requests)
         self.error: BaseException | None = None
@@ -694,7 +708,7 @@ class _Job:
                 return
             self.results[index] = result
             self.remaining -= 1
-            if self.stream:
+            if self.stream or self.notify:
                 self.events.put(StreamEvent(index, result=result))
             if self.remaining == 0:
                 self.done.set()
@@ -705,6 +719,16 @@ class _Job:
                 self.error = error
                 self.events.put(error)
             self.done.set()
+
+    def finished_rows(self) -> Iterator[tuple[int, GenerationResult]]:
+        """``(index, result)`` of each row as it finishes (``notify`` jobs), until all
+        have or the job failed (then it ends early: ``error`` is set)."""
+        for _ in range(len(self.requests)):
+            event = self.events.get()
+            if isinstance(event, BaseException):
+                return
+            assert event.result is not None
+            yield event.index, event.result
 
 
 @dataclass

@@ -54,7 +54,7 @@ from nightshift.core.errors import BudgetReached
 from nightshift.core.fingerprints import digest
 from nightshift.core.layout import answers_dir, provider_batches_dir
 from nightshift.core.usage import Budget, TokenPrice, Usage
-from nightshift.serving.interface import GenerationRequest, GenerationResult
+from nightshift.serving.interface import GenerationRequest, GenerationResult, ResultCallback
 
 __all__ = [
     "AnswerLog",
@@ -209,6 +209,9 @@ class BatchScope:
         self.usage = Usage()
         self.cost_usd = 0.0
         self.online_cost_usd = 0.0
+        #: the row-level hand-over of the operator running now (``operators.llm.Handover``;
+        #: the step task sets it for a stage's last operator), or None
+        self.handover: Any = None
         self._log: AnswerLog | None = None
 
     def answer_log(self) -> AnswerLog:
@@ -264,7 +267,12 @@ def current_scope() -> BatchScope | None:
     return _SCOPE.get()
 
 
-def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[GenerationResult]:
+def serve(
+    pool: Any,
+    serving: str,
+    requests: list[GenerationRequest],
+    on_row: ResultCallback | None = None,
+) -> list[GenerationResult]:
     """Answers for ``requests`` on the pool's backend ``serving``: from the running
     batch's answer cache where there is one, the rest from the backend (each persisted as
     it arrives) or, with ``mode: batch``, through the provider's batch API
@@ -272,7 +280,10 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
 
     With a run ``budget`` (``pool.budget``), the projected cost of the requests left to
     send is reserved first; if it would pass the budget, nothing is sent and
-    :class:`~nightshift.core.errors.BudgetReached` leaves the unit for the next run."""
+    :class:`~nightshift.core.errors.BudgetReached` leaves the unit for the next run.
+
+    ``on_row(index, result)`` sees each answer as soon as it is known (a cached one at
+    once, an engine's as the engine finishes the row): the row-level hand-over."""
     config = pool.configs.get(serving)
     scope = current_scope()
     usage = Usage()
@@ -281,7 +292,7 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
     batch_mode = getattr(config, "mode", "online") == "batch" and scope is not None
     if not batch_mode and (scope is None or config is None or not config.answers_cached):
         with _reserved(budget, requests, price, usage):
-            results = pool.submit(serving, requests, usage=usage)
+            results = pool.submit(serving, requests, usage=usage, on_row=on_row)
         if scope is not None:
             scope.record(usage, price)
         return results
@@ -292,6 +303,10 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
     answers: list[GenerationResult | None] = [cached.get(k) for k in keys]
     missing = [i for i, r in enumerate(answers) if r is None]
     usage.cached = len(requests) - len(missing)
+    if on_row is not None:
+        for i, answer in enumerate(answers):
+            if answer is not None:
+                on_row(i, answer)
     if batch_mode and missing:
         from nightshift.tasks.provider_batches import serve_batch
 
@@ -310,13 +325,21 @@ def serve(pool: Any, serving: str, requests: list[GenerationRequest]) -> list[Ge
             scope.record(usage, price)
         for i, result in zip(missing, fresh, strict=True):
             answers[i] = result
+            if on_row is not None:
+                on_row(i, result)
         return [answer for answer in answers if answer is not None]
 
     def persist(index: int, result: GenerationResult) -> None:
         log.add(keys[missing[index]], result)
 
     with _reserved(budget, [requests[i] for i in missing], price, usage):
-        fresh = pool.submit(serving, [requests[i] for i in missing], persist, usage)
+        fresh = pool.submit(
+            serving,
+            [requests[i] for i in missing],
+            persist,
+            usage,
+            on_row=None if on_row is None else (lambda j, r: on_row(missing[j], r)),
+        )
     for i, result in zip(missing, fresh, strict=True):
         answers[i] = result
     scope.record(usage, price)

@@ -150,6 +150,10 @@ class PipelineSpec(BaseModel):
     max_in_flight: PositiveInt = 8
     #: Threads running step tasks (task_runner: thread).
     workers: PositiveInt = 4
+    #: Row-level hand-over between consecutive LLM steps on an in-process engine: a
+    #: row's next-step request goes into the engine as soon as its reply is there
+    #: (docs/generation.md). Changes when work reaches the engine, never an output.
+    handover: bool = True
     #: Where step tasks run: threads in the flow process, or a Dask cluster.
     task_runner: RunnerKind = "thread"
     dask: DaskOptions | None = None

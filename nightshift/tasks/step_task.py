@@ -39,6 +39,7 @@ from nightshift.tasks.batches import Batch, read_batch
 from nightshift.tasks.dag import JoinSpec, join_frames
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.operators.base import BATCH
+from nightshift.tasks.operators.llm import Handover
 from nightshift.tasks.sources import filesystem
 from nightshift.tasks.stages import output_compression
 
@@ -136,6 +137,7 @@ def run_stage_batch(
     join: JoinSpec | None = None,
     pool: ServingPool | None = None,
     fingerprint: str = "",
+    handover: Handover | None = None,
 ) -> BatchRef:
     """Compute one unit of one stage and write it to the store atomically.
 
@@ -147,6 +149,9 @@ def run_stage_batch(
     ``pool``: the serving pool of the run's task runner, for LLM steps (handed over
     explicitly, never found in a process-wide registry).
     ``fingerprint``: the stage's, written into the output's identity.
+    ``handover``: the stage's last (LLM) step hands each row over to the next stage's
+    LLM step as soon as it is answered (``operators.llm.Handover``): a prefetch only,
+    the output is the same without it.
     """
     # ``surveyed``: the run's survey found no readable output just now (one less read)
     if not force and not surveyed and (ref := _existing(store, out_path, key, label)):
@@ -178,6 +183,7 @@ def run_stage_batch(
         )
     with batch_scope(store, out_path) as scope:  # LLM answers persist as they arrive
         for offset, op in enumerate(operators):
+            scope.handover = handover if offset == len(operators) - 1 else None
             try:
                 df = apply_operator(op, df, state, pool)
             except Deferred:

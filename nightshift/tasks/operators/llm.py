@@ -22,6 +22,13 @@ writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
   were before ``n`` existed. See ``llm_inputs.py``.
 * ``chat: false`` sends the rendered prompt as a raw completion (no chat template,
   no system message).
+* Row-level hand-over: when the next stage's first step is an LLM step on an in-process
+  engine (``generate -> judge`` on vLLM), the scheduler gives this step a
+  :class:`Handover`: as soon as the engine has a row's answer, the row as this step
+  will write it is built and the next step's requests for it are prefetched into the
+  engine (``ServingPool.prefetch``), while the rest of the batch is still generating.
+  The next step then runs as always and takes those answers for its equal requests;
+  outputs, keys and the store are what they are without it.
 * With an answer cache (on for ``openai_compatible`` serving), each answer is persisted
   in the step store as it arrives and a retried batch requests only the rows it is missing
   (``tasks/answer_cache.py``); the batch's requests, retries, tokens paid and estimated
@@ -30,10 +37,11 @@ writes ``<output>`` plus ``<output>_error``, ``<output>_finish_reason``,
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nightshift.core.errors import StepFailed
 from nightshift.core.fingerprints import digest
@@ -49,7 +57,10 @@ from nightshift.tasks.operators.sql import sql_expr
 from nightshift.tasks.operators.template import Template
 
 if TYPE_CHECKING:
+    from nightshift.serving.interface import GenerationRequest, ResultCallback
     from nightshift.serving.pool import ServingPool
+
+logger = logging.getLogger("nightshift.handover")
 
 SUFFIXES = ("_error", "_finish_reason", "_prompt_tokens", "_completion_tokens")
 
@@ -158,6 +169,19 @@ class LLMOperator(Operator):
         asks for a reply)."""
         from nightshift.serving.pool import current_pool
 
+        shape, slots, requests = self._planned(df)
+        results: list[Any] = []
+        if requests:
+            pool = pool or current_pool()
+            results = self._serve(pool, requests, self._row_handover(df, shape, slots, pool))
+        return self._collect(df, shape, slots, results)
+
+    def requests_for(self, df: pl.DataFrame) -> list[GenerationRequest]:
+        """The requests this step asks for the rows of ``df``, in order (what
+        :meth:`process_with` sends): the row-level hand-over prefetches them."""
+        return self._planned(df)[2]
+
+    def _planned(self, df: pl.DataFrame) -> tuple[Shape, list[list[_Slot] | None], list[Any]]:
         shape = shape_of(self.n, self.list_input(), df.schema)
         column = self.messages_column()
         if column is not None:
@@ -169,8 +193,68 @@ class LLMOperator(Operator):
         )
         todo = [i for i, s in enumerate(skip) if not s]
         slots, requests = self._plan(df, todo, shape)
-        results = self._serve(pool or current_pool(), requests) if requests else []
-        return self._collect(df, shape, slots, results)
+        return shape, slots, requests
+
+    def _row_handover(
+        self, df: pl.DataFrame, shape: Shape, slots: list[list[_Slot] | None], pool: Any
+    ) -> ResultCallback | None:
+        """``on_row`` for :meth:`_serve` when the step task hands this step's rows over
+        (its scope's :class:`Handover`): once every request of a row is answered, the
+        row as :meth:`_collect` writes it is built and the next steps' requests for it
+        are prefetched. Never fails the step: a row it cannot hand over is left to the
+        next step to ask as usual."""
+        from nightshift.tasks.answer_cache import current_scope
+
+        scope = current_scope()
+        handover: Handover | None = getattr(scope, "handover", None)
+        if handover is None or not handover.to:
+            return None
+        owner: dict[int, int] = {}
+        left = [0] * len(slots)
+        for r, row_slots in enumerate(slots):
+            for slot in row_slots or []:
+                if isinstance(slot, int):
+                    owner[slot] = r
+                    left[r] += 1
+        answers: dict[int, Any] = {}
+
+        def on_row(index: int, result: Any) -> None:
+            answers[index] = result
+            r = owner[index]
+            left[r] -= 1
+            if left[r] == 0:
+                try:
+                    self._hand_over_row(df, shape, slots[r], answers, handover, pool, r)
+                except Exception as exc:  # the next step asks it itself
+                    logger.debug("row %d not handed over: %s", r, exc)
+
+        return on_row
+
+    def _hand_over_row(
+        self,
+        df: pl.DataFrame,
+        shape: Shape,
+        row_slots: list[_Slot] | None,
+        answers: dict[int, Any],
+        handover: Handover,
+        pool: Any,
+        r: int,
+    ) -> None:
+        own: list[Any] = []
+        local: list[_Slot] = []
+        for slot in row_slots or []:
+            if isinstance(slot, int):
+                own.append(answers[slot])
+                local.append(len(own) - 1)
+            else:
+                local.append(slot)
+        if any(not result.ok for result in own):
+            return  # an error row: _collect may fail the batch; the next step decides
+        row = self._collect(df.slice(r, 1), shape, [local], own)
+        for step in handover.to:
+            requests = step.requests_for(row)
+            if requests:
+                pool.prefetch(step.serving, requests, handover.group)
 
     # -- requests -------------------------------------------------------------------------
     def _plan(
@@ -249,12 +333,15 @@ class LLMOperator(Operator):
 
         return ask
 
-    def _serve(self, pool: Any, requests: list[Any]) -> list[Any]:
+    def _serve(
+        self, pool: Any, requests: list[Any], on_row: ResultCallback | None = None
+    ) -> list[Any]:
         """Answers for ``requests`` on this step's serving config, through the batch's
-        answer cache (:func:`~nightshift.tasks.answer_cache.serve`)."""
+        answer cache (:func:`~nightshift.tasks.answer_cache.serve`); ``on_row`` sees each
+        as soon as it is answered."""
         from nightshift.tasks.answer_cache import serve
 
-        return serve(pool, self.serving, requests)
+        return serve(pool, self.serving, requests, on_row)
 
     # -- results --------------------------------------------------------------------------
     def _collect(
@@ -327,6 +414,17 @@ class LLMOperator(Operator):
             *extra.values(),
         ]
         return df.with_columns(columns)
+
+
+class Handover(BaseModel):
+    """What a step task's last LLM step hands its rows over to, row by row: the first
+    LLM step of each next stage (on an in-process engine), prefetched under ``group``
+    (the run, for ``ServingPool.drop_prefetched``). Built by the scheduler."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    to: list[LLMOperator]
+    group: str
 
 
 def _nest(series: pl.Series, lengths: list[int], slots: list[Any]) -> pl.Series:
