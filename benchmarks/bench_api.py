@@ -218,7 +218,7 @@ def pipeline_run(
 # -- max_concurrency: auto ------------------------------------------------------------------
 
 SWEEP: list[int | str] = [8, 16, 32, 64, 128, "auto"]
-AUTO_PARAMS: dict = {}  # auto_concurrency for the auto runs (--auto-tolerance)
+AUTO_PARAMS: dict = {}  # auto_concurrency for the auto runs (--auto-tolerance, --auto-gain)
 
 
 def backend_run(
@@ -334,8 +334,10 @@ def main_auto(args: argparse.Namespace) -> None:
     console = Console(width=140)
     try:
         backend_run(base_url, 16, 32, args.max_tokens, -1, **options)  # warm-up
-        print(f"sweep on the server: {args.rows} rows a run", flush=True)
-        plain = sweep(base_url, args.rows, args.max_tokens, args.rounds, 0, **options)
+        plain = None
+        if not args.rate_only:
+            print(f"sweep on the server: {args.rows} rows a run", flush=True)
+            plain = sweep(base_url, args.rows, args.max_tokens, args.rounds, 0, **options)
         limited = None
         if not args.no_rate:
             proxy = start_proxy(base_url)
@@ -369,9 +371,10 @@ def main_auto(args: argparse.Namespace) -> None:
             f"server: tests/load_server.py, {args.sim_base_s:g} s a request up to "
             f"{args.sim_knee} in flight, then {args.sim_base_s:g} s x in flight / {args.sim_knee}"
         )
-    auto_table(
-        console, f"same server, {args.rows} rows, max_tokens {args.max_tokens}", plain, False
-    )
+    if plain is not None:
+        auto_table(
+            console, f"same server, {args.rows} rows, max_tokens {args.max_tokens}", plain, False
+        )
     if limited is None:
         return
     auto_table(
@@ -685,7 +688,9 @@ def main() -> None:
     parser.add_argument("--server", choices=["vllm", "sim"], default="vllm", help="auto")
     parser.add_argument("--auto-tolerance", type=float, help="auto: auto_concurrency.tolerance")
     parser.add_argument("--settings", help="auto: the sweep, e.g. 8,128,auto (auto last)")
+    parser.add_argument("--auto-gain", type=float, help="auto: auto_concurrency.gain")
     parser.add_argument("--no-rate", action="store_true", help="auto: skip the rate-limited sweep")
+    parser.add_argument("--rate-only", action="store_true", help="auto: only the rate-limited one")
     parser.add_argument("--sim-knee", type=int, default=24, help="auto, sim: batch size")
     parser.add_argument("--sim-base-s", type=float, default=0.25, help="auto, sim: latency")
     parser.add_argument("--with-fifo", action="store_true", help="prefix: also send_order fifo")
@@ -693,6 +698,8 @@ def main() -> None:
     if args.mode == "auto":
         if args.auto_tolerance:
             AUTO_PARAMS["tolerance"] = args.auto_tolerance
+        if args.auto_gain:
+            AUTO_PARAMS["gain"] = args.auto_gain
         if args.settings:
             SWEEP[:] = [x if x == "auto" else int(x) for x in args.settings.split(",")]
         return main_auto(args)

@@ -3,9 +3,12 @@ tests of ``max_concurrency: auto`` (the real vLLM server on 2 shared cores is to
 and too noisy to show a rule's behaviour in a few seconds).
 
 Its model is an inference server's: up to ``knee`` requests in flight, each takes
-``base_s`` (the batch is not full yet); past it, each takes ``base_s * in_flight / knee``
-(the batch is full: throughput stays at ``knee / base_s`` requests per second, latency
-grows with the queue). With ``max_inflight`` set it answers 429 (``Retry-After``) to a
+``base_s`` (the batch is not full yet); past it, each takes
+``base_s * (in_flight / knee) ** growth``: with ``growth`` 1 (the default) the batch is
+full (a GPU server: throughput stays at ``knee / base_s`` requests per second, latency
+grows with the queue); below 1 every added request slows the others while throughput
+still grows (vLLM on a few CPU cores: ``growth`` 0.7 is 7x the latency for 2.3x the
+throughput from 8 to 128 in flight). With ``max_inflight`` set it answers 429 (``Retry-After``) to a
 request arriving when that many are in flight, as a gateway's concurrency limit does.
 It runs on its own asyncio loop in a thread of the test process::
 
@@ -30,8 +33,9 @@ class LoadServer:
         base_s: float = 0.1,
         max_inflight: int | None = None,
         retry_after_s: float = 0.2,
+        growth: float = 1.0,
     ) -> None:
-        self.knee, self.base_s = knee, base_s
+        self.knee, self.base_s, self.growth = knee, base_s, growth
         self.max_inflight, self.retry_after_s = max_inflight, retry_after_s
         self.inflight = self.inflight_max = self.answered = self.refused = 0
         self._loop = asyncio.new_event_loop()
@@ -89,7 +93,7 @@ class LoadServer:
         self.inflight += 1
         self.inflight_max = max(self.inflight_max, self.inflight)
         try:
-            await asyncio.sleep(self.base_s * max(1.0, self.inflight / self.knee))
+            await asyncio.sleep(self.base_s * max(1.0, self.inflight / self.knee) ** self.growth)
         finally:
             self.inflight -= 1
         self.answered += 1

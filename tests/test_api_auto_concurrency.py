@@ -4,7 +4,10 @@ the validation of the setting."""
 
 from __future__ import annotations
 
+import random
+import statistics
 import time
+from collections.abc import Callable
 
 import pytest
 from load_server import LoadServer
@@ -16,30 +19,68 @@ from nightshift.serving.http.adaptive import AdaptiveLimit, AutoConcurrency
 from nightshift.serving.interface import GenerationRequest, SamplingParams
 
 
-def simulate(limit: AdaptiveLimit, knee: int, rounds: int, base_s: float = 0.1) -> list[int]:
-    """Feed ``limit`` round trips of a server that is flat up to ``knee`` in flight, then
-    linear (full batch); every round sends ``limit.limit`` requests. The limits seen."""
+def simulate(
+    limit: AdaptiveLimit,
+    latency_s: Callable[[int], float],
+    rounds: int,
+    noise: float = 0.1,
+) -> list[int]:
+    """Feed ``limit`` round trips of a server whose latency with ``n`` in flight is
+    ``latency_s(n)``, each answer's off by up to ``noise`` (seeded); every round sends
+    ``limit.limit`` requests, answered together (as a server's batch), so the answers
+    after a change of the limit within a round are of requests sent before it. The limits
+    seen."""
+    rng = random.Random(0)
     seen = []
-    clock = 1_000_000.0  # a fake monotonic time, always after the limit's window start
     for _ in range(rounds):
         n = limit.limit
         seen.append(n)
-        latency = base_s * max(1.0, n / knee)
+        sent = time.monotonic()
         for _ in range(n):
-            limit.answered(clock, latency, tokens=0, in_flight=n)
-        clock += latency
+            latency = latency_s(n) * (1 + rng.uniform(-noise, noise))
+            limit.answered(sent, latency, tokens=0, in_flight=n)
     return seen
 
 
-def test_the_limit_grows_to_the_knee_and_stays_near_it() -> None:
+def gpu(n: int) -> float:
+    """A GPU server's shape: flat latency until its batch fills at 24, then a queue."""
+    return 0.1 * max(1.0, n / 24)
+
+
+def cpu(n: int) -> float:
+    """vLLM on 2 CPU cores (``benchmarks/RESULTS.md``): latency 7x from 8 to 128 in flight
+    while throughput still grows 2.3x; its batch is full at 128."""
+    return 0.1 * n**0.7 * max(1.0, n / 128) ** 0.3
+
+
+def test_the_limit_climbs_while_throughput_grows() -> None:
+    """The CPU server's shape: a rule on latency alone stops near 8-16 (latency 1.6x per
+    doubling of the limit); this one climbs to where throughput stops growing."""
+    limit = AdaptiveLimit(AutoConcurrency(initial=8, max=1024))
+    seen = simulate(limit, cpu, rounds=40)
+    assert seen[:5] == [8, 16, 32, 64, 128], "slow start doubles while it pays"
+    tail = seen[-25:]
+    assert min(tail) >= 80 and statistics.median(tail) >= 100, tail
+    assert max(tail) <= 256, tail
+    assert not limit.slow_start
+
+
+def test_the_limit_stops_at_a_gpu_servers_knee() -> None:
+    """Throughput flat past 24 in flight: the limit ends near 24, not at ``max``."""
+    limit = AdaptiveLimit(AutoConcurrency(initial=8, max=1024))
+    seen = simulate(limit, gpu, rounds=60)
+    assert seen[:4] == [8, 16, 32, 64]
+    tail = seen[-30:]
+    assert min(tail) >= 19 and max(tail) <= 40 and 24 <= statistics.median(tail) <= 32, tail
+    assert limit.decreases > 0
+
+
+def test_a_latency_cap_stops_the_climb_early() -> None:
     limit = AdaptiveLimit(AutoConcurrency(initial=8, max=1024, tolerance=2.0))
-    seen = simulate(limit, knee=24, rounds=60)
-    assert seen[:4] == [8, 16, 32, 64], "slow start doubles each round trip"
-    tail = seen[-20:]
-    # settles where latency is at most ~tolerance x the uncrowded latency: between the
-    # knee (throughput is at its plateau there) and twice it plus the growth step
-    assert min(tail) >= 24 and max(tail) <= 2 * 24 + 10, tail
-    assert not limit.slow_start and limit.decreases > 0
+    seen = simulate(limit, cpu, rounds=40)
+    # 16 is 1.6x the latency of 8, 20 is 1.9x, 25 would be 2.2x: kept at 20 at most,
+    # probes above it undone
+    assert statistics.median(seen[-20:]) <= 20 and max(seen[-20:]) <= 32, seen
 
 
 def test_an_idle_pipeline_does_not_grow_the_limit() -> None:
@@ -47,22 +88,29 @@ def test_an_idle_pipeline_does_not_grow_the_limit() -> None:
     for _ in range(10):
         for _ in range(16):  # only 3 in flight each time: the limit was not the bound
             limit.answered(1e9, 0.1, tokens=0, in_flight=3)
-    assert limit.limit == 16
+    assert limit.limit == 16 and limit.windows == 0
 
 
-def test_refusals_cut_the_limit_once_per_round_trip() -> None:
-    limit = AdaptiveLimit(AutoConcurrency(initial=64, backoff=0.5))
+def test_refusals_cut_once_per_round_trip_not_below_what_answers_need() -> None:
+    """A rate limit of 2 requests/s whose answers take 1 s: the cuts stop at 2 in
+    flight (Little's law over the answers), not at ``min``."""
+    limit = AdaptiveLimit(AutoConcurrency(initial=8, backoff=0.5))
     burst = time.monotonic()
-    limit.refused(started=burst)
-    assert limit.limit == 32 and not limit.slow_start
-    for _ in range(20):  # the same burst: sent before the cut, already answered by it
+    for i in range(32):  # answered at 2 a second over the last 16 s, 1 s each
+        limit.answered(burst - 17 + i / 2, 1.0, tokens=0, in_flight=2)
+    limit.refused(started=burst, retry_after_s=0.5)
+    assert limit.limit == 4 and not limit.slow_start
+    for _ in range(20):  # the same burst, and sends within a round trip (1 s) after the cut
         limit.refused(started=burst)
-    assert limit.limit == 32 and limit.refusals == 21
-    limit.refused(started=time.monotonic())  # sent after the cut
-    assert limit.limit == 16
-    for _ in range(10):
+        limit.refused(started=time.monotonic())
+    assert limit.limit == 4 and limit.refusals == 41
+    for _ in range(10):  # sent later
         limit.refused(started=float("inf"))
-    assert limit.limit == 1, "never below min"
+    assert limit.limit == 2, "2 in flight is what 2 answers a second at 1 s each need"
+    fresh = AdaptiveLimit(AutoConcurrency(initial=8, backoff=0.5))
+    for _ in range(10):  # nothing answered: nothing to keep
+        fresh.refused(started=float("inf"))
+    assert fresh.limit == 1, "never below min"
 
 
 def _requests(n: int) -> list[GenerationRequest]:
@@ -70,20 +118,28 @@ def _requests(n: int) -> list[GenerationRequest]:
     return [GenerationRequest(prompt=f"row {i}", sampling=sampling) for i in range(n)]
 
 
-def test_auto_follows_a_server_whose_latency_grows_with_load() -> None:
-    """Through the backend: auto ends near the server's knee, far below its ceiling (a
-    fixed 256 would queue everything at the server), with every row answered."""
-    with LoadServer(knee=8, base_s=0.1) as server:
+def test_auto_climbs_a_server_whose_throughput_grows_with_load() -> None:
+    """Through the backend, against a server shaped like vLLM on CPU (latency 7x from 4 to
+    64 in flight, throughput 2.3x): auto climbs to its ``max`` of 64, where a rule on
+    latency alone stops near 16; every row is answered."""
+    with LoadServer(knee=4, base_s=0.05, growth=0.7) as server:
         with OpenAIBackend(
-            base_url=server.base_url, model="m", stream=False, max_concurrency="auto"
+            base_url=server.base_url,
+            model="m",
+            stream=False,
+            max_concurrency="auto",
+            auto_concurrency={"max": 64},
         ) as backend:
-            results = backend.generate(_requests(240))
+            results = backend.generate(_requests(300))
             adaptive = backend.fleet.members[0].adaptive
             usage = backend.endpoint_usage()
         assert all(r.ok for r in results)
-        assert adaptive is not None and adaptive.windows >= 5
-        assert 4 <= adaptive.limit <= 40, adaptive.history
-        assert server.stats()["inflight_max"] <= 64, "auto never sent 256 at once"
+        assert adaptive is not None and adaptive.windows >= 4
+        # a rule on latency alone never passes ~16 here (16 in flight is 1.6x the latency
+        # of 8); one noisy window on a busy machine may stop the climb one step early
+        limits = [v for _, v in adaptive.history]
+        assert max(limits) >= 32 and adaptive.limit >= 24, adaptive.history
+        assert server.stats()["inflight_max"] >= 32
         assert usage[server.base_url]["concurrency_limit"] == adaptive.limit
 
 

@@ -135,8 +135,11 @@ class AutoConcurrencyConfig(BaseModel):
     initial: Int = Field(default=8, ge=1, description="the limit before anything is known")
     min: Int = Field(default=1, ge=1, description="never below")
     max: Int = Field(default=256, ge=1, le=4096, description="never above")
-    tolerance: Float = Field(default=1.5, gt=1, description="latency allowed over the baseline")
+    gain: Float = Field(default=0.05, gt=0, lt=1, description="throughput gain a raise must bring")
     backoff: Float = Field(default=0.7, gt=0, lt=1, description="the cut on a 429/503/timeout")
+    tolerance: Float | None = Field(
+        default=None, gt=1, description="optional latency cap over the lowest latency seen"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoConcurrencyConfig:

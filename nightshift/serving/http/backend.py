@@ -116,7 +116,7 @@ class OpenAIBackend:
         endpoint: ``auto`` (chat for messages, completions for raw prompts), ``chat`` or
             ``completions``.
         max_concurrency: requests in flight at once (lanes), or ``"auto"``: an adaptive
-            limit per endpoint that follows the server's latency and refusals
+            limit per endpoint that follows the server's throughput and refusals
             (:mod:`nightshift.serving.http.adaptive`); an endpoint's own
             ``max_concurrency`` (an int or ``"auto"``) wins over this one for it, within
             this one when it is an int.
@@ -438,13 +438,14 @@ class OpenAIBackend:
             if job.failed_on is not None:  # this attempt re-sends what failed there
                 job.failed_on.counts.resent += 1
                 job.failed_on = None
-            started, in_flight = time.monotonic(), member.in_flight
+            started = time.monotonic()
+            busy = member.busy_s(started)
             try:
                 result = await self._exchange(member, path, body)
             except _Failed as failure:
                 job.failed_on = member
                 if member.adaptive is not None and failure.kind in REFUSAL_KINDS:
-                    member.adaptive.refused(started)
+                    member.adaptive.refused(started, failure.retry_after)
                 raise self._transient(job, member, failure) from None
             except Permanent:
                 self.breaker.success()  # it answered: it is up
@@ -453,8 +454,10 @@ class OpenAIBackend:
             self.breaker.success()
             self.fleet.succeeded(member)
             if member.adaptive is not None:
+                ended = time.monotonic()
+                mean_in_flight = (member.busy_s(ended) - busy) / max(ended - started, 1e-9)
                 member.adaptive.answered(
-                    started, time.monotonic() - started, result.completion_tokens, in_flight
+                    started, ended - started, result.completion_tokens, mean_in_flight
                 )
             if result.ok:
                 member.counts.answered += 1
@@ -515,6 +518,8 @@ class OpenAIBackend:
         retry_after = retry_after_s(response.headers)
         if response.status_code == 429 and self.fleet.watched:
             member.limiter.pause(retry_after if retry_after is not None else 1.0)
+        elif response.status_code == 429 and member.adaptive is not None and retry_after:
+            member.limiter.pause(retry_after)  # auto: wait as told instead of sending more
         raise _Failed(str(response.status_code), detail, retry_after, response.status_code)
 
     def _transient(self, job: _Job, member: Member, failure: _Failed) -> Transient:

@@ -100,6 +100,20 @@ class Member:
     streak: int = 0
     counts: EndpointCounts = field(default_factory=EndpointCounts)
     probe: asyncio.Task | None = None
+    #: request-seconds in flight until ``_busy_at`` (the integral of ``in_flight`` over time)
+    _busy_s: float = 0.0
+    _busy_at: float = field(default_factory=time.monotonic)
+
+    def busy_s(self, now: float) -> float:
+        """Request-seconds spent in flight at this endpoint until ``now`` (monotonic): its
+        growth over an attempt, divided by the attempt's duration, is the mean number in
+        flight meanwhile (Little's law's N, for ``max_concurrency: auto``)."""
+        return self._busy_s + self.in_flight * (now - self._busy_at)
+
+    def add_in_flight(self, n: int) -> None:
+        now = time.monotonic()
+        self._busy_s, self._busy_at = self.busy_s(now), now
+        self.in_flight += n
 
     @property
     def cap(self) -> int:
@@ -148,7 +162,7 @@ class Fleet:
         while True:
             member = self._pick(avoid)
             if member is not None:
-                member.in_flight += 1
+                member.add_in_flight(1)
                 return member
             if self.all_out_since is not None:
                 waited = time.monotonic() - self.all_out_since
@@ -163,7 +177,7 @@ class Fleet:
                 await asyncio.wait_for(waiter, timeout)
 
     def release(self, member: Member) -> None:
-        member.in_flight -= 1
+        member.add_in_flight(-1)
         self._notify()
 
     def succeeded(self, member: Member) -> None:
