@@ -118,6 +118,11 @@ class AdaptiveLimit:
         self._factor = CLIMB  # of the last probe
         self._recent: deque[tuple[float, float]] = deque(maxlen=RECENT)  # (sent, duration)
         self._quiet_until = float("-inf")  # refusals of attempts sent before: no new cut
+        # the current window: throughput and latency samples, when it began, its size
+        self._samples: list[float] = []
+        self._latencies: list[float] = []
+        self._window_started = 0.0
+        self._window_size = MIN_WINDOW
         self._restart_window()
 
     @property
@@ -234,8 +239,8 @@ class AdaptiveLimit:
         self._restart_window()
 
     def _restart_window(self) -> None:
-        self._samples: list[float] = []
-        self._latencies: list[float] = []
+        self._samples = []
+        self._latencies = []
         self._window_started = time.monotonic()
         # half a round trip of answers: a server that answers in batches (all the requests
         # sent together come back together) gives them before its next batch, so a window
