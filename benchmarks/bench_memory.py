@@ -10,9 +10,9 @@ alone beside it. Two ways, as users meet them:
 * **running server**: a ``prefect server start`` already up (started by this benchmark,
   outside the measured tree), reached through ``PREFECT_API_URL``;
 * **temporary server**: nothing configured and no server running, so ``nightshift run``
-  starts Prefect's server for itself (``flows/local_api.py``): on a thread of the run's
-  own process (the default), or as a child process (``temporary-process``:
-  ``NIGHTSHIFT_TEMPORARY_SERVER=process``, how it was started before).
+  starts Prefect's server for itself (``flows/local_api.py``): as a child process (the
+  default, ``temporary-process``), or on a thread of the run's own process
+  (``temporary``: ``NIGHTSHIFT_TEMPORARY_SERVER=thread``).
 
 The endpoint: by default a small stdlib HTTP server in this benchmark's process (outside
 the tree) that answers every ``/v1/chat/completions`` at once with a fixed reply, so the

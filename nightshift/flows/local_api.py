@@ -4,21 +4,27 @@
 2. A Prefect server already runs on this machine (``nightshift server``, ``make server``
    or ``prefect server start``, on ``PREFECT_SERVER_API_PORT``, default 4200): it is used
    without anything to export, so the second run of the day does not pay a start-up.
-3. Otherwise a temporary server starts **in this process** (:class:`InProcessServer`):
-   Prefect's own server app (``prefect.server.api.server.create_app``, ephemeral: no UI,
-   the services an ephemeral server runs) under uvicorn on a thread of its own, on a free
-   port of 127.0.0.1, with the same SQLite database as ``prefect server start``
-   (``PREFECT_HOME``). It shares the modules the run has loaded already (Prefect,
-   pydantic, httpx, ...) instead of a second interpreter: ~110 MB more in the run's
-   process instead of a ~245 MB child (``benchmarks/RESULTS.md``, "Memory of
-   ``nightshift run``"). Its start is waited for with a generous deadline
+3. Otherwise a temporary server starts for this process (:class:`TemporaryServer`:
+   Prefect's own server app under uvicorn in a child process, the same SQLite database
+   as ``prefect server start``). Its start is waited for with a generous deadline
    (``NIGHTSHIFT_SERVER_START_TIMEOUT``, default 600 s: a loaded machine is slow, not
-   broken); it is stopped when the process exits, after Prefect's queued logs and events
-   are sent; and it dies with the process, so a SIGKILLed run never leaves a server
-   behind. ``NIGHTSHIFT_TEMPORARY_SERVER=process`` starts it as a child process instead
-   (:class:`TemporaryServer`, killed by the kernel with its parent on Linux:
-   ``PR_SET_PDEATHSIG``): for a program that must not have a server's threads and
-   modules in its own process.
+   broken); it is stopped when the process exits, after Prefect's queued logs and
+   events are sent, and on Linux it is killed by the kernel if the process is killed
+   (``PR_SET_PDEATHSIG``), so a SIGKILLed run never leaves a server behind.
+
+``NIGHTSHIFT_TEMPORARY_SERVER=thread`` runs that server on a thread of the run's own
+process instead (:class:`InProcessServer`: ``create_app(ephemeral=True)`` under a
+``uvicorn.Server`` on a free port, its thread in a copy of the caller's context, so the
+same settings and database). It shares the modules the run has loaded (Prefect,
+pydantic, httpx, ...) instead of a second interpreter: the tree of a 600-row API job
+peaks at 375 MB instead of 481 MB; it dies with the process; it is stopped in Python's
+``threading`` exit hook, after Prefect's log and event workers drained and before
+``concurrent.futures`` refuses work (a plain ``atexit`` stop hung 30 s in docket's
+shutdown). It is not the default: its request handling shares the run's GIL, and the
+10M-row CPU benchmark ran ~5% slower with it (``benchmarks/RESULTS.md``, "Memory of
+``nightshift run``: the temporary server in the run's process"), and it does not bring
+the tree under 300 MB either. A process forked (not spawned) from the run inherits its
+listening socket, not the server.
 """
 
 from __future__ import annotations
@@ -83,8 +89,7 @@ def _free_port() -> int:
 
 class TemporaryServer:
     """Prefect's API server in a child process that lives exactly as long as this one
-    (``NIGHTSHIFT_TEMPORARY_SERVER=process``; tests and benchmarks start one as a
-    stand-in for ``nightshift server``)."""
+    (tests and benchmarks also start one as a stand-in for ``nightshift server``)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or _free_port()
@@ -325,13 +330,13 @@ def prefect_api() -> Iterator[str]:
 
 
 def start_temporary_server() -> InProcessServer | TemporaryServer:
-    """A temporary server for this process: in this process, or a child process with
-    ``NIGHTSHIFT_TEMPORARY_SERVER=process`` (see the module docstring)."""
+    """A temporary server for this process: a child process, or a thread of this one
+    with ``NIGHTSHIFT_TEMPORARY_SERVER=thread`` (see the module docstring)."""
     timeout = float(os.environ.get("NIGHTSHIFT_SERVER_START_TIMEOUT") or 600)
-    where = (os.environ.get("NIGHTSHIFT_TEMPORARY_SERVER") or "thread").strip().lower()
+    where = (os.environ.get("NIGHTSHIFT_TEMPORARY_SERVER") or "process").strip().lower()
     if where not in ("thread", "process"):
         raise NightshiftError(
-            f"NIGHTSHIFT_TEMPORARY_SERVER={where!r}: expected 'thread' (the default) or 'process'"
+            f"NIGHTSHIFT_TEMPORARY_SERVER={where!r}: expected 'process' (the default) or 'thread'"
         )
     server = InProcessServer() if where == "thread" else TemporaryServer()
     server.start(timeout)
