@@ -10,7 +10,9 @@ alone beside it. Two ways, as users meet them:
 * **running server**: a ``prefect server start`` already up (started by this benchmark,
   outside the measured tree), reached through ``PREFECT_API_URL``;
 * **temporary server**: nothing configured and no server running, so ``nightshift run``
-  starts Prefect's server for itself (``flows/local_api.py``), a child in the tree.
+  starts Prefect's server for itself (``flows/local_api.py``): as a child process (the
+  default, ``temporary-process``), or on a thread of the run's own process
+  (``temporary``: ``NIGHTSHIFT_TEMPORARY_SERVER=thread``).
 
 The endpoint: by default a small stdlib HTTP server in this benchmark's process (outside
 the tree) that answers every ``/v1/chat/completions`` at once with a fixed reply, so the
@@ -195,12 +197,19 @@ def measure(spec: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
     }
 
 
+NAMES = {
+    "running": "running server",
+    "temporary": "temporary server, in the run's process",
+    "temporary-process": "temporary server, a child process",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=600)
-    parser.add_argument("--ways", nargs="+", default=["running", "temporary"])
+    parser.add_argument("--ways", nargs="+", default=["running", "temporary", "temporary-process"])
     parser.add_argument("--base-url", default=None, help="a real OpenAI-compatible /v1 URL")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per way; the peak is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per way; each is shown")
     parser.add_argument("--goal-mb", type=float, default=300.0)
     args = parser.parse_args()
 
@@ -231,6 +240,9 @@ def main() -> None:
             if way == "running":
                 server, url = prefect_server(work / "server-home")
                 env["PREFECT_API_URL"] = url
+            env["NIGHTSHIFT_TEMPORARY_SERVER"] = "process" if way.endswith("process") else "thread"
+            # each way its own Prefect database: its first run creates it, as a user's first
+            env["PREFECT_HOME"] = str(work / f"prefect-home-{way}")
             results[way] = [measure(spec, work, env) for _ in range(args.repeats)]
             load.append(os.getloadavg()[0])
             if server is not None:
@@ -256,7 +268,7 @@ def main() -> None:
     for way, runs in results.items():
         tree = max(r["tree_mb"] for r in runs)
         table.add_row(
-            "running server" if way == "running" else "temporary server (started by the run)",
+            NAMES[way],
             " / ".join(f"{r['tree_mb']:.0f}" for r in runs),
             " / ".join(f"{r['own_mb']:.0f}" for r in runs),
             str(int(max(r["processes"] for r in runs))),

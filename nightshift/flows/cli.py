@@ -127,6 +127,15 @@ def run(
         float | None,
         typer.Option(help="the most this run may spend on LLM calls, US dollars"),
     ] = None,
+    heartbeats: Annotated[
+        bool | None,
+        typer.Option(
+            "--heartbeats/--no-heartbeats",
+            help="send Prefect's flow run heartbeats (crash detection); default: off for "
+            "a run started here, or as NIGHTSHIFT_HEARTBEATS=on|off says",
+            show_default=False,
+        ),
+    ] = None,
     allow_imports: AllowImports = False,
     verbose: Verbose = False,
 ) -> None:
@@ -147,6 +156,7 @@ def run(
             resume_step=resume_step,
             allow_imports=allow_imports,
             budget=budget,
+            heartbeats=heartbeats,
         )
     _print_steps(summary["steps"])
     if summary.get("left"):

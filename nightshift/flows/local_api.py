@@ -4,27 +4,45 @@
 2. A Prefect server already runs on this machine (``nightshift server``, ``make server``
    or ``prefect server start``, on ``PREFECT_SERVER_API_PORT``, default 4200): it is used
    without anything to export, so the second run of the day does not pay a start-up.
-3. Otherwise a temporary server starts for this process (Prefect's own server app under
-   uvicorn, the same SQLite database as ``prefect server start``). Its start is waited
-   for with a generous deadline (``NIGHTSHIFT_SERVER_START_TIMEOUT``, default 600 s: a
-   loaded machine is slow, not broken); it is stopped when the process exits, after
-   Prefect's queued logs and events are sent, and on Linux it is killed by the kernel if
-   the process is killed (``PR_SET_PDEATHSIG``), so a SIGKILLed run never leaves a
-   server behind.
+3. Otherwise a temporary server starts for this process (:class:`TemporaryServer`:
+   Prefect's own server app under uvicorn in a child process, the same SQLite database
+   as ``prefect server start``). Its start is waited for with a generous deadline
+   (``NIGHTSHIFT_SERVER_START_TIMEOUT``, default 600 s: a loaded machine is slow, not
+   broken); it is stopped when the process exits, after Prefect's queued logs and
+   events are sent, and on Linux it is killed by the kernel if the process is killed
+   (``PR_SET_PDEATHSIG``), so a SIGKILLed run never leaves a server behind.
+
+``NIGHTSHIFT_TEMPORARY_SERVER=thread`` runs that server on a thread of the run's own
+process instead (:class:`InProcessServer`: ``create_app(ephemeral=True)`` under a
+``uvicorn.Server`` on a free port, its thread in a copy of the caller's context, so the
+same settings and database). It shares the modules the run has loaded (Prefect,
+pydantic, httpx, ...) instead of a second interpreter: the tree of a 600-row API job
+peaks at 375 MB instead of 481 MB; it dies with the process; it is stopped in Python's
+``threading`` exit hook, after Prefect's log and event workers drained and before
+``concurrent.futures`` refuses work (a plain ``atexit`` stop hung 30 s in docket's
+shutdown). It is not the default: its request handling shares the run's GIL, and the
+10M-row CPU benchmark ran ~5% slower with it (``benchmarks/RESULTS.md``, "Memory of
+``nightshift run``: the temporary server in the run's process"), and it does not bring
+the tree under 300 MB either. A process forked (not spawned) from the run inherits its
+listening socket, not the server.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextvars
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from nightshift.core.errors import NightshiftError
 
@@ -70,7 +88,8 @@ def _free_port() -> int:
 
 
 class TemporaryServer:
-    """Prefect's API server in a child process that lives exactly as long as this one."""
+    """Prefect's API server in a child process that lives exactly as long as this one
+    (tests and benchmarks also start one as a stand-in for ``nightshift server``)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or _free_port()
@@ -78,6 +97,10 @@ class TemporaryServer:
         # the server's stdout for as long as it runs; _tail() reads it when it fails
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float, environ: dict[str, str] | None = None) -> None:
         import prefect
@@ -139,14 +162,7 @@ class TemporaryServer:
         """At exit: send Prefect's queued logs and events, then stop the server."""
         if self.process is None:
             return
-        try:
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogHandler
-
-            APILogHandler().flush()
-            EventsWorker.drain_all(timeout=30)
-        except Exception:  # best effort: the run's outcome is already known
-            pass
+        _flush_prefect_queues()
         self.stop()
 
     def stop(self) -> None:
@@ -159,6 +175,136 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class _LastError(logging.Handler):
+    """Keeps the first error uvicorn logs (a lifespan that failed: the reason)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.message is None or record.exc_info:
+            error = record.exc_info[1] if record.exc_info else None
+            self.message = f"{type(error).__name__}: {error}" if error else record.getMessage()
+
+
+class InProcessServer:
+    """Prefect's API server on a thread of this process, on a free port of 127.0.0.1.
+
+    The app is Prefect's (``create_app(ephemeral=True)``: no UI), served by a
+    ``uvicorn.Server`` whose event loop runs on a daemon thread (uvicorn installs signal
+    handlers only on the main thread, so the run's own Ctrl-C handling is unchanged). The
+    thread runs in a copy of the caller's context, so the server sees the caller's Prefect
+    settings (``PREFECT_HOME``, the database URL). The listening socket is bound before
+    the server starts (port 0: no race for a port)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+        self.errors = _LastError()
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        import uvicorn
+        from prefect.server.api.server import create_app
+
+        logging.getLogger("uvicorn.error").addHandler(self.errors)
+        app = create_app(ephemeral=True)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,  # leave this process's logging config alone
+            log_level="error",
+            access_log=False,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(
+            target=context.run,
+            args=(self._serve,),
+            name="nightshift-prefect-server",
+            daemon=True,  # never holds the interpreter's exit; stop() ends it first
+        )
+        self.thread.start()
+        _before_threads_end(self.stop_after_flush)
+        while not (self.server.started and healthy(self.url, timeout=5.0)):
+            if not self.running:
+                self.stop()
+                raise NightshiftError(
+                    "the temporary Prefect server stopped as it started: "
+                    f"{self.errors.message or 'no error logged'}; start one with "
+                    "`nightshift server` or set PREFECT_API_URL"
+                )
+            if time.monotonic() > deadline:
+                self.stop(wait=0.0)
+                raise NightshiftError(
+                    f"the temporary Prefect server did not answer within {timeout:g} s "
+                    "(NIGHTSHIFT_SERVER_START_TIMEOUT); start one with `nightshift server`"
+                )
+            time.sleep(0.05)
+
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as exc:  # a failed lifespan is a SystemExit in uvicorn
+            if self.errors.message is None:
+                self.errors.message = f"{type(exc).__name__}: {exc}"
+
+    def stop_after_flush(self) -> None:
+        """At exit: send Prefect's queued logs and events, then stop the server."""
+        if not self.running:
+            return
+        _flush_prefect_queues()
+        self.stop()
+
+    def stop(self, wait: float = 30.0) -> None:
+        """Stop serving (the lifespan's shutdown stops Prefect's services) and wait up to
+        ``wait`` seconds for the thread."""
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None and wait:
+            self.thread.join(wait)
+        if not self.running:
+            self.sock.close()
+            logging.getLogger("uvicorn.error").removeHandler(self.errors)
+
+
+def _before_threads_end(fn: Callable[[], None]) -> None:
+    """Call ``fn`` as the interpreter begins to exit: before it joins threads and before
+    ``concurrent.futures`` refuses new work, which a server's shutdown needs
+    (``asyncio.to_thread``). That is ``threading._register_atexit``, the hook Prefect's own
+    log and event workers drain in; those registered later (started during the run) are
+    called first, so their queues are sent before the server stops. Plain ``atexit``
+    runs too late for a server on a thread."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # not CPython
+        atexit.register(fn)
+    else:
+        register(fn)
+
+
+def _flush_prefect_queues() -> None:
+    """Send what Prefect's log and event workers still hold (before a server stops)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+        EventsWorker.drain_all(timeout=30)
+    except Exception:  # best effort: the run's outcome is already known
+        pass
 
 
 @contextmanager
@@ -177,14 +323,26 @@ def prefect_api() -> Iterator[str]:
             yield url
         return
     global _TEMPORARY
-    if _TEMPORARY is None or _TEMPORARY.process is None:
-        server = TemporaryServer()
-        server.start(float(os.environ.get("NIGHTSHIFT_SERVER_START_TIMEOUT") or 600))
-        _TEMPORARY = server
+    if _TEMPORARY is None or not _TEMPORARY.running:
+        _TEMPORARY = start_temporary_server()
     with temporary_settings(updates={PREFECT_API_URL: _TEMPORARY.url}):
         yield _TEMPORARY.url
 
 
+def start_temporary_server() -> InProcessServer | TemporaryServer:
+    """A temporary server for this process: a child process, or a thread of this one
+    with ``NIGHTSHIFT_TEMPORARY_SERVER=thread`` (see the module docstring)."""
+    timeout = float(os.environ.get("NIGHTSHIFT_SERVER_START_TIMEOUT") or 600)
+    where = (os.environ.get("NIGHTSHIFT_TEMPORARY_SERVER") or "process").strip().lower()
+    if where not in ("thread", "process"):
+        raise NightshiftError(
+            f"NIGHTSHIFT_TEMPORARY_SERVER={where!r}: expected 'process' (the default) or 'thread'"
+        )
+    server = InProcessServer() if where == "thread" else TemporaryServer()
+    server.start(timeout)
+    return server
+
+
 #: This process's temporary server: started by the first run that needs it, reused by
 #: the next ones (a notebook calling Pipeline.run twice pays one start), stopped at exit.
-_TEMPORARY: TemporaryServer | None = None
+_TEMPORARY: InProcessServer | TemporaryServer | None = None

@@ -26,6 +26,9 @@ Steps as a DAG (``docs/engine.md``, "DAGs"): wrap an operator in :class:`Step` t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,58 @@ from nightshift.tasks.operators import Operator, registered_operators
 from nightshift.tasks.sources import SourceSpec
 from nightshift.tasks.spec import PipelineSpec, StoreSpec
 
+#: Heartbeats of ad-hoc runs: ``on``, ``off`` or ``auto`` (the default; see ad_hoc_run).
+HEARTBEATS_ENV = "NIGHTSHIFT_HEARTBEATS"
+
+
+def heartbeats_wanted(heartbeats: bool | None = None) -> bool:
+    """Whether an ad-hoc run sends Prefect's flow run heartbeats: ``heartbeats`` if given,
+    else ``NIGHTSHIFT_HEARTBEATS`` (on/off), else (``auto``) only inside a flow run that
+    a deployment started (``Pipeline.run`` called from a deployed flow)."""
+    if heartbeats is not None:
+        return heartbeats
+    raw = (os.environ.get(HEARTBEATS_ENV) or "auto").strip().lower()
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    if raw != "auto":
+        raise NightshiftError(f"{HEARTBEATS_ENV}={raw!r}: expected on, off or auto")
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
+
+
+@contextmanager
+def ad_hoc_run(heartbeats: bool) -> Iterator[None]:
+    """Prefect settings for a flow run started in this process (``nightshift run``,
+    ``Pipeline.run``), not by a worker from a deployment.
+
+    Prefect's flow run heartbeats (``flows.heartbeat_frequency``, every 180 s by default)
+    feed its detection of crashed ("zombie") runs, which matters for the runs a worker
+    starts from a deployment: nobody watches them, and a night that died is retried from
+    the UI. Those runs never come through here and keep Prefect's setting. An ad-hoc run
+    is watched by whoever started it, and its heartbeat thread costs every run 0.5-1 s
+    at its end (the sync engine joins the thread, which sleeps in 1 s steps). So ad-hoc
+    runs go without heartbeats unless :func:`heartbeats_wanted` says otherwise
+    (``heartbeats``); the setting is Prefect's own (``flows.heartbeat_frequency`` set to
+    None), for this run only: a settings context as ``temporary_settings`` enters, with
+    the current settings copied rather than validated again from the environment (75 ms
+    a run)."""
+    if heartbeats:
+        yield
+        return
+    from prefect.context import SettingsContext, get_settings_context
+
+    context = get_settings_context()
+    settings = context.settings
+    flows = settings.flows.model_copy(update={"heartbeat_frequency": None})
+    with SettingsContext(
+        profile=context.profile, settings=settings.model_copy(update={"flows": flows})
+    ):
+        yield
+
 
 def run_spec(
     spec: PipelineSpec,
@@ -49,10 +104,13 @@ def run_spec(
     resume_step: int | str | None = None,
     allow_imports: bool = False,
     budget: float | None = None,
+    heartbeats: bool | None = None,
 ) -> dict[str, Any]:
     """Check everything, then run the ``run-pipeline`` flow on the Prefect API that
     ``nightshift.flows.local_api.prefect_api`` finds (configured, already running here, or a
-    temporary one); returns the run summary or raises one NightshiftError line."""
+    temporary one); returns the run summary or raises one NightshiftError line.
+    ``heartbeats``: Prefect's flow run heartbeats for this run (default: see
+    :func:`ad_hoc_run`)."""
     build_plan(spec, allow_imports=allow_imports)  # every check, before any work
     parameters: dict[str, Any] = {
         "spec": spec.model_dump(mode="json"),
@@ -62,7 +120,8 @@ def run_spec(
         **({"budget": budget} if budget is not None else {}),
     }
     check_parameter_size(parameters, "spec")  # before a temporary server starts
-    with prefect_api(), parameters_accepted(parameters, "spec"):
+    beats = heartbeats_wanted(heartbeats)
+    with prefect_api(), ad_hoc_run(beats), parameters_accepted(parameters, "spec"):
         state = run_pipeline(**parameters, return_state=True)
         if not state.is_completed():
             try:
@@ -139,10 +198,19 @@ class Pipeline:
         batch_size: int | None = None,
         resume_from_last: bool | None = None,
         resume_step: int | str | None = None,
+        heartbeats: bool | None = None,
     ) -> dict[str, Any]:
         """Run (or resume) the pipeline; returns the per-step summary. ``resume_step``
-        (an index or a step name) recomputes that step and the steps depending on it."""
-        return run_spec(self.spec(batch_size), resume_from_last, resume_step, allow_imports=True)
+        (an index or a step name) recomputes that step and the steps depending on it.
+        ``heartbeats``: send Prefect's flow run heartbeats (default: only inside a
+        deployment's flow run, or as ``NIGHTSHIFT_HEARTBEATS`` says; docs/engine.md)."""
+        return run_spec(
+            self.spec(batch_size),
+            resume_from_last,
+            resume_step,
+            allow_imports=True,
+            heartbeats=heartbeats,
+        )
 
     def status(
         self, batch_size: int | None = None, step: int | str | None = None

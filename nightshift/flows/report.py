@@ -52,7 +52,8 @@ from nightshift.tasks.operators import ROW_ID
 from nightshift.tasks.operators.llm import SUFFIXES
 
 #: Outputs read per stage for the length and score charts and the samples (spread over
-#: the run's batches), and the values kept per column.
+#: the run's batches), and the values kept per column (also the most rows read of each
+#: output: the charts keep that many, so a 500,000-row batch is not read for them).
 SAMPLE_UNITS = 8
 SAMPLE_VALUES = 5000
 SAMPLE_ROWS = 5
@@ -648,7 +649,8 @@ class _ReportData:
         return out
 
     def frame(self, stage: int) -> pl.DataFrame | None:
-        """Rows of up to SAMPLE_UNITS of the stage's outputs, spread over its batches."""
+        """The first SAMPLE_VALUES rows of up to SAMPLE_UNITS of the stage's outputs,
+        spread over its batches (only the row groups holding them are read)."""
         if stage in self._frames:
             return self._frames[stage]
         name = self.stage_names[stage]
@@ -665,7 +667,7 @@ class _ReportData:
         directory = self.plan.stage_dir(stage)
         for name_ in files[::step][:SAMPLE_UNITS]:
             try:
-                frames.append(self.plan.store.read_frame(f"{directory}/{name_}"))
+                frames.append(self.plan.store.read_rows(f"{directory}/{name_}", 0, SAMPLE_VALUES))
             except Exception as exc:  # removed since: the report shows what is there
                 self.notes.append(f"{name_}: {one_line(exc)}")
         frame = pl.concat(frames, how="diagonal_relaxed") if frames else None
