@@ -114,10 +114,10 @@ def child_row_ids(parents: pl.Series | np.ndarray, index: pl.Series | np.ndarray
 _BLOCK = 1 << 16
 
 
-def _on_every_core(n: int, work: Callable[[int, int], None]) -> None:
-    """``work(lo, hi)`` over ``range(n)`` in blocks of ``_BLOCK``, the blocks shared out
+def _on_every_core(n: int, work: Callable[[int, int], None], block: int = _BLOCK) -> None:
+    """``work(lo, hi)`` over ``range(n)`` in blocks of ``block``, the blocks shared out
     to one thread per core (numpy lets go of the GIL)."""
-    blocks = [(lo, min(lo + _BLOCK, n)) for lo in range(0, n, _BLOCK)]
+    blocks = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
     threads = min(len(blocks), os.cpu_count() or 1)
     if threads <= 1:
         for lo, hi in blocks:
@@ -182,13 +182,7 @@ def group_row_ids(keys: pl.DataFrame) -> pl.Series:
     def chunk(lo: int, hi: int) -> None:
         out[lo:hi] = _hash_strings(data, offsets[lo : hi + 1], tables)
 
-    pieces = list(itertools.pairwise(bounds))
-    if len(pieces) > 1:  # numpy lets go of the GIL: chunks hash on every core
-        with ThreadPoolExecutor(min(len(pieces), os.cpu_count() or 1)) as pool:
-            list(pool.map(chunk, *zip(*pieces, strict=True)))
-    else:
-        for lo, hi in pieces:
-            chunk(lo, hi)
+    _on_every_core(len(encoded), chunk, _CHUNK)
     return pl.Series(ROW_ID, out, dtype=pl.UInt64)
 
 
