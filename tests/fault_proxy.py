@@ -56,6 +56,25 @@ REASONS = {
 }
 
 
+async def read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[str, str, dict[str, str], bytes] | None:
+    """The next HTTP/1.1 request on a connection: method, path, headers (lower-case
+    names) and body; None when the client closed it (also used by ``load_server.py``)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+    }
+    body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+    return method, path, headers, body
+
+
 class Proxy:
     def __init__(self, upstream: str, config: dict[str, Any]) -> None:
         self.upstream = upstream.rstrip("/")
@@ -130,19 +149,8 @@ class Proxy:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
-                }
-                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                if not await self.respond(method, path, headers, body, writer):
+            while (request := await read_request(reader)) is not None:
+                if not await self.respond(*request, writer):
                     return
         except Exception as exc:  # never let one connection take the proxy down
             print(f"proxy: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -25,6 +25,8 @@ import json
 import threading
 from typing import Any
 
+from fault_proxy import read_request
+
 
 class LoadServer:
     def __init__(
@@ -71,17 +73,8 @@ class LoadServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                length = 0
-                for line in head.decode("latin-1").split("\r\n")[1:]:
-                    if line.lower().startswith("content-length:"):
-                        length = int(line.split(":", 1)[1])
-                body = json.loads(await reader.readexactly(length) or b"{}")
-                await self._answer(body, writer)
+            while (request := await read_request(reader)) is not None:
+                await self._answer(json.loads(request[3] or b"{}"), writer)
         finally:
             writer.close()
 
