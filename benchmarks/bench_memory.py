@@ -7,8 +7,9 @@ process of its own. The tree is that process and every process it starts; its RS
 sampled every 20 ms (psutil) and the peak of the sum is reported, with the flow process
 alone beside it. Two ways, as users meet them:
 
-* **running server**: a ``prefect server start`` already up (started by this benchmark,
-  outside the measured tree), reached through ``PREFECT_API_URL``;
+* **running server**: Prefect's server already up (started by this benchmark with
+  ``local_api.TemporaryServer``, the same app as ``prefect server start``, outside the
+  measured tree), reached through ``PREFECT_API_URL``;
 * **temporary server**: nothing configured and no server running, so ``nightshift run``
   starts Prefect's server for itself (``flows/local_api.py``): as a child process (the
   default, ``temporary-process``), or on a thread of the run's own process
@@ -42,8 +43,11 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nightshift.flows.local_api import TemporaryServer
+
 MB = 1024 * 1024
-HOST = ("--host", "127.0.0.1")
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -95,32 +99,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    """``prefect server start`` on a free port with its own database (outside the tree)."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", *HOST, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("prefect server did not start in 600 s")
 
 
 def write_job(work: Path, rows: int, base_url: str) -> Path:
@@ -238,20 +216,21 @@ def main() -> None:
         for way in args.ways:
             env = dict(base_env)
             if way == "running":
-                server, url = prefect_server(work / "server-home")
-                env["PREFECT_API_URL"] = url
+                # a running server outside the measured tree, as `nightshift server` is
+                server = TemporaryServer()
+                server.start(600, {**os.environ, "PREFECT_HOME": str(work / "server-home")})
+                env["PREFECT_API_URL"] = server.url
             env["NIGHTSHIFT_TEMPORARY_SERVER"] = "process" if way.endswith("process") else "thread"
             # each way its own Prefect database: its first run creates it, as a user's first
             env["PREFECT_HOME"] = str(work / f"prefect-home-{way}")
             results[way] = [measure(spec, work, env) for _ in range(args.repeats)]
             load.append(os.getloadavg()[0])
             if server is not None:
-                server.terminate()
-                server.wait(60)
+                server.stop()
                 server = None
     finally:
         if server is not None:
-            server.kill()
+            server.stop()
         if stub is not None:
             stub.shutdown()
         shutil.rmtree(work, ignore_errors=True)
