@@ -137,22 +137,21 @@ def stop_server(proc: subprocess.Popen) -> None:
     shutil.rmtree(getattr(proc, "cache_dir", ""), ignore_errors=True)
 
 
-async def plain_script(
-    base_url: str, rows: int, concurrency: int, max_tokens: int, run: int
-) -> float:
-    """What a user would write by hand: httpx, a semaphore, gather; every answer checked."""
-    started = time.perf_counter()
+async def plain_prompts(
+    base_url: str, prompts: list[str], concurrency: int, max_tokens: int
+) -> list[str]:
+    """The plain script: the prompts in data order, a semaphore, gather."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=600, limits=limits) as client:
 
-        async def one(n: int) -> str:
+        async def one(prompt: str) -> str:
             async with sem:
                 r = await client.post(
                     "/completions",
                     json={
                         "model": "smollm2",
-                        "prompt": PROMPT.format(run=run, n=n),
+                        "prompt": prompt,
                         "max_tokens": max_tokens,
                         "temperature": 0.0,
                         "top_p": 1.0,
@@ -162,7 +161,16 @@ async def plain_script(
                 r.raise_for_status()
                 return r.json()["choices"][0]["text"]
 
-        texts = await asyncio.gather(*(one(n) for n in range(rows)))
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+async def plain_script(
+    base_url: str, rows: int, concurrency: int, max_tokens: int, run: int
+) -> float:
+    """What a user would write by hand (:func:`plain_prompts`); every answer checked."""
+    started = time.perf_counter()
+    prompts = [PROMPT.format(run=run, n=n) for n in range(rows)]
+    texts = await plain_prompts(base_url, prompts, concurrency, max_tokens)
     assert len(texts) == rows
     return time.perf_counter() - started
 
@@ -484,32 +492,6 @@ def prefix_metrics(base_url: str) -> tuple[float, float]:
             if line.startswith(f"vllm:prefix_cache_{name}_total"):
                 found[name] = float(line.rsplit(" ", 1)[1])
     return found["queries"], found["hits"]
-
-
-async def plain_prompts(
-    base_url: str, prompts: list[str], concurrency: int, max_tokens: int
-) -> list[str]:
-    """The plain script: the prompts in data order, a semaphore, gather."""
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=600, limits=limits) as client:
-
-        async def one(prompt: str) -> str:
-            async with sem:
-                r = await client.post(
-                    "/completions",
-                    json={
-                        "model": "smollm2",
-                        "prompt": prompt,
-                        "max_tokens": max_tokens,
-                        "temperature": 0.0,
-                        "top_p": 1.0,
-                    },
-                )
-                r.raise_for_status()
-                return r.json()["choices"][0]["text"]
-
-        return await asyncio.gather(*(one(p) for p in prompts))
 
 
 def pipeline_prompts(
