@@ -10,6 +10,7 @@ import asyncio
 import json
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
@@ -377,3 +378,40 @@ def test_part_of_an_open_window_supersedes_it_in_the_store(
         (tmp_path / "store" / "parted" / "windows" / f"{files[0].stem[2:]}.json").read_text()
     )
     assert part["state"] == "committed" and part["supersedes"] == [whole.id]
+
+
+def test_processes_creating_one_table_at_once_all_succeed(postgres: Postgres) -> None:
+    """Several workers of a stream start together and each creates the sink's table when
+    missing: PostgreSQL's catalog races on a plain ``CREATE TABLE IF NOT EXISTS`` (the
+    loser fails on ``pg_type_typname_nsp_index``); ``create_table`` serialises them."""
+    import threading
+
+    from psycopg import sql
+
+    from nightshift.streams.postgres import create_table
+
+    workers, errors = 6, []
+    for round_ in range(4):
+        table = f"race_{round_}_{uuid4().hex[:8]}"
+        start = threading.Barrier(workers)
+        conns = [postgres.connect() for _ in range(workers)]
+
+        def create(conn: Any, table: str = table, start: threading.Barrier = start) -> None:
+            statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} (k text PRIMARY KEY, v jsonb)")
+            start.wait(30)
+            try:
+                create_table(conn, statement.format(sql.Identifier(table)), table)
+            except Exception as exc:  # collected: a thread's exception is not the test's
+                errors.append(f"{table}: {exc}")
+
+        threads = [threading.Thread(target=create, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with conns[0].cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_tables WHERE tablename = %s", (table,))
+            assert cur.fetchone() == (1,)
+        for c in conns:
+            c.close()
+    assert errors == []

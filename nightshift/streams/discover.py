@@ -121,12 +121,16 @@ class DefinitionTable:
         table = sql.Identifier(*self.spec.table.split("."))
         try:
             if self.spec.create_table:
-                self.conn.execute(
+                from nightshift.streams.postgres import create_table
+
+                create_table(
+                    self.conn,
                     sql.SQL(
                         "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, definition jsonb NOT NULL,"
                         " enabled boolean NOT NULL DEFAULT true,"
                         " updated_at timestamptz NOT NULL DEFAULT now())"
-                    ).format(table)
+                    ).format(table),
+                    self.spec.table,
                 )
             self.conn.execute(
                 sql.SQL("SELECT name, definition, enabled FROM {} LIMIT 0").format(table)

@@ -53,3 +53,14 @@ class PostgresConnection(Block):
     def display(self) -> str:
         """``user@host:port/database``: for logs and errors (no secret)."""
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+def create_table(conn: Any, statement: Any, table: str) -> None:
+    """Run ``statement`` (a ``CREATE TABLE IF NOT EXISTS`` of ``table``) in its own
+    transaction, holding a transaction-level advisory lock on the table's name: two
+    processes that create the same table at once (two workers of a stream starting
+    together) would otherwise race in PostgreSQL's catalog, and the loser fails with
+    ``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightshift:{table}",))
+        conn.execute(statement)

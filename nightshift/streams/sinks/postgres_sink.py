@@ -20,6 +20,7 @@ from typing import Any, LiteralString
 import polars as pl
 
 from nightshift.core.errors import NightshiftError, SpecError, Unavailable, one_line
+from nightshift.streams.postgres import create_table
 from nightshift.tasks.operators import ROW_ID
 
 
@@ -119,22 +120,23 @@ class PostgresSink:
                 f"{self.label}: cannot connect to {self.display}: {one_line(exc)}"
             ) from None
         try:
-            with self.conn.transaction():
-                if self.create_table:
-                    defs = [
-                        sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(pg_type(self.schema[c])))
-                        for c in self.columns
-                    ]
-                    defs.append(
-                        sql.SQL("PRIMARY KEY ({})").format(
-                            sql.SQL(", ").join(map(sql.Identifier, self.key))
-                        )
+            if self.create_table:
+                defs = [
+                    sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(pg_type(self.schema[c])))
+                    for c in self.columns
+                ]
+                defs.append(
+                    sql.SQL("PRIMARY KEY ({})").format(
+                        sql.SQL(", ").join(map(sql.Identifier, self.key))
                     )
-                    self.conn.execute(
-                        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-                            self._ident(self.table), sql.SQL(", ").join(defs)
-                        )
-                    )
+                )
+                create_table(
+                    self.conn,
+                    sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+                        self._ident(self.table), sql.SQL(", ").join(defs)
+                    ),
+                    self.table,
+                )
             self.conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
