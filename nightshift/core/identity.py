@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
+
+from nightshift.core import file_io
 
 METADATA_KEY = "nightshift.unit"
 #: the engine's row identity column (``tasks.operators.ROW_ID``; core imports nothing above)
@@ -57,11 +58,10 @@ def of_frame(df: pl.DataFrame, key: str, name: str, **fields: Any) -> dict[str, 
 def read_footer(fs: AbstractFileSystem, path: str) -> Footer | None:
     """The footer of ``path``, or None when it is missing, truncated or not Parquet."""
     try:
-        with fs.open(path, "rb") as handle:
-            meta = pq.ParquetFile(handle).metadata
+        rows, metadata = file_io.parquet_footer(fs, path)
     except Exception:  # missing, truncated, not Parquet: all mean "recompute"
         return None
-    raw = (meta.metadata or {}).get(METADATA_KEY.encode())
+    raw = metadata.get(METADATA_KEY)
     identity = None
     if raw is not None:
         try:
@@ -69,7 +69,7 @@ def read_footer(fs: AbstractFileSystem, path: str) -> Footer | None:
         except ValueError:
             identity = {}
         identity = identity if isinstance(identity, dict) else {}
-    return Footer(meta.num_rows, identity)
+    return Footer(rows, identity)
 
 
 def verify(footer: Footer | None, name: str, key: str | None = None) -> str | None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from nightshift.core import file_io
@@ -168,6 +167,8 @@ def group_row_ids(keys: pl.DataFrame) -> pl.Series:
     rows were. Computed with numpy (no Python loop per group), in chunks of keys hashed
     on every core.
     """
+    import pyarrow as pa  # the keys' bytes in one buffer; only group steps pay the import
+
     encoded = keys.select(pl.struct(keys.columns).struct.json_encode()).to_series()
     arrow = encoded.to_arrow().cast(pa.large_string())
     offsets = np.frombuffer(arrow.buffers()[1], dtype=np.int64)[
