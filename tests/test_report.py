@@ -143,6 +143,14 @@ def test_summary_artifact_names_the_saved_report(runs: dict) -> None:
     assert f"`{saved}`" in (summary.description or "")
 
 
+def test_the_page_script_carries_the_vega_lite_version_of_the_specs() -> None:
+    import vl_convert as vlc
+
+    from nightshift.flows import vegalite
+
+    assert ".".join(vegalite.VERSION.split(".")[:2]) in vlc.get_vegalite_versions()
+
+
 def test_report_shows_every_chart_in_a_browser(runs: dict) -> None:
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright

@@ -7,16 +7,15 @@ in its summary artifact. It is built from what runs recorded as they went
 from a pass over the data: a 10,000-batch run's report builds in seconds
 (``benchmarks/bench_report.py``).
 
-Charts are Vega-Lite specs made with altair and drawn in the browser by vega-embed; the
-JavaScript (vega, vega-lite, vega-embed) comes from the ``vl-convert-python`` package
-and is inlined, so the file opens offline. Each chart is a ``<div class="chart">``;
-the page sets ``data-rendered`` on each one drawn and ``data-charts="done"`` on its body
-when all are (what ``tests/test_report.py`` waits for in headless Chromium).
+Charts are Vega-Lite specs (``flows/vegalite.py``: written as the JSON they are) drawn in
+the browser by vega-embed; the JavaScript (vega, vega-lite, vega-embed) comes from the
+``vl-convert-python`` package and is inlined, so the file opens offline. Each chart is a
+``<div class="chart">``; the page sets ``data-rendered`` on each one drawn and
+``data-charts="done"`` on its body when all are (what ``tests/test_report.py`` waits for
+in headless Chromium).
 
-Two rules keep a report cheap enough for every run to write one (docs/report.md): a
-chart's data goes into its spec's ``datasets`` by name (``_ReportData.data``), never as
-inline values altair would validate; and encodings are channel objects
-(``alt.X("rows:Q")``), never bare shorthand strings (40 ms a chart to resolve).
+A chart's data goes into its spec's ``datasets`` by name (``_ReportData.data``), once
+however many of its layers use it.
 
 Example::
 
@@ -40,12 +39,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 from nightshift.core import file_io
 from nightshift.core.errors import one_line
+from nightshift.flows import vegalite as vl
 from nightshift.flows.plan import Plan
 from nightshift.flows.recording import RunRecords, info, load_records, warn
 from nightshift.tasks.operators import ROW_ID
@@ -104,7 +103,7 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
     began = time.perf_counter()
     records = records if records is not None else load_records(plan)
     data = _ReportData(plan, records)
-    charts: list[tuple[str, str, alt.TopLevelMixin | None, str]] = [
+    charts: list[tuple[str, str, vl.Spec | None, str]] = [
         ("graph", "Steps and rows (the funnel)", data.graph(), data.graph_note()),
         ("funnel", "Rows in and out per step", data.funnel(), ""),
         ("timeline", "When each step ran, per attempt", data.timeline(), ""),
@@ -127,7 +126,7 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
                 continue
             body += f"<p class=empty>{html.escape(empty)}</p>"
         else:
-            spec = chart.to_dict(validate=False)
+            spec = vl.top(chart)
             spec["datasets"] = {n: data.datasets[n] for n in _data_names(spec)}
             ids.append(key)
             specs.append(
@@ -163,23 +162,24 @@ def build_report(plan: Plan, records: RunRecords | None = None) -> Report:
 @functools.cache
 def vega_bundle() -> str:
     """vega, vega-lite and vega-embed as one script (from ``vl-convert-python``), for the
-    Vega-Lite version altair writes; ``</script`` escaped so it can sit inline.
+    Vega-Lite version the specs are written for (``vegalite.VERSION``); ``</script``
+    escaped so it can sit inline.
 
     Bundling takes a second or more, so the script is kept in the user's cache folder
     (``$XDG_CACHE_HOME/nightshift``, else ``~/.cache/nightshift``) under the versions it
     was made from; a cache that cannot be written is skipped."""
-    import vl_convert as vlc
-
-    wanted = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
-    version = wanted if wanted in vlc.get_vegalite_versions() else None
+    wanted = ".".join(vl.VERSION.split(".")[:2])
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     cached = Path(
         home,
         "nightshift",
-        f"vega-{metadata.version('vl-convert-python')}-{version or 'default'}.js",
+        f"vega-{metadata.version('vl-convert-python')}-{wanted}.js",
     )
     with contextlib.suppress(OSError):
         return cached.read_text(encoding="utf-8")
+    import vl_convert as vlc  # only to bundle (once per machine): its import is ~8 MB
+
+    version = wanted if wanted in vlc.get_vegalite_versions() else None
     # the stub types snippet as str; None (its default) sets window.vegaEmbed, vega, vegaLite
     bundle = vlc.javascript_bundle(None, version)  # pyright: ignore[reportArgumentType]
     bundle = bundle.replace("</script", "<\\/script")
@@ -255,15 +255,14 @@ class _ReportData:
             .iter_rows(named=True)
         }
         self._frames: dict[int, pl.DataFrame | None] = {}
-        #: the charts' data by name: a chart names its data (``alt.Data(name=...)``) and the
-        #: values go into its spec's top-level ``datasets`` unvalidated (altair's schema
-        #: check of inline values costs seconds for a few thousand rows)
+        #: the charts' data by name: a chart names its data (``vl.named``) and the values
+        #: go into its spec's top-level ``datasets``, once however many layers use them
         self.datasets: dict[str, list[dict[str, Any]]] = {}
 
-    def data(self, values: list[dict[str, Any]]) -> alt.Data:
+    def data(self, values: list[dict[str, Any]]) -> vl.Spec:
         name = f"d{len(self.datasets)}"
         self.datasets[name] = values
-        return alt.Data(name=name)
+        return vl.named(name)
 
     # -- the pipeline ---------------------------------------------------------------------
     def _rows_in(self, stage: int) -> int:
@@ -285,7 +284,7 @@ class _ReportData:
             for s in self.plan.stages
         ]
 
-    def graph(self) -> alt.TopLevelMixin:
+    def graph(self) -> vl.Spec:
         stages = self.plan.stages
         depth: dict[int, int] = {}
         for s in stages:  # stages are in topological order
@@ -319,72 +318,89 @@ class _ReportData:
         ]
         width = max(160 * (max(depth.values(), default=0) + 2), 320)
         height = max(90 * (max(lanes.values(), default=0) + 1), 120)
-        xs = alt.X("x:Q", axis=None, scale=alt.Scale(domain=[-1.4, max(depth.values()) + 0.4]))
-        ys = alt.Y("y:Q", axis=None, scale=alt.Scale(domain=[-0.6, max(lanes.values()) + 0.6]))
-        base_nodes = alt.Chart(self.data(nodes)).encode(x=xs, y=ys)
-        tooltip = [
-            alt.Tooltip("step:N"),
-            alt.Tooltip("ops:N"),
-            alt.Tooltip("rows_in:Q"),
-            alt.Tooltip("rows_out:Q"),
-            alt.Tooltip("kept:Q"),
-            alt.Tooltip("done:N"),
-        ]
-        chart = alt.layer(
-            alt.Chart(self.data(edges))
-            .mark_rule(color="#999", strokeWidth=2)
-            .encode(x=xs, y=ys, x2=alt.X2("x2"), y2=alt.Y2("y2")),
-            alt.Chart(self.data([source]))
-            .mark_point(shape="triangle-right", size=500, filled=True, color="#666")
-            .encode(x=xs, y=ys),
-            alt.Chart(self.data([source]))
-            .mark_text(dy=26, fontSize=11)
-            .encode(x=xs, y=ys, text=alt.Text("label:N")),
-            base_nodes.mark_square(size=900, opacity=1).encode(
-                color=alt.Color(
-                    "kept:Q",
-                    title="% rows kept",
-                    scale=alt.Scale(scheme="blues", domain=[0, 100]),
+        xs = vl.quantitative("x", axis=None, scale={"domain": [-1.4, max(depth.values()) + 0.4]})
+        ys = vl.quantitative("y", axis=None, scale={"domain": [-0.6, max(lanes.values()) + 0.6]})
+        at_node = {"x": xs, "y": ys}
+        node_data = self.data(nodes)
+        source_data = self.data([source])
+        tooltip = vl.tooltip(
+            vl.nominal("step"),
+            vl.nominal("ops"),
+            vl.quantitative("rows_in"),
+            vl.quantitative("rows_out"),
+            vl.quantitative("kept"),
+            vl.nominal("done"),
+        )
+        layers = [
+            vl.chart(
+                self.data(edges),
+                vl.mark("rule", color="#999", strokeWidth=2),
+                **at_node,
+                x2={"field": "x2"},
+                y2={"field": "y2"},
+            ),
+            vl.chart(
+                source_data,
+                vl.mark("point", shape="triangle-right", size=500, filled=True, color="#666"),
+                **at_node,
+            ),
+            vl.chart(
+                source_data,
+                vl.mark("text", dy=26, fontSize=11),
+                **at_node,
+                text=vl.nominal("label"),
+            ),
+            vl.chart(
+                node_data,
+                vl.mark("square", size=900, opacity=1),
+                **at_node,
+                color=vl.quantitative(
+                    "kept", title="% rows kept", scale={"scheme": "blues", "domain": [0, 100]}
                 ),
                 tooltip=tooltip,
             ),
-            base_nodes.mark_text(dy=-28, fontWeight="bold").encode(text=alt.Text("step:N")),
-            base_nodes.mark_text(dy=30, fontSize=11).encode(text=alt.Text("label:N")),
-        )
-        return chart.properties(width=width, height=height)
+            vl.chart(
+                node_data,
+                vl.mark("text", dy=-28, fontWeight="bold"),
+                **at_node,
+                text=vl.nominal("step"),
+            ),
+            vl.chart(
+                node_data, vl.mark("text", dy=30, fontSize=11), **at_node, text=vl.nominal("label")
+            ),
+        ]
+        return {"layer": layers, "width": width, "height": height}
 
     def graph_note(self) -> str:
         return "Each square is a step (a task stage); its colour is the share of its input rows it kept."
 
-    def funnel(self) -> alt.TopLevelMixin:
+    def funnel(self) -> vl.Spec:
         rows = self._stage_rows()
         long = [
             {"step": r["step"], "which": which, "rows": r[key], "order": r["order"]}
             for r in rows
             for which, key in (("rows in", "rows_in"), ("rows out", "rows_out"))
         ]
-        return (
-            alt.Chart(self.data(long))
-            .mark_bar()
-            .encode(
-                y=alt.Y("step:N", sort=self.stage_names, title=None),
-                yOffset=alt.YOffset("which:N"),
-                x=alt.X("rows:Q", title="rows"),
-                color=alt.Color("which:N", title=None, scale=alt.Scale(range=["#bbb", "#3b7dd8"])),
-                tooltip=[
-                    alt.Tooltip("step:N"),
-                    alt.Tooltip("which:N"),
-                    alt.Tooltip("rows:Q", format=","),
-                ],
-            )
-            .properties(width=560)
-        )
+        return {
+            **vl.chart(
+                self.data(long),
+                "bar",
+                y=vl.nominal("step", sort=self.stage_names, title=None),
+                yOffset=vl.nominal("which"),
+                x=vl.quantitative("rows", title="rows"),
+                color=vl.nominal("which", title=None, scale={"range": ["#bbb", "#3b7dd8"]}),
+                tooltip=vl.tooltip(
+                    vl.nominal("step"), vl.nominal("which"), vl.quantitative("rows", format=",")
+                ),
+            ),
+            "width": 560,
+        }
 
     # -- time ---------------------------------------------------------------------------
     def _timed(self) -> pl.DataFrame:
         return self.computed.filter(pl.col("started").is_not_null(), pl.col("ended").is_not_null())
 
-    def timeline(self) -> alt.TopLevelMixin | None:
+    def timeline(self) -> vl.Spec | None:
         timed = self.units.filter(
             pl.col("status").is_in(["computed", "failed"]), pl.col("started").is_not_null()
         )
@@ -405,29 +421,28 @@ class _ReportData:
             )
             .sort(["order", "stage_index"])
         )
-        return (
-            alt.Chart(self.data(spans.drop("order").to_dicts()))
-            .mark_bar(height={"band": 0.7})
-            .encode(
-                x=alt.X("start:T", title="time (UTC)", scale=alt.Scale(type="utc")),
-                x2=alt.X2("end"),
-                y=alt.Y("stage:N", sort=self.stage_names, title=None),
-                color=alt.Color("run:N", title="attempt"),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("computed:Q"),
-                    alt.Tooltip("failed:Q"),
-                    alt.Tooltip("rows_out:Q", format=","),
-                    alt.Tooltip("compute_s:Q"),
-                ],
-            )
-            .properties(width=640)
-            .facet(row=alt.Row("run:N", title=None))
-            .resolve_scale(x="independent")
+        return vl.rows_of(
+            vl.chart(
+                self.data(spans.drop("order").to_dicts()),
+                vl.mark("bar", height={"band": 0.7}),
+                x=vl.temporal("start", title="time (UTC)", scale={"type": "utc"}),
+                x2={"field": "end"},
+                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                color=vl.nominal("run", title="attempt"),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"),
+                    vl.nominal("stage"),
+                    vl.quantitative("computed"),
+                    vl.quantitative("failed"),
+                    vl.quantitative("rows_out", format=","),
+                    vl.quantitative("compute_s"),
+                ),
+            ),
+            "run",
+            width=640,
         )
 
-    def throughput(self) -> alt.TopLevelMixin | None:
+    def throughput(self) -> vl.Spec | None:
         timed = self._timed().filter(pl.col("batch") >= 0)
         if timed.is_empty():
             self.empty_notes["throughput"] = "No step computed anything in the recorded runs."
@@ -452,26 +467,26 @@ class _ReportData:
             .sort(["run", "stage", "time"])
             .select(["run", "stage", "time", "rows_per_s", "rows_out"])
         )
-        return (
-            alt.Chart(self.data(binned.to_dicts()))
-            .mark_line(point=True)
-            .encode(
-                x=alt.X("time:T", title="time (UTC)", scale=alt.Scale(type="utc")),
-                y=alt.Y("rows_per_s:Q", title="rows out / s"),
-                color=alt.Color("stage:N", sort=self.stage_names, title="step"),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("rows_per_s:Q"),
-                    alt.Tooltip("rows_out:Q"),
-                ],
-            )
-            .properties(width=640, height=160)
-            .facet(row=alt.Row("run:N", title=None))
-            .resolve_scale(x="independent")
+        return vl.rows_of(
+            vl.chart(
+                self.data(binned.to_dicts()),
+                vl.mark("line", point=True),
+                x=vl.temporal("time", title="time (UTC)", scale={"type": "utc"}),
+                y=vl.quantitative("rows_per_s", title="rows out / s"),
+                color=vl.nominal("stage", sort=self.stage_names, title="step"),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"),
+                    vl.nominal("stage"),
+                    vl.quantitative("rows_per_s"),
+                    vl.quantitative("rows_out"),
+                ),
+            ),
+            "run",
+            width=640,
+            height=160,
         )
 
-    def step_time(self) -> alt.TopLevelMixin | None:
+    def step_time(self) -> vl.Spec | None:
         timed = self._timed()
         if timed.is_empty():
             return None
@@ -484,23 +499,25 @@ class _ReportData:
             )
             .with_columns(rows_per_s=(pl.col("rows_out") / pl.col("seconds")).round(1))
         )
-        return (
-            alt.Chart(self.data(per.to_dicts()))
-            .mark_bar()
-            .encode(
-                y=alt.Y("stage:N", sort=self.stage_names, title=None),
-                x=alt.X("seconds:Q", title="seconds of work (summed over units)", stack=True),
-                color=alt.Color("run:N", title="attempt"),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("seconds:Q"),
-                    alt.Tooltip("units:Q"),
-                    alt.Tooltip("rows_per_s:Q"),
-                ],
-            )
-            .properties(width=560)
-        )
+        return {
+            **vl.chart(
+                self.data(per.to_dicts()),
+                "bar",
+                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                x=vl.quantitative(
+                    "seconds", title="seconds of work (summed over units)", stack=True
+                ),
+                color=vl.nominal("run", title="attempt"),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"),
+                    vl.nominal("stage"),
+                    vl.quantitative("seconds"),
+                    vl.quantitative("units"),
+                    vl.quantitative("rows_per_s"),
+                ),
+            ),
+            "width": 560,
+        }
 
     # -- tokens, cost, errors -----------------------------------------------------------
     def _usage(self) -> pl.DataFrame:
@@ -512,7 +529,7 @@ class _ReportData:
             pl.col("retries").sum(),
         )
 
-    def tokens(self) -> alt.TopLevelMixin | None:
+    def tokens(self) -> vl.Spec | None:
         usage = self._usage()
         if usage.is_empty() or not (
             usage["prompt_tokens"].sum() or usage["completion_tokens"].sum()
@@ -525,42 +542,40 @@ class _ReportData:
             variable_name="kind",
             value_name="tokens",
         ).with_columns(pl.col("kind").str.replace("_tokens", ""))
-        return (
-            alt.Chart(self.data(long.filter(pl.col("tokens") > 0).to_dicts()))
-            .mark_bar()
-            .encode(
-                y=alt.Y("stage:N", sort=self.stage_names, title=None),
-                x=alt.X("sum(tokens):Q", title="tokens"),
-                color=alt.Color("kind:N", title=None),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("kind:N"),
-                    alt.Tooltip("sum(tokens):Q", format=","),
-                ],
-            )
-            .properties(width=560)
-        )
+        return {
+            **vl.chart(
+                self.data(long.filter(pl.col("tokens") > 0).to_dicts()),
+                "bar",
+                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                x=vl.total("tokens", title="tokens"),
+                color=vl.nominal("kind", title=None),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"),
+                    vl.nominal("stage"),
+                    vl.nominal("kind"),
+                    vl.total("tokens", format=","),
+                ),
+            ),
+            "width": 560,
+        }
 
-    def cost(self) -> alt.TopLevelMixin | None:
+    def cost(self) -> vl.Spec | None:
         usage = self._usage()
         if usage.is_empty() or not usage["cost_usd"].sum():
             return None  # no prices known: no chart (the docs say where prices go)
-        return (
-            alt.Chart(self.data(usage.filter(pl.col("cost_usd") > 0).to_dicts()))
-            .mark_bar()
-            .encode(
-                y=alt.Y("stage:N", sort=self.stage_names, title=None),
-                x=alt.X("sum(cost_usd):Q", title="USD"),
-                color=alt.Color("run:N", title="attempt"),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("sum(cost_usd):Q", format=".4f"),
-                ],
-            )
-            .properties(width=560)
-        )
+        return {
+            **vl.chart(
+                self.data(usage.filter(pl.col("cost_usd") > 0).to_dicts()),
+                "bar",
+                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                x=vl.total("cost_usd", title="USD"),
+                color=vl.nominal("run", title="attempt"),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"), vl.nominal("stage"), vl.total("cost_usd", format=".4f")
+                ),
+            ),
+            "width": 560,
+        }
 
     def _errors(self) -> pl.DataFrame:
         failed = (
@@ -592,29 +607,29 @@ class _ReportData:
         )
         return pl.concat([failed.cast({"count": pl.Int64}).select(row_errors.columns), row_errors])
 
-    def errors(self) -> alt.TopLevelMixin | None:
+    def errors(self) -> vl.Spec | None:
         errors = self._errors()
         if errors.is_empty():
             self.empty_notes["errors"] = "No errors: no unit failed and no row's LLM call failed."
             return None
-        return (
-            alt.Chart(self.data(errors.drop("example").to_dicts()))
-            .mark_bar()
-            .encode(
-                y=alt.Y("stage:N", sort=self.stage_names, title=None),
-                x=alt.X("sum(count):Q", title="count"),
-                color=alt.Color("kind:N", title="kind"),
-                column=alt.Column("what:N", title=None),
-                tooltip=[
-                    alt.Tooltip("run:N"),
-                    alt.Tooltip("stage:N"),
-                    alt.Tooltip("what:N"),
-                    alt.Tooltip("kind:N"),
-                    alt.Tooltip("sum(count):Q"),
-                ],
-            )
-            .properties(width=300)
-        )
+        return {
+            **vl.chart(
+                self.data(errors.drop("example").to_dicts()),
+                "bar",
+                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                x=vl.total("count", title="count"),
+                color=vl.nominal("kind", title="kind"),
+                column=vl.nominal("what", title=None),
+                tooltip=vl.tooltip(
+                    vl.nominal("run"),
+                    vl.nominal("stage"),
+                    vl.nominal("what"),
+                    vl.nominal("kind"),
+                    vl.total("count"),
+                ),
+            ),
+            "width": 300,
+        }
 
     def error_table(self) -> str:
         errors = self._errors()
@@ -696,40 +711,42 @@ class _ReportData:
                 values += [{"column": label, "length": n} for n in series.str.len_chars().to_list()]
         return values
 
-    def lengths(self) -> alt.TopLevelMixin | None:
+    def lengths(self) -> vl.Spec | None:
         values = self._column_values(numeric=False)
         if not values:
             self.empty_notes["lengths"] = "No LLM step wrote text in the store's outputs."
             return None
-        return (
-            alt.Chart(self.data(values))
-            .mark_bar()
-            .encode(
-                x=alt.X("length:Q", bin=alt.Bin(maxbins=40), title="characters"),
-                y=alt.Y("count():Q", title="rows"),
-                tooltip=[alt.Tooltip("length:Q", bin=True), alt.Tooltip("count():Q")],
-            )
-            .properties(width=300, height=160)
-            .facet(facet=alt.Facet("column:N", title=None), columns=2)
-            .resolve_scale(x="independent", y="independent")
+        return vl.grid_of(
+            vl.chart(
+                self.data(values),
+                "bar",
+                x=vl.quantitative("length", bin={"maxbins": 40}, title="characters"),
+                y=vl.count(title="rows"),
+                tooltip=vl.tooltip(vl.quantitative("length", bin=True), vl.count()),
+            ),
+            "column",
+            columns=2,
+            width=300,
+            height=160,
         )
 
-    def scores(self) -> alt.TopLevelMixin | None:
+    def scores(self) -> vl.Spec | None:
         values = self._column_values(numeric=True)
         if not values:
             self.empty_notes["scores"] = "No judge or score step in the pipeline's outputs."
             return None
-        return (
-            alt.Chart(self.data(values))
-            .mark_bar()
-            .encode(
-                x=alt.X("value:O", title="score"),
-                y=alt.Y("count():Q", title="rows"),
-                tooltip=[alt.Tooltip("value:O"), alt.Tooltip("count():Q")],
-            )
-            .properties(width=300, height=160)
-            .facet(facet=alt.Facet("column:N", title=None), columns=2)
-            .resolve_scale(x="independent", y="independent")
+        return vl.grid_of(
+            vl.chart(
+                self.data(values),
+                "bar",
+                x=vl.ordinal("value", title="score"),
+                y=vl.count(title="rows"),
+                tooltip=vl.tooltip(vl.ordinal("value"), vl.count()),
+            ),
+            "column",
+            columns=2,
+            width=300,
+            height=160,
         )
 
     def samples(self) -> str:

@@ -131,7 +131,7 @@ def execute_plan(
                 _write_manifest(plan, execution, stage)
             totals = [s.totals() for s in execution.stats]
             recorder.close(totals, status, _outcome(totals, run_budget, execution))
-            from nightshift.flows.report import save_report  # altair: imported when used
+            from nightshift.flows.report import save_report  # imported when used
 
             report = save_report(plan, recorder.attempt)
             rows = [s.as_row() for s in execution.stats]
