@@ -57,6 +57,8 @@ def servers_under(pid: int) -> list[psutil.Process]:
 
 
 def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
+    # the server as a child process (opt-in); on a thread (the default) it is the run itself
+    env = {**no_api_env(tmp_path, free_port()), "NIGHTSHIFT_TEMPORARY_SERVER": "process"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -66,7 +68,7 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
             str(spec(tmp_path, sleep=30)),
             "--allow-imports",
         ],
-        env=no_api_env(tmp_path, free_port()),
+        env=env,
         cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -94,36 +96,60 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path: Path) -> None:
     assert not alive, f"temporary server {server.pid} outlived the killed run"
 
 
-def test_a_running_local_server_is_used_without_exporting_anything(tmp_path: Path) -> None:
+def run_cli(pipeline: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "nightshift.flows.cli", "run", str(pipeline), *args]
+    return subprocess.run(
+        [*command, "--allow-imports"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_run_records_itself_through_its_temporary_server_then_a_running_one_is_used(
+    tmp_path: Path,
+) -> None:
     port = free_port()
-    env = no_api_env(tmp_path, port)
-    server = TemporaryServer(port)  # stands in for `nightshift server` on the local port
+    # the runs' INFO logs are sent to the API (the suite's own level is WARNING)
+    env = {**no_api_env(tmp_path, port), "PREFECT_LOGGING_LEVEL": "INFO"}
+    pipeline = spec(tmp_path, sleep=0)
+    # 1. no server anywhere: the run starts one on a thread of its own process (the
+    #    default), and everything it sent reaches the database before that server stops
+    first = run_cli(pipeline, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # 2. a server running on the local port (as `nightshift server`) is used as is
+    server = TemporaryServer(port)
     try:
         server.start(timeout=600, environ=env)
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nightshift.flows.cli",
-                "run",
-                str(spec(tmp_path, sleep=0)),
-                "--allow-imports",
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "temporary server" not in (result.stdout + result.stderr).lower()
+        second = run_cli(pipeline, env, "--fresh")
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "temporary server" not in (second.stdout + second.stderr).lower()
         from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+        from prefect.client.schemas.sorting import FlowRunSort
 
         with SyncPrefectClient(server.url) as client:
-            runs = client.read_flow_runs()
-        # one run, named after its pipeline and start time (docs/engine.md, run names)
-        assert [r.name.split(" ")[0] for r in runs] == ["local-api"]
-        assert runs[0].state is not None and runs[0].state.is_completed()
+            runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
+            # two runs, named after their pipeline and start time (docs/engine.md)
+            assert [r.name.split(" ")[0] for r in runs] == ["local-api", "local-api"]
+            assert all(r.state is not None and r.state.is_completed() for r in runs)
+            # the first run's 4 step tasks (one per batch of 10) and its logs, through the
+            # server on its thread: sent before it stopped
+            ran = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id]))
+            )
+            assert len([t for t in ran if t.state is not None and t.state.is_completed()]) >= 4
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
+            assert any("step 00-count: done" in log.message for log in logs), [
+                log.message for log in logs
+            ]
     finally:
         server.stop()
     assert not healthy(f"http://127.0.0.1:{port}/api", timeout=1)
@@ -133,8 +159,7 @@ def test_a_running_local_server_is_used_without_exporting_anything(tmp_path: Pat
 def test_a_server_that_cannot_start_in_time_is_one_line(tmp_path: Path, timeout_s: str) -> None:
     env = no_api_env(tmp_path, free_port())
     env["NIGHTSHIFT_SERVER_START_TIMEOUT"] = timeout_s
-    # the server on a thread of the run's process (opt-in): its deadline is one line too
-    env["NIGHTSHIFT_TEMPORARY_SERVER"] = "thread"
+    # the server on a thread of the run's process (the default): its deadline is one line
     result = subprocess.run(
         [
             sys.executable,

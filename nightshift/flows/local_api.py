@@ -4,37 +4,47 @@
 2. A Prefect server already runs on this machine (``nightshift server``, ``make server``
    or ``prefect server start``, on ``PREFECT_SERVER_API_PORT``, default 4200): it is used
    without anything to export, so the second run of the day does not pay a start-up.
-3. Otherwise a temporary server starts for this process (:class:`TemporaryServer`:
-   Prefect's own server app under uvicorn in a child process, the same SQLite database
-   as ``prefect server start``). Its start is waited for with a generous deadline
-   (``NIGHTSHIFT_SERVER_START_TIMEOUT``, default 600 s: a loaded machine is slow, not
-   broken); it is stopped when the process exits, after Prefect's queued logs and
-   events are sent, and on Linux it is killed by the kernel if the process is killed
-   (``PR_SET_PDEATHSIG``), so a SIGKILLed run never leaves a server behind.
+3. Otherwise a temporary server starts for this process: Prefect's own server app
+   (``create_app(ephemeral=True)``: no UI) under a ``uvicorn.Server`` on a thread of the
+   run's process (:class:`InProcessServer`), on a free port of 127.0.0.1, with the same
+   SQLite database as ``prefect server start`` (``PREFECT_HOME``). Its thread runs in a
+   copy of the caller's context, so the same settings and database. Its start is waited
+   for with a generous deadline (``NIGHTSHIFT_SERVER_START_TIMEOUT``, default 600 s: a
+   loaded machine is slow, not broken); it dies with the process (a SIGKILLed run leaves
+   no server behind), and at a normal exit it is stopped in Python's ``threading`` exit
+   hook, after Prefect's log and event workers drained and before
+   ``concurrent.futures`` refuses work (a plain ``atexit`` stop hung 30 s in docket's
+   shutdown).
 
-``NIGHTSHIFT_TEMPORARY_SERVER=thread`` runs that server on a thread of the run's own
-process instead (:class:`InProcessServer`: ``create_app(ephemeral=True)`` under a
-``uvicorn.Server`` on a free port, its thread in a copy of the caller's context, so the
-same settings and database). It shares the modules the run has loaded (Prefect,
-pydantic, httpx, ...) instead of a second interpreter: the tree of a 600-row API job
-peaks at 375 MB instead of 481 MB; it dies with the process; it is stopped in Python's
-``threading`` exit hook, after Prefect's log and event workers drained and before
-``concurrent.futures`` refuses work (a plain ``atexit`` stop hung 30 s in docket's
-shutdown). It is not the default: its request handling shares the run's GIL, and the
-10M-row CPU benchmark ran ~5% slower with it (``benchmarks/RESULTS.md``, "Memory of
-``nightshift run``: the temporary server in the run's process"), and it does not bring
-the tree under 300 MB either. A process forked (not spawned) from the run inherits its
-listening socket, not the server.
+Why a thread (the default since the tree of a 600-row API job was measured at 294 MB this
+way, 424 MB with a child process, ``benchmarks/bench_memory.py``): the server shares the
+modules the run has loaded (Prefect, pydantic, httpx, SQLAlchemy's ...) instead of a
+second interpreter. Its start skips what an ad-hoc run does not need: the database
+migrations when the database is already at Prefect's newest one (:func:`database_is_current`:
+alembic and ~110 scripts are not even imported), and the registration of every installed
+block type (:data:`SERVER_SETTINGS`). The price: its request handling shares the run's GIL,
+so a CPU-bound run pays ~10% (10M rows through three polars steps: 1.50-1.58 s against
+1.36-1.38 s with a child process; an LLM run, waiting on its model, pays nothing measurable).
+
+``NIGHTSHIFT_TEMPORARY_SERVER=process`` starts it as a child process instead
+(:class:`TemporaryServer`: Prefect's app under uvicorn, ~230 MB of its own); on Linux the
+kernel kills it if the run is killed (``PR_SET_PDEATHSIG``). ``nightshift server`` once
+(or any running server) avoids the start-up, and both costs, for every run after it.
+A process forked (not spawned) from the run inherits its listening socket, not the server.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
+import functools
 import logging
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from nightshift.core.errors import NightshiftError
@@ -70,6 +81,66 @@ def running_local_server() -> str | None:
     """The API URL of a Prefect server already listening on this machine, if any."""
     url = f"http://127.0.0.1:{local_port()}/api"
     return url if healthy(url) else None
+
+
+#: Prefect server settings of a temporary server (both kinds): block types are not
+#: registered at start (that imports every installed Prefect collection, prefect-dask's
+#: Dask among them: ~12 MB; a block registers its own type when saved, and ``prefect
+#: server start`` registers them all on its start).
+SERVER_SETTINGS = {
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
+}
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite+aiosqlite:///path`` database URL (None: not a SQLite file)."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or not scheme.startswith("sqlite"):
+        return None
+    path = rest.split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@functools.cache
+def _newest_sqlite_migration() -> str | None:
+    """The revision of Prefect's newest SQLite migration: the one no other migration names
+    as its ``down_revision`` (read from the scripts' text: alembic is not imported)."""
+    import prefect  # not prefect.server.database: its import loads the server's models
+
+    folder = prefect.__module_path__ / "server" / "database" / "_migrations" / "versions" / "sqlite"
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in folder.glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        revisions.update(re.findall(r'^revision = "(\w+)"', text, re.M))
+        parents.update(re.findall(r'^down_revision = "(\w+)"', text, re.M))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def database_url() -> str:
+    """Prefect's database URL in this process's settings (it may hold a password)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url
+    return url.get_secret_value() if url is not None else ""
+
+
+def database_is_current(url: str) -> bool:
+    """True when the database is a SQLite file already at Prefect's newest migration, so
+    a server need not run the migrations (alembic and ~110 scripts: ~10 MB and 0.3 s at
+    every start). Anything else (no file yet, older, PostgreSQL) says False: migrate."""
+    path = _sqlite_file(url)
+    if path is None or not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error:
+        return False
+    newest = _newest_sqlite_migration()
+    return newest is not None and [r[0] for r in rows] == [newest]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -105,8 +176,10 @@ class TemporaryServer:
     def start(self, timeout: float, environ: dict[str, str] | None = None) -> None:
         import prefect
 
+        base = environ or os.environ
         env = {
-            **(environ or os.environ),
+            **{k: v for k, v in SERVER_SETTINGS.items() if k not in base},
+            **base,
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get(
@@ -114,6 +187,13 @@ class TemporaryServer:
             ),
         }
         env.pop("PREFECT_API_URL", None)
+        if environ is None and "PREFECT_API_DATABASE_MIGRATE_ON_START" not in env:
+            # this process's database, already migrated: the server serves that very file
+            # without migrating it (given another environment, it migrates as usual)
+            url = database_url()
+            if database_is_current(url):
+                env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+                env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -217,9 +297,30 @@ class InProcessServer:
         deadline = time.monotonic() + timeout
         import uvicorn
         from prefect.server.api.server import create_app
+        from prefect.settings import (
+            PREFECT_API_BLOCKS_REGISTER_ON_START,
+            PREFECT_API_DATABASE_MIGRATE_ON_START,
+            PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION,
+            temporary_settings,
+        )
 
+        # migrations only when the database needs them (its first run, a Prefect upgrade):
+        # then alembic loads into this process for that run (a child process to migrate
+        # would add its own ~280 MB to the tree while it runs)
+        migrate = PREFECT_API_DATABASE_MIGRATE_ON_START.value() and not database_is_current(
+            database_url()
+        )
         logging.getLogger("uvicorn.error").addHandler(self.errors)
-        app = create_app(ephemeral=True)
+        with temporary_settings(
+            updates={
+                PREFECT_API_DATABASE_MIGRATE_ON_START: migrate,
+                PREFECT_API_BLOCKS_REGISTER_ON_START: False,
+                PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION: False,
+            }
+        ):
+            app = create_app(ephemeral=True)
+            # the server's thread runs in these settings (its lifespan reads them)
+            context = contextvars.copy_context()
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -230,7 +331,6 @@ class InProcessServer:
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
-        context = contextvars.copy_context()
         self.thread = threading.Thread(
             target=context.run,
             args=(self._serve,),
@@ -330,13 +430,13 @@ def prefect_api() -> Iterator[str]:
 
 
 def start_temporary_server() -> InProcessServer | TemporaryServer:
-    """A temporary server for this process: a child process, or a thread of this one
-    with ``NIGHTSHIFT_TEMPORARY_SERVER=thread`` (see the module docstring)."""
+    """A temporary server for this process: on a thread of this one, or a child process
+    with ``NIGHTSHIFT_TEMPORARY_SERVER=process`` (see the module docstring)."""
     timeout = float(os.environ.get("NIGHTSHIFT_SERVER_START_TIMEOUT") or 600)
-    where = (os.environ.get("NIGHTSHIFT_TEMPORARY_SERVER") or "process").strip().lower()
+    where = (os.environ.get("NIGHTSHIFT_TEMPORARY_SERVER") or "thread").strip().lower()
     if where not in ("thread", "process"):
         raise NightshiftError(
-            f"NIGHTSHIFT_TEMPORARY_SERVER={where!r}: expected 'process' (the default) or 'thread'"
+            f"NIGHTSHIFT_TEMPORARY_SERVER={where!r}: expected 'thread' (the default) or 'process'"
         )
     server = InProcessServer() if where == "thread" else TemporaryServer()
     server.start(timeout)
