@@ -11,9 +11,13 @@ alone beside it. Two ways, as users meet them:
   ``local_api.TemporaryServer``, the same app as ``prefect server start``, outside the
   measured tree), reached through ``PREFECT_API_URL``;
 * **temporary server**: nothing configured and no server running, so ``nightshift run``
-  starts Prefect's server for itself (``flows/local_api.py``): as a child process (the
-  default, ``temporary-process``), or on a thread of the run's own process
-  (``temporary``: ``NIGHTSHIFT_TEMPORARY_SERVER=thread``).
+  starts Prefect's server for itself (``flows/local_api.py``): on a thread of the run's
+  own process (the default, ``temporary``), or as a child process (``temporary-process``:
+  ``NIGHTSHIFT_TEMPORARY_SERVER=process``).
+
+Each way has its own Prefect database, which its first run creates (migrations), as a
+user's first run does; the goal column says whether every run met it, or every run after
+that first one.
 
 The endpoint: by default a small stdlib HTTP server in this benchmark's process (outside
 the tree) that answers every ``/v1/chat/completions`` at once with a fixed reply, so the
@@ -177,9 +181,17 @@ def measure(spec: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
 
 NAMES = {
     "running": "running server",
-    "temporary": "temporary server, in the run's process",
+    "temporary": "temporary server, on a thread of the run (the default)",
     "temporary-process": "temporary server, a child process",
 }
+
+
+def verdict(trees: list[float], goal: float) -> str:
+    if all(t <= goal for t in trees):
+        return "met"
+    if len(trees) > 1 and all(t <= goal for t in trees[1:]):
+        return f"met after the first run ({trees[0]:.0f}: it creates the database)"
+    return "NOT met"
 
 
 def main() -> None:
@@ -245,14 +257,13 @@ def main() -> None:
         f"goal <= {args.goal_mb:.0f} MB",
     )
     for way, runs in results.items():
-        tree = max(r["tree_mb"] for r in runs)
         table.add_row(
             NAMES[way],
             " / ".join(f"{r['tree_mb']:.0f}" for r in runs),
             " / ".join(f"{r['own_mb']:.0f}" for r in runs),
             str(int(max(r["processes"] for r in runs))),
             " / ".join(f"{r['seconds']:.1f}" for r in runs),
-            "met" if tree <= args.goal_mb else "NOT met",
+            verdict([r["tree_mb"] for r in runs], args.goal_mb),
         )
     console.print(
         f"nightshift run: {args.rows} rows, template + generate over HTTP, peak of each run"
