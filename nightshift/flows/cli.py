@@ -145,10 +145,13 @@ def run(
     and then (docs/engine.md, "Watching a run"). Task runs' "Finished in state" lines
     only with --verbose.
     """
+    from nightshift.flows.local_api import prepare_temporary_database
+
+    _verbose(verbose)
+    prepare_temporary_database()  # first, while this process is small (see there)
     from nightshift.flows.live import live_progress
     from nightshift.flows.pipeline import run_spec
 
-    _verbose(verbose)
     with live_progress():
         summary = run_spec(
             _spec(spec, batch_size),
