@@ -6,7 +6,10 @@ The same rows, the same sampling (greedy), the very same engine, in one run:
   generation prompt, then the judge prompts built from the replies, then one
   ``llm.generate`` over those (prompts chat-templated and tokenized as the pipeline's
   engine does it);
-* **pipeline, batch-level hand-over** (``handover: false``): ``run_pipeline`` with a
+* **pipeline, batch-level hand-over** (``handover: false``): the ``run-pipeline`` flow,
+  started as ``Pipeline.run`` and ``nightshift run`` start it (``run_spec``: an ad-hoc
+  run, without Prefect's flow heartbeats, whose thread's join at the flow's end rounded
+  every run up to the next whole second since its start), with a
   ``generate`` step and a ``judge`` step over batches of ``--batch-size`` rows,
   ``--workers`` task threads feeding the one engine. A batch moves to the judge as soon
   as its generation is done, so the engine runs judge requests of early batches beside
@@ -145,8 +148,9 @@ def pipeline(
     work: Path, name: str, serving: dict, texts: list[str], opts: dict[str, Any]
 ) -> tuple[float, list[str], list[str]]:
     from nightshift.flows.outputs import read_output
+    from nightshift.flows.pipeline import run_spec
     from nightshift.flows.plan import build_plan
-    from nightshift.flows.run_pipeline import run_pipeline
+    from nightshift.tasks.spec import load_spec
 
     src = work / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"i": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
@@ -162,7 +166,7 @@ def pipeline(
         "steps": operators(opts["max_tokens"], opts["second"]),
     }
     started = time.perf_counter()
-    run_pipeline(spec=spec)
+    run_spec(load_spec(spec))  # as Pipeline.run and `nightshift run` start it
     seconds = time.perf_counter() - started
     out = read_output(build_plan(spec)).sort("i")
     assert out.height == len(texts) and out["reply_error"].null_count() == len(texts)
