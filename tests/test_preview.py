@@ -110,3 +110,29 @@ def test_preview_cli_fake_backend_and_bad_spec(tmp_path: Path, prefect_api: str)
     assert len(lines) == 1 and lines[0].startswith("error: steps[0] (generate)"), failed.stderr
     assert "nope" in lines[0]
     assert not (tmp_path / "store").exists()
+
+
+def test_preview_follows_the_steps_dag(tmp_path: Path) -> None:
+    """Branches and joins (``after:``) are previewed as a run runs them, not as one chain:
+    ``slim`` reads the source and keeps only ``n``; the join brings ``ask``'s reply back."""
+    from nightshift.flows.preview import preview
+
+    write_jsonl(tmp_path / "data" / "a.jsonl", make_rows(10, "p"))
+    steps = [
+        {"filter": {"where": "n >= 4"}},
+        {"generate": {"prompt": "Q{{ n }}: {{ text }}", "output": "reply"}, "name": "ask"},
+        {"select": {"columns": ["n"]}, "name": "slim", "after": []},
+        {
+            "template": {"template": "{{ reply }} / {{ n }}", "output": "note"},
+            "after": ["ask", "slim"],
+        },
+    ]
+    written: list[str] = []
+    fake = {"default": {"backend": "fake", "model": "echo"}}
+    df = preview(spec(tmp_path, fake, steps), rows=2, write=written.append)
+    assert df["n"].to_list() == [4, 5], "the first 2 rows through the filter, in source order"
+    texts = {r["n"]: r["text"] for r in make_rows(10, "p")}
+    assert df["reply"].to_list() == [f"echo: Q{n}: {texts[n]}" for n in (4, 5)]
+    assert df["note"].to_list() == [f"echo: Q{n}: {texts[n]} / {n}" for n in (4, 5)]
+    assert "".join(written).count("[steps[1] generate → reply] row") == 2
+    assert not (tmp_path / "store").exists()

@@ -5,10 +5,13 @@ no Prefect flow run and **without touching the step store**: no staging of JSONL
 inputs, no probe write, no batch outputs, no manifests (the store is not even resolved).
 It is for trying a prompt before a night's run.
 
-* Rows: the first ``rows`` source rows that reach the first LLM step (rows dropped by an
-  earlier ``filter``/``dedup`` are replaced by the next ones, reading at most
-  ``max_scan`` source rows); then every step runs on those rows. A barrier (``dedup``)
-  sees only the rows read.
+* Steps run as a run runs them: a chain, or a DAG (``after:``, branches, joins on
+  ``_row_id``, ``tasks/dag.py``) in its topological order; the rows shown are the sink's
+  (the step nothing comes after; the last in that order if there are several).
+* Rows: the first ``rows`` source rows that reach the first LLM step (of each branch):
+  rows dropped by an earlier ``filter``/``dedup`` are replaced by the next ones, reading
+  at most ``max_scan`` source rows; then every later step runs on what its parents made.
+  The steps before any LLM step see every row read; a barrier (``dedup``) sees only them.
 * LLM steps run on one engine per serving config, started for the preview (or the
   engines of an enclosing :func:`nightshift.serving.runner.shared_serving`). Each row's reply
   streams to the terminal token by token as the engine produces it, one row after the
@@ -52,10 +55,11 @@ from nightshift.serving.pool import ServingPool, build_backend
 from nightshift.serving.runner import shared_pool_for
 from nightshift.serving.streaming import stream
 from nightshift.tasks.batches import with_row_ids
+from nightshift.tasks.dag import StepNode, join_frames, topological_order
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
-from nightshift.tasks.stages import dry_run
+from nightshift.tasks.stages import dry_run_dag
 
 __all__ = ["preview", "read_head"]
 
@@ -84,37 +88,40 @@ def preview(
     if rows < 1:
         raise SpecError(f"--rows {rows}: preview needs at least 1 row")
     parsed = load_spec(spec)
-    operators = parsed.operators(allow_imports)
-    if isinstance(operators[0], BarrierOperator):
-        raise SpecError(f"steps[0] ({operators[0].name}): a barrier step cannot be the first step")
-    serving = resolve_serving(parsed.serving, operators)
+    nodes = parsed.step_nodes(allow_imports)  # a chain, or a DAG (after:, joins)
+    serving = resolve_serving(parsed.serving, [node.operator for node in nodes])
     files = discover(parsed.source)
     console = console or Console(soft_wrap=True)
 
-    first_llm = next((i for i, op in enumerate(operators) if op.uses_serving), len(operators))
-    head, scanned = _rows_reaching(parsed, files, operators, first_llm, rows, max_scan)
+    walk, scanned = _rows_reaching(parsed, files, nodes, rows, max_scan)
+    firsts = walk.first_llm_steps()
+    reaching = min((walk.input(i).height for i in firsts), default=None)
     write(
-        f"preview of {parsed.name}: {head.height} row(s) from the first {scanned} source row(s); "
-        "nothing is written to the store\n"
+        f"preview of {parsed.name}: {min(rows, reaching) if reaching is not None else rows} "
+        f"row(s) from the first {scanned} source row(s); nothing is written to the store\n"
     )
     printer = _Printer(write)
     backends = {name: _StreamingBackend(name, config, printer) for name, config in serving.items()}
     pool = ServingPool(serving, backends=backends)  # handed to each LLM step
-    df = head
     try:
-        for i, op in enumerate(operators[first_llm:], start=first_llm):
-            if op.uses_serving:
-                printer.label = f"steps[{i}] {op.name} → {getattr(op, 'output', '?')}"
-            try:
-                df = _apply(op, df, pool)
-            except NightshiftError as exc:
-                raise NightshiftError(f"steps[{i}] ({op.name}): {exc}") from None
+        for i in walk.order:
+            if i in walk.frames:
+                continue
+            node = nodes[i]
+            if node.operator.uses_serving:
+                output = getattr(node.operator, "output", "?")
+                printer.label = f"steps[{i}] {node.operator.name} → {output}"
+            df = walk.input(i)
+            # at most ``rows`` rows go into a first LLM step (the scan may have read more)
+            walk.frames[i] = _step(node, df.head(rows) if i in firsts else df, pool)
     finally:
         pool.close()
         for backend in backends.values():
             backend.close()
-    _print_rows(console, df.drop(ROW_ID))
-    return df
+    last = walk.frames[walk.order[-1]]
+    shown = last if firsts else last.head(rows)
+    _print_rows(console, shown.drop(ROW_ID))
+    return shown
 
 
 def read_head(spec: PipelineSpec, files: Sequence[SourceFile], n: int) -> pl.DataFrame:
@@ -137,33 +144,77 @@ def read_head(spec: PipelineSpec, files: Sequence[SourceFile], n: int) -> pl.Dat
     return pl.concat(frames, how="diagonal_relaxed")
 
 
+class _Walk:
+    """A preview's pass over the steps in their topological order: the source rows read,
+    each step's output so far (by spec index), and how each join is made."""
+
+    def __init__(self, nodes: list[StepNode], source: pl.DataFrame) -> None:
+        self.nodes = nodes
+        self.order = topological_order(nodes)
+        self.source = source
+        #: every step dry-run on the source schema first (a one-line error names a step)
+        self.joins = dry_run_dag(nodes, self.order, source.drop(ROW_ID).clear().schema).joins
+        self.frames: dict[int, pl.DataFrame] = {}
+        #: the steps with no LLM step among themselves and their ancestors
+        self.cheap: set[int] = set()
+        for i in self.order:
+            node = nodes[i]
+            if not node.operator.uses_serving and all(p in self.cheap for p in node.parents):
+                self.cheap.add(i)
+
+    def input(self, i: int) -> pl.DataFrame:
+        """Step ``i``'s input: the source rows, its parent's output, or its parents'
+        outputs joined (``tasks/dag.py``)."""
+        node = self.nodes[i]
+        if not node.parents:
+            return self.source
+        if len(node.parents) == 1:
+            return self.frames[node.parents[0]]
+        return join_frames([self.frames[p] for p in node.parents], self.joins[i])
+
+    def first_llm_steps(self) -> list[int]:
+        """The LLM steps (and what follows them) whose inputs come from cheap steps only."""
+        return [
+            i
+            for i in self.order
+            if i not in self.cheap and all(p in self.cheap for p in self.nodes[i].parents)
+        ]
+
+    def run_cheap_steps(self) -> None:
+        for i in self.order:
+            if i in self.cheap:
+                self.frames[i] = _step(self.nodes[i], self.input(i))
+
+
 def _rows_reaching(
     spec: PipelineSpec,
     files: Sequence[SourceFile],
-    operators: list[Operator],
-    first_llm: int,
+    nodes: list[StepNode],
     rows: int,
     max_scan: int,
-) -> tuple[pl.DataFrame, int]:
-    """Source rows through the steps before the first LLM step until ``rows`` survive
-    (reading more if needed); every step is dry-run on the source schema first."""
+) -> tuple[_Walk, int]:
+    """Source rows through the steps that no LLM step precedes, until ``rows`` of them
+    reach every first LLM step (reading more if a filter dropped some). Returns that walk
+    and the source rows read."""
     want = rows
-    checked = False
     while True:
-        source = read_head(spec, files, want)
-        if not checked:
-            dry_run(operators, source.drop(ROW_ID).clear().schema)
-            checked = True
-        df = source
-        for i, op in enumerate(operators[:first_llm]):
-            try:
-                df = _apply(op, df)
-            except NightshiftError as exc:
-                raise NightshiftError(f"steps[{i}] ({op.name}): {exc}") from None
-        exhausted = source.height < want
-        if df.height >= rows or exhausted or want >= max_scan:
-            return df.head(rows), source.height
+        walk = _Walk(nodes, read_head(spec, files, want))
+        walk.run_cheap_steps()
+        firsts = walk.first_llm_steps()
+        reaching = min((walk.input(i).height for i in firsts), default=rows)
+        if not firsts:  # no LLM step: the last step's rows are what is shown
+            reaching = walk.frames[walk.order[-1]].height
+        exhausted = walk.source.height < want
+        if reaching >= rows or exhausted or want >= max_scan:
+            return walk, walk.source.height
         want = min(max_scan, want * 4)
+
+
+def _step(node: StepNode, df: pl.DataFrame, pool: ServingPool | None = None) -> pl.DataFrame:
+    try:
+        return _apply(node.operator, df, pool)
+    except NightshiftError as exc:
+        raise NightshiftError(f"{node.where}: {exc}") from None
 
 
 def _apply(op: Operator, df: pl.DataFrame, pool: ServingPool | None = None) -> pl.DataFrame:
