@@ -204,6 +204,10 @@ def _script_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
 
+#: a chart's colour per attempt (run) of the pipeline
+ATTEMPT_COLOR = vl.nominal("run", title="attempt")
+
+
 # -- the data behind the charts -------------------------------------------------------------
 class _ReportData:
     def __init__(self, plan: Plan, records: RunRecords) -> None:
@@ -258,6 +262,10 @@ class _ReportData:
         #: the charts' data by name: a chart names its data (``vl.named``) and the values
         #: go into its spec's top-level ``datasets``, once however many layers use them
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+
+    def stage_axis(self) -> vl.Spec:
+        """The steps down a chart's y axis, in the pipeline's order."""
+        return vl.nominal("stage", sort=self.stage_names, title=None)
 
     def data(self, values: list[dict[str, Any]]) -> vl.Spec:
         name = f"d{len(self.datasets)}"
@@ -427,8 +435,8 @@ class _ReportData:
                 vl.mark("bar", height={"band": 0.7}),
                 x=vl.temporal("start", title="time (UTC)", scale={"type": "utc"}),
                 x2={"field": "end"},
-                y=vl.nominal("stage", sort=self.stage_names, title=None),
-                color=vl.nominal("run", title="attempt"),
+                y=self.stage_axis(),
+                color=ATTEMPT_COLOR,
                 tooltip=vl.tooltip(
                     vl.nominal("run"),
                     vl.nominal("stage"),
@@ -503,11 +511,11 @@ class _ReportData:
             **vl.chart(
                 self.data(per.to_dicts()),
                 "bar",
-                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                y=self.stage_axis(),
                 x=vl.quantitative(
                     "seconds", title="seconds of work (summed over units)", stack=True
                 ),
-                color=vl.nominal("run", title="attempt"),
+                color=ATTEMPT_COLOR,
                 tooltip=vl.tooltip(
                     vl.nominal("run"),
                     vl.nominal("stage"),
@@ -546,7 +554,7 @@ class _ReportData:
             **vl.chart(
                 self.data(long.filter(pl.col("tokens") > 0).to_dicts()),
                 "bar",
-                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                y=self.stage_axis(),
                 x=vl.total("tokens", title="tokens"),
                 color=vl.nominal("kind", title=None),
                 tooltip=vl.tooltip(
@@ -567,9 +575,9 @@ class _ReportData:
             **vl.chart(
                 self.data(usage.filter(pl.col("cost_usd") > 0).to_dicts()),
                 "bar",
-                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                y=self.stage_axis(),
                 x=vl.total("cost_usd", title="USD"),
-                color=vl.nominal("run", title="attempt"),
+                color=ATTEMPT_COLOR,
                 tooltip=vl.tooltip(
                     vl.nominal("run"), vl.nominal("stage"), vl.total("cost_usd", format=".4f")
                 ),
@@ -616,7 +624,7 @@ class _ReportData:
             **vl.chart(
                 self.data(errors.drop("example").to_dicts()),
                 "bar",
-                y=vl.nominal("stage", sort=self.stage_names, title=None),
+                y=self.stage_axis(),
                 x=vl.total("count", title="count"),
                 color=vl.nominal("kind", title="kind"),
                 column=vl.nominal("what", title=None),
