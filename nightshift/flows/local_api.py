@@ -89,7 +89,7 @@ def running_local_server() -> str | None:
 #: server start`` registers them all on its start).
 SERVER_SETTINGS = {
     "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
 }
 
 
@@ -354,19 +354,24 @@ class InProcessServer:
             temporary_settings,
         )
 
-        # migrations only when the database needs them (its first run, a Prefect upgrade):
-        # then alembic loads into this process for that run (a child process to migrate
-        # would add its own ~280 MB to the tree while it runs)
+        # migrations only when the database needs them (its first run, a Prefect upgrade;
+        # `nightshift run` has migrated it in a child already: prepare_temporary_database).
+        # Here the run's modules are loaded: a child would add its ~180 MB beside them, so
+        # alembic loads into this process, for this run only
         migrate = PREFECT_API_DATABASE_MIGRATE_ON_START.value() and not database_is_current(
             database_url()
         )
         logging.getLogger("uvicorn.error").addHandler(self.errors)
+        skipped = {  # SERVER_SETTINGS, unless the environment says otherwise
+            setting: False
+            for setting in (
+                PREFECT_API_BLOCKS_REGISTER_ON_START,
+                PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION,
+            )
+            if setting.name not in os.environ
+        }
         with temporary_settings(
-            updates={
-                PREFECT_API_DATABASE_MIGRATE_ON_START: migrate,
-                PREFECT_API_BLOCKS_REGISTER_ON_START: False,
-                PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION: False,
-            }
+            updates={PREFECT_API_DATABASE_MIGRATE_ON_START: migrate, **skipped}
         ):
             app = create_app(ephemeral=True)
             # the server's thread runs in these settings (its lifespan reads them)
