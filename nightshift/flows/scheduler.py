@@ -32,7 +32,6 @@ from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import NotSet
 
-from nightshift.blocks.serving_config import FakeBackendConfig, VLLMEngineConfig
 from nightshift.core.errors import (
     BudgetReached,
     Deferred,
@@ -276,12 +275,12 @@ class Execution:
             for child in self.plan.children[s.index]:
                 c = self.plan.stages[child]
                 first = c.operators[0] if c.operators else None
-                if (
-                    c.parents == [s.index]
-                    and c.barrier is None
-                    and isinstance(first, LLMOperator)
-                    and isinstance(configs.get(first.serving), VLLMEngineConfig | FakeBackendConfig)
-                ):
+                if c.parents != [s.index] or c.barrier is not None:
+                    continue
+                if not isinstance(first, LLMOperator):
+                    continue
+                config = configs.get(first.serving)
+                if config is not None and not config.is_http:  # HTTP: paid per request
                     targets.setdefault(s.index, []).append((child, first))
         return targets
 
