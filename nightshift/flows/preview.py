@@ -55,7 +55,7 @@ from nightshift.serving.pool import ServingPool, build_backend
 from nightshift.serving.runner import shared_pool_for
 from nightshift.serving.streaming import stream
 from nightshift.tasks.batches import with_row_ids
-from nightshift.tasks.dag import StepNode, join_frames, topological_order
+from nightshift.tasks.dag import JoinSpec, StepNode, join_frames, topological_order
 from nightshift.tasks.operators import ROW_ID, BarrierOperator, Operator, apply_operator
 from nightshift.tasks.sources import SourceFile, discover, filesystem, load_text_file
 from nightshift.tasks.spec import PipelineSpec, load_spec, resolve_serving
@@ -148,12 +148,17 @@ class _Walk:
     """A preview's pass over the steps in their topological order: the source rows read,
     each step's output so far (by spec index), and how each join is made."""
 
-    def __init__(self, nodes: list[StepNode], source: pl.DataFrame) -> None:
+    def __init__(
+        self,
+        nodes: list[StepNode],
+        order: list[int],
+        joins: dict[int, JoinSpec],
+        source: pl.DataFrame,
+    ) -> None:
         self.nodes = nodes
-        self.order = topological_order(nodes)
+        self.order = order
+        self.joins = joins
         self.source = source
-        #: every step dry-run on the source schema first (a one-line error names a step)
-        self.joins = dry_run_dag(nodes, self.order, source.drop(ROW_ID).clear().schema).joins
         self.frames: dict[int, pl.DataFrame] = {}
         #: the steps with no LLM step among themselves and their ancestors
         self.cheap: set[int] = set()
@@ -197,8 +202,13 @@ def _rows_reaching(
     reach every first LLM step (reading more if a filter dropped some). Returns that walk
     and the source rows read."""
     want = rows
+    order = topological_order(nodes)
+    joins: dict[int, JoinSpec] | None = None
     while True:
-        walk = _Walk(nodes, read_head(spec, files, want))
+        source = read_head(spec, files, want)
+        if joins is None:  # every step dry-run on the source schema first, once
+            joins = dry_run_dag(nodes, order, source.drop(ROW_ID).clear().schema).joins
+        walk = _Walk(nodes, order, joins, source)
         walk.run_cheap_steps()
         firsts = walk.first_llm_steps()
         reaching = min((walk.input(i).height for i in firsts), default=rows)
