@@ -93,12 +93,11 @@ def preview(
     files = discover(parsed.source)
     console = console or Console(soft_wrap=True)
 
-    walk, scanned = _rows_reaching(parsed, files, nodes, rows, max_scan)
+    walk, reaching = _rows_reaching(parsed, files, nodes, rows, max_scan)
     firsts = walk.first_llm_steps()
-    reaching = min((walk.input(i).height for i in firsts), default=None)
     write(
-        f"preview of {parsed.name}: {min(rows, reaching) if reaching is not None else rows} "
-        f"row(s) from the first {scanned} source row(s); nothing is written to the store\n"
+        f"preview of {parsed.name}: {min(rows, reaching)} row(s) from the first "
+        f"{walk.source.height} source row(s); nothing is written to the store\n"
     )
     printer = _Printer(write)
     backends = {name: _StreamingBackend(name, config, printer) for name, config in serving.items()}
@@ -200,7 +199,7 @@ def _rows_reaching(
 ) -> tuple[_Walk, int]:
     """Source rows through the steps that no LLM step precedes, until ``rows`` of them
     reach every first LLM step (reading more if a filter dropped some). Returns that walk
-    and the source rows read."""
+    and how many rows reach them (or the last step, in a pipeline without LLM steps)."""
     want = rows
     order = topological_order(nodes)
     joins: dict[int, JoinSpec] | None = None
@@ -211,12 +210,13 @@ def _rows_reaching(
         walk = _Walk(nodes, order, joins, source)
         walk.run_cheap_steps()
         firsts = walk.first_llm_steps()
-        reaching = min((walk.input(i).height for i in firsts), default=rows)
-        if not firsts:  # no LLM step: the last step's rows are what is shown
+        if firsts:
+            reaching = min(walk.input(i).height for i in firsts)
+        else:  # no LLM step: the last step's rows are what is shown
             reaching = walk.frames[walk.order[-1]].height
         exhausted = walk.source.height < want
         if reaching >= rows or exhausted or want >= max_scan:
-            return walk, walk.source.height
+            return walk, reaching
         want = min(max_scan, want * 4)
 
 
