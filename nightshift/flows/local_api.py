@@ -226,10 +226,9 @@ class TemporaryServer:
     def start(self, timeout: float, environ: dict[str, str] | None = None) -> None:
         import prefect
 
-        base = environ or os.environ
         env = {
-            **{k: v for k, v in SERVER_SETTINGS.items() if k not in base},
-            **base,
+            **SERVER_SETTINGS,  # unless the environment sets them
+            **(environ or os.environ),
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get(
@@ -345,14 +344,10 @@ class InProcessServer:
 
     def start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        import prefect.settings
         import uvicorn
         from prefect.server.api.server import create_app
-        from prefect.settings import (
-            PREFECT_API_BLOCKS_REGISTER_ON_START,
-            PREFECT_API_DATABASE_MIGRATE_ON_START,
-            PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION,
-            temporary_settings,
-        )
+        from prefect.settings import PREFECT_API_DATABASE_MIGRATE_ON_START, temporary_settings
 
         # migrations only when the database needs them (its first run, a Prefect upgrade;
         # `nightshift run` has migrated it in a child already: prepare_temporary_database).
@@ -362,13 +357,10 @@ class InProcessServer:
             database_url()
         )
         logging.getLogger("uvicorn.error").addHandler(self.errors)
-        skipped = {  # SERVER_SETTINGS, unless the environment says otherwise
-            setting: False
-            for setting in (
-                PREFECT_API_BLOCKS_REGISTER_ON_START,
-                PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION,
-            )
-            if setting.name not in os.environ
+        skipped = {  # SERVER_SETTINGS, unless the environment sets them
+            getattr(prefect.settings, name): value == "true"
+            for name, value in SERVER_SETTINGS.items()
+            if name not in os.environ
         }
         with temporary_settings(
             updates={PREFECT_API_DATABASE_MIGRATE_ON_START: migrate, **skipped}
